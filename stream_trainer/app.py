@@ -1,0 +1,256 @@
+"""The composition root: builds every part of the service from the config and runs it.
+
+Nothing else wires collaborators together. ``run_service`` owns the process-level
+concerns: the single-writer lock, signals, the shutdown bound, the HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Producer
+from prometheus_client import CollectorRegistry
+
+from stream_trainer import __version__
+from stream_trainer.checkpoint import (
+    CheckpointLocked,
+    CheckpointManifest,
+    CheckpointStore,
+    DirectoryLock,
+)
+from stream_trainer.config import Settings
+from stream_trainer.consumer import KafkaSource, RetentionGap
+from stream_trainer.control import ControlChannel
+from stream_trainer.deadletter import BadRecordBreaker, DeadLetterPublisher
+from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
+from stream_trainer.http import HealthServer, Heartbeat
+from stream_trainer.learners import build_model
+from stream_trainer.logs import configure_logging, register_secret
+from stream_trainer.metrics import Metrics, build_metrics, update_lag_from_stats
+from stream_trainer.publisher import ModelPublisher
+from stream_trainer.records import RecordDecoder
+from stream_trainer.registry import ModelRegistry
+from stream_trainer.service import Service
+from stream_trainer.state import RecordWindow, TrainingState
+from stream_trainer.trainers import build_trainer
+from stream_trainer.versions import VersionEventPublisher
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to do."""
+
+
+def label_dtype(settings: Settings) -> Any:
+    """numpy dtype of labels for the task."""
+    return np.float64 if settings.model.task == "regression" else object
+
+
+def new_state(settings: Settings) -> TrainingState:
+    """A fresh, untrained state for the configured model."""
+    n_features = len(settings.record.features)
+    window = None
+    if settings.training.mode == "full_batch":
+        window = RecordWindow(
+            settings.training.full_batch.window_records, n_features, label_dtype(settings)
+        )
+    return TrainingState(
+        model=build_model(settings),
+        evaluator=PrequentialEvaluator(
+            settings.model.task,
+            settings.evaluation_metrics(),
+            settings.evaluation.window,
+            settings.record.labels,
+        ),
+        drift=DriftMonitor(settings.drift) if settings.drift.enabled else None,
+        breaker=BadRecordBreaker(settings.dead_letter),
+        recent=RecordWindow(settings.registry.gate.holdout_records, n_features, label_dtype(settings)),
+        window=window,
+    )
+
+
+def validate_restored(settings: Settings) -> Any:
+    """The check a checkpoint must pass before it is used (else it is quarantined)."""
+
+    def _validate(state: Any, manifest: CheckpointManifest) -> None:
+        if not isinstance(state, TrainingState):
+            raise ValueError(f"payload is a {type(state).__name__}, not a TrainingState")
+        if manifest.config_hash != settings.config_hash():
+            raise ValueError(
+                "checkpoint was written for another model/record/training config "
+                f"(hash {manifest.config_hash[:12]} != {settings.config_hash()[:12]})"
+            )
+        if not state.model.parameters_finite():
+            raise ValueError("model parameters are not finite")
+        if state.model.is_fitted():
+            probe = np.zeros((1, len(settings.record.features)))
+            state.model.predict_many(probe)
+
+    return _validate
+
+
+def restore_state(settings: Settings, store: CheckpointStore) -> tuple[TrainingState, bool]:
+    """The newest checkpoint that verifies, or a fresh state when there never was one.
+
+    Raises StartupError when checkpoints exist but every one failed verification: starting
+    fresh would silently skip every record the group has committed.
+    """
+    existed = bool(store.list())
+    loaded = store.load_latest(validate_restored(settings))
+    if loaded is None:
+        if existed:
+            raise StartupError(
+                f"every checkpoint in {settings.checkpoint.dir} failed verification and was "
+                "quarantined (see the quarantine/ folder and the logs); to start a fresh model "
+                "on purpose, use a new checkpoint.dir and consumer group"
+            )
+        return new_state(settings), False
+    state = loaded.state
+    assert isinstance(state, TrainingState)
+    log.info(
+        "restored checkpoint",
+        extra={"path": str(loaded.path), "records_learnt": state.records_learnt,
+               "model_version": state.model_version},
+    )
+    return state, True
+
+
+class _Signals:
+    """SIGTERM/SIGINT: first asks the loop to stop (bounded), second exits at once."""
+
+    def __init__(self, service: Service, bound_s: float) -> None:
+        self._service = service
+        self._bound_s = bound_s
+        self._count = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self._count += 1
+        if self._count > 1:
+            os._exit(128 + signum)
+        self._service.request_stop()
+        threading.Thread(target=self._watchdog, name="shutdown-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        time.sleep(self._bound_s)  # a deadline, not synchronisation
+        log.error("graceful stop exceeded its bound; exiting", extra={"bound_s": self._bound_s})
+        logging.shutdown()
+        os._exit(1)
+
+
+def run_service(settings: Settings, install_signals: bool = True) -> int:
+    """Run the service until stopped; returns the exit code (0 after a graceful stop)."""
+    configure_logging(settings.logging.level, settings.logging.format)
+    for secret in (settings.kafka.client_config().get("sasl.password"), settings.checkpoint.key()):
+        register_secret(secret)
+    registry = CollectorRegistry()
+    metrics = build_metrics(registry, version=__version__)
+    metrics.state.state("starting")
+    lock = DirectoryLock(settings.checkpoint.dir)
+    try:
+        lock.acquire()
+    except CheckpointLocked as error:
+        log.error("%s", error)
+        raise StartupError(str(error)) from None
+    heartbeat = Heartbeat()
+    service_ref: dict[str, Service] = {}
+
+    def _ready() -> tuple[bool, str]:
+        service = service_ref.get("service")
+        ok, reason = (False, "starting") if service is None else service.ready()
+        metrics.ready.set(1 if ok else 0)
+        return ok, reason
+
+    http = None
+    if settings.http.enabled:
+        http = HealthServer(
+            registry, settings.http.host, settings.http.port,
+            health=lambda: heartbeat.healthy(settings.http.healthz_max_age_s),
+            ready=_ready,
+        )
+        http.start()
+    producer = None
+    try:
+        metrics.state.state("restoring")
+        store = CheckpointStore(
+            settings.checkpoint.dir,
+            key=settings.checkpoint.key(),
+            allow_unsigned=settings.checkpoint.allow_unsigned,
+            keep_last=settings.checkpoint.keep_last,
+            on_quarantine=lambda path, reason: metrics.checkpoints_quarantined.labels(
+                reason=reason).inc(),
+        )
+        if settings.checkpoint.key() is None:
+            log.warning("running without a checkpoint key: checkpoints are unsigned")
+        state, _restored = restore_state(settings, store)
+        producer = Producer(settings.kafka.producer_config())
+        registry_store = ModelRegistry(
+            settings.registry.root, settings.model.name, settings.checkpoint.key(),
+            settings.registry.keep_last,
+        )
+        events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
+        publisher = ModelPublisher(settings, registry_store, events, metrics)
+        publisher.reconcile(state)
+        control = None
+        if settings.topics.control:
+            control = ControlChannel(
+                settings.kafka.consumer_config(), settings.topics.control, settings.model.name
+            )
+
+        def make_source(service: Service) -> KafkaSource:
+            return KafkaSource(
+                settings.kafka.consumer_config(),
+                settings.topics.input,
+                service,
+                on_error=service.on_kafka_error,
+                on_stats=lambda stats: update_lag_from_stats(metrics, stats),
+                accept_retention_gap=settings.checkpoint.accept_retention_gap,
+                on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
+            )
+
+        service = Service(
+            settings,
+            state,
+            make_source=make_source,
+            decoder=RecordDecoder(settings.record, settings.model.task),
+            trainer=build_trainer(settings),
+            store=store,
+            dead_letters=DeadLetterPublisher(
+                producer, settings.topics.dead_letter, settings.kafka.group_id, __version__
+            ),
+            publisher=publisher,
+            metrics=metrics,
+            heartbeat=heartbeat,
+            control=control,
+            reload_state=lambda: restore_state(settings, store)[0],
+        )
+        service_ref["service"] = service
+        if install_signals:
+            _Signals(service, settings.shutdown.timeout_s).install()
+        try:
+            return service.run()
+        except RetentionGap as gap:
+            raise StartupError(str(gap)) from None
+    finally:
+        if producer is not None:
+            producer.flush(5.0)
+        if http is not None:
+            http.stop()
+        lock.release()
+
+
+def build_registry_metrics() -> tuple[CollectorRegistry, Metrics]:
+    """A fresh registry with every metric registered (for tools and tests)."""
+    registry = CollectorRegistry()
+    return registry, build_metrics(registry, version=__version__)

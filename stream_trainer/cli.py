@@ -1,0 +1,279 @@
+"""The ``stream-trainer`` command. Exit codes: 0 ok, 1 failure, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stream_trainer import __version__
+from stream_trainer.config import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", type=Path, default=None,
+        help="YAML config file (default: $STREAM_TRAINER_CONFIG)",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the service until SIGTERM/SIGINT."""
+    from stream_trainer.app import StartupError, run_service  # noqa: PLC0415
+    from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
+
+    settings = _settings(args)
+    try:
+        build_model(settings)  # incompatible learner choices fail before anything starts
+        return run_service(settings)
+    except (StartupError, IncompatibleLearner) as error:
+        print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def cmd_validate_config(args: argparse.Namespace) -> int:
+    """Print the effective config as JSON (secrets masked); exit 1 when invalid."""
+    from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
+
+    settings = _settings(args)
+    try:
+        build_model(settings)
+    except IncompatibleLearner as error:
+        print(f"stream-trainer: invalid configuration:\n  {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_json(settings.masked())
+    return EXIT_OK
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    """Write a dataset to a topic."""
+    from stream_trainer.datasets import get_dataset  # noqa: PLC0415
+    from stream_trainer.embedded import create_topics  # noqa: PLC0415
+    from stream_trainer.produce import produce  # noqa: PLC0415
+
+    dataset = get_dataset(args.dataset)
+    create_topics(args.bootstrap_servers, {args.topic: args.partitions}, timeout=30.0)
+    report = produce(
+        {"bootstrap.servers": args.bootstrap_servers}, args.topic, dataset, args.records,
+        partitions=args.partitions, bad_ratio=args.bad_records, seed=args.seed,
+    )
+    _print_json({"topic": args.topic, "dataset": dataset.name, "valid": report.valid,
+                 "invalid": report.invalid, "invalid_reasons": report.invalid_reasons})
+    return EXIT_OK
+
+
+def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
+    """Show checkpoint manifests and their verification, never unpickling anything."""
+    from stream_trainer.checkpoint import CheckpointStore  # noqa: PLC0415
+
+    key: bytes | None = None
+    unsigned = True
+    directory: Path | None = None
+    if args.config is not None or args.path is None:
+        settings = _settings(args)
+        key, unsigned = settings.checkpoint.key(), settings.checkpoint.allow_unsigned
+        directory = settings.checkpoint.dir
+    paths: list[Path] = []
+    if args.path is not None:
+        if args.path.is_file():
+            directory, paths = args.path.parent, [args.path]
+        else:
+            directory = args.path
+    assert directory is not None
+    # Without a key nothing can be verified, but manifests can still be shown.
+    store = CheckpointStore(directory, key=key, allow_unsigned=unsigned or key is None,
+                            keep_last=1_000_000)
+    if not paths:
+        paths = store.list()[-1:] if not args.all else store.list()
+    if not paths:
+        print(f"no checkpoints in {directory}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_json([store.inspect(path) for path in paths])
+    return EXIT_OK
+
+
+def _registry(settings: Settings) -> Any:
+    from stream_trainer.registry import ModelRegistry  # noqa: PLC0415
+
+    return ModelRegistry(settings.registry.root, settings.model.name, settings.checkpoint.key(),
+                         settings.registry.keep_last)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    """List, show, promote or roll back model versions."""
+    from stream_trainer.registry import RegistryError  # noqa: PLC0415
+
+    registry = _registry(_settings(args))
+    try:
+        if args.versions_command == "list":
+            champion = registry.champion()
+            rows = [
+                {
+                    "version": info.version,
+                    "champion": champion is not None and info.version == champion.version,
+                    "parent": info.metadata.get("parent_version"),
+                    "created_at": info.metadata.get("created_at"),
+                    "trigger": info.metadata.get("trigger"),
+                    "records_learnt": info.metadata.get("records_learnt"),
+                    "metrics_window": info.metadata.get("metrics", {}).get("window"),
+                }
+                for info in registry.list()
+            ]
+            _print_json(rows)
+        elif args.versions_command == "show":
+            info = registry.get(args.version)
+            _print_json({"version": info.version, "path": str(info.path), **info.metadata})
+        elif args.versions_command == "promote":
+            registry.promote(args.version, reason=args.reason)
+            print(f"version {args.version} is now the champion")
+        elif args.versions_command == "rollback":
+            info = registry.rollback(reason=args.reason)
+            print(f"rolled back: version {info.version} is now the champion")
+    except RegistryError as error:
+        print(f"stream-trainer: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """Send a manual request to the running service through the control topic."""
+    from stream_trainer.control import ControlError, send_command  # noqa: PLC0415
+
+    settings = _settings(args)
+    if not settings.topics.control:
+        print("stream-trainer: topics.control is not configured", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        send_command(settings.kafka.producer_config(), settings.topics.control,
+                     settings.model.name, args.command)
+    except ControlError as error:
+        print(f"stream-trainer: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"sent {args.command} to model {settings.model.name}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded broker + dataset + the real service."""
+    from stream_trainer.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure the service against its ceilings and the naive script."""
+    from stream_trainer.bench import run_bench  # noqa: PLC0415
+
+    return run_bench(args)
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="stream-trainer",
+        description="Continuous model training on Kafka streams (River, scikit-learn).",
+    )
+    parser.add_argument("--version", action="version", version=f"stream-trainer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the service (until SIGTERM)",
+                       description="Consume, train, checkpoint and publish until SIGTERM/SIGINT.")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate-config", help="print the effective config (secrets masked)",
+                       description="Validate a config (file + STREAM_TRAINER_* env) and print "
+                       "it as JSON with secrets masked. Exit 1 with the offending fields.")
+    _add_config(p)
+    p.set_defaults(func=cmd_validate_config)
+
+    p = sub.add_parser("produce", help="write a dataset or synthetic stream to a topic")
+    p.add_argument("--bootstrap-servers", required=True)
+    p.add_argument("--topic", required=True)
+    p.add_argument("--dataset", default="phishing", help="phishing, bananas, trump-approval, "
+                   "sea-drift, linear20, friedman")
+    p.add_argument("--records", type=int, default=1250)
+    p.add_argument("--partitions", type=int, default=1)
+    p.add_argument("--bad-records", type=float, default=0.0, metavar="RATIO",
+                   help="fraction of invalid records mixed in (default 0)")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("checkpoint", help="inspect checkpoints")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
+    q = csub.add_parser("inspect", help="show a checkpoint's manifest and verification "
+                        "(never unpickles)")
+    _add_config(q)
+    q.add_argument("path", nargs="?", type=Path, help="a checkpoint file or directory "
+                   "(default: checkpoint.dir of the config)")
+    q.add_argument("--all", action="store_true", help="every checkpoint, not just the newest")
+    q.set_defaults(func=cmd_checkpoint_inspect)
+
+    p = sub.add_parser("versions", help="list, show, promote, roll back model versions")
+    vsub = p.add_subparsers(dest="versions_command", required=True, metavar="ACTION")
+    for name, text in (("list", "all versions, champion marked"),
+                       ("show", "one version's metadata"),
+                       ("promote", "make a version the champion"),
+                       ("rollback", "return to the previous champion")):
+        q = vsub.add_parser(name, help=text)
+        _add_config(q)
+        if name in ("show", "promote"):
+            q.add_argument("version", type=int)
+        if name in ("promote", "rollback"):
+            q.add_argument("--reason", default="manual (CLI)")
+        q.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("control", help="ask the running service to retrain, publish, pause "
+                       "or resume")
+    p.add_argument("command", choices=["retrain", "publish", "pause", "resume"])
+    _add_config(p)
+    p.set_defaults(func=cmd_control)
+
+    from stream_trainer.demo import add_demo_arguments  # noqa: PLC0415
+
+    p = sub.add_parser("demo", help="embedded broker + real dataset + the service",
+                       description="Start an embedded Kafka-compatible broker (Tansu), stream "
+                       "a real dataset into it and run the service on it, with live progress.")
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    from stream_trainer.bench import add_bench_arguments  # noqa: PLC0415
+
+    p = sub.add_parser("bench", help="benchmark against ingest/learner ceilings and a naive "
+                       "script")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as error:
+        print(f"stream-trainer: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return code

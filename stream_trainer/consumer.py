@@ -1,0 +1,246 @@
+"""The Kafka side of the input: batch consumption, positions, commits, rebalances.
+
+Offsets are never stored or committed automatically: the service decides where each
+assigned partition starts (its checkpoint) and commits only offsets a durable checkpoint
+covers, and only for partitions this member owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from stream_trainer.ledger import TopicPartitionKey
+
+log = logging.getLogger(__name__)
+
+
+class RebalanceListener(Protocol):
+    """Hooks called on the poll thread, inside ``consume()``, during a rebalance."""
+
+    def start_offsets(self, partitions: Sequence[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]:
+        """Where each newly assigned partition starts (absent: the group's committed offset)."""
+
+    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """Called after the partitions are assigned and positioned."""
+
+    def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """Must checkpoint and commit what is owned before returning."""
+
+    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """Must commit nothing: the partitions already belong to another member."""
+
+
+class RetentionGap(Exception):
+    """Offsets needed for replay were removed from Kafka by retention."""
+
+    def __init__(self, gaps: Mapping[TopicPartitionKey, tuple[int, int]]) -> None:
+        self.gaps = dict(gaps)
+        named = ", ".join(
+            f"{topic}[{partition}] needs offset {wanted} but the log starts at {low}"
+            for (topic, partition), (wanted, low) in sorted(self.gaps.items())
+        )
+        super().__init__(
+            f"retention removed offsets the checkpoint needs: {named}. Records in between "
+            "would be skipped; set checkpoint.accept_retention_gap: true to start anyway"
+        )
+
+
+def _key(tp: TopicPartition) -> TopicPartitionKey:
+    return tp.topic, tp.partition
+
+
+class KafkaSource:
+    """A subscribed consumer that hands out message batches and commits on request."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        topics: Sequence[str],
+        listener: RebalanceListener,
+        on_error: Callable[[KafkaError], None] | None = None,
+        on_stats: Callable[[str], None] | None = None,
+        accept_retention_gap: bool = False,
+        on_retention_gap: Callable[[RetentionGap], None] | None = None,
+    ) -> None:
+        self._listener = listener
+        self._on_error = on_error
+        self._accept_gap = accept_retention_gap
+        self._on_gap = on_retention_gap
+        conf = dict(config)
+        conf["error_cb"] = self._error
+        if on_stats is not None:
+            conf["stats_cb"] = on_stats
+        conf.setdefault("logger", logging.getLogger("librdkafka"))
+        self._consumer = Consumer(conf)
+        self._owned: set[TopicPartitionKey] = set()
+        self._paused: set[TopicPartitionKey] = set()
+        self.retention_error: RetentionGap | None = None
+        self._consumer.subscribe(
+            list(topics), on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
+        )
+
+    # -- callbacks (run on the poll thread inside consume) --------------------------------
+
+    def _error(self, error: KafkaError) -> None:
+        if self._on_error is not None:
+            self._on_error(error)
+        if error.fatal():
+            log.error("fatal kafka error", extra={"code": error.name(), "reason": error.str()})
+        else:
+            log.warning("kafka error", extra={"code": error.name(), "reason": error.str()})
+
+    def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [_key(tp) for tp in partitions]
+        wanted = dict(self._listener.start_offsets(keys))
+        committed = {}
+        try:
+            committed = {
+                _key(tp): tp.offset for tp in consumer.committed(partitions, timeout=10.0)
+            }
+        except KafkaException as error:
+            log.warning("could not read committed offsets", extra={"reason": str(error)})
+        gaps: dict[TopicPartitionKey, tuple[int, int]] = {}
+        for tp in partitions:
+            key = _key(tp)
+            start = wanted.get(key)
+            group = committed.get(key, OFFSET_INVALID)
+            if start is None:
+                tp.offset = group if group >= 0 else OFFSET_BEGINNING
+            elif group > start:
+                # Another member of the group trained past our checkpoint while it owned
+                # this partition: those records are in its model, not to be learnt again.
+                log.info(
+                    "group is ahead of checkpoint",
+                    extra={"partition": f"{key[0]}:{key[1]}", "checkpoint": start, "group": group},
+                )
+                tp.offset = group
+            else:
+                tp.offset = start
+            if tp.offset >= 0:
+                low, _high = consumer.get_watermark_offsets(tp, timeout=10.0, cached=False)
+                if tp.offset < low:
+                    gaps[key] = (tp.offset, low)
+        if gaps:
+            gap = RetentionGap(gaps)
+            if not self._accept_gap:
+                # Raising inside a callback is swallowed by librdkafka: remember it, assign
+                # nothing, and let the poll loop raise it.
+                self.retention_error = gap
+                consumer.assign([])
+                return
+            log.warning("accepting retention gap", extra={"reason": str(gap)})
+            if self._on_gap is not None:
+                self._on_gap(gap)
+        consumer.assign(partitions)
+        self._owned = set(keys)
+        self._paused.clear()
+        self._listener.on_assigned(keys)
+
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [_key(tp) for tp in partitions]
+        try:
+            self._listener.on_revoked(keys)
+        finally:
+            self._owned.difference_update(keys)
+            consumer.unassign()
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [_key(tp) for tp in partitions]
+        self._owned.difference_update(keys)
+        self._listener.on_lost(keys)
+        consumer.unassign()
+
+    # -- the poll thread's API ------------------------------------------------------------
+
+    @property
+    def owned(self) -> frozenset[TopicPartitionKey]:
+        """Partitions currently assigned to this member."""
+        return frozenset(self._owned)
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Up to ``max_messages`` records; error events are reported, never returned.
+
+        Raises RetentionGap when an assignment needed offsets that retention removed, and
+        KafkaException on a fatal client error.
+        """
+        messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
+        if self.retention_error is not None:
+            raise self.retention_error
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(message)
+            elif error.fatal():
+                raise KafkaException(error)
+            elif self._on_error is not None:
+                self._on_error(error)
+        return records
+
+    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> dict[TopicPartitionKey, int]:
+        """Synchronously commit next-offsets for the owned partitions among ``offsets``.
+
+        Returns what was committed. Never commits a partition this member does not own.
+        """
+        owned = {key: offset for key, offset in offsets.items() if key in self._owned}
+        if not owned:
+            return {}
+        self._consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in owned.items()],
+            asynchronous=False,
+        )
+        return owned
+
+    def pause(self, keys: Sequence[TopicPartitionKey]) -> None:
+        """Stop fetching these partitions (poll keeps going, membership is kept)."""
+        todo = [k for k in keys if k in self._owned and k not in self._paused]
+        if todo:
+            self._consumer.pause([TopicPartition(t, p) for t, p in todo])
+            self._paused.update(todo)
+
+    def resume(self, keys: Sequence[TopicPartitionKey]) -> None:
+        """Fetch these partitions again."""
+        todo = [k for k in keys if k in self._paused]
+        if todo:
+            self._consumer.resume([TopicPartition(t, p) for t, p in todo])
+            self._paused.difference_update(todo)
+
+    def seek(self, key: TopicPartitionKey, offset: int) -> None:
+        """Move an owned partition's fetch position (used after a state reload)."""
+        self._consumer.seek(TopicPartition(key[0], key[1], offset))
+
+    @property
+    def paused(self) -> frozenset[TopicPartitionKey]:
+        """Partitions paused by the service."""
+        return frozenset(self._paused)
+
+    def close(self, timeout_s: float) -> bool:
+        """Leave the group; bounded because ``close()`` can hang on an unreachable broker.
+
+        Returns False when the close did not finish within ``timeout_s``.
+        """
+        done = threading.Event()
+
+        def _close() -> None:
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as error:
+                log.warning("consumer close failed", extra={"reason": str(error)})
+            finally:
+                done.set()
+
+        threading.Thread(target=_close, name="consumer-close", daemon=True).start()
+        return done.wait(timeout_s)

@@ -1,0 +1,199 @@
+"""Turns the training state into model versions: policy, gate, registry, event.
+
+Called on the poll thread right after a durable checkpoint, so a version never describes
+state a crash could take back. The candidate is the current model; the champion is the
+registry's. Both are scored on the same recent records, which neither had learnt when it
+predicted them: the champion predicts them now, the candidate's prequential predictions
+(made before it learnt each record) are reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stream_trainer import __version__
+from stream_trainer.checkpoint import library_versions
+from stream_trainer.config import Settings
+from stream_trainer.evaluation import PrequentialEvaluator, evaluate_holdout
+from stream_trainer.learners import ModelAdapter
+from stream_trainer.metrics import Metrics
+from stream_trainer.registry import ModelRegistry, VersionInfo
+from stream_trainer.state import TrainingState
+from stream_trainer.versions import PromotionGate, PublishPolicy, VersionEventPublisher
+
+if TYPE_CHECKING:
+    from stream_trainer.trainers import RetrainOutcome
+
+log = logging.getLogger(__name__)
+
+# Metrics that need probabilities cannot be recomputed from stored predictions.
+_PROBABILISTIC = ("log_loss", "roc_auc")
+
+
+class ModelPublisher:
+    """Decides when to publish, gates the candidate, writes the version, sends its event."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        events: VersionEventPublisher | None,
+        metrics: Metrics,
+        clock: Any = time.monotonic,
+    ) -> None:
+        cfg = settings.registry
+        self._settings = settings
+        self._registry = registry
+        self._events = events
+        self._metrics = metrics
+        self._policy = PublishPolicy(
+            cfg.publish_every_records, cfg.publish_every_seconds, cfg.publish_after_retrain,
+            clock=clock,
+        )
+        self._gate = PromotionGate(cfg.gate)
+        self._metric = next(
+            (m for m in settings.evaluation_metrics() if m not in _PROBABILISTIC),
+            settings.evaluation_metrics()[0],
+        )
+        self._champion_cache: tuple[int, ModelAdapter] | None = None
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def reconcile(self, state: TrainingState) -> None:
+        """After a restore: resend unsent events; adopt versions newer than the checkpoint.
+
+        A crash after a version was published but before the next checkpoint leaves the
+        registry ahead of the state: its lineage is taken from the registry so numbers and
+        parent links stay right.
+        """
+        if self._events is not None:
+            resent = self._events.republish_pending(self._registry)
+            if resent:
+                log.info("republished version events", extra={"versions": resent})
+        versions = self._registry.list()
+        if versions:
+            latest = versions[-1]
+            if state.model_version is None or latest.version > state.model_version:
+                state.model_version = latest.version
+                state.published_ledger = dict(latest.metadata.get("offsets_total", {}))
+        champion = self._registry.champion()
+        if champion is not None:
+            self._metrics.model_version.set(champion.version)
+
+    # -- policy --------------------------------------------------------------------------
+
+    def due(self, state: TrainingState, wanted: str | None) -> str | None:
+        """The trigger of a publish that is due now, or None."""
+        if wanted is not None:
+            return wanted
+        if state.records_since_publish == 0 or not state.model.is_fitted():
+            return None
+        return self._policy.due(state.records_since_publish, False, False)
+
+    # -- publish -------------------------------------------------------------------------
+
+    def _champion(self) -> tuple[int, ModelAdapter] | None:
+        info = self._registry.champion()
+        if info is None:
+            return None
+        if self._champion_cache is None or self._champion_cache[0] != info.version:
+            blob = self._registry.load_artifact(info.version)  # sha256 + HMAC verified
+            model = pickle.loads(blob)  # noqa: S301 - verified artifact of our own registry
+            self._champion_cache = (info.version, model)
+        return self._champion_cache
+
+    def _scores(self, state: TrainingState, trigger: str) -> tuple[float | None, float | None]:
+        """(champion, candidate) scores on the recent records; higher is better."""
+        X, y, predictions, _w = state.recent.arrays()
+        if len(y) == 0 or trigger == "retrain":
+            return None, None  # a full retrain was gated on its holdout already
+        settings = self._settings
+        evaluator = PrequentialEvaluator(
+            settings.model.task, [self._metric], len(y), settings.record.labels
+        )
+        evaluator.update(y, predictions, None)
+        candidate = evaluator.score(self._metric)
+        champion = self._champion()
+        if champion is None:
+            return None, candidate
+        score = evaluate_holdout(
+            champion[1], X, y, task=settings.model.task, metric=self._metric,
+            labels=settings.record.labels,
+        )
+        return score, candidate
+
+    def _metadata(self, state: TrainingState, trigger: str, champion_score: float | None,
+                  candidate_score: float | None) -> dict[str, Any]:
+        settings = self._settings
+        return {
+            "model_name": settings.model.name,
+            "parent_version": state.model_version,
+            "trigger": trigger,
+            "training_mode": settings.training.mode,
+            "learner": state.model.describe(),
+            "offsets_since_parent": state.ledger.since(state.published_ledger),
+            "offsets_total": state.ledger.as_json(),
+            "records_learnt": state.records_learnt,
+            "records_dead_lettered": state.records_dead_lettered,
+            "metrics": state.metrics_snapshot(),
+            "gate": {
+                "metric": self._metric,
+                "champion_score": champion_score,
+                "candidate_score": candidate_score,
+                "margin": settings.registry.gate.margin,
+                "holdout_records": state.recent.size,
+            },
+            "drift_events_since_parent": state.drift_since_publish,
+            "config_hash": settings.config_hash(),
+            "library_versions": library_versions(),
+            "service_version": __version__,
+        }
+
+    def publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
+        """Gate the current model and publish it as a version; None when rejected."""
+        champion_score, candidate_score = self._scores(state, trigger)
+        accepted, reason = (True, "gated at retrain") if candidate_score is None else (
+            self._gate.decide(champion_score, candidate_score)
+        )
+        metadata = self._metadata(state, trigger, champion_score, candidate_score)
+        self._policy.mark_published()
+        state.records_since_publish = 0
+        if not accepted:
+            self._registry.record_rejection(
+                metadata, champion_score if champion_score is not None else float("nan"),
+                candidate_score if candidate_score is not None else float("nan"),
+            )
+            self._metrics.versions_rejected.inc()
+            log.warning("candidate rejected by the gate", extra={"reason": reason})
+            return None
+        artifact = pickle.dumps(state.model, protocol=5)
+        info = self._registry.publish(artifact, metadata, promote=True)
+        if self._events is not None:
+            self._events.publish(info)
+        state.model_version = info.version
+        state.published_ledger = metadata["offsets_total"]
+        state.drift_since_publish = 0
+        self._metrics.versions_published.inc()
+        self._metrics.set_model(
+            info.version, str(metadata["learner"].get("path", "")), self._settings.training.mode
+        )
+        log.info("model version published",
+                 extra={"model_version": info.version, "trigger": trigger, "reason": reason})
+        return info
+
+    def record_rejection(self, state: TrainingState, outcome: RetrainOutcome) -> None:
+        """Record a full-retrain candidate the gate refused."""
+        metadata = self._metadata(state, f"retrain:{outcome.trigger}", outcome.champion_score,
+                                  outcome.candidate_score)
+        metadata["learner"] = outcome.candidate.describe()
+        self._registry.record_rejection(
+            metadata,
+            outcome.champion_score if outcome.champion_score is not None else float("nan"),
+            float(np.nan_to_num(outcome.candidate_score, nan=float("nan"))),
+        )
+        self._metrics.versions_rejected.inc()

@@ -1,0 +1,453 @@
+"""The poll loop: consume, decode, dead-letter, train, checkpoint, publish, commit.
+
+Everything that mutates the training state runs on this one thread. The order of the
+guarantees in DESIGN.md is kept here: dead letters are flushed before a checkpoint; a
+checkpoint is durable before a version is published; offsets are committed only after the
+checkpoint holding them is durable, and only for partitions this member owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from confluent_kafka import KafkaError, Message
+
+from stream_trainer.checkpoint import BackgroundWriter, CheckpointError, CheckpointStore, WriteResult
+from stream_trainer.config import Settings
+from stream_trainer.consumer import KafkaSource
+from stream_trainer.control import ControlChannel
+from stream_trainer.deadletter import DeadLetterPublisher
+from stream_trainer.http import Heartbeat
+from stream_trainer.ledger import TopicPartitionKey, partition_key
+from stream_trainer.metrics import Metrics
+from stream_trainer.publisher import ModelPublisher
+from stream_trainer.records import InvalidRecord, RecordDecoder
+from stream_trainer.state import TrainingState
+from stream_trainer.trainers import FullBatchTrainer, Refusal, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingUnit:
+    """Messages consumed but not yet trained on (a mini-batch filling up)."""
+
+    messages: list[Message] = field(default_factory=list)
+    started: float = 0.0
+
+    def add(self, messages: Sequence[Message], now: float) -> None:
+        if not self.messages:
+            self.started = now
+        self.messages.extend(messages)
+
+    def take(self) -> list[Message]:
+        messages, self.messages = self.messages, []
+        return messages
+
+
+@dataclass
+class _InFlight:
+    """An asynchronous checkpoint write and the offsets it will make committable."""
+
+    future: Future[WriteResult]
+    offsets: dict[TopicPartitionKey, int]
+    started: float
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when a stop was requested while waiting."""
+
+
+class Service:
+    """Trains ``state`` on the configured topics until :meth:`request_stop` is called.
+
+    Built by the composition root (:mod:`stream_trainer.app`); every collaborator is
+    injected. ``run`` returns the process exit code.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: TrainingState,
+        make_source: Callable[[Service], KafkaSource],
+        decoder: RecordDecoder,
+        trainer: Trainer,
+        store: CheckpointStore,
+        dead_letters: DeadLetterPublisher,
+        publisher: ModelPublisher,
+        metrics: Metrics,
+        heartbeat: Heartbeat,
+        control: ControlChannel | None = None,
+        reload_state: Callable[[], TrainingState] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self._decoder = decoder
+        self._trainer = trainer
+        self._store = store
+        self._writer = BackgroundWriter(store)
+        self._dlq = dead_letters
+        self._publisher = publisher
+        self._metrics = metrics
+        self._heartbeat = heartbeat
+        self._control = control
+        self._reload_state = reload_state
+        self._clock = clock
+        self._stop = threading.Event()
+        self._pending = _PendingUnit()
+        self._in_flight: _InFlight | None = None
+        self._last_checkpoint = clock()
+        self._records_since_checkpoint = 0
+        self._publish_wanted: str | None = None
+        self._manual_pause = False
+        self._mode = settings.training.mode
+        self._batch_target = (
+            settings.training.mini_batch.size if self._mode == "mini_batch" else 0
+        )
+        self._drifts_reported = state.drift_detections
+        self.restored = False
+        self.source = make_source(self)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to drain, checkpoint, commit and return (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop.is_set()
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: restored and owning partitions, not stopping."""
+        if self._stop.is_set():
+            return False, "stopping"
+        if not self.restored:
+            return False, "restoring state"
+        if not self.source.owned:
+            return False, "no partitions assigned yet"
+        return True, "ok"
+
+    def run(self) -> int:
+        """The poll loop. Returns 0 after a graceful stop."""
+        self.restored = True
+        self._metrics.state.state("running")
+        while not self._stop.is_set():
+            self.step()
+        self._shutdown()
+        return 0
+
+    def step(self) -> None:
+        """One loop iteration: never blocks longer than the consume timeout plus one unit."""
+        now = self._clock()
+        self._heartbeat.beat()
+        self._metrics.poll_heartbeat_timestamp.set(time.time())
+        self._metrics.poll_gap_max.set(self._heartbeat.max_gap)
+        cfg = self.settings.kafka
+        want = cfg.consume_batch_size
+        if self._batch_target:
+            want = max(1, self._batch_target - len(self._pending.messages))
+        messages = self.source.consume(want, cfg.consume_timeout_s)
+        if self._control is not None:
+            for command in self._control.poll():
+                self._command(command)
+        if messages:
+            self._metrics.records_consumed.inc(len(messages))
+            self._pending.add(messages, now)
+        if self._unit_ready(now):
+            self._process(self._pending.take())
+        if isinstance(self._trainer, FullBatchTrainer):
+            outcome = self._trainer.poll_retrain(self.state, now)
+            self._metrics.state.state("retraining" if self._trainer.retraining else "running")
+            if outcome is not None:
+                self._metrics.retrains.labels(trigger=outcome.trigger).inc()
+                self._metrics.retrain_duration.observe(outcome.duration_s)
+                if outcome.accepted:
+                    if self.settings.registry.publish_after_retrain:
+                        self._publish_wanted = "retrain"
+                else:
+                    self._publisher.record_rejection(self.state, outcome)
+        self._collect_checkpoint()
+        if self._checkpoint_due(now):
+            self._start_checkpoint(now)
+        trigger = self._publisher.due(self.state, self._publish_wanted)
+        if trigger is not None:
+            self._publish_wanted = None
+            self.checkpoint_now("publish")
+            self._publisher.publish(self.state, trigger)
+            self._update_model_metrics()
+
+    # -- units -----------------------------------------------------------------------------
+
+    def _unit_ready(self, now: float) -> bool:
+        if not self._pending.messages:
+            return False
+        if not self._batch_target:
+            return True
+        return (
+            len(self._pending.messages) >= self._batch_target
+            or now - self._pending.started >= self.settings.training.mini_batch.max_wait_s
+        )
+
+    def _process(self, messages: list[Message]) -> None:
+        """Decode, dead-letter, train and account for one unit of messages."""
+        state = self.state
+        batch = self._decoder.decode(messages)
+        valid = np.zeros(len(messages), dtype=bool)
+        valid[batch.valid_index] = True
+        by_partition: dict[TopicPartitionKey, list[int]] = {}
+        for index, message in enumerate(messages):
+            by_partition.setdefault((message.topic(), message.partition()), []).append(index)
+
+        halted_rows: set[int] = set()
+        for key, indexes in by_partition.items():
+            reason = state.breaker.observe(key, valid[indexes])
+            if reason is not None and key not in state.halted:
+                # Stop the flood here: this unit's records of the partition are neither
+                # learnt nor dead-lettered, and its offset does not advance past them.
+                state.halted[key] = reason
+                halted_rows.update(indexes)
+                self.source.pause([key])
+                log.error(
+                    "partition halted by the bad-record breaker",
+                    extra={"partition": partition_key(key), "reason": reason,
+                           "offset": messages[indexes[0]].offset()},
+                )
+        if halted_rows:
+            batch = self._decoder.decode(
+                [m for i, m in enumerate(messages) if i not in halted_rows]
+            )
+            messages = [m for i, m in enumerate(messages) if i not in halted_rows]
+            by_partition = {k: v for k, v in by_partition.items() if k not in state.halted}
+            by_partition = {}
+            for index, message in enumerate(messages):
+                by_partition.setdefault((message.topic(), message.partition()), []).append(index)
+        self._metrics.partitions_halted.set(len(state.halted))
+
+        result = self._trainer.learn(state, batch)
+        invalid = list(batch.invalid)
+        invalid.extend(self._refusal_record(messages[r.message_index], r) for r in result.refused)
+        if invalid:
+            self._dlq.publish(invalid)
+            state.records_dead_lettered += len(invalid)
+            for record in invalid:
+                self._metrics.records_dead_lettered.labels(reason=record.reason).inc()
+        for key, indexes in by_partition.items():
+            last = messages[indexes[-1]].offset()
+            start = state.offsets.get(key, messages[indexes[0]].offset())
+            state.ledger.add(key, start, last + 1)
+            state.offsets[key] = last + 1
+        state.records_since_publish += result.learnt
+        self._records_since_checkpoint += len(messages)
+        m = self._metrics
+        m.records_learnt.inc(result.learnt)
+        m.batches.inc()
+        m.batch_size.observe(len(messages))
+        if result.learn_seconds:
+            m.learn_duration.observe(result.learn_seconds)
+        if result.predict_seconds:
+            m.predict_duration.observe(result.predict_seconds)
+        new_drifts = state.drift_detections - self._drifts_reported
+        if new_drifts > 0:
+            m.drift_detections.inc(new_drifts)
+        self._drifts_reported = state.drift_detections
+        m.set_prequential(state.evaluator.window_values(), "window")
+        m.set_prequential(state.evaluator.total_values(), "total")
+
+    @staticmethod
+    def _refusal_record(message: Message, refusal: Refusal) -> InvalidRecord:
+        _kind, timestamp = message.timestamp()
+        return InvalidRecord(
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            timestamp_ms=timestamp if timestamp > 0 else None,
+            value=message.value(),
+            key=message.key(),
+            stage="learn",
+            reason="learner_error",
+            error_class=refusal.error_class,
+            message=refusal.message,
+        )
+
+    def _flush_pending(self) -> None:
+        if self._pending.messages:
+            self._process(self._pending.take())
+
+    # -- commands --------------------------------------------------------------------------
+
+    def _command(self, command: str) -> None:
+        log.info("control command", extra={"command": command})
+        if command == "retrain":
+            if isinstance(self._trainer, FullBatchTrainer):
+                self.state.retrain_wanted = "manual"
+            else:
+                log.warning("retrain requested but training.mode is not full_batch")
+        elif command == "publish":
+            self._publish_wanted = "manual"
+        elif command == "pause":
+            self._manual_pause = True
+            self.source.pause(sorted(self.source.owned))
+            self._metrics.state.state("paused")
+        elif command == "resume":
+            self._manual_pause = False
+            for key in list(self.state.halted):
+                self.state.breaker.reset(key)
+                del self.state.halted[key]
+                if key in self.source.owned and key in self.state.offsets:
+                    self.source.seek(key, self.state.offsets[key])
+            self.source.resume(sorted(self.source.owned))
+            self._metrics.partitions_halted.set(0)
+            self._metrics.state.state("running")
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _checkpoint_due(self, now: float) -> bool:
+        if self._in_flight is not None or self._records_since_checkpoint == 0:
+            return False
+        cfg = self.settings.checkpoint
+        by_count = cfg.every_records is not None and self._records_since_checkpoint >= cfg.every_records
+        by_time = cfg.every_seconds is not None and now - self._last_checkpoint >= cfg.every_seconds
+        return by_count or by_time
+
+    def _manifest_fields(self, reason: str) -> dict[str, Any]:
+        state = self.state
+        return {
+            "offsets": {partition_key(k): v for k, v in sorted(state.offsets.items())},
+            "model_version": state.model_version,
+            "config_hash": self.settings.config_hash(),
+            "records_learnt": state.records_learnt,
+            "metrics": state.metrics_snapshot(),
+            "extra": {
+                "reason": reason,
+                "records_dead_lettered": state.records_dead_lettered,
+                "processed": state.ledger.as_json(),
+                "mode": self._mode,
+            },
+        }
+
+    def _snapshot(self, reason: str) -> tuple[bytes, dict[str, Any], dict[TopicPartitionKey, int]]:
+        # Dead letters must be durable before the offsets that skip their records are.
+        self._dlq.flush(self.settings.shutdown.timeout_s)
+        payload = self._store.serialize(self.state)
+        return payload, self._manifest_fields(reason), dict(self.state.offsets)
+
+    def _start_checkpoint(self, now: float) -> None:
+        payload, fields, offsets = self._snapshot("periodic")
+        future = self._writer.submit(payload, fields)
+        if future is None:
+            return
+        self._in_flight = _InFlight(future, offsets, now)
+        self._last_checkpoint = now
+        self._records_since_checkpoint = 0
+
+    def _collect_checkpoint(self, wait: bool = False) -> None:
+        flight = self._in_flight
+        if flight is None or (not wait and not flight.future.done()):
+            return
+        self._in_flight = None
+        try:
+            result = flight.future.result()
+        except CheckpointError as error:
+            self._metrics.checkpoint_failures.inc()
+            self._records_since_checkpoint += 1  # try again at the next due time
+            log.error("checkpoint failed; offsets stay at the previous one",
+                      extra={"reason": str(error)})
+            return
+        self._checkpoint_done(result, flight.offsets)
+
+    def _checkpoint_done(self, result: WriteResult, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        m = self._metrics
+        m.checkpoint_duration.observe(result.duration_s)
+        m.checkpoint_size.set(result.size_bytes)
+        m.checkpoint_last_success.set(time.time())
+        committed = self.source.commit(offsets)
+        log.debug("checkpoint durable", extra={"sequence": result.sequence,
+                                               "committed": len(committed)})
+
+    def checkpoint_now(self, reason: str) -> bool:
+        """Write a checkpoint synchronously and commit its offsets; False if it failed."""
+        self._collect_checkpoint(wait=True)
+        payload, fields, offsets = self._snapshot(reason)
+        started = self._clock()
+        try:
+            result = self._store.write(payload, fields)
+        except CheckpointError as error:
+            self._metrics.checkpoint_failures.inc()
+            log.error("checkpoint failed", extra={"reason": str(error), "trigger": reason})
+            return False
+        self._last_checkpoint = started
+        self._records_since_checkpoint = 0
+        self._checkpoint_done(result, offsets)
+        return True
+
+    # -- rebalance hooks (called by KafkaSource on the poll thread) ------------------------
+
+    def start_offsets(self, partitions: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+        """Resume each partition where the checkpointed state stops."""
+        return {k: self.state.offsets[k] for k in partitions if k in self.state.offsets}
+
+    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """Count, and re-pause partitions the breaker halted before a restart."""
+        self._metrics.rebalances.labels(kind="assign").inc()
+        self._metrics.assigned_partitions.set(len(self.source.owned))
+        halted = [k for k in partitions if k in self.state.halted]
+        if halted or self._manual_pause:
+            self.source.pause(sorted(self.source.owned) if self._manual_pause else halted)
+        log.info("partitions assigned", extra={"partitions": [partition_key(k) for k in partitions]})
+
+    def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """Finish the unit in progress, checkpoint and commit before giving them up."""
+        self._metrics.rebalances.labels(kind="revoke").inc()
+        self._flush_pending()
+        self.checkpoint_now("revoke")
+        self._metrics.assigned_partitions.set(0)
+        log.info("partitions revoked", extra={"partitions": [partition_key(k) for k in partitions]})
+
+    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """Commit nothing; drop what was learnt since the last checkpoint."""
+        self._metrics.rebalances.labels(kind="lost").inc()
+        self._pending.take()
+        self._collect_checkpoint(wait=True)
+        if self._reload_state is not None:
+            self.state = self._reload_state()
+        self._metrics.assigned_partitions.set(0)
+        log.warning("partitions lost", extra={"partitions": [partition_key(k) for k in partitions]})
+
+    def on_kafka_error(self, error: KafkaError) -> None:
+        """Count client errors by code; transient ones never stop the loop."""
+        self._metrics.kafka_errors.labels(code=error.name()).inc()
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def _update_model_metrics(self) -> None:
+        version = self.state.model_version
+        if version is not None:
+            self._metrics.model_version.set(version)
+
+    def _shutdown(self) -> None:
+        """Drain, checkpoint, commit, close. The caller bounds the total time."""
+        self._metrics.state.state("stopping")
+        log.info("stopping: finishing the unit in progress")
+        if isinstance(self._trainer, FullBatchTrainer):
+            self._trainer.close()
+        self._flush_pending()
+        if self._records_since_checkpoint or self._in_flight is not None:
+            self.checkpoint_now("shutdown")
+        else:
+            self._collect_checkpoint(wait=True)
+        self._writer.close(self.settings.shutdown.timeout_s)
+        if self._control is not None:
+            self._control.close()
+        closed = self.source.close(timeout_s=max(1.0, self.settings.shutdown.timeout_s / 3))
+        log.info("stopped", extra={"records_learnt": self.state.records_learnt,
+                                   "consumer_closed": closed})

@@ -1,0 +1,312 @@
+"""The three training modes, each test-then-train: predict, score, then learn.
+
+A trainer turns one decoded unit into learning on ``state.model`` and returns the records
+the learner refused (they go to the dead-letter topic like any bad record). Trainers do no
+Kafka I/O and touch no metrics; the service times them and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from stream_trainer.config import Settings
+from stream_trainer.evaluation import evaluate_holdout
+from stream_trainer.learners import ModelAdapter
+from stream_trainer.records import DecodedBatch
+from stream_trainer.state import TrainingState
+
+log = logging.getLogger(__name__)
+
+# What a learner raises on data it cannot take (a label it was not told about, a value it
+# overflows on). Anything else is a bug and must crash the process, not be dead-lettered.
+LEARNER_DATA_ERRORS = (ValueError, TypeError, ArithmeticError, KeyError, IndexError)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A record the learner raised on: its index in the unit's message list, and why."""
+
+    message_index: int
+    error_class: str
+    message: str
+
+
+@dataclass
+class UnitResult:
+    """What a trainer did with one unit."""
+
+    learnt: int
+    refused: list[Refusal]
+    predict_seconds: float
+    learn_seconds: float
+
+
+def _refused(batch: DecodedBatch, row: int, error: BaseException) -> Refusal:
+    return Refusal(int(batch.valid_index[row]), type(error).__name__, str(error)[:500])
+
+
+def _score(state: TrainingState, batch: DecodedBatch, keep: np.ndarray,
+           predictions: np.ndarray, proba: np.ndarray | None) -> None:
+    """Prequential update, drift detection and the gate's recent-records ring."""
+    y = batch.y[keep]
+    preds = predictions[keep]
+    errors = state.evaluator.update(y, preds, None if proba is None else proba[keep])
+    if state.drift is not None and len(errors):
+        detected = state.drift.update(errors)
+        if detected:
+            state.drift_detections += len(detected)
+            state.drift_since_publish += len(detected)
+            log.warning(
+                "concept drift detected",
+                extra={"detections": len(detected), "records_learnt": state.records_learnt},
+            )
+            if state.window is not None and state.retrain_wanted is None:
+                state.retrain_wanted = "drift"
+    weights = None if batch.weights is None else batch.weights[keep]
+    state.recent.extend(batch.X[keep], y, preds, weights)
+
+
+class Trainer(Protocol):
+    """One training mode."""
+
+    def learn(self, state: TrainingState, batch: DecodedBatch) -> UnitResult:
+        """Test-then-train on the valid records of ``batch``; never raises on bad data."""
+
+
+class PerRecordTrainer:
+    """River ``predict_one`` then ``learn_one``, record by record."""
+
+    def learn(self, state: TrainingState, batch: DecodedBatch) -> UnitResult:
+        """See :class:`Trainer`."""
+        n = len(batch.y)
+        predict_one = state.model.predict_one
+        learn_one = state.model.learn_one
+        xs = batch.x_dicts()
+        ys = batch.y.tolist()
+        ws = None if batch.weights is None else batch.weights.tolist()
+        predictions = np.empty(n, dtype=object)
+        proba = np.full(n, math.nan)
+        keep = np.ones(n, dtype=bool)
+        refused: list[Refusal] = []
+        started = time.perf_counter()
+        for i in range(n):
+            x = xs[i]
+            try:
+                predictions[i], p = predict_one(x)
+                if ws is None:
+                    learn_one(x, ys[i])
+                else:
+                    learn_one(x, ys[i], ws[i])
+            except LEARNER_DATA_ERRORS as error:
+                keep[i] = False
+                refused.append(_refused(batch, i, error))
+                continue
+            if p is not None:
+                proba[i] = p
+        elapsed = time.perf_counter() - started
+        _score(state, batch, keep, predictions, proba)
+        learnt = int(keep.sum())
+        state.records_learnt += learnt
+        # predict and learn interleave per record; the split is not measured separately.
+        return UnitResult(learnt, refused, 0.0, elapsed)
+
+
+class MiniBatchTrainer:
+    """``predict_many`` then ``learn_many`` / ``partial_fit`` on the whole unit."""
+
+    def learn(self, state: TrainingState, batch: DecodedBatch) -> UnitResult:
+        """See :class:`Trainer`. A unit the learner refuses is retried row by row."""
+        n = len(batch.y)
+        if n == 0:
+            return UnitResult(0, [], 0.0, 0.0)
+        t0 = time.perf_counter()
+        predictions, proba = state.model.predict_many(batch.X)
+        t1 = time.perf_counter()
+        keep = np.ones(n, dtype=bool)
+        refused: list[Refusal] = []
+        try:
+            state.model.learn_many(batch.X, batch.y, batch.weights)
+        except LEARNER_DATA_ERRORS:
+            # Find the records the learner refuses instead of dropping the whole unit.
+            for i in range(n):
+                weights = None if batch.weights is None else batch.weights[i : i + 1]
+                try:
+                    state.model.learn_many(batch.X[i : i + 1], batch.y[i : i + 1], weights)
+                except LEARNER_DATA_ERRORS as error:
+                    keep[i] = False
+                    refused.append(_refused(batch, i, error))
+        t2 = time.perf_counter()
+        _score(state, batch, keep, np.asarray(predictions, dtype=object), proba)
+        learnt = int(keep.sum())
+        state.records_learnt += learnt
+        return UnitResult(learnt, refused, t1 - t0, t2 - t1)
+
+
+@dataclass
+class RetrainOutcome:
+    """A finished full retrain and the gate's verdict."""
+
+    trigger: str
+    accepted: bool
+    candidate: ModelAdapter
+    champion_score: float | None
+    candidate_score: float
+    duration_s: float
+    trained_on: int
+    reason: str
+
+
+class FullBatchTrainer:
+    """Keeps a bounded window; refits a fresh clone on it off the poll thread.
+
+    Ingestion goes on while a retrain runs: ``learn`` only predicts with the current model
+    and appends to the window. ``poll_retrain`` starts a due retrain and collects a finished
+    one; the candidate replaces the model only if the gate accepts it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._cfg = settings.training.full_batch
+        self._gate = settings.registry.gate
+        self._task = settings.model.task
+        self._metric = settings.evaluation_metrics()[0]
+        self._labels = settings.record.labels
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrain")
+        self._running: Future[tuple[ModelAdapter, float]] | None = None
+        self._running_meta: dict[str, Any] = {}
+        self._last_retrain = time.monotonic()
+
+    @property
+    def retraining(self) -> bool:
+        """True while a retrain runs in the background."""
+        return self._running is not None
+
+    def learn(self, state: TrainingState, batch: DecodedBatch) -> UnitResult:
+        """See :class:`Trainer`."""
+        assert state.window is not None
+        n = len(batch.y)
+        if n == 0:
+            return UnitResult(0, [], 0.0, 0.0)
+        t0 = time.perf_counter()
+        if state.model.is_fitted():
+            predictions, proba = state.model.predict_many(batch.X)
+            predictions = np.asarray(predictions, dtype=object)
+        else:
+            predictions, proba = np.full(n, None, dtype=object), None
+        t1 = time.perf_counter()
+        keep = np.ones(n, dtype=bool)
+        _score(state, batch, keep, predictions, proba)
+        state.window.extend(batch.X, batch.y, None, batch.weights)
+        state.records_learnt += n
+        state.records_since_retrain += n
+        every = self._cfg.retrain_every_records
+        if every is not None and state.records_since_retrain >= every and state.retrain_wanted is None:
+            state.retrain_wanted = "count"
+        return UnitResult(n, [], t1 - t0, 0.0)
+
+    def poll_retrain(self, state: TrainingState, now: float) -> RetrainOutcome | None:
+        """Start a due retrain or collect a finished one. Cheap; call every loop."""
+        assert state.window is not None
+        if self._running is not None:
+            if not self._running.done():
+                return None
+            return self._finish(state)
+        every_s = self._cfg.retrain_every_seconds
+        if every_s is not None and now - self._last_retrain >= every_s and state.retrain_wanted is None:
+            state.retrain_wanted = "time"
+        if state.retrain_wanted is None or state.window.size < self._cfg.min_records:
+            return None
+        self._start(state, state.retrain_wanted, now)
+        return None
+
+    def _start(self, state: TrainingState, trigger: str, now: float) -> None:
+        assert state.window is not None
+        X, y, _pred, w = state.window.arrays()
+        holdout = min(self._gate.holdout_records, len(y) // 4) if self._gate.enabled else 0
+        # The most recent records are held out of the candidate's training so the gate can
+        # score candidate and champion on data neither has learnt.
+        split = len(y) - holdout
+        candidate = state.model.fresh()
+        self._running_meta = {
+            "trigger": trigger,
+            "holdout": (X[split:], y[split:]),
+            "trained_on": split,
+            "started": time.perf_counter(),
+        }
+        self._running = self._executor.submit(self._fit, candidate, X[:split], y[:split], w[:split])
+        state.retrain_wanted = None
+        state.records_since_retrain = 0
+        self._last_retrain = now
+        log.info("full retrain started", extra={"trigger": trigger, "records": split})
+
+    @staticmethod
+    def _fit(candidate: ModelAdapter, X: np.ndarray, y: np.ndarray,
+             w: np.ndarray) -> tuple[ModelAdapter, float]:
+        started = time.perf_counter()
+        weights = None if np.all(w == 1.0) else w
+        candidate.fit(X, y, weights)
+        return candidate, time.perf_counter() - started
+
+    def _finish(self, state: TrainingState) -> RetrainOutcome:
+        assert self._running is not None
+        future, meta = self._running, self._running_meta
+        self._running = None
+        candidate, fit_seconds = future.result()  # a failing fit is a bug: let it raise
+        X_hold, y_hold = meta["holdout"]
+        champion_score: float | None = None
+        if len(y_hold) and state.model.is_fitted():
+            champion_score = evaluate_holdout(state.model, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels)
+        candidate_score = (
+            evaluate_holdout(candidate, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels)
+            if len(y_hold)
+            else math.nan
+        )
+        accepted = candidate.parameters_finite() and (
+            champion_score is None
+            or math.isnan(candidate_score)
+            or candidate_score >= champion_score - self._gate.margin
+            or not self._gate.enabled
+        )
+        reason = (
+            "no champion yet" if champion_score is None
+            else f"candidate {candidate_score:.4f} vs champion {champion_score:.4f} "
+            f"(margin {self._gate.margin})"
+        )
+        if accepted:
+            state.model = candidate
+            state.retrains += 1
+        log.info(
+            "full retrain finished",
+            extra={"trigger": meta["trigger"], "accepted": accepted, "reason": reason,
+                   "seconds": round(fit_seconds, 3)},
+        )
+        return RetrainOutcome(
+            trigger=meta["trigger"],
+            accepted=accepted,
+            candidate=candidate,
+            champion_score=champion_score,
+            candidate_score=candidate_score,
+            duration_s=time.perf_counter() - meta["started"],
+            trained_on=meta["trained_on"],
+            reason=reason,
+        )
+
+    def close(self) -> None:
+        """Abandon a running retrain (it is re-triggered after a restart)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_trainer(settings: Settings) -> PerRecordTrainer | MiniBatchTrainer | FullBatchTrainer:
+    """The trainer for the configured mode."""
+    mode = settings.training.mode
+    if mode == "per_record":
+        return PerRecordTrainer()
+    if mode == "mini_batch":
+        return MiniBatchTrainer()
+    return FullBatchTrainer(settings)
