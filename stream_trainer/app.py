@@ -30,6 +30,7 @@ from stream_trainer.consumer import KafkaSource, RetentionGap
 from stream_trainer.control import ControlChannel
 from stream_trainer.deadletter import BadRecordBreaker, DeadLetterPublisher
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
+from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
 from stream_trainer.learners import build_model
 from stream_trainer.logs import configure_logging, register_secret
@@ -163,14 +164,15 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
     except CheckpointLocked as error:
         log.error("%s", error)
         raise StartupError(str(error)) from None
-    heartbeat = Heartbeat()
+    crash = CrashPoints(os.environ.get(CRASH_ENV))
+    heartbeat = Heartbeat(metrics=metrics)
     service_ref: dict[str, Service] = {}
 
     def _ready() -> tuple[bool, str]:
         service = service_ref.get("service")
-        ok, reason = (False, "starting") if service is None else service.ready()
-        metrics.ready.set(1 if ok else 0)
-        return ok, reason
+        return (False, "starting") if service is None else service.ready()
+
+    metrics.ready.set_function(lambda: float(_ready()[0]))
 
     http = None
     if settings.http.enabled:
@@ -190,6 +192,7 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
             keep_last=settings.checkpoint.keep_last,
             on_quarantine=lambda path, reason: metrics.checkpoints_quarantined.labels(
                 reason=reason).inc(),
+            crash=crash.reached,
         )
         if settings.checkpoint.key() is None:
             log.warning("running without a checkpoint key: checkpoints are unsigned")
@@ -200,7 +203,7 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
             settings.registry.keep_last,
         )
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
-        publisher = ModelPublisher(settings, registry_store, events, metrics)
+        publisher = ModelPublisher(settings, registry_store, events, metrics, crash=crash)
         publisher.reconcile(state)
         control = None
         if settings.topics.control:
@@ -224,7 +227,7 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
             state,
             make_source=make_source,
             decoder=RecordDecoder(settings.record, settings.model.task),
-            trainer=build_trainer(settings),
+            trainer=build_trainer(settings, crash),
             store=store,
             dead_letters=DeadLetterPublisher(
                 producer, settings.topics.dead_letter, settings.kafka.group_id, __version__
@@ -234,6 +237,7 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
             heartbeat=heartbeat,
             control=control,
             reload_state=lambda: restore_state(settings, store)[0],
+            crash=crash,
         )
         service_ref["service"] = service
         if install_signals:

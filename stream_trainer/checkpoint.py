@@ -261,6 +261,7 @@ class CheckpointStore:
         allow_unsigned: bool,
         keep_last: int,
         on_quarantine: Callable[[Path, str], None] | None = None,
+        crash: Callable[[str], None] | None = None,
     ) -> None:
         if key is None and not allow_unsigned:
             raise CheckpointError(
@@ -277,6 +278,7 @@ class CheckpointStore:
         self._allow_unsigned = allow_unsigned
         self._keep_last = keep_last
         self._on_quarantine = on_quarantine
+        self._crash = crash or (lambda _point: None)  # fault-injection tests only
         self._write_lock = threading.Lock()
         self._last_sequence: int | None = None  # scanned lazily: no I/O in the constructor
 
@@ -312,11 +314,15 @@ class CheckpointStore:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     _write_all(fd, header)
-                    _write_all(fd, payload)
+                    half = len(payload) // 2
+                    _write_all(fd, memoryview(payload)[:half])
+                    self._crash("mid_checkpoint_write")
+                    _write_all(fd, memoryview(payload)[half:])
                     os.fsync(fd)
                 finally:
                     os.close(fd)
                 os.replace(temp, final)
+                self._crash("after_rename")
             except OSError as error:
                 with contextlib.suppress(OSError):
                     temp.unlink()

@@ -238,7 +238,7 @@ class EstimatorSpec(StrictModel):
     def _dotted(cls, value: str) -> str:
         if not _DOTTED.match(value):
             raise ValueError(f"{value!r} is not a dotted path like package.module.Class")
-        if value.split(".")[0] not in ("river", "sklearn"):
+        if value.split(".", maxsplit=1)[0] not in ("river", "sklearn"):
             raise ValueError(f"{value!r}: only river.* and sklearn.* estimators are allowed")
         return value
 

@@ -22,7 +22,7 @@ _encode = msgspec.json.Encoder().encode
 def poison_values(dataset: Dataset, max_bytes: int = 65_536) -> list[tuple[str, bytes | None]]:
     """One invalid value per kind the record contract rejects, with the expected reason."""
     first = dataset.features[0]
-    good = {name: 0.5 for name in dataset.features}
+    good = dict.fromkeys(dataset.features, 0.5)
     label: Any = dataset.labels[0] if dataset.labels else 1.0
 
     def record(x: dict[str, Any], y: Any = label) -> bytes:

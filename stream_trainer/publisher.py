@@ -20,6 +20,7 @@ from stream_trainer import __version__
 from stream_trainer.checkpoint import library_versions
 from stream_trainer.config import Settings
 from stream_trainer.evaluation import PrequentialEvaluator, evaluate_holdout
+from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.metrics import Metrics
 from stream_trainer.registry import ModelRegistry, VersionInfo
@@ -44,6 +45,7 @@ class ModelPublisher:
         registry: ModelRegistry,
         events: VersionEventPublisher | None,
         metrics: Metrics,
+        crash: CrashPoints = NO_CRASHES,
         clock: Any = time.monotonic,
     ) -> None:
         cfg = settings.registry
@@ -51,6 +53,7 @@ class ModelPublisher:
         self._registry = registry
         self._events = events
         self._metrics = metrics
+        self._crash = crash
         self._policy = PublishPolicy(
             cfg.publish_every_records, cfg.publish_every_seconds, cfg.publish_after_retrain,
             clock=clock,
@@ -173,6 +176,7 @@ class ModelPublisher:
             return None
         artifact = pickle.dumps(state.model, protocol=5)
         info = self._registry.publish(artifact, metadata, promote=True)
+        self._crash.reached("after_version_files")
         if self._events is not None:
             self._events.publish(info)
         state.model_version = info.version

@@ -19,11 +19,17 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, Message
 
-from stream_trainer.checkpoint import BackgroundWriter, CheckpointError, CheckpointStore, WriteResult
+from stream_trainer.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
+    CheckpointStore,
+    WriteResult,
+)
 from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource
 from stream_trainer.control import ControlChannel
 from stream_trainer.deadletter import DeadLetterPublisher
+from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.metrics import Metrics
@@ -86,6 +92,7 @@ class Service:
         heartbeat: Heartbeat,
         control: ControlChannel | None = None,
         reload_state: Callable[[], TrainingState] | None = None,
+        crash: CrashPoints = NO_CRASHES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -100,6 +107,7 @@ class Service:
         self._heartbeat = heartbeat
         self._control = control
         self._reload_state = reload_state
+        self._crash = crash
         self._clock = clock
         self._stop = threading.Event()
         self._pending = _PendingUnit()
@@ -150,8 +158,6 @@ class Service:
         """One loop iteration: never blocks longer than the consume timeout plus one unit."""
         now = self._clock()
         self._heartbeat.beat()
-        self._metrics.poll_heartbeat_timestamp.set(time.time())
-        self._metrics.poll_gap_max.set(self._heartbeat.max_gap)
         cfg = self.settings.kafka
         want = cfg.consume_batch_size
         if self._batch_target:
@@ -165,6 +171,7 @@ class Service:
             self._pending.add(messages, now)
         if self._unit_ready(now):
             self._process(self._pending.take())
+            self._crash.reached("after_learn")
         if isinstance(self._trainer, FullBatchTrainer):
             outcome = self._trainer.poll_retrain(self.state, now)
             self._metrics.state.state("retraining" if self._trainer.retraining else "running")
@@ -370,6 +377,7 @@ class Service:
         m.checkpoint_duration.observe(result.duration_s)
         m.checkpoint_size.set(result.size_bytes)
         m.checkpoint_last_success.set(time.time())
+        self._crash.reached("after_checkpoint")
         committed = self.source.commit(offsets)
         log.debug("checkpoint durable", extra={"sequence": result.sequence,
                                                "committed": len(committed)})
@@ -408,6 +416,7 @@ class Service:
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
         """Finish the unit in progress, checkpoint and commit before giving them up."""
         self._metrics.rebalances.labels(kind="revoke").inc()
+        self._crash.reached("in_revoke")
         self._flush_pending()
         self.checkpoint_now("revoke")
         self._metrics.assigned_partitions.set(0)

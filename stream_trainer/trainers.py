@@ -18,6 +18,7 @@ import numpy as np
 
 from stream_trainer.config import Settings
 from stream_trainer.evaluation import evaluate_holdout
+from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.records import DecodedBatch
 from stream_trainer.state import TrainingState
@@ -171,7 +172,8 @@ class FullBatchTrainer:
     one; the candidate replaces the model only if the gate accepts it.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, crash: CrashPoints = NO_CRASHES) -> None:
+        self._crash = crash
         self._cfg = settings.training.full_batch
         self._gate = settings.registry.gate
         self._task = settings.model.task
@@ -239,7 +241,9 @@ class FullBatchTrainer:
             "trained_on": split,
             "started": time.perf_counter(),
         }
-        self._running = self._executor.submit(self._fit, candidate, X[:split], y[:split], w[:split])
+        self._running = self._executor.submit(
+            self._fit, candidate, X[:split], y[:split], w[:split], self._crash
+        )
         state.retrain_wanted = None
         state.records_since_retrain = 0
         self._last_retrain = now
@@ -247,8 +251,9 @@ class FullBatchTrainer:
 
     @staticmethod
     def _fit(candidate: ModelAdapter, X: np.ndarray, y: np.ndarray,
-             w: np.ndarray) -> tuple[ModelAdapter, float]:
+             w: np.ndarray, crash: CrashPoints) -> tuple[ModelAdapter, float]:
         started = time.perf_counter()
+        crash.reached("mid_retrain")
         weights = None if np.all(w == 1.0) else w
         candidate.fit(X, y, weights)
         return candidate, time.perf_counter() - started
@@ -302,11 +307,13 @@ class FullBatchTrainer:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def build_trainer(settings: Settings) -> PerRecordTrainer | MiniBatchTrainer | FullBatchTrainer:
+def build_trainer(
+    settings: Settings, crash: CrashPoints = NO_CRASHES
+) -> PerRecordTrainer | MiniBatchTrainer | FullBatchTrainer:
     """The trainer for the configured mode."""
     mode = settings.training.mode
     if mode == "per_record":
         return PerRecordTrainer()
     if mode == "mini_batch":
         return MiniBatchTrainer()
-    return FullBatchTrainer(settings)
+    return FullBatchTrainer(settings, crash)

@@ -1,0 +1,390 @@
+"""Prometheus metrics of the service, built on an injected registry.
+
+Nothing is registered at import time: ``build_metrics(registry)`` creates every
+metric on the registry it is given (tests use a fresh ``CollectorRegistry``; the
+service uses one of its own, exposed by :mod:`stream_trainer.http`).
+
+Conventions: prefix ``stream_trainer_``, base units (seconds, bytes), ``_total``
+counters, low-cardinality labels whose values are known up front are
+pre-initialised so ``rate()`` and ``increase()`` see a 0 before the first event.
+Callers update per batch / per unit, never per record where that would cost more
+than the learner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+PREFIX = "stream_trainer"
+
+# Reason codes of dead-lettered records. Engineer A's records.REASONS is the source
+# of truth; this copy is reconciled with it by the lead.
+DEAD_LETTER_REASONS: tuple[str, ...] = (
+    "too_large",
+    "empty",
+    "malformed_json",
+    "not_object",
+    "missing_label",
+    "unknown_label",
+    "missing_feature",
+    "unknown_feature",
+    "wrong_type",
+    "non_finite",
+    "bad_weight",
+    "learner_error",
+)
+# Why a checkpoint was quarantined: the reason strings of checkpoint.py.
+QUARANTINE_REASONS: tuple[str, ...] = (
+    "bad_magic",
+    "truncated",
+    "bad_manifest",
+    "bad_signature",
+    "payload_checksum",
+    "sequence_mismatch",
+    "library_mismatch",
+    "unpickle_failed",
+    "validation_failed",
+)
+REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
+RETRAIN_TRIGGERS: tuple[str, ...] = ("count", "time", "drift", "manual")
+STATES: tuple[str, ...] = ("starting", "restoring", "running", "retraining", "paused", "stopping")
+METRIC_SCOPES: tuple[str, ...] = ("window", "total")
+
+# Sub-millisecond resolution: a River learn_one is ~10-100 us; a big batch seconds.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (
+    1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 100_000,
+)  # fmt: skip
+CHECKPOINT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+RETRAIN_BUCKETS: tuple[float, ...] = (
+    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Every metric the service exports; field comment = exported name(s)."""
+
+    # stream_trainer_records_consumed_total
+    records_consumed: Counter
+    # stream_trainer_records_learnt_total
+    records_learnt: Counter
+    # stream_trainer_records_dead_lettered_total{reason}
+    records_dead_lettered: Counter
+    # stream_trainer_batches_total
+    batches: Counter
+    # stream_trainer_batch_size_records (histogram)
+    batch_size: Histogram
+    # stream_trainer_learn_duration_seconds (histogram, per batch / unit)
+    learn_duration: Histogram
+    # stream_trainer_predict_duration_seconds (histogram, per batch / unit)
+    predict_duration: Histogram
+    # stream_trainer_consumer_lag_records{topic,partition}
+    consumer_lag: Gauge
+    # stream_trainer_assigned_partitions
+    assigned_partitions: Gauge
+    # stream_trainer_rebalances_total{kind=assign|revoke|lost}
+    rebalances: Counter
+    # stream_trainer_kafka_errors_total{code} (KafkaError.name(), e.g. _TRANSPORT)
+    kafka_errors: Counter
+    # stream_trainer_poll_heartbeat_timestamp_seconds (unix time of the last poll)
+    poll_heartbeat_timestamp: Gauge
+    # stream_trainer_poll_gap_max_seconds (largest gap between two polls)
+    poll_gap_max: Gauge
+    # stream_trainer_checkpoint_duration_seconds (histogram)
+    checkpoint_duration: Histogram
+    # stream_trainer_checkpoint_size_bytes
+    checkpoint_size: Gauge
+    # stream_trainer_checkpoint_last_success_timestamp_seconds
+    checkpoint_last_success: Gauge
+    # stream_trainer_checkpoint_failures_total
+    checkpoint_failures: Counter
+    # stream_trainer_checkpoints_quarantined_total{reason}
+    checkpoints_quarantined: Counter
+    # stream_trainer_retrain_duration_seconds (histogram)
+    retrain_duration: Histogram
+    # stream_trainer_retrains_total{trigger=count|time|drift|manual}
+    retrains: Counter
+    # stream_trainer_drift_detections_total
+    drift_detections: Counter
+    # stream_trainer_prequential_metric{metric,scope=window|total}
+    prequential_metric: Gauge
+    # stream_trainer_model_version (numeric version of the current champion)
+    model_version: Gauge
+    # stream_trainer_model_info{version,learner,mode}
+    model_info: Info
+    # stream_trainer_versions_published_total
+    versions_published: Counter
+    # stream_trainer_versions_rejected_total
+    versions_rejected: Counter
+    # stream_trainer_partitions_halted (by the bad-record breaker)
+    partitions_halted: Gauge
+    # stream_trainer_state{stream_trainer_state=<one of STATES>} (Enum)
+    state: Enum
+    # stream_trainer_ready (1 when /readyz would answer 200)
+    ready: Gauge
+    # stream_trainer_build_info{version,python}
+    build_info: Info
+    # stream_trainer_retention_gap_accepted_total
+    retention_gap_accepted: Counter
+
+    def set_prequential(self, values: Mapping[str, float], scope: str) -> None:
+        """Set the prequential gauges of one scope ("window" or "total") from a batch."""
+        if scope not in METRIC_SCOPES:
+            raise ValueError(f"scope must be one of {METRIC_SCOPES}, got {scope!r}")
+        for name, value in values.items():
+            self.prequential_metric.labels(metric=name, scope=scope).set(value)
+
+    def set_model(self, version: int, learner: str, mode: str) -> None:
+        """Record the current champion version (numeric gauge and ``_info``)."""
+        self.model_version.set(version)
+        self.model_info.info({"version": str(version), "learner": learner, "mode": mode})
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("stream-trainer")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_metrics(
+    registry: CollectorRegistry,
+    *,
+    version: str | None = None,
+    dead_letter_reasons: Iterable[str] = DEAD_LETTER_REASONS,
+) -> Metrics:
+    """Create and register every metric (and the default process collectors) on ``registry``.
+
+    Calls ``prometheus_client.disable_created_metrics()``, which is process-global:
+    ``_created`` series are noise for Prometheus and double the series count.
+    Raises ``ValueError`` (duplicate timeseries) if called twice on one registry.
+    """
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    p = PREFIX
+    r: dict[str, Any] = {"registry": registry}
+
+    metrics = Metrics(
+        records_consumed=Counter(f"{p}_records_consumed", "Records read from Kafka.", **r),
+        records_learnt=Counter(f"{p}_records_learnt", "Records the model has learnt.", **r),
+        records_dead_lettered=Counter(
+            f"{p}_records_dead_lettered",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            **r,
+        ),
+        batches=Counter(f"{p}_batches", "Training units (batches) processed.", **r),
+        batch_size=Histogram(
+            f"{p}_batch_size_records",
+            "Records per training unit.",
+            buckets=BATCH_SIZE_BUCKETS,
+            **r,
+        ),
+        learn_duration=Histogram(
+            f"{p}_learn_duration_seconds",
+            "Time spent learning one training unit.",
+            buckets=LATENCY_BUCKETS,
+            **r,
+        ),
+        predict_duration=Histogram(
+            f"{p}_predict_duration_seconds",
+            "Time spent predicting one training unit (test-then-train).",
+            buckets=LATENCY_BUCKETS,
+            **r,
+        ),
+        consumer_lag=Gauge(
+            f"{p}_consumer_lag_records",
+            "Records behind the high watermark per partition (librdkafka statistics).",
+            ["topic", "partition"],
+            **r,
+        ),
+        assigned_partitions=Gauge(
+            f"{p}_assigned_partitions", "Partitions currently assigned to this consumer.", **r
+        ),
+        rebalances=Counter(
+            f"{p}_rebalances", "Consumer group rebalance callbacks, by kind.", ["kind"], **r
+        ),
+        kafka_errors=Counter(
+            f"{p}_kafka_errors", "Kafka client errors, by error code name.", ["code"], **r
+        ),
+        poll_heartbeat_timestamp=Gauge(
+            f"{p}_poll_heartbeat_timestamp_seconds",
+            "Unix time of the last poll-loop iteration.",
+            **r,
+        ),
+        poll_gap_max=Gauge(
+            f"{p}_poll_gap_max_seconds",
+            "Largest gap between two poll-loop iterations since start.",
+            **r,
+        ),
+        checkpoint_duration=Histogram(
+            f"{p}_checkpoint_duration_seconds",
+            "Time to write a checkpoint durably.",
+            buckets=CHECKPOINT_BUCKETS,
+            **r,
+        ),
+        checkpoint_size=Gauge(
+            f"{p}_checkpoint_size_bytes", "Size of the last checkpoint written.", **r
+        ),
+        checkpoint_last_success=Gauge(
+            f"{p}_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the last durable checkpoint (0 = none yet).",
+            **r,
+        ),
+        checkpoint_failures=Counter(
+            f"{p}_checkpoint_failures", "Checkpoint writes that failed.", **r
+        ),
+        checkpoints_quarantined=Counter(
+            f"{p}_checkpoints_quarantined",
+            "Checkpoints set aside on load, by reason.",
+            ["reason"],
+            **r,
+        ),
+        retrain_duration=Histogram(
+            f"{p}_retrain_duration_seconds",
+            "Duration of a full retrain (fit on a clone).",
+            buckets=RETRAIN_BUCKETS,
+            **r,
+        ),
+        retrains=Counter(f"{p}_retrains", "Full retrains started, by trigger.", ["trigger"], **r),
+        drift_detections=Counter(
+            f"{p}_drift_detections", "Concept drifts detected on the prequential error.", **r
+        ),
+        prequential_metric=Gauge(
+            f"{p}_prequential_metric",
+            "Prequential (test-then-train) score, by metric and scope (window or total).",
+            ["metric", "scope"],
+            **r,
+        ),
+        model_version=Gauge(
+            f"{p}_model_version", "Numeric version of the current champion model.", **r
+        ),
+        model_info=Info(f"{p}_model", "The current champion model.", **r),
+        versions_published=Counter(f"{p}_versions_published", "Model versions published.", **r),
+        versions_rejected=Counter(
+            f"{p}_versions_rejected", "Candidate versions rejected by the promotion gate.", **r
+        ),
+        partitions_halted=Gauge(
+            f"{p}_partitions_halted",
+            "Partitions stopped by the bad-record breaker.",
+            **r,
+        ),
+        state=Enum(f"{p}_state", "Lifecycle state of the service.", states=list(STATES), **r),
+        ready=Gauge(f"{p}_ready", "1 when the service is ready (/readyz), else 0.", **r),
+        build_info=Info(f"{p}_build", "Build information.", **r),
+        retention_gap_accepted=Counter(
+            f"{p}_retention_gap_accepted",
+            "Starts that accepted offsets lost to Kafka retention (accept_retention_gap).",
+            **r,
+        ),
+    )
+
+    # Pre-initialise known label values: rate()/increase() need the 0 sample.
+    for reason in dead_letter_reasons:
+        metrics.records_dead_lettered.labels(reason=reason)
+    for reason in QUARANTINE_REASONS:
+        metrics.checkpoints_quarantined.labels(reason=reason)
+    for kind in REBALANCE_KINDS:
+        metrics.rebalances.labels(kind=kind)
+    for trigger in RETRAIN_TRIGGERS:
+        metrics.retrains.labels(trigger=trigger)
+    metrics.build_info.info(
+        {"version": version or _package_version(), "python": platform.python_version()}
+    )
+
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return metrics
+
+
+def parse_lag_stats(stats_json: str) -> dict[tuple[str, int], int]:
+    """``{(topic, partition): consumer_lag}`` from a librdkafka statistics JSON string.
+
+    Skips the internal partition -1 and partitions whose lag is unknown (-1, e.g.
+    not assigned or nothing committed yet). ``consumer_lag`` is measured from the
+    committed offset, which this service commits only after a durable checkpoint:
+    it is the lag of what would survive a crash.
+    """
+    stats = json.loads(stats_json)
+    lags: dict[tuple[str, int], int] = {}
+    topics = stats.get("topics") or {}
+    for topic, tstats in topics.items():
+        for key, pstats in (tstats.get("partitions") or {}).items():
+            partition = int(pstats.get("partition", key))
+            lag = pstats.get("consumer_lag", -1)
+            if partition < 0 or not isinstance(lag, int) or lag < 0:
+                continue
+            lags[(topic, partition)] = lag
+    return lags
+
+
+def update_lag_from_stats(metrics: Metrics, stats_json: str) -> dict[tuple[str, int], int]:
+    """Set the lag gauge from one librdkafka statistics payload; returns what was set.
+
+    Stateless: partitions that disappear keep their last value. Use
+    :class:`LagTracker` to also remove series of partitions no longer reported.
+    """
+    lags = parse_lag_stats(stats_json)
+    for (topic, partition), lag in lags.items():
+        metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+    return lags
+
+
+class LagTracker:
+    """Keeps the lag gauge in line with the partitions librdkafka reports.
+
+    ``on_stats`` fits confluent_kafka's ``stats_cb`` (called on the poll thread);
+    a partition reported with an unknown lag or missing (revoked) is removed, so a
+    revoked partition does not show a stale lag forever.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._seen: set[tuple[str, int]] = set()
+
+    def on_stats(self, stats_json: str) -> None:
+        """Update from one statistics payload (the ``stats_cb`` signature)."""
+        with self._lock:
+            current = update_lag_from_stats(self._metrics, stats_json)
+            for topic, partition in self._seen - current.keys():
+                self._remove(topic, partition)
+            self._seen = set(current)
+
+    def clear(self) -> None:
+        """Remove every lag series (e.g. on close)."""
+        with self._lock:
+            for topic, partition in self._seen:
+                self._remove(topic, partition)
+            self._seen = set()
+
+    def _remove(self, topic: str, partition: int) -> None:
+        # remove() raises KeyError for a series that is already gone.
+        with contextlib.suppress(KeyError):
+            self._metrics.consumer_lag.remove(topic, str(partition))

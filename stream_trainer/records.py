@@ -1,0 +1,537 @@
+"""Per-batch decoding and strict validation of JSON records (the record contract).
+
+A batch of Kafka messages becomes a :class:`DecodedBatch`: a float64 feature matrix of the
+valid records plus one :class:`InvalidRecord` per rejected message. Every input message ends
+up exactly once, either in ``valid_index`` or in ``invalid``; NaN and infinities never reach
+``X`` (River silently turns every weight into NaN otherwise).
+
+Two paths, one contract:
+
+* the fast path decodes each value with a msgspec decoder typed for this record layout (a
+  struct whose fields are the configured features, label and weight). msgspec rejects NaN /
+  Infinity literals as malformed JSON and ``1e999`` as out of range, rejects bools and strings
+  where a number is expected, and reports missing / unknown fields, all in C;
+* any message the fast path does not accept is re-examined by the slow path, which is the
+  authority on *why* it is invalid (one low-cardinality reason from :data:`REASONS`). The slow
+  path also parses what msgspec refused with the lenient stdlib parser, only to name the
+  reason precisely (``feature 'f3' is NaN`` rather than "malformed JSON"); a record that only
+  the lenient parser accepts is never valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from stream_trainer.config import Label, RecordSettings
+
+REASONS: Final[tuple[str, ...]] = (
+    "too_large",
+    "empty",
+    "malformed_json",
+    "not_object",
+    "missing_label",
+    "unknown_label",
+    "missing_feature",
+    "unknown_feature",
+    "wrong_type",
+    "non_finite",
+    "bad_weight",
+    "learner_error",
+)
+
+STAGES: Final[tuple[str, ...]] = ("decode", "validate", "learn")
+
+MAX_MESSAGE_CHARS: Final = 500
+_MAX_QUOTED_CHARS: Final = 60  # names and labels quoted from a record (attacker-chosen)
+
+
+class MessageLike(Protocol):
+    """The part of ``confluent_kafka.Message`` the decoder reads (``key()`` is optional)."""
+
+    def value(self) -> bytes | None: ...
+    def topic(self) -> str: ...
+    def partition(self) -> int: ...
+    def offset(self) -> int: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRecord:
+    """A rejected message with its provenance and one reason from :data:`REASONS`."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    value: bytes | None
+    key: bytes | None
+    stage: str  # "decode" | "validate" | "learn"
+    reason: str
+    error_class: str
+    message: str  # human text, no record values beyond short quoted names; <= 500 chars
+
+
+def invalid_from_message(
+    message: MessageLike, stage: str, reason: str, error_class: str, text: str
+) -> InvalidRecord:
+    """An :class:`InvalidRecord` for ``message`` (used here and for learner errors)."""
+    kind, ts = message.timestamp()
+    key_method = getattr(message, "key", None)
+    key = key_method() if key_method is not None else None
+    return InvalidRecord(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        timestamp_ms=ts if kind != 0 else None,  # 0 = TIMESTAMP_NOT_AVAILABLE
+        value=message.value(),
+        key=key,
+        stage=stage,
+        reason=reason,
+        error_class=error_class,
+        message=text[:MAX_MESSAGE_CHARS],
+    )
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The valid records of a batch as arrays, aligned row by row, plus the rejects."""
+
+    X: npt.NDArray[np.float64]  # (n_valid, n_features), columns in RecordSettings.features order
+    y: npt.NDArray[Any]  # object (str/bool/mixed labels), int64 (int labels), float64 (regression)
+    weights: npt.NDArray[np.float64] | None  # None when no weight_field is configured
+    valid_index: npt.NDArray[np.int64]  # ascending indexes into the input message list
+    invalid: list[InvalidRecord]
+    topics: list[str]
+    partitions: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
+    feature_names: tuple[str, ...] = ()
+    _x_dicts: list[dict[str, float]] | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    def x_dicts(self) -> list[dict[str, float]]:
+        """River-style ``{feature: value}`` dicts of the valid records (built once, on demand)."""
+        if self._x_dicts is None:
+            names = self.feature_names
+            self._x_dicts = [dict(zip(names, row, strict=True)) for row in self.X.tolist()]
+        return self._x_dicts
+
+
+@dataclass(frozen=True, slots=True)
+class _Reject:
+    stage: str
+    reason: str
+    error_class: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Accept:
+    row: list[float]
+    y: Any
+    weight: float
+
+
+class _NonFinite:
+    """Stands in for a NaN / Infinity literal the lenient parser saw."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_UNPARSEABLE: Final = object()
+_FEATURES: Final = operator.attrgetter("features")
+_LABEL: Final = operator.attrgetter("label")
+
+
+def _lenient_parse(value: bytes) -> Any:
+    """The stdlib's reading of a value msgspec refused, or ``_UNPARSEABLE``."""
+    try:
+        return json.loads(value.decode("utf-8"), parse_constant=_NonFinite)
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError, JSONDecodeError
+        return _UNPARSEABLE
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float | _NonFinite):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+def _quote(name: Any) -> str:
+    text = repr(name)
+    return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
+
+
+def _as_finite_number(value: Any) -> float | tuple[bool, str]:
+    """``float(value)`` for a finite JSON number, else (is-a-number, what is wrong)."""
+    if isinstance(value, _NonFinite):
+        return True, f"is {value.name}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False, f"is {_json_type(value)}, expected a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return True, "is out of the float64 range"
+    if not math.isfinite(number):
+        return True, f"is {number} (out of the float64 range)"
+    return number
+
+
+def _y_dtype(task: str, labels: list[Label] | None) -> type:
+    if task == "regression":
+        return np.float64
+    if labels and all(type(label) is int for label in labels):
+        return np.int64
+    return object
+
+
+class RecordDecoder:
+    """Decodes and validates batches of JSON records against a :class:`RecordSettings`.
+
+    Raises ValueError at construction when the record layout is contradictory (e.g. a flat
+    feature named like the label field, or a classification task without labels).
+    """
+
+    def __init__(self, record: RecordSettings, task: str) -> None:
+        self._record = record
+        self._task = task
+        self._classification = task != "regression"
+        self._features = tuple(record.features)
+        self._feature_set = frozenset(record.features)
+        self._max_bytes = record.max_bytes
+        self._reject_unknown = record.unknown_features == "reject"
+        if self._classification and not record.labels:
+            raise ValueError(f"task {task!r} needs record.labels")
+        labels = list(record.labels or [])
+        # (type, value) pairs: True == 1 in Python, but a label 1 must not match true.
+        self._allowed = frozenset((type(label), label) for label in labels)
+        self._y_dtype = _y_dtype(task, record.labels)
+        meta = [record.label_field, record.id_field, record.event_time_field, record.weight_field]
+        self._reserved = frozenset(name for name in meta if name is not None)
+        if record.features_field is None:
+            clash = self._reserved & self._feature_set
+            if clash:
+                raise ValueError(f"flat features {sorted(clash)} clash with record metadata fields")
+        elif record.features_field in self._reserved:
+            raise ValueError(
+                f"features_field {record.features_field!r} clashes with a metadata field"
+            )
+        self._typed: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self._record_type(labels))
+        self._generic = msgspec.json.Decoder()
+
+    def _record_type(self, labels: list[Label]) -> type:
+        """A msgspec struct type that accepts exactly the valid records (fields renamed)."""
+        record = self._record
+        feature_fields: list[tuple[str, Any]] = [
+            (f"f{i}", float) for i in range(len(self._features))
+        ]
+        feature_names = {f"f{i}": name for i, name in enumerate(self._features)}
+        label_type: Any
+        if self._classification:
+            label_types = {type(label) for label in labels}
+            label_type = label_types.pop()
+            for extra in label_types:
+                label_type = label_type | extra
+        else:
+            label_type = float
+        meta_fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [("label", label_type)]
+        meta_names = {"label": record.label_field}
+        if record.weight_field is not None:
+            meta_fields.append(("weight", float, 1.0))
+            meta_names["weight"] = record.weight_field
+        if record.features_field is not None:
+            features_type = msgspec.defstruct(
+                "Features",
+                feature_fields,
+                rename=feature_names,
+                forbid_unknown_fields=self._reject_unknown,
+                gc=False,
+            )
+            return msgspec.defstruct(
+                "Record",
+                [("features", features_type), *meta_fields],
+                rename={"features": record.features_field, **meta_names},
+                gc=False,
+            )
+        # Flat layout: id / event time are known top-level fields, everything else unknown.
+        for name, attr in ((record.id_field, "rid"), (record.event_time_field, "event_time")):
+            if name is not None:
+                meta_fields.append((attr, Any, None))
+                meta_names[attr] = name
+        return msgspec.defstruct(
+            "FlatRecord",
+            [*feature_fields, *meta_fields],
+            rename={**feature_names, **meta_names},
+            forbid_unknown_fields=self._reject_unknown,
+            gc=False,
+        )
+
+    def decode(self, messages: Sequence[MessageLike]) -> DecodedBatch:
+        """Decode and validate ``messages``; never raises on bad data."""
+        values = [message.value() for message in messages]
+        decode = self._typed.decode
+        max_bytes = self._max_bytes
+        fast_index: list[int] = []
+        fast: list[Any] = []
+        slow_index: list[int] = []
+        for i, value in enumerate(values):
+            if not value or len(value) > max_bytes:
+                slow_index.append(i)
+                continue
+            try:
+                fast.append(decode(value))
+            except msgspec.DecodeError:  # ValidationError is a subclass
+                slow_index.append(i)
+            else:
+                fast_index.append(i)
+
+        X, y, weights, ok = self._columns(fast)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            slow_index.extend(fast_index[j] for j in bad.tolist())
+            keep = np.flatnonzero(ok)
+            X, y = X[keep], y[keep]
+            weights = weights[keep] if weights is not None else None
+            fast_index = [fast_index[j] for j in keep.tolist()]
+
+        invalid: list[InvalidRecord] = []
+        rescued: list[tuple[int, _Accept]] = []
+        for i in sorted(slow_index):
+            verdict = self._inspect(values[i])
+            if isinstance(verdict, _Accept):
+                rescued.append((i, verdict))
+            else:
+                invalid.append(
+                    invalid_from_message(
+                        messages[i], verdict.stage, verdict.reason, verdict.error_class,
+                        verdict.message,
+                    )
+                )
+        valid_index = np.asarray(fast_index, dtype=np.int64)
+        if rescued:
+            X, y, weights, valid_index = self._merge(X, y, weights, valid_index, rescued)
+
+        valid = valid_index.tolist()
+        return DecodedBatch(
+            X=X,
+            y=y,
+            weights=weights,
+            valid_index=valid_index,
+            invalid=invalid,
+            topics=[messages[i].topic() for i in valid],
+            partitions=np.fromiter(
+                (messages[i].partition() for i in valid), dtype=np.int64, count=len(valid)
+            ),
+            offsets=np.fromiter(
+                (messages[i].offset() for i in valid), dtype=np.int64, count=len(valid)
+            ),
+            feature_names=self._features,
+        )
+
+    def _columns(
+        self, fast: list[Any]
+    ) -> tuple[
+        npt.NDArray[np.float64],
+        npt.NDArray[Any],
+        npt.NDArray[np.float64] | None,
+        npt.NDArray[np.bool_],
+    ]:
+        """Arrays from the typed records, and which rows pass the value checks."""
+        n, width = len(fast), len(self._features)
+        # map / chain keep the per-value loop in C: ~3x a generator expression here.
+        astuple = msgspec.structs.astuple
+        if self._record.features_field is not None:
+            rows = map(astuple, map(_FEATURES, fast))
+        else:
+            rows = map(operator.itemgetter(slice(0, width)), map(astuple, fast))
+        flat = itertools.chain.from_iterable(rows)
+        X = np.fromiter(flat, dtype=np.float64, count=n * width).reshape(n, width)
+        labels = list(map(_LABEL, fast))
+        y = self._label_array(labels)
+        # msgspec never yields a non-finite float; checked anyway because X must stay finite.
+        ok = np.isfinite(X).all(axis=1)
+        if self._classification:
+            allowed = self._allowed
+            ok &= np.fromiter(
+                ((type(label), label) in allowed for label in labels), dtype=np.bool_, count=n
+            )
+        else:
+            ok &= np.isfinite(y)
+        weights: npt.NDArray[np.float64] | None = None
+        if self._record.weight_field is not None:
+            weights = np.fromiter((r.weight for r in fast), dtype=np.float64, count=n)
+            ok &= np.isfinite(weights) & (weights > 0)
+        return X, y, weights, ok
+
+    def _label_array(self, labels: list[Any]) -> npt.NDArray[Any]:
+        if self._y_dtype is object:
+            y = np.empty(len(labels), dtype=object)
+            y[:] = labels
+            return y
+        return np.asarray(labels, dtype=self._y_dtype).reshape(len(labels))
+
+    def _merge(
+        self,
+        X: npt.NDArray[np.float64],
+        y: npt.NDArray[Any],
+        weights: npt.NDArray[np.float64] | None,
+        valid_index: npt.NDArray[np.int64],
+        rescued: list[tuple[int, _Accept]],
+    ) -> tuple[
+        npt.NDArray[np.float64],
+        npt.NDArray[Any],
+        npt.NDArray[np.float64] | None,
+        npt.NDArray[np.int64],
+    ]:
+        """Adds the records the slow path accepted, keeping ascending message order."""
+        extra_x = np.asarray([a.row for _, a in rescued], dtype=np.float64)
+        extra_y = self._label_array([a.y for _, a in rescued])
+        index = np.concatenate([valid_index, np.asarray([i for i, _ in rescued], np.int64)])
+        order = np.argsort(index, kind="stable")
+        X = np.concatenate([X.reshape(-1, len(self._features)), extra_x])[order]
+        y = np.concatenate([y, extra_y])[order]
+        if weights is not None:
+            extra_w = np.asarray([a.weight for _, a in rescued], dtype=np.float64)
+            weights = np.concatenate([weights, extra_w])[order]
+        return X, y, weights, index[order]
+
+    def _inspect(self, value: bytes | None) -> _Reject | _Accept:
+        """The authoritative verdict on one value."""
+        if not value:
+            return _Reject("decode", "empty", "EmptyValue", "record value is empty or null")
+        if len(value) > self._max_bytes:
+            return _Reject(
+                "decode",
+                "too_large",
+                "RecordTooLarge",
+                f"record value is {len(value)} bytes, over the limit of {self._max_bytes}",
+            )
+        strict_error: str | None = None
+        try:
+            obj = self._generic.decode(value)
+        except msgspec.DecodeError as error:
+            strict_error = str(error)
+            obj = _lenient_parse(value)
+            if obj is _UNPARSEABLE:
+                return _Reject(
+                    "decode", "malformed_json", "MalformedJSON", f"invalid JSON: {error}"
+                )
+        verdict = self._check(obj)
+        if isinstance(verdict, _Accept) and strict_error is not None:
+            # Only strict JSON is valid; the lenient parse only serves to name the reason.
+            return _Reject(
+                "decode", "malformed_json", "MalformedJSON", f"not strict JSON: {strict_error}"
+            )
+        return verdict
+
+    def _check(self, obj: Any) -> _Reject | _Accept:
+        record = self._record
+        if not isinstance(obj, dict):
+            return _Reject(
+                "validate", "not_object", "NotAnObject",
+                f"top-level JSON value is {_json_type(obj)}, expected an object",
+            )
+        if record.features_field is not None:
+            if record.features_field not in obj:
+                return _Reject(
+                    "validate", "missing_feature", "MissingFeatures",
+                    f"features object {_quote(record.features_field)} is missing",
+                )
+            features = obj[record.features_field]
+            if not isinstance(features, dict):
+                return _Reject(
+                    "validate", "wrong_type", "WrongFeaturesType",
+                    f"{_quote(record.features_field)} is {_json_type(features)}, "
+                    "expected an object",
+                )
+            unknown = features.keys() - self._feature_set
+        else:
+            features = obj
+            unknown = features.keys() - self._feature_set - self._reserved
+        missing = [name for name in self._features if name not in features]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            return _Reject(
+                "validate", "missing_feature", "MissingFeature",
+                f"feature {_quote(missing[0])} is missing{more}",
+            )
+        if unknown and self._reject_unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            return _Reject(
+                "validate", "unknown_feature", "UnknownFeature",
+                f"unknown feature {_quote(min(unknown))}{more}",
+            )
+        row: list[float] = []
+        for name in self._features:
+            number = _as_finite_number(features[name])
+            if isinstance(number, tuple):
+                is_number, problem = number
+                reason, cls = (
+                    ("non_finite", "NonFiniteFeature") if is_number
+                    else ("wrong_type", "WrongFeatureType")
+                )
+                return _Reject("validate", reason, cls, f"feature {_quote(name)} {problem}")
+            row.append(number)
+        label = obj.get(record.label_field)
+        if label is None:
+            return _Reject(
+                "validate", "missing_label", "MissingLabel",
+                f"label field {_quote(record.label_field)} is missing or null",
+            )
+        y: Any
+        if self._classification:
+            if isinstance(label, _NonFinite) or not isinstance(label, str | int):
+                return _Reject(
+                    "validate", "unknown_label", "UnknownLabel",
+                    f"label is {_json_type(label)}, not one of the configured labels",
+                )
+            if (type(label), label) not in self._allowed:
+                return _Reject(
+                    "validate", "unknown_label", "UnknownLabel",
+                    f"label {_quote(label)} is not one of the configured labels",
+                )
+            y = label
+        else:
+            number = _as_finite_number(label)
+            if isinstance(number, tuple):
+                is_number, problem = number
+                return _Reject(
+                    "validate",
+                    "non_finite" if is_number else "wrong_type",
+                    "NonFiniteLabel" if is_number else "WrongLabelType",
+                    f"label {problem}",
+                )
+            y = number
+        weight = 1.0
+        if record.weight_field is not None and record.weight_field in obj:
+            number = _as_finite_number(obj[record.weight_field])
+            if isinstance(number, tuple) or number <= 0:
+                problem = number[1] if isinstance(number, tuple) else f"is {number}, expected > 0"
+                return _Reject(
+                    "validate", "bad_weight", "BadWeight",
+                    f"weight {_quote(record.weight_field)} {problem}",
+                )
+            weight = number
+        return _Accept(row, y, weight)

@@ -1,0 +1,1 @@
+"""Test-support code: real brokers for the test suite and for manual use."""

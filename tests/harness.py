@@ -1,0 +1,226 @@
+"""Shared test helpers: run the real service as a process against a real broker.
+
+Waiting is always a bounded poll on an observable fact (a metric, a file, a topic's
+contents), never a sleep standing in for synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_trainer.datasets import Dataset, get_dataset
+from stream_trainer.embedded import create_topics, free_port
+
+HMAC_KEY = "test-checkpoint-key-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unique(prefix: str) -> str:
+    """A topic / group name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)  # polling interval of a bounded wait
+
+
+def service_config(
+    tmp_path: Path,
+    bootstrap: str,
+    dataset: Dataset | str = "phishing",
+    mode: str = "per_record",
+    partitions: int = 1,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config for ``dataset`` on fresh topics; creates the topics. Deep-merges overrides."""
+    ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
+    name = unique(ds.name)
+    topics = {"input": [name], "dead_letter": f"{name}.dlq", "versions": f"{name}.versions",
+              "control": f"{name}.control"}
+    create_topics(bootstrap, {name: partitions, topics["dead_letter"]: 1,
+                              topics["versions"]: 1, topics["control"]: 1}, timeout=30.0)
+    if ds.task == "regression":
+        model = {"name": "model", "task": "regression",
+                 "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
+                 "learner": {"path": "river.linear_model.LinearRegression"}}
+    else:
+        model = {"name": "model", "task": ds.task,
+                 "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
+                 "learner": {"path": "river.linear_model.LogisticRegression"}}
+    config: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": unique("group"),
+                  "session_timeout_ms": 6000, "heartbeat_interval_ms": 500,
+                  "consume_timeout_s": 0.1},
+        "topics": topics,
+        "record": {"features": list(ds.features), "labels": list(ds.labels) if ds.labels else None},
+        "model": model,
+        "training": {"mode": mode},
+        "checkpoint": {"dir": str(tmp_path / "checkpoints"), "every_seconds": 1.0},
+        "registry": {"root": str(tmp_path / "registry"), "publish_every_seconds": None,
+                     "publish_every_records": None},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "logging": {"format": "json", "level": "INFO"},
+        "shutdown": {"timeout_s": 20},
+    }
+    return deep_merge(config, overrides or {})
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively with ``extra``."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class ServiceProcess:
+    """``stream-trainer run`` in a subprocess, observed through /metrics and its log."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
+                 name: str = "service") -> None:
+        self.config = config
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.yaml"
+        self.log_path = workdir / f"{name}.log"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = int(config["http"]["port"])
+
+    def start(self) -> ServiceProcess:
+        """Start the process (returns at once)."""
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def http(self, path: str) -> tuple[int, str]:
+        """(status, body) of GET path; (0, reason) when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError as error:
+            return 0, str(error)
+
+    def metrics(self) -> dict[str, float]:
+        """Current samples as ``{'name{label="v",...}': value}`` (labels sorted); {} if down."""
+        status, body = self.http("/metrics")
+        if status != 200:
+            return {}
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def metric(self, name: str, default: float = 0.0) -> float:
+        return self.metrics().get(name, default)
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 60.0) -> float:
+        """Wait until metric ``name`` >= ``at_least``; fails early if the process died."""
+        def check() -> float | None:
+            if not self.alive():
+                raise AssertionError(f"service exited ({self.proc and self.proc.returncode}):\n"
+                                     + self.tail())
+            value = self.metric(name, -1.0)
+            return value if value >= at_least else None
+
+        return float(wait_for(check, timeout, f"{name} >= {at_least}", interval=0.2))
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"service did not stop within {timeout} s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def read_topic(bootstrap: str, topic: str, expected: int | None = None,
+               timeout: float = 30.0) -> list[Any]:
+    """Every message of ``topic`` (all partitions, from the start), without a group.
+
+    With ``expected``, waits until that many arrived; otherwise reads up to the high watermarks.
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
+                         "enable.auto.commit": False, "enable.partition.eof": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = list(metadata.topics[topic].partitions)
+        ends = {}
+        for p in partitions:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        want = expected if expected is not None else sum(ends.values())
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < want and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.5):
+                if message.error() is None:
+                    out.append(message)
+        return out
+    finally:
+        consumer.close()

@@ -1,0 +1,287 @@
+"""PrequentialEvaluator against scikit-learn's metrics, evaluate_holdout, DriftMonitor."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from stream_trainer.config import DriftSettings
+from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator, evaluate_holdout
+
+BINARY = ["no", "yes"]
+MULTI = [0, 1, 2, 3]
+
+
+def binary_stream(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n)
+    proba = np.clip(0.5 + 0.3 * (2 * truth - 1) + rng.normal(scale=0.25, size=n), 0.01, 0.99)
+    labels = np.array(BINARY, dtype=object)
+    return labels[truth], labels[(proba > 0.5).astype(int)], proba
+
+
+def sklearn_binary(y: np.ndarray, pred: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    positive = y == "yes"
+    return {
+        "accuracy": skm.accuracy_score(y, pred),
+        "f1": skm.f1_score(y, pred, pos_label="yes"),
+        "macro_f1": skm.f1_score(y, pred, average="macro"),
+        "log_loss": skm.log_loss(positive, proba),
+        "roc_auc": skm.roc_auc_score(positive, proba),
+    }
+
+
+def feed(
+    evaluator: PrequentialEvaluator,
+    *arrays: Any,
+    batch: int,
+) -> None:
+    y, pred, proba = arrays
+    for start in range(0, len(y), batch):
+        end = start + batch
+        evaluator.update(y[start:end], pred[start:end], None if proba is None else proba[start:end])
+
+
+@pytest.mark.parametrize("batch", [1, 37, 500, 5000])
+def test_binary_metrics_match_sklearn(batch: int) -> None:
+    y, pred, proba = binary_stream(3000, seed=1)
+    names = ["accuracy", "f1", "macro_f1", "log_loss", "roc_auc"]
+    evaluator = PrequentialEvaluator("binary_classification", names, 700, BINARY)
+    feed(evaluator, y, pred, proba, batch=batch)
+    assert evaluator.count == 3000
+    window = evaluator.window_values()
+    expected_window = sklearn_binary(y[-700:], pred[-700:], proba[-700:])
+    for name in names:
+        assert window[name] == pytest.approx(expected_window[name], rel=1e-9), name
+    total = evaluator.total_values()
+    expected_total = sklearn_binary(y, pred, proba)
+    for name in ["accuracy", "f1", "macro_f1", "log_loss"]:
+        assert total[name] == pytest.approx(expected_total[name], rel=1e-9), name
+    # Since-start roc_auc is binned (see the module doc).
+    assert total["roc_auc"] == pytest.approx(expected_total["roc_auc"], abs=1e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 64, 2000])
+def test_multiclass_metrics_match_sklearn(batch: int) -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 1500)
+    pred = np.where(rng.random(1500) < 0.6, y, rng.integers(0, 3, 1500))  # 3 never predicted
+    evaluator = PrequentialEvaluator(
+        "multiclass_classification", ["accuracy", "macro_f1"], 256, MULTI
+    )
+    feed(evaluator, y, pred, None, batch=batch)
+    window = evaluator.window_values()
+    assert window["accuracy"] == pytest.approx(skm.accuracy_score(y[-256:], pred[-256:]))
+    assert window["macro_f1"] == pytest.approx(
+        skm.f1_score(y[-256:], pred[-256:], average="macro", zero_division=0)
+    )
+    total = evaluator.total_values()
+    assert total["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert total["macro_f1"] == pytest.approx(
+        skm.f1_score(y, pred, average="macro", zero_division=0)
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 90, 4000])
+def test_regression_metrics_match_sklearn(batch: int) -> None:
+    rng = np.random.default_rng(3)
+    y = 1e6 + rng.normal(size=2500)  # far from zero: r2 must stay exact
+    pred = y + rng.normal(scale=0.5, size=2500)
+    evaluator = PrequentialEvaluator("regression", ["mae", "rmse", "r2"], 333, None)
+    feed(evaluator, y, pred, None, batch=batch)
+
+    def expected(t: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        return {
+            "mae": skm.mean_absolute_error(t, p),
+            "rmse": skm.root_mean_squared_error(t, p),
+            "r2": skm.r2_score(t, p),
+        }
+
+    for got, want in (
+        (evaluator.window_values(), expected(y[-333:], pred[-333:])),
+        (evaluator.total_values(), expected(y, pred)),
+    ):
+        for name in ("mae", "rmse", "r2"):
+            assert got[name] == pytest.approx(want[name], rel=1e-6), name
+    assert evaluator.score() == pytest.approx(-skm.mean_absolute_error(y[-333:], pred[-333:]))
+    assert evaluator.score("r2") == pytest.approx(skm.r2_score(y[-333:], pred[-333:]))
+
+
+def test_ring_buffer_wraps_around() -> None:
+    evaluator = PrequentialEvaluator("multiclass_classification", ["accuracy"], 10, MULTI)
+    # 7 wrong, then 7 right: the window holds the last 3 wrong and 7 right.
+    evaluator.update(np.zeros(7, int), np.ones(7, int), None)
+    assert evaluator.window_values()["accuracy"] == 0.0
+    evaluator.update(np.zeros(7, int), np.zeros(7, int), None)
+    assert evaluator.window_values()["accuracy"] == pytest.approx(0.7)
+    evaluator.update(np.zeros(5, int), np.ones(5, int), None)
+    assert evaluator.window_values()["accuracy"] == pytest.approx(0.5)
+    assert evaluator.total_values()["accuracy"] == pytest.approx(7 / 19)
+    # A batch longer than the window keeps only its newest `window` records.
+    evaluator.update(np.zeros(25, int), np.r_[np.ones(20, int), np.zeros(5, int)], None)
+    assert evaluator.window_values()["accuracy"] == pytest.approx(0.5)
+    assert evaluator.count == 44
+
+
+def test_missing_predictions() -> None:
+    evaluator = PrequentialEvaluator(
+        "binary_classification", ["accuracy", "log_loss", "roc_auc"], 100, [False, True]
+    )
+    y = np.array([True, False, True, False])
+    pred = np.array([None, None, True, False], dtype=object)
+    proba = np.array([np.nan, np.nan, 0.9, 0.2])
+    errors = evaluator.update(y, pred, proba)
+    assert np.isnan(errors[:2]).all()
+    assert errors[2:].tolist() == [0.0, 0.0]
+    window = evaluator.window_values()
+    assert window["accuracy"] == 0.5  # missing predictions count as errors
+    assert window["log_loss"] == pytest.approx(skm.log_loss([True, False], [0.9, 0.2]))
+    assert window["roc_auc"] == 1.0
+    assert evaluator.total_values()["log_loss"] == pytest.approx(window["log_loss"])
+
+    regression = PrequentialEvaluator("regression", ["mae"], 10, None)
+    errors = regression.update(
+        np.array([1.0, 2.0, 3.0]), np.array([None, 2.5, np.nan], dtype=object), None
+    )
+    assert np.isnan(errors[[0, 2]]).all()
+    assert errors[1] == 0.5
+    assert regression.window_values()["mae"] == 0.5  # missing predictions are skipped
+    assert regression.total_values()["mae"] == 0.5
+    assert regression.count == 3
+
+
+def test_empty_and_undefined_values_are_nan() -> None:
+    evaluator = PrequentialEvaluator("binary_classification", ["f1", "roc_auc"], 10, [0, 1])
+    assert math.isnan(evaluator.score())
+    evaluator.update(np.ones(5, int), np.ones(5, int), np.full(5, 0.7))
+    assert evaluator.window_values()["f1"] == 1.0
+    assert math.isnan(evaluator.window_values()["roc_auc"])  # a single class
+    assert math.isnan(evaluator.total_values()["roc_auc"])
+
+
+def test_error_signal_and_score_orientation() -> None:
+    evaluator = PrequentialEvaluator("binary_classification", ["log_loss", "accuracy"], 10, [0, 1])
+    errors = evaluator.update(np.array([0, 1, 1]), np.array([0, 0, 1]), np.array([0.2, 0.4, 0.8]))
+    assert errors.tolist() == [0.0, 1.0, 0.0]
+    assert evaluator.primary_metric == "log_loss"
+    assert evaluator.score() == pytest.approx(-skm.log_loss([0, 1, 1], [0.2, 0.4, 0.8]))
+    assert evaluator.score("accuracy") == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="not configured"):
+        evaluator.score("f1")
+
+
+def test_invalid_configuration() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        PrequentialEvaluator("regression", ["accuracy"], 10, None)
+    with pytest.raises(ValueError, match="needs binary"):
+        PrequentialEvaluator("multiclass_classification", ["roc_auc"], 10, MULTI)
+    with pytest.raises(ValueError, match=r"record\.labels"):
+        PrequentialEvaluator("binary_classification", ["accuracy"], 10, None)
+    evaluator = PrequentialEvaluator("binary_classification", ["accuracy"], 10, [0, 1])
+    with pytest.raises(ValueError, match=r"outside record\.labels"):
+        evaluator.update(np.array([2]), np.array([0]), None)
+
+
+def test_pickle_round_trip_continues_identically() -> None:
+    y, pred, proba = binary_stream(900, seed=4)
+    names = ["accuracy", "f1", "macro_f1", "log_loss", "roc_auc"]
+    evaluator = PrequentialEvaluator("binary_classification", names, 250, BINARY)
+    evaluator.update(y[:400], pred[:400], proba[:400])
+    restored = pickle.loads(pickle.dumps(evaluator))
+    for e in (evaluator, restored):
+        e.update(y[400:], pred[400:], proba[400:])
+    assert restored.window_values() == evaluator.window_values()
+    assert restored.total_values() == evaluator.total_values()
+    assert restored.count == evaluator.count == 900
+
+
+class _FixedModel:
+    """A stand-in adapter that returns canned predictions."""
+
+    family = "sklearn"
+
+    def __init__(self, predictions: np.ndarray, proba: np.ndarray | None) -> None:
+        self._predictions = predictions
+        self._proba = proba
+
+    def predict_many(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        n = len(X)
+        return self._predictions[:n], None if self._proba is None else self._proba[:n]
+
+
+def test_evaluate_holdout() -> None:
+    y, pred, proba = binary_stream(300, seed=5)
+    model: Any = _FixedModel(pred, proba)
+    X = np.zeros((300, 2))
+    accuracy = evaluate_holdout(
+        model, X, y, task="binary_classification", metric="accuracy", labels=BINARY
+    )
+    assert accuracy == pytest.approx(skm.accuracy_score(y, pred))
+    loss = evaluate_holdout(
+        model, X, y, task="binary_classification", metric="log_loss", labels=BINARY
+    )
+    assert loss == pytest.approx(-skm.log_loss(y == "yes", proba))
+    truth = np.arange(10, dtype=float)
+    regressor: Any = _FixedModel(truth + 2.0, None)
+    mae = evaluate_holdout(
+        regressor, np.zeros((10, 1)), truth, task="regression", metric="mae", labels=None
+    )
+    assert mae == pytest.approx(-2.0)
+    empty = evaluate_holdout(
+        regressor, np.zeros((0, 1)), truth[:0], task="regression", metric="mae", labels=None
+    )
+    assert math.isnan(empty)
+
+
+def abrupt_stream(seed: int, before: int, after: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    stream: np.ndarray = np.r_[rng.random(before) < 0.05, rng.random(after) < 0.5]
+    return stream.astype(np.float64)
+
+
+@pytest.mark.parametrize("detector", ["ADWIN", "PageHinkley", "KSWIN"])
+def test_drift_detects_abrupt_change(detector: str) -> None:
+    params: dict[str, Any] = {"seed": 1} if detector == "KSWIN" else {}
+    monitor = DriftMonitor(DriftSettings(detector=detector, params=params))
+    stream = abrupt_stream(seed=6, before=2000, after=2000)
+    found: list[int] = []
+    for start in range(0, len(stream), 250):
+        found += [start + i for i in monitor.update(stream[start : start + 250])]
+    after_change = [i for i in found if i >= 2000]
+    assert after_change, f"{detector} missed the change"
+    assert after_change[0] - 2000 < 300
+    assert monitor.detections == len(found)
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_adwin_quiet_on_stationary_stream(seed: int) -> None:
+    monitor = DriftMonitor(DriftSettings())
+    rng = np.random.default_rng(seed)
+    errors = (rng.random(5000) < 0.05).astype(np.float64)
+    assert monitor.update(errors) == []
+    assert monitor.detections == 0
+
+
+def test_drift_skips_nan_disabled_and_pickles() -> None:
+    monitor = DriftMonitor(DriftSettings())
+    stream = abrupt_stream(seed=10, before=1500, after=1500)
+    with_gaps = np.r_[np.full(500, np.nan), stream]
+    restored = pickle.loads(pickle.dumps(monitor))
+    found = monitor.update(with_gaps)
+    assert found
+    assert all(i >= 2000 for i in found)  # the NaN prefix was not fed as errors
+    assert restored.update(with_gaps) == found
+    disabled = DriftMonitor(DriftSettings(enabled=False))
+    assert disabled.update(stream) == []
+
+
+def test_drift_params_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"drift\.params: unknown parameter\(s\) \['dleta'\]"):
+        DriftMonitor(DriftSettings(params={"dleta": 0.1}))
+    monitor = DriftMonitor(DriftSettings(detector="ADWIN", params={"delta": 0.5}))
+    assert monitor.detector_name == "ADWIN"
