@@ -1,0 +1,168 @@
+{{/*
+Chart name, truncated to the 63 characters Kubernetes allows in a label.
+*/}}
+{{- define "stream-trainer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: <release>-<chart>, or the release name when it already holds
+the chart name; truncated to 63 characters (DNS-1123 label limit).
+*/}}
+{{- define "stream-trainer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version for the helm.sh/chart label.
+*/}}
+{{- define "stream-trainer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels on every object.
+*/}}
+{{- define "stream-trainer.labels" -}}
+helm.sh/chart: {{ include "stream-trainer.chart" . }}
+{{ include "stream-trainer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stream-trainer
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels: stable across upgrades (never include the version).
+*/}}
+{{- define "stream-trainer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stream-trainer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+ServiceAccount name.
+*/}}
+{{- define "stream-trainer.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "stream-trainer.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference: digest wins over tag; the tag defaults to the appVersion.
+*/}}
+{{- define "stream-trainer.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Where mounted secrets live inside the container. */}}
+{{- define "stream-trainer.checkpointKeyDir" -}}/etc/stream-trainer/secrets/checkpoint{{- end }}
+{{- define "stream-trainer.saslDir" -}}/etc/stream-trainer/secrets/kafka-sasl{{- end }}
+{{- define "stream-trainer.tlsDir" -}}/etc/stream-trainer/secrets/kafka-tls{{- end }}
+
+{{/*
+Whether the checkpoint key Secret is used (config.checkpoint.allow_unsigned may waive it).
+*/}}
+{{- define "stream-trainer.useCheckpointKey" -}}
+{{- if .Values.secrets.checkpointKey.existingSecret }}true{{- end }}
+{{- end }}
+
+{{/*
+Whether SASL is configured.
+*/}}
+{{- define "stream-trainer.useSasl" -}}
+{{- if hasPrefix "SASL" (.Values.config.kafka.security_protocol | default "PLAINTEXT") }}true{{- end }}
+{{- end }}
+
+{{/*
+The service's config file: .Values.config plus the paths of secrets mounted as files.
+Secret VALUES never appear here; they arrive as files or as env vars from secretKeyRef.
+Cross-field rules the schema cannot express fail the render with a clear message.
+*/}}
+{{- define "stream-trainer.config" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $kafka := $cfg.kafka }}
+{{- $checkpoint := $cfg.checkpoint }}
+{{- $ck := .Values.secrets.checkpointKey }}
+{{- if and (not $ck.existingSecret) (not $checkpoint.allow_unsigned) }}
+{{- fail "secrets.checkpointKey.existingSecret is required (or set config.checkpoint.allow_unsigned: true, not for production)" }}
+{{- end }}
+{{- if and $ck.existingSecret (eq $ck.as "file") }}
+{{- $_ := set $checkpoint "hmac_key_file" (printf "%s/%s" (include "stream-trainer.checkpointKeyDir" .) $ck.key) }}
+{{- end }}
+{{- if include "stream-trainer.useSasl" . }}
+{{- $sasl := .Values.secrets.kafkaSasl }}
+{{- if not $sasl.existingSecret }}
+{{- fail (printf "config.kafka.security_protocol %s needs secrets.kafkaSasl.existingSecret (the SASL password Secret)" $kafka.security_protocol) }}
+{{- end }}
+{{- if eq $sasl.as "file" }}
+{{- $_ := set $kafka "sasl_password_file" (printf "%s/%s" (include "stream-trainer.saslDir" .) $sasl.key) }}
+{{- end }}
+{{- end }}
+{{- $tls := .Values.secrets.kafkaTls }}
+{{- if $tls.existingSecret }}
+{{- if $tls.caKey }}
+{{- $_ := set $kafka "ssl_ca_location" (printf "%s/%s" (include "stream-trainer.tlsDir" .) $tls.caKey) }}
+{{- end }}
+{{- if $tls.certKey }}
+{{- $_ := set $kafka "ssl_certificate_location" (printf "%s/%s" (include "stream-trainer.tlsDir" .) $tls.certKey) }}
+{{- end }}
+{{- if $tls.keyKey }}
+{{- $_ := set $kafka "ssl_key_location" (printf "%s/%s" (include "stream-trainer.tlsDir" .) $tls.keyKey) }}
+{{- end }}
+{{- end }}
+{{- $mount := trimSuffix "/" .Values.persistence.mountPath }}
+{{- range $field, $path := dict "checkpoint.dir" $checkpoint.dir "registry.root" $cfg.registry.root }}
+{{- if not (hasPrefix (printf "%s/" $mount) (toString $path)) }}
+{{- fail (printf "config.%s (%s) must be below persistence.mountPath (%s): the root filesystem is read-only" $field $path $mount) }}
+{{- end }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: above the service's own shutdown bound.
+*/}}
+{{- define "stream-trainer.terminationGracePeriodSeconds" -}}
+{{- $bound := 25.0 }}
+{{- with .Values.config.shutdown }}{{- with .timeout_s }}{{- $bound = float64 . }}{{- end }}{{- end }}
+{{- $set := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $set }}
+{{- add (ceil $bound | int) .Values.terminationGraceMarginSeconds }}
+{{- else }}
+{{- if le (float64 $set) $bound }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.shutdown.timeout_s (%v): Kubernetes would kill the pod before its final checkpoint" $set $bound) }}
+{{- end }}
+{{- $set }}
+{{- end }}
+{{- end }}
+
+{{/*
+storageClassName of a created claim: "" = cluster default (omitted), "-" = no class.
+*/}}
+{{- define "stream-trainer.storageClass" -}}
+{{- $class := .Values.persistence.storageClass }}
+{{- if eq $class "-" }}
+storageClassName: ""
+{{- else if $class }}
+storageClassName: {{ $class | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,197 @@
+{{/*
+The pod template shared by the Deployment and the StatefulSet.
+*/}}
+{{- define "stream-trainer.podTemplate" -}}
+{{- $ck := .Values.secrets.checkpointKey }}
+{{- $sasl := .Values.secrets.kafkaSasl }}
+{{- $tls := .Values.secrets.kafkaTls }}
+{{- $useSasl := include "stream-trainer.useSasl" . -}}
+metadata:
+  labels:
+    {{- include "stream-trainer.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    # Rolls the pod whenever the rendered config file changes.
+    checksum/config: {{ include "stream-trainer.config" . | sha256sum }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "stream-trainer.serviceAccountName" . }}
+  # The service never talks to the Kubernetes API.
+  automountServiceAccountToken: false
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  # Above config.shutdown.timeout_s: SIGTERM -> final checkpoint -> exit before SIGKILL.
+  terminationGracePeriodSeconds: {{ include "stream-trainer.terminationGracePeriodSeconds" . }}
+  containers:
+    - name: stream-trainer
+      image: {{ include "stream-trainer.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args:
+        - run
+        - --config
+        - /etc/stream-trainer/config.yaml
+      ports:
+        - name: http
+          containerPort: {{ .Values.config.http.port | default 9100 }}
+          protocol: TCP
+      env:
+        - name: TMPDIR
+          value: /tmp
+        {{- if and $ck.existingSecret (eq $ck.as "env") }}
+        - name: STREAM_TRAINER_CHECKPOINT__HMAC_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $ck.existingSecret }}
+              key: {{ $ck.key }}
+        {{- end }}
+        {{- if and $useSasl (eq $sasl.as "env") }}
+        - name: STREAM_TRAINER_KAFKA__SASL_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ $sasl.existingSecret }}
+              key: {{ $sasl.key }}
+        {{- end }}
+        {{- with .Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with .Values.probes.startup }}
+      {{- if .enabled }}
+      startupProbe:
+        httpGet:
+          path: /healthz
+          port: http
+        periodSeconds: {{ .periodSeconds }}
+        failureThreshold: {{ .failureThreshold }}
+        timeoutSeconds: {{ .timeoutSeconds }}
+      {{- end }}
+      {{- end }}
+      {{- with .Values.probes.liveness }}
+      {{- if .enabled }}
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: http
+        periodSeconds: {{ .periodSeconds }}
+        failureThreshold: {{ .failureThreshold }}
+        timeoutSeconds: {{ .timeoutSeconds }}
+      {{- end }}
+      {{- end }}
+      {{- with .Values.probes.readiness }}
+      {{- if .enabled }}
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: http
+        periodSeconds: {{ .periodSeconds }}
+        failureThreshold: {{ .failureThreshold }}
+        timeoutSeconds: {{ .timeoutSeconds }}
+      {{- end }}
+      {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      {{- with .Values.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/stream-trainer/config.yaml
+          subPath: config.yaml
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        - name: data
+          mountPath: {{ .Values.persistence.mountPath }}
+        {{- if and $ck.existingSecret (eq $ck.as "file") }}
+        - name: checkpoint-key
+          mountPath: {{ include "stream-trainer.checkpointKeyDir" . }}
+          readOnly: true
+        {{- end }}
+        {{- if and $useSasl (eq $sasl.as "file") }}
+        - name: kafka-sasl
+          mountPath: {{ include "stream-trainer.saslDir" . }}
+          readOnly: true
+        {{- end }}
+        {{- if $tls.existingSecret }}
+        - name: kafka-tls
+          mountPath: {{ include "stream-trainer.tlsDir" . }}
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "stream-trainer.fullname" . }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ .Values.tmpSizeLimit }}
+    {{- if not .Values.persistence.enabled }}
+    - name: data
+      emptyDir: {}
+    {{- else if .Values.persistence.existingClaim }}
+    - name: data
+      persistentVolumeClaim:
+        claimName: {{ .Values.persistence.existingClaim }}
+    {{- else if eq .Values.workload.kind "Deployment" }}
+    - name: data
+      persistentVolumeClaim:
+        claimName: {{ include "stream-trainer.fullname" . }}
+    {{- end }}
+    {{- if and $ck.existingSecret (eq $ck.as "file") }}
+    - name: checkpoint-key
+      secret:
+        secretName: {{ $ck.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ $ck.key }}
+            path: {{ $ck.key }}
+    {{- end }}
+    {{- if and $useSasl (eq $sasl.as "file") }}
+    - name: kafka-sasl
+      secret:
+        secretName: {{ $sasl.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ $sasl.key }}
+            path: {{ $sasl.key }}
+    {{- end }}
+    {{- if $tls.existingSecret }}
+    - name: kafka-tls
+      secret:
+        secretName: {{ $tls.existingSecret }}
+        defaultMode: 0440
+        items:
+          {{- range (list $tls.caKey $tls.certKey $tls.keyKey) }}
+          {{- if . }}
+          - key: {{ . }}
+            path: {{ . }}
+          {{- end }}
+          {{- end }}
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

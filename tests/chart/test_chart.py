@@ -1,0 +1,550 @@
+"""The Helm chart, checked with Helm's own engine (helm-python-sdk) and Kubernetes schemas.
+
+For the default values and every ``ci/*-values.yaml``: strict lint, values against
+``values.schema.json``, every rendered manifest valid Kubernetes (kubernetes-validate,
+strict), the ConfigMap's config file accepted by the service's own validator, secrets
+only as references, the restricted pod-security profile, probes on real endpoints and a
+grace period above the service's shutdown bound. Invalid values must be rejected with a
+message that names the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import BaseModel
+
+import stream_trainer
+from stream_trainer.config import ConfigError, Settings, settings_from_mapping
+
+CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "stream-trainer"
+KUBE_VERSION = "1.30.0"
+RELEASE = "fraud"
+NAMESPACE = "ml"
+# Custom resources unknown to kubernetes-validate: asserted on directly.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+STAND_IN = "stand-in"  # what a Secret would inject; only its presence matters
+SECRET_ENV = {"STREAM_TRAINER_KAFKA__SASL_PASSWORD", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"}
+# Config fields the chart owns (set from `secrets`) or forbids (secret values).
+CHART_OWNED_FIELDS = {
+    "kafka.sasl_password",
+    "kafka.sasl_password_file",
+    "kafka.ssl_ca_location",
+    "kafka.ssl_certificate_location",
+    "kafka.ssl_key_location",
+    "checkpoint.hmac_key",
+    "checkpoint.hmac_key_file",
+}
+
+CASES = ["default", *sorted(p.name for p in (CHART_DIR / "ci").glob("*-values.yaml"))]
+
+
+def _case_values(case: str) -> dict[str, Any]:
+    if case == "default":
+        return {}
+    loaded = yaml.safe_load((CHART_DIR / "ci" / case).read_text(encoding="utf-8"))
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+class Rendered:
+    """The parsed manifests of one render, with lookups by kind."""
+
+    def __init__(self, chart: helm.Chart, values: dict[str, Any]) -> None:
+        self.values = chart.merge_values(values)
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        self.docs: list[dict[str, Any]] = []
+        for path, text in sorted(files.items()):
+            if path.endswith("NOTES.txt"):
+                self.notes = text
+                continue
+            self.docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [doc for doc in self.docs if doc["kind"] == kind]
+
+    def one(self, kind: str) -> dict[str, Any]:
+        found = self.of_kind(kind)
+        assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+        return found[0]
+
+    @property
+    def workload(self) -> dict[str, Any]:
+        found = [d for d in self.docs if d["kind"] in ("Deployment", "StatefulSet")]
+        assert len(found) == 1
+        return found[0]
+
+    @property
+    def pod_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = self.workload["spec"]["template"]["spec"]
+        return spec
+
+    @property
+    def container(self) -> dict[str, Any]:
+        containers = self.pod_spec["containers"]
+        assert len(containers) == 1
+        return dict(containers[0])
+
+    @property
+    def config_map(self) -> dict[str, Any]:
+        found = [d for d in self.of_kind("ConfigMap") if "config.yaml" in d.get("data", {})]
+        assert len(found) == 1
+        return found[0]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        loaded = yaml.safe_load(self.config_map["data"]["config.yaml"])
+        assert isinstance(loaded, dict)
+        return loaded
+
+    @property
+    def test_pod(self) -> dict[str, Any]:
+        pods = [d for d in self.of_kind("Pod") if d["metadata"]["annotations"]["helm.sh/hook"]]
+        assert len(pods) == 1
+        return pods[0]
+
+
+def _secret_env(values: dict[str, Any]) -> dict[str, str]:
+    """Stand-in secret values for validation, for exactly the secrets delivered as env."""
+    secrets = values["secrets"]
+    delivered = {
+        "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": secrets["checkpointKey"],
+        "STREAM_TRAINER_KAFKA__SASL_PASSWORD": secrets["kafkaSasl"],
+    }
+    return {
+        name: STAND_IN
+        for name, ref in delivered.items()
+        if ref["existingSecret"] and ref["as"] == "env"
+    }
+
+
+@pytest.fixture(scope="module", params=CASES)
+def rendered(request: pytest.FixtureRequest, chart: helm.Chart) -> Rendered:
+    return Rendered(chart, _case_values(request.param))
+
+
+# -- lint, schema, Kubernetes validity ---------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_is_clean_in_strict_mode(case: str) -> None:
+    report = helm.lint(CHART_DIR, _case_values(case), strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == []
+    # Severity 2 = warning, 3 = error; 1 (info, e.g. "icon is recommended") is allowed.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_values_validate_against_the_schema(case: str, chart: helm.Chart) -> None:
+    values = _case_values(case)
+    chart.validate_schema(values)  # Helm's own validator
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(chart.merge_values(values), schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_every_rendered_manifest_is_valid_kubernetes(rendered: Rendered) -> None:
+    checked = 0
+    for doc in rendered.docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        checked += 1
+    # At least ConfigMap, Service, ServiceAccount, workload and the test pod.
+    assert checked >= 5
+
+
+def test_every_object_carries_the_standard_labels(rendered: Rendered) -> None:
+    for doc in rendered.docs:
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "stream-trainer"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] == stream_trainer.__version__
+
+
+# -- the config file ---------------------------------------------------------------------
+
+
+def test_configmap_config_passes_the_services_own_validation(rendered: Rendered) -> None:
+    settings = settings_from_mapping(rendered.config, env=_secret_env(rendered.values))
+    assert settings.training.mode == rendered.values["config"]["training"]["mode"]
+    assert settings.http.port == rendered.container["ports"][0]["containerPort"]
+
+
+def test_rendered_config_without_the_secrets_is_rejected_by_the_service() -> None:
+    # Proves the previous test's env stand-ins matter: with SASL and the key delivered as
+    # env vars, the ConfigMap alone is not a complete config.
+    with helm.Chart.load(CHART_DIR) as chart:
+        sasl = Rendered(chart, _case_values("sasl-ssl-values.yaml"))
+    with pytest.raises(ConfigError, match="checkpoint"):
+        settings_from_mapping(sasl.config, env={})
+
+
+def test_checksum_annotation_rolls_the_pod_when_the_config_changes(chart: helm.Chart) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        pod = Rendered(chart, values).workload["spec"]["template"]
+        return str(pod["metadata"]["annotations"]["checksum/config"])
+
+    base = checksum({})
+    assert base == checksum({"resources": {"limits": {"memory": "3Gi"}}})
+    assert base != checksum({"config": {"logging": {"level": "DEBUG"}}})
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+def _walk_keys(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path, value
+            yield from _walk_keys(value, path)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk_keys(item, prefix)
+
+
+def test_secrets_appear_only_as_references(rendered: Rendered) -> None:
+    assert rendered.of_kind("Secret") == []
+    for path, _ in _walk_keys(rendered.config):
+        leaf = path.rsplit(".", 1)[-1]
+        assert leaf not in ("sasl_password", "hmac_key", "password"), path
+    for env in rendered.container.get("env", []):
+        if env["name"] in SECRET_ENV:
+            assert "value" not in env
+            assert env["valueFrom"]["secretKeyRef"]["name"]
+    # Every secret file the config names is a key of a mounted Secret volume.
+    secret_volumes = {v["name"]: v["secret"] for v in rendered.pod_spec["volumes"] if "secret" in v}
+    mounted: dict[str, str] = {}
+    for mount in rendered.container["volumeMounts"]:
+        if mount["name"] in secret_volumes:
+            assert mount["readOnly"] is True
+            for item in secret_volumes[mount["name"]]["items"]:
+                mounted[f"{mount['mountPath']}/{item['path']}"] = secret_volumes[mount["name"]][
+                    "secretName"
+                ]
+    config = rendered.config
+    kafka_files = (
+        "sasl_password_file",
+        "ssl_ca_location",
+        "ssl_certificate_location",
+        "ssl_key_location",
+    )
+    files = [
+        config["checkpoint"].get("hmac_key_file"),
+        *(config["kafka"].get(k) for k in kafka_files),
+    ]
+    for file in filter(None, files):
+        assert file in mounted, f"{file} is not a mounted Secret key"
+
+
+def test_the_checkpoint_key_is_always_referenced(rendered: Rendered) -> None:
+    secret = rendered.values["secrets"]["checkpointKey"]["existingSecret"]
+    env_refs = [
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in rendered.container.get("env", [])
+        if e["name"] == "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"
+    ]
+    file_refs = [
+        v["secret"]["secretName"]
+        for v in rendered.pod_spec["volumes"]
+        if v["name"] == "checkpoint-key"
+    ]
+    assert env_refs + file_refs == [secret]
+
+
+def test_sasl_ssl_wires_password_and_tls_files(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values("sasl-ssl-values.yaml"))
+    kafka = r.config["kafka"]
+    assert kafka["security_protocol"] == "SASL_SSL"
+    assert kafka["sasl_password_file"].endswith("/password")
+    assert kafka["ssl_ca_location"].endswith("/ca.crt")
+    assert kafka["ssl_key_location"].endswith("/user.key")
+    settings = settings_from_mapping(r.config, env=_secret_env(r.values))
+    assert settings.kafka.sasl_password_file is not None
+
+
+# -- pod security and probes -------------------------------------------------------------
+
+
+def _assert_restricted(pod_spec: dict[str, Any]) -> None:
+    pod_sc = pod_spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True
+    assert pod_sc["runAsUser"] == 10001
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod_spec["automountServiceAccountToken"] is False
+    assert "hostNetwork" not in pod_spec
+    assert "hostPID" not in pod_spec
+    for container in pod_spec["containers"]:
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert not sc["capabilities"].get("add")
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert sc.get("privileged") is not True
+    for volume in pod_spec.get("volumes", []):
+        assert "hostPath" not in volume
+
+
+def test_pods_satisfy_the_restricted_profile(rendered: Rendered) -> None:
+    _assert_restricted(rendered.pod_spec)
+    _assert_restricted(rendered.test_pod["spec"])
+    mounts = {m["mountPath"]: m["name"] for m in rendered.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod_spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_probes_point_at_real_endpoints_on_the_config_port(rendered: Rendered) -> None:
+    container = rendered.container
+    (port,) = container["ports"]
+    assert port["name"] == "http"
+    assert port["containerPort"] == rendered.config["http"]["port"]
+    assert rendered.config["http"]["enabled"] is True
+    expected = {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+    for probe, path in expected.items():
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    service = next(s for s in rendered.of_kind("Service") if "clusterIP" not in s["spec"])
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    command = rendered.test_pod["spec"]["containers"][0]["command"]
+    assert command[-1].endswith(f":{service['spec']['ports'][0]['port']}/readyz")
+    assert command[:2] == ["python", "-c"]
+
+
+def test_grace_period_exceeds_the_shutdown_bound(rendered: Rendered) -> None:
+    bound = float(rendered.config.get("shutdown", {}).get("timeout_s", 25.0))
+    assert rendered.pod_spec["terminationGracePeriodSeconds"] > bound
+
+
+def test_the_workload_runs_the_service_with_its_config_file(rendered: Rendered) -> None:
+    assert rendered.container["args"] == ["run", "--config", "/etc/stream-trainer/config.yaml"]
+    mount = next(m for m in rendered.container["volumeMounts"] if m["name"] == "config")
+    assert mount["mountPath"] == "/etc/stream-trainer/config.yaml"
+    assert rendered.workload["spec"]["replicas"] == 1
+
+
+# -- workload kinds and storage ----------------------------------------------------------
+
+
+def test_default_is_a_recreate_deployment_with_its_own_claim(chart: helm.Chart) -> None:
+    r = Rendered(chart, {})
+    assert r.workload["kind"] == "Deployment"
+    assert r.workload["spec"]["strategy"] == {"type": "Recreate"}
+    claim = r.one("PersistentVolumeClaim")
+    data = next(v for v in r.pod_spec["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert r.config["checkpoint"]["dir"].startswith("/data/")
+
+
+def test_statefulset_uses_a_claim_template(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values("statefulset-values.yaml"))
+    assert r.workload["kind"] == "StatefulSet"
+    assert r.of_kind("PersistentVolumeClaim") == []
+    (template,) = r.workload["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "data"
+    assert template["spec"]["storageClassName"] == "fast-ssd"
+    headless = [s for s in r.of_kind("Service") if s["spec"].get("clusterIP") == "None"]
+    assert [s["metadata"]["name"] for s in headless] == [r.workload["spec"]["serviceName"]]
+
+
+def test_existing_claim_creates_no_claim(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values("existing-claim-values.yaml"))
+    assert r.of_kind("PersistentVolumeClaim") == []
+    data = next(v for v in r.pod_spec["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == "stream-trainer-data"
+
+
+# -- monitoring --------------------------------------------------------------------------
+
+
+def test_monitoring_objects_are_off_by_default(chart: helm.Chart) -> None:
+    kinds = {doc["kind"] for doc in Rendered(chart, {}).docs}
+    assert kinds.isdisjoint({"ServiceMonitor", "PrometheusRule", "NetworkPolicy"})
+    assert len(Rendered(chart, {}).of_kind("ConfigMap")) == 1
+
+
+def test_monitoring_objects_when_enabled(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values("monitoring-values.yaml"))
+    monitor = r.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
+    service = next(s for s in r.of_kind("Service") if "clusterIP" not in s["spec"])
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+
+    rule = r.one("PrometheusRule")
+    source = yaml.safe_load((CHART_DIR / "files" / "prometheus-rules.yaml").read_text("utf-8"))
+    assert rule["spec"]["groups"] == source["groups"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+    dashboard = next(c for c in r.of_kind("ConfigMap") if "config.yaml" not in c["data"])
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (body,) = dashboard["data"].values()
+    source_json = (CHART_DIR / "files" / "grafana-dashboard.json").read_text("utf-8")
+    assert json.loads(body) == json.loads(source_json)
+
+    policy = r.one("NetworkPolicy")
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    # `helm test` still reaches /readyz when ingress is restricted.
+    test_labels = r.test_pod["metadata"]["labels"]
+    peers = [p["podSelector"]["matchLabels"] for p in ingress["from"] if "podSelector" in p]
+    assert any(peer.items() <= test_labels.items() for peer in peers)
+
+
+# -- invalid values ----------------------------------------------------------------------
+
+
+INVALID = [
+    pytest.param({"replicaCount": 2}, "replicaCount", id="two-replicas"),
+    pytest.param({"config": {"training": {"mode": "bogus"}}}, "mode", id="bad-mode"),
+    pytest.param({"replicas": 1}, "replicas", id="unknown-top-level-key"),
+    pytest.param({"workload": {"kind": "DaemonSet"}}, "kind", id="bad-workload-kind"),
+    pytest.param(
+        {"config": {"kafka": {"sasl_password": "hunter2"}}}, "sasl_password", id="secret-in-values"
+    ),
+    pytest.param(
+        {"extraEnv": [{"name": "STREAM_TRAINER_CHECKPOINT__HMAC_KEY", "value": "k"}]},
+        "extraEnv",
+        id="literal-secret-env",
+    ),
+    pytest.param({"config": {"http": {"enabled": False}}}, "enabled", id="http-disabled"),
+    pytest.param(
+        {"config": {"kafka": {"security_protocol": "SASL_SSL"}}},
+        "existingSecret",
+        id="sasl-without-secret",
+    ),
+    pytest.param(
+        {"secrets": {"checkpointKey": {"existingSecret": ""}}},
+        "existingSecret",
+        id="no-checkpoint-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "named"), INVALID)
+def test_invalid_values_are_rejected_by_the_schema(
+    chart: helm.Chart, values: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(helm.HelmValuesError) as raised:
+        chart.validate_schema(values)
+    assert named in str(raised.value)
+    report = helm.lint(CHART_DIR, values, strict=True)
+    assert report["errors"], "lint must fail on invalid values"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"terminationGracePeriodSeconds": 20},
+            "terminationGracePeriodSeconds (20) must exceed config.shutdown.timeout_s",
+        ),
+        ({"config": {"checkpoint": {"dir": "/var/ckpt"}}}, "must be below persistence.mountPath"),
+    ],
+)
+def test_cross_field_rules_fail_the_render(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_computed_grace_period_follows_the_shutdown_bound(chart: helm.Chart) -> None:
+    r = Rendered(chart, {"config": {"shutdown": {"timeout_s": 42.5}}})
+    margin = r.values["terminationGraceMarginSeconds"]
+    assert r.pod_spec["terminationGracePeriodSeconds"] == math.ceil(42.5) + margin
+
+
+def test_every_value_in_values_yaml_is_commented(chart: helm.Chart) -> None:
+    # A leaf value (per the schema) needs a comment right above it; a section (an object
+    # with declared properties) does not; opaque objects and lists are commented as a whole.
+    schema = chart.schema
+    assert schema is not None
+    stack: list[tuple[int, str]] = []
+    previous = ""
+    uncommented = []
+    for line in (CHART_DIR / "values.yaml").read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        match = re.match(r"^( *)([A-Za-z_][\w.-]*):", line)
+        if match:
+            indent, key = len(match.group(1)), match.group(2)
+            stack = [(i, k) for i, k in stack if i < indent]
+            stack.append((indent, key))
+            node: dict[str, Any] | None = schema
+            for _, part in stack:
+                properties = node.get("properties") if node else None
+                node = properties.get(part) if properties else None
+            is_section = node is not None and "properties" in node
+            if node is not None and not is_section and not previous.startswith("#"):
+                uncommented.append(".".join(k for _, k in stack))
+        previous = line.strip()
+    assert uncommented == []
+
+
+# -- chart metadata and schema coverage --------------------------------------------------
+
+
+def test_app_version_is_the_package_version(chart: helm.Chart) -> None:
+    assert chart.metadata["appVersion"] == stream_trainer.__version__
+    image = Rendered(chart, {}).container["image"]
+    assert image.endswith(f":{stream_trainer.__version__}")
+
+
+def _settings_fields(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        yield path
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _settings_fields(annotation, f"{path}.")
+
+
+def _schema_fields(schema: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for name, sub in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        yield path
+        yield from _schema_fields(sub, f"{path}.")
+
+
+def test_config_schema_mirrors_the_services_settings(chart: helm.Chart) -> None:
+    schema = chart.schema
+    assert schema is not None
+    config_schema = schema["properties"]["config"]
+    in_schema = set(_schema_fields(config_schema))
+    in_settings = {
+        f
+        for f in _settings_fields(Settings)
+        # EstimatorSpec sits in a list (preprocessing), covered via model.learner.
+        if not f.startswith("model.preprocessing.")
+    }
+    assert in_settings - CHART_OWNED_FIELDS <= in_schema
+    assert in_schema.isdisjoint(CHART_OWNED_FIELDS)
+    assert config_schema["additionalProperties"] is False
+    assert schema["additionalProperties"] is False
