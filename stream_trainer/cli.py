@@ -115,11 +115,25 @@ def _registry(settings: Settings) -> Any:
                          settings.registry.keep_last)
 
 
+def _announce_champion(settings: Settings, info: Any, reason: str) -> None:
+    """Tell serving readers about a manual champion change (a champion event)."""
+    from confluent_kafka import Producer  # noqa: PLC0415
+
+    from stream_trainer.versions import VersionEventPublisher  # noqa: PLC0415
+
+    producer = Producer(settings.kafka.producer_config())
+    VersionEventPublisher(producer, settings.topics.versions, settings.model.name).publish_champion(
+        info, reason
+    )
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     """List, show, promote or roll back model versions."""
     from stream_trainer.registry import RegistryError  # noqa: PLC0415
+    from stream_trainer.versions import VersionEventError  # noqa: PLC0415
 
-    registry = _registry(_settings(args))
+    settings = _settings(args)
+    registry = _registry(settings)
     try:
         if args.versions_command == "list":
             champion = registry.champion()
@@ -141,11 +155,13 @@ def cmd_versions(args: argparse.Namespace) -> int:
             _print_json({"version": info.version, "path": str(info.path), **info.metadata})
         elif args.versions_command == "promote":
             registry.promote(args.version, reason=args.reason)
+            _announce_champion(settings, registry.get(args.version), args.reason)
             print(f"version {args.version} is now the champion")
         elif args.versions_command == "rollback":
             info = registry.rollback(reason=args.reason)
+            _announce_champion(settings, info, args.reason)
             print(f"rolled back: version {info.version} is now the champion")
-    except RegistryError as error:
+    except (RegistryError, VersionEventError) as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
