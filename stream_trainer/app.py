@@ -34,7 +34,7 @@ from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
 from stream_trainer.learners import build_model
 from stream_trainer.logs import configure_logging, register_secret
-from stream_trainer.metrics import Metrics, build_metrics, update_lag_from_stats
+from stream_trainer.metrics import LagTracker, Metrics, build_metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
@@ -73,7 +73,9 @@ def new_state(settings: Settings) -> TrainingState:
         ),
         drift=DriftMonitor(settings.drift) if settings.drift.enabled else None,
         breaker=BadRecordBreaker(settings.dead_letter),
-        recent=RecordWindow(settings.registry.gate.holdout_records, n_features, label_dtype(settings)),
+        recent=RecordWindow(
+            settings.registry.gate.holdout_records, n_features, label_dtype(settings)
+        ),
         window=window,
     )
 
@@ -118,8 +120,11 @@ def restore_state(settings: Settings, store: CheckpointStore) -> tuple[TrainingS
     assert isinstance(state, TrainingState)
     log.info(
         "restored checkpoint",
-        extra={"path": str(loaded.path), "records_learnt": state.records_learnt,
-               "model_version": state.model_version},
+        extra={
+            "path": str(loaded.path),
+            "records_learnt": state.records_learnt,
+            "model_version": state.model_version,
+        },
     )
     return state, True
 
@@ -177,7 +182,9 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
     http = None
     if settings.http.enabled:
         http = HealthServer(
-            registry, settings.http.host, settings.http.port,
+            registry,
+            settings.http.host,
+            settings.http.port,
             health=lambda: heartbeat.healthy(settings.http.healthz_max_age_s),
             ready=_ready,
         )
@@ -191,7 +198,8 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
             allow_unsigned=settings.checkpoint.allow_unsigned,
             keep_last=settings.checkpoint.keep_last,
             on_quarantine=lambda path, reason: metrics.checkpoints_quarantined.labels(
-                reason=reason).inc(),
+                reason=reason
+            ).inc(),
             crash=crash.reached,
         )
         if settings.checkpoint.key() is None:
@@ -199,7 +207,9 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
         state, _restored = restore_state(settings, store)
         producer = Producer(settings.kafka.producer_config())
         registry_store = ModelRegistry(
-            settings.registry.root, settings.model.name, settings.checkpoint.key(),
+            settings.registry.root,
+            settings.model.name,
+            settings.checkpoint.key(),
             settings.registry.keep_last,
         )
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
@@ -217,7 +227,7 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
                 settings.topics.input,
                 service,
                 on_error=service.on_kafka_error,
-                on_stats=lambda stats: update_lag_from_stats(metrics, stats),
+                on_stats=LagTracker(metrics).on_stats,
                 accept_retention_gap=settings.checkpoint.accept_retention_gap,
                 on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
             )

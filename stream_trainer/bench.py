@@ -1,14 +1,203 @@
-"""Placeholder: the benchmark (being written)."""
+"""``stream-trainer bench``: the service against its ceilings and the naive script.
+
+Pre-produces the workload once to a fresh topic, then per repeat measures the ingest
+ceiling, the learner ceiling, the naive script and the service (a subprocess running the
+production code path on a fresh consumer group). Reports medians and spread as a table,
+or as JSON with ``--json``. Exit 0 when every stage ran (targets are reported, not
+enforced), 1 when a stage failed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stream_trainer.benchmarks import report as rep
+from stream_trainer.benchmarks.service_run import ServiceFailed, ServiceRun, run_service_process
+from stream_trainer.benchmarks.stages import (
+    StageRun,
+    StageTimeout,
+    ingest_ceiling,
+    learner_ceiling,
+    naive_script,
+)
+from stream_trainer.benchmarks.workload import (
+    HMAC_ENV,
+    MODES,
+    Paths,
+    default_config,
+    load_decoded,
+    service_config,
+    settings_of,
+    unique,
+    workload_dataset,
+)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``stream-trainer bench``."""
+    parser.add_argument("--bootstrap-servers", default=None,
+                        help="an existing broker (default: start the embedded Tansu broker)")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="training mode (default: the config's, else per_record)")
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--features", type=int, default=20)
+    parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--config", "-c", type=Path, default=None,
+                        help="YAML config whose model/training/checkpoint/registry sections "
+                        "are benchmarked (default: a built-in production-like config); "
+                        "connection, topics, record contract and paths are the bench's own")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where checkpoints and logs go (default: a temporary directory, "
+                        "removed afterwards)")
+
+
+def _progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def _base_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    if args.config is None:
+        mode = args.mode or "per_record"
+        return default_config(mode), mode
+    data = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{args.config} must hold a mapping")
+    mode = args.mode or data.get("training", {}).get("mode", "per_record")
+    return data, str(mode)
+
+
+def _stats(runs: list[dict[str, float]]) -> dict[str, Any]:
+    keys = runs[0].keys() if runs else []
+    return {k: rep.spread([r.get(k, math.nan) for r in runs]) for k in keys}
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark."""
-    raise NotImplementedError
+    """Run the benchmark; prints the report on stdout (progress on stderr)."""
+    from stream_trainer.embedded import EmbeddedBroker, create_topics, free_port  # noqa: PLC0415
+    from stream_trainer.produce import produce  # noqa: PLC0415
+
+    if args.records < 2 or args.features < 1 or args.partitions < 1 or args.repeats < 1:
+        print("stream-trainer: bench needs --records >= 2 and positive --features, "
+              "--partitions, --repeats", file=sys.stderr)
+        return 2
+    base, mode = _base_config(args)
+    hmac_key = secrets.token_hex(16)
+    # Generous: a stage slower than 1000 records/s is broken, not slow.
+    timeout_s = 120.0 + args.records / 1000.0
+    with ExitStack() as stack:
+        bootstrap = args.bootstrap_servers
+        broker_name = f"external ({bootstrap})"
+        if bootstrap is None:
+            _progress("starting the embedded broker")
+            broker = stack.enter_context(EmbeddedBroker(startup_timeout=30.0))
+            bootstrap, broker_name = broker.bootstrap_servers, "embedded Tansu (memory)"
+        if args.workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="stream-trainer-bench-"))
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        else:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+
+        topic = unique("bench")
+        create_topics(bootstrap, {topic: args.partitions}, timeout=30.0)
+        _progress(f"producing {args.records:,} records to {topic}")
+        began = time.perf_counter()
+        produce({"bootstrap.servers": bootstrap}, topic, workload_dataset(args.features),
+                args.records, partitions=args.partitions)
+        produce_s = time.perf_counter() - began
+
+        def paths(repeat: int) -> Paths:
+            run_dir = workdir / f"run-{repeat}"
+            return Paths(bootstrap, topic, f"{topic}.r{repeat}.dlq",
+                         f"{topic}.r{repeat}.versions", f"{topic}.r{repeat}.control",
+                         unique("bench-service"), run_dir / "checkpoints",
+                         run_dir / "registry", free_port())
+
+        config0 = service_config(base, args.features, paths(0), mode)
+        settings = settings_of(config0, hmac_key)
+        _progress("decoding the workload into memory (learner ceiling input)")
+        data = load_decoded(bootstrap, topic, args.partitions, args.records,
+                            settings=settings, timeout_s=timeout_s)
+
+        results: dict[str, list[StageRun]] = {"ingest_ceiling": [], "learner_ceiling": [],
+                                               "naive": []}
+        service_runs: list[ServiceRun] = []
+        try:
+            for repeat in range(args.repeats):
+                tag = f"repeat {repeat + 1}/{args.repeats}"
+                _progress(f"{tag}: ingest ceiling")
+                results["ingest_ceiling"].append(ingest_ceiling(
+                    bootstrap, topic, args.partitions, args.records, settings=settings,
+                    timeout_s=timeout_s))
+                _progress(f"{tag}: learner ceiling")
+                results["learner_ceiling"].append(learner_ceiling(data, settings))
+                _progress(f"{tag}: naive script")
+                results["naive"].append(naive_script(bootstrap, topic, args.records,
+                                                     settings=settings, timeout_s=timeout_s))
+                _progress(f"{tag}: service")
+                p = paths(repeat)
+                p.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+                create_topics(bootstrap, {p.dead_letter: 1, p.versions: 1, p.control: 1},
+                              timeout=30.0)
+                service_runs.append(run_service_process(
+                    service_config(base, args.features, p, mode), p.checkpoint_dir.parent,
+                    args.records, env={HMAC_ENV: hmac_key}, port=p.http_port,
+                    timeout_s=timeout_s))
+                _progress(f"{tag}: service {service_runs[-1].rate():,.0f} records/s")
+        except (StageTimeout, ServiceFailed, TimeoutError) as error:
+            print(f"stream-trainer: bench failed: {error}", file=sys.stderr)
+            return 1
+
+    stages = {name: {"records_per_s": rep.spread([r.rate for r in runs]),
+                     **({"extra": _stats([r.extra for r in runs])} if runs[0].extra else {})}
+              for name, runs in results.items()}
+    stages["service"] = {"records_per_s": rep.spread([r.rate() for r in service_runs])}
+    median = {name: s["records_per_s"]["median"] for name, s in stages.items()}
+    ratios = {
+        "service_vs_ingest_ceiling": rep.ratio(median["service"], median["ingest_ceiling"]),
+        "service_vs_learner_ceiling": rep.ratio(median["service"], median["learner_ceiling"]),
+        "service_vs_naive": rep.ratio(median["service"], median["naive"]),
+    }
+    service: dict[str, Any] = {
+        "startup_s": rep.spread([r.startup_s() for r in service_runs]),
+        "exit_codes": [r.exit_code for r in service_runs],
+        "checkpoint": _stats([r.checkpoints() for r in service_runs]),
+        "rss": _stats([r.rss() for r in service_runs]),
+        "time_shares": _stats([r.time_shares() for r in service_runs]),
+    }
+    if mode == "full_batch":
+        service["full_batch"] = _stats([r.full_batch() for r in service_runs])
+    report: dict[str, Any] = {
+        "machine": rep.machine(),
+        "workload": {"mode": mode, "records": args.records, "features": args.features,
+                     "partitions": args.partitions, "broker": broker_name,
+                     "produce_seconds": produce_s},
+        "config": {"model": settings.model.model_dump(mode="json"),
+                   "training": settings.training.model_dump(mode="json"),
+                   "checkpoint_every_seconds": settings.checkpoint.every_seconds,
+                   "source": str(args.config) if args.config else "built-in"},
+        "repeats": args.repeats,
+        "stages": stages,
+        "ratios": ratios,
+        "service": service,
+    }
+    report["targets"] = rep.targets(mode, ratios, service)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str, allow_nan=True))
+    else:
+        print(rep.table(report))
+    return 0

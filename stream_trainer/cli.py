@@ -17,7 +17,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", "-c", type=Path, default=None,
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
         help="YAML config file (default: $STREAM_TRAINER_CONFIG)",
     )
 
@@ -70,11 +73,23 @@ def cmd_produce(args: argparse.Namespace) -> int:
     dataset = get_dataset(args.dataset)
     create_topics(args.bootstrap_servers, {args.topic: args.partitions}, timeout=30.0)
     report = produce(
-        {"bootstrap.servers": args.bootstrap_servers}, args.topic, dataset, args.records,
-        partitions=args.partitions, bad_ratio=args.bad_records, seed=args.seed,
+        {"bootstrap.servers": args.bootstrap_servers},
+        args.topic,
+        dataset,
+        args.records,
+        partitions=args.partitions,
+        bad_ratio=args.bad_records,
+        seed=args.seed,
     )
-    _print_json({"topic": args.topic, "dataset": dataset.name, "valid": report.valid,
-                 "invalid": report.invalid, "invalid_reasons": report.invalid_reasons})
+    _print_json(
+        {
+            "topic": args.topic,
+            "dataset": dataset.name,
+            "valid": report.valid,
+            "invalid": report.invalid,
+            "invalid_reasons": report.invalid_reasons,
+        }
+    )
     return EXIT_OK
 
 
@@ -97,8 +112,9 @@ def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
             directory = args.path
     assert directory is not None
     # Without a key nothing can be verified, but manifests can still be shown.
-    store = CheckpointStore(directory, key=key, allow_unsigned=unsigned or key is None,
-                            keep_last=1_000_000)
+    store = CheckpointStore(
+        directory, key=key, allow_unsigned=unsigned or key is None, keep_last=1_000_000
+    )
     if not paths:
         paths = store.list()[-1:] if not args.all else store.list()
     if not paths:
@@ -111,8 +127,12 @@ def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
 def _registry(settings: Settings) -> Any:
     from stream_trainer.registry import ModelRegistry  # noqa: PLC0415
 
-    return ModelRegistry(settings.registry.root, settings.model.name, settings.checkpoint.key(),
-                         settings.registry.keep_last)
+    return ModelRegistry(
+        settings.registry.root,
+        settings.model.name,
+        settings.checkpoint.key(),
+        settings.registry.keep_last,
+    )
 
 
 def _announce_champion(settings: Settings, info: Any, reason: str) -> None:
@@ -176,8 +196,12 @@ def cmd_control(args: argparse.Namespace) -> int:
         print("stream-trainer: topics.control is not configured", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        send_command(settings.kafka.producer_config(), settings.topics.control,
-                     settings.model.name, args.command)
+        send_command(
+            settings.kafka.producer_config(),
+            settings.topics.control,
+            settings.model.name,
+            args.command,
+        )
     except ControlError as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -211,45 +235,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stream-trainer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the service (until SIGTERM)",
-                       description="Consume, train, checkpoint and publish until SIGTERM/SIGINT.")
+    p = sub.add_parser(
+        "run",
+        help="run the service (until SIGTERM)",
+        description="Consume, train, checkpoint and publish until SIGTERM/SIGINT.",
+    )
     _add_config(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate-config", help="print the effective config (secrets masked)",
-                       description="Validate a config (file + STREAM_TRAINER_* env) and print "
-                       "it as JSON with secrets masked. Exit 1 with the offending fields.")
+    p = sub.add_parser(
+        "validate-config",
+        help="print the effective config (secrets masked)",
+        description="Validate a config (file + STREAM_TRAINER_* env) and print "
+        "it as JSON with secrets masked. Exit 1 with the offending fields.",
+    )
     _add_config(p)
     p.set_defaults(func=cmd_validate_config)
 
     p = sub.add_parser("produce", help="write a dataset or synthetic stream to a topic")
     p.add_argument("--bootstrap-servers", required=True)
     p.add_argument("--topic", required=True)
-    p.add_argument("--dataset", default="phishing", help="phishing, bananas, trump-approval, "
-                   "sea-drift, linear20, friedman")
+    p.add_argument(
+        "--dataset",
+        default="phishing",
+        help="phishing, bananas, trump-approval, sea-drift, linear20, friedman",
+    )
     p.add_argument("--records", type=int, default=1250)
     p.add_argument("--partitions", type=int, default=1)
-    p.add_argument("--bad-records", type=float, default=0.0, metavar="RATIO",
-                   help="fraction of invalid records mixed in (default 0)")
+    p.add_argument(
+        "--bad-records",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="fraction of invalid records mixed in (default 0)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("checkpoint", help="inspect checkpoints")
     csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
-    q = csub.add_parser("inspect", help="show a checkpoint's manifest and verification "
-                        "(never unpickles)")
+    q = csub.add_parser(
+        "inspect", help="show a checkpoint's manifest and verification (never unpickles)"
+    )
     _add_config(q)
-    q.add_argument("path", nargs="?", type=Path, help="a checkpoint file or directory "
-                   "(default: checkpoint.dir of the config)")
+    q.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help="a checkpoint file or directory (default: checkpoint.dir of the config)",
+    )
     q.add_argument("--all", action="store_true", help="every checkpoint, not just the newest")
     q.set_defaults(func=cmd_checkpoint_inspect)
 
     p = sub.add_parser("versions", help="list, show, promote, roll back model versions")
     vsub = p.add_subparsers(dest="versions_command", required=True, metavar="ACTION")
-    for name, text in (("list", "all versions, champion marked"),
-                       ("show", "one version's metadata"),
-                       ("promote", "make a version the champion"),
-                       ("rollback", "return to the previous champion")):
+    for name, text in (
+        ("list", "all versions, champion marked"),
+        ("show", "one version's metadata"),
+        ("promote", "make a version the champion"),
+        ("rollback", "return to the previous champion"),
+    ):
         q = vsub.add_parser(name, help=text)
         _add_config(q)
         if name in ("show", "promote"):
@@ -258,24 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--reason", default="manual (CLI)")
         q.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser("control", help="ask the running service to retrain, publish, pause "
-                       "or resume")
+    p = sub.add_parser(
+        "control", help="ask the running service to retrain, publish, pause or resume"
+    )
     p.add_argument("command", choices=["retrain", "publish", "pause", "resume"])
     _add_config(p)
     p.set_defaults(func=cmd_control)
 
     from stream_trainer.demo import add_demo_arguments  # noqa: PLC0415
 
-    p = sub.add_parser("demo", help="embedded broker + real dataset + the service",
-                       description="Start an embedded Kafka-compatible broker (Tansu), stream "
-                       "a real dataset into it and run the service on it, with live progress.")
+    p = sub.add_parser(
+        "demo",
+        help="embedded broker + real dataset + the service",
+        description="Start an embedded Kafka-compatible broker (Tansu), stream "
+        "a real dataset into it and run the service on it, with live progress.",
+    )
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     from stream_trainer.bench import add_bench_arguments  # noqa: PLC0415
 
-    p = sub.add_parser("bench", help="benchmark against ingest/learner ceilings and a naive "
-                       "script")
+    p = sub.add_parser("bench", help="benchmark against ingest/learner ceilings and a naive script")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser

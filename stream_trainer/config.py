@@ -438,10 +438,14 @@ class Settings(BaseSettings):
             return list(self.evaluation.metrics)
         if self.model.task == "regression":
             return ["mae", "rmse", "r2"]
-        return ["accuracy", "f1"] if self.model.task == "binary_classification" else [
-            "accuracy",
-            "macro_f1",
-        ]
+        return (
+            ["accuracy", "f1"]
+            if self.model.task == "binary_classification"
+            else [
+                "accuracy",
+                "macro_f1",
+            ]
+        )
 
     def masked(self) -> dict[str, Any]:
         """The effective config as JSON-able data with every secret masked."""
@@ -470,7 +474,9 @@ def format_validation_error(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+def settings_from_mapping(
+    data: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> Settings:
     """Validate a config mapping (e.g. a parsed YAML file); env overrides apply.
 
     Raises ConfigError naming every offending field.

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 class RebalanceListener(Protocol):
     """Hooks called on the poll thread, inside ``consume()``, during a rebalance."""
 
-    def start_offsets(self, partitions: Sequence[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]:
+    def start_offsets(
+        self, partitions: Sequence[TopicPartitionKey]
+    ) -> Mapping[TopicPartitionKey, int]:
         """Where each newly assigned partition starts (absent: the group's committed offset)."""
 
     def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
@@ -107,9 +109,7 @@ class KafkaSource:
         wanted = dict(self._listener.start_offsets(keys))
         committed = {}
         try:
-            committed = {
-                _key(tp): tp.offset for tp in consumer.committed(partitions, timeout=10.0)
-            }
+            committed = {_key(tp): tp.offset for tp in consumer.committed(partitions, timeout=10.0)}
         except KafkaException as error:
             log.warning("could not read committed offsets", extra={"reason": str(error)})
         gaps: dict[TopicPartitionKey, tuple[int, int]] = {}

@@ -29,8 +29,9 @@ def encode_command(model: str, command: str) -> bytes:
     return json.dumps({"model": model, "command": command}, sort_keys=True).encode()
 
 
-def send_command(producer_config: dict[str, Any], topic: str, model: str, command: str,
-                 timeout_s: float = 10.0) -> None:
+def send_command(
+    producer_config: dict[str, Any], topic: str, model: str, command: str, timeout_s: float = 10.0
+) -> None:
     """Produce one command and wait for its delivery; raises ControlError on failure."""
     errors: list[str] = []
 
@@ -39,8 +40,9 @@ def send_command(producer_config: dict[str, Any], topic: str, model: str, comman
             errors.append(str(error))
 
     producer = Producer(producer_config)
-    producer.produce(topic, key=model.encode(), value=encode_command(model, command),
-                     on_delivery=_delivered)
+    producer.produce(
+        topic, key=model.encode(), value=encode_command(model, command), on_delivery=_delivered
+    )
     if producer.flush(timeout_s) > 0:
         raise ControlError(f"command not delivered to {topic} within {timeout_s} s")
     if errors:
@@ -75,7 +77,9 @@ class ControlChannel:
             try:
                 body = json.loads(message.value() or b"")
             except ValueError:
-                log.warning("ignoring malformed control message", extra={"offset": message.offset()})
+                log.warning(
+                    "ignoring malformed control message", extra={"offset": message.offset()}
+                )
                 continue
             if isinstance(body, dict) and body.get("model") == self._model:
                 command = body.get("command")

@@ -54,8 +54,9 @@ class ProduceReport:
     offsets: dict[int, list[int]] = field(default_factory=dict)
 
 
-def records(dataset: Dataset, count: int, bad_ratio: float, seed: int,
-            max_bytes: int = 65_536) -> Iterator[tuple[bytes | None, str | None]]:
+def records(
+    dataset: Dataset, count: int, bad_ratio: float, seed: int, max_bytes: int = 65_536
+) -> Iterator[tuple[bytes | None, str | None]]:
     """``count`` values: dataset rows, with invalid ones mixed in at ``bad_ratio``.
 
     Yields ``(value, reason)`` where reason is None for a valid record.
@@ -89,8 +90,13 @@ def produce(
 
     Raises KafkaException when a record could not be delivered.
     """
-    conf = {"linger.ms": 20, "batch.num.messages": 10_000, "compression.type": "lz4",
-            "queue.buffering.max.messages": 500_000, **producer_config}
+    conf = {
+        "linger.ms": 20,
+        "batch.num.messages": 10_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 500_000,
+        **producer_config,
+    }
     producer = Producer(conf)
     report = ProduceReport()
     failures: list[str] = []
@@ -104,7 +110,9 @@ def produce(
     for i, (value, reason) in enumerate(records(dataset, count, bad_ratio, seed)):
         while True:
             try:
-                producer.produce(topic, value=value, partition=i % partitions, on_delivery=delivered)
+                producer.produce(
+                    topic, value=value, partition=i % partitions, on_delivery=delivered
+                )
                 break
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain

@@ -55,7 +55,9 @@ class ModelPublisher:
         self._metrics = metrics
         self._crash = crash
         self._policy = PublishPolicy(
-            cfg.publish_every_records, cfg.publish_every_seconds, cfg.publish_after_retrain,
+            cfg.publish_every_records,
+            cfg.publish_every_seconds,
+            cfg.publish_after_retrain,
             clock=clock,
         )
         self._gate = PromotionGate(cfg.gate)
@@ -125,13 +127,22 @@ class ModelPublisher:
         if champion is None:
             return None, candidate
         score = evaluate_holdout(
-            champion[1], X, y, task=settings.model.task, metric=self._metric,
+            champion[1],
+            X,
+            y,
+            task=settings.model.task,
+            metric=self._metric,
             labels=settings.record.labels,
         )
         return score, candidate
 
-    def _metadata(self, state: TrainingState, trigger: str, champion_score: float | None,
-                  candidate_score: float | None) -> dict[str, Any]:
+    def _metadata(
+        self,
+        state: TrainingState,
+        trigger: str,
+        champion_score: float | None,
+        candidate_score: float | None,
+    ) -> dict[str, Any]:
         settings = self._settings
         return {
             "model_name": settings.model.name,
@@ -160,15 +171,18 @@ class ModelPublisher:
     def publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
         """Gate the current model and publish it as a version; None when rejected."""
         champion_score, candidate_score = self._scores(state, trigger)
-        accepted, reason = (True, "gated at retrain") if candidate_score is None else (
-            self._gate.decide(champion_score, candidate_score)
+        accepted, reason = (
+            (True, "gated at retrain")
+            if candidate_score is None
+            else (self._gate.decide(champion_score, candidate_score))
         )
         metadata = self._metadata(state, trigger, champion_score, candidate_score)
         self._policy.mark_published()
         state.records_since_publish = 0
         if not accepted:
             self._registry.record_rejection(
-                metadata, champion_score if champion_score is not None else float("nan"),
+                metadata,
+                champion_score if champion_score is not None else float("nan"),
                 candidate_score if candidate_score is not None else float("nan"),
             )
             self._metrics.versions_rejected.inc()
@@ -186,14 +200,17 @@ class ModelPublisher:
         self._metrics.set_model(
             info.version, str(metadata["learner"].get("path", "")), self._settings.training.mode
         )
-        log.info("model version published",
-                 extra={"model_version": info.version, "trigger": trigger, "reason": reason})
+        log.info(
+            "model version published",
+            extra={"model_version": info.version, "trigger": trigger, "reason": reason},
+        )
         return info
 
     def record_rejection(self, state: TrainingState, outcome: RetrainOutcome) -> None:
         """Record a full-retrain candidate the gate refused."""
-        metadata = self._metadata(state, f"retrain:{outcome.trigger}", outcome.champion_score,
-                                  outcome.candidate_score)
+        metadata = self._metadata(
+            state, f"retrain:{outcome.trigger}", outcome.champion_score, outcome.candidate_score
+        )
         metadata["learner"] = outcome.candidate.describe()
         self._registry.record_rejection(
             metadata,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from confluent_kafka import KafkaError, Message
@@ -34,9 +34,9 @@ from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.metrics import Metrics
 from stream_trainer.publisher import ModelPublisher
-from stream_trainer.records import InvalidRecord, RecordDecoder
+from stream_trainer.records import MessageLike, RecordDecoder, invalid_from_message
 from stream_trainer.state import TrainingState
-from stream_trainer.trainers import FullBatchTrainer, Refusal, Trainer
+from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ class _InFlight:
     started: float
 
 
-class StopRequested(Exception):
-    """Raised inside the loop when a stop was requested while waiting."""
+def _group_by_partition(records: Sequence[MessageLike]) -> dict[TopicPartitionKey, list[int]]:
+    """Indexes of ``records`` per partition, in consumption (offset) order."""
+    groups: dict[TopicPartitionKey, list[int]] = {}
+    for index, message in enumerate(records):
+        groups.setdefault((message.topic(), message.partition()), []).append(index)
+    return groups
 
 
 class Service:
@@ -117,9 +121,7 @@ class Service:
         self._publish_wanted: str | None = None
         self._manual_pause = False
         self._mode = settings.training.mode
-        self._batch_target = (
-            settings.training.mini_batch.size if self._mode == "mini_batch" else 0
-        )
+        self._batch_target = settings.training.mini_batch.size if self._mode == "mini_batch" else 0
         self._drifts_reported = state.drift_detections
         self.restored = False
         self.source = make_source(self)
@@ -208,57 +210,73 @@ class Service:
     def _process(self, messages: list[Message]) -> None:
         """Decode, dead-letter, train and account for one unit of messages."""
         state = self.state
-        batch = self._decoder.decode(messages)
-        valid = np.zeros(len(messages), dtype=bool)
-        valid[batch.valid_index] = True
-        by_partition: dict[TopicPartitionKey, list[int]] = {}
-        for index, message in enumerate(messages):
-            by_partition.setdefault((message.topic(), message.partition()), []).append(index)
-
-        halted_rows: set[int] = set()
-        for key, indexes in by_partition.items():
-            reason = state.breaker.observe(key, valid[indexes])
-            if reason is not None and key not in state.halted:
-                # Stop the flood here: this unit's records of the partition are neither
-                # learnt nor dead-lettered, and its offset does not advance past them.
-                state.halted[key] = reason
-                halted_rows.update(indexes)
-                self.source.pause([key])
-                log.error(
-                    "partition halted by the bad-record breaker",
-                    extra={"partition": partition_key(key), "reason": reason,
-                           "offset": messages[indexes[0]].offset()},
-                )
-        if halted_rows:
-            batch = self._decoder.decode(
-                [m for i, m in enumerate(messages) if i not in halted_rows]
-            )
-            messages = [m for i, m in enumerate(messages) if i not in halted_rows]
-            by_partition = {k: v for k, v in by_partition.items() if k not in state.halted}
-            by_partition = {}
-            for index, message in enumerate(messages):
-                by_partition.setdefault((message.topic(), message.partition()), []).append(index)
-        self._metrics.partitions_halted.set(len(state.halted))
+        # Error-free consumed messages always carry topic, partition and offset.
+        records = cast("list[MessageLike]", messages)
+        batch = self._decoder.decode(records)
+        by_partition = _group_by_partition(records)
+        if self._trip_breaker(batch.valid_index, by_partition, records):
+            # Stop the flood here: the halted partitions' records in this unit are neither
+            # learnt nor dead-lettered, and their offsets do not advance past them.
+            records = [m for m in records if (m.topic(), m.partition()) not in state.halted]
+            batch = self._decoder.decode(records)
+            by_partition = _group_by_partition(records)
 
         result = self._trainer.learn(state, batch)
         invalid = list(batch.invalid)
-        invalid.extend(self._refusal_record(messages[r.message_index], r) for r in result.refused)
+        invalid.extend(
+            invalid_from_message(
+                records[r.message_index], "learn", "learner_error", r.error_class, r.message
+            )
+            for r in result.refused
+        )
         if invalid:
             self._dlq.publish(invalid)
             state.records_dead_lettered += len(invalid)
             for record in invalid:
                 self._metrics.records_dead_lettered.labels(reason=record.reason).inc()
         for key, indexes in by_partition.items():
-            last = messages[indexes[-1]].offset()
-            start = state.offsets.get(key, messages[indexes[0]].offset())
+            last = records[indexes[-1]].offset()
+            start = state.offsets.get(key, records[indexes[0]].offset())
             state.ledger.add(key, start, last + 1)
             state.offsets[key] = last + 1
         state.records_since_publish += result.learnt
-        self._records_since_checkpoint += len(messages)
-        m = self._metrics
+        self._records_since_checkpoint += len(records)
+        self._report_unit(len(records), result)
+
+    def _trip_breaker(
+        self,
+        valid_index: np.ndarray,
+        by_partition: dict[TopicPartitionKey, list[int]],
+        records: list[MessageLike],
+    ) -> bool:
+        """Feed the bad-record breaker; pause partitions it halts. True if any is halted."""
+        state = self.state
+        valid = np.zeros(len(records), dtype=bool)
+        valid[valid_index] = True
+        for key, indexes in by_partition.items():
+            if key in state.halted:
+                continue
+            reason = state.breaker.observe(key, valid[indexes])
+            if reason is not None:
+                state.halted[key] = reason
+                self.source.pause([key])
+                log.error(
+                    "partition halted by the bad-record breaker",
+                    extra={
+                        "partition": partition_key(key),
+                        "reason": reason,
+                        "offset": records[indexes[0]].offset(),
+                    },
+                )
+        self._metrics.partitions_halted.set(len(state.halted))
+        return any(key in state.halted for key in by_partition)
+
+    def _report_unit(self, consumed: int, result: UnitResult) -> None:
+        """Per-unit metric updates (never per record)."""
+        state, m = self.state, self._metrics
         m.records_learnt.inc(result.learnt)
         m.batches.inc()
-        m.batch_size.observe(len(messages))
+        m.batch_size.observe(consumed)
         if result.learn_seconds:
             m.learn_duration.observe(result.learn_seconds)
         if result.predict_seconds:
@@ -269,22 +287,6 @@ class Service:
         self._drifts_reported = state.drift_detections
         m.set_prequential(state.evaluator.window_values(), "window")
         m.set_prequential(state.evaluator.total_values(), "total")
-
-    @staticmethod
-    def _refusal_record(message: Message, refusal: Refusal) -> InvalidRecord:
-        _kind, timestamp = message.timestamp()
-        return InvalidRecord(
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
-            timestamp_ms=timestamp if timestamp > 0 else None,
-            value=message.value(),
-            key=message.key(),
-            stage="learn",
-            reason="learner_error",
-            error_class=refusal.error_class,
-            message=refusal.message,
-        )
 
     def _flush_pending(self) -> None:
         if self._pending.messages:
@@ -322,7 +324,9 @@ class Service:
         if self._in_flight is not None or self._records_since_checkpoint == 0:
             return False
         cfg = self.settings.checkpoint
-        by_count = cfg.every_records is not None and self._records_since_checkpoint >= cfg.every_records
+        by_count = (
+            cfg.every_records is not None and self._records_since_checkpoint >= cfg.every_records
+        )
         by_time = cfg.every_seconds is not None and now - self._last_checkpoint >= cfg.every_seconds
         return by_count or by_time
 
@@ -367,20 +371,24 @@ class Service:
         except CheckpointError as error:
             self._metrics.checkpoint_failures.inc()
             self._records_since_checkpoint += 1  # try again at the next due time
-            log.error("checkpoint failed; offsets stay at the previous one",
-                      extra={"reason": str(error)})
+            log.error(
+                "checkpoint failed; offsets stay at the previous one", extra={"reason": str(error)}
+            )
             return
         self._checkpoint_done(result, flight.offsets)
 
-    def _checkpoint_done(self, result: WriteResult, offsets: Mapping[TopicPartitionKey, int]) -> None:
+    def _checkpoint_done(
+        self, result: WriteResult, offsets: Mapping[TopicPartitionKey, int]
+    ) -> None:
         m = self._metrics
         m.checkpoint_duration.observe(result.duration_s)
         m.checkpoint_size.set(result.size_bytes)
         m.checkpoint_last_success.set(time.time())
         self._crash.reached("after_checkpoint")
         committed = self.source.commit(offsets)
-        log.debug("checkpoint durable", extra={"sequence": result.sequence,
-                                               "committed": len(committed)})
+        log.debug(
+            "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}
+        )
 
     def checkpoint_now(self, reason: str) -> bool:
         """Write a checkpoint synchronously and commit its offsets; False if it failed."""
@@ -400,7 +408,9 @@ class Service:
 
     # -- rebalance hooks (called by KafkaSource on the poll thread) ------------------------
 
-    def start_offsets(self, partitions: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+    def start_offsets(
+        self, partitions: Sequence[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, int]:
         """Resume each partition where the checkpointed state stops."""
         return {k: self.state.offsets[k] for k in partitions if k in self.state.offsets}
 
@@ -411,7 +421,9 @@ class Service:
         halted = [k for k in partitions if k in self.state.halted]
         if halted or self._manual_pause:
             self.source.pause(sorted(self.source.owned) if self._manual_pause else halted)
-        log.info("partitions assigned", extra={"partitions": [partition_key(k) for k in partitions]})
+        log.info(
+            "partitions assigned", extra={"partitions": [partition_key(k) for k in partitions]}
+        )
 
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
         """Finish the unit in progress, checkpoint and commit before giving them up."""
@@ -458,5 +470,7 @@ class Service:
         if self._control is not None:
             self._control.close()
         closed = self.source.close(timeout_s=max(1.0, self.settings.shutdown.timeout_s / 3))
-        log.info("stopped", extra={"records_learnt": self.state.records_learnt,
-                                   "consumer_closed": closed})
+        log.info(
+            "stopped",
+            extra={"records_learnt": self.state.records_learnt, "consumer_closed": closed},
+        )

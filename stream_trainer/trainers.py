@@ -53,8 +53,13 @@ def _refused(batch: DecodedBatch, row: int, error: BaseException) -> Refusal:
     return Refusal(int(batch.valid_index[row]), type(error).__name__, str(error)[:500])
 
 
-def _score(state: TrainingState, batch: DecodedBatch, keep: np.ndarray,
-           predictions: np.ndarray, proba: np.ndarray | None) -> None:
+def _score(
+    state: TrainingState,
+    batch: DecodedBatch,
+    keep: np.ndarray,
+    predictions: np.ndarray,
+    proba: np.ndarray | None,
+) -> None:
     """Prequential update, drift detection and the gate's recent-records ring."""
     y = batch.y[keep]
     preds = predictions[keep]
@@ -208,7 +213,11 @@ class FullBatchTrainer:
         state.records_learnt += n
         state.records_since_retrain += n
         every = self._cfg.retrain_every_records
-        if every is not None and state.records_since_retrain >= every and state.retrain_wanted is None:
+        if (
+            every is not None
+            and state.records_since_retrain >= every
+            and state.retrain_wanted is None
+        ):
             state.retrain_wanted = "count"
         return UnitResult(n, [], t1 - t0, 0.0)
 
@@ -220,7 +229,11 @@ class FullBatchTrainer:
                 return None
             return self._finish(state)
         every_s = self._cfg.retrain_every_seconds
-        if every_s is not None and now - self._last_retrain >= every_s and state.retrain_wanted is None:
+        if (
+            every_s is not None
+            and now - self._last_retrain >= every_s
+            and state.retrain_wanted is None
+        ):
             state.retrain_wanted = "time"
         if state.retrain_wanted is None or state.window.size < self._cfg.min_records:
             return None
@@ -250,8 +263,9 @@ class FullBatchTrainer:
         log.info("full retrain started", extra={"trigger": trigger, "records": split})
 
     @staticmethod
-    def _fit(candidate: ModelAdapter, X: np.ndarray, y: np.ndarray,
-             w: np.ndarray, crash: CrashPoints) -> tuple[ModelAdapter, float]:
+    def _fit(
+        candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, w: np.ndarray, crash: CrashPoints
+    ) -> tuple[ModelAdapter, float]:
         started = time.perf_counter()
         crash.reached("mid_retrain")
         weights = None if np.all(w == 1.0) else w
@@ -266,9 +280,18 @@ class FullBatchTrainer:
         X_hold, y_hold = meta["holdout"]
         champion_score: float | None = None
         if len(y_hold) and state.model.is_fitted():
-            champion_score = evaluate_holdout(state.model, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels)
+            champion_score = evaluate_holdout(
+                state.model,
+                X_hold,
+                y_hold,
+                task=self._task,
+                metric=self._metric,
+                labels=self._labels,
+            )
         candidate_score = (
-            evaluate_holdout(candidate, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels)
+            evaluate_holdout(
+                candidate, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels
+            )
             if len(y_hold)
             else math.nan
         )
@@ -279,7 +302,8 @@ class FullBatchTrainer:
             or not self._gate.enabled
         )
         reason = (
-            "no champion yet" if champion_score is None
+            "no champion yet"
+            if champion_score is None
             else f"candidate {candidate_score:.4f} vs champion {champion_score:.4f} "
             f"(margin {self._gate.margin})"
         )
@@ -288,8 +312,12 @@ class FullBatchTrainer:
             state.retrains += 1
         log.info(
             "full retrain finished",
-            extra={"trigger": meta["trigger"], "accepted": accepted, "reason": reason,
-                   "seconds": round(fit_seconds, 3)},
+            extra={
+                "trigger": meta["trigger"],
+                "accepted": accepted,
+                "reason": reason,
+                "seconds": round(fit_seconds, 3),
+            },
         )
         return RetrainOutcome(
             trigger=meta["trigger"],

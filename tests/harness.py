@@ -57,29 +57,49 @@ def service_config(
     """A config for ``dataset`` on fresh topics; creates the topics. Deep-merges overrides."""
     ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
     name = unique(ds.name)
-    topics = {"input": [name], "dead_letter": f"{name}.dlq", "versions": f"{name}.versions",
-              "control": f"{name}.control"}
-    create_topics(bootstrap, {name: partitions, topics["dead_letter"]: 1,
-                              topics["versions"]: 1, topics["control"]: 1}, timeout=30.0)
+    topics = {
+        "input": [name],
+        "dead_letter": f"{name}.dlq",
+        "versions": f"{name}.versions",
+        "control": f"{name}.control",
+    }
+    create_topics(
+        bootstrap,
+        {name: partitions, topics["dead_letter"]: 1, topics["versions"]: 1, topics["control"]: 1},
+        timeout=30.0,
+    )
     if ds.task == "regression":
-        model = {"name": "model", "task": "regression",
-                 "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
-                 "learner": {"path": "river.linear_model.LinearRegression"}}
+        model = {
+            "name": "model",
+            "task": "regression",
+            "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
+            "learner": {"path": "river.linear_model.LinearRegression"},
+        }
     else:
-        model = {"name": "model", "task": ds.task,
-                 "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
-                 "learner": {"path": "river.linear_model.LogisticRegression"}}
+        model = {
+            "name": "model",
+            "task": ds.task,
+            "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
+            "learner": {"path": "river.linear_model.LogisticRegression"},
+        }
     config: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": unique("group"),
-                  "session_timeout_ms": 6000, "heartbeat_interval_ms": 500,
-                  "consume_timeout_s": 0.1},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": unique("group"),
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 500,
+            "consume_timeout_s": 0.1,
+        },
         "topics": topics,
         "record": {"features": list(ds.features), "labels": list(ds.labels) if ds.labels else None},
         "model": model,
         "training": {"mode": mode},
         "checkpoint": {"dir": str(tmp_path / "checkpoints"), "every_seconds": 1.0},
-        "registry": {"root": str(tmp_path / "registry"), "publish_every_seconds": None,
-                     "publish_every_records": None},
+        "registry": {
+            "root": str(tmp_path / "registry"),
+            "publish_every_seconds": None,
+            "publish_every_records": None,
+        },
         "http": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"format": "json", "level": "INFO"},
         "shutdown": {"timeout_s": 20},
@@ -101,8 +121,13 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class ServiceProcess:
     """``stream-trainer run`` in a subprocess, observed through /metrics and its log."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
-                 name: str = "service") -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        name: str = "service",
+    ) -> None:
         self.config = config
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
@@ -117,7 +142,10 @@ class ServiceProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
         )
         return self
 
@@ -156,10 +184,12 @@ class ServiceProcess:
 
     def wait_metric(self, name: str, at_least: float, timeout: float = 60.0) -> float:
         """Wait until metric ``name`` >= ``at_least``; fails early if the process died."""
+
         def check() -> float | None:
             if not self.alive():
-                raise AssertionError(f"service exited ({self.proc and self.proc.returncode}):\n"
-                                     + self.tail())
+                raise AssertionError(
+                    f"service exited ({self.proc and self.proc.returncode}):\n" + self.tail()
+                )
             value = self.metric(name, -1.0)
             return value if value >= at_least else None
 
@@ -198,14 +228,21 @@ class ServiceProcess:
             self.proc.wait(10)
 
 
-def read_topic(bootstrap: str, topic: str, expected: int | None = None,
-               timeout: float = 30.0) -> list[Any]:
+def read_topic(
+    bootstrap: str, topic: str, expected: int | None = None, timeout: float = 30.0
+) -> list[Any]:
     """Every message of ``topic`` (all partitions, from the start), without a group.
 
     With ``expected``, waits until that many arrived; otherwise reads up to the high watermarks.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
-                         "enable.auto.commit": False, "enable.partition.eof": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("reader"),
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = list(metadata.topics[topic].partitions)

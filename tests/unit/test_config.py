@@ -85,8 +85,10 @@ def test_invalid_enum_lists_the_allowed_values() -> None:
 def test_env_overrides_a_nested_key_over_the_file() -> None:
     settings = settings_from_mapping(
         _base(),
-        env={"STREAM_TRAINER_TRAINING__MINI_BATCH__SIZE": "250",
-             "STREAM_TRAINER_KAFKA__GROUP_ID": "from-env"},
+        env={
+            "STREAM_TRAINER_TRAINING__MINI_BATCH__SIZE": "250",
+            "STREAM_TRAINER_KAFKA__GROUP_ID": "from-env",
+        },
     )
     assert settings.training.mini_batch.size == 250
     assert settings.kafka.group_id == "from-env"
@@ -110,8 +112,11 @@ def test_secret_files_are_read(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("from-a-mounted-secret\n")
     data = _base()
-    data["checkpoint"] = {**data["checkpoint"], "allow_unsigned": False,
-                          "hmac_key_file": str(key_file)}
+    data["checkpoint"] = {
+        **data["checkpoint"],
+        "allow_unsigned": False,
+        "hmac_key_file": str(key_file),
+    }
     assert settings_from_mapping(data, env={}).checkpoint.key() == b"from-a-mounted-secret"
 
 
@@ -141,15 +146,23 @@ def test_classification_needs_declared_labels() -> None:
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stream_trainer", *args],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
 
 
 def test_validate_config_masks_secrets(tmp_path: Path) -> None:
     import os
 
-    result = _cli("validate-config", "--config", str(ROOT / "configs" / "per-record.yaml"),
-                  env={**os.environ, **SECRET_ENV})
+    result = _cli(
+        "validate-config",
+        "--config",
+        str(ROOT / "configs" / "per-record.yaml"),
+        env={**os.environ, **SECRET_ENV},
+    )
     assert result.returncode == 0, result.stderr
     effective = json.loads(result.stdout)
     assert effective["kafka"]["sasl_password"] == "**********"
@@ -176,8 +189,16 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_every_subcommand_has_help() -> None:
-    for command in ("run", "validate-config", "produce", "demo", "bench", "control",
-                    "checkpoint", "versions"):
+    for command in (
+        "run",
+        "validate-config",
+        "produce",
+        "demo",
+        "bench",
+        "control",
+        "checkpoint",
+        "versions",
+    ):
         result = _cli(command, "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert "usage: stream-trainer" in result.stdout
