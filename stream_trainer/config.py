@@ -35,6 +35,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from stream_trainer.logs import librdkafka_logger
+
 CONFIG_ENV_VAR = "STREAM_TRAINER_CONFIG"
 ENV_PREFIX = "STREAM_TRAINER_"
 
@@ -143,6 +145,8 @@ class KafkaSettings(StrictModel):
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
             "security.protocol": self.security_protocol,
+            # librdkafka's own log lines go through the service's JSON formatter.
+            "logger": librdkafka_logger(),
         }
         if self.sasl_mechanism:
             conf["sasl.mechanism"] = self.sasl_mechanism
@@ -424,9 +428,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 "record.labels: a classification task needs the allowed labels declared"
             )
-        if self.model.task == "binary_classification" and self.record.labels:
-            if len(self.record.labels) != 2:
-                raise ValueError("record.labels: binary_classification needs exactly 2 labels")
+        binary = self.model.task == "binary_classification"
+        if binary and self.record.labels and len(self.record.labels) != 2:
+            raise ValueError("record.labels: binary_classification needs exactly 2 labels")
         for metric in self.evaluation_metrics():
             if classification != (metric not in ("mae", "rmse", "r2")):
                 raise ValueError(f"evaluation.metrics: {metric!r} does not fit {self.model.task}")

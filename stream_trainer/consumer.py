@@ -85,7 +85,6 @@ class KafkaSource:
         conf["error_cb"] = self._error
         if on_stats is not None:
             conf["stats_cb"] = on_stats
-        conf.setdefault("logger", logging.getLogger("librdkafka"))
         self._consumer = Consumer(conf)
         self._owned: set[TopicPartitionKey] = set()
         self._paused: set[TopicPartitionKey] = set()

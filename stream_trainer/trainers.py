@@ -21,7 +21,7 @@ from stream_trainer.evaluation import evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.records import DecodedBatch
-from stream_trainer.state import TrainingState
+from stream_trainer.state import RecordWindow, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,14 @@ def _score(
     keep: np.ndarray,
     predictions: np.ndarray,
     proba: np.ndarray | None,
-) -> None:
-    """Prequential update, drift detection and the gate's recent-records ring."""
+) -> list[int]:
+    """Prequential update, drift detection and the gate's recent-records ring.
+
+    Returns the positions (among the kept rows) where drift was detected."""
     y = batch.y[keep]
     preds = predictions[keep]
     errors = state.evaluator.update(y, preds, None if proba is None else proba[keep])
+    detected: list[int] = []
     if state.drift is not None and len(errors):
         detected = state.drift.update(errors)
         if detected:
@@ -73,10 +76,9 @@ def _score(
                 "concept drift detected",
                 extra={"detections": len(detected), "records_learnt": state.records_learnt},
             )
-            if state.window is not None and state.retrain_wanted is None:
-                state.retrain_wanted = "drift"
     weights = None if batch.weights is None else batch.weights[keep]
     state.recent.extend(batch.X[keep], y, preds, weights)
+    return detected
 
 
 class Trainer(Protocol):
@@ -208,8 +210,14 @@ class FullBatchTrainer:
             predictions, proba = np.full(n, None, dtype=object), None
         t1 = time.perf_counter()
         keep = np.ones(n, dtype=bool)
-        _score(state, batch, keep, predictions, proba)
+        detected = _score(state, batch, keep, predictions, proba)
         state.window.extend(batch.X, batch.y, None, batch.weights)
+        if detected and self._cfg.retrain_on_drift:
+            # A refit on a window of the old concept would restore the old concept: keep
+            # only the records after the detection; the retrain waits for min_records of them.
+            self._restart_window(state, n - detected[-1] - 1)
+            if state.retrain_wanted in (None, "count", "time"):
+                state.retrain_wanted = "drift"
         state.records_learnt += n
         state.records_since_retrain += n
         every = self._cfg.retrain_every_records
@@ -220,6 +228,17 @@ class FullBatchTrainer:
         ):
             state.retrain_wanted = "count"
         return UnitResult(n, [], t1 - t0, 0.0)
+
+    @staticmethod
+    def _restart_window(state: TrainingState, keep_last: int) -> None:
+        """Replace the window by a new one holding only its ``keep_last`` newest records."""
+        old = state.window
+        assert old is not None
+        X, y, _pred, w = old.arrays()
+        new = RecordWindow(old.capacity, X.shape[1], y.dtype)
+        if keep_last > 0:
+            new.extend(X[-keep_last:], y[-keep_last:], None, w[-keep_last:])
+        state.window = new
 
     def poll_retrain(self, state: TrainingState, now: float) -> RetrainOutcome | None:
         """Start a due retrain or collect a finished one. Cheap; call every loop."""

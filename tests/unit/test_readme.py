@@ -31,6 +31,6 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def test_every_subcommand_is_in_the_cli_reference() -> None:
     parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001
+    subparsers = next(a for a in parser._actions if a.dest == "command")
     for name in subparsers.choices:  # type: ignore[union-attr]
         assert f"| `{name}" in README, f"CLI reference lacks {name}"

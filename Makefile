@@ -1,0 +1,41 @@
+# stream-trainer developer entry points. `make test` is what CI (.ci/run) runs.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+KAFKA  := $(BIN)/python -m stream_trainer.testing.kafka_broker
+
+.PHONY: venv kafka-jars test lint demo kafka-start kafka-stop kafka-status
+
+venv: $(STAMP)
+
+# Reinstalled only when pyproject.toml changes (or the venv is missing).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+# Apache Kafka jars from Maven Central into ~/.cache/stream-trainer (once).
+kafka-jars: venv
+	$(KAFKA) fetch
+
+test: venv kafka-jars
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy stream_trainer tests
+
+demo: venv
+	$(BIN)/stream-trainer demo
+
+# A detached single-node Kafka for manual use; prints its bootstrap address.
+kafka-start: venv kafka-jars
+	$(KAFKA) start
+
+kafka-stop: venv
+	$(KAFKA) stop
+
+kafka-status: venv
+	$(KAFKA) status

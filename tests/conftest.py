@@ -1,0 +1,236 @@
+"""Session-wide real brokers for the test suite.
+
+Fixtures
+--------
+``kafka_broker``  (session) Apache Kafka 4.x KRaft single node (:class:`BrokerHandle`).
+``tansu_broker``  (session) embedded Tansu, memory only (:class:`BrokerHandle`).
+``broker``        (function, params ``kafka``/``tansu``) one of the two; test ids read
+                  ``test_x[kafka]`` and ``test_x[tansu]``.
+``make_topic``    factory ``make_topic(partitions=1, *, prefix="t", config=None) -> str``
+                  creating a uniquely named topic on ``broker`` and waiting until visible.
+``unique_topic``  a fresh 1-partition topic name on ``broker``.
+
+Availability rule: a broker that cannot start makes its tests FAIL when ``CI=true``
+(with the reason and the tail of the broker log) and SKIP otherwise. A broker is started
+at most once per session, on first use, and stopped at session end.
+``STREAM_TRAINER_BROKERS=tansu`` (comma list) limits the brokers tried locally.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from stream_trainer.embedded import EmbeddedBroker, create_topics
+from stream_trainer.testing.kafka_broker import KafkaBroker
+
+BROKER_NAMES = ("kafka", "tansu")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _wanted() -> set[str]:
+    raw = os.environ.get("STREAM_TRAINER_BROKERS", "")
+    return {n.strip() for n in raw.split(",") if n.strip()} or set(BROKER_NAMES)
+
+
+@dataclass
+class BrokerHandle:
+    """What tests get: ``name``, ``bootstrap_servers``, ``restart()``, ``kill()``.
+
+    ``restart()`` (Kafka only) stops the broker gracefully and starts it again on the
+    same address with its data kept; ``kill()`` + ``start()`` is the crash variant.
+    On Tansu (memory only) these call ``pytest.skip``.
+    """
+
+    name: str
+    impl: Any = field(repr=False)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        value: str = self.impl.bootstrap_servers
+        return value
+
+    @property
+    def pid(self) -> int | None:
+        value: int | None = self.impl.pid
+        return value
+
+    @property
+    def supports_restart(self) -> bool:
+        return isinstance(self.impl, KafkaBroker)
+
+    def _need_restart(self) -> KafkaBroker:
+        if not isinstance(self.impl, KafkaBroker):
+            pytest.skip(f"{self.name} is memory-only: a restart would lose all data")
+        return self.impl
+
+    def restart(self) -> None:
+        self._need_restart().restart()
+
+    def stop(self) -> None:
+        self._need_restart().stop()
+
+    def kill(self) -> None:
+        self._need_restart().kill()
+
+    def start(self) -> None:
+        self._need_restart().start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        value: str = self.impl.log_tail(lines)
+        return value
+
+
+@dataclass
+class _Pool:
+    started: dict[str, BrokerHandle] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    ran: dict[str, str] = field(default_factory=dict)
+    uses: dict[str, int] = field(default_factory=dict)
+
+    def get(self, name: str) -> BrokerHandle:
+        if name not in self.started and name not in self.errors:
+            self._start(name)
+        if name in self.errors:
+            reason = f"{name} broker unavailable: {self.errors[name]}"
+            if _in_ci() and name in _wanted():
+                pytest.fail(reason, pytrace=False)
+            pytest.skip(reason)
+        return self.started[name]
+
+    def _start(self, name: str) -> None:
+        if name not in _wanted():
+            self.errors[name] = "not in STREAM_TRAINER_BROKERS"
+            return
+        began = time.monotonic()
+        impl: KafkaBroker | EmbeddedBroker = (
+            KafkaBroker() if name == "kafka" else EmbeddedBroker(startup_timeout=30.0)
+        )
+        try:
+            impl.start()
+        except Exception as exc:
+            if isinstance(impl, KafkaBroker):
+                impl.close()
+            else:
+                impl.stop()
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            return
+        self.ran[name] = f"{impl.bootstrap_servers}, started in {time.monotonic() - began:.1f} s"
+        self.started[name] = BrokerHandle(name, impl)
+
+    def close_all(self) -> None:
+        while self.started:
+            _, handle = self.started.popitem()
+            impl = handle.impl
+            if isinstance(impl, KafkaBroker):
+                impl.close()
+            else:
+                impl.stop()
+
+
+_POOL = _Pool()
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def _broker_pool() -> Iterator[_Pool]:
+    try:
+        yield _POOL
+    finally:
+        _POOL.close_all()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(_broker_pool: _Pool) -> BrokerHandle:
+    """Apache Kafka 4.x KRaft single node for the whole session."""
+    return _broker_pool.get("kafka")
+
+
+@pytest.fixture(scope="session")
+def tansu_broker(_broker_pool: _Pool) -> BrokerHandle:
+    """Embedded Tansu (memory only) for the whole session."""
+    return _broker_pool.get("tansu")
+
+
+@pytest.fixture(params=BROKER_NAMES)
+def broker(request: pytest.FixtureRequest) -> BrokerHandle:
+    """Each real broker in turn (ids ``kafka`` / ``tansu``)."""
+    handle: BrokerHandle = request.getfixturevalue(f"{request.param}_broker")
+    return handle
+
+
+def new_topic(
+    broker: BrokerHandle,
+    partitions: int = 1,
+    *,
+    prefix: str = "t",
+    config: Mapping[str, str] | None = None,
+) -> str:
+    """Create a uniquely named topic on ``broker``; returns its name once visible."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    create_topics(broker.bootstrap_servers, {name: partitions}, timeout=30.0, config=config)
+    return name
+
+
+@pytest.fixture
+def make_topic(broker: BrokerHandle) -> Callable[..., str]:
+    """Factory: ``make_topic(partitions=1, *, prefix="t", config=None) -> name``."""
+
+    def _make(
+        partitions: int = 1, *, prefix: str = "t", config: Mapping[str, str] | None = None
+    ) -> str:
+        return new_topic(broker, partitions, prefix=prefix, config=config)
+
+    return _make
+
+
+@pytest.fixture
+def unique_topic(make_topic: Callable[..., str]) -> str:
+    """A fresh 1-partition topic on ``broker``."""
+    return make_topic(1)
+
+
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """Count the tests that actually ran against each broker (setup succeeded)."""
+    names: set[str] = set()
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("broker") in BROKER_NAMES:
+        names.add(callspec.params["broker"])
+    fixturenames = getattr(item, "fixturenames", ())
+    names.update(n for n in BROKER_NAMES if f"{n}_broker" in fixturenames and n in _POOL.ran)
+    for name in names:
+        _POOL.uses[name] = _POOL.uses.get(name, 0) + 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Backstop: no broker outlives the session, whatever happened to fixtures."""
+    for name in BROKER_NAMES:
+        if name in _POOL.ran:
+            _REPORT.append(
+                f"{name}: ran ({_POOL.ran[name]}; used by {_POOL.uses.get(name, 0)} tests)"
+            )
+        elif name in _POOL.errors:
+            verdict = "FAILED" if _in_ci() and name in _wanted() else "skipped"
+            first_line = _POOL.errors[name].splitlines()[0]
+            _REPORT.append(f"{name}: {verdict} - {first_line}")
+        else:
+            _REPORT.append(f"{name}: not needed")
+    _POOL.close_all()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    """Say which brokers the integration tests ran against."""
+    if not _POOL.ran and not _POOL.errors:
+        return
+    terminalreporter.section("brokers")
+    for line in _REPORT:
+        terminalreporter.write_line(line)
