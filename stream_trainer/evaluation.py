@@ -18,6 +18,7 @@ A metric with nothing to measure (no records, one class only for roc_auc) is NaN
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -47,11 +48,9 @@ def _encoder(labels: Sequence[Any]) -> dict[Any, int]:
 def _encode(values: np.ndarray, lut: dict[Any, int]) -> np.ndarray:
     """Label -> index in ``labels``; anything else (None, NaN, unknown) -> -1."""
     items = np.asarray(values, dtype=object).tolist()
-    get = lut.get
+    # dict.get does the whole job in C: None and NaN are never keys, so they map to -1.
     return np.fromiter(
-        (get(v, -1) if v is not None and not _is_nan(v) else -1 for v in items),
-        dtype=np.int64,
-        count=len(items),
+        map(lut.get, items, itertools.repeat(-1, len(items))), dtype=np.int64, count=len(items)
     )
 
 

@@ -111,10 +111,19 @@ class DecodedBatch:
     weights: npt.NDArray[np.float64] | None  # None when no weight_field is configured
     valid_index: npt.NDArray[np.int64]  # ascending indexes into the input message list
     invalid: list[InvalidRecord]
-    topics: list[str]
+    topics: list[str]  # of the valid records, aligned with X
     partitions: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int64]
     feature_names: tuple[str, ...] = ()
+    # Every input message's coordinates (valid or not), read once per batch so callers
+    # never call the message accessors again per record.
+    message_topics: list[str] = field(default_factory=list)
+    message_partitions: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.empty(0, dtype=np.int64)
+    )
+    message_offsets: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.empty(0, dtype=np.int64)
+    )
     _x_dicts: list[dict[str, float]] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -333,21 +342,27 @@ class RecordDecoder:
         if rescued:
             X, y, weights, valid_index = self._merge(X, y, weights, valid_index, rescued)
 
-        valid = valid_index.tolist()
+        n = len(messages)
+        message_topics = [message.topic() for message in messages]
+        message_partitions = np.fromiter(
+            (message.partition() for message in messages), dtype=np.int64, count=n
+        )
+        message_offsets = np.fromiter(
+            (message.offset() for message in messages), dtype=np.int64, count=n
+        )
         return DecodedBatch(
             X=X,
             y=y,
             weights=weights,
             valid_index=valid_index,
             invalid=invalid,
-            topics=[messages[i].topic() for i in valid],
-            partitions=np.fromiter(
-                (messages[i].partition() for i in valid), dtype=np.int64, count=len(valid)
-            ),
-            offsets=np.fromiter(
-                (messages[i].offset() for i in valid), dtype=np.int64, count=len(valid)
-            ),
+            topics=[message_topics[i] for i in valid_index.tolist()],
+            partitions=message_partitions[valid_index],
+            offsets=message_offsets[valid_index],
             feature_names=self._features,
+            message_topics=message_topics,
+            message_partitions=message_partitions,
+            message_offsets=message_offsets,
         )
 
     def _columns(

@@ -34,7 +34,12 @@ from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.metrics import Metrics
 from stream_trainer.publisher import ModelPublisher
-from stream_trainer.records import MessageLike, RecordDecoder, invalid_from_message
+from stream_trainer.records import (
+    DecodedBatch,
+    MessageLike,
+    RecordDecoder,
+    invalid_from_message,
+)
 from stream_trainer.state import TrainingState
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 
@@ -67,12 +72,19 @@ class _InFlight:
     started: float
 
 
-def _group_by_partition(records: Sequence[MessageLike]) -> dict[TopicPartitionKey, list[int]]:
-    """Indexes of ``records`` per partition, in consumption (offset) order."""
+def _group_by_partition(batch: DecodedBatch) -> dict[TopicPartitionKey, np.ndarray]:
+    """Message indexes per partition, in consumption (offset) order; vectorised."""
+    topics, partitions = batch.message_topics, batch.message_partitions
+    if not topics:
+        return {}
+    if topics.count(topics[0]) == len(topics):  # the usual case: one input topic
+        return {
+            (topics[0], int(p)): np.flatnonzero(partitions == p) for p in np.unique(partitions)
+        }
     groups: dict[TopicPartitionKey, list[int]] = {}
-    for index, message in enumerate(records):
-        groups.setdefault((message.topic(), message.partition()), []).append(index)
-    return groups
+    for index, key in enumerate(zip(topics, partitions.tolist(), strict=True)):
+        groups.setdefault(key, []).append(index)
+    return {key: np.asarray(indexes) for key, indexes in groups.items()}
 
 
 class Service:
@@ -213,13 +225,18 @@ class Service:
         # Error-free consumed messages always carry topic, partition and offset.
         records = cast("list[MessageLike]", messages)
         batch = self._decoder.decode(records)
-        by_partition = _group_by_partition(records)
-        if self._trip_breaker(batch.valid_index, by_partition, records):
+        by_partition = _group_by_partition(batch)
+        if self._trip_breaker(batch, by_partition):
             # Stop the flood here: the halted partitions' records in this unit are neither
             # learnt nor dead-lettered, and their offsets do not advance past them.
-            records = [m for m in records if (m.topic(), m.partition()) not in state.halted]
+            records = [
+                records[i]
+                for i, key in enumerate(zip(batch.message_topics,
+                                            batch.message_partitions.tolist(), strict=True))
+                if key not in state.halted
+            ]
             batch = self._decoder.decode(records)
-            by_partition = _group_by_partition(records)
+            by_partition = _group_by_partition(batch)
 
         result = self._trainer.learn(state, batch)
         invalid = list(batch.invalid)
@@ -234,9 +251,10 @@ class Service:
             state.records_dead_lettered += len(invalid)
             for record in invalid:
                 self._metrics.records_dead_lettered.labels(reason=record.reason).inc()
+        offsets = batch.message_offsets
         for key, indexes in by_partition.items():
-            last = records[indexes[-1]].offset()
-            start = state.offsets.get(key, records[indexes[0]].offset())
+            last = int(offsets[indexes[-1]])
+            start = state.offsets.get(key, int(offsets[indexes[0]]))
             state.ledger.add(key, start, last + 1)
             state.offsets[key] = last + 1
         state.records_since_publish += result.learnt
@@ -244,15 +262,12 @@ class Service:
         self._report_unit(len(records), result)
 
     def _trip_breaker(
-        self,
-        valid_index: np.ndarray,
-        by_partition: dict[TopicPartitionKey, list[int]],
-        records: list[MessageLike],
+        self, batch: DecodedBatch, by_partition: dict[TopicPartitionKey, np.ndarray]
     ) -> bool:
         """Feed the bad-record breaker; pause partitions it halts. True if any is halted."""
         state = self.state
-        valid = np.zeros(len(records), dtype=bool)
-        valid[valid_index] = True
+        valid = np.zeros(len(batch.message_offsets), dtype=bool)
+        valid[batch.valid_index] = True
         for key, indexes in by_partition.items():
             if key in state.halted:
                 continue
@@ -265,7 +280,7 @@ class Service:
                     extra={
                         "partition": partition_key(key),
                         "reason": reason,
-                        "offset": records[indexes[0]].offset(),
+                        "offset": int(batch.message_offsets[indexes[0]]),
                     },
                 )
         self._metrics.partitions_halted.set(len(state.halted))
