@@ -117,7 +117,9 @@ class ModelPublisher:
         """(champion, candidate) scores on the recent records; higher is better."""
         X, y, predictions, _w = state.recent.arrays()
         if len(y) == 0 or trigger == "retrain":
-            return None, None  # a full retrain was gated on its holdout already
+            # A full retrain was gated on its holdout already; with no records since the
+            # champion was published there is nothing the two could be compared on.
+            return None, None
         settings = self._settings
         evaluator = PrequentialEvaluator(
             settings.model.task, [self._metric], len(y), settings.record.labels
@@ -173,7 +175,7 @@ class ModelPublisher:
         """Gate the current model and publish it as a version; None when rejected."""
         champion_score, candidate_score = self._scores(state, trigger)
         accepted, reason = (
-            (True, "gated at retrain")
+            (True, "gated at retrain" if trigger == "retrain" else "no new records to compare on")
             if candidate_score is None
             else (self._gate.decide(champion_score, candidate_score))
         )
@@ -196,6 +198,8 @@ class ModelPublisher:
             self._events.publish(info)
         state.model_version = info.version
         state.published_ledger = metadata["offsets_total"]
+        # The new champion has learnt these records: the next gate must compare on later ones.
+        state.recent.clear()
         state.drift_since_publish = 0
         self._metrics.versions_published.inc()
         self._metrics.set_model(

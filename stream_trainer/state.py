@@ -59,6 +59,11 @@ class RecordWindow:
         self._next = (self._next + n) % self.capacity
         self.size = min(self.capacity, self.size + n)
 
+    def clear(self) -> None:
+        """Forget every row (capacity unchanged)."""
+        self._next = 0
+        self.size = 0
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of ``(X, y, predictions, weights)``, oldest first."""
         if self.size < self.capacity:
