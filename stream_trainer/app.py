@@ -156,20 +156,27 @@ class _Signals:
         os._exit(1)
 
 
-def run_service(settings: Settings, install_signals: bool = True) -> int:
-    """Run the service until stopped; returns the exit code (0 after a graceful stop)."""
+def run_service(
+    settings: Settings, install_signals: bool = True, lock: DirectoryLock | None = None
+) -> int:
+    """Run the service until stopped; returns the exit code (0 after a graceful stop).
+
+    ``lock``: the checkpoint directory's lock when the caller already holds it.
+    """
     configure_logging(settings.logging.level, settings.logging.format)
     for secret in (settings.kafka.client_config().get("sasl.password"), settings.checkpoint.key()):
         register_secret(secret)
     registry = CollectorRegistry()
     metrics = build_metrics(registry, version=__version__)
     metrics.state.state("starting")
-    lock = DirectoryLock(settings.checkpoint.dir)
-    try:
-        lock.acquire()
-    except CheckpointLocked as error:
-        log.error("%s", error)
-        raise StartupError(str(error)) from None
+    owns_lock = lock is None
+    if lock is None:
+        lock = DirectoryLock(settings.checkpoint.dir)
+        try:
+            lock.acquire()
+        except CheckpointLocked as error:
+            log.error("%s", error)
+            raise StartupError(str(error)) from None
     crash = CrashPoints(os.environ.get(CRASH_ENV))
     heartbeat = Heartbeat(metrics=metrics)
     service_ref: dict[str, Service] = {}
@@ -266,7 +273,8 @@ def run_service(settings: Settings, install_signals: bool = True) -> int:
             producer.flush(5.0)
         if http is not None:
             http.stop()
-        lock.release()
+        if owns_lock:
+            lock.release()
 
 
 def build_registry_metrics() -> tuple[CollectorRegistry, Metrics]:

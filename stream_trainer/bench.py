@@ -85,6 +85,17 @@ def _stats(runs: list[dict[str, float]]) -> dict[str, Any]:
     return {k: rep.spread([r.get(k, math.nan) for r in runs]) for k in keys}
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / infinities as null (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the report on stdout (progress on stderr)."""
     from stream_trainer.embedded import EmbeddedBroker, create_topics, free_port  # noqa: PLC0415
@@ -197,7 +208,7 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     report["targets"] = rep.targets(mode, ratios, service)
     if args.json:
-        print(json.dumps(report, indent=2, default=str, allow_nan=True))
+        print(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
     else:
         print(rep.table(report))
     return 0

@@ -38,16 +38,28 @@ def _print_json(data: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
+    from stream_trainer.checkpoint import CheckpointLocked, DirectoryLock  # noqa: PLC0415
+
+    settings = _settings(args)
+    # The single-writer lock comes before the heavy imports, so a second process on the
+    # same checkpoint directory fails in milliseconds, not after loading River/sklearn.
+    lock = DirectoryLock(settings.checkpoint.dir)
+    try:
+        lock.acquire()
+    except CheckpointLocked as error:
+        print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     from stream_trainer.app import StartupError, run_service  # noqa: PLC0415
     from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
 
-    settings = _settings(args)
     try:
         build_model(settings)  # incompatible learner choices fail before anything starts
-        return run_service(settings)
+        return run_service(settings, lock=lock)
     except (StartupError, IncompatibleLearner) as error:
         print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        lock.release()
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:

@@ -88,6 +88,8 @@ class KafkaSource:
         self._consumer = Consumer(conf)
         self._owned: set[TopicPartitionKey] = set()
         self._paused: set[TopicPartitionKey] = set()
+        # Explicit start offset of each assigned partition (absent: the log's beginning).
+        self.start_positions: dict[TopicPartitionKey, int] = {}
         self.retention_error: RetentionGap | None = None
         self._consumer.subscribe(
             list(topics), on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
@@ -141,9 +143,15 @@ class KafkaSource:
                 consumer.assign([])
                 return
             log.warning("accepting retention gap", extra={"reason": str(gap)})
+            for tp in partitions:
+                if _key(tp) in gaps:
+                    # Start at the log start explicitly: auto.offset.reset=latest would
+                    # otherwise skip every retained record too.
+                    tp.offset = gaps[_key(tp)][1]
             if self._on_gap is not None:
                 self._on_gap(gap)
         consumer.assign(partitions)
+        self.start_positions = {_key(tp): tp.offset for tp in partitions if tp.offset >= 0}
         self._owned = set(keys)
         self._paused.clear()
         self._listener.on_assigned(keys)
@@ -189,18 +197,24 @@ class KafkaSource:
                 self._on_error(error)
         return records
 
-    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> dict[TopicPartitionKey, int]:
-        """Synchronously commit next-offsets for the owned partitions among ``offsets``.
+    def commit(
+        self, offsets: Mapping[TopicPartitionKey, int], asynchronous: bool = False
+    ) -> dict[TopicPartitionKey, int]:
+        """Commit next-offsets for the owned partitions among ``offsets``.
+
+        Synchronous by default (a revoke must commit before returning); ``asynchronous``
+        only enqueues the commit, so a broker outage cannot block the caller.
 
         Returns what was committed. Never commits a partition this member does not own.
         """
         owned = {key: offset for key, offset in offsets.items() if key in self._owned}
         if not owned:
             return {}
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in owned.items()],
-            asynchronous=False,
-        )
+        tps = [TopicPartition(t, p, o) for (t, p), o in owned.items()]
+        if asynchronous:
+            self._consumer.commit(offsets=tps, asynchronous=True)
+        else:
+            self._consumer.commit(offsets=tps, asynchronous=False)
         return owned
 
     def pause(self, keys: Sequence[TopicPartitionKey]) -> None:

@@ -65,7 +65,7 @@ def _phishing_rows(_seed: int) -> Iterator[Row]:
 def _bananas_rows(_seed: int) -> Iterator[Row]:
     from river import datasets  # noqa: PLC0415
 
-    for x, y in datasets.Bananas():
+    for x, y in datasets.Bananas():  # type: ignore[no-untyped-call]
         yield {f"x{k}": float(v) for k, v in x.items()}, bool(y)
 
 

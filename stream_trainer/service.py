@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from stream_trainer.checkpoint import (
     BackgroundWriter,
@@ -390,17 +390,28 @@ class Service:
                 "checkpoint failed; offsets stay at the previous one", extra={"reason": str(error)}
             )
             return
-        self._checkpoint_done(result, flight.offsets)
+        # Periodic: commit asynchronously, so an unreachable broker never blocks the loop.
+        self._checkpoint_done(result, flight.offsets, wait_commit=False)
 
     def _checkpoint_done(
-        self, result: WriteResult, offsets: Mapping[TopicPartitionKey, int]
+        self, result: WriteResult, offsets: Mapping[TopicPartitionKey, int],
+        wait_commit: bool = True,
     ) -> None:
         m = self._metrics
         m.checkpoint_duration.observe(result.duration_s)
         m.checkpoint_size.set(result.size_bytes)
         m.checkpoint_last_success.set(time.time())
         self._crash.reached("after_checkpoint")
-        committed = self.source.commit(offsets)
+        try:
+            committed = self.source.commit(offsets, asynchronous=not wait_commit)
+        except KafkaException as error:
+            # Commits only feed lag monitoring; the checkpoint is already durable. A broker
+            # outage must not stop training: the next checkpoint commits again.
+            code = error.args[0].name() if error.args else "unknown"
+            self._metrics.kafka_errors.labels(code=code).inc()
+            log.warning("offset commit failed; the next checkpoint commits again",
+                        extra={"reason": str(error)})
+            committed = {}
         log.debug(
             "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}
         )
@@ -433,6 +444,13 @@ class Service:
         """Count, and re-pause partitions the breaker halted before a restart."""
         self._metrics.rebalances.labels(kind="assign").inc()
         self._metrics.assigned_partitions.set(len(self.source.owned))
+        for key in partitions:
+            # Where the consumer really starts (the group may be ahead of the checkpoint, or
+            # retention may have moved the log start): the ledger's next range starts here,
+            # so it never claims records this model did not process.
+            start = self.source.start_positions.get(key)
+            if start is not None:
+                self.state.offsets[key] = start
         halted = [k for k in partitions if k in self.state.halted]
         if halted or self._manual_pause:
             self.source.pause(sorted(self.source.owned) if self._manual_pause else halted)

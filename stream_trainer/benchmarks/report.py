@@ -1,0 +1,138 @@
+"""Summaries (median and spread), the machine description, targets and the text table."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+STAGES = ("ingest_ceiling", "learner_ceiling", "naive", "service")
+_LIBRARIES = ("stream-trainer", "confluent-kafka", "river", "scikit-learn", "numpy", "msgspec",
+              "prometheus-client")
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and the values themselves (NaNs ignored)."""
+    known = [v for v in values if not math.isnan(v)]
+    if not known:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "runs": values}
+    return {"median": statistics.median(known), "min": min(known), "max": max(known),
+            "runs": values}
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 or unknown."""
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, Python and library versions."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    versions: dict[str, str] = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    try:
+        import confluent_kafka  # noqa: PLC0415
+
+        versions["librdkafka"] = str(confluent_kafka.libversion()[0])
+    except ImportError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": cpu, "cores": os.cpu_count(), "usable_cores": usable,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "libraries": versions, "load_average": list(os.getloadavg())}
+
+
+def targets(mode: str, ratios: dict[str, float], service: dict[str, Any]) -> dict[str, Any]:
+    """Issue 9's targets for ``mode``: each with its measured value and whether it is met."""
+    checks: dict[str, tuple[float, str, float]] = {}
+    if mode == "per_record":
+        checks["service_vs_learner_ceiling"] = (ratios["service_vs_learner_ceiling"], ">=", 0.85)
+        checks["service_vs_naive"] = (ratios["service_vs_naive"], ">=", 1.3)
+    elif mode == "mini_batch":
+        checks["service_vs_ingest_ceiling"] = (ratios["service_vs_ingest_ceiling"], ">=", 0.8)
+        checks["service_vs_naive"] = (ratios["service_vs_naive"], ">=", 4.0)
+    else:
+        checks["ingest_during_retrain_vs_without"] = (
+            service.get("full_batch", {}).get("ratio", {}).get("median", math.nan), ">=", 0.7)
+    checks["rss_growth_pct"] = (
+        service.get("rss", {}).get("growth_pct", {}).get("median", math.nan), "<=", 5.0)
+    out: dict[str, Any] = {}
+    for name, (value, op, bound) in checks.items():
+        met = None if math.isnan(value) else (value >= bound if op == ">=" else value <= bound)
+        out[name] = {"value": value, "target": f"{op} {bound}", "met": met}
+    return out
+
+
+def _fmt_rate(s: dict[str, Any]) -> str:
+    return f"{s['median']:>12,.0f} {s['min']:>12,.0f} {s['max']:>12,.0f}"
+
+
+def _num(value: float, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value * scale:.{digits}f}{unit}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as readable text."""
+    w = report["workload"]
+    m = report["machine"]
+    lines = [
+        f"stream-trainer bench: mode {w['mode']}, {w['records']:,} records x {w['features']} "
+        f"features, {w['partitions']} partition(s), {report['repeats']} repeat(s), broker "
+        f"{w['broker']}",
+        f"machine: {m['cpu_model']}, {m['cores']} cores, Python {m['python']}",
+        "",
+        f"{'stage':<18} {'records/s med':>12} {'min':>12} {'max':>12}",
+    ]
+    for stage in STAGES:
+        lines.append(f"{stage:<18} {_fmt_rate(report['stages'][stage]['records_per_s'])}")
+    lines.append("")
+    for name, value in report["ratios"].items():
+        lines.append(f"{name:<30} {_num(value, digits=2)}")
+    svc = report["service"]
+    cp = svc["checkpoint"]
+    lines += [
+        "",
+        f"service start-up to first learnt record: {_num(svc['startup_s']['median'], ' s', 1, 1)}",
+        f"checkpoints: {cp['count']['median']:.0f} per run, p50 "
+        f"{_num(cp['p50_s']['median'], ' ms', 1000, 1)}, p99 "
+        f"{_num(cp['p99_s']['median'], ' ms', 1000, 1)}, size "
+        f"{_num(cp['size_bytes']['median'], ' kB', 1e-3, 1)}; after stop "
+        f"{cp['files_after_stop']['median']:.0f} file(s), newest "
+        f"{_num(cp['newest_file_bytes']['median'], ' kB', 1e-3, 1)}",
+        f"RSS: peak {_num(svc['rss']['peak_bytes']['median'], ' MB', 1e-6, 0)}, growth after "
+        f"warm-up {_num(svc['rss']['growth_pct']['median'], ' %', 1, 1)}",
+    ]
+    shares = svc.get("time_shares", {})
+    if shares:
+        lines.append("service time shares: " + ", ".join(
+            f"{k} {_num(v['median'], ' %', 100, 0)}" for k, v in shares.items()))
+    if "full_batch" in svc:
+        fb = svc["full_batch"]
+        lines.append(
+            f"full_batch ingestion: {_num(fb['rate_during_retrain']['median'], ' rec/s', 1, 0)} "
+            f"during retrains vs {_num(fb['rate_without_retrain']['median'], ' rec/s', 1, 0)} "
+            f"without (ratio {_num(fb['ratio']['median'], digits=2)}), "
+            f"{fb['retrains']['median']:.0f} retrains, "
+            f"{fb['revokes_or_losses']['median']:.0f} revokes/losses")
+    lines.append("")
+    lines.append("targets (issue 9):")
+    for name, t in report["targets"].items():
+        verdict = {True: "met", False: "NOT met", None: "unknown"}[t["met"]]
+        lines.append(f"  {name:<34} {_num(t['value'], digits=2):>8} (target {t['target']}): "
+                     f"{verdict}")
+    return "\n".join(lines)

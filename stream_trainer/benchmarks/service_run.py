@@ -1,0 +1,234 @@
+"""The service itself: ``stream-trainer run`` as a subprocess (the production code path),
+observed through /metrics and /proc until it has learnt every record, then stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_trainer.checkpoint import CheckpointStore
+
+P = "stream_trainer"
+LEARNT = f"{P}_records_learnt_total"
+RETRAINING = f'{P}_state{{{P}_state="retraining"}}'
+
+
+class ServiceFailed(Exception):
+    """The service exited early or did not learn every record in time; has the log tail."""
+
+
+@dataclass
+class Sample:
+    """One observation of the running service."""
+
+    t: float  # perf_counter seconds
+    learnt: float
+    rss: float  # bytes (VmRSS), NaN if unknown
+    retraining: bool
+
+
+@dataclass
+class ServiceRun:
+    """Timeline and final metrics of one service run."""
+
+    total: int
+    started: float
+    samples: list[Sample] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    peak_rss: float = math.nan
+    exit_code: int | None = None
+    checkpoint_files: list[int] = field(default_factory=list)  # sizes, oldest first
+
+    def rate(self) -> float:
+        """records/s between the first and last samples taken while learning (both ends
+        inside the run). With fewer than two such samples (a tiny run), a lower bound: the
+        last sample before learning to the first after it."""
+        inside = [s for s in self.samples if 0 < s.learnt < self.total]
+        if len(inside) >= 2 and inside[-1].t > inside[0].t:
+            a, b = inside[0], inside[-1]
+        else:
+            before = [s for s in self.samples if s.learnt <= 0]
+            after = [s for s in self.samples if s.learnt >= self.total]
+            if not before or not after:
+                return 0.0
+            a, b = (inside[0] if inside else before[-1]), after[0]
+        return (b.learnt - a.learnt) / (b.t - a.t) if b.t > a.t else 0.0
+
+    def startup_s(self) -> float:
+        """Process start to the first observed learnt record."""
+        first = next((s for s in self.samples if s.learnt > 0), None)
+        return first.t - self.started if first is not None else math.nan
+
+    def rss(self, warmup_fraction: float = 0.1) -> dict[str, float]:
+        """Peak RSS, RSS after warm-up (first sample past ``warmup_fraction`` of the records),
+        RSS at the end, and the growth between the last two in percent."""
+        known = [s for s in self.samples if not math.isnan(s.rss)]
+        warm = next((s for s in known if s.learnt >= warmup_fraction * self.total), None)
+        end = known[-1] if known else None
+        out = {"peak_bytes": self.peak_rss, "warm_bytes": math.nan, "end_bytes": math.nan,
+               "growth_pct": math.nan}
+        if warm is not None and end is not None:
+            out.update({"warm_bytes": warm.rss, "end_bytes": end.rss,
+                        "growth_pct": 100.0 * (end.rss - warm.rss) / warm.rss})
+        return out
+
+    def checkpoints(self) -> dict[str, float]:
+        """Count, mean, p50 / p99 (bucket-interpolated, like histogram_quantile) and size."""
+        name = f"{P}_checkpoint_duration_seconds"
+        count = self.final.get(f"{name}_count", 0.0)
+        buckets = sorted(
+            (float(key.split('le="')[1].rstrip('"}')), value)
+            for key, value in self.final.items()
+            if key.startswith(f"{name}_bucket{{")
+        )
+        return {
+            "count": count,
+            "mean_s": self.final.get(f"{name}_sum", 0.0) / count if count else math.nan,
+            "p50_s": _quantile(0.5, buckets),
+            "p99_s": _quantile(0.99, buckets),
+            "size_bytes": self.final.get(f"{P}_checkpoint_size_bytes", math.nan),
+            # After the graceful stop (which writes a final checkpoint): kept files.
+            "files_after_stop": float(len(self.checkpoint_files)),
+            "newest_file_bytes": float(self.checkpoint_files[-1]) if self.checkpoint_files
+            else math.nan,
+        }
+
+    def time_shares(self) -> dict[str, float]:
+        """Fractions of the run's wall time in learn and predict (the service's histograms);
+        ``other`` is consume, decode, scoring, metrics and checkpoint snapshots."""
+        rate = self.rate()
+        if rate <= 0:
+            return {}
+        wall = self.total / rate
+        learn = self.final.get(f"{P}_learn_duration_seconds_sum", 0.0) / wall
+        predict = self.final.get(f"{P}_predict_duration_seconds_sum", 0.0) / wall
+        return {"learn": learn, "predict": predict, "other": max(0.0, 1.0 - learn - predict)}
+
+    def full_batch(self) -> dict[str, float]:
+        """Ingestion rate between samples both taken while retraining vs both while not."""
+        sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
+        for a, b in zip(self.samples, self.samples[1:], strict=False):
+            if a.learnt <= 0 or b.learnt >= self.total or a.retraining != b.retraining:
+                continue
+            sums[a.retraining][0] += b.learnt - a.learnt
+            sums[a.retraining][1] += b.t - a.t
+        during = sums[True][0] / sums[True][1] if sums[True][1] else math.nan
+        without = sums[False][0] / sums[False][1] if sums[False][1] else math.nan
+        retrains = sum(v for k, v in self.final.items() if k.startswith(f"{P}_retrains_total"))
+        rebalances = sum(v for k, v in self.final.items()
+                         if k.startswith(f"{P}_rebalances_total") and 'kind="assign"' not in k)
+        return {"rate_during_retrain": during, "rate_without_retrain": without,
+                "ratio": during / without if without else math.nan,
+                "seconds_retraining": sums[True][1], "retrains": retrains,
+                "revokes_or_losses": rebalances}
+
+
+def _quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            span = count - lower_count
+            fraction = (rank - lower_count) / span if span else 1.0
+            return lower_bound + (bound - lower_bound) * fraction
+        lower_bound, lower_count = bound, count
+    return math.nan
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``{'name{label="v",...}': value}`` from /metrics (labels sorted); {} if it is down."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            body = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def _proc_status(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in bytes from /proc; NaN where unavailable (not Linux)."""
+    values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] in values:
+                values[parts[0]] = float(parts[1]) * 1024
+    except OSError:
+        pass
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def run_service_process(config: dict[str, Any], workdir: Path, total: int, *,
+                        env: dict[str, str], port: int, timeout_s: float,
+                        interval_s: float = 0.25) -> ServiceRun:
+    """Start ``stream-trainer run`` on ``config``, sample until ``total`` records are learnt,
+    then SIGTERM it (graceful stop). Raises ServiceFailed with the log tail."""
+    config_path = workdir / "service.yaml"
+    log_path = workdir / "service.log"
+    config_path.write_text(yaml.safe_dump(config))
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_trainer", "run", "--config", str(config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=workdir,
+        )
+    run = ServiceRun(total, time.perf_counter())
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ServiceFailed(f"service exited with {proc.returncode}:\n{_tail(log_path)}")
+            metrics = scrape(port)
+            rss, hwm = _proc_status(proc.pid)
+            if math.isnan(rss):
+                rss = metrics.get("process_resident_memory_bytes", math.nan)
+            learnt = metrics.get(LEARNT, 0.0)
+            run.samples.append(Sample(time.perf_counter(), learnt, rss,
+                                      metrics.get(RETRAINING, 0.0) == 1.0))
+            run.peak_rss = hwm if not math.isnan(hwm) else max(run.peak_rss, rss)
+            if learnt >= total:
+                run.final = metrics
+                break
+            if time.monotonic() > deadline:
+                raise ServiceFailed(f"learnt {learnt:.0f} of {total} in {timeout_s:.0f} s:\n"
+                                    f"{_tail(log_path)}")
+            time.sleep(interval_s)  # sampling period, not synchronisation
+        proc.send_signal(signal.SIGTERM)
+        run.exit_code = proc.wait(60)
+        # Listing reads file names only; no key is needed (nothing is verified or loaded).
+        store = CheckpointStore(Path(config["checkpoint"]["dir"]), key=None, allow_unsigned=True,
+                                keep_last=1000)
+        run.checkpoint_files = [path.stat().st_size for path in store.list()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return run
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,205 @@
+"""The three references the service is measured against, each in this process.
+
+* ingest ceiling: batch consume + the service's decoder + conversion to the learner's input;
+* learner ceiling: the configured learner's predict + learn on records already in memory;
+* naive script: ``poll()`` one message, ``json.loads``, predict / learn, commit every 1000.
+
+Each returns a :class:`StageRun`. Rates leave out the first unit (or message), whose wait
+includes connection and group set-up: the service is measured the same way, from its first
+learnt record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from stream_trainer.benchmarks.workload import InMemory, unique
+from stream_trainer.config import Settings
+from stream_trainer.records import RecordDecoder
+
+UNIT = 1000  # records per consume batch / mini-batch, as in the service defaults
+
+
+class StageTimeout(Exception):
+    """A stage did not see every record in time (broker or workload problem)."""
+
+
+@dataclass
+class StageRun:
+    """Records timed and the seconds they took; ``extra`` holds stage-specific numbers."""
+
+    records: int
+    seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Records per second (0 when nothing was timed)."""
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+def _consumer(bootstrap: str, tuned: bool) -> Consumer:
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": unique("bench"),
+                            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                            "enable.partition.eof": False}
+    if tuned:
+        conf["fetch.queue.backoff.ms"] = 10  # as the service (KafkaSettings default)
+    return Consumer(conf)
+
+
+def ingest_ceiling(bootstrap: str, topic: str, partitions: int, total: int, *,
+                   settings: Settings, timeout_s: float) -> StageRun:
+    """Consume every record in batches of 1000, decode, convert; no learning."""
+    decoder = RecordDecoder(settings.record, settings.model.task)
+    per_record = settings.training.mode == "per_record"
+    consumer = _consumer(bootstrap, tuned=True)
+    seen = timed = 0
+    started = 0.0
+    deadline = time.monotonic() + timeout_s
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        while seen < total:
+            if time.monotonic() > deadline:
+                raise StageTimeout(f"ingest ceiling: {seen} of {total} records")
+            messages: list[Any] = [m for m in consumer.consume(UNIT, 1.0) if m.error() is None]
+            if not messages:
+                continue
+            batch = decoder.decode(messages)
+            if per_record:
+                batch.x_dicts()
+            else:
+                np.ascontiguousarray(batch.X)
+            if seen == 0:
+                started = time.perf_counter()
+            else:
+                timed += len(messages)
+            seen += len(messages)
+        elapsed = time.perf_counter() - started
+    finally:
+        consumer.close()
+    return StageRun(timed, elapsed)
+
+
+def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
+    """Predict + learn with a fresh model on in-memory records; only those calls are timed.
+
+    per_record: ``predict_one`` + ``learn_one`` per record (dicts built outside the timing);
+    mini_batch: ``predict_many`` + ``learn_many`` per 1000; full_batch: ``predict_many`` per
+    1000 on a model fitted on the first window (the poll loop only predicts; the fit runs
+    beside it and is reported as ``fit_s``).
+    """
+    from stream_trainer.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
+
+    model = build_model(settings)
+    mode = settings.training.mode
+    names = list(settings.record.features)
+    n = len(data.y)
+    seconds = 0.0
+    extra: dict[str, float] = {}
+    if mode == "full_batch":
+        window = min(settings.training.full_batch.window_records, n)
+        t0 = time.perf_counter()
+        model.fit(data.X[:window], data.y[:window], None)
+        extra["fit_s"] = time.perf_counter() - t0
+        extra["fit_records"] = float(window)
+    for start in range(0, n, UNIT):
+        X, y = data.X[start : start + UNIT], data.y[start : start + UNIT]
+        if mode == "per_record":
+            xs = [dict(zip(names, row, strict=True)) for row in X.tolist()]
+            ys = y.tolist()
+            predict_one, learn_one = model.predict_one, model.learn_one
+            t0 = time.perf_counter()
+            for x, target in zip(xs, ys, strict=True):
+                predict_one(x)
+                learn_one(x, target)
+            seconds += time.perf_counter() - t0
+        elif mode == "mini_batch":
+            t0 = time.perf_counter()
+            model.predict_many(X)
+            model.learn_many(X, y, None)
+            seconds += time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            model.predict_many(X)
+            seconds += time.perf_counter() - t0
+    return StageRun(n, seconds, extra)
+
+
+def naive_script(bootstrap: str, topic: str, total: int, *, settings: Settings,
+                 timeout_s: float) -> StageRun:
+    """What a data scientist writes: subscribe, ``poll()`` one message, ``json.loads``,
+    learn, ``commit(asynchronous=False)`` every 1000. librdkafka defaults otherwise.
+
+    per_record: ``predict_one`` + ``learn_one``; mini_batch: rows collected, then
+    ``predict_many`` + ``learn_many`` (partial_fit) per 1000; full_batch: ``predict_many``
+    per 1000 and a blocking ``fit`` on the window every ``retrain_every_records``.
+    """
+    from stream_trainer.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
+
+    model = build_model(settings)
+    mode = settings.training.mode
+    names = list(settings.record.features)
+    label_field = settings.record.label_field
+    features_field = settings.record.features_field or ""
+    cfg = settings.training.full_batch
+    window: deque[tuple[list[float], Any]] = deque(maxlen=cfg.window_records)
+    retrain_every = cfg.retrain_every_records or 0
+    rows: list[list[float]] = []
+    labels: list[Any] = []
+    consumer = _consumer(bootstrap, tuned=False)
+    seen = 0
+    started = 0.0
+    deadline = time.monotonic() + timeout_s
+    fitted = False
+    try:
+        consumer.subscribe([topic])
+        while seen < total:
+            if time.monotonic() > deadline:
+                raise StageTimeout(f"naive script: {seen} of {total} records")
+            message = consumer.poll(1.0)
+            value = None if message is None or message.error() is not None else message.value()
+            if value is None:
+                continue
+            record = json.loads(value)
+            x = record[features_field] if features_field else record
+            y = record[label_field]
+            if mode == "per_record":
+                model.predict_one(x)
+                model.learn_one(x, y)
+            else:
+                row = [x[name] for name in names]
+                rows.append(row)
+                labels.append(y)
+                if mode == "full_batch":
+                    window.append((row, y))
+            seen += 1
+            if seen == 1:
+                started = time.perf_counter()
+            if seen % UNIT == 0 or seen == total:
+                if mode == "mini_batch":
+                    X = np.asarray(rows, dtype=np.float64)
+                    target = np.asarray(labels, dtype=object)
+                    model.predict_many(X)
+                    model.learn_many(X, target, None)
+                    rows, labels = [], []
+                elif mode == "full_batch":
+                    if fitted:
+                        model.predict_many(np.asarray(rows, dtype=np.float64))
+                    rows, labels = [], []
+                    if not fitted or (retrain_every and seen % retrain_every == 0):
+                        wx = np.asarray([r for r, _ in window], dtype=np.float64)
+                        wy = np.asarray([t for _, t in window], dtype=object)
+                        model.fit(wx, wy, None)
+                        fitted = True
+                consumer.commit(asynchronous=False)
+        elapsed = time.perf_counter() - started
+    finally:
+        consumer.close()
+    return StageRun(seen - 1, elapsed)

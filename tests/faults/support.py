@@ -1,0 +1,208 @@
+"""Shared pieces of the fault-injection suite: the exactly-once oracle and run helpers.
+
+The oracle is the :class:`~stream_trainer.ledger.OffsetLedger` inside the checkpointed
+training state: it is written in the same pickle as the model, so whatever a crash takes
+back from the model it takes back from the ledger too. A record learnt twice is an
+overlap, a record skipped is a hole in ``[0, end)``.
+
+Waiting is always a bounded poll on an observable fact (a metric, a manifest, an exit).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from stream_trainer.checkpoint import CheckpointStore, LoadedCheckpoint
+from stream_trainer.datasets import get_dataset
+from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
+from stream_trainer.produce import produce
+from stream_trainer.state import TrainingState
+from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for
+
+LEARNT = "stream_trainer_records_learnt_total"
+
+
+class Service(ServiceProcess):
+    """ServiceProcess that closes its copy of the log file (the harness leaks it, which is a
+    ResourceWarning, an error under filterwarnings=error) and accepts a ``preexec_fn``."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
+                 name: str = "service", preexec_fn: Callable[[], None] | None = None) -> None:
+        super().__init__(config, workdir, env=env, name=name)
+        self._preexec = preexec_fn
+
+    def start(self) -> Service:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_trainer", "run", "--config",
+                 str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                preexec_fn=self._preexec,  # noqa: PLW1509 - only sets an rlimit
+            )
+        return self
+
+
+def store_of(config: Mapping[str, Any]) -> CheckpointStore:
+    """A store on the service's checkpoint directory with the test key (reads only
+    unless the service is stopped: ``load_latest`` may quarantine)."""
+    return CheckpointStore(
+        Path(config["checkpoint"]["dir"]), key=HMAC_KEY.encode(), allow_unsigned=False,
+        keep_last=1000,
+    )
+
+
+def topic_of(config: Mapping[str, Any]) -> str:
+    topic: str = config["topics"]["input"][0]
+    return topic
+
+
+def produce_records(config: Mapping[str, Any], count: int, partitions: int,
+                    seed: int = 42, dataset: str = "linear20") -> None:
+    """``count`` valid records of ``dataset`` round-robin over ``partitions``."""
+    report = produce({"bootstrap.servers": config["kafka"]["bootstrap_servers"]},
+                     topic_of(config), get_dataset(dataset), count, partitions, seed=seed)
+    assert report.valid == count
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartitionKey, int]:
+    """High watermark of every partition of ``topic``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe")})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        ends: dict[TopicPartitionKey, int] = {}
+        for p in sorted(meta.topics[topic].partitions):
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10,
+                                                        cached=False)
+            ends[(topic, p)] = int(high)
+        return ends
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str,
+                      keys: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+    """The group's committed next offsets (negative when nothing is committed).
+
+    A consumer that never subscribes does not join the group, so reading is passive.
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(t, p) for t, p in keys], timeout=10)
+        return {(tp.topic, tp.partition): int(tp.offset) for tp in tps}
+    finally:
+        consumer.close()
+
+
+def manifest_offsets(config: Mapping[str, Any]) -> dict[TopicPartitionKey, int]:
+    """Offsets of the newest checkpoint that verifies (read-only; {} when none)."""
+    manifest = store_of(config).latest_manifest()
+    if manifest is None:
+        return {}
+    return {parse_partition_key(k): v for k, v in manifest.offsets.items()}
+
+
+def covers(offsets: Mapping[TopicPartitionKey, int], ends: Mapping[TopicPartitionKey, int]) -> bool:
+    return all(offsets.get(key, 0) >= end for key, end in ends.items())
+
+
+def wait_checkpointed(config: Mapping[str, Any], ends: Mapping[TopicPartitionKey, int],
+                      service: ServiceProcess, timeout: float = 120.0) -> None:
+    """Until a durable checkpoint covers ``ends``; fails early if the service died."""
+    def done() -> bool:
+        if not service.alive():
+            raise AssertionError(f"service exited ({service.proc and service.proc.returncode})"
+                                 f":\n{service.tail()}")
+        return covers(manifest_offsets(config), ends)
+
+    wait_for(done, timeout, f"a checkpoint covering {dict(ends)}", interval=0.1)
+
+
+def load_final(config: Mapping[str, Any]) -> LoadedCheckpoint:
+    """The newest good checkpoint; only call while no service holds the directory."""
+    loaded = store_of(config).load_latest()
+    assert loaded is not None, "no checkpoint verifies"
+    assert isinstance(loaded.state, TrainingState)
+    return loaded
+
+
+@dataclass
+class Verdict:
+    """What the oracle found over one or more ledgers."""
+
+    lost: int
+    twice: int
+    records_learnt: int
+    holes: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"records lost={self.lost} learnt twice={self.twice} "
+                f"records_learnt={self.records_learnt}")
+
+
+def judge(states: Sequence[TrainingState], ends: Mapping[TopicPartitionKey, int]) -> Verdict:
+    """Exactly-once over the union of ``states``' ledgers against ``[0, end)``.
+
+    ``twice`` counts overlaps inside each ledger plus offsets claimed by more than one.
+    """
+    twice = sum(s.ledger.overlaps for s in states)
+    union = OffsetLedger()
+    for state in states:
+        for key, spans in state.ledger.ranges.items():
+            for start, end in spans:
+                union.add(key, start, end)
+    twice += union.overlaps
+    lost = 0
+    holes: dict[str, list[list[int]]] = {}
+    for key, end in ends.items():
+        cursor = 0
+        for start, stop in union.ranges.get(key, []):
+            if start > cursor:
+                holes.setdefault(f"{key[0]}:{key[1]}", []).append([cursor, start])
+                lost += start - cursor
+            cursor = max(cursor, stop)
+        if cursor < end:
+            holes.setdefault(f"{key[0]}:{key[1]}", []).append([cursor, end])
+            lost += end - cursor
+    return Verdict(lost, twice, sum(s.records_learnt for s in states), holes)
+
+
+def wait_exit(service: ServiceProcess, timeout: float, what: str) -> int:
+    """The exit code once the process ended (negative: killed by that signal)."""
+    assert service.proc is not None
+    try:
+        return service.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        raise AssertionError(f"{what}: still running after {timeout} s:\n{service.tail()}")\
+            from None
+
+
+def recovery_seconds(service: ServiceProcess, started: float, timeout: float = 60.0) -> float:
+    """Seconds from ``started`` (monotonic) until this process learnt its first record."""
+    service.wait_metric(LEARNT, 1, timeout)
+    return time.monotonic() - started
+
+
+def model_fingerprint(state: TrainingState) -> dict[str, Any]:
+    """Exact learnt parameters of the River StandardScaler | LogisticRegression, and
+    probabilities on fixed inputs."""
+    pipeline = state.model.model  # type: ignore[attr-defined]
+    scaler, learner = list(pipeline.steps.values())
+    probes = [{f"f{i}": ((i * 7 + k * 13) % 11 - 5) / 3.0 for i in range(20)} for k in range(25)]
+    return {
+        "weights": dict(learner.weights),
+        "intercept": float(learner.intercept),
+        "means": dict(scaler.means),
+        "vars": dict(scaler.vars),
+        "counts": dict(scaler.counts),
+        "proba": [pipeline.predict_proba_one(x) for x in probes],
+    }

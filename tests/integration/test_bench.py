@@ -1,0 +1,77 @@
+"""Smoke run of ``stream-trainer bench``: tiny workload, one repeat, JSON report complete.
+
+Timing is not asserted (shared CI machines); only that every stage ran and reported sane,
+positive numbers, so the command never rots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_trainer.cli import main
+from tests.conftest import BrokerHandle
+
+pytestmark = pytest.mark.integration
+
+RECORDS = 3000
+
+
+def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    code = main(["bench", "--records", str(RECORDS), "--repeats", "1", "--json", *args])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not math.isnan(value) and value > 0
+
+
+def test_bench_per_record_reports_every_section(
+    broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _check(_bench(capsys, "--bootstrap-servers", broker.bootstrap_servers,
+                  "--mode", "per_record", "--features", "5", "--workdir", str(tmp_path)),
+           "per_record")
+
+
+def test_bench_mini_batch_reports_every_section(
+    tansu_broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _check(_bench(capsys, "--bootstrap-servers", tansu_broker.bootstrap_servers,
+                  "--mode", "mini_batch", "--features", "5", "--workdir", str(tmp_path)),
+           "mini_batch")
+
+
+def _check(report: dict[str, Any], mode: str) -> None:
+
+    assert set(report) >= {"machine", "workload", "config", "stages", "ratios", "service",
+                           "targets", "repeats"}
+    assert report["workload"] == {**report["workload"], "mode": mode, "records": RECORDS,
+                                  "features": 5, "partitions": 1}
+    for stage in ("ingest_ceiling", "learner_ceiling", "naive", "service"):
+        rate = report["stages"][stage]["records_per_s"]
+        assert _positive(rate["median"]), (stage, rate)
+        assert rate["min"] <= rate["median"] <= rate["max"]
+        assert len(rate["runs"]) == 1
+    assert all(_positive(v) for v in report["ratios"].values()), report["ratios"]
+    service = report["service"]
+    assert service["exit_codes"] == [0]  # stopped gracefully after learning everything
+    assert _positive(service["startup_s"]["median"])
+    assert _positive(service["rss"]["peak_bytes"]["median"])
+    assert isinstance(service["rss"]["growth_pct"]["median"], float)  # null if unknown
+    # The graceful stop writes a final checkpoint, whatever the periodic ones did.
+    assert service["checkpoint"]["files_after_stop"]["median"] >= 1
+    assert _positive(service["checkpoint"]["newest_file_bytes"]["median"])
+    shares = service["time_shares"]
+    assert 0 < shares["learn"]["median"] <= 1.5, shares
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["python"].startswith("3.")
+    assert "river" in machine["libraries"]
+    assert set(report["targets"]) >= {"service_vs_naive", "rss_growth_pct"}
