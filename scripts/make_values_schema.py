@@ -1,11 +1,20 @@
 """Builds helm/stream-trainer/values.schema.json; config subtree from Settings' own schema."""
-import copy, json, sys
+
+import copy
+import json
+import sys
+
 from stream_trainer.config import Settings
 
 # Set by the chart from `secrets` (or forbidden: secret values never go into values).
 CHART_OWNED = {
-    "KafkaSettings": ["sasl_password", "sasl_password_file", "ssl_ca_location",
-                      "ssl_certificate_location", "ssl_key_location"],
+    "KafkaSettings": [
+        "sasl_password",
+        "sasl_password_file",
+        "ssl_ca_location",
+        "ssl_certificate_location",
+        "ssl_key_location",
+    ],
     "CheckpointSettings": ["hmac_key", "hmac_key_file"],
 }
 
@@ -14,6 +23,7 @@ defs = raw["$defs"]
 for model, fields in CHART_OWNED.items():
     for f in fields:
         defs[model]["properties"].pop(f)
+
 
 def clean(node):
     if isinstance(node, dict):
@@ -26,12 +36,20 @@ def clean(node):
         return [clean(v) for v in node]
     return node
 
+
 config = clean({k: v for k, v in raw.items() if k != "$defs"})
-config["description"] = ("The service's config file, mirrored from stream_trainer.config.Settings "
-    "(secret fields and mounted-secret paths are set by the chart from `secrets`).")
+config["description"] = (
+    "The service's config file, mirrored from stream_trainer.config.Settings "
+    "(secret fields and mounted-secret paths are set by the chart from `secrets`)."
+)
 http = config["properties"]["http"]
-http["properties"]["enabled"] = {"const": True, "description": "must stay true: the chart's probes, Service and ServiceMonitor use the HTTP port"}
-config["properties"]["training"]["properties"]["mode"]["description"] = "training mode, chosen once: per_record, mini_batch or full_batch"
+http["properties"]["enabled"] = {
+    "const": True,
+    "description": "must stay true: the chart's probes, Service and ServiceMonitor use the HTTP port",
+}
+config["properties"]["training"]["properties"]["mode"]["description"] = (
+    "training mode, chosen once: per_record, mini_batch or full_batch"
+)
 
 S = lambda **kw: kw
 string = {"type": "string"}
@@ -39,85 +57,270 @@ labels = {"type": "object", "additionalProperties": {"type": "string"}}
 annotations = labels
 anyobj = {"type": "object"}
 anylist = {"type": "array", "items": {"type": "object"}}
-probe = lambda d: {"type": "object", "additionalProperties": False, "description": d,
+probe = lambda d: {
+    "type": "object",
+    "additionalProperties": False,
+    "description": d,
     "required": ["enabled", "periodSeconds", "failureThreshold", "timeoutSeconds"],
-    "properties": {"enabled": {"type": "boolean"}, "periodSeconds": {"type": "integer", "minimum": 1},
-                   "failureThreshold": {"type": "integer", "minimum": 1}, "timeoutSeconds": {"type": "integer", "minimum": 1}}}
+    "properties": {
+        "enabled": {"type": "boolean"},
+        "periodSeconds": {"type": "integer", "minimum": 1},
+        "failureThreshold": {"type": "integer", "minimum": 1},
+        "timeoutSeconds": {"type": "integer", "minimum": 1},
+    },
+}
+
+
 def obj(props, required=None, description=None, additional=False):
     o = {"type": "object", "additionalProperties": additional, "properties": props}
     o["required"] = sorted(props) if required is None else required
     if description:
         o["description"] = description
     return o
-secret_ref = lambda d, as_enum: obj({
-    "existingSecret": {"type": "string", "description": "name of an existing Secret in the release namespace"},
-    "key": {"type": "string", "minLength": 1, "description": "key inside the Secret"},
-    "as": {"enum": as_enum, "description": "deliver as a mounted file or an environment variable"}}, description=d)
+
+
+secret_ref = lambda d, as_enum: obj(
+    {
+        "existingSecret": {
+            "type": "string",
+            "description": "name of an existing Secret in the release namespace",
+        },
+        "key": {"type": "string", "minLength": 1, "description": "key inside the Secret"},
+        "as": {
+            "enum": as_enum,
+            "description": "deliver as a mounted file or an environment variable",
+        },
+    },
+    description=d,
+)
 
 schema = {
-  "$schema": "https://json-schema.org/draft/2020-12/schema",
-  "title": "stream-trainer chart values",
-  "type": "object",
-  "additionalProperties": False,
-  "required": ["replicaCount", "workload", "image", "persistence", "service", "secrets", "config"],
-  "properties": {
-    "global": {"type": "object", "description": "Helm global values (passed through by parent charts)"},
-    "nameOverride": string, "fullnameOverride": string,
-    "replicaCount": {"type": "integer", "minimum": 0, "maximum": 1,
-        "description": "1 (running) or 0 (paused). One release trains one model: a second replica would split the input partitions between two learners and contend for the same checkpoints. Install another release per model instead."},
-    "workload": obj({"kind": {"enum": ["Deployment", "StatefulSet"], "description": "Deployment (strategy Recreate) or StatefulSet"}}),
-    "image": obj({"repository": {"type": "string", "minLength": 1}, "tag": string,
-                  "digest": {"type": "string", "pattern": "^(sha256:[a-f0-9]{64})?$"},
-                  "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}),
-    "imagePullSecrets": {"type": "array", "items": obj({"name": {"type": "string", "minLength": 1}})},
-    "serviceAccount": obj({"create": {"type": "boolean"}, "name": string, "annotations": annotations}),
-    "commonLabels": labels, "podAnnotations": annotations, "podLabels": labels,
-    "podSecurityContext": anyobj, "securityContext": anyobj,
-    "resources": obj({"requests": anyobj, "limits": anyobj}, required=[]),
-    "tmpSizeLimit": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)?$"},
-    "terminationGracePeriodSeconds": {"type": ["integer", "null"], "minimum": 1,
-        "description": "empty = ceil(config.shutdown.timeout_s) + terminationGraceMarginSeconds; when set it must exceed config.shutdown.timeout_s"},
-    "terminationGraceMarginSeconds": {"type": "integer", "minimum": 1},
-    "probes": obj({"startup": probe("GET /healthz until the service has started"),
-                   "liveness": probe("GET /healthz"), "readiness": probe("GET /readyz")}),
-    "persistence": obj({"enabled": {"type": "boolean"}, "existingClaim": string, "storageClass": string,
-        "accessModes": {"type": "array", "minItems": 1, "items": {"enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]}},
-        "size": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"},
-        "annotations": annotations, "retainOnUninstall": {"type": "boolean"},
-        "mountPath": {"type": "string", "pattern": "^/"}}),
-    "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-                    "port": {"type": "integer", "minimum": 1, "maximum": 65535}, "annotations": annotations}),
-    "secrets": obj({
-        "checkpointKey": secret_ref("checkpoint HMAC key (required unless config.checkpoint.allow_unsigned)", ["file", "env"]),
-        "kafkaSasl": secret_ref("Kafka SASL password (required for SASL_* security protocols)", ["env", "file"]),
-        "kafkaTls": obj({"existingSecret": string, "caKey": string, "certKey": string, "keyKey": string},
-                        description="Kafka TLS material, mounted as files"),
-    }),
-    "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"],
-        "properties": {"name": {"type": "string", "minLength": 1}},
-        "if": {"properties": {"name": {"enum": ["STREAM_TRAINER_KAFKA__SASL_PASSWORD", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"]}}},
-        "then": {"properties": {"value": False}, "required": ["valueFrom"]},
-        "description": "extra env vars; secret variables must use valueFrom, never a literal value"}},
-    "nodeSelector": labels, "tolerations": anylist, "affinity": anyobj,
-    "topologySpreadConstraints": anylist, "priorityClassName": string,
-    "metrics": obj({
-        "serviceMonitor": obj({"enabled": {"type": "boolean"}, "interval": string, "scrapeTimeout": string, "labels": labels}),
-        "prometheusRule": obj({"enabled": {"type": "boolean"}, "labels": labels}),
-        "grafanaDashboard": obj({"enabled": {"type": "boolean"}, "labelKey": {"type": "string", "minLength": 1},
-                                 "labelValue": string, "annotations": annotations}),
-    }),
-    "networkPolicy": obj({"enabled": {"type": "boolean"}, "ingressFrom": anylist, "kafkaEgressTo": anylist,
-        "kafkaPorts": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
-        "extraEgress": anylist}),
-    "helmTest": obj({"enabled": {"type": "boolean"}}),
-    "config": config,
-  },
-  "allOf": [
-    {"if": {"properties": {"config": {"properties": {"checkpoint": {"properties": {"allow_unsigned": {"const": True}}, "required": ["allow_unsigned"]}}}}},
-     "else": {"properties": {"secrets": {"properties": {"checkpointKey": {"properties": {"existingSecret": {"minLength": 1}}}}}}}},
-    {"if": {"properties": {"config": {"properties": {"kafka": {"properties": {"security_protocol": {"enum": ["SASL_PLAINTEXT", "SASL_SSL"]}}, "required": ["security_protocol"]}}}}},
-     "then": {"properties": {"secrets": {"properties": {"kafkaSasl": {"properties": {"existingSecret": {"minLength": 1}}}}}}}},
-  ],
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "stream-trainer chart values",
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "replicaCount",
+        "workload",
+        "image",
+        "persistence",
+        "service",
+        "secrets",
+        "config",
+    ],
+    "properties": {
+        "global": {
+            "type": "object",
+            "description": "Helm global values (passed through by parent charts)",
+        },
+        "nameOverride": string,
+        "fullnameOverride": string,
+        "replicaCount": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "1 (running) or 0 (paused). One release trains one model: a second replica would split the input partitions between two learners and contend for the same checkpoints. Install another release per model instead.",
+        },
+        "workload": obj(
+            {
+                "kind": {
+                    "enum": ["Deployment", "StatefulSet"],
+                    "description": "Deployment (strategy Recreate) or StatefulSet",
+                }
+            }
+        ),
+        "image": obj(
+            {
+                "repository": {"type": "string", "minLength": 1},
+                "tag": string,
+                "digest": {"type": "string", "pattern": "^(sha256:[a-f0-9]{64})?$"},
+                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+            }
+        ),
+        "imagePullSecrets": {
+            "type": "array",
+            "items": obj({"name": {"type": "string", "minLength": 1}}),
+        },
+        "serviceAccount": obj(
+            {"create": {"type": "boolean"}, "name": string, "annotations": annotations}
+        ),
+        "commonLabels": labels,
+        "podAnnotations": annotations,
+        "podLabels": labels,
+        "podSecurityContext": anyobj,
+        "securityContext": anyobj,
+        "resources": obj({"requests": anyobj, "limits": anyobj}, required=[]),
+        "tmpSizeLimit": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi)?$"},
+        "terminationGracePeriodSeconds": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": "empty = ceil(config.shutdown.timeout_s) + terminationGraceMarginSeconds; when set it must exceed config.shutdown.timeout_s",
+        },
+        "terminationGraceMarginSeconds": {"type": "integer", "minimum": 1},
+        "probes": obj(
+            {
+                "startup": probe("GET /healthz until the service has started"),
+                "liveness": probe("GET /healthz"),
+                "readiness": probe("GET /readyz"),
+            }
+        ),
+        "persistence": obj(
+            {
+                "enabled": {"type": "boolean"},
+                "existingClaim": string,
+                "storageClass": string,
+                "accessModes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]},
+                },
+                "size": {
+                    "type": "string",
+                    "pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$",
+                },
+                "annotations": annotations,
+                "retainOnUninstall": {"type": "boolean"},
+                "mountPath": {"type": "string", "pattern": "^/"},
+            }
+        ),
+        "service": obj(
+            {
+                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "annotations": annotations,
+            }
+        ),
+        "secrets": obj(
+            {
+                "checkpointKey": secret_ref(
+                    "checkpoint HMAC key (required unless config.checkpoint.allow_unsigned)",
+                    ["file", "env"],
+                ),
+                "kafkaSasl": secret_ref(
+                    "Kafka SASL password (required for SASL_* security protocols)", ["env", "file"]
+                ),
+                "kafkaTls": obj(
+                    {
+                        "existingSecret": string,
+                        "caKey": string,
+                        "certKey": string,
+                        "keyKey": string,
+                    },
+                    description="Kafka TLS material, mounted as files",
+                ),
+            }
+        ),
+        "extraEnv": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "minLength": 1}},
+                "if": {
+                    "properties": {
+                        "name": {
+                            "enum": [
+                                "STREAM_TRAINER_KAFKA__SASL_PASSWORD",
+                                "STREAM_TRAINER_CHECKPOINT__HMAC_KEY",
+                            ]
+                        }
+                    }
+                },
+                "then": {"properties": {"value": False}, "required": ["valueFrom"]},
+                "description": "extra env vars; secret variables must use valueFrom, never a literal value",
+            },
+        },
+        "nodeSelector": labels,
+        "tolerations": anylist,
+        "affinity": anyobj,
+        "topologySpreadConstraints": anylist,
+        "priorityClassName": string,
+        "metrics": obj(
+            {
+                "serviceMonitor": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "interval": string,
+                        "scrapeTimeout": string,
+                        "labels": labels,
+                    }
+                ),
+                "prometheusRule": obj({"enabled": {"type": "boolean"}, "labels": labels}),
+                "grafanaDashboard": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "labelKey": {"type": "string", "minLength": 1},
+                        "labelValue": string,
+                        "annotations": annotations,
+                    }
+                ),
+            }
+        ),
+        "networkPolicy": obj(
+            {
+                "enabled": {"type": "boolean"},
+                "ingressFrom": anylist,
+                "kafkaEgressTo": anylist,
+                "kafkaPorts": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+                },
+                "extraEgress": anylist,
+            }
+        ),
+        "helmTest": obj({"enabled": {"type": "boolean"}}),
+        "config": config,
+    },
+    "allOf": [
+        {
+            "if": {
+                "properties": {
+                    "config": {
+                        "properties": {
+                            "checkpoint": {
+                                "properties": {"allow_unsigned": {"const": True}},
+                                "required": ["allow_unsigned"],
+                            }
+                        }
+                    }
+                }
+            },
+            "else": {
+                "properties": {
+                    "secrets": {
+                        "properties": {
+                            "checkpointKey": {"properties": {"existingSecret": {"minLength": 1}}}
+                        }
+                    }
+                }
+            },
+        },
+        {
+            "if": {
+                "properties": {
+                    "config": {
+                        "properties": {
+                            "kafka": {
+                                "properties": {
+                                    "security_protocol": {"enum": ["SASL_PLAINTEXT", "SASL_SSL"]}
+                                },
+                                "required": ["security_protocol"],
+                            }
+                        }
+                    }
+                }
+            },
+            "then": {
+                "properties": {
+                    "secrets": {
+                        "properties": {
+                            "kafkaSasl": {"properties": {"existingSecret": {"minLength": 1}}}
+                        }
+                    }
+                }
+            },
+        },
+    ],
 }
 json.dump(schema, sys.stdout, indent=2)
 print()

@@ -553,7 +553,7 @@ class CheckpointStore:
         self, path: Path, validate: Callable[[Any, CheckpointManifest], None] | None
     ) -> LoadedCheckpoint:
         manifest, payload = self._verify(path, keep_payload=True)
-        assert payload is not None  # noqa: S101 - keep_payload=True always returns it
+        assert payload is not None
         mismatch = _library_mismatch(manifest.library_versions)
         if mismatch:
             raise _Rejected(LIBRARY_MISMATCH, f"written with {mismatch}")

@@ -21,19 +21,29 @@ PHISHING = get_dataset("phishing")
 
 
 def _registry(config: dict[str, Any]) -> ModelRegistry:
-    return ModelRegistry(Path(config["registry"]["root"]), config["model"]["name"],
-                         HMAC_KEY.encode(), keep_last=100)
+    return ModelRegistry(
+        Path(config["registry"]["root"]), config["model"]["name"], HMAC_KEY.encode(), keep_last=100
+    )
 
 
 def _produce(config: dict[str, Any], count: int, seed: int = 1, **kw: Any) -> None:
-    produce({"bootstrap.servers": config["kafka"]["bootstrap_servers"]},
-            config["topics"]["input"][0], kw.pop("dataset", PHISHING), count, seed=seed, **kw)
+    produce(
+        {"bootstrap.servers": config["kafka"]["bootstrap_servers"]},
+        config["topics"]["input"][0],
+        kw.pop("dataset", PHISHING),
+        count,
+        seed=seed,
+        **kw,
+    )
 
 
 def _control(config_path: Path, command: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "stream_trainer", "control", command, "--config", str(config_path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**__import__("os").environ, "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY},
     )
     assert result.returncode == 0, result.stderr
@@ -42,9 +52,16 @@ def _control(config_path: Path, command: str) -> None:
 def test_versions_by_record_count_increase_across_restart_with_full_lineage(
     broker: Any, tmp_path: Path
 ) -> None:
-    config = service_config(tmp_path, broker.bootstrap_servers, "phishing", partitions=2,
-                            overrides={"registry": {"publish_every_records": 400},
-                                       "kafka": {"consume_batch_size": 200}})
+    config = service_config(
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
+        partitions=2,
+        overrides={
+            "registry": {"publish_every_records": 400},
+            "kafka": {"consume_batch_size": 200},
+        },
+    )
     _produce(config, 1250, partitions=2)
     with ServiceProcess(config, tmp_path) as service:
         service.wait_metric("stream_trainer_records_learnt_total", 1250)
@@ -56,8 +73,11 @@ def test_versions_by_record_count_increase_across_restart_with_full_lineage(
     _produce(config, 1250, partitions=2, seed=2)
     with ServiceProcess(config, tmp_path, name="second") as service:
         service.wait_metric("stream_trainer_records_learnt_total", 1250)
-        wait_for(lambda: len(_registry(config).list()) > len(first_run), 60,
-                 "a version after the restart")
+        wait_for(
+            lambda: len(_registry(config).list()) > len(first_run),
+            60,
+            "a version after the restart",
+        )
         assert service.stop() == 0
     versions = _registry(config).list()
     numbers = [v.version for v in versions]
@@ -86,16 +106,21 @@ def test_versions_by_record_count_increase_across_restart_with_full_lineage(
         assert meta["artifact_sha256"] and meta["artifact_hmac"]
 
     # Events: one per version on the versions topic, keyed by model name.
-    events = read_topic(broker.bootstrap_servers, config["topics"]["versions"],
-                        expected=len(numbers))
+    events = read_topic(
+        broker.bootstrap_servers, config["topics"]["versions"], expected=len(numbers)
+    )
     seen = sorted({json.loads(m.value())["version"] for m in events})
     assert seen == numbers
     assert all(m.key() == b"model" for m in events)
 
 
 def test_versions_after_time_and_on_demand(broker: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, broker.bootstrap_servers, "phishing",
-                            overrides={"registry": {"publish_every_seconds": 1.0}})
+    config = service_config(
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
+        overrides={"registry": {"publish_every_seconds": 1.0}},
+    )
     _produce(config, 600)
     with ServiceProcess(config, tmp_path) as service:
         service.wait_metric("stream_trainer_records_learnt_total", 600)
@@ -112,13 +137,25 @@ def test_versions_after_time_and_on_demand(broker: Any, tmp_path: Path) -> None:
 
 def test_after_each_full_retrain(broker: Any, tmp_path: Path) -> None:
     config = service_config(
-        tmp_path, broker.bootstrap_servers, "bananas", mode="full_batch",
+        tmp_path,
+        broker.bootstrap_servers,
+        "bananas",
+        mode="full_batch",
         overrides={
-            "model": {"preprocessing": [],
-                      "learner": {"path": "sklearn.tree.DecisionTreeClassifier",
-                                  "params": {"max_depth": 8}}},
-            "training": {"full_batch": {"window_records": 1000, "retrain_every_records": 800,
-                                        "min_records": 200}},
+            "model": {
+                "preprocessing": [],
+                "learner": {
+                    "path": "sklearn.tree.DecisionTreeClassifier",
+                    "params": {"max_depth": 8},
+                },
+            },
+            "training": {
+                "full_batch": {
+                    "window_records": 1000,
+                    "retrain_every_records": 800,
+                    "min_records": 200,
+                }
+            },
             "registry": {"gate": {"holdout_records": 100}},
         },
     )
@@ -137,7 +174,9 @@ def test_gate_rejects_a_degraded_candidate_and_accepts_a_recovered_one(
     broker: Any, tmp_path: Path
 ) -> None:
     config = service_config(
-        tmp_path, broker.bootstrap_servers, "phishing",
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
         overrides={"registry": {"gate": {"holdout_records": 300, "margin": 0.1}}},
     )
     topic = config["topics"]["input"][0]
@@ -166,7 +205,10 @@ def test_gate_rejects_a_degraded_candidate_and_accepts_a_recovered_one(
     registry = _registry(config)
     decisions = registry.decisions()
     rejected = [d for d in decisions if d["action"] == "reject"]
-    print(f"decisions: {[(d['action'], d.get('champion_score'), d.get('candidate_score')) for d in decisions]}")
+    print(
+        "decisions:",
+        [(d["action"], d.get("champion_score"), d.get("candidate_score")) for d in decisions],
+    )
     assert len(rejected) == 1
     assert rejected[0]["candidate_score"] < rejected[0]["champion_score"] - 0.1
     assert [v.version for v in registry.list()] == [1, 2]
@@ -187,11 +229,16 @@ def _inverted_phishing() -> Any:
 def test_crash_between_files_and_event_republishes_the_identical_event(
     broker: Any, tmp_path: Path
 ) -> None:
-    config = service_config(tmp_path, broker.bootstrap_servers, "phishing",
-                            overrides={"registry": {"publish_every_records": 1000}})
+    config = service_config(
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
+        overrides={"registry": {"publish_every_records": 1000}},
+    )
     _produce(config, 1250)
-    crashing = ServiceProcess(config, tmp_path, name="crashing",
-                              env={"STREAM_TRAINER_CRASH_AT": "after_version_files:1"})
+    crashing = ServiceProcess(
+        config, tmp_path, name="crashing", env={"STREAM_TRAINER_CRASH_AT": "after_version_files:1"}
+    )
     with crashing:
         wait_for(lambda: not crashing.alive(), 60, "the crash after the version files")
     assert crashing.proc is not None and crashing.proc.returncode == -9
@@ -203,7 +250,18 @@ def test_crash_between_files_and_event_republishes_the_identical_event(
         assert service.stop() == 0
     events = read_topic(broker.bootstrap_servers, config["topics"]["versions"])
     first = [m.value() for m in events if json.loads(m.value())["version"] == 1]
-    print(f"events for version 1: {len(first)}; versions: {[v.version for v in _registry(config).list()]}")
+    print(
+        f"events for version 1: {len(first)}; versions:",
+        [v.version for v in _registry(config).list()],
+    )
     assert len(first) >= 1 and len(set(first)) == 1
-    assert len([p for p in (Path(config["registry"]["root"]) / "model" / "versions").iterdir()
-                if p.name == "00000001"]) == 1
+    assert (
+        len(
+            [
+                p
+                for p in (Path(config["registry"]["root"]) / "model" / "versions").iterdir()
+                if p.name == "00000001"
+            ]
+        )
+        == 1
+    )

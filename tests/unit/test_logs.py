@@ -82,7 +82,7 @@ def test_redaction_of_keys_and_registered_secrets(stream: io.StringIO) -> None:
     logs.register_secret("hunter2-very-secret")
     logs.register_secret("ab")  # too short to mask safely: ignored
     log = logging.getLogger("t")
-    with logs.bind(api_token="tok-123"):  # noqa: S106 - test data
+    with logs.bind(api_token="tok-123"):
         log.info(
             "connecting with %s",
             "hunter2-very-secret",
