@@ -35,24 +35,12 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from stream_trainer.records import REASONS
+
 PREFIX = "stream_trainer"
 
-# Reason codes of dead-lettered records. Engineer A's records.REASONS is the source
-# of truth; this copy is reconciled with it by the lead.
-DEAD_LETTER_REASONS: tuple[str, ...] = (
-    "too_large",
-    "empty",
-    "malformed_json",
-    "not_object",
-    "missing_label",
-    "unknown_label",
-    "missing_feature",
-    "unknown_feature",
-    "wrong_type",
-    "non_finite",
-    "bad_weight",
-    "learner_error",
-)
+# Reason codes of dead-lettered records (pre-initialised labels): the decoder's own list.
+DEAD_LETTER_REASONS: tuple[str, ...] = REASONS
 # Why a checkpoint was quarantined: the reason strings of checkpoint.py.
 QUARANTINE_REASONS: tuple[str, ...] = (
     "bad_magic",
