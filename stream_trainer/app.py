@@ -9,10 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import signal
-import threading
-import time
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -40,6 +36,7 @@ from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
 from stream_trainer.service import Service
+from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
 from stream_trainer.trainers import build_trainer
 from stream_trainer.versions import VersionEventPublisher
@@ -130,39 +127,20 @@ def restore_state(settings: Settings, store: CheckpointStore) -> tuple[TrainingS
     return state, True
 
 
-class _Signals:
-    """SIGTERM/SIGINT: first asks the loop to stop (bounded), second exits at once."""
-
-    def __init__(self, service: Service, bound_s: float) -> None:
-        self._service = service
-        self._bound_s = bound_s
-        self._count = 0
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self._count += 1
-        if self._count > 1:
-            os._exit(128 + signum)
-        self._service.request_stop()
-        threading.Thread(target=self._watchdog, name="shutdown-watchdog", daemon=True).start()
-
-    def _watchdog(self) -> None:
-        time.sleep(self._bound_s)  # a deadline, not synchronisation
-        log.error("graceful stop exceeded its bound; exiting", extra={"bound_s": self._bound_s})
-        logging.shutdown()
-        os._exit(1)
-
-
 def run_service(
-    settings: Settings, install_signals: bool = True, lock: DirectoryLock | None = None
+    settings: Settings,
+    install_signals: bool = True,
+    lock: DirectoryLock | None = None,
+    signals: ShutdownSignals | None = None,
 ) -> int:
     """Run the service until stopped; returns the exit code (0 after a graceful stop).
 
-    ``lock``: the checkpoint directory's lock when the caller already holds it.
+    ``lock``: the checkpoint directory's lock when the caller already holds it;
+    ``signals``: handlers the caller installed already (else installed here if asked).
     """
+    if signals is None and install_signals:
+        signals = ShutdownSignals(settings.shutdown.timeout_s)
+        signals.install()
     configure_logging(settings.logging.level, settings.logging.format)
     for secret in (settings.kafka.client_config().get("sasl.password"), settings.checkpoint.key()):
         register_secret(secret)
@@ -258,8 +236,8 @@ def run_service(
             crash=crash,
         )
         service_ref["service"] = service
-        if install_signals:
-            _Signals(service, settings.shutdown.timeout_s).install()
+        if signals is not None:
+            signals.attach(service)
         # Start-up objects (libraries, the restored model) live for the whole run: moving
         # them out of the collector's generations measured +8-23 % throughput.
         gc.collect()

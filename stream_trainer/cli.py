@@ -39,8 +39,13 @@ def _print_json(data: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
     from stream_trainer.checkpoint import CheckpointLocked, DirectoryLock  # noqa: PLC0415
+    from stream_trainer.signals import ShutdownSignals  # noqa: PLC0415
 
     settings = _settings(args)
+    # Handlers first: a SIGTERM during start-up is honoured once the service exists,
+    # instead of killing the process by the default action.
+    signals = ShutdownSignals(settings.shutdown.timeout_s)
+    signals.install()
     # The single-writer lock comes before the heavy imports, so a second process on the
     # same checkpoint directory fails in milliseconds, not after loading River/sklearn.
     lock = DirectoryLock(settings.checkpoint.dir)
@@ -54,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         build_model(settings)  # incompatible learner choices fail before anything starts
-        return run_service(settings, lock=lock)
+        return run_service(settings, lock=lock, signals=signals)
     except (StartupError, IncompatibleLearner) as error:
         print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
         return EXIT_FAILURE
