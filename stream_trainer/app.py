@@ -24,7 +24,7 @@ from stream_trainer.checkpoint import (
 )
 from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource, RetentionGap
-from stream_trainer.control import ControlChannel
+from stream_trainer.control import ControlChannel, ControlError
 from stream_trainer.deadletter import BadRecordBreaker, DeadLetterPublisher
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
@@ -203,9 +203,12 @@ def run_service(
         publisher.reconcile(state)
         control = None
         if settings.topics.control:
-            control = ControlChannel(
-                settings.kafka.consumer_config(), settings.topics.control, settings.model.name
-            )
+            try:
+                control = ControlChannel(
+                    settings.kafka.consumer_config(), settings.topics.control, settings.model.name
+                )
+            except ControlError as error:
+                raise StartupError(f"{error} (create it, or unset topics.control)") from None
 
         def make_source(service: Service) -> KafkaSource:
             return KafkaSource(

@@ -7,10 +7,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream_trainer import __version__
-from stream_trainer.config import ConfigError, Settings, load_settings
+from stream_trainer.signals import ShutdownSignals
+
+if TYPE_CHECKING:
+    from stream_trainer.config import Settings
+
+# Installed by main() before anything heavy is imported, for the `run` command only.
+_RUN_SIGNALS: ShutdownSignals | None = None
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -26,6 +32,8 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from stream_trainer.config import load_settings  # noqa: PLC0415
+
     return load_settings(args.config)
 
 
@@ -39,12 +47,10 @@ def _print_json(data: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
     from stream_trainer.checkpoint import CheckpointLocked, DirectoryLock  # noqa: PLC0415
-    from stream_trainer.signals import ShutdownSignals  # noqa: PLC0415
 
     settings = _settings(args)
-    # Handlers first: a SIGTERM during start-up is honoured once the service exists,
-    # instead of killing the process by the default action.
-    signals = ShutdownSignals(settings.shutdown.timeout_s)
+    signals = _RUN_SIGNALS or ShutdownSignals(settings.shutdown.timeout_s)
+    signals.set_bound(settings.shutdown.timeout_s)
     signals.install()
     # The single-writer lock comes before the heavy imports, so a second process on the
     # same checkpoint directory fails in milliseconds, not after loading River/sklearn.
@@ -348,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    global _RUN_SIGNALS  # noqa: PLW0603 - one process, one set of signal handlers
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["run"]:
+        # Handlers before the heavy imports: a SIGTERM during start-up is honoured once the
+        # service exists, instead of killing the process by the default action.
+        _RUN_SIGNALS = ShutdownSignals(bound_s=25.0)
+        _RUN_SIGNALS.install()
+    from stream_trainer.config import ConfigError  # noqa: PLC0415
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

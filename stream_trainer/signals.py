@@ -36,6 +36,10 @@ class ShutdownSignals:
         self._requested = threading.Event()
         self._count = 0
 
+    def set_bound(self, bound_s: float) -> None:
+        """The shutdown bound, once the config is known."""
+        self._bound_s = bound_s
+
     def install(self) -> None:
         """Replace the default handlers (call on the main thread)."""
         signal.signal(signal.SIGTERM, self._handle)

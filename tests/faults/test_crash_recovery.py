@@ -36,7 +36,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import deep_merge, service_config
+from tests.harness import deep_merge, service_config, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -64,6 +64,8 @@ def _finish(config: dict[str, Any], tmp_path: Path, name: str) -> tuple[Service,
     try:
         recovery = recovery_seconds(service, started) if pending else None
         wait_checkpointed(config, ends, service)
+        # Stop a service that is up (not one still starting the interpreter).
+        wait_for(lambda: service.http("/metrics")[0] == 200, 60, "the service's HTTP port")
         assert service.stop() == 0, service.tail()
     finally:
         service.__exit__()
