@@ -31,7 +31,7 @@ from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
 from stream_trainer.learners import build_model
 from stream_trainer.logs import configure_logging, register_secret
-from stream_trainer.metrics import LagTracker, Metrics, build_metrics
+from stream_trainer.metrics import LagTracker, build_metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
@@ -256,9 +256,3 @@ def run_service(
             http.stop()
         if owns_lock:
             lock.release()
-
-
-def build_registry_metrics() -> tuple[CollectorRegistry, Metrics]:
-    """A fresh registry with every metric registered (for tools and tests)."""
-    registry = CollectorRegistry()
-    return registry, build_metrics(registry, version=__version__)

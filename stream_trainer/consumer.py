@@ -235,11 +235,6 @@ class KafkaSource:
         """Move an owned partition's fetch position (used after a state reload)."""
         self._consumer.seek(TopicPartition(key[0], key[1], offset))
 
-    @property
-    def paused(self) -> frozenset[TopicPartitionKey]:
-        """Partitions paused by the service."""
-        return frozenset(self._paused)
-
     def close(self, timeout_s: float) -> bool:
         """Leave the group; bounded because ``close()`` can hang on an unreachable broker.
 

@@ -78,9 +78,7 @@ def _group_by_partition(batch: DecodedBatch) -> dict[TopicPartitionKey, np.ndarr
     if not topics:
         return {}
     if topics.count(topics[0]) == len(topics):  # the usual case: one input topic
-        return {
-            (topics[0], int(p)): np.flatnonzero(partitions == p) for p in np.unique(partitions)
-        }
+        return {(topics[0], int(p)): np.flatnonzero(partitions == p) for p in np.unique(partitions)}
     groups: dict[TopicPartitionKey, list[int]] = {}
     for index, key in enumerate(zip(topics, partitions.tolist(), strict=True)):
         groups.setdefault(key, []).append(index)
@@ -144,11 +142,6 @@ class Service:
         """Ask the loop to drain, checkpoint, commit and return (thread- and signal-safe)."""
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        """True once a stop was requested."""
-        return self._stop.is_set()
-
     def ready(self) -> tuple[bool, str]:
         """Readiness: restored and owning partitions, not stopping."""
         if self._stop.is_set():
@@ -188,7 +181,8 @@ class Service:
             self._crash.reached("after_learn")
         if isinstance(self._trainer, FullBatchTrainer):
             outcome = self._trainer.poll_retrain(self.state, now)
-            self._metrics.state.state("retraining" if self._trainer.retraining else "running")
+            if not self._manual_pause:
+                self._metrics.state.state("retraining" if self._trainer.retraining else "running")
             if outcome is not None:
                 self._metrics.retrains.labels(trigger=outcome.trigger).inc()
                 self._metrics.retrain_duration.observe(outcome.duration_s)
@@ -231,8 +225,9 @@ class Service:
             # learnt nor dead-lettered, and their offsets do not advance past them.
             records = [
                 records[i]
-                for i, key in enumerate(zip(batch.message_topics,
-                                            batch.message_partitions.tolist(), strict=True))
+                for i, key in enumerate(
+                    zip(batch.message_topics, batch.message_partitions.tolist(), strict=True)
+                )
                 if key not in state.halted
             ]
             batch = self._decoder.decode(records)
@@ -394,7 +389,9 @@ class Service:
         self._checkpoint_done(result, flight.offsets, wait_commit=False)
 
     def _checkpoint_done(
-        self, result: WriteResult, offsets: Mapping[TopicPartitionKey, int],
+        self,
+        result: WriteResult,
+        offsets: Mapping[TopicPartitionKey, int],
         wait_commit: bool = True,
     ) -> None:
         m = self._metrics
@@ -409,8 +406,10 @@ class Service:
             # outage must not stop training: the next checkpoint commits again.
             code = error.args[0].name() if error.args else "unknown"
             self._metrics.kafka_errors.labels(code=code).inc()
-            log.warning("offset commit failed; the next checkpoint commits again",
-                        extra={"reason": str(error)})
+            log.warning(
+                "offset commit failed; the next checkpoint commits again",
+                extra={"reason": str(error)},
+            )
             committed = {}
         log.debug(
             "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}
