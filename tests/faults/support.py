@@ -25,7 +25,7 @@ from stream_trainer.datasets import get_dataset
 from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
 from stream_trainer.produce import produce
 from stream_trainer.state import TrainingState
-from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for
+from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 
 LEARNT = "stream_trainer_records_learnt_total"
 
@@ -206,3 +206,14 @@ def model_fingerprint(state: TrainingState) -> dict[str, Any]:
         "counts": dict(scaler.counts),
         "proba": [pipeline.predict_proba_one(x) for x in probes],
     }
+
+
+def fault_config(tmp_path: Path, broker: Any, partitions: int,
+                 *overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fault suite's service: per_record River on ``linear20``, fresh topics on
+    ``broker``; ``overrides`` are deep-merged in order."""
+    merged: dict[str, Any] = {}
+    for override in overrides:
+        merged = deep_merge(merged, dict(override or {}))
+    return service_config(tmp_path, broker.bootstrap_servers, "linear20", "per_record",
+                          partitions, merged)

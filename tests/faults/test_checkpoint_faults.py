@@ -20,6 +20,7 @@ from tests.faults.support import (
     Service,
     committed_offsets,
     end_offsets,
+    fault_config,
     judge,
     load_final,
     manifest_offsets,
@@ -29,7 +30,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import HMAC_KEY, deep_merge, service_config, wait_for
+from tests.harness import HMAC_KEY, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -38,8 +39,7 @@ BASE: dict[str, Any] = {"checkpoint": {"every_seconds": 0.5, "keep_last": 20}}
 
 def _config(tmp_path: Path, broker: BrokerHandle, partitions: int,
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return service_config(tmp_path, broker.bootstrap_servers, "linear20", "per_record",
-                          partitions, deep_merge(BASE, extra or {}))
+    return fault_config(tmp_path, broker, partitions, BASE, extra)
 
 
 def test_sigterm_under_load_relearns_nothing(kafka_broker: BrokerHandle, tmp_path: Path) -> None:

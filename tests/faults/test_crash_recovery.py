@@ -25,6 +25,7 @@ from tests.faults.support import (
     committed_offsets,
     covers,
     end_offsets,
+    fault_config,
     judge,
     load_final,
     manifest_offsets,
@@ -36,7 +37,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import deep_merge, service_config, wait_for
+from tests.harness import deep_merge, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -49,8 +50,7 @@ BASE: dict[str, Any] = {"checkpoint": {"every_seconds": 0.5, "every_records": 10
 
 def _config(tmp_path: Path, broker: BrokerHandle, partitions: int,
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return service_config(tmp_path, broker.bootstrap_servers, "linear20", "per_record",
-                          partitions, deep_merge(BASE, extra or {}))
+    return fault_config(tmp_path, broker, partitions, BASE, extra)
 
 
 def _finish(config: dict[str, Any], tmp_path: Path, name: str) -> tuple[Service, float | None]:

@@ -11,6 +11,7 @@ import pytest
 from river import datasets
 
 from stream_trainer.config import Settings, settings_from_mapping
+from stream_trainer.datasets import get_dataset
 from stream_trainer.learners import (
     IncompatibleLearner,
     ModelAdapter,
@@ -20,17 +21,7 @@ from stream_trainer.learners import (
 )
 
 FEATURES = ["f0", "f1", "f2", "f3"]
-PHISHING_FEATURES = [
-    "empty_server_form_handler",
-    "popup_window",
-    "https",
-    "request_from_other_domain",
-    "anchor_from_other_domain",
-    "is_popular",
-    "long_url",
-    "age_of_domain",
-    "ip_in_url",
-]
+PHISHING_FEATURES = list(get_dataset("phishing").features)
 
 
 def make_settings(
