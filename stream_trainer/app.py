@@ -26,6 +26,7 @@ from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource, RetentionGap
 from stream_trainer.control import ControlChannel, ControlError
 from stream_trainer.deadletter import BadRecordBreaker, DeadLetterPublisher
+from stream_trainer.decode_worker import UnitDecoder, build_unit_decoder
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
@@ -176,8 +177,13 @@ def run_service(
         )
         http.start()
     producer = None
+    unit_decoder: UnitDecoder | None = None
     try:
         metrics.state.state("restoring")
+        # First, so the decode worker's interpreter starts while the checkpoint loads.
+        unit_decoder = build_unit_decoder(
+            settings.record, settings.model.task, settings.kafka.decode_worker
+        )
         store = CheckpointStore(
             settings.checkpoint.dir,
             key=settings.checkpoint.key(),
@@ -235,6 +241,7 @@ def run_service(
             metrics=metrics,
             heartbeat=heartbeat,
             control=control,
+            unit_decoder=unit_decoder,
             reload_state=lambda: restore_state(settings, store)[0],
             crash=crash,
         )
@@ -250,6 +257,8 @@ def run_service(
         except RetentionGap as gap:
             raise StartupError(str(gap)) from None
     finally:
+        if unit_decoder is not None:
+            unit_decoder.close()
         if producer is not None:
             producer.flush(5.0)
         if http is not None:

@@ -105,6 +105,10 @@ class KafkaSettings(StrictModel):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     consume_batch_size: int = Field(default=1000, ge=1, le=100_000)
     consume_timeout_s: float = Field(default=0.2, gt=0, le=10)
+    decode_worker: bool = Field(
+        default=True,
+        description="decode the next unit in a child process while this one is learnt",
+    )
     # librdkafka's default 1000 ms stalls a consumer faster than ~100k records/s once its
     # prefetch queue fills; 10 ms measured 2.2x on ingestion here.
     fetch_queue_backoff_ms: int = Field(default=10, ge=0)

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 from river import base as river_base
+from sklearn import config_context
 from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
 from sklearn.pipeline import make_pipeline
 
@@ -535,6 +536,13 @@ class RiverAdapter:
 # --------------------------------------------------------------------------- scikit-learn
 
 
+def _trusted_params() -> Any:
+    """scikit-learn's per-call parameter validation off: ``_construct`` validated the
+    parameters once; repeating it on every partial_fit / predict cost ~10 % of a mini-batch
+    unit. Input validation (shapes, finiteness) stays on."""
+    return config_context(skip_parameter_validation=True)
+
+
 class SklearnAdapter:
     """A scikit-learn pipeline (``make_pipeline`` of preprocessing then learner)."""
 
@@ -566,6 +574,10 @@ class SklearnAdapter:
         X = np.asarray(X, dtype=np.float64)
         if not self._fitted or len(X) == 0:
             return self._empty(len(X))
+        with _trusted_params():
+            return self._predict(X)
+
+    def _predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         pipeline = self._pipeline
         if self._task == "regression":
             return np.asarray(pipeline.predict(X), dtype=np.float64), None
@@ -574,14 +586,16 @@ class SklearnAdapter:
             labels[:] = pipeline.predict(X).tolist()
             return labels, None
         proba_all = pipeline.predict_proba(X)
-        classes = list(pipeline.classes_)
+        # Python values, not numpy scalars: the evaluator's label lookups are 20x slower
+        # on np.bool_ / np.int64 keys.
+        classes = pipeline.classes_.tolist()
         positive = self._labels[1]
         if positive in classes:
             proba = np.asarray(proba_all[:, classes.index(positive)], dtype=np.float64)
         else:  # a full-batch fit that never saw the positive class
             proba = np.zeros(len(X))
         labels = np.empty(len(X), dtype=object)
-        labels[:] = np.asarray(classes, dtype=object)[np.argmax(proba_all, axis=1)].tolist()
+        labels[:] = np.asarray(classes, dtype=object)[np.argmax(proba_all, axis=1)]
         return labels, proba
 
     def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:
@@ -600,10 +614,15 @@ class SklearnAdapter:
         self.learn_many(row, np.array([y], dtype=object), np.array([weight]))
 
     def learn_many(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None) -> None:
-        """partial_fit every step in order; classes = record.labels on every call (fixed
-        at the first)."""
+        """partial_fit every step in order; classes = record.labels, given on the first call
+        (which fixes them)."""
         if len(y) == 0:
             return
+        with _trusted_params():
+            self._partial_fit(X, y, weights)
+        self._fitted = True
+
+    def _partial_fit(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None) -> None:
         Xt = np.asarray(X, dtype=np.float64)
         target = self._target(y)
         steps = [step for _, step in self._pipeline.steps]
@@ -614,12 +633,13 @@ class SklearnAdapter:
                 step.partial_fit(Xt)
             Xt = step.transform(Xt)
         kwargs: dict[str, Any] = {}
-        if self._task != "regression":
+        if self._task != "regression" and not hasattr(steps[-1], "classes_"):
+            # Needed on the first call only; on later calls sklearn re-derives and compares
+            # the classes each time (~4 % of a mini-batch unit).
             kwargs["classes"] = np.asarray(self._labels)
         if weights is not None:
             kwargs["sample_weight"] = np.asarray(weights, dtype=np.float64)
         steps[-1].partial_fit(Xt, target, **kwargs)
-        self._fitted = True
 
     def _target(self, y: np.ndarray) -> np.ndarray:
         if self._task == "regression":

@@ -92,6 +92,9 @@ class Metrics:
     learn_duration: Histogram
     # stream_trainer_predict_duration_seconds (histogram, per batch / unit)
     predict_duration: Histogram
+    # stream_trainer_decode_wait_seconds (histogram, per unit): the loop waiting for the
+    # decode worker; near 0 while decoding keeps ahead of training
+    decode_wait: Histogram
     # stream_trainer_consumer_lag_records{topic,partition}
     consumer_lag: Gauge
     # stream_trainer_assigned_partitions
@@ -202,6 +205,12 @@ def build_metrics(
         predict_duration=Histogram(
             f"{p}_predict_duration_seconds",
             "Time spent predicting one training unit (test-then-train).",
+            buckets=LATENCY_BUCKETS,
+            **r,
+        ),
+        decode_wait=Histogram(
+            f"{p}_decode_wait_seconds",
+            "Time the poll loop waited for a unit from the decode worker.",
             buckets=LATENCY_BUCKETS,
             **r,
         ),

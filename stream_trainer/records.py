@@ -103,6 +103,17 @@ def invalid_from_message(
 
 
 @dataclass(slots=True)
+class DecodedValues:
+    """:meth:`RecordDecoder.decode_values`' output: the valid rows and the rejected indexes."""
+
+    X: npt.NDArray[np.float64]
+    y: npt.NDArray[Any]
+    weights: npt.NDArray[np.float64] | None
+    valid_index: npt.NDArray[np.int64]  # ascending indexes into the input values
+    rejects: list[tuple[int, Rejection]]  # ascending by index
+
+
+@dataclass(slots=True)
 class DecodedBatch:
     """The valid records of a batch as arrays, aligned row by row, plus the rejects."""
 
@@ -138,7 +149,9 @@ class DecodedBatch:
 
 
 @dataclass(frozen=True, slots=True)
-class _Reject:
+class Rejection:
+    """Why one value is invalid (stage, one of :data:`REASONS`, class, human text)."""
+
     stage: str
     reason: str
     error_class: str
@@ -299,7 +312,12 @@ class RecordDecoder:
 
     def decode(self, messages: Sequence[MessageLike]) -> DecodedBatch:
         """Decode and validate ``messages``; never raises on bad data."""
-        values = [message.value() for message in messages]
+        return self.assemble(messages, self.decode_values([m.value() for m in messages]))
+
+    def decode_values(self, values: Sequence[bytes | None]) -> DecodedValues:
+        """The Kafka-free half of :meth:`decode`: message values in, arrays and verdicts out.
+
+        Pure and picklable both ways, so it can run in a decode worker process."""
         decode = self._typed.decode
         max_bytes = self._max_bytes
         fast_index: list[int] = []
@@ -325,23 +343,25 @@ class RecordDecoder:
             weights = weights[keep] if weights is not None else None
             fast_index = [fast_index[j] for j in keep.tolist()]
 
-        invalid: list[InvalidRecord] = []
+        rejects: list[tuple[int, Rejection]] = []
         rescued: list[tuple[int, _Accept]] = []
         for i in sorted(slow_index):
             verdict = self._inspect(values[i])
             if isinstance(verdict, _Accept):
                 rescued.append((i, verdict))
             else:
-                invalid.append(
-                    invalid_from_message(
-                        messages[i], verdict.stage, verdict.reason, verdict.error_class,
-                        verdict.message,
-                    )
-                )
+                rejects.append((i, verdict))
         valid_index = np.asarray(fast_index, dtype=np.int64)
         if rescued:
             X, y, weights, valid_index = self._merge(X, y, weights, valid_index, rescued)
+        return DecodedValues(X, y, weights, valid_index, rejects)
 
+    def assemble(self, messages: Sequence[MessageLike], decoded: DecodedValues) -> DecodedBatch:
+        """The :class:`DecodedBatch` of ``messages`` from their :meth:`decode_values`."""
+        invalid = [
+            invalid_from_message(messages[i], r.stage, r.reason, r.error_class, r.message)
+            for i, r in decoded.rejects
+        ]
         n = len(messages)
         message_topics = [message.topic() for message in messages]
         message_partitions = np.fromiter(
@@ -350,13 +370,18 @@ class RecordDecoder:
         message_offsets = np.fromiter(
             (message.offset() for message in messages), dtype=np.int64, count=n
         )
+        valid_index = decoded.valid_index
+        if len(valid_index) == n:  # the usual case: every message is valid
+            topics = message_topics
+        else:
+            topics = [message_topics[i] for i in valid_index.tolist()]
         return DecodedBatch(
-            X=X,
-            y=y,
-            weights=weights,
+            X=decoded.X,
+            y=decoded.y,
+            weights=decoded.weights,
             valid_index=valid_index,
             invalid=invalid,
-            topics=[message_topics[i] for i in valid_index.tolist()],
+            topics=topics,
             partitions=message_partitions[valid_index],
             offsets=message_offsets[valid_index],
             feature_names=self._features,
@@ -432,12 +457,12 @@ class RecordDecoder:
             weights = np.concatenate([weights, extra_w])[order]
         return X, y, weights, index[order]
 
-    def _inspect(self, value: bytes | None) -> _Reject | _Accept:
+    def _inspect(self, value: bytes | None) -> Rejection | _Accept:
         """The authoritative verdict on one value."""
         if not value:
-            return _Reject("decode", "empty", "EmptyValue", "record value is empty or null")
+            return Rejection("decode", "empty", "EmptyValue", "record value is empty or null")
         if len(value) > self._max_bytes:
-            return _Reject(
+            return Rejection(
                 "decode",
                 "too_large",
                 "RecordTooLarge",
@@ -450,33 +475,33 @@ class RecordDecoder:
             strict_error = str(error)
             obj = _lenient_parse(value)
             if obj is _UNPARSEABLE:
-                return _Reject(
+                return Rejection(
                     "decode", "malformed_json", "MalformedJSON", f"invalid JSON: {error}"
                 )
         verdict = self._check(obj)
         if isinstance(verdict, _Accept) and strict_error is not None:
             # Only strict JSON is valid; the lenient parse only serves to name the reason.
-            return _Reject(
+            return Rejection(
                 "decode", "malformed_json", "MalformedJSON", f"not strict JSON: {strict_error}"
             )
         return verdict
 
-    def _check(self, obj: Any) -> _Reject | _Accept:
+    def _check(self, obj: Any) -> Rejection | _Accept:
         record = self._record
         if not isinstance(obj, dict):
-            return _Reject(
+            return Rejection(
                 "validate", "not_object", "NotAnObject",
                 f"top-level JSON value is {_json_type(obj)}, expected an object",
             )
         if record.features_field is not None:
             if record.features_field not in obj:
-                return _Reject(
+                return Rejection(
                     "validate", "missing_feature", "MissingFeatures",
                     f"features object {_quote(record.features_field)} is missing",
                 )
             features = obj[record.features_field]
             if not isinstance(features, dict):
-                return _Reject(
+                return Rejection(
                     "validate", "wrong_type", "WrongFeaturesType",
                     f"{_quote(record.features_field)} is {_json_type(features)}, "
                     "expected an object",
@@ -488,13 +513,13 @@ class RecordDecoder:
         missing = [name for name in self._features if name not in features]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            return _Reject(
+            return Rejection(
                 "validate", "missing_feature", "MissingFeature",
                 f"feature {_quote(missing[0])} is missing{more}",
             )
         if unknown and self._reject_unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            return _Reject(
+            return Rejection(
                 "validate", "unknown_feature", "UnknownFeature",
                 f"unknown feature {_quote(min(unknown))}{more}",
             )
@@ -507,23 +532,23 @@ class RecordDecoder:
                     ("non_finite", "NonFiniteFeature") if is_number
                     else ("wrong_type", "WrongFeatureType")
                 )
-                return _Reject("validate", reason, cls, f"feature {_quote(name)} {problem}")
+                return Rejection("validate", reason, cls, f"feature {_quote(name)} {problem}")
             row.append(number)
         label = obj.get(record.label_field)
         if label is None:
-            return _Reject(
+            return Rejection(
                 "validate", "missing_label", "MissingLabel",
                 f"label field {_quote(record.label_field)} is missing or null",
             )
         y: Any
         if self._classification:
             if isinstance(label, _NonFinite) or not isinstance(label, str | int):
-                return _Reject(
+                return Rejection(
                     "validate", "unknown_label", "UnknownLabel",
                     f"label is {_json_type(label)}, not one of the configured labels",
                 )
             if (type(label), label) not in self._allowed:
-                return _Reject(
+                return Rejection(
                     "validate", "unknown_label", "UnknownLabel",
                     f"label {_quote(label)} is not one of the configured labels",
                 )
@@ -532,7 +557,7 @@ class RecordDecoder:
             number = _as_finite_number(label)
             if isinstance(number, tuple):
                 is_number, problem = number
-                return _Reject(
+                return Rejection(
                     "validate",
                     "non_finite" if is_number else "wrong_type",
                     "NonFiniteLabel" if is_number else "WrongLabelType",
@@ -544,7 +569,7 @@ class RecordDecoder:
             number = _as_finite_number(obj[record.weight_field])
             if isinstance(number, tuple) or number <= 0:
                 problem = number[1] if isinstance(number, tuple) else f"is {number}, expected > 0"
-                return _Reject(
+                return Rejection(
                     "validate", "bad_weight", "BadWeight",
                     f"weight {_quote(record.weight_field)} {problem}",
                 )

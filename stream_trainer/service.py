@@ -29,6 +29,7 @@ from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource
 from stream_trainer.control import ControlChannel
 from stream_trainer.deadletter import DeadLetterPublisher
+from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
@@ -105,6 +106,7 @@ class Service:
         metrics: Metrics,
         heartbeat: Heartbeat,
         control: ControlChannel | None = None,
+        unit_decoder: UnitDecoder | None = None,
         reload_state: Callable[[], TrainingState] | None = None,
         crash: CrashPoints = NO_CRASHES,
         clock: Callable[[], float] = time.monotonic,
@@ -112,6 +114,9 @@ class Service:
         self.settings = settings
         self.state = state
         self._decoder = decoder
+        # Decodes the next unit (possibly in a worker process) while this one is learnt.
+        self._unit_decoder = unit_decoder if unit_decoder is not None else InlineDecoder(decoder)
+        self._decoding: list[Message] | None = None  # the unit in the unit decoder
         self._trainer = trainer
         self._store = store
         self._writer = BackgroundWriter(store)
@@ -172,13 +177,15 @@ class Service:
         messages = self.source.consume(want, cfg.consume_timeout_s)
         if self._control is not None:
             for command in self._control.poll():
+                self._drain_decoding()  # commands act on a loop with nothing in flight
                 self._command(command)
         if messages:
             self._metrics.records_consumed.inc(len(messages))
             self._pending.add(messages, now)
         if self._unit_ready(now):
-            self._process(self._pending.take())
-            self._crash.reached("after_learn")
+            self._advance(self._pending.take())
+        elif not messages and self._decoding is not None:
+            self._drain_decoding()  # idle: do not hold a decoded unit back
         if isinstance(self._trainer, FullBatchTrainer):
             outcome = self._trainer.poll_retrain(self.state, now)
             if not self._manual_pause:
@@ -213,12 +220,40 @@ class Service:
             or now - self._pending.started >= self.settings.training.mini_batch.max_wait_s
         )
 
-    def _process(self, messages: list[Message]) -> None:
-        """Decode, dead-letter, train and account for one unit of messages."""
+    def _advance(self, unit: list[Message]) -> None:
+        """Hand ``unit`` to the decoder, then train on the unit decoded before it (if any):
+        the two overlap when the decoder is a worker process."""
+        previous = self._decoding
+        batch = self._decoded() if previous is not None else None
+        self._unit_decoder.submit(cast("list[MessageLike]", unit))
+        self._decoding = unit
+        if previous is not None:
+            self._process(previous, batch)
+            self._crash.reached("after_learn")
+
+    def _drain_decoding(self) -> None:
+        """Train on the unit in the decoder, if any (before commands, revokes and stops)."""
+        unit = self._decoding
+        if unit is None:
+            return
+        self._decoding = None
+        self._process(unit, self._decoded())
+        self._crash.reached("after_learn")
+
+    def _decoded(self) -> DecodedBatch:
+        started = time.perf_counter()
+        batch = self._unit_decoder.result()
+        self._metrics.decode_wait.observe(time.perf_counter() - started)
+        return batch
+
+    def _process(self, messages: list[Message], batch: DecodedBatch | None = None) -> None:
+        """Dead-letter, train and account for one unit of messages (decoded here unless
+        ``batch`` is its decoding already)."""
         state = self.state
         # Error-free consumed messages always carry topic, partition and offset.
         records = cast("list[MessageLike]", messages)
-        batch = self._decoder.decode(records)
+        if batch is None:
+            batch = self._decoder.decode(records)
         by_partition = _group_by_partition(batch)
         if self._trip_breaker(batch, by_partition):
             # Stop the flood here: the halted partitions' records in this unit are neither
@@ -299,6 +334,8 @@ class Service:
         m.set_prequential(state.evaluator.total_values(), "total")
 
     def _flush_pending(self) -> None:
+        """Train on everything consumed: the unit in the decoder, then the pending one."""
+        self._drain_decoding()
         if self._pending.messages:
             self._process(self._pending.take())
 
@@ -470,6 +507,9 @@ class Service:
         """Commit nothing; drop what was learnt since the last checkpoint."""
         self._metrics.rebalances.labels(kind="lost").inc()
         self._pending.take()
+        if self._decoding is not None:  # keep the decoder in step; learn none of it
+            self._decoding = None
+            self._unit_decoder.result()
         self._collect_checkpoint(wait=True)
         if self._reload_state is not None:
             self.state = self._reload_state()
@@ -499,6 +539,7 @@ class Service:
         else:
             self._collect_checkpoint(wait=True)
         self._writer.close(self.settings.shutdown.timeout_s)
+        self._unit_decoder.close()
         if self._control is not None:
             self._control.close()
         closed = self.source.close(timeout_s=max(1.0, self.settings.shutdown.timeout_s / 3))

@@ -107,15 +107,18 @@ class ServiceRun:
         }
 
     def time_shares(self) -> dict[str, float]:
-        """Fractions of the run's wall time in learn and predict (the service's histograms);
-        ``other`` is consume, decode, scoring, metrics and checkpoint snapshots."""
+        """Fractions of the run's wall time in learn, predict and waiting for the decode
+        worker (the service's histograms); ``other`` is consume, scoring, dead letters,
+        metrics and checkpoint snapshots (and decoding itself without a worker)."""
         rate = self.rate()
         if rate <= 0:
             return {}
         wall = self.total / rate
         learn = self.final.get(f"{P}_learn_duration_seconds_sum", 0.0) / wall
         predict = self.final.get(f"{P}_predict_duration_seconds_sum", 0.0) / wall
-        return {"learn": learn, "predict": predict, "other": max(0.0, 1.0 - learn - predict)}
+        wait = self.final.get(f"{P}_decode_wait_seconds_sum", 0.0) / wall
+        other = max(0.0, 1.0 - learn - predict - wait)
+        return {"learn": learn, "predict": predict, "decode_wait": wait, "other": other}
 
     def full_batch(self) -> dict[str, float]:
         """Ingestion rate between samples both taken while retraining vs both while not."""

@@ -22,7 +22,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_trainer.benchmarks.workload import InMemory, unique
 from stream_trainer.config import Settings
-from stream_trainer.records import RecordDecoder
+from stream_trainer.decode_worker import build_unit_decoder
+from stream_trainer.records import DecodedBatch
 
 UNIT = 1000  # records per consume batch / mini-batch, as in the service defaults
 
@@ -54,16 +55,31 @@ def _consumer(bootstrap: str, tuned: bool) -> Consumer:
     return Consumer(conf)
 
 
+def _to_learner_input(batch: DecodedBatch, per_record: bool) -> None:
+    if per_record:
+        batch.x_dicts()
+    else:
+        np.ascontiguousarray(batch.X)
+
+
 def ingest_ceiling(bootstrap: str, topic: str, partitions: int, total: int, *,
                    settings: Settings, timeout_s: float) -> StageRun:
-    """Consume every record in batches of 1000, decode, convert; no learning."""
-    decoder = RecordDecoder(settings.record, settings.model.task)
+    """Consume every record in batches of 1000, decode, convert; no learning.
+
+    Decodes as the service does (``kafka.decode_worker``): in the worker process, one unit
+    ahead of the conversion, so the ceiling gets the same second core the service gets."""
+    decoder = build_unit_decoder(settings.record, settings.model.task,
+                                 settings.kafka.decode_worker)
     per_record = settings.training.mode == "per_record"
     consumer = _consumer(bootstrap, tuned=True)
     seen = timed = 0
     started = 0.0
     deadline = time.monotonic() + timeout_s
     try:
+        # Wait for the worker's start-up outside the timing, as the service's rate is taken
+        # from its first learnt record.
+        decoder.submit([])
+        decoder.result()
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
         while seen < total:
             if time.monotonic() > deadline:
@@ -71,18 +87,19 @@ def ingest_ceiling(bootstrap: str, topic: str, partitions: int, total: int, *,
             messages: list[Any] = [m for m in consumer.consume(UNIT, 1.0) if m.error() is None]
             if not messages:
                 continue
-            batch = decoder.decode(messages)
-            if per_record:
-                batch.x_dicts()
-            else:
-                np.ascontiguousarray(batch.X)
+            previous = decoder.result() if decoder.busy else None
+            decoder.submit(messages)
+            if previous is not None:
+                _to_learner_input(previous, per_record)
             if seen == 0:
                 started = time.perf_counter()
             else:
                 timed += len(messages)
             seen += len(messages)
+        _to_learner_input(decoder.result(), per_record)
         elapsed = time.perf_counter() - started
     finally:
+        decoder.close()
         consumer.close()
     return StageRun(timed, elapsed)
 

@@ -1,0 +1,111 @@
+"""The decode worker: a real child process gives exactly what the in-process decoder gives."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from stream_trainer.config import RecordSettings
+from stream_trainer.decode_worker import (
+    DecodeWorkerError,
+    InlineDecoder,
+    WorkerDecoder,
+    build_unit_decoder,
+)
+from stream_trainer.records import DecodedBatch, RecordDecoder
+from tests.unit.test_records import FEATURES, POISON, messages, ok
+
+SETTINGS = RecordSettings(features=FEATURES, labels=[0, 1], max_bytes=400)
+TASK = "binary_classification"
+
+
+def poison_mix() -> list[bytes | None]:
+    values: list[bytes | None] = []
+    for k, (poison, _reason) in enumerate(POISON):
+        values.append(ok(b=k, a=-k, c=0.5, y=k % 2))
+        values.append(poison)
+    return values
+
+
+def same(a: DecodedBatch, b: DecodedBatch) -> None:
+    assert a.X.tolist() == b.X.tolist()
+    assert a.y.tolist() == b.y.tolist() and a.y.dtype == b.y.dtype
+    assert a.valid_index.tolist() == b.valid_index.tolist()
+    assert a.invalid == b.invalid
+    assert a.offsets.tolist() == b.offsets.tolist()
+    assert a.message_offsets.tolist() == b.message_offsets.tolist()
+    assert a.topics == b.topics
+
+
+@pytest.fixture
+def worker() -> Iterator[WorkerDecoder]:
+    decoder = WorkerDecoder(SETTINGS, TASK)
+    yield decoder
+    decoder.close()
+
+
+def test_worker_decodes_exactly_like_the_inline_decoder(worker: WorkerDecoder) -> None:
+    units = [
+        messages(poison_mix()),  # every reason, and null values in the frame
+        messages([ok(b=i, a=i, c=i, y=i % 2) for i in range(1000)]),  # the common case
+        messages([None, b"", None]),  # nothing valid
+        messages([]),
+    ]
+    reference = RecordDecoder(SETTINGS, TASK)
+    for unit in units:
+        assert not worker.busy
+        worker.submit(unit)
+        assert worker.busy
+        same(worker.result(), reference.decode(unit))
+    print(f"worker waited {worker.wait_seconds * 1000:.1f} ms for {len(units)} units")
+
+
+def test_one_unit_at_a_time(worker: WorkerDecoder) -> None:
+    unit = messages([ok(1, 2, 3)])
+    with pytest.raises(RuntimeError, match="without a submitted unit"):
+        worker.result()
+    worker.submit(unit)
+    with pytest.raises(RuntimeError, match="still being decoded"):
+        worker.submit(unit)
+    assert len(worker.result()) == 1
+
+
+def test_a_dead_worker_is_a_clear_error(worker: WorkerDecoder) -> None:
+    os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(DecodeWorkerError, match=rf"pid {worker.pid}.*(answer|write)"):
+        worker.submit(messages([ok(1, 2, 3)] * 2000))  # larger than the pipe buffer
+        worker.result()
+
+
+def test_the_worker_exits_when_closed_and_ignores_stop_signals(worker: WorkerDecoder) -> None:
+    # A Ctrl-C goes to the terminal's process group: the worker is not in it.
+    assert os.getsid(worker.pid) != os.getsid(0)
+    worker.submit(messages([ok(1, 2, 3)]))
+    assert len(worker.result()) == 1
+    os.kill(worker.pid, signal.SIGINT)  # and stopping is the poll loop's job, not a signal's
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.submit(messages([ok(1, 2, 3)]))
+    assert len(worker.result()) == 1
+    worker.close(timeout_s=5.0)
+    assert worker._proc.returncode == 0
+
+
+def test_inline_decoder_has_the_same_contract() -> None:
+    inline = build_unit_decoder(SETTINGS, TASK, worker=False)
+    assert isinstance(inline, InlineDecoder)
+    unit = messages(poison_mix())
+    inline.submit(unit)
+    with pytest.raises(RuntimeError):
+        inline.submit(unit)
+    batch = inline.result()
+    assert np.isfinite(batch.X).all() and len(batch.invalid) == len(POISON)
+
+
+def test_a_bad_layout_fails_in_the_parent() -> None:
+    clash = RecordSettings(features=["y"], labels=[0, 1], features_field=None)
+    with pytest.raises(ValueError, match="clash"):
+        WorkerDecoder(clash, TASK)
