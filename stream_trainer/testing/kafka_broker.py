@@ -195,8 +195,13 @@ def fetch_jars(version: str = DEFAULT_KAFKA_VERSION, *, timeout: float = 1200.0)
 
 
 def _cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding, never starting
+    with "-" (kafka-storage would read it as an option: 1 start in 64 failed; Kafka's own
+    ``Uuid.randomUuid`` skips those ids for the same reason)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class KafkaBroker:
