@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 
 import pytest
 
@@ -18,7 +19,7 @@ def test_cluster_ids_never_look_like_an_option(monkeypatch: pytest.MonkeyPatch) 
         def __init__(self) -> None:
             self.bytes = next(draws)
 
-    monkeypatch.setattr(kafka_broker.uuid, "uuid4", FakeUuid)
+    monkeypatch.setattr(uuid, "uuid4", FakeUuid)
     assert base64.urlsafe_b64encode(leading_dash).decode().startswith("-")
     cluster_id = kafka_broker._cluster_id()
     assert not cluster_id.startswith("-")
