@@ -171,16 +171,25 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def _proc_status(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in bytes from /proc; NaN where unavailable (not Linux)."""
-    values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
+    """(VmRSS, VmHWM) in bytes of ``pid`` plus its children (the decode worker), from
+    /proc; NaN where unavailable (not Linux). The peak is the sum of each one's peak."""
+    total = [math.nan, math.nan]
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            parts = line.split()
-            if parts and parts[0] in values:
-                values[parts[0]] = float(parts[1]) * 1024
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
-        pass
-    return values["VmRSS:"], values["VmHWM:"]
+        children = []
+    for member in [pid, *map(int, children)]:
+        values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                parts = line.split()
+                if parts and parts[0] in values:
+                    values[parts[0]] = float(parts[1]) * 1024
+        except OSError:
+            continue
+        for i, key in enumerate(("VmRSS:", "VmHWM:")):
+            total[i] = values[key] if math.isnan(total[i]) else total[i] + values[key]
+    return total[0], total[1]
 
 
 def run_service_process(config: dict[str, Any], workdir: Path, total: int, *,

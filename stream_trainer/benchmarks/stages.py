@@ -46,12 +46,14 @@ class StageRun:
         return self.records / self.seconds if self.seconds > 0 else 0.0
 
 
-def _consumer(bootstrap: str, tuned: bool) -> Consumer:
+def _consumer(bootstrap: str, tuned: Settings | None) -> Consumer:
+    """A consumer with librdkafka's defaults, or with the service's fetch tuning."""
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": unique("bench"),
                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
                             "enable.partition.eof": False}
-    if tuned:
-        conf["fetch.queue.backoff.ms"] = 10  # as the service (KafkaSettings default)
+    if tuned is not None:
+        conf["fetch.queue.backoff.ms"] = tuned.kafka.fetch_queue_backoff_ms
+        conf["queued.max.messages.kbytes"] = tuned.kafka.prefetch_max_kbytes
     return Consumer(conf)
 
 
@@ -71,7 +73,7 @@ def ingest_ceiling(bootstrap: str, topic: str, partitions: int, total: int, *,
     decoder = build_unit_decoder(settings.record, settings.model.task,
                                  settings.kafka.decode_worker)
     per_record = settings.training.mode == "per_record"
-    consumer = _consumer(bootstrap, tuned=True)
+    consumer = _consumer(bootstrap, tuned=settings)
     seen = timed = 0
     started = 0.0
     deadline = time.monotonic() + timeout_s
@@ -170,7 +172,7 @@ def naive_script(bootstrap: str, topic: str, total: int, *, settings: Settings,
     retrain_every = cfg.retrain_every_records or 0
     rows: list[list[float]] = []
     labels: list[Any] = []
-    consumer = _consumer(bootstrap, tuned=False)
+    consumer = _consumer(bootstrap, tuned=None)
     seen = 0
     started = 0.0
     deadline = time.monotonic() + timeout_s
