@@ -183,6 +183,18 @@ def run_bench(args: argparse.Namespace) -> int:
         "service_vs_learner_ceiling": rep.ratio(median["service"], median["learner_ceiling"]),
         "service_vs_naive": rep.ratio(median["service"], median["naive"]),
     }
+    # The same ratios within each repeat (its stages ran back to back), as a spread: on a
+    # noisy machine a slow minute moves every stage of one repeat together.
+    service_rates = stages["service"]["records_per_s"]["runs"]
+    paired = {
+        name: rep.spread([
+            rep.ratio(s, ref)
+            for s, ref in zip(service_rates, stages[stage]["records_per_s"]["runs"], strict=True)
+        ])
+        for name, stage in (("service_vs_ingest_ceiling", "ingest_ceiling"),
+                            ("service_vs_learner_ceiling", "learner_ceiling"),
+                            ("service_vs_naive", "naive"))
+    }
     service: dict[str, Any] = {
         "startup_s": rep.spread([r.startup_s() for r in service_runs]),
         "exit_codes": [r.exit_code for r in service_runs],
@@ -204,6 +216,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "stages": stages,
         "ratios": ratios,
+        "ratios_per_repeat": paired,
         "service": service,
     }
     report["targets"] = rep.targets(mode, ratios, service)

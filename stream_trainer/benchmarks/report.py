@@ -101,8 +101,15 @@ def table(report: dict[str, Any]) -> str:
     for stage in STAGES:
         lines.append(f"{stage:<18} {_fmt_rate(report['stages'][stage]['records_per_s'])}")
     lines.append("")
+    paired = report.get("ratios_per_repeat", {})
+    lines.append(f"{'ratio':<30} {'of medians':>10} {'per repeat: median [min-max]':>30}")
     for name, value in report["ratios"].items():
-        lines.append(f"{name:<30} {_num(value, digits=2)}")
+        each = paired.get(name)
+        per_repeat = (
+            f"{_num(each['median'], digits=2)} [{_num(each['min'], digits=2)}-"
+            f"{_num(each['max'], digits=2)}]" if each else ""
+        )
+        lines.append(f"{name:<30} {_num(value, digits=2):>10} {per_repeat:>30}")
     svc = report["service"]
     cp = svc["checkpoint"]
     lines += [

@@ -61,6 +61,10 @@ def _check(report: dict[str, Any], mode: str) -> None:
         assert rate["min"] <= rate["median"] <= rate["max"]
         assert len(rate["runs"]) == 1
     assert all(_positive(v) for v in report["ratios"].values()), report["ratios"]
+    # With one repeat, the per-repeat ratio is the ratio of the medians.
+    for name, value in report["ratios"].items():
+        paired = report["ratios_per_repeat"][name]
+        assert paired["median"] == pytest.approx(value), (name, paired, value)
     service = report["service"]
     assert service["exit_codes"] == [0]  # stopped gracefully after learning everything
     assert _positive(service["startup_s"]["median"])
