@@ -178,11 +178,10 @@ def run_bench(args: argparse.Namespace) -> int:
               for name, runs in results.items()}
     stages["service"] = {"records_per_s": rep.spread([r.rate() for r in service_runs])}
     median = {name: s["records_per_s"]["median"] for name, s in stages.items()}
-    ratios = {
-        "service_vs_ingest_ceiling": rep.ratio(median["service"], median["ingest_ceiling"]),
-        "service_vs_learner_ceiling": rep.ratio(median["service"], median["learner_ceiling"]),
-        "service_vs_naive": rep.ratio(median["service"], median["naive"]),
-    }
+    references = {"service_vs_ingest_ceiling": "ingest_ceiling",
+                  "service_vs_learner_ceiling": "learner_ceiling", "service_vs_naive": "naive"}
+    ratios = {name: rep.ratio(median["service"], median[stage])
+              for name, stage in references.items()}
     # The same ratios within each repeat (its stages ran back to back), as a spread: on a
     # noisy machine a slow minute moves every stage of one repeat together.
     service_rates = stages["service"]["records_per_s"]["runs"]
@@ -191,9 +190,7 @@ def run_bench(args: argparse.Namespace) -> int:
             rep.ratio(s, ref)
             for s, ref in zip(service_rates, stages[stage]["records_per_s"]["runs"], strict=True)
         ])
-        for name, stage in (("service_vs_ingest_ceiling", "ingest_ceiling"),
-                            ("service_vs_learner_ceiling", "learner_ceiling"),
-                            ("service_vs_naive", "naive"))
+        for name, stage in references.items()
     }
     service: dict[str, Any] = {
         "startup_s": rep.spread([r.startup_s() for r in service_runs]),

@@ -19,22 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import pickle
 import signal
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, Final, Protocol, cast
 
 import numpy as np
 
 from stream_trainer.config import RecordSettings
 from stream_trainer.records import DecodedBatch, DecodedValues, MessageLike, RecordDecoder
-
-log = logging.getLogger(__name__)
 
 _HEADER: Final = struct.Struct(">Q")
 _VALUES_HEADER: Final = struct.Struct(">QQ")
@@ -64,11 +60,10 @@ class UnitDecoder(Protocol):
         """Release the worker, if any. Idempotent."""
 
 
-class InlineDecoder:
-    """Decodes on the caller's thread when ``result`` is called (no worker process)."""
+class _OneUnitSlot:
+    """The one-unit-at-a-time bookkeeping both decoders share."""
 
-    def __init__(self, decoder: RecordDecoder) -> None:
-        self._decoder = decoder
+    def __init__(self) -> None:
         self._messages: Sequence[MessageLike] | None = None
 
     @property
@@ -76,18 +71,32 @@ class InlineDecoder:
         """See :class:`UnitDecoder`."""
         return self._messages is not None
 
-    def submit(self, messages: Sequence[MessageLike]) -> None:
-        """See :class:`UnitDecoder`."""
+    def _hold(self, messages: Sequence[MessageLike]) -> None:
         if self._messages is not None:
             raise RuntimeError("submit while a unit is still being decoded")
         self._messages = messages
 
-    def result(self) -> DecodedBatch:
-        """See :class:`UnitDecoder`."""
+    def _take(self) -> Sequence[MessageLike]:
         messages, self._messages = self._messages, None
         if messages is None:
             raise RuntimeError("result without a submitted unit")
-        return self._decoder.decode(messages)
+        return messages
+
+
+class InlineDecoder(_OneUnitSlot):
+    """Decodes on the caller's thread when ``result`` is called (no worker process)."""
+
+    def __init__(self, decoder: RecordDecoder) -> None:
+        super().__init__()
+        self._decoder = decoder
+
+    def submit(self, messages: Sequence[MessageLike]) -> None:
+        """See :class:`UnitDecoder`."""
+        self._hold(messages)
+
+    def result(self) -> DecodedBatch:
+        """See :class:`UnitDecoder`."""
+        return self._decoder.decode(self._take())
 
     def close(self) -> None:
         """See :class:`UnitDecoder`."""
@@ -154,7 +163,7 @@ def _read_values(stream: IO[bytes]) -> list[bytes | None]:
     return values
 
 
-class WorkerDecoder:
+class WorkerDecoder(_OneUnitSlot):
     """Decodes in a child process (``python -m stream_trainer.decode_worker``).
 
     The child gets SIGKILL if this process dies (Linux) and exits when its stdin closes. It
@@ -165,6 +174,7 @@ class WorkerDecoder:
     def __init__(self, record: RecordSettings, task: str) -> None:
         from stream_trainer.embedded import pdeathsig_preexec  # noqa: PLC0415
 
+        super().__init__()
         # Validates the layout here, in the parent, so a bad one fails at start-up.
         self._local = RecordDecoder(record, task)
         self._proc = subprocess.Popen(
@@ -181,24 +191,18 @@ class WorkerDecoder:
         self._from_worker: IO[bytes] = self._proc.stdout
         for stream in (self._to_worker, self._from_worker):
             _widen_pipe(stream)
-        self._messages: Sequence[MessageLike] | None = None
         self._closed = False
-        self._send((record.model_dump(mode="json"), task))
-        self.wait_seconds = 0.0  # total time ``result`` waited for the worker
-
-    @property
-    def busy(self) -> bool:
-        """See :class:`UnitDecoder`."""
-        return self._messages is not None
+        setup = (record.model_dump(mode="json"), task)
+        self._send(lambda stream: _write_frame(stream, setup))
 
     @property
     def pid(self) -> int:
         """The worker's process id."""
         return self._proc.pid
 
-    def _send(self, obj: Any) -> None:
+    def _send(self, write: Callable[[IO[bytes]], None]) -> None:
         try:
-            _write_frame(self._to_worker, obj)
+            write(self._to_worker)
         except (BrokenPipeError, OSError, ValueError) as error:
             raise self._died(f"cannot write to it ({error})") from None
 
@@ -209,25 +213,17 @@ class WorkerDecoder:
 
     def submit(self, messages: Sequence[MessageLike]) -> None:
         """See :class:`UnitDecoder`."""
-        if self._messages is not None:
-            raise RuntimeError("submit while a unit is still being decoded")
-        try:
-            _write_values(self._to_worker, [message.value() for message in messages])
-        except (BrokenPipeError, OSError, ValueError) as error:
-            raise self._died(f"cannot write to it ({error})") from None
-        self._messages = messages
+        self._hold(messages)  # first: a busy decoder must not get a second unit's frame
+        values = [message.value() for message in messages]
+        self._send(lambda stream: _write_values(stream, values))
 
     def result(self) -> DecodedBatch:
         """See :class:`UnitDecoder`."""
-        messages, self._messages = self._messages, None
-        if messages is None:
-            raise RuntimeError("result without a submitted unit")
-        started = time.perf_counter()
+        messages = self._take()
         try:
             status, body = _read_frame(self._from_worker)
         except (EOFError, OSError) as error:
             raise self._died(f"no answer ({error})") from None
-        self.wait_seconds += time.perf_counter() - started
         if status != _OK:
             raise self._died(f"decoding failed:\n{body}")
         decoded: DecodedValues = body
@@ -238,7 +234,6 @@ class WorkerDecoder:
         if self._closed:
             return
         self._closed = True
-        self._messages = None
         for stream in (self._to_worker, self._from_worker):
             with contextlib.suppress(OSError):
                 stream.close()

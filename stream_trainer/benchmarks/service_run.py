@@ -170,26 +170,31 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def _one_status(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in bytes of one process from /proc; NaN where unavailable."""
+    values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] in values:
+                values[parts[0]] = float(parts[1]) * 1024
+    except OSError:
+        pass
+    return values["VmRSS:"], values["VmHWM:"]
+
+
 def _proc_status(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in bytes of ``pid`` plus its children (the decode worker), from
-    /proc; NaN where unavailable (not Linux). The peak is the sum of each one's peak."""
-    total = [math.nan, math.nan]
+    """(VmRSS, VmHWM) in bytes of ``pid`` plus its children (the decode worker); NaN where
+    unavailable (not Linux). The peak is the sum of each one's peak."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         children = []
-    for member in [pid, *map(int, children)]:
-        values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
-        try:
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                parts = line.split()
-                if parts and parts[0] in values:
-                    values[parts[0]] = float(parts[1]) * 1024
-        except OSError:
-            continue
-        for i, key in enumerate(("VmRSS:", "VmHWM:")):
-            total[i] = values[key] if math.isnan(total[i]) else total[i] + values[key]
-    return total[0], total[1]
+    members = [_one_status(member) for member in [pid, *map(int, children)]]
+    rss = math.fsum(r for r, _ in members if not math.isnan(r))
+    hwm = math.fsum(h for _, h in members if not math.isnan(h))
+    known = not math.isnan(members[0][0])
+    return (rss, hwm) if known else (math.nan, math.nan)
 
 
 def run_service_process(config: dict[str, Any], workdir: Path, total: int, *,

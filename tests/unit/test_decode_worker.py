@@ -61,7 +61,6 @@ def test_worker_decodes_exactly_like_the_inline_decoder(worker: WorkerDecoder) -
         worker.submit(unit)
         assert worker.busy
         same(worker.result(), reference.decode(unit))
-    print(f"worker waited {worker.wait_seconds * 1000:.1f} ms for {len(units)} units")
 
 
 def test_one_unit_at_a_time(worker: WorkerDecoder) -> None:
