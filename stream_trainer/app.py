@@ -39,7 +39,7 @@ from stream_trainer.registry import ModelRegistry
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
-from stream_trainer.trainers import build_trainer
+from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
 from stream_trainer.versions import VersionEventPublisher
 
 log = logging.getLogger(__name__)
@@ -178,12 +178,14 @@ def run_service(
         http.start()
     producer = None
     unit_decoder: UnitDecoder | None = None
+    trainer: Trainer | None = None
     try:
         metrics.state.state("restoring")
         # First, so the decode worker's interpreter starts while the checkpoint loads.
         unit_decoder = build_unit_decoder(
             settings.record, settings.model.task, settings.kafka.decode_worker
         )
+        trainer = build_trainer(settings, crash)  # a full-batch fit worker starts here too
         store = CheckpointStore(
             settings.checkpoint.dir,
             key=settings.checkpoint.key(),
@@ -232,7 +234,7 @@ def run_service(
             state,
             make_source=make_source,
             decoder=RecordDecoder(settings.record, settings.model.task),
-            trainer=build_trainer(settings, crash),
+            trainer=trainer,
             store=store,
             dead_letters=DeadLetterPublisher(
                 producer, settings.topics.dead_letter, settings.kafka.group_id, __version__
@@ -257,6 +259,8 @@ def run_service(
         except RetentionGap as gap:
             raise StartupError(str(gap)) from None
     finally:
+        if isinstance(trainer, FullBatchTrainer):
+            trainer.close()
         if unit_decoder is not None:
             unit_decoder.close()
         if producer is not None:

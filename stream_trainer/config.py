@@ -282,6 +282,16 @@ class FullBatchSettings(StrictModel):
     retrain_every_seconds: float | None = Field(default=None, gt=0)
     retrain_on_drift: bool = True
     min_records: int = Field(default=100, ge=1)
+    fit_in_worker: bool = Field(
+        default=True,
+        description="fit in a child process (no GIL shared with ingestion); false: a thread",
+    )
+    fit_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="the fit worker's nice value: ingestion gets the CPU first",
+    )
 
 
 class TrainingSettings(StrictModel):

@@ -11,35 +11,37 @@ returns the :class:`DecodedBatch` of the unit given to the last ``submit``. The 
 therefore always collects a unit before it submits the next, which also keeps the pipes free
 of deadlock (neither side ever writes while the other is writing).
 
-Frames: an 8-byte big-endian length, then a pickle (protocol 5). Pickle is safe here: both
-ends are this package, over the anonymous pipes of a child this process started.
+Messages go to the worker as a raw values frame (not pickled: this half runs on the poll
+loop); results come back as pickled frames (:mod:`stream_trainer.child_process`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import pickle
-import signal
 import struct
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import IO, Any, Final, Protocol, cast
 
 import numpy as np
 
+from stream_trainer.child_process import (
+    ChildWorker,
+    WorkerDied,
+    ignore_stop_signals,
+    protocol_streams,
+    read_exactly,
+    read_frame,
+    write_frame,
+)
 from stream_trainer.config import RecordSettings
 from stream_trainer.records import DecodedBatch, DecodedValues, MessageLike, RecordDecoder
 
-_HEADER: Final = struct.Struct(">Q")
 _VALUES_HEADER: Final = struct.Struct(">QQ")
-_PIPE_BYTES: Final = 1 << 20
 _OK: Final = "ok"
 _FAILED: Final = "failed"
 
 
-class DecodeWorkerError(RuntimeError):
+class DecodeWorkerError(WorkerDied):
     """The decode worker died or failed; the message says how. The service must restart."""
 
 
@@ -103,28 +105,6 @@ class InlineDecoder(_OneUnitSlot):
         self._messages = None
 
 
-def _widen_pipe(stream: IO[bytes]) -> None:
-    """Grow a pipe to hold a whole unit (Linux), so writing one never waits for the reader
-    (a 64 kB pipe made the poll loop wait ~5 % of its time on the worker's reads)."""
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if set_size is None:
-        return
-    with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size: best effort
-        fcntl.fcntl(stream.fileno(), set_size, _PIPE_BYTES)
-
-
-def _write_frame(stream: IO[bytes], obj: Any) -> None:
-    payload = pickle.dumps(obj, protocol=5)
-    stream.write(_HEADER.pack(len(payload)) + payload)
-    stream.flush()
-
-
-def _read_frame(stream: IO[bytes]) -> Any:
-    """The next object, or raises EOFError when the other end has gone."""
-    (size,) = _HEADER.unpack(_read_exactly(stream, _HEADER.size))
-    return pickle.loads(_read_exactly(stream, size))  # noqa: S301 - our own child over a private pipe
-
-
 def _write_values(stream: IO[bytes], values: list[bytes | None]) -> None:
     """A values frame: (count, buffer size), int64 lengths (-1 = null), the joined values.
     Raw, not pickled: this half of the exchange runs on the poll loop (2x cheaper)."""
@@ -141,17 +121,10 @@ def _write_values(stream: IO[bytes], values: list[bytes | None]) -> None:
     stream.flush()
 
 
-def _read_exactly(stream: IO[bytes], size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("pipe closed")
-    return data
-
-
 def _read_values(stream: IO[bytes]) -> list[bytes | None]:
-    count, size = _VALUES_HEADER.unpack(_read_exactly(stream, _VALUES_HEADER.size))
-    lengths = np.frombuffer(_read_exactly(stream, 8 * count), dtype=np.int64).tolist()
-    buffer = _read_exactly(stream, size)
+    count, size = _VALUES_HEADER.unpack(read_exactly(stream, _VALUES_HEADER.size))
+    lengths = np.frombuffer(read_exactly(stream, 8 * count), dtype=np.int64).tolist()
+    buffer = read_exactly(stream, size)
     values: list[bytes | None] = []
     start = 0
     for length in lengths:
@@ -172,76 +145,43 @@ class WorkerDecoder(_OneUnitSlot):
     """
 
     def __init__(self, record: RecordSettings, task: str) -> None:
-        from stream_trainer.embedded import pdeathsig_preexec  # noqa: PLC0415
-
         super().__init__()
         # Validates the layout here, in the parent, so a bad one fails at start-up.
         self._local = RecordDecoder(record, task)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_trainer.decode_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509 - one prctl, set up in the parent
-            # Its own session: a Ctrl-C on the terminal's process group must not kill it
-            # before the poll loop has drained the unit it holds.
-            start_new_session=True,
+        self._child = ChildWorker(
+            "stream_trainer.decode_worker", "decode worker", error=DecodeWorkerError
         )
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._to_worker: IO[bytes] = self._proc.stdin
-        self._from_worker: IO[bytes] = self._proc.stdout
-        for stream in (self._to_worker, self._from_worker):
-            _widen_pipe(stream)
-        self._closed = False
         setup = (record.model_dump(mode="json"), task)
-        self._send(lambda stream: _write_frame(stream, setup))
+        self._child.send(lambda stream: write_frame(stream, setup))
 
     @property
     def pid(self) -> int:
         """The worker's process id."""
-        return self._proc.pid
+        return self._child.pid
 
-    def _send(self, write: Callable[[IO[bytes]], None]) -> None:
-        try:
-            write(self._to_worker)
-        except (BrokenPipeError, OSError, ValueError) as error:
-            raise self._died(f"cannot write to it ({error})") from None
-
-    def _died(self, how: str) -> DecodeWorkerError:
-        code = self._proc.poll()
-        status = "still running" if code is None else f"exit code {code}"
-        return DecodeWorkerError(f"decode worker (pid {self._proc.pid}, {status}): {how}")
+    @property
+    def returncode(self) -> int | None:
+        """The worker's exit code, or None while it runs."""
+        return self._child.returncode
 
     def submit(self, messages: Sequence[MessageLike]) -> None:
         """See :class:`UnitDecoder`."""
         self._hold(messages)  # first: a busy decoder must not get a second unit's frame
         values = [message.value() for message in messages]
-        self._send(lambda stream: _write_values(stream, values))
+        self._child.send(lambda stream: _write_values(stream, values))
 
     def result(self) -> DecodedBatch:
         """See :class:`UnitDecoder`."""
         messages = self._take()
-        try:
-            status, body = _read_frame(self._from_worker)
-        except (EOFError, OSError) as error:
-            raise self._died(f"no answer ({error})") from None
+        status, body = self._child.receive()
         if status != _OK:
-            raise self._died(f"decoding failed:\n{body}")
+            raise self._child.died(f"decoding failed:\n{body}")
         decoded: DecodedValues = body
         return self._local.assemble(messages, decoded)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """See :class:`UnitDecoder`: closes its stdin, then waits (kills after ``timeout_s``)."""
-        if self._closed:
-            return
-        self._closed = True
-        for stream in (self._to_worker, self._from_worker):
-            with contextlib.suppress(OSError):
-                stream.close()
-        try:
-            self._proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        self._child.close(timeout_s)
 
 
 def build_unit_decoder(record: RecordSettings, task: str, worker: bool) -> UnitDecoder:
@@ -253,10 +193,9 @@ def build_unit_decoder(record: RecordSettings, task: str, worker: bool) -> UnitD
 
 def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
     """The child's loop: first frame (record settings, task), then values in, verdicts out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_stop_signals()
     try:
-        record_json, task = _read_frame(stdin)
+        record_json, task = read_frame(stdin)
     except EOFError:
         return 0
     decoder = RecordDecoder(RecordSettings.model_validate(record_json), task)
@@ -272,10 +211,10 @@ def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
 
             reply = (_FAILED, traceback.format_exc()[-4000:])
         try:
-            _write_frame(stdout, reply)
+            write_frame(stdout, reply)
         except (BrokenPipeError, OSError):
             return 0
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.stdin.buffer, sys.stdout.buffer))
+    sys.exit(worker_main(*protocol_streams()))

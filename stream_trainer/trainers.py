@@ -19,6 +19,7 @@ import numpy as np
 from stream_trainer.config import Settings
 from stream_trainer.evaluation import evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
+from stream_trainer.fit_worker import FitWorker
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.records import DecodedBatch
 from stream_trainer.state import RecordWindow, TrainingState
@@ -179,8 +180,14 @@ class FullBatchTrainer:
     one; the candidate replaces the model only if the gate accepts it.
     """
 
-    def __init__(self, settings: Settings, crash: CrashPoints = NO_CRASHES) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        crash: CrashPoints = NO_CRASHES,
+        fit_worker: FitWorker | None = None,
+    ) -> None:
         self._crash = crash
+        self._fit_worker = fit_worker
         self._cfg = settings.training.full_batch
         self._gate = settings.registry.gate
         self._task = settings.model.task
@@ -273,21 +280,21 @@ class FullBatchTrainer:
             "trained_on": split,
             "started": time.perf_counter(),
         }
-        self._running = self._executor.submit(
-            self._fit, candidate, X[:split], y[:split], w[:split], self._crash
-        )
+        self._running = self._executor.submit(self._fit, candidate, X[:split], y[:split], w[:split])
         state.retrain_wanted = None
         state.records_since_retrain = 0
         self._last_retrain = now
         log.info("full retrain started", extra={"trigger": trigger, "records": split})
 
-    @staticmethod
     def _fit(
-        candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, w: np.ndarray, crash: CrashPoints
+        self, candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, w: np.ndarray
     ) -> tuple[ModelAdapter, float]:
+        """On the retrain thread: the fitted candidate and the fit's seconds."""
         started = time.perf_counter()
-        crash.reached("mid_retrain")
+        self._crash.reached("mid_retrain")
         weights = None if np.all(w == 1.0) else w
+        if self._fit_worker is not None:
+            return self._fit_worker.fit(candidate, X, y, weights)
         candidate.fit(X, y, weights)
         return candidate, time.perf_counter() - started
 
@@ -350,7 +357,9 @@ class FullBatchTrainer:
         )
 
     def close(self) -> None:
-        """Abandon a running retrain (it is re-triggered after a restart)."""
+        """Abandon a running retrain (it is re-triggered after a restart). Idempotent."""
+        if self._fit_worker is not None:
+            self._fit_worker.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -363,4 +372,6 @@ def build_trainer(
         return PerRecordTrainer()
     if mode == "mini_batch":
         return MiniBatchTrainer()
-    return FullBatchTrainer(settings, crash)
+    full_batch = settings.training.full_batch
+    worker = FitWorker(full_batch.fit_nice) if full_batch.fit_in_worker else None
+    return FullBatchTrainer(settings, crash, worker)

@@ -90,7 +90,7 @@ def test_the_worker_exits_when_closed_and_ignores_stop_signals(worker: WorkerDec
     worker.submit(messages([ok(1, 2, 3)]))
     assert len(worker.result()) == 1
     worker.close(timeout_s=5.0)
-    assert worker._proc.returncode == 0
+    assert worker.returncode == 0
 
 
 def test_inline_decoder_has_the_same_contract() -> None:
