@@ -19,11 +19,14 @@ import signal
 import struct
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from typing import IO, Any, Final
 
 _HEADER: Final = struct.Struct(">Q")
 _PIPE_BYTES: Final = 1 << 20
+OK: Final = "ok"
+FAILED: Final = "failed"
 
 
 def widen_pipe(stream: IO[bytes]) -> None:
@@ -70,6 +73,29 @@ def protocol_streams() -> tuple[IO[bytes], IO[bytes]]:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     return sys.stdin.buffer, frames_out
+
+
+def serve(
+    stdin: IO[bytes],
+    stdout: IO[bytes],
+    read_job: Callable[[IO[bytes]], Any],
+    handle: Callable[[Any], Any],
+) -> int:
+    """For the child: answer each job with ``(OK, handle(job))``, or ``(FAILED, traceback)``
+    if ``handle`` raised, until stdin closes. Returns the child's exit code."""
+    while True:
+        try:
+            job = read_job(stdin)
+        except EOFError:
+            return 0
+        try:
+            reply: tuple[str, Any] = (OK, handle(job))
+        except Exception:  # the parent decides what a failure means
+            reply = (FAILED, traceback.format_exc()[-4000:])
+        try:
+            write_frame(stdout, reply)
+        except (BrokenPipeError, OSError):
+            return 0
 
 
 class WorkerDied(RuntimeError):

@@ -20,25 +20,25 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Sequence
-from typing import IO, Any, Final, Protocol, cast
+from typing import IO, Final, Protocol, cast
 
 import numpy as np
 
 from stream_trainer.child_process import (
+    OK,
     ChildWorker,
     WorkerDied,
     ignore_stop_signals,
     protocol_streams,
     read_exactly,
     read_frame,
+    serve,
     write_frame,
 )
 from stream_trainer.config import RecordSettings
 from stream_trainer.records import DecodedBatch, DecodedValues, MessageLike, RecordDecoder
 
 _VALUES_HEADER: Final = struct.Struct(">QQ")
-_OK: Final = "ok"
-_FAILED: Final = "failed"
 
 
 class DecodeWorkerError(WorkerDied):
@@ -174,7 +174,7 @@ class WorkerDecoder(_OneUnitSlot):
         """See :class:`UnitDecoder`."""
         messages = self._take()
         status, body = self._child.receive()
-        if status != _OK:
+        if status != OK:
             raise self._child.died(f"decoding failed:\n{body}")
         decoded: DecodedValues = body
         return self._local.assemble(messages, decoded)
@@ -199,21 +199,7 @@ def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
     except EOFError:
         return 0
     decoder = RecordDecoder(RecordSettings.model_validate(record_json), task)
-    while True:
-        try:
-            values = _read_values(stdin)
-        except EOFError:
-            return 0
-        try:
-            reply: tuple[str, Any] = (_OK, decoder.decode_values(values))
-        except Exception:  # a bug, not bad data: report it, the parent restarts
-            import traceback  # noqa: PLC0415
-
-            reply = (_FAILED, traceback.format_exc()[-4000:])
-        try:
-            write_frame(stdout, reply)
-        except (BrokenPipeError, OSError):
-            return 0
+    return serve(stdin, stdout, _read_values, decoder.decode_values)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,23 @@ died). ``close`` abandons a fit in progress by killing the child.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import sys
 import threading
 import time
-import traceback
-from typing import IO, TYPE_CHECKING, Any, Final
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 from stream_trainer.child_process import (
+    OK,
     ChildWorker,
     WorkerDied,
     ignore_stop_signals,
     protocol_streams,
     read_frame,
+    serve,
     write_frame,
 )
 
@@ -34,8 +38,6 @@ if TYPE_CHECKING:
 
     from stream_trainer.learners import ModelAdapter
 
-_OK: Final = "ok"
-_FAILED: Final = "failed"
 
 
 class FitWorkerError(WorkerDied):
@@ -45,9 +47,12 @@ class FitWorkerError(WorkerDied):
 class FitWorker:
     """A persistent ``python -m stream_trainer.fit_worker`` child running at ``nice``."""
 
-    def __init__(self, nice: int) -> None:
+    def __init__(self, nice: int, preload: Sequence[str] = ()) -> None:
+        """``preload``: modules the child imports at start (the estimator's), so the first
+        retrain does not wait for them and the child's memory is steady from the start."""
         self._child = ChildWorker("stream_trainer.fit_worker", "fit worker", error=FitWorkerError)
-        self._child.send(lambda stream: write_frame(stream, nice))
+        setup = (nice, list(preload))
+        self._child.send(lambda stream: write_frame(stream, setup))
         self._lock = threading.Lock()  # one fit at a time; the frames must not interleave
 
     @property
@@ -63,7 +68,7 @@ class FitWorker:
             job = (candidate, X, y, weights)
             self._child.send(lambda stream: write_frame(stream, job))
             status, body = self._child.receive()
-        if status != _OK:
+        if status != OK:
             raise self._child.died(f"the fit raised:\n{body}")
         fitted, seconds = body
         return fitted, seconds
@@ -74,29 +79,27 @@ class FitWorker:
 
 
 def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
-    """The child's loop: first frame its nice value, then (candidate, X, y, weights) jobs."""
+    """The child's loop: first frame (nice value, modules to preload), then (candidate, X, y,
+    weights) jobs."""
     ignore_stop_signals()
     try:
-        nice: int = read_frame(stdin)
+        nice, preload = read_frame(stdin)
     except EOFError:
         return 0
     if nice:
         os.nice(nice)
-    while True:
-        try:
-            candidate, X, y, weights = read_frame(stdin)
-        except EOFError:
-            return 0
+    importlib.import_module("stream_trainer.learners")
+    for module in preload:
+        with contextlib.suppress(ImportError):  # the parent imported it; a failure shows later
+            importlib.import_module(module)
+
+    def fit(job: tuple[ModelAdapter, np.ndarray, np.ndarray, np.ndarray | None]) -> Any:
+        candidate, X, y, weights = job
         started = time.perf_counter()
-        try:
-            candidate.fit(X, y, weights)
-            reply: tuple[str, Any] = (_OK, (candidate, time.perf_counter() - started))
-        except Exception:  # the service decides what a failed fit means
-            reply = (_FAILED, traceback.format_exc()[-4000:])
-        try:
-            write_frame(stdout, reply)
-        except (BrokenPipeError, OSError):
-            return 0
+        candidate.fit(X, y, weights)
+        return candidate, time.perf_counter() - started
+
+    return serve(stdin, stdout, read_frame, fit)
 
 
 if __name__ == "__main__":

@@ -373,5 +373,8 @@ def build_trainer(
     if mode == "mini_batch":
         return MiniBatchTrainer()
     full_batch = settings.training.full_batch
-    worker = FitWorker(full_batch.fit_nice) if full_batch.fit_in_worker else None
+    worker = None
+    if full_batch.fit_in_worker:
+        steps = [*settings.model.preprocessing, settings.model.learner]
+        worker = FitWorker(full_batch.fit_nice, [step.path.rpartition(".")[0] for step in steps])
     return FullBatchTrainer(settings, crash, worker)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,3 +101,16 @@ def test_close_abandons_a_fit_in_progress() -> None:
     assert not thread.is_alive(), "the fitting thread must return once the worker is killed"
     assert len(errors) == 1, errors
     fit_worker.close()  # idempotent
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/maps")
+def test_preloaded_modules_are_imported_before_the_first_job() -> None:
+    fit_worker = FitWorker(nice=0, preload=["sklearn.ensemble"])
+    maps = Path(f"/proc/{fit_worker.pid}/maps")
+    try:
+        deadline = time.monotonic() + 60
+        while "sklearn/tree/_tree" not in maps.read_text():
+            assert time.monotonic() < deadline, "the child never imported sklearn.ensemble"
+            time.sleep(0.05)  # polling another process's state: there is no event to wait on
+    finally:
+        fit_worker.close()
