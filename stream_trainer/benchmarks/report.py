@@ -122,7 +122,8 @@ def table(report: dict[str, Any]) -> str:
         f"{cp['files_after_stop']['median']:.0f} file(s), newest "
         f"{_num(cp['newest_file_bytes']['median'], ' kB', 1e-3, 1)}",
         f"RSS: peak {_num(svc['rss']['peak_bytes']['median'], ' MB', 1e-6, 0)}, growth after "
-        f"warm-up {_num(svc['rss']['growth_pct']['median'], ' %', 1, 1)}",
+        f"warm-up {_num(svc['rss']['growth_pct']['median'], ' %', 1, 1)} (warm-up ended at "
+        f"{_num(svc['rss']['warm_learnt']['median'], ' records', 1, 0)})",
     ]
     shares = svc.get("time_shares", {})
     if shares:

@@ -73,15 +73,23 @@ class ServiceRun:
         return first.t - self.started if first is not None else math.nan
 
     def rss(self, warmup_fraction: float = 0.1) -> dict[str, float]:
-        """Peak RSS, RSS after warm-up (first sample past ``warmup_fraction`` of the records),
-        RSS at the end, and the growth between the last two in percent."""
+        """Peak RSS, RSS after warm-up, RSS at the end, and the growth between the last two
+        in percent. Warm-up ends at the first sample past ``warmup_fraction`` of the records
+        and, if the run retrained, after the first retrain finished: a fit allocates its
+        working set (in the fit worker and for the candidate) once, at its first run, and
+        that step is not growth. ``warm_learnt`` says where warm-up ended."""
         known = [s for s in self.samples if not math.isnan(s.rss)]
-        warm = next((s for s in known if s.learnt >= warmup_fraction * self.total), None)
+        floor = warmup_fraction * self.total
+        first_fit = next((i for i, s in enumerate(known) if s.retraining), None)
+        if first_fit is not None:
+            after = next((s for s in known[first_fit:] if not s.retraining), None)
+            floor = max(floor, after.learnt if after is not None else math.inf)
+        warm = next((s for s in known if s.learnt >= floor), None)
         end = known[-1] if known else None
         out = {"peak_bytes": self.peak_rss, "warm_bytes": math.nan, "end_bytes": math.nan,
-               "growth_pct": math.nan}
-        if warm is not None and end is not None:
-            out.update({"warm_bytes": warm.rss, "end_bytes": end.rss,
+               "growth_pct": math.nan, "warm_learnt": math.nan}
+        if warm is not None and end is not None and warm is not end:
+            out.update({"warm_bytes": warm.rss, "end_bytes": end.rss, "warm_learnt": warm.learnt,
                         "growth_pct": 100.0 * (end.rss - warm.rss) / warm.rss})
         return out
 

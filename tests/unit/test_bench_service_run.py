@@ -1,0 +1,45 @@
+"""The bench's RSS growth: where warm-up ends, so a one-off step is not reported as growth."""
+
+from __future__ import annotations
+
+import math
+
+from stream_trainer.benchmarks.service_run import Sample, ServiceRun
+
+MB = 1 << 20
+
+
+def run(*samples: tuple[float, float, bool]) -> ServiceRun:
+    service = ServiceRun(total=1000, started=0.0)
+    for t, (learnt, rss_mb, retraining) in enumerate(samples):
+        service.samples.append(Sample(float(t), learnt, rss_mb * MB, retraining))
+    return service
+
+
+def test_without_retrains_warm_up_ends_at_the_fraction_of_records() -> None:
+    rss = run((0, 100, False), (50, 150, False), (120, 200, False), (1000, 210, False)).rss()
+    assert rss["warm_learnt"] == 120
+    assert math.isclose(rss["growth_pct"], 5.0)
+
+
+def test_warm_up_ends_after_the_first_retrain_finished() -> None:
+    rss = run(
+        (120, 200, False),
+        (300, 230, True),  # the first fit allocates its working set
+        (400, 240, True),
+        (500, 240, False),
+        (700, 250, True),
+        (1000, 252, False),
+    ).rss()
+    assert rss["warm_learnt"] == 500
+    assert math.isclose(rss["growth_pct"], 5.0)
+
+
+def test_a_leak_after_warm_up_is_still_reported() -> None:
+    rss = run((120, 200, False), (300, 200, True), (500, 200, False), (1000, 300, False)).rss()
+    assert math.isclose(rss["growth_pct"], 50.0)
+
+
+def test_a_run_whose_first_retrain_never_finished_reports_no_growth() -> None:
+    rss = run((120, 200, False), (300, 230, True), (1000, 260, True)).rss()
+    assert math.isnan(rss["growth_pct"]) and math.isnan(rss["warm_learnt"])
