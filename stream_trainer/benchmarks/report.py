@@ -134,7 +134,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"full_batch ingestion: {_num(fb['rate_during_retrain']['median'], ' rec/s', 1, 0)} "
             f"during retrains vs {_num(fb['rate_without_retrain']['median'], ' rec/s', 1, 0)} "
-            f"without (ratio {_num(fb['ratio']['median'], digits=2)}), "
+            f"without, both after the first fit (ratio {_num(fb['ratio']['median'], digits=2)}; "
+            f"before any model {_num(fb['rate_before_first_model']['median'], ' rec/s', 1, 0)}), "
             f"{fb['retrains']['median']:.0f} retrains, "
             f"{fb['revokes_or_losses']['median']:.0f} revokes/losses")
     lines.append("")

@@ -129,19 +129,33 @@ class ServiceRun:
         return {"learn": learn, "predict": predict, "decode_wait": wait, "other": other}
 
     def full_batch(self) -> dict[str, float]:
-        """Ingestion rate between samples both taken while retraining vs both while not."""
+        """Ingestion rate between samples both taken while retraining vs both while not,
+        from the end of the first retrain on. Before it there is no model, so the loop
+        predicts nothing and runs faster whatever a fit does: like must be compared with like
+        (that period's rate is reported as ``rate_before_first_model``)."""
+        first = next((i for i, s in enumerate(self.samples) if s.retraining), len(self.samples))
+        start = next(
+            (i for i in range(first, len(self.samples)) if not self.samples[i].retraining),
+            len(self.samples),
+        )
         sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
-        for a, b in zip(self.samples, self.samples[1:], strict=False):
+        before = [0.0, 0.0]
+        for k, (a, b) in enumerate(zip(self.samples, self.samples[1:], strict=False)):
             if a.learnt <= 0 or b.learnt >= self.total or a.retraining != b.retraining:
                 continue
-            sums[a.retraining][0] += b.learnt - a.learnt
-            sums[a.retraining][1] += b.t - a.t
+            if first <= k < start:
+                continue  # the first retrain: no model to predict with yet either
+            bucket = before if k < first else sums[a.retraining]
+            bucket[0] += b.learnt - a.learnt
+            bucket[1] += b.t - a.t
         during = sums[True][0] / sums[True][1] if sums[True][1] else math.nan
         without = sums[False][0] / sums[False][1] if sums[False][1] else math.nan
+        before_rate = before[0] / before[1] if before[1] else math.nan
         retrains = sum(v for k, v in self.final.items() if k.startswith(f"{P}_retrains_total"))
         rebalances = sum(v for k, v in self.final.items()
                          if k.startswith(f"{P}_rebalances_total") and 'kind="assign"' not in k)
         return {"rate_during_retrain": during, "rate_without_retrain": without,
+                "rate_before_first_model": before_rate,
                 "ratio": during / without if without else math.nan,
                 "seconds_retraining": sums[True][1], "retrains": retrains,
                 "revokes_or_losses": rebalances}

@@ -43,3 +43,18 @@ def test_a_leak_after_warm_up_is_still_reported() -> None:
 def test_a_run_whose_first_retrain_never_finished_reports_no_growth() -> None:
     rss = run((120, 200, False), (300, 230, True), (1000, 260, True)).rss()
     assert math.isnan(rss["growth_pct"]) and math.isnan(rss["warm_learnt"])
+
+
+def test_full_batch_compares_only_periods_with_a_model() -> None:
+    # 0-300: no model yet (fast); 300-400: the first retrain; then with a model, 100/s whether
+    # a retrain runs or not.
+    service = ServiceRun(total=10_000, started=0.0)
+    timeline = [(0, 1, False), (1, 301, False), (2, 401, True), (3, 501, False),
+                (4, 601, False), (5, 701, True), (6, 801, True), (7, 901, False)]
+    for t, learnt, retraining in timeline:
+        service.samples.append(Sample(float(t), float(learnt), math.nan, retraining))
+    figures = service.full_batch()
+    assert figures["rate_before_first_model"] == 300
+    assert figures["rate_during_retrain"] == 100
+    assert figures["rate_without_retrain"] == 100
+    assert figures["ratio"] == 1.0
