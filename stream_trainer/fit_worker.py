@@ -1,10 +1,11 @@
 """Full-batch fits in a child process, at a lower CPU priority than ingestion.
 
-A fit on a thread of the service shares the GIL with the poll loop and, on a small pod, a
-core with it: ingestion during a retrain measured 0.41 of ingestion without one (Apache
-Kafka, 2 cores). In a child process the fit holds no lock the poll loop needs, and its nice
-value lets the kernel give the poll loop and the decode worker the CPU first: a retrain
-takes longer, ingestion keeps up with the topic.
+A fit on a thread of the service holds the GIL for whatever part of it runs in Python: a
+River model refit by replaying ``learn_one`` holds it throughout, and ingestion during such a
+retrain measured 0.35 of ingestion without one (0.88 in the worker; HoeffdingTree, Tansu, 2
+cores). In a child process the fit holds no lock the poll loop needs, and its nice value lets
+the kernel give the poll loop and the decode worker the CPU first: a retrain takes longer,
+ingestion keeps up with the topic.
 
 Contract: ``FitWorker.fit`` blocks its caller (the trainer's retrain thread) and returns the
 fitted candidate, or raises :class:`FitWorkerError` (the estimator raised, or the child
