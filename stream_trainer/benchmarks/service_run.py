@@ -88,7 +88,7 @@ class ServiceRun:
         end = known[-1] if known else None
         out = {"peak_bytes": self.peak_rss, "warm_bytes": math.nan, "end_bytes": math.nan,
                "growth_pct": math.nan, "warm_learnt": math.nan}
-        if warm is not None and end is not None and warm is not end:
+        if warm is not None and end is not None:
             out.update({"warm_bytes": warm.rss, "end_bytes": end.rss, "warm_learnt": warm.learnt,
                         "growth_pct": 100.0 * (end.rss - warm.rss) / warm.rss})
         return out

@@ -208,6 +208,20 @@ def model_fingerprint(state: TrainingState) -> dict[str, Any]:
     }
 
 
+def fingerprint_difference(a: Any, b: Any, path: str = "") -> float:
+    """The largest relative difference between two fingerprints; raises AssertionError when
+    their shapes or keys differ."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, a, b)
+        return max((fingerprint_difference(a[k], b[k], f"{path}.{k}") for k in a), default=0.0)
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (path, a, b)
+        return max((fingerprint_difference(x, y, f"{path}[{i}]")
+                    for i, (x, y) in enumerate(zip(a, b, strict=True))), default=0.0)
+    scale = max(abs(float(a)), abs(float(b)), 1e-12)
+    return abs(float(a) - float(b)) / scale
+
+
 def fault_config(tmp_path: Path, broker: Any, partitions: int,
                  *overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """The fault suite's service: per_record River on ``linear20``, fresh topics on
