@@ -47,22 +47,37 @@ from stream_trainer.benchmarks.workload import (
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``stream-trainer bench``."""
-    parser.add_argument("--bootstrap-servers", default=None,
-                        help="an existing broker (default: start the embedded Tansu broker)")
-    parser.add_argument("--mode", choices=MODES, default=None,
-                        help="training mode (default: the config's, else per_record)")
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="an existing broker (default: start the embedded Tansu broker)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="training mode (default: the config's, else per_record)",
+    )
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--config", "-c", type=Path, default=None,
-                        help="YAML config whose model/training/checkpoint/registry sections "
-                        "are benchmarked (default: a built-in production-like config); "
-                        "connection, topics, record contract and paths are the bench's own")
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="YAML config whose model/training/checkpoint/registry sections "
+        "are benchmarked (default: a built-in production-like config); "
+        "connection, topics, record contract and paths are the bench's own",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where checkpoints and logs go (default: a temporary directory, "
-                        "removed afterwards)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where checkpoints and logs go (default: a temporary directory, removed afterwards)",
+    )
 
 
 def _progress(text: str) -> None:
@@ -102,8 +117,11 @@ def run_bench(args: argparse.Namespace) -> int:
     from stream_trainer.produce import produce  # noqa: PLC0415
 
     if args.records < 2 or args.features < 1 or args.partitions < 1 or args.repeats < 1:
-        print("stream-trainer: bench needs --records >= 2 and positive --features, "
-              "--partitions, --repeats", file=sys.stderr)
+        print(
+            "stream-trainer: bench needs --records >= 2 and positive --features, "
+            "--partitions, --repeats",
+            file=sys.stderr,
+        )
         return 2
     base, mode = _base_config(args)
     hmac_key = secrets.token_hex(16)
@@ -127,69 +145,114 @@ def run_bench(args: argparse.Namespace) -> int:
         create_topics(bootstrap, {topic: args.partitions}, timeout=30.0)
         _progress(f"producing {args.records:,} records to {topic}")
         began = time.perf_counter()
-        produce({"bootstrap.servers": bootstrap}, topic, workload_dataset(args.features),
-                args.records, partitions=args.partitions)
+        produce(
+            {"bootstrap.servers": bootstrap},
+            topic,
+            workload_dataset(args.features),
+            args.records,
+            partitions=args.partitions,
+        )
         produce_s = time.perf_counter() - began
 
         def paths(repeat: int) -> Paths:
             run_dir = workdir / f"run-{repeat}"
-            return Paths(bootstrap, topic, f"{topic}.r{repeat}.dlq",
-                         f"{topic}.r{repeat}.versions", f"{topic}.r{repeat}.control",
-                         unique("bench-service"), run_dir / "checkpoints",
-                         run_dir / "registry", free_port())
+            return Paths(
+                bootstrap,
+                topic,
+                f"{topic}.r{repeat}.dlq",
+                f"{topic}.r{repeat}.versions",
+                f"{topic}.r{repeat}.control",
+                unique("bench-service"),
+                run_dir / "checkpoints",
+                run_dir / "registry",
+                free_port(),
+            )
 
         config0 = service_config(base, args.features, paths(0), mode)
         settings = settings_of(config0, hmac_key)
         _progress("decoding the workload into memory (learner ceiling input)")
-        data = load_decoded(bootstrap, topic, args.partitions, args.records,
-                            settings=settings, timeout_s=timeout_s)
+        data = load_decoded(
+            bootstrap, topic, args.partitions, args.records, settings=settings, timeout_s=timeout_s
+        )
 
-        results: dict[str, list[StageRun]] = {"ingest_ceiling": [], "learner_ceiling": [],
-                                               "naive": []}
+        results: dict[str, list[StageRun]] = {
+            "ingest_ceiling": [],
+            "learner_ceiling": [],
+            "naive": [],
+        }
         service_runs: list[ServiceRun] = []
         try:
             for repeat in range(args.repeats):
                 tag = f"repeat {repeat + 1}/{args.repeats}"
                 _progress(f"{tag}: ingest ceiling")
-                results["ingest_ceiling"].append(ingest_ceiling(
-                    bootstrap, topic, args.partitions, args.records, settings=settings,
-                    timeout_s=timeout_s))
+                results["ingest_ceiling"].append(
+                    ingest_ceiling(
+                        bootstrap,
+                        topic,
+                        args.partitions,
+                        args.records,
+                        settings=settings,
+                        timeout_s=timeout_s,
+                    )
+                )
                 _progress(f"{tag}: learner ceiling")
                 results["learner_ceiling"].append(learner_ceiling(data, settings))
                 _progress(f"{tag}: naive script")
-                results["naive"].append(naive_script(bootstrap, topic, args.records,
-                                                     settings=settings, timeout_s=timeout_s))
+                results["naive"].append(
+                    naive_script(
+                        bootstrap, topic, args.records, settings=settings, timeout_s=timeout_s
+                    )
+                )
                 _progress(f"{tag}: service")
                 p = paths(repeat)
                 p.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-                create_topics(bootstrap, {p.dead_letter: 1, p.versions: 1, p.control: 1},
-                              timeout=30.0)
-                service_runs.append(run_service_process(
-                    service_config(base, args.features, p, mode), p.checkpoint_dir.parent,
-                    args.records, env={HMAC_ENV: hmac_key}, port=p.http_port,
-                    timeout_s=timeout_s))
+                create_topics(
+                    bootstrap, {p.dead_letter: 1, p.versions: 1, p.control: 1}, timeout=30.0
+                )
+                service_runs.append(
+                    run_service_process(
+                        service_config(base, args.features, p, mode),
+                        p.checkpoint_dir.parent,
+                        args.records,
+                        env={HMAC_ENV: hmac_key},
+                        port=p.http_port,
+                        timeout_s=timeout_s,
+                    )
+                )
                 _progress(f"{tag}: service {service_runs[-1].rate():,.0f} records/s")
         except (StageTimeout, ServiceFailed, TimeoutError) as error:
             print(f"stream-trainer: bench failed: {error}", file=sys.stderr)
             return 1
 
-    stages = {name: {"records_per_s": rep.spread([r.rate for r in runs]),
-                     **({"extra": _stats([r.extra for r in runs])} if runs[0].extra else {})}
-              for name, runs in results.items()}
+    stages = {
+        name: {
+            "records_per_s": rep.spread([r.rate for r in runs]),
+            **({"extra": _stats([r.extra for r in runs])} if runs[0].extra else {}),
+        }
+        for name, runs in results.items()
+    }
     stages["service"] = {"records_per_s": rep.spread([r.rate() for r in service_runs])}
     median = {name: s["records_per_s"]["median"] for name, s in stages.items()}
-    references = {"service_vs_ingest_ceiling": "ingest_ceiling",
-                  "service_vs_learner_ceiling": "learner_ceiling", "service_vs_naive": "naive"}
-    ratios = {name: rep.ratio(median["service"], median[stage])
-              for name, stage in references.items()}
+    references = {
+        "service_vs_ingest_ceiling": "ingest_ceiling",
+        "service_vs_learner_ceiling": "learner_ceiling",
+        "service_vs_naive": "naive",
+    }
+    ratios = {
+        name: rep.ratio(median["service"], median[stage]) for name, stage in references.items()
+    }
     # The same ratios within each repeat (its stages ran back to back), as a spread: on a
     # noisy machine a slow minute moves every stage of one repeat together.
     service_rates = stages["service"]["records_per_s"]["runs"]
     paired = {
-        name: rep.spread([
-            rep.ratio(s, ref)
-            for s, ref in zip(service_rates, stages[stage]["records_per_s"]["runs"], strict=True)
-        ])
+        name: rep.spread(
+            [
+                rep.ratio(s, ref)
+                for s, ref in zip(
+                    service_rates, stages[stage]["records_per_s"]["runs"], strict=True
+                )
+            ]
+        )
         for name, stage in references.items()
     }
     service: dict[str, Any] = {
@@ -203,13 +266,20 @@ def run_bench(args: argparse.Namespace) -> int:
         service["full_batch"] = _stats([r.full_batch() for r in service_runs])
     report: dict[str, Any] = {
         "machine": rep.machine(),
-        "workload": {"mode": mode, "records": args.records, "features": args.features,
-                     "partitions": args.partitions, "broker": broker_name,
-                     "produce_seconds": produce_s},
-        "config": {"model": settings.model.model_dump(mode="json"),
-                   "training": settings.training.model_dump(mode="json"),
-                   "checkpoint_every_seconds": settings.checkpoint.every_seconds,
-                   "source": str(args.config) if args.config else "built-in"},
+        "workload": {
+            "mode": mode,
+            "records": args.records,
+            "features": args.features,
+            "partitions": args.partitions,
+            "broker": broker_name,
+            "produce_seconds": produce_s,
+        },
+        "config": {
+            "model": settings.model.model_dump(mode="json"),
+            "training": settings.training.model_dump(mode="json"),
+            "checkpoint_every_seconds": settings.checkpoint.every_seconds,
+            "source": str(args.config) if args.config else "built-in",
+        },
         "repeats": args.repeats,
         "stages": stages,
         "ratios": ratios,

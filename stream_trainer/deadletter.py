@@ -53,9 +53,7 @@ class DeadLetterPublisher:
     checkpoint).
     """
 
-    def __init__(
-        self, producer: Any, topic: str, group_id: str, service_version: str
-    ) -> None:
+    def __init__(self, producer: Any, topic: str, group_id: str, service_version: str) -> None:
         self._producer = producer
         self._topic = topic
         self._group = group_id.encode("utf-8")

@@ -47,10 +47,18 @@ PREFIX = "stream_trainer_"
 _REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
 # Used when neither --config nor the checkout's configs/local.yaml exists (installed wheel).
 _BUILTIN_BASE: dict[str, Any] = {
-    "kafka": {"bootstrap_servers": "127.0.0.1:9092", "group_id": "stream-trainer-demo",
-              "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
-    "topics": {"input": ["demo"], "dead_letter": "demo.dlq",
-               "versions": "stream-trainer.versions", "control": "stream-trainer.control"},
+    "kafka": {
+        "bootstrap_servers": "127.0.0.1:9092",
+        "group_id": "stream-trainer-demo",
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+    },
+    "topics": {
+        "input": ["demo"],
+        "dead_letter": "demo.dlq",
+        "versions": "stream-trainer.versions",
+        "control": "stream-trainer.control",
+    },
     "training": {"mode": "per_record"},
     "checkpoint": {"dir": "checkpoints", "every_seconds": 5, "allow_unsigned": True},
     "registry": {"root": "registry"},
@@ -67,32 +75,70 @@ class DemoInterrupted(Exception):
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``stream-trainer demo``."""
-    parser.add_argument("--dataset", default="phishing", choices=sorted(DATASETS),
-                        help="stream to learn (default phishing; sea-drift has a concept "
-                        "drift at record 5000)")
-    parser.add_argument("--mode", choices=["per_record", "mini_batch", "full_batch"],
-                        default=None, help="training mode (default: the config's; a "
-                        "learner fitting the mode is chosen)")
-    parser.add_argument("--records", type=int, default=None, metavar="N",
-                        help="records to stream (default: one pass of a bundled dataset, "
-                        "12000 for a synthetic one)")
+    parser.add_argument(
+        "--dataset",
+        default="phishing",
+        choices=sorted(DATASETS),
+        help="stream to learn (default phishing; sea-drift has a concept drift at record 5000)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["per_record", "mini_batch", "full_batch"],
+        default=None,
+        help="training mode (default: the config's; a learner fitting the mode is chosen)",
+    )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        metavar="N",
+        help="records to stream (default: one pass of a bundled dataset, "
+        "12000 for a synthetic one)",
+    )
     parser.add_argument("--partitions", type=int, default=1, help="input topic partitions")
-    parser.add_argument("--bad-records", type=float, default=0.0, metavar="RATIO",
-                        help="fraction of invalid records mixed in, to show dead-lettering")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="leave the service and its metrics endpoint up until Ctrl-C")
-    parser.add_argument("--output-dir", type=Path, default=None, metavar="DIR",
-                        help="where config, checkpoints, registry, log, summary and curve go "
-                        "(default ./demo-output/<timestamp>)")
-    parser.add_argument("--config", "-c", type=Path, default=None,
-                        help="base config (default configs/local.yaml); broker, topics, "
-                        "record contract, folders and port are set by the demo")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="give up when the stream is not consumed by then "
-                        "(default scales with --records)")
-    parser.add_argument("--rate", type=float, default=None, metavar="RECORDS_PER_S",
-                        help="produce at this rate while the service runs (default: the "
-                        "stream takes ~10 s, at least 100 records/s; 0 = all at once)")
+    parser.add_argument(
+        "--bad-records",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="fraction of invalid records mixed in, to show dead-lettering",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the service and its metrics endpoint up until Ctrl-C",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where config, checkpoints, registry, log, summary and curve go "
+        "(default ./demo-output/<timestamp>)",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="base config (default configs/local.yaml); broker, topics, "
+        "record contract, folders and port are set by the demo",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up when the stream is not consumed by then (default scales with --records)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="RECORDS_PER_S",
+        help="produce at this rate while the service runs (default: the "
+        "stream takes ~10 s, at least 100 records/s; 0 = all at once)",
+    )
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
 
 
@@ -112,29 +158,48 @@ def _learner(task: str, mode: str, records: int) -> dict[str, Any]:
     """A ``model`` section (minus name/task) and ``training`` section fitting ``mode``."""
     regression = task == "regression"
     if mode == "per_record":
-        learner = ("river.linear_model.LinearRegression" if regression
-                   else "river.linear_model.LogisticRegression")
-        model = {"preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
-                 "learner": {"path": learner}}
+        learner = (
+            "river.linear_model.LinearRegression"
+            if regression
+            else "river.linear_model.LogisticRegression"
+        )
+        model = {
+            "preprocessing": [{"path": "river.preprocessing.StandardScaler"}],
+            "learner": {"path": learner},
+        }
         return {"model": model, "training": {"mode": mode}}
     if mode == "mini_batch":
         learner_spec: dict[str, Any] = (
-            {"path": "sklearn.linear_model.SGDRegressor", "params": {}} if regression
+            {"path": "sklearn.linear_model.SGDRegressor", "params": {}}
+            if regression
             else {"path": "sklearn.linear_model.SGDClassifier", "params": {"loss": "log_loss"}}
         )
         learner_spec["params"]["random_state"] = 0
-        model = {"preprocessing": [{"path": "sklearn.preprocessing.StandardScaler"}],
-                 "learner": learner_spec}
+        model = {
+            "preprocessing": [{"path": "sklearn.preprocessing.StandardScaler"}],
+            "learner": learner_spec,
+        }
         # ~20 batches over the stream, between 100 and 1000 records each.
         batch = {"size": _clamp(records // 20, 100, 1000), "max_wait_s": 1.0}
         return {"model": model, "training": {"mode": mode, "mini_batch": batch}}
-    forest = ("sklearn.ensemble.RandomForestRegressor" if regression
-              else "sklearn.ensemble.RandomForestClassifier")
-    model = {"learner": {"path": forest,
-                         "params": {"n_estimators": 20, "max_depth": 8, "random_state": 0}}}
+    forest = (
+        "sklearn.ensemble.RandomForestRegressor"
+        if regression
+        else "sklearn.ensemble.RandomForestClassifier"
+    )
+    model = {
+        "learner": {
+            "path": forest,
+            "params": {"n_estimators": 20, "max_depth": 8, "random_state": 0},
+        }
+    }
     every = max(records // 5, 50)
-    full = {"window_records": max(every * 2, 100), "retrain_every_records": every,
-            "retrain_on_drift": True, "min_records": min(100, every)}
+    full = {
+        "window_records": max(every * 2, 100),
+        "retrain_every_records": every,
+        "retrain_on_drift": True,
+        "min_records": min(100, every),
+    }
     return {"model": model, "training": {"mode": mode, "full_batch": full}}
 
 
@@ -178,43 +243,77 @@ def build_demo_config(
     config["model"] = {**config["model"], "name": dataset.name, "task": dataset.task}
 
     topics = dict(config.get("topics", {}))
-    topics.update({"input": [dataset.name], "dead_letter": f"{dataset.name}.dlq",
-                   "versions": topics.get("versions") or "stream-trainer.versions",
-                   "control": topics.get("control") or "stream-trainer.control"})
+    topics.update(
+        {
+            "input": [dataset.name],
+            "dead_letter": f"{dataset.name}.dlq",
+            "versions": topics.get("versions") or "stream-trainer.versions",
+            "control": topics.get("control") or "stream-trainer.control",
+        }
+    )
     config["topics"] = topics
     config["record"] = {
-        **{k: v for k, v in config.get("record", {}).items()
-           if k in ("max_bytes", "unknown_features")},
+        **{
+            k: v
+            for k, v in config.get("record", {}).items()
+            if k in ("max_bytes", "unknown_features")
+        },
         # produce.py writes {"x": {...features}, "y": label}.
-        "features_field": "x", "label_field": "y",
+        "features_field": "x",
+        "label_field": "y",
         "features": list(dataset.features),
         "labels": list(dataset.labels) if dataset.labels is not None else None,
     }
-    config["kafka"] = {**config.get("kafka", {}), "bootstrap_servers": bootstrap,
-                       "group_id": f"stream-trainer-demo-{dataset.name}",
-                       "consume_timeout_s": 0.1}
+    config["kafka"] = {
+        **config.get("kafka", {}),
+        "bootstrap_servers": bootstrap,
+        "group_id": f"stream-trainer-demo-{dataset.name}",
+        "consume_timeout_s": 0.1,
+    }
     # A curve over a few hundred records needs a window much shorter than the default 1000.
     window = _clamp(records // 10, 50, 1000)
     config["evaluation"] = {**config.get("evaluation", {}), "window": window}
-    checkpoint = {k: v for k, v in config.get("checkpoint", {}).items()
-                  if k not in ("dir", "every_seconds", "every_records")}
-    checkpoint.update({"dir": str(output_dir / "checkpoints"), "every_seconds": 2.0,
-                       "every_records": max(records // 4, 100)})
+    checkpoint = {
+        k: v
+        for k, v in config.get("checkpoint", {}).items()
+        if k not in ("dir", "every_seconds", "every_records")
+    }
+    checkpoint.update(
+        {
+            "dir": str(output_dir / "checkpoints"),
+            "every_seconds": 2.0,
+            "every_records": max(records // 4, 100),
+        }
+    )
     has_key = any(k in checkpoint for k in ("hmac_key", "hmac_key_file")) or any(
-        k.upper() in ("STREAM_TRAINER_CHECKPOINT__HMAC_KEY",
-                      "STREAM_TRAINER_CHECKPOINT__HMAC_KEY_FILE") for k in environ)
+        k.upper()
+        in ("STREAM_TRAINER_CHECKPOINT__HMAC_KEY", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY_FILE")
+        for k in environ
+    )
     if not has_key:
         checkpoint["allow_unsigned"] = True  # a laptop demo has no key to sign with
     config["checkpoint"] = checkpoint
-    registry = {k: v for k, v in config.get("registry", {}).items()
-                if k not in ("root", "publish_every_records", "publish_every_seconds")}
+    registry = {
+        k: v
+        for k, v in config.get("registry", {}).items()
+        if k not in ("root", "publish_every_records", "publish_every_seconds")
+    }
     gate = {**registry.get("gate", {}), "holdout_records": _clamp(records // 10, 10, 1000)}
-    registry.update({"root": str(output_dir / "registry"),
-                     "publish_every_records": max(records // 5, 50),
-                     "publish_every_seconds": None, "gate": gate})
+    registry.update(
+        {
+            "root": str(output_dir / "registry"),
+            "publish_every_records": max(records // 5, 50),
+            "publish_every_seconds": None,
+            "gate": gate,
+        }
+    )
     config["registry"] = registry
-    config["http"] = {**config.get("http", {}), "enabled": True, "host": "127.0.0.1",
-                      "port": http_port}
+    config["http"] = {
+        **config.get("http", {}),
+        "enabled": True,
+        "host": "127.0.0.1",
+        "port": http_port,
+    }
     config["shutdown"] = {"timeout_s": 20}
     return config
 
@@ -327,9 +426,11 @@ class Progress:
     def update(self, snap: Snapshot, rate: float, force: bool = False) -> None:
         value = snap.window.get(self._metric)
         shown = f"{value:.4f}" if value is not None else "-"
-        line = (f"progress: learnt {snap.learnt}/{self._total}  dead-lettered "
-                f"{snap.dead_lettered}  {rate:,.0f} rec/s  {self._metric} {shown}  "
-                f"model v{snap.model_version}  drifts {snap.drifts}")
+        line = (
+            f"progress: learnt {snap.learnt}/{self._total}  dead-lettered "
+            f"{snap.dead_lettered}  {rate:,.0f} rec/s  {self._metric} {shown}  "
+            f"model v{snap.model_version}  drifts {snap.drifts}"
+        )
         if self._tty:
             self._width = max(self._width, len(line))
             self._stream.write("\r" + line.ljust(self._width))
@@ -361,8 +462,18 @@ class Feeder:
     in ``error``; ``stop()`` cancels and joins.
     """
 
-    def __init__(self, bootstrap: str, topic: str, dataset: Dataset, *, count: int,
-                 partitions: int, bad_ratio: float, seed: int, rate: float) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        dataset: Dataset,
+        *,
+        count: int,
+        partitions: int,
+        bad_ratio: float,
+        seed: int,
+        rate: float,
+    ) -> None:
         self.valid = 0
         self.invalid = 0
         self.invalid_reasons: dict[str, int] = {}
@@ -412,8 +523,9 @@ class Feeder:
                     return
                 while True:
                     try:
-                        producer.produce(topic, value=value, partition=i % partitions,
-                                         on_delivery=delivered)
+                        producer.produce(
+                            topic, value=value, partition=i % partitions, on_delivery=delivered
+                        )
                         break
                     except BufferError:
                         producer.poll(0.1)  # the local queue is full: let deliveries drain
@@ -425,8 +537,9 @@ class Feeder:
                     self.invalid_reasons[reason] = self.invalid_reasons.get(reason, 0) + 1
             remaining = producer.flush(30.0)
             if remaining or failures:
-                raise KafkaException(f"{remaining} records undelivered, {len(failures)} "
-                                     f"failed: {failures[:3]}")
+                raise KafkaException(
+                    f"{remaining} records undelivered, {len(failures)} failed: {failures[:3]}"
+                )
         except BaseException as error:  # reported by the main thread
             self.error = error
         finally:
@@ -444,7 +557,10 @@ def _start_service(config_path: Path, workdir: Path, log: IO[bytes]) -> subproce
 
     return subprocess.Popen(
         [sys.executable, "-m", "stream_trainer", "run", "--config", str(config_path)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
         # Own session: a terminal's Ctrl-C reaches only the demo, which stops the service.
         start_new_session=True,
         preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509 - only a prctl syscall
@@ -465,6 +581,7 @@ def _stop_service(proc: subprocess.Popen[bytes], timeout: float) -> int:
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`DemoInterrupted` in the main thread."""
+
     def handler(_signum: int, _frame: FrameType | None) -> None:
         raise DemoInterrupted
 
@@ -479,8 +596,7 @@ def _interruptible() -> Iterator[None]:
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
     """Cleanup must finish (it is bounded): ignore further Ctrl-C meanwhile."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT,
-                                                                    signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -505,8 +621,16 @@ class Run:
     failure: str = ""
 
 
-def _follow(proc: subprocess.Popen[bytes], url: str, feeder: Feeder, *, total: int,
-            timeout: float, metric: str, progress: Progress) -> Run:
+def _follow(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    feeder: Feeder,
+    *,
+    total: int,
+    timeout: float,
+    metric: str,
+    progress: Progress,
+) -> Run:
     """Poll /metrics until every record is learnt or dead-lettered, or something fails.
 
     The feeder starts once the service owns its partitions (the group join takes a few
@@ -527,8 +651,9 @@ def _follow(proc: subprocess.Popen[bytes], url: str, feeder: Feeder, *, total: i
                 run.first_consumed = now
                 feeder.start()
             if snap.learnt and (not run.points or run.points[-1].records_learnt != snap.learnt):
-                run.points.append(CurvePoint(snap.learnt, snap.window.get(metric),
-                                             snap.total.get(metric)))
+                run.points.append(
+                    CurvePoint(snap.learnt, snap.window.get(metric), snap.total.get(metric))
+                )
             if snap.drifts > last_drifts:
                 run.drifts.extend([float(snap.learnt)] * (snap.drifts - last_drifts))
                 last_drifts = snap.drifts
@@ -541,15 +666,15 @@ def _follow(proc: subprocess.Popen[bytes], url: str, feeder: Feeder, *, total: i
                 run.completed, run.finished = True, now
                 return run
             if snap.halted:
-                run.failure = ("a partition was halted by the bad-record breaker "
-                               "(too many invalid records)")
+                run.failure = (
+                    "a partition was halted by the bad-record breaker (too many invalid records)"
+                )
         if feeder.error is not None:
             run.failure = f"producing the dataset failed: {feeder.error}"
         elif proc.poll() is not None:
             run.failure = f"the service exited early with code {proc.returncode}"
         elif now > deadline:
-            run.failure = (f"the stream was not consumed within {timeout:.0f} s "
-                           f"({total} records)")
+            run.failure = f"the stream was not consumed within {timeout:.0f} s ({total} records)"
         if run.failure:
             run.finished = now
             return run
@@ -591,22 +716,33 @@ def run_demo(args: argparse.Namespace) -> int:
     dataset = get_dataset(args.dataset)
     records = args.records if args.records is not None else default_records(dataset)
     if records < 1 or args.partitions < 1 or not 0.0 <= args.bad_records < 1.0:
-        print("stream-trainer demo: --records and --partitions must be >= 1, "
-              "--bad-records in [0, 1)", file=sys.stderr)
+        print(
+            "stream-trainer demo: --records and --partitions must be >= 1, --bad-records in [0, 1)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     output_dir: Path = (args.output_dir or Path("demo-output") / stamp).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     rate = default_rate(records) if args.rate is None else max(args.rate, 0.0)
-    timeout = args.timeout if args.timeout is not None else (
-        60.0 + records / 200.0 + (records / rate if rate else 0.0))
+    timeout = (
+        args.timeout
+        if args.timeout is not None
+        else (60.0 + records / 200.0 + (records / rate if rate else 0.0))
+    )
 
     # Validate before starting anything: the address is a placeholder until the broker runs.
     http_port = free_port()
     base = load_base(args.config)
-    config = build_demo_config(base, dataset, mode=args.mode, records=records,
-                               output_dir=output_dir, bootstrap="127.0.0.1:9092",
-                               http_port=http_port)
+    config = build_demo_config(
+        base,
+        dataset,
+        mode=args.mode,
+        records=records,
+        output_dir=output_dir,
+        bootstrap="127.0.0.1:9092",
+        http_port=http_port,
+    )
     config_path = output_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     settings: Settings = load_settings(config_path)
@@ -624,17 +760,23 @@ def run_demo(args: argparse.Namespace) -> int:
     log_path = output_dir / "service.log"
     interrupted = False
     code = EXIT_FAILURE
-    print(f"stream-trainer demo: {dataset.name} ({dataset.description}), "
-          f"{records} records, mode {settings.training.mode}, "
-          f"learner {settings.model.learner.path}", file=out, flush=True)
+    print(
+        f"stream-trainer demo: {dataset.name} ({dataset.description}), "
+        f"{records} records, mode {settings.training.mode}, "
+        f"learner {settings.model.learner.path}",
+        file=out,
+        flush=True,
+    )
     print(f"output folder: {output_dir}", file=out, flush=True)
     try:
         with _interruptible(), log_path.open("ab") as log:
             try:
                 broker.start()
             except BrokerStartError as error:
-                print(f"stream-trainer demo: the embedded broker did not start: {error}",
-                      file=sys.stderr)
+                print(
+                    f"stream-trainer demo: the embedded broker did not start: {error}",
+                    file=sys.stderr,
+                )
                 return EXIT_FAILURE
             pids["broker"] = broker.pid or 0
             pids_path.write_text(json.dumps(pids), encoding="utf-8")
@@ -643,40 +785,89 @@ def run_demo(args: argparse.Namespace) -> int:
             config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             print(f"broker: Tansu (embedded, memory only) at {bootstrap}", file=out, flush=True)
             topic = settings.topics.input[0]
-            create_topics(bootstrap, {topic: args.partitions,
-                                      settings.topics.dead_letter: 1,
-                                      settings.topics.versions: 1,
-                                      str(settings.topics.control): 1}, timeout=30.0)
+            create_topics(
+                bootstrap,
+                {
+                    topic: args.partitions,
+                    settings.topics.dead_letter: 1,
+                    settings.topics.versions: 1,
+                    str(settings.topics.control): 1,
+                },
+                timeout=30.0,
+            )
             service = _start_service(config_path, output_dir, log)
             pids["service"] = service.pid
             pids_path.write_text(json.dumps(pids), encoding="utf-8")
-            print(f"service: stream-trainer run (pid {service.pid}), metrics {url}, "
-                  f"log {log_path}", file=out, flush=True)
-            feeder = Feeder(bootstrap, topic, dataset, count=records,
-                            partitions=args.partitions, bad_ratio=args.bad_records,
-                            seed=args.seed, rate=rate)
-            print(f"streaming {records} records into topic {topic} "
-                  + (f"at {rate:,.0f} records/s" if rate else "as fast as possible")
-                  + " once the service has joined its consumer group", file=out, flush=True)
+            print(
+                f"service: stream-trainer run (pid {service.pid}), metrics {url}, log {log_path}",
+                file=out,
+                flush=True,
+            )
+            feeder = Feeder(
+                bootstrap,
+                topic,
+                dataset,
+                count=records,
+                partitions=args.partitions,
+                bad_ratio=args.bad_records,
+                seed=args.seed,
+                rate=rate,
+            )
+            print(
+                f"streaming {records} records into topic {topic} "
+                + (f"at {rate:,.0f} records/s" if rate else "as fast as possible")
+                + " once the service has joined its consumer group",
+                file=out,
+                flush=True,
+            )
             progress = Progress(out, records, metric)
             try:
-                run = _follow(service, url, feeder, total=records, timeout=timeout,
-                              metric=metric, progress=progress)
+                run = _follow(
+                    service,
+                    url,
+                    feeder,
+                    total=records,
+                    timeout=timeout,
+                    metric=metric,
+                    progress=progress,
+                )
             finally:
                 progress.done()
                 feeder.stop()
             if args.keep_running and run.completed:
-                summary = _summarise(args, dataset, settings, output_dir=output_dir, url=url,
-                                     report=feeder, run=run, pids=pids, service_exit=None)
+                summary = _summarise(
+                    args,
+                    dataset,
+                    settings,
+                    output_dir=output_dir,
+                    url=url,
+                    report=feeder,
+                    run=run,
+                    pids=pids,
+                    service_exit=None,
+                )
                 _report(summary, out)
-                print(f"\nthe service keeps running: metrics at {url}, log {log_path}. "
-                      "Press Ctrl-C to stop it.", file=out, flush=True)
+                print(
+                    f"\nthe service keeps running: metrics at {url}, log {log_path}. "
+                    "Press Ctrl-C to stop it.",
+                    file=out,
+                    flush=True,
+                )
                 with contextlib.suppress(DemoInterrupted):
                     service.wait()
             with _uninterruptible():
                 exit_code = _stop_service(service, timeout=settings.shutdown.timeout_s + 5)
-            summary = _summarise(args, dataset, settings, output_dir=output_dir, url=url,
-                                 report=feeder, run=run, pids=pids, service_exit=exit_code)
+            summary = _summarise(
+                args,
+                dataset,
+                settings,
+                output_dir=output_dir,
+                url=url,
+                report=feeder,
+                run=run,
+                pids=pids,
+                service_exit=exit_code,
+            )
             if not args.keep_running or not run.completed:
                 _report(summary, out)
             if run.failure:
@@ -691,15 +882,25 @@ def run_demo(args: argparse.Namespace) -> int:
                 _stop_service(service, timeout=settings.shutdown.timeout_s + 5)
             broker.stop()
     if interrupted:
-        print("\nstream-trainer demo: interrupted; service and broker stopped", file=out,
-              flush=True)
+        print(
+            "\nstream-trainer demo: interrupted; service and broker stopped", file=out, flush=True
+        )
         return EXIT_INTERRUPTED
     return code
 
 
-def _summarise(args: argparse.Namespace, dataset: Dataset, settings: Settings, *,
-               output_dir: Path, url: str, report: Feeder, run: Run,
-               pids: dict[str, int], service_exit: int | None) -> dict[str, Any]:
+def _summarise(
+    args: argparse.Namespace,
+    dataset: Dataset,
+    settings: Settings,
+    *,
+    output_dir: Path,
+    url: str,
+    report: Feeder,
+    run: Run,
+    pids: dict[str, int],
+    service_exit: int | None,
+) -> dict[str, Any]:
     produced = report.produced
     """Write the curve and ``summary.json``; return the summary."""
     snap = run.final
@@ -707,10 +908,14 @@ def _summarise(args: argparse.Namespace, dataset: Dataset, settings: Settings, *
     checkpoints = sorted(settings.checkpoint.dir.glob("ckpt-*.ckpt"))
     versions = _version_markers(settings.registry.root)
     curve = plot_learning_curve(
-        output_dir / "learning-curve.png", run.points, metric, drifts=run.drifts,
-        versions=versions, window_size=settings.evaluation.window,
+        output_dir / "learning-curve.png",
+        run.points,
+        metric,
+        drifts=run.drifts,
+        versions=versions,
+        window_size=settings.evaluation.window,
         title=f"{dataset.name}: {settings.model.learner.path.rsplit('.', 1)[-1]} "
-              f"({settings.training.mode}), prequential {metric}",
+        f"({settings.training.mode}), prequential {metric}",
     )
     active = run.finished - (run.first_consumed or run.started)
     summary: dict[str, Any] = {
@@ -730,13 +935,16 @@ def _summarise(args: argparse.Namespace, dataset: Dataset, settings: Settings, *
         "seconds_total": round(run.finished - run.started, 3),
         "seconds_consuming": round(active, 3),
         "throughput_records_per_s": round((snap.learnt + snap.dead_lettered) / active, 1)
-        if active > 0 else None,
-        "producer_rate_records_per_s": round(args.rate if args.rate is not None
-                                             else default_rate(produced), 1),
+        if active > 0
+        else None,
+        "producer_rate_records_per_s": round(
+            args.rate if args.rate is not None else default_rate(produced), 1
+        ),
         # Time inside predict + learn only: what the model costs, apart from the pacing.
         "model_seconds": round(snap.model_seconds, 3),
         "model_records_per_s": round(snap.learnt / snap.model_seconds, 1)
-        if snap.model_seconds > 0 else None,
+        if snap.model_seconds > 0
+        else None,
         "metric": metric,
         "metrics_window": snap.window,
         "metrics_total": snap.total,
@@ -768,20 +976,29 @@ def _report(s: dict[str, Any], out: TextIO) -> None:
     rows = [
         ("records produced", f"{s['records_produced']} ({s['records_invalid']} invalid)"),
         ("records learnt", str(s["records_learnt"])),
-        ("records dead-lettered", f"{s['records_dead_lettered']}"
-                                  + (f" ({reasons})" if reasons else "")),
-        ("throughput", f"{s['throughput_records_per_s'] or 0:,.0f} records/s over "
-                       f"{s['seconds_consuming']:.1f} s (producer paced at "
-                       f"{s['producer_rate_records_per_s']:,.0f}/s; "
-                       f"{s['seconds_total']:.1f} s with the group join)"),
-        ("model time", f"{s['model_seconds']:.2f} s predicting + learning"
-                       + (f" ({s['model_records_per_s']:,.0f} records/s)"
-                          if s["model_records_per_s"] else "")),
+        (
+            "records dead-lettered",
+            f"{s['records_dead_lettered']}" + (f" ({reasons})" if reasons else ""),
+        ),
+        (
+            "throughput",
+            f"{s['throughput_records_per_s'] or 0:,.0f} records/s over "
+            f"{s['seconds_consuming']:.1f} s (producer paced at "
+            f"{s['producer_rate_records_per_s']:,.0f}/s; "
+            f"{s['seconds_total']:.1f} s with the group join)",
+        ),
+        (
+            "model time",
+            f"{s['model_seconds']:.2f} s predicting + learning"
+            + (f" ({s['model_records_per_s']:,.0f} records/s)" if s["model_records_per_s"] else ""),
+        ),
         (f"{metric}, last {s['evaluation_window']}", _fmt(s["metrics_window"].get(metric))),
         (f"{metric}, since start", _fmt(s["metrics_total"].get(metric))),
         ("model version", f"v{s['model_version']}"),
-        ("versions published", f"{s['versions_published']} (rejected by the gate: "
-                               f"{s['versions_rejected']})"),
+        (
+            "versions published",
+            f"{s['versions_published']} (rejected by the gate: {s['versions_rejected']})",
+        ),
         ("drift detections", str(s["drift_detections"])),
         ("checkpoints on disk", str(s["checkpoints"])),
     ]

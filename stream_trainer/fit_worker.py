@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from stream_trainer.learners import ModelAdapter
 
 
-
 class FitWorkerError(WorkerDied):
     """The fit failed in the worker (the message has its traceback) or the worker died."""
 

@@ -44,21 +44,38 @@ def plot_learning_curve(
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     window_label = f"rolling window ({window_size} records)" if window_size else "rolling window"
-    for attribute, label, style in (("window", window_label, "-"),
-                                    ("total", "since start", "--")):
+    for attribute, label, style in (("window", window_label, "-"), ("total", "since start", "--")):
         xs = [p.records_learnt for p in points if getattr(p, attribute) is not None]
         ys = [getattr(p, attribute) for p in points if getattr(p, attribute) is not None]
         if xs:
             axes.plot(xs, ys, style, linewidth=1.6, label=f"{metric}, {label}")
     for i, position in enumerate(drifts):
-        axes.axvline(position, color="tab:red", linestyle="--", linewidth=1.0,
-                     label="drift detected" if i == 0 else None)
+        axes.axvline(
+            position,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1.0,
+            label="drift detected" if i == 0 else None,
+        )
     for i, (version, position) in enumerate(versions):
-        axes.axvline(position, color="tab:green", linestyle=":", linewidth=1.2,
-                     label="version published" if i == 0 else None)
+        axes.axvline(
+            position,
+            color="tab:green",
+            linestyle=":",
+            linewidth=1.2,
+            label="version published" if i == 0 else None,
+        )
         # Label at the top edge, in axes coordinates vertically, so it never hides data.
-        axes.text(position, 1.01, f"v{version}", color="tab:green", fontsize=8,
-                  ha="center", va="bottom", transform=axes.get_xaxis_transform())
+        axes.text(
+            position,
+            1.01,
+            f"v{version}",
+            color="tab:green",
+            fontsize=8,
+            ha="center",
+            va="bottom",
+            transform=axes.get_xaxis_transform(),
+        )
     axes.set_xlabel("records learnt")
     axes.set_ylabel(f"prequential {metric}")
     axes.set_xlim(left=0)

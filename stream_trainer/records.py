@@ -490,19 +490,25 @@ class RecordDecoder:
         record = self._record
         if not isinstance(obj, dict):
             return Rejection(
-                "validate", "not_object", "NotAnObject",
+                "validate",
+                "not_object",
+                "NotAnObject",
                 f"top-level JSON value is {_json_type(obj)}, expected an object",
             )
         if record.features_field is not None:
             if record.features_field not in obj:
                 return Rejection(
-                    "validate", "missing_feature", "MissingFeatures",
+                    "validate",
+                    "missing_feature",
+                    "MissingFeatures",
                     f"features object {_quote(record.features_field)} is missing",
                 )
             features = obj[record.features_field]
             if not isinstance(features, dict):
                 return Rejection(
-                    "validate", "wrong_type", "WrongFeaturesType",
+                    "validate",
+                    "wrong_type",
+                    "WrongFeaturesType",
                     f"{_quote(record.features_field)} is {_json_type(features)}, "
                     "expected an object",
                 )
@@ -514,13 +520,17 @@ class RecordDecoder:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             return Rejection(
-                "validate", "missing_feature", "MissingFeature",
+                "validate",
+                "missing_feature",
+                "MissingFeature",
                 f"feature {_quote(missing[0])} is missing{more}",
             )
         if unknown and self._reject_unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             return Rejection(
-                "validate", "unknown_feature", "UnknownFeature",
+                "validate",
+                "unknown_feature",
+                "UnknownFeature",
                 f"unknown feature {_quote(min(unknown))}{more}",
             )
         row: list[float] = []
@@ -529,7 +539,8 @@ class RecordDecoder:
             if isinstance(number, tuple):
                 is_number, problem = number
                 reason, cls = (
-                    ("non_finite", "NonFiniteFeature") if is_number
+                    ("non_finite", "NonFiniteFeature")
+                    if is_number
                     else ("wrong_type", "WrongFeatureType")
                 )
                 return Rejection("validate", reason, cls, f"feature {_quote(name)} {problem}")
@@ -537,19 +548,25 @@ class RecordDecoder:
         label = obj.get(record.label_field)
         if label is None:
             return Rejection(
-                "validate", "missing_label", "MissingLabel",
+                "validate",
+                "missing_label",
+                "MissingLabel",
                 f"label field {_quote(record.label_field)} is missing or null",
             )
         y: Any
         if self._classification:
             if isinstance(label, _NonFinite) or not isinstance(label, str | int):
                 return Rejection(
-                    "validate", "unknown_label", "UnknownLabel",
+                    "validate",
+                    "unknown_label",
+                    "UnknownLabel",
                     f"label is {_json_type(label)}, not one of the configured labels",
                 )
             if (type(label), label) not in self._allowed:
                 return Rejection(
-                    "validate", "unknown_label", "UnknownLabel",
+                    "validate",
+                    "unknown_label",
+                    "UnknownLabel",
                     f"label {_quote(label)} is not one of the configured labels",
                 )
             y = label
@@ -570,7 +587,9 @@ class RecordDecoder:
             if isinstance(number, tuple) or number <= 0:
                 problem = number[1] if isinstance(number, tuple) else f"is {number}, expected > 0"
                 return Rejection(
-                    "validate", "bad_weight", "BadWeight",
+                    "validate",
+                    "bad_weight",
+                    "BadWeight",
                     f"weight {_quote(record.weight_field)} {problem}",
                 )
             weight = number

@@ -57,15 +57,16 @@ def service_config(
     """A config for ``dataset`` on fresh topics; creates the topics. Deep-merges overrides."""
     ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
     name = unique(ds.name)
-    topics = {
+    dead_letter, versions, control = f"{name}.dlq", f"{name}.versions", f"{name}.control"
+    topics: dict[str, Any] = {
         "input": [name],
-        "dead_letter": f"{name}.dlq",
-        "versions": f"{name}.versions",
-        "control": f"{name}.control",
+        "dead_letter": dead_letter,
+        "versions": versions,
+        "control": control,
     }
     create_topics(
         bootstrap,
-        {name: partitions, topics["dead_letter"]: 1, topics["versions"]: 1, topics["control"]: 1},
+        {name: partitions, dead_letter: 1, versions: 1, control: 1},
         timeout=30.0,
     )
     if ds.task == "regression":

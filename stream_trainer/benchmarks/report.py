@@ -11,8 +11,15 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("ingest_ceiling", "learner_ceiling", "naive", "service")
-_LIBRARIES = ("stream-trainer", "confluent-kafka", "river", "scikit-learn", "numpy", "msgspec",
-              "prometheus-client")
+_LIBRARIES = (
+    "stream-trainer",
+    "confluent-kafka",
+    "river",
+    "scikit-learn",
+    "numpy",
+    "msgspec",
+    "prometheus-client",
+)
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -20,8 +27,12 @@ def spread(values: list[float]) -> dict[str, Any]:
     known = [v for v in values if not math.isnan(v)]
     if not known:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "runs": values}
-    return {"median": statistics.median(known), "min": min(known), "max": max(known),
-            "runs": values}
+    return {
+        "median": statistics.median(known),
+        "min": min(known),
+        "max": max(known),
+        "runs": values,
+    }
 
 
 def ratio(a: float, b: float) -> float:
@@ -52,9 +63,15 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "usable_cores": usable,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "libraries": versions, "load_average": list(os.getloadavg())}
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": versions,
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def targets(mode: str, ratios: dict[str, float], service: dict[str, Any]) -> dict[str, Any]:
@@ -68,9 +85,15 @@ def targets(mode: str, ratios: dict[str, float], service: dict[str, Any]) -> dic
         checks["service_vs_naive"] = (ratios["service_vs_naive"], ">=", 4.0)
     else:
         checks["ingest_during_retrain_vs_without"] = (
-            service.get("full_batch", {}).get("ratio", {}).get("median", math.nan), ">=", 0.7)
+            service.get("full_batch", {}).get("ratio", {}).get("median", math.nan),
+            ">=",
+            0.7,
+        )
     checks["rss_growth_pct"] = (
-        service.get("rss", {}).get("growth_pct", {}).get("median", math.nan), "<=", 5.0)
+        service.get("rss", {}).get("growth_pct", {}).get("median", math.nan),
+        "<=",
+        5.0,
+    )
     out: dict[str, Any] = {}
     for name, (value, op, bound) in checks.items():
         met = None if math.isnan(value) else (value >= bound if op == ">=" else value <= bound)
@@ -107,7 +130,9 @@ def table(report: dict[str, Any]) -> str:
         each = paired.get(name)
         per_repeat = (
             f"{_num(each['median'], digits=2)} [{_num(each['min'], digits=2)}-"
-            f"{_num(each['max'], digits=2)}]" if each else ""
+            f"{_num(each['max'], digits=2)}]"
+            if each
+            else ""
         )
         lines.append(f"{name:<30} {_num(value, digits=2):>10} {per_repeat:>30}")
     svc = report["service"]
@@ -127,8 +152,10 @@ def table(report: dict[str, Any]) -> str:
     ]
     shares = svc.get("time_shares", {})
     if shares:
-        lines.append("service time shares: " + ", ".join(
-            f"{k} {_num(v['median'], ' %', 100, 0)}" for k, v in shares.items()))
+        lines.append(
+            "service time shares: "
+            + ", ".join(f"{k} {_num(v['median'], ' %', 100, 0)}" for k, v in shares.items())
+        )
     if "full_batch" in svc:
         fb = svc["full_batch"]
         lines.append(
@@ -137,11 +164,13 @@ def table(report: dict[str, Any]) -> str:
             f"without, both after the first fit (ratio {_num(fb['ratio']['median'], digits=2)}; "
             f"before any model {_num(fb['rate_before_first_model']['median'], ' rec/s', 1, 0)}), "
             f"{fb['retrains']['median']:.0f} retrains, "
-            f"{fb['revokes_or_losses']['median']:.0f} revokes/losses")
+            f"{fb['revokes_or_losses']['median']:.0f} revokes/losses"
+        )
     lines.append("")
     lines.append("targets (issue 9):")
     for name, t in report["targets"].items():
         verdict = {True: "met", False: "NOT met", None: "unknown"}[t["met"]]
-        lines.append(f"  {name:<34} {_num(t['value'], digits=2):>8} (target {t['target']}): "
-                     f"{verdict}")
+        lines.append(
+            f"  {name:<34} {_num(t['value'], digits=2):>8} (target {t['target']}): {verdict}"
+        )
     return "\n".join(lines)

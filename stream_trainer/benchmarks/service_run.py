@@ -86,11 +86,22 @@ class ServiceRun:
             floor = max(floor, after.learnt if after is not None else math.inf)
         warm = next((s for s in known if s.learnt >= floor), None)
         end = known[-1] if known else None
-        out = {"peak_bytes": self.peak_rss, "warm_bytes": math.nan, "end_bytes": math.nan,
-               "growth_pct": math.nan, "warm_learnt": math.nan}
+        out = {
+            "peak_bytes": self.peak_rss,
+            "warm_bytes": math.nan,
+            "end_bytes": math.nan,
+            "growth_pct": math.nan,
+            "warm_learnt": math.nan,
+        }
         if warm is not None and end is not None:
-            out.update({"warm_bytes": warm.rss, "end_bytes": end.rss, "warm_learnt": warm.learnt,
-                        "growth_pct": 100.0 * (end.rss - warm.rss) / warm.rss})
+            out.update(
+                {
+                    "warm_bytes": warm.rss,
+                    "end_bytes": end.rss,
+                    "warm_learnt": warm.learnt,
+                    "growth_pct": 100.0 * (end.rss - warm.rss) / warm.rss,
+                }
+            )
         return out
 
     def checkpoints(self) -> dict[str, float]:
@@ -110,7 +121,8 @@ class ServiceRun:
             "size_bytes": self.final.get(f"{P}_checkpoint_size_bytes", math.nan),
             # After the graceful stop (which writes a final checkpoint): kept files.
             "files_after_stop": float(len(self.checkpoint_files)),
-            "newest_file_bytes": float(self.checkpoint_files[-1]) if self.checkpoint_files
+            "newest_file_bytes": float(self.checkpoint_files[-1])
+            if self.checkpoint_files
             else math.nan,
         }
 
@@ -152,13 +164,20 @@ class ServiceRun:
         without = sums[False][0] / sums[False][1] if sums[False][1] else math.nan
         before_rate = before[0] / before[1] if before[1] else math.nan
         retrains = sum(v for k, v in self.final.items() if k.startswith(f"{P}_retrains_total"))
-        rebalances = sum(v for k, v in self.final.items()
-                         if k.startswith(f"{P}_rebalances_total") and 'kind="assign"' not in k)
-        return {"rate_during_retrain": during, "rate_without_retrain": without,
-                "rate_before_first_model": before_rate,
-                "ratio": during / without if without else math.nan,
-                "seconds_retraining": sums[True][1], "retrains": retrains,
-                "revokes_or_losses": rebalances}
+        rebalances = sum(
+            v
+            for k, v in self.final.items()
+            if k.startswith(f"{P}_rebalances_total") and 'kind="assign"' not in k
+        )
+        return {
+            "rate_during_retrain": during,
+            "rate_without_retrain": without,
+            "rate_before_first_model": before_rate,
+            "ratio": during / without if without else math.nan,
+            "seconds_retraining": sums[True][1],
+            "retrains": retrains,
+            "revokes_or_losses": rebalances,
+        }
 
 
 def _quantile(q: float, buckets: list[tuple[float, float]]) -> float:
@@ -219,9 +238,16 @@ def _proc_status(pid: int) -> tuple[float, float]:
     return (rss, hwm) if known else (math.nan, math.nan)
 
 
-def run_service_process(config: dict[str, Any], workdir: Path, total: int, *,
-                        env: dict[str, str], port: int, timeout_s: float,
-                        interval_s: float = 0.25) -> ServiceRun:
+def run_service_process(
+    config: dict[str, Any],
+    workdir: Path,
+    total: int,
+    *,
+    env: dict[str, str],
+    port: int,
+    timeout_s: float,
+    interval_s: float = 0.25,
+) -> ServiceRun:
     """Start ``stream-trainer run`` on ``config``, sample until ``total`` records are learnt,
     then SIGTERM it (graceful stop). Raises ServiceFailed with the log tail."""
     config_path = workdir / "service.yaml"
@@ -230,7 +256,10 @@ def run_service_process(config: dict[str, Any], workdir: Path, total: int, *,
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stream_trainer", "run", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            cwd=workdir,
         )
     run = ServiceRun(total, time.perf_counter())
     deadline = time.monotonic() + timeout_s
@@ -243,21 +272,24 @@ def run_service_process(config: dict[str, Any], workdir: Path, total: int, *,
             if math.isnan(rss):
                 rss = metrics.get("process_resident_memory_bytes", math.nan)
             learnt = metrics.get(LEARNT, 0.0)
-            run.samples.append(Sample(time.perf_counter(), learnt, rss,
-                                      metrics.get(RETRAINING, 0.0) == 1.0))
+            run.samples.append(
+                Sample(time.perf_counter(), learnt, rss, metrics.get(RETRAINING, 0.0) == 1.0)
+            )
             run.peak_rss = hwm if not math.isnan(hwm) else max(run.peak_rss, rss)
             if learnt >= total:
                 run.final = metrics
                 break
             if time.monotonic() > deadline:
-                raise ServiceFailed(f"learnt {learnt:.0f} of {total} in {timeout_s:.0f} s:\n"
-                                    f"{_tail(log_path)}")
+                raise ServiceFailed(
+                    f"learnt {learnt:.0f} of {total} in {timeout_s:.0f} s:\n{_tail(log_path)}"
+                )
             time.sleep(interval_s)  # sampling period, not synchronisation
         proc.send_signal(signal.SIGTERM)
         run.exit_code = proc.wait(60)
         # Listing reads file names only; no key is needed (nothing is verified or loaded).
-        store = CheckpointStore(Path(config["checkpoint"]["dir"]), key=None, allow_unsigned=True,
-                                keep_last=1000)
+        store = CheckpointStore(
+            Path(config["checkpoint"]["dir"]), key=None, allow_unsigned=True, keep_last=1000
+        )
         run.checkpoint_files = [path.stat().st_size for path in store.list()]
     finally:
         if proc.poll() is None:

@@ -48,9 +48,13 @@ class StageRun:
 
 def _consumer(bootstrap: str, tuned: Settings | None) -> Consumer:
     """A consumer with librdkafka's defaults, or with the service's fetch tuning."""
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": unique("bench"),
-                            "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                            "enable.partition.eof": False}
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": unique("bench"),
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+    }
     if tuned is not None:
         conf["fetch.queue.backoff.ms"] = tuned.kafka.fetch_queue_backoff_ms
         conf["queued.max.messages.kbytes"] = tuned.kafka.prefetch_max_kbytes
@@ -64,14 +68,14 @@ def _to_learner_input(batch: DecodedBatch, per_record: bool) -> None:
         np.ascontiguousarray(batch.X)
 
 
-def ingest_ceiling(bootstrap: str, topic: str, partitions: int, total: int, *,
-                   settings: Settings, timeout_s: float) -> StageRun:
+def ingest_ceiling(
+    bootstrap: str, topic: str, partitions: int, total: int, *, settings: Settings, timeout_s: float
+) -> StageRun:
     """Consume every record in batches of 1000, decode, convert; no learning.
 
     Decodes as the service does (``kafka.decode_worker``): in the worker process, one unit
     ahead of the conversion, so the ceiling gets the same second core the service gets."""
-    decoder = build_unit_decoder(settings.record, settings.model.task,
-                                 settings.kafka.decode_worker)
+    decoder = build_unit_decoder(settings.record, settings.model.task, settings.kafka.decode_worker)
     per_record = settings.training.mode == "per_record"
     consumer = _consumer(bootstrap, tuned=settings)
     seen = timed = 0
@@ -151,8 +155,9 @@ def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
     return StageRun(n, seconds, extra)
 
 
-def naive_script(bootstrap: str, topic: str, total: int, *, settings: Settings,
-                 timeout_s: float) -> StageRun:
+def naive_script(
+    bootstrap: str, topic: str, total: int, *, settings: Settings, timeout_s: float
+) -> StageRun:
     """What a data scientist writes: subscribe, ``poll()`` one message, ``json.loads``,
     learn, ``commit(asynchronous=False)`` every 1000. librdkafka defaults otherwise.
 

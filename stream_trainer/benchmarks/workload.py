@@ -32,13 +32,17 @@ _MODELS: dict[str, dict[str, Any]] = {
     },
     "mini_batch": {
         "preprocessing": [{"path": "sklearn.preprocessing.StandardScaler"}],
-        "learner": {"path": "sklearn.linear_model.SGDClassifier",
-                    "params": {"loss": "log_loss", "alpha": 0.0001}},
+        "learner": {
+            "path": "sklearn.linear_model.SGDClassifier",
+            "params": {"loss": "log_loss", "alpha": 0.0001},
+        },
     },
     "full_batch": {
         "preprocessing": [],
-        "learner": {"path": "sklearn.ensemble.RandomForestClassifier",
-                    "params": {"n_estimators": 20, "max_depth": 8, "n_jobs": 1}},
+        "learner": {
+            "path": "sklearn.ensemble.RandomForestClassifier",
+            "params": {"n_estimators": 20, "max_depth": 8, "n_jobs": 1},
+        },
     },
 }
 
@@ -71,8 +75,15 @@ def workload_dataset(n_features: int, seed: int = 42) -> Dataset:
             for row, label in zip(X.tolist(), y.tolist(), strict=True):
                 yield dict(zip(names, row, strict=True)), bool(label)
 
-    return Dataset(f"linear{n_features}", "binary_classification", names, (False, True),
-                   None, "bench workload: Gaussian features, noisy linear label", rows)
+    return Dataset(
+        f"linear{n_features}",
+        "binary_classification",
+        names,
+        (False, True),
+        None,
+        "bench workload: Gaussian features, noisy linear label",
+        rows,
+    )
 
 
 def default_config(mode: str) -> dict[str, Any]:
@@ -82,8 +93,11 @@ def default_config(mode: str) -> dict[str, Any]:
         "training": {
             "mode": mode,
             "mini_batch": {"size": 1000, "max_wait_s": 5.0},
-            "full_batch": {"window_records": 20_000, "retrain_every_records": 100_000,
-                           "min_records": 1000},
+            "full_batch": {
+                "window_records": 20_000,
+                "retrain_every_records": 100_000,
+                "min_records": 1000,
+            },
         },
         # Time-based only, as in the issue's target ("checkpoints every 10 s").
         "checkpoint": {"every_seconds": 10.0, "every_records": None},
@@ -108,21 +122,37 @@ class Paths:
     http_port: int
 
 
-def service_config(base: dict[str, Any], n_features: int, paths: Paths,
-                   mode: str | None = None) -> dict[str, Any]:
+def service_config(
+    base: dict[str, Any], n_features: int, paths: Paths, mode: str | None = None
+) -> dict[str, Any]:
     """``base`` with the benchmark's connection, topics, record contract and paths."""
     config = copy.deepcopy(base)
     kafka = dict(config.get("kafka") or {})
     kafka.update({"bootstrap_servers": paths.bootstrap, "group_id": paths.group_id})
-    for secret in ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
-                   "sasl_password_file", "ssl_ca_location", "ssl_certificate_location",
-                   "ssl_key_location"):
+    for secret in (
+        "security_protocol",
+        "sasl_mechanism",
+        "sasl_username",
+        "sasl_password",
+        "sasl_password_file",
+        "ssl_ca_location",
+        "ssl_certificate_location",
+        "ssl_key_location",
+    ):
         kafka.pop(secret, None)  # the benchmark's broker is local and plain
     config["kafka"] = kafka
-    config["topics"] = {"input": [paths.input_topic], "dead_letter": paths.dead_letter,
-                        "versions": paths.versions, "control": paths.control}
-    config["record"] = {"features": feature_names(n_features), "features_field": "x",
-                        "label_field": "y", "labels": [False, True]}
+    config["topics"] = {
+        "input": [paths.input_topic],
+        "dead_letter": paths.dead_letter,
+        "versions": paths.versions,
+        "control": paths.control,
+    }
+    config["record"] = {
+        "features": feature_names(n_features),
+        "features_field": "x",
+        "label_field": "y",
+        "labels": [False, True],
+    }
     model = dict(config.get("model") or {})
     model["task"] = "binary_classification"
     config["model"] = model
@@ -159,17 +189,24 @@ class InMemory:
     y: npt.NDArray[Any]
 
 
-def load_decoded(bootstrap: str, topic: str, partitions: int, total: int, *,
-                 settings: Settings, timeout_s: float) -> InMemory:
+def load_decoded(
+    bootstrap: str, topic: str, partitions: int, total: int, *, settings: Settings, timeout_s: float
+) -> InMemory:
     """Read the whole topic once and decode it with the service's decoder.
 
     Raises TimeoutError if fewer than ``total`` records arrive within ``timeout_s``.
     """
     import time  # noqa: PLC0415 - keep module import light
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("bench-load"),
-                         "enable.auto.commit": False, "fetch.queue.backoff.ms": 10,
-                         "enable.partition.eof": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("bench-load"),
+            "enable.auto.commit": False,
+            "fetch.queue.backoff.ms": 10,
+            "enable.partition.eof": False,
+        }
+    )
     decoder = RecordDecoder(settings.record, settings.model.task)
     xs: list[npt.NDArray[np.float64]] = []
     ys: list[npt.NDArray[Any]] = []

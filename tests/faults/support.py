@@ -34,17 +34,25 @@ class Service(ServiceProcess):
     """ServiceProcess that closes its copy of the log file (the harness leaks it, which is a
     ResourceWarning, an error under filterwarnings=error) and accepts a ``preexec_fn``."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
-                 name: str = "service", preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        name: str = "service",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config, workdir, env=env, name=name)
         self._preexec = preexec_fn
 
     def start(self) -> Service:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_trainer", "run", "--config",
-                 str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
                 preexec_fn=self._preexec,  # noqa: PLW1509 - only sets an rlimit
             )
         return self
@@ -54,7 +62,9 @@ def store_of(config: Mapping[str, Any]) -> CheckpointStore:
     """A store on the service's checkpoint directory with the test key (reads only
     unless the service is stopped: ``load_latest`` may quarantine)."""
     return CheckpointStore(
-        Path(config["checkpoint"]["dir"]), key=HMAC_KEY.encode(), allow_unsigned=False,
+        Path(config["checkpoint"]["dir"]),
+        key=HMAC_KEY.encode(),
+        allow_unsigned=False,
         keep_last=1000,
     )
 
@@ -64,11 +74,22 @@ def topic_of(config: Mapping[str, Any]) -> str:
     return topic
 
 
-def produce_records(config: Mapping[str, Any], count: int, partitions: int,
-                    seed: int = 42, dataset: str = "linear20") -> None:
+def produce_records(
+    config: Mapping[str, Any],
+    count: int,
+    partitions: int,
+    seed: int = 42,
+    dataset: str = "linear20",
+) -> None:
     """``count`` valid records of ``dataset`` round-robin over ``partitions``."""
-    report = produce({"bootstrap.servers": config["kafka"]["bootstrap_servers"]},
-                     topic_of(config), get_dataset(dataset), count, partitions, seed=seed)
+    report = produce(
+        {"bootstrap.servers": config["kafka"]["bootstrap_servers"]},
+        topic_of(config),
+        get_dataset(dataset),
+        count,
+        partitions,
+        seed=seed,
+    )
     assert report.valid == count
 
 
@@ -79,22 +100,25 @@ def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartitionKey, int]:
         meta = consumer.list_topics(topic, timeout=10)
         ends: dict[TopicPartitionKey, int] = {}
         for p in sorted(meta.topics[topic].partitions):
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10,
-                                                        cached=False)
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=10, cached=False
+            )
             ends[(topic, p)] = int(high)
         return ends
     finally:
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, group: str,
-                      keys: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+def committed_offsets(
+    bootstrap: str, group: str, keys: Sequence[TopicPartitionKey]
+) -> dict[TopicPartitionKey, int]:
     """The group's committed next offsets (negative when nothing is committed).
 
     A consumer that never subscribes does not join the group, so reading is passive.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
     try:
         tps = consumer.committed([TopicPartition(t, p) for t, p in keys], timeout=10)
         return {(tp.topic, tp.partition): int(tp.offset) for tp in tps}
@@ -114,13 +138,19 @@ def covers(offsets: Mapping[TopicPartitionKey, int], ends: Mapping[TopicPartitio
     return all(offsets.get(key, 0) >= end for key, end in ends.items())
 
 
-def wait_checkpointed(config: Mapping[str, Any], ends: Mapping[TopicPartitionKey, int],
-                      service: ServiceProcess, timeout: float = 120.0) -> None:
+def wait_checkpointed(
+    config: Mapping[str, Any],
+    ends: Mapping[TopicPartitionKey, int],
+    service: ServiceProcess,
+    timeout: float = 120.0,
+) -> None:
     """Until a durable checkpoint covers ``ends``; fails early if the service died."""
+
     def done() -> bool:
         if not service.alive():
-            raise AssertionError(f"service exited ({service.proc and service.proc.returncode})"
-                                 f":\n{service.tail()}")
+            raise AssertionError(
+                f"service exited ({service.proc and service.proc.returncode}):\n{service.tail()}"
+            )
         return covers(manifest_offsets(config), ends)
 
     wait_for(done, timeout, f"a checkpoint covering {dict(ends)}", interval=0.1)
@@ -144,8 +174,10 @@ class Verdict:
     holes: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def line(self) -> str:
-        return (f"records lost={self.lost} learnt twice={self.twice} "
-                f"records_learnt={self.records_learnt}")
+        return (
+            f"records lost={self.lost} learnt twice={self.twice} "
+            f"records_learnt={self.records_learnt}"
+        )
 
 
 def judge(states: Sequence[TrainingState], ends: Mapping[TopicPartitionKey, int]) -> Verdict:
@@ -182,8 +214,9 @@ def wait_exit(service: ServiceProcess, timeout: float, what: str) -> int:
         return service.proc.wait(timeout)
     except subprocess.TimeoutExpired:
         service.kill()
-        raise AssertionError(f"{what}: still running after {timeout} s:\n{service.tail()}")\
-            from None
+        raise AssertionError(
+            f"{what}: still running after {timeout} s:\n{service.tail()}"
+        ) from None
 
 
 def recovery_seconds(service: ServiceProcess, started: float, timeout: float = 60.0) -> float:
@@ -216,18 +249,25 @@ def fingerprint_difference(a: Any, b: Any, path: str = "") -> float:
         return max((fingerprint_difference(a[k], b[k], f"{path}.{k}") for k in a), default=0.0)
     if isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), (path, a, b)
-        return max((fingerprint_difference(x, y, f"{path}[{i}]")
-                    for i, (x, y) in enumerate(zip(a, b, strict=True))), default=0.0)
+        return max(
+            (
+                fingerprint_difference(x, y, f"{path}[{i}]")
+                for i, (x, y) in enumerate(zip(a, b, strict=True))
+            ),
+            default=0.0,
+        )
     scale = max(abs(float(a)), abs(float(b)), 1e-12)
     return abs(float(a) - float(b)) / scale
 
 
-def fault_config(tmp_path: Path, broker: Any, partitions: int,
-                 *overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+def fault_config(
+    tmp_path: Path, broker: Any, partitions: int, *overrides: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The fault suite's service: per_record River on ``linear20``, fresh topics on
     ``broker``; ``overrides`` are deep-merged in order."""
     merged: dict[str, Any] = {}
     for override in overrides:
         merged = deep_merge(merged, dict(override or {}))
-    return service_config(tmp_path, broker.bootstrap_servers, "linear20", "per_record",
-                          partitions, merged)
+    return service_config(
+        tmp_path, broker.bootstrap_servers, "linear20", "per_record", partitions, merged
+    )

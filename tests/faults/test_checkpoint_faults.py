@@ -37,8 +37,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 BASE: dict[str, Any] = {"checkpoint": {"every_seconds": 0.5, "keep_last": 20}}
 
 
-def _config(tmp_path: Path, broker: BrokerHandle, partitions: int,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _config(
+    tmp_path: Path, broker: BrokerHandle, partitions: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return fault_config(tmp_path, broker, partitions, BASE, extra)
 
 
@@ -89,9 +90,11 @@ def test_sigterm_under_load_relearns_nothing(kafka_broker: BrokerHandle, tmp_pat
         assert third.stop() == 0
     finally:
         third.__exit__()
-    print(f"\n[sigterm] exit 0 in {took:.2f} s (bound {bound} s); learnt before stop {saved}, "
-          f"relearnt after restart {int(learnt_after) - (sum(ends.values()) - saved)}; "
-          f"idle restart learnt {int(idle_restart_learnt)} for 300 new records; {verdict.line()}")
+    print(
+        f"\n[sigterm] exit 0 in {took:.2f} s (bound {bound} s); learnt before stop {saved}, "
+        f"relearnt after restart {int(learnt_after) - (sum(ends.values()) - saved)}; "
+        f"idle restart learnt {int(idle_restart_learnt)} for 300 new records; {verdict.line()}"
+    )
     assert verdict.lost == 0 and verdict.twice == 0
     assert final.state.records_learnt == sum(ends.values())
     assert idle_restart_learnt == 300
@@ -109,8 +112,11 @@ class _Payload:
 
 
 def _write(directory: Path, key: bytes, payload: bytes, fields: dict[str, Any]) -> Path:
-    return CheckpointStore(directory, key=key, allow_unsigned=False, keep_last=1000).write(
-        payload, fields).path
+    return (
+        CheckpointStore(directory, key=key, allow_unsigned=False, keep_last=1000)
+        .write(payload, fields)
+        .path
+    )
 
 
 def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -> None:
@@ -127,8 +133,17 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
     assert good.state.records_learnt == 2000
     directory = Path(config["checkpoint"]["dir"])
     key = HMAC_KEY.encode()
-    fields = {name: getattr(good.manifest, name) for name in (
-        "offsets", "model_version", "config_hash", "records_learnt", "metrics", "extra")}
+    fields = {
+        name: getattr(good.manifest, name)
+        for name in (
+            "offsets",
+            "model_version",
+            "config_hash",
+            "records_learnt",
+            "metrics",
+            "extra",
+        )
+    }
     # Bad files carry a state that would be visibly wrong if used: too many records learnt
     # and offsets that would relearn 500 records.
     bogus: TrainingState = pickle.loads(pickle.dumps(good.state))
@@ -136,8 +151,13 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
     bogus.offsets = {k: v - 500 for k, v in bogus.offsets.items()}
     bogus_payload = pickle.dumps(bogus, protocol=5)
 
-    old_versions = {"python": "3.6.0", "river": "0.1.0", "sklearn": "0.20.0", "numpy": "1.10.0",
-                    "stream_trainer": "0.0.1"}
+    old_versions = {
+        "python": "3.6.0",
+        "river": "0.1.0",
+        "sklearn": "0.20.0",
+        "numpy": "1.10.0",
+        "stream_trainer": "0.0.1",
+    }
     mismatch = _write(directory, key, bogus_payload, {**fields, "library_versions": old_versions})
     corrupt = _write(directory, key, bogus_payload, fields)
     data = bytearray(corrupt.read_bytes())
@@ -149,8 +169,12 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
     control = tmp_path / "control"
     pickle.loads(pickle.dumps(_Payload(f"touch {control}")))
     assert control.exists(), "the exploit payload must work, or this test proves nothing"
-    tampered = _write(directory, b"stale-key-from-last-year", pickle.dumps(
-        _Payload(f"touch {marker}"), protocol=5), fields)
+    tampered = _write(
+        directory,
+        b"stale-key-from-last-year",
+        pickle.dumps(_Payload(f"touch {marker}"), protocol=5),
+        fields,
+    )
     assert store_of(config).list()[-1] == tampered
 
     produce_records(config, 1000, 1, seed=5)
@@ -162,16 +186,25 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
         assert second.stop() == 0
     finally:
         second.__exit__()
-    reasons = {"bad_signature": tampered, "truncated": truncated,
-               "payload_checksum": corrupt, "library_mismatch": mismatch}
-    counted = {r: metrics.get(f'stream_trainer_checkpoints_quarantined_total{{reason="{r}"}}', 0)
-               for r in reasons}
-    quarantined = sorted(p.name for p in (directory / QUARANTINE_DIR).iterdir()
-                         if not p.name.endswith(".reason"))
+    reasons = {
+        "bad_signature": tampered,
+        "truncated": truncated,
+        "payload_checksum": corrupt,
+        "library_mismatch": mismatch,
+    }
+    counted = {
+        r: metrics.get(f'stream_trainer_checkpoints_quarantined_total{{reason="{r}"}}', 0)
+        for r in reasons
+    }
+    quarantined = sorted(
+        p.name for p in (directory / QUARANTINE_DIR).iterdir() if not p.name.endswith(".reason")
+    )
     final = load_final(config)
     verdict = judge([final.state], ends)
-    print(f"\n[bad checkpoints/{broker.name}] quarantined {quarantined}; counted {counted}; "
-          f"command ran: {marker.exists()}; {verdict.line()}")
+    print(
+        f"\n[bad checkpoints/{broker.name}] quarantined {quarantined}; counted {counted}; "
+        f"command ran: {marker.exists()}; {verdict.line()}"
+    )
     assert not marker.exists(), "a tampered checkpoint was unpickled"
     for reason, path in reasons.items():
         assert counted[reason] >= 1, reason
@@ -206,10 +239,12 @@ def test_disk_full_during_checkpoint(kafka_broker: BrokerHandle, tmp_path: Path)
         latest = store_of(config).latest_manifest()
         assert latest is not None and latest.sequence == before.sequence
         assert all(committed[k] <= v for k, v in manifest_offsets(config).items())
-        leftovers = [p.name for p in Path(config["checkpoint"]["dir"]).iterdir()
-                     if p.name.endswith(".tmp")]
-        verdicts = {p.name: store_of(config).inspect(p)["verification"]
-                    for p in store_of(config).list()}
+        leftovers = [
+            p.name for p in Path(config["checkpoint"]["dir"]).iterdir() if p.name.endswith(".tmp")
+        ]
+        verdicts = {
+            p.name: store_of(config).inspect(p)["verification"] for p in store_of(config).list()
+        }
         assert service.alive()
         # Space comes back: the next checkpoint succeeds and covers everything.
         resource.prlimit(service.pid, resource.RLIMIT_FSIZE, (hard, hard))
@@ -219,9 +254,11 @@ def test_disk_full_during_checkpoint(kafka_broker: BrokerHandle, tmp_path: Path)
         service.__exit__()
     final = load_final(config)
     verdict = judge([final.state], full_ends)
-    print(f"\n[disk full] checkpoint {size} B, limit {limit} B: failures counted {failures:.0f}, "
-          f"committed while full {committed} <= checkpoint {before.offsets}; temp files left "
-          f"{leftovers}; files {verdicts}; after space returned: {verdict.line()}")
+    print(
+        f"\n[disk full] checkpoint {size} B, limit {limit} B: failures counted {failures:.0f}, "
+        f"committed while full {committed} <= checkpoint {before.offsets}; temp files left "
+        f"{leftovers}; files {verdicts}; after space returned: {verdict.line()}"
+    )
     assert leftovers == []
     assert set(verdicts.values()) == {"ok"}
     assert verdict.lost == 0 and verdict.twice == 0
@@ -245,8 +282,10 @@ def test_second_writer_fails_fast(tansu_broker: BrokerHandle, tmp_path: Path) ->
         assert first.stop() == 0
     finally:
         first.__exit__()
-    print(f"\n[second writer] exit {code} after {took:.2f} s (process start included): "
-          f"{message.strip().splitlines()[-1]}")
+    print(
+        f"\n[second writer] exit {code} after {took:.2f} s (process start included): "
+        f"{message.strip().splitlines()[-1]}"
+    )
     assert code == 1
     assert f"locked by pid {first.pid}" in message
     # The lock is taken before the heavy imports; what remains is the interpreter and config

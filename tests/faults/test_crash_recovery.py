@@ -45,12 +45,14 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 RECORDS = 12_000
 # Checkpoints every 1000 records (and every 0.5 s) so each checkpoint point is reached
 # several times during a run of RECORDS records.
-BASE: dict[str, Any] = {"checkpoint": {"every_seconds": 0.5, "every_records": 1000,
-                                       "keep_last": 50}}
+BASE: dict[str, Any] = {
+    "checkpoint": {"every_seconds": 0.5, "every_records": 1000, "keep_last": 50}
+}
 
 
-def _config(tmp_path: Path, broker: BrokerHandle, partitions: int,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _config(
+    tmp_path: Path, broker: BrokerHandle, partitions: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return fault_config(tmp_path, broker, partitions, BASE, extra)
 
 
@@ -74,8 +76,9 @@ def _finish(config: dict[str, Any], tmp_path: Path, name: str) -> tuple[Service,
 
 
 @pytest.fixture(scope="module")
-def reference_model(kafka_broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory
-                    ) -> dict[str, Any]:
+def reference_model(
+    kafka_broker: BrokerHandle, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """The model of a fault-free run on one partition of the same records."""
     tmp_path = tmp_path_factory.mktemp("reference")
     config = _config(tmp_path, kafka_broker, 1)
@@ -92,16 +95,23 @@ NAMED_POINTS: dict[str, tuple[dict[str, Any], str]] = {
     "mid_checkpoint_write": ({}, "mid_checkpoint_write:4"),
     "after_rename": ({}, "after_rename:4"),
     "after_checkpoint": ({}, "after_checkpoint:4"),
-    "after_version_files": ({"registry": {"publish_every_records": 3000}},
-                            "after_version_files:2"),
-    "mid_retrain": ({"training": {"mode": "full_batch", "full_batch": {
-        "window_records": 3000, "retrain_every_records": 3000}}}, "mid_retrain:2"),
+    "after_version_files": ({"registry": {"publish_every_records": 3000}}, "after_version_files:2"),
+    "mid_retrain": (
+        {
+            "training": {
+                "mode": "full_batch",
+                "full_batch": {"window_records": 3000, "retrain_every_records": 3000},
+            }
+        },
+        "mid_retrain:2",
+    ),
 }
 
 
 @pytest.mark.parametrize("point", sorted(NAMED_POINTS))
-def test_kill_at_named_point(point: str, kafka_broker: BrokerHandle, tmp_path: Path,
-                             reference_model: dict[str, Any]) -> None:
+def test_kill_at_named_point(
+    point: str, kafka_broker: BrokerHandle, tmp_path: Path, reference_model: dict[str, Any]
+) -> None:
     overrides, spec = NAMED_POINTS[point]
     config = _config(tmp_path, kafka_broker, 1, overrides)
     produce_records(config, RECORDS, 1)
@@ -110,21 +120,25 @@ def test_kill_at_named_point(point: str, kafka_broker: BrokerHandle, tmp_path: P
     code = wait_exit(crashing, 90, f"crash at {spec}")
     assert code == -9, f"expected SIGKILL at {spec}, got exit {code}:\n{crashing.tail()}"
     at_crash = manifest_offsets(config)
-    committed = committed_offsets(kafka_broker.bootstrap_servers, config["kafka"]["group_id"],
-                                  list(ends))
+    committed = committed_offsets(
+        kafka_broker.bootstrap_servers, config["kafka"]["group_id"], list(ends)
+    )
     # Guarantee 2: nothing committed past the durable checkpoint.
     assert all(committed[k] <= at_crash.get(k, 0) for k in ends), (committed, at_crash)
 
     _, recovery = _finish(config, tmp_path, "recovered")
     loaded = load_final(config)
     verdict = judge([loaded.state], ends)
-    print(f"\n[{point}] crash at {spec}: checkpoint at crash {at_crash}; {verdict.line()}; "
-          f"recovery to first learnt record {recovery and round(recovery, 2)} s")
+    print(
+        f"\n[{point}] crash at {spec}: checkpoint at crash {at_crash}; {verdict.line()}; "
+        f"recovery to first learnt record {recovery and round(recovery, 2)} s"
+    )
     assert verdict.lost == 0, verdict.holes
     assert verdict.twice == 0
     assert loaded.state.records_learnt == RECORDS
-    final_committed = committed_offsets(kafka_broker.bootstrap_servers,
-                                        config["kafka"]["group_id"], list(ends))
+    final_committed = committed_offsets(
+        kafka_broker.bootstrap_servers, config["kafka"]["group_id"], list(ends)
+    )
     assert final_committed == ends
     if config["training"]["mode"] == "per_record":
         # The ledger above proves every record learnt once. The model must then equal the
@@ -134,7 +148,8 @@ def test_kill_at_named_point(point: str, kafka_broker: BrokerHandle, tmp_path: P
         difference = fingerprint_difference(model_fingerprint(loaded.state), reference_model)
         print(f"[{point}] largest relative difference from the fault-free model: {difference:.1e}")
         assert difference <= 1e-9, (
-            f"model after a crash at {spec} differs from the fault-free run by {difference}")
+            f"model after a crash at {spec} differs from the fault-free run by {difference}"
+        )
 
 
 def test_kill_inside_revoke(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
@@ -143,15 +158,23 @@ def test_kill_inside_revoke(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
     member that takes over; across both ledgers every offset is processed exactly once."""
     bootstrap = kafka_broker.bootstrap_servers
     # Checkpoints only every 2000 records: the victim holds ~500 unsaved records at revoke.
-    config = _config(tmp_path / "a", kafka_broker, 1, {
-        "checkpoint": {"every_records": 2000, "every_seconds": 600}})
+    config = _config(
+        tmp_path / "a",
+        kafka_broker,
+        1,
+        {"checkpoint": {"every_records": 2000, "every_seconds": 600}},
+    )
     produce_records(config, RECORDS + 500, 1)
     ends = end_offsets(bootstrap, topic_of(config))
     victim = Service(config, tmp_path, env={CRASH_ENV: "in_revoke:1"}, name="a").start()
     victim.wait_metric(LEARNT, RECORDS + 500, 60)
-    other_config = deep_merge(config, {
-        "checkpoint": {"dir": str(tmp_path / "b" / "checkpoints"), "every_seconds": 0.5},
-        "http": {"port": free_port()}})
+    other_config = deep_merge(
+        config,
+        {
+            "checkpoint": {"dir": str(tmp_path / "b" / "checkpoints"), "every_seconds": 0.5},
+            "http": {"port": free_port()},
+        },
+    )
     other = Service(other_config, tmp_path, name="b").start()
     try:
         code = wait_exit(victim, 60, "kill inside revoke")
@@ -167,8 +190,10 @@ def test_kill_inside_revoke(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
     _finish(config, tmp_path, "a-again")
     states = [load_final(config).state, load_final(other_config).state]
     verdict = judge(states, ends)
-    print(f"\n[in_revoke] ledgers a={states[0].ledger.as_json()} b={states[1].ledger.as_json()};"
-          f" {verdict.line()}")
+    print(
+        f"\n[in_revoke] ledgers a={states[0].ledger.as_json()} b={states[1].ledger.as_json()};"
+        f" {verdict.line()}"
+    )
     assert verdict.lost == 0, verdict.holes
     assert verdict.twice == 0
     assert verdict.records_learnt == RECORDS + 1000
@@ -209,10 +234,12 @@ def test_kill_at_random_times(kafka_broker: BrokerHandle, tmp_path: Path) -> Non
         recoveries.append(last)
     loaded = load_final(config)
     verdict = judge([loaded.state], ends)
-    print(f"\n[random kills] seed={seed} kills={kills} records={produced} "
-          f"checkpoints kept={len(store_of(config).list())}; {verdict.line()}; recovery s "
-          f"min={min(recoveries):.2f} median={statistics.median(recoveries):.2f} "
-          f"max={max(recoveries):.2f}")
+    print(
+        f"\n[random kills] seed={seed} kills={kills} records={produced} "
+        f"checkpoints kept={len(store_of(config).list())}; {verdict.line()}; recovery s "
+        f"min={min(recoveries):.2f} median={statistics.median(recoveries):.2f} "
+        f"max={max(recoveries):.2f}"
+    )
     assert produced >= 20_000
     assert verdict.lost == 0, verdict.holes
     assert verdict.twice == 0

@@ -34,8 +34,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 BASE: dict[str, Any] = {"checkpoint": {"every_seconds": 0.5, "keep_last": 20}}
 
 
-def _config(tmp_path: Path, broker: BrokerHandle, partitions: int,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _config(
+    tmp_path: Path, broker: BrokerHandle, partitions: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return fault_config(tmp_path, broker, partitions, BASE, extra)
 
 
@@ -80,9 +81,11 @@ def test_retention_gap_refuses_to_start(kafka_broker: BrokerHandle, tmp_path: Pa
         accepting.__exit__()
     state = load_final(config).state
     verdict = judge([state], ends)
-    print(f"\n[retention gap] refused with exit {code} after {took:.1f} s naming "
-          f"{sorted(k[1] for k in cut)}; accepted {accepted:.0f}x; ledger {state.ledger.as_json()}"
-          f"; {verdict.line()} (the 1000 deleted records are the expected loss)")
+    print(
+        f"\n[retention gap] refused with exit {code} after {took:.1f} s naming "
+        f"{sorted(k[1] for k in cut)}; accepted {accepted:.0f}x; ledger {state.ledger.as_json()}"
+        f"; {verdict.line()} (the 1000 deleted records are the expected loss)"
+    )
     # The deleted records are honestly missing from the ledger: exactly the cut ranges.
     assert verdict.holes == {f"{t}:{p}": [[saved[(t, p)], o]] for (t, p), o in cut.items()}
     assert verdict.twice == 0
@@ -93,9 +96,11 @@ def test_member_joins_and_leaves_repeatedly(kafka_broker: BrokerHandle, tmp_path
     bootstrap = kafka_broker.bootstrap_servers
     config = _config(tmp_path / "a", kafka_broker, 3)
     group = config["kafka"]["group_id"]
-    other = {**config, "checkpoint": {**config["checkpoint"],
-                                      "dir": str(tmp_path / "b" / "checkpoints")},
-             "http": {**config["http"], "port": free_port()}}
+    other = {
+        **config,
+        "checkpoint": {**config["checkpoint"], "dir": str(tmp_path / "b" / "checkpoints")},
+        "http": {**config["http"], "port": free_port()},
+    }
     produce_records(config, 6000, 3)
     stop_producing = threading.Event()
     produced = [6000]
@@ -117,8 +122,9 @@ def test_member_joins_and_leaves_repeatedly(kafka_broker: BrokerHandle, tmp_path
         a, b = manifest_offsets(config), manifest_offsets(other)
         for key in keys:
             if committed[key] > max(a.get(key, -1), b.get(key, -1)):
-                violations.append(f"{key}: committed {committed[key]} a={a.get(key)} "
-                                  f"b={b.get(key)}")
+                violations.append(
+                    f"{key}: committed {committed[key]} a={a.get(key)} b={b.get(key)}"
+                )
 
     producer = threading.Thread(target=keep_producing, name="producer")
     first = Service(config, tmp_path, name="a").start()
@@ -150,9 +156,11 @@ def test_member_joins_and_leaves_repeatedly(kafka_broker: BrokerHandle, tmp_path
     states = [load_final(config).state, load_final(other).state]
     verdict = judge(states, ends)
     committed = committed_offsets(bootstrap, group, list(ends))
-    print(f"\n[join/leave x{cycles}] records {produced[0]}; a learnt {states[0].records_learnt}, "
-          f"b learnt {states[1].records_learnt}; {verdict.line()}; holes {verdict.holes}; "
-          f"commit violations {violations}")
+    print(
+        f"\n[join/leave x{cycles}] records {produced[0]}; a learnt {states[0].records_learnt}, "
+        f"b learnt {states[1].records_learnt}; {verdict.line()}; holes {verdict.holes}; "
+        f"commit violations {violations}"
+    )
     assert verdict.lost == 0, verdict.holes
     assert verdict.twice == 0
     assert verdict.records_learnt == produced[0]
@@ -176,8 +184,11 @@ def test_broker_restart_is_ridden_out(kafka_broker: BrokerHandle, tmp_path: Path
 
             def broker_noticed() -> bool:
                 statuses.append(service.http("/healthz")[0])
-                errors = sum(v for k, v in service.metrics().items()
-                             if k.startswith("stream_trainer_kafka_errors_total"))
+                errors = sum(
+                    v
+                    for k, v in service.metrics().items()
+                    if k.startswith("stream_trainer_kafka_errors_total")
+                )
                 return errors > 0
 
             wait_for(broker_noticed, 60, "the service to see the broker gone")
@@ -198,8 +209,10 @@ def test_broker_restart_is_ridden_out(kafka_broker: BrokerHandle, tmp_path: Path
     finally:
         service.__exit__()
     verdict = judge([load_final(config).state], ends)
-    print(f"\n[broker restart] down {downtime:.1f} s; /healthz samples {len(statuses)}, "
-          f"non-200 {[s for s in statuses if s != 200]}; same pid; {verdict.line()}")
+    print(
+        f"\n[broker restart] down {downtime:.1f} s; /healthz samples {len(statuses)}, "
+        f"non-200 {[s for s in statuses if s != 200]}; same pid; {verdict.line()}"
+    )
     assert set(statuses) == {200}
     assert verdict.lost == 0 and verdict.twice == 0
     assert verdict.records_learnt == 43_000

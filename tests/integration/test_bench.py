@@ -36,25 +36,60 @@ def _positive(value: Any) -> bool:
 def test_bench_per_record_reports_every_section(
     broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _check(_bench(capsys, "--bootstrap-servers", broker.bootstrap_servers,
-                  "--mode", "per_record", "--features", "5", "--workdir", str(tmp_path)),
-           "per_record")
+    _check(
+        _bench(
+            capsys,
+            "--bootstrap-servers",
+            broker.bootstrap_servers,
+            "--mode",
+            "per_record",
+            "--features",
+            "5",
+            "--workdir",
+            str(tmp_path),
+        ),
+        "per_record",
+    )
 
 
 def test_bench_mini_batch_reports_every_section(
     tansu_broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _check(_bench(capsys, "--bootstrap-servers", tansu_broker.bootstrap_servers,
-                  "--mode", "mini_batch", "--features", "5", "--workdir", str(tmp_path)),
-           "mini_batch")
+    _check(
+        _bench(
+            capsys,
+            "--bootstrap-servers",
+            tansu_broker.bootstrap_servers,
+            "--mode",
+            "mini_batch",
+            "--features",
+            "5",
+            "--workdir",
+            str(tmp_path),
+        ),
+        "mini_batch",
+    )
 
 
 def _check(report: dict[str, Any], mode: str) -> None:
 
-    assert set(report) >= {"machine", "workload", "config", "stages", "ratios", "service",
-                           "targets", "repeats"}
-    assert report["workload"] == {**report["workload"], "mode": mode, "records": RECORDS,
-                                  "features": 5, "partitions": 1}
+    assert set(report) >= {
+        "machine",
+        "workload",
+        "config",
+        "stages",
+        "ratios",
+        "service",
+        "targets",
+        "repeats",
+    }
+    assert report["workload"] == {
+        **report["workload"],
+        "mode": mode,
+        "records": RECORDS,
+        "features": 5,
+        "partitions": 1,
+    }
     for stage in ("ingest_ceiling", "learner_ceiling", "naive", "service"):
         rate = report["stages"][stage]["records_per_s"]
         assert _positive(rate["median"]), (stage, rate)

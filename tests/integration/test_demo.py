@@ -59,8 +59,11 @@ def _gone(pid: int) -> bool:
 
 
 def _assert_all_gone(pids: set[int]) -> None:
-    wait_for(lambda: all(_gone(pid) for pid in pids), 15.0,
-             f"processes started by the demo to exit: {sorted(pids)}")
+    wait_for(
+        lambda: all(_gone(pid) for pid in pids),
+        15.0,
+        f"processes started by the demo to exit: {sorted(pids)}",
+    )
 
 
 @pytest.mark.timeout(180)
@@ -68,9 +71,26 @@ def _assert_all_gone(pids: set[int]) -> None:
 def test_demo_runs_each_mode_end_to_end(tmp_path: Path, mode: str) -> None:
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "stream_trainer", "demo", "--records", "600", "--mode", mode,
-         "--output-dir", str(out), "--bad-records", "0.05"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150, check=False,
+        [
+            sys.executable,
+            "-m",
+            "stream_trainer",
+            "demo",
+            "--records",
+            "600",
+            "--mode",
+            mode,
+            "--output-dir",
+            str(out),
+            "--bad-records",
+            "0.05",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -114,9 +134,23 @@ def _read_lines(stream: Any, queue: Queue[str]) -> None:
 def test_ctrl_c_stops_everything_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_trainer", "demo", "--records", "200000",
-         "--output-dir", str(out), "--rate", "2000"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "stream_trainer",
+            "demo",
+            "--records",
+            "200000",
+            "--output-dir",
+            str(out),
+            "--rate",
+            "2000",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: Queue[str] = Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
@@ -124,8 +158,7 @@ def test_ctrl_c_stops_everything_and_exits_130(tmp_path: Path) -> None:
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 60.0
-        while not any(line.startswith("progress:") and "learnt 0/" not in line
-                      for line in seen):
+        while not any(line.startswith("progress:") and "learnt 0/" not in line for line in seen):
             remaining = deadline - time.monotonic()
             assert remaining > 0, "no training progress within 60 s:\n" + "".join(seen)
             try:

@@ -113,8 +113,11 @@ class PrometheusServer:
         self.log_path = workdir / "prometheus.log"
         self.config_path = workdir / "prometheus.yml"
         config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                       "evaluation_interval": "1s"},
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
             "rule_files": [str(rule_file)],
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": targets}]}],
         }
@@ -129,12 +132,18 @@ class PrometheusServer:
         log = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                [self.binary, f"--config.file={self.config_path}",
-                 f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}",
-                 "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509
+                [
+                    self.binary,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509
             )
         finally:
             log.close()
@@ -172,8 +181,9 @@ class PrometheusServer:
 
     def wait_query(self, promql: str, what: str, timeout: float = WAIT_S) -> list[dict[str, Any]]:
         """Poll until ``promql`` returns a non-empty vector."""
-        result: list[dict[str, Any]] = wait_for(lambda: self.query(promql), timeout,
-                                                f"{what} ({promql})", interval=0.5)
+        result: list[dict[str, Any]] = wait_for(
+            lambda: self.query(promql), timeout, f"{what} ({promql})", interval=0.5
+        )
         return result
 
 
@@ -189,7 +199,10 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometh
         assert DLQ_ALERT in fast_rules(RULES, rules)
         check = subprocess.run(
             [_tool("promtool"), "check", "rules", str(rules)],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert check.returncode == 0, check.stdout + check.stderr
         server = PrometheusServer(workdir, targets, rules)
@@ -212,7 +225,10 @@ class Service_(ServiceProcess):
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
             )
         return self
 
@@ -236,10 +252,15 @@ def test_metrics_scraped_by_prometheus(
     services: list[ServiceProcess],
 ) -> None:
     backlog, burst, burst_bad_ratio = 20_000, 4_000, 0.8
-    config = service_config(tmp_path, broker.bootstrap_servers, "phishing", overrides={
-        "kafka": {"statistics_interval_ms": 1000},
-        "registry": {"publish_every_records": 2_000},
-    })
+    config = service_config(
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
+        overrides={
+            "kafka": {"statistics_interval_ms": 1000},
+            "registry": {"publish_every_records": 2_000},
+        },
+    )
     topic = config["topics"]["input"][0]
     service = Service_(config, tmp_path)
     services.append(service)
@@ -254,8 +275,10 @@ def test_metrics_scraped_by_prometheus(
     produced_at = time.monotonic()
 
     # Throughput while the backlog is being learnt.
-    rate = prom.wait_query(f'rate(stream_trainer_records_learnt_total{{job="{JOB}"}}[20s]) > 0',
-                           "records learnt rate > 0")
+    rate = prom.wait_query(
+        f'rate(stream_trainer_records_learnt_total{{job="{JOB}"}}[20s]) > 0',
+        "records learnt rate > 0",
+    )
     print(f"\n[{broker.name}] learn rate seen by Prometheus: {float(rate[0]['value'][1]):.0f}/s")
 
     # Lag back to 0 once everything is learnt (lag counts from committed offsets).
@@ -264,20 +287,28 @@ def test_metrics_scraped_by_prometheus(
     prom.wait_query(f"{lag} == 0 and on(instance) ({learnt})", "lag back to 0 after the backlog")
     lag_zero_s = time.monotonic() - produced_at
     peak = prom.values(f"max_over_time({lag}[5m])")
-    print(f"[{broker.name}] lag back to 0 {lag_zero_s:.1f} s after the backlog was produced "
-          f"(peak lag seen by Prometheus: {peak})")
+    print(
+        f"[{broker.name}] lag back to 0 {lag_zero_s:.1f} s after the backlog was produced "
+        f"(peak lag seen by Prometheus: {peak})"
+    )
     assert peak and peak[0] > 0, "Prometheus never saw a non-zero lag: nothing 'returned' to 0"
 
     # 1. promtool check metrics on the live exposition, histograms and labels populated.
     status, body = service.http("/metrics")
     assert status == 200
-    for needle in ("stream_trainer_learn_duration_seconds_bucket",
-                   'stream_trainer_consumer_lag_records{partition="0"',
-                   'stream_trainer_model_info{'):
+    for needle in (
+        "stream_trainer_learn_duration_seconds_bucket",
+        'stream_trainer_consumer_lag_records{partition="0"',
+        "stream_trainer_model_info{",
+    ):
         assert needle in body, f"{needle} missing from /metrics"
     check = subprocess.run(
-        [_tool("promtool"), "check", "metrics"], input=body,
-        capture_output=True, text=True, timeout=60, check=False,
+        [_tool("promtool"), "check", "metrics"],
+        input=body,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert check.returncode == 0, f"promtool check metrics:\n{check.stdout}{check.stderr}"
 
@@ -292,8 +323,9 @@ def test_metrics_scraped_by_prometheus(
     assert not prom.query(f'ALERTS{{alertname="{DLQ_ALERT}"}}'), "alert before the burst"
     report = produce(producer, topic, dataset, burst, bad_ratio=burst_bad_ratio, seed=2)
     burst_at = time.monotonic()
-    prom.wait_query(f'ALERTS{{alertname="{DLQ_ALERT}",alertstate="firing"}}',
-                    "dead-letter alert firing")
+    prom.wait_query(
+        f'ALERTS{{alertname="{DLQ_ALERT}",alertstate="firing"}}', "dead-letter alert firing"
+    )
     fired_s = time.monotonic() - burst_at
     alerts = prom.api("/api/v1/alerts")["alerts"]
     firing = [a for a in alerts if a["labels"]["alertname"] == DLQ_ALERT]
@@ -301,10 +333,13 @@ def test_metrics_scraped_by_prometheus(
     assert firing[0]["labels"]["job"] == JOB
     dead = prom.values(f'sum(stream_trainer_records_dead_lettered_total{{job="{JOB}"}})')
     peak_rate = prom.values(
-        f'max_over_time(rate(stream_trainer_records_learnt_total{{job="{JOB}"}}[5s])[2m:1s])')
+        f'max_over_time(rate(stream_trainer_records_learnt_total{{job="{JOB}"}}[5s])[2m:1s])'
+    )
     print(f"[{broker.name}] peak learn rate (5 s windows): {peak_rate}")
-    print(f"[{broker.name}] {DLQ_ALERT} firing {fired_s:.1f} s after a burst of {report.invalid} "
-          f"bad records; Prometheus counts {dead} dead-lettered")
+    print(
+        f"[{broker.name}] {DLQ_ALERT} firing {fired_s:.1f} s after a burst of {report.invalid} "
+        f"bad records; Prometheus counts {dead} dead-lettered"
+    )
     assert service.metric("stream_trainer_partitions_halted") == 0
     assert service.stop() == 0
 
@@ -347,11 +382,21 @@ def test_readyz_and_healthz_follow_the_loop(
     broker: BrokerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     max_age = 2.0
-    config = service_config(tmp_path, broker.bootstrap_servers, "phishing", overrides={
-        "http": {"healthz_max_age_s": max_age},
-    })
-    produce({"bootstrap.servers": broker.bootstrap_servers}, config["topics"]["input"][0],
-            get_dataset("phishing"), 500, seed=3)
+    config = service_config(
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
+        overrides={
+            "http": {"healthz_max_age_s": max_age},
+        },
+    )
+    produce(
+        {"bootstrap.servers": broker.bootstrap_servers},
+        config["topics"]["input"][0],
+        get_dataset("phishing"),
+        500,
+        seed=3,
+    )
     settings = settings_from_mapping(config, env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY})
     port = settings.http.port
 
@@ -367,8 +412,11 @@ def test_readyz_and_healthz_follow_the_loop(
     log_stream = io.StringIO()
     monkeypatch.setattr(app_module, "restore_state", gated_restore)
     monkeypatch.setattr(app_module, "Service", _gated_service_class(gate))
-    monkeypatch.setattr(app_module, "configure_logging",
-                        lambda level, fmt: logs.configure_logging(level, fmt, stream=log_stream))
+    monkeypatch.setattr(
+        app_module,
+        "configure_logging",
+        lambda level, fmt: logs.configure_logging(level, fmt, stream=log_stream),
+    )
 
     outcome: dict[str, Any] = {}
 
@@ -392,8 +440,9 @@ def test_readyz_and_healthz_follow_the_loop(
     try:
         # Restoring: the HTTP server answers, not ready, state "restoring".
         assert gate.restoring.wait(30.0), "restore never started"
-        status, reason = wait_for(lambda: probe("/readyz")[0] and probe("/readyz"), 30.0,
-                                  "http server up")
+        status, reason = wait_for(
+            lambda: probe("/readyz")[0] and probe("/readyz"), 30.0, "http server up"
+        )
         assert (status, reason.strip()) == (503, "starting")
         metrics = probe("/metrics")[1]
         assert 'stream_trainer_state{stream_trainer_state="restoring"} 1.0' in metrics
@@ -416,15 +465,20 @@ def test_readyz_and_healthz_follow_the_loop(
         gate.loop_open.clear()
         assert gate.held.wait(30.0), "loop did not reach the gate"
         held_at = time.monotonic()
-        status, reason = wait_for(lambda: (r := probe("/healthz"))[0] == 503 and r,
-                                  max_age + 10.0, "/healthz 503 while the loop is stalled")
+        status, reason = wait_for(
+            lambda: (r := probe("/healthz"))[0] == 503 and r,
+            max_age + 10.0,
+            "/healthz 503 while the loop is stalled",
+        )
         stalled_s = time.monotonic() - held_at
         assert "poll loop stalled" in reason
         # The last beat came at the start of the step before the held one (<= 1 s earlier).
         assert stalled_s >= max_age - 1.0, f"unhealthy after {stalled_s:.1f} s (max {max_age})"
         assert probe("/metrics")[0] == 200
-        print(f"\n[{broker.name}] /healthz 503 {stalled_s:.1f} s after the loop stalled "
-              f"(max age {max_age} s)")
+        print(
+            f"\n[{broker.name}] /healthz 503 {stalled_s:.1f} s after the loop stalled "
+            f"(max age {max_age} s)"
+        )
 
         # Released again: healthy again.
         gate.loop_open.set()
@@ -465,21 +519,38 @@ def test_healthy_while_broker_down_and_logs_clean(
             pytest.fail(f"tansu broker unavailable: {exc}", pytrace=False)
         pytest.skip(f"tansu broker unavailable: {exc}")
     try:
-        config = service_config(tmp_path, broker.bootstrap_servers, "phishing", overrides={
-            "http": {"healthz_max_age_s": max_age},
-            # A password handed to librdkafka (ignored on PLAINTEXT) and librdkafka's
-            # config dump in the log: neither may show the secret.
-            "kafka": {"sasl_mechanism": "PLAIN", "sasl_username": "trainer",
-                      "extra": {"debug": "conf"}},
-            "logging": {"level": "DEBUG"},
-        })
-        service = Service_(config, tmp_path, env={
-            "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": hmac_key,
-            "STREAM_TRAINER_KAFKA__SASL_PASSWORD": sasl_password,
-        })
+        config = service_config(
+            tmp_path,
+            broker.bootstrap_servers,
+            "phishing",
+            overrides={
+                "http": {"healthz_max_age_s": max_age},
+                # A password handed to librdkafka (ignored on PLAINTEXT) and librdkafka's
+                # config dump in the log: neither may show the secret.
+                "kafka": {
+                    "sasl_mechanism": "PLAIN",
+                    "sasl_username": "trainer",
+                    "extra": {"debug": "conf"},
+                },
+                "logging": {"level": "DEBUG"},
+            },
+        )
+        service = Service_(
+            config,
+            tmp_path,
+            env={
+                "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": hmac_key,
+                "STREAM_TRAINER_KAFKA__SASL_PASSWORD": sasl_password,
+            },
+        )
         services.append(service)
-        produce({"bootstrap.servers": broker.bootstrap_servers}, config["topics"]["input"][0],
-                get_dataset("phishing"), 1_000, seed=4)
+        produce(
+            {"bootstrap.servers": broker.bootstrap_servers},
+            config["topics"]["input"][0],
+            get_dataset("phishing"),
+            1_000,
+            seed=4,
+        )
         service.start()
         service.wait_metric("stream_trainer_records_learnt_total", 1_000, timeout=WAIT_S)
         wait_for(lambda: service.http("/readyz")[0] == 200, WAIT_S, "service ready")
@@ -488,8 +559,11 @@ def test_healthy_while_broker_down_and_logs_clean(
         broker.stop()
 
         def kafka_errors() -> float:
-            return sum(v for k, v in service.metrics().items()
-                       if k.startswith("stream_trainer_kafka_errors_total"))
+            return sum(
+                v
+                for k, v in service.metrics().items()
+                if k.startswith("stream_trainer_kafka_errors_total")
+            )
 
         wait_for(lambda: kafka_errors() > 0, WAIT_S, "the service to see the broker down")
         beat = service.metric("stream_trainer_poll_heartbeat_timestamp_seconds")
@@ -504,8 +578,10 @@ def test_healthy_while_broker_down_and_logs_clean(
         assert probes >= 10
         assert service.metric("stream_trainer_poll_heartbeat_timestamp_seconds") > beat
         bodies.append(service.http("/metrics")[1])
-        print(f"\n/healthz 200 on {probes} probes over {3 * max_age:.0f} s with the broker down "
-              f"({kafka_errors():.0f} kafka errors counted)")
+        print(
+            f"\n/healthz 200 on {probes} probes over {3 * max_age:.0f} s with the broker down "
+            f"({kafka_errors():.0f} kafka errors counted)"
+        )
         service.stop()
     finally:
         broker.stop()
@@ -527,15 +603,22 @@ def test_healthy_while_broker_down_and_logs_clean(
         entries.append(entry)
     problems: list[str] = []
     if not_json:
-        problems.append(f"{len(not_json)} of {len(lines)} log lines are not JSON objects with "
-                        "ts/level/event, e.g.:\n" + "\n".join(not_json[:5]))
+        problems.append(
+            f"{len(not_json)} of {len(lines)} log lines are not JSON objects with "
+            "ts/level/event, e.g.:\n" + "\n".join(not_json[:5])
+        )
     # librdkafka's lines: through logs.librdkafka_logger(), facility and client as fields.
-    librdkafka = [e for e in entries if e.get("logger") == logs.LIBRDKAFKA_LOGGER
-                  and {"facility", "client"} <= e.keys()]
+    librdkafka = [
+        e
+        for e in entries
+        if e.get("logger") == logs.LIBRDKAFKA_LOGGER and {"facility", "client"} <= e.keys()
+    ]
     if not librdkafka:
         loggers = sorted({str(e.get("logger")) for e in entries})
-        problems.append(f"no JSON line from logger {logs.LIBRDKAFKA_LOGGER!r} with facility/"
-                        f"client fields (loggers seen: {loggers})")
+        problems.append(
+            f"no JSON line from logger {logs.LIBRDKAFKA_LOGGER!r} with facility/"
+            f"client fields (loggers seen: {loggers})"
+        )
     for secret in (hmac_key, sasl_password):
         if secret in text:
             problems.append("a secret is in the log")

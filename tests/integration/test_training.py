@@ -47,9 +47,11 @@ class Service(ServiceProcess):
     def start(self) -> Service:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_trainer", "run", "--config",
-                 str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
             )
         return self
 
@@ -73,18 +75,31 @@ def dead_lettered(reason: str) -> str:
     return f'stream_trainer_records_dead_lettered_total{{reason="{reason}"}}'
 
 
-def produce_dataset(bootstrap: str, config: dict[str, Any], dataset: str, count: int,
-                    partitions: int = 1) -> None:
-    report = produce({"bootstrap.servers": bootstrap}, config["topics"]["input"][0],
-                     get_dataset(dataset), count, partitions=partitions)
+def produce_dataset(
+    bootstrap: str, config: dict[str, Any], dataset: str, count: int, partitions: int = 1
+) -> None:
+    report = produce(
+        {"bootstrap.servers": bootstrap},
+        config["topics"]["input"][0],
+        get_dataset(dataset),
+        count,
+        partitions=partitions,
+    )
     assert report.valid == count
 
 
-def produce_values(bootstrap: str, topic: str,
-                   values: Sequence[tuple[int, bytes | None]]) -> list[tuple[int, int]]:
+def produce_values(
+    bootstrap: str, topic: str, values: Sequence[tuple[int, bytes | None]]
+) -> list[tuple[int, int]]:
     """Produce ``(partition, value)`` in order; returns ``(partition, offset)`` of each."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "enable.idempotence": True, "message.max.bytes": 2_000_000})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "enable.idempotence": True,
+            "message.max.bytes": 2_000_000,
+        }
+    )
     placed: list[tuple[int, int] | None] = [None] * len(values)
     failures: list[str] = []
 
@@ -94,6 +109,7 @@ def produce_values(bootstrap: str, topic: str,
                 failures.append(str(error))
             else:
                 placed[index] = (message.partition(), message.offset())
+
         return callback
 
     for index, (partition, value) in enumerate(values):
@@ -117,13 +133,16 @@ def sea_with_abrupt_drift(count: int, change: int, seed: int = 42) -> list[bytes
 
     before = synth.SEA(variant=0, seed=seed).take(change)
     after = synth.SEA(variant=3, seed=seed + 1).take(count - change)
-    return [_encode({"x": {f"f{k}": float(v) for k, v in x.items()}, "y": bool(y)})
-            for x, y in (*before, *after)]
+    return [
+        _encode({"x": {f"f{k}": float(v) for k, v in x.items()}, "y": bool(y)})
+        for x, y in (*before, *after)
+    ]
 
 
 def final_checkpoint(config: dict[str, Any]) -> TrainingState:
-    store = CheckpointStore(Path(config["checkpoint"]["dir"]), key=HMAC_KEY.encode(),
-                            allow_unsigned=False, keep_last=10)
+    store = CheckpointStore(
+        Path(config["checkpoint"]["dir"]), key=HMAC_KEY.encode(), allow_unsigned=False, keep_last=10
+    )
     loaded = store.load_latest()
     assert loaded is not None, "the service left no checkpoint"
     state = loaded.state
@@ -138,6 +157,7 @@ def stop_cleanly(service: ServiceProcess) -> None:
 
 def wait_exact(service: ServiceProcess, name: str, value: float, timeout: float) -> None:
     """Wait until ``name`` reaches ``value``; fail at once if it overshoots."""
+
     def check() -> bool:
         assert service.alive(), f"service exited:\n{service.tail()}"
         current = service.metric(name, -1.0)
@@ -162,8 +182,10 @@ def test_per_record_river_logistic_regression_learns_phishing(
         accuracy = service.metric(prequential("accuracy", "total"))
         consumed = service.metric(CONSUMED)
         stop_cleanly(service)
-    print(f"[{broker.name}] per_record phishing: learnt 1250, accuracy(total) {accuracy:.4f}, "
-          f"{time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] per_record phishing: learnt 1250, accuracy(total) {accuracy:.4f}, "
+        f"{time.monotonic() - began:.1f} s"
+    )
     assert consumed == 1250
     assert accuracy >= 0.85
     state = final_checkpoint(config)
@@ -173,13 +195,27 @@ def test_per_record_river_logistic_regression_learns_phishing(
 
 def test_mini_batch_sklearn_sgd_learns_phishing(broker: BrokerHandle, tmp_path: Path) -> None:
     bootstrap = broker.bootstrap_servers
-    config = service_config(tmp_path, bootstrap, "phishing", "mini_batch", overrides={
-        "model": {"preprocessing": [{"path": "sklearn.preprocessing.StandardScaler"}],
-                  "learner": {"path": "sklearn.linear_model.SGDClassifier",
-                              "params": {"loss": "log_loss", "learning_rate": "adaptive",
-                                         "eta0": 0.1, "random_state": 0}}},
-        "training": {"mini_batch": {"size": 100, "max_wait_s": 0.5}},
-    })
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        "phishing",
+        "mini_batch",
+        overrides={
+            "model": {
+                "preprocessing": [{"path": "sklearn.preprocessing.StandardScaler"}],
+                "learner": {
+                    "path": "sklearn.linear_model.SGDClassifier",
+                    "params": {
+                        "loss": "log_loss",
+                        "learning_rate": "adaptive",
+                        "eta0": 0.1,
+                        "random_state": 0,
+                    },
+                },
+            },
+            "training": {"mini_batch": {"size": 100, "max_wait_s": 0.5}},
+        },
+    )
     began = time.monotonic()
     with Service(config, tmp_path) as service:
         produce_dataset(bootstrap, config, "phishing", 1250)
@@ -188,8 +224,10 @@ def test_mini_batch_sklearn_sgd_learns_phishing(broker: BrokerHandle, tmp_path: 
         accuracy = service.metric(prequential("accuracy", "total"))
         batches = service.metric("stream_trainer_batches_total")
         stop_cleanly(service)
-    print(f"[{broker.name}] mini_batch sgd phishing: learnt 1250 in {batches:.0f} units, "
-          f"accuracy(total) {accuracy:.4f}, {time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] mini_batch sgd phishing: learnt 1250 in {batches:.0f} units, "
+        f"accuracy(total) {accuracy:.4f}, {time.monotonic() - began:.1f} s"
+    )
     # The first unit is scored before any model exists (all errors): 0.92 at most overall.
     assert accuracy >= 0.8
     assert batches >= 13  # units of at most 100 records
@@ -200,14 +238,28 @@ def test_full_batch_tree_ensemble_retrained_by_count_learns_bananas(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
     bootstrap = broker.bootstrap_servers
-    config = service_config(tmp_path, bootstrap, "bananas", "full_batch", overrides={
-        "model": {"preprocessing": [],
-                  "learner": {"path": "sklearn.ensemble.ExtraTreesClassifier",
-                              "params": {"n_estimators": 30, "min_samples_leaf": 3,
-                                         "random_state": 0}}},
-        "training": {"full_batch": {"window_records": 2000, "retrain_every_records": 1000,
-                                    "retrain_on_drift": False}},
-    })
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        "bananas",
+        "full_batch",
+        overrides={
+            "model": {
+                "preprocessing": [],
+                "learner": {
+                    "path": "sklearn.ensemble.ExtraTreesClassifier",
+                    "params": {"n_estimators": 30, "min_samples_leaf": 3, "random_state": 0},
+                },
+            },
+            "training": {
+                "full_batch": {
+                    "window_records": 2000,
+                    "retrain_every_records": 1000,
+                    "retrain_on_drift": False,
+                }
+            },
+        },
+    )
     began = time.monotonic()
     values = encoded_rows("bananas", 5300)
     topic = config["topics"]["input"][0]
@@ -223,8 +275,10 @@ def test_full_batch_tree_ensemble_retrained_by_count_learns_bananas(
         window = service.metric(prequential("accuracy", "window"))
         total = service.metric(prequential("accuracy", "total"))
         stop_cleanly(service)
-    print(f"[{broker.name}] full_batch extra-trees bananas: {count_retrains:.0f} count retrains, "
-          f"accuracy window {window:.4f} total {total:.4f}, {time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] full_batch extra-trees bananas: {count_retrains:.0f} count retrains, "
+        f"accuracy window {window:.4f} total {total:.4f}, {time.monotonic() - began:.1f} s"
+    )
     # Without a retrain the model never predicts (accuracy 0); a linear model stays ~0.55.
     assert window >= 0.8
     state = final_checkpoint(config)
@@ -243,19 +297,31 @@ def test_regression_mae_well_below_mean_predictor(broker: BrokerHandle, tmp_path
         errors += abs(y - (seen / i if i else 0.0))
         seen += y
     mean_mae = errors / len(ys)
-    config = service_config(tmp_path, bootstrap, dataset, "per_record", overrides={
-        # River's documented setting for this dataset: the intercept (~40) needs a faster rate.
-        "model": {"learner": {"path": "river.linear_model.LinearRegression",
-                              "params": {"intercept_lr": 0.1}}},
-    })
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        dataset,
+        "per_record",
+        overrides={
+            # River's documented setting for this dataset: the intercept (~40) needs a faster rate.
+            "model": {
+                "learner": {
+                    "path": "river.linear_model.LinearRegression",
+                    "params": {"intercept_lr": 0.1},
+                }
+            },
+        },
+    )
     began = time.monotonic()
     with Service(config, tmp_path) as service:
         produce_dataset(bootstrap, config, "trump-approval", len(ys))
         wait_exact(service, LEARNT, len(ys), timeout=90)
         mae = service.metric(prequential("mae", "total"), math.inf)
         stop_cleanly(service)
-    print(f"[{broker.name}] regression trump-approval: {len(ys)} records, MAE {mae:.4f} vs "
-          f"mean predictor {mean_mae:.4f}, {time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] regression trump-approval: {len(ys)} records, MAE {mae:.4f} vs "
+        f"mean predictor {mean_mae:.4f}, {time.monotonic() - began:.1f} s"
+    )
     assert mae <= 0.5 * mean_mae
 
 
@@ -265,22 +331,42 @@ def test_regression_mae_well_below_mean_predictor(broker: BrokerHandle, tmp_path
 def test_abrupt_drift_detected_and_retrain_recovers(broker: BrokerHandle, tmp_path: Path) -> None:
     bootstrap = broker.bootstrap_servers
     change, total, chunk, bound = 5000, 9000, 250, 1500
-    config = service_config(tmp_path, bootstrap, "sea-drift", "full_batch", overrides={
-        "model": {"preprocessing": [],
-                  "learner": {"path": "sklearn.tree.DecisionTreeClassifier",
-                              "params": {"max_depth": 8, "random_state": 0}}},
-        # A manual retrain at record 1000 gives a first model; after that only drift can.
-        "training": {"full_batch": {"window_records": 1000, "retrain_every_records": 1_000_000,
-                                    "retrain_on_drift": True, "min_records": 500}},
-    })
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        "sea-drift",
+        "full_batch",
+        overrides={
+            "model": {
+                "preprocessing": [],
+                "learner": {
+                    "path": "sklearn.tree.DecisionTreeClassifier",
+                    "params": {"max_depth": 8, "random_state": 0},
+                },
+            },
+            # A manual retrain at record 1000 gives a first model; after that only drift can.
+            "training": {
+                "full_batch": {
+                    "window_records": 1000,
+                    "retrain_every_records": 1_000_000,
+                    "retrain_on_drift": True,
+                    "min_records": 500,
+                }
+            },
+        },
+    )
     values = sea_with_abrupt_drift(total, change)
     topic = config["topics"]["input"][0]
     began = time.monotonic()
     with Service(config, tmp_path) as service:
         produce_values(bootstrap, topic, [(0, v) for v in values[:1000]])
         wait_exact(service, LEARNT, 1000, timeout=60)
-        send_command({"bootstrap.servers": bootstrap}, config["topics"]["control"],
-                     config["model"]["name"], "retrain")
+        send_command(
+            {"bootstrap.servers": bootstrap},
+            config["topics"]["control"],
+            config["model"]["name"],
+            "retrain",
+        )
         service.wait_metric(retrains("manual"), 1, timeout=30)
         produce_values(bootstrap, topic, [(0, v) for v in values[1000:change]])
         wait_exact(service, LEARNT, change, timeout=60)
@@ -290,7 +376,7 @@ def test_abrupt_drift_detected_and_retrain_recovers(broker: BrokerHandle, tmp_pa
         detected_by: int | None = None
         sent = change
         while sent < total:
-            produce_values(bootstrap, topic, [(0, v) for v in values[sent:sent + chunk]])
+            produce_values(bootstrap, topic, [(0, v) for v in values[sent : sent + chunk]])
             sent += chunk
             wait_exact(service, LEARNT, sent, timeout=60)
             if detected_by is None and service.metric(DRIFTS) > drifts_before:
@@ -299,12 +385,14 @@ def test_abrupt_drift_detected_and_retrain_recovers(broker: BrokerHandle, tmp_pa
         after = service.metric(prequential("accuracy", "window"))
         snapshot = service.metrics()
         stop_cleanly(service)
-    print(f"[{broker.name}] drift sea: accuracy window before change {before_change:.4f}, "
-          f"detection by record {detected_by} (change at {change}), drift retrains "
-          f"{snapshot.get(retrains('drift'), 0):.0f}, manual retrains "
-          f"{snapshot.get(retrains('manual'), 0):.0f}, false alarms before change "
-          f"{drifts_before:.0f}, accuracy window at end {after:.4f}, "
-          f"{time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] drift sea: accuracy window before change {before_change:.4f}, "
+        f"detection by record {detected_by} (change at {change}), drift retrains "
+        f"{snapshot.get(retrains('drift'), 0):.0f}, manual retrains "
+        f"{snapshot.get(retrains('manual'), 0):.0f}, false alarms before change "
+        f"{drifts_before:.0f}, accuracy window at end {after:.4f}, "
+        f"{time.monotonic() - began:.1f} s"
+    )
     assert detected_by is not None, "no drift detected after the change"
     assert detected_by - change <= bound
     assert after >= 0.85
@@ -337,8 +425,9 @@ def test_poison_mix_dead_lettered_with_provenance_and_valid_learnt_exactly(
     began = time.monotonic()
     with Service(config, tmp_path) as service:
         pid = service.pid
-        placed = produce_values(bootstrap, topic,
-                                [(i % 2, v) for i, (v, _r) in enumerate(sequence)])
+        placed = produce_values(
+            bootstrap, topic, [(i % 2, v) for i, (v, _r) in enumerate(sequence)]
+        )
         wait_exact(service, LEARNT, len(valid), timeout=90)
         expected_reasons: dict[str, int] = {}
         for _v, kind in sequence:
@@ -351,11 +440,14 @@ def test_poison_mix_dead_lettered_with_provenance_and_valid_learnt_exactly(
         stop_cleanly(service)
     seconds = time.monotonic() - began
     dead = read_topic(bootstrap, config["topics"]["dead_letter"], expected=invalid_total)
-    originals = {(m.partition(), m.offset()): m
-                 for m in read_topic(bootstrap, topic, expected=len(sequence))}
+    originals = {
+        (m.partition(), m.offset()): m for m in read_topic(bootstrap, topic, expected=len(sequence))
+    }
     assert len(originals) == len(sequence)
-    print(f"[{broker.name}] poison mix: {len(valid)} valid learnt, {len(dead)} dead letters "
-          f"{expected_reasons}, {seconds:.1f} s")
+    print(
+        f"[{broker.name}] poison mix: {len(valid)} valid learnt, {len(dead)} dead letters "
+        f"{expected_reasons}, {seconds:.1f} s"
+    )
     assert len(dead) == invalid_total
     assert snapshot[LEARNT] == len(valid)
     assert snapshot.get(dead_lettered("learner_error"), 0) == 0
@@ -392,8 +484,14 @@ def test_invalid_flood_halts_only_its_partition(broker: BrokerHandle, tmp_path: 
     bootstrap = broker.bootstrap_servers
     dataset = get_dataset("phishing")
     limit, flood = 500, 3000
-    config = service_config(tmp_path, bootstrap, dataset, "per_record", partitions=2,
-                            overrides={"dead_letter": {"max_consecutive_invalid": limit}})
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        dataset,
+        "per_record",
+        partitions=2,
+        overrides={"dead_letter": {"max_consecutive_invalid": limit}},
+    )
     topic = config["topics"]["input"][0]
     nan_value = next(v for r, v in poison_values(dataset) if r == "non_finite")
     valid = encoded_rows("phishing", 1250)
@@ -411,13 +509,14 @@ def test_invalid_flood_halts_only_its_partition(broker: BrokerHandle, tmp_path: 
         assert service.alive() and service.pid == pid
         stop_cleanly(service)
     dead = read_topic(bootstrap, config["topics"]["dead_letter"])
-    from_flood = [m for m in dead
-                  if dict(m.headers() or [])["dlq.original.partition"] == b"0"]
+    from_flood = [m for m in dead if dict(m.headers() or [])["dlq.original.partition"] == b"0"]
     state = final_checkpoint(config)
-    print(f"[{broker.name}] flood: partitions halted {halted:.0f}, learnt 1250 on the other "
-          f"partition, flood records dead-lettered {len(from_flood)} (metric "
-          f"{dead_metric:.0f}), halted partition offset {state.offsets.get((topic, 0))}, "
-          f"{time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] flood: partitions halted {halted:.0f}, learnt 1250 on the other "
+        f"partition, flood records dead-lettered {len(from_flood)} (metric "
+        f"{dead_metric:.0f}), halted partition offset {state.offsets.get((topic, 0))}, "
+        f"{time.monotonic() - began:.1f} s"
+    )
     assert halted == 1
     # Only units before the tripping one were dead-lettered: fewer than `limit` in a row.
     assert len(from_flood) < limit
@@ -435,16 +534,30 @@ def test_retrain_longer_than_max_poll_interval_keeps_membership(
 ) -> None:
     bootstrap = broker.bootstrap_servers
     window = 15_000
-    config = service_config(tmp_path, bootstrap, "linear20", "full_batch", overrides={
-        "kafka": {"max_poll_interval_ms": 10_000},
-        "model": {"preprocessing": [],
-                  "learner": {"path": "sklearn.ensemble.GradientBoostingClassifier",
-                              "params": {"n_estimators": 150, "max_depth": 3,
-                                         "random_state": 0}}},
-        "training": {"full_batch": {"window_records": window, "retrain_every_records": window,
-                                    "retrain_on_drift": False}},
-        "drift": {"enabled": False},
-    })
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        "linear20",
+        "full_batch",
+        overrides={
+            "kafka": {"max_poll_interval_ms": 10_000},
+            "model": {
+                "preprocessing": [],
+                "learner": {
+                    "path": "sklearn.ensemble.GradientBoostingClassifier",
+                    "params": {"n_estimators": 150, "max_depth": 3, "random_state": 0},
+                },
+            },
+            "training": {
+                "full_batch": {
+                    "window_records": window,
+                    "retrain_every_records": window,
+                    "retrain_on_drift": False,
+                }
+            },
+            "drift": {"enabled": False},
+        },
+    )
     topic = config["topics"]["input"][0]
     values = encoded_rows("linear20", window + 4000)
     began = time.monotonic()
@@ -454,7 +567,7 @@ def test_retrain_longer_than_max_poll_interval_keeps_membership(
         service.wait_metric(RETRAINING, 1, timeout=30)
         retrain_seen = time.monotonic()
         learnt_at_start = service.metric(LEARNT)
-        produce_values(bootstrap, topic, [(0, v) for v in values[window:window + 3000]])
+        produce_values(bootstrap, topic, [(0, v) for v in values[window : window + 3000]])
 
         def learnt_while_retraining() -> bool:
             metrics = service.metrics()
@@ -466,16 +579,18 @@ def test_retrain_longer_than_max_poll_interval_keeps_membership(
         service.wait_metric(retrains("count"), 1, timeout=120)
         retrain_seconds = service.metric("stream_trainer_retrain_duration_seconds_sum")
         # The loop goes on after the retrain: a lost membership would show here.
-        produce_values(bootstrap, topic, [(0, v) for v in values[window + 3000:]])
+        produce_values(bootstrap, topic, [(0, v) for v in values[window + 3000 :]])
         wait_exact(service, LEARNT, window + 4000, timeout=60)
         after = service.metrics()
         stop_cleanly(service)
-    print(f"[{broker.name}] long retrain: fit {retrain_seconds:.1f} s with max.poll.interval "
-          f"10 s, 3000 records learnt during it (seen retraining at "
-          f"{retrain_seen - began:.1f} s), rebalances assign "
-          f"{after.get(rebalances('assign'), 0):.0f} revoke "
-          f"{after.get(rebalances('revoke'), 0):.0f} lost {after.get(rebalances('lost'), 0):.0f}"
-          f", {time.monotonic() - began:.1f} s")
+    print(
+        f"[{broker.name}] long retrain: fit {retrain_seconds:.1f} s with max.poll.interval "
+        f"10 s, 3000 records learnt during it (seen retraining at "
+        f"{retrain_seen - began:.1f} s), rebalances assign "
+        f"{after.get(rebalances('assign'), 0):.0f} revoke "
+        f"{after.get(rebalances('revoke'), 0):.0f} lost {after.get(rebalances('lost'), 0):.0f}"
+        f", {time.monotonic() - began:.1f} s"
+    )
     assert retrain_seconds > 12
     for snapshot in (during, after):
         assert snapshot.get(rebalances("revoke"), 0) == 0

@@ -49,8 +49,16 @@ def test_full_batch_compares_only_periods_with_a_model() -> None:
     # 0-300: no model yet (fast); 300-400: the first retrain; then with a model, 100/s whether
     # a retrain runs or not.
     service = ServiceRun(total=10_000, started=0.0)
-    timeline = [(0, 1, False), (1, 301, False), (2, 401, True), (3, 501, False),
-                (4, 601, False), (5, 701, True), (6, 801, True), (7, 901, False)]
+    timeline = [
+        (0, 1, False),
+        (1, 301, False),
+        (2, 401, True),
+        (3, 501, False),
+        (4, 601, False),
+        (5, 701, True),
+        (6, 801, True),
+        (7, 901, False),
+    ]
     for t, learnt, retraining in timeline:
         service.samples.append(Sample(float(t), float(learnt), math.nan, retraining))
     figures = service.full_batch()

@@ -49,8 +49,15 @@ class FakeProducer:
 
 def record(offset: int, value: bytes | None = b"{bad", ts: int | None = 1234) -> InvalidRecord:
     return InvalidRecord(
-        topic="events", partition=2, offset=offset, timestamp_ms=ts, value=value, key=b"k",
-        stage="validate", reason="non_finite", error_class="NonFiniteFeature",
+        topic="events",
+        partition=2,
+        offset=offset,
+        timestamp_ms=ts,
+        value=value,
+        key=b"k",
+        stage="validate",
+        reason="non_finite",
+        error_class="NonFiniteFeature",
         message="feature 'a' is NaN",
     )
 

@@ -171,8 +171,12 @@ def test_messages_are_short_even_for_huge_names(decoder: RecordDecoder) -> None:
 def test_bool_labels_do_not_match_ints() -> None:
     settings = RecordSettings(features=["a"], labels=[True, False])
     decoder = RecordDecoder(settings, "binary_classification")
-    values = [b'{"x": {"a": 1}, "y": true}', b'{"x": {"a": 1}, "y": 1}', b'{"x": {"a": 1}, "y": 0}',
-              b'{"x": {"a": 1}, "y": false}']
+    values = [
+        b'{"x": {"a": 1}, "y": true}',
+        b'{"x": {"a": 1}, "y": 1}',
+        b'{"x": {"a": 1}, "y": 0}',
+        b'{"x": {"a": 1}, "y": false}',
+    ]
     batch = decoder.decode(messages(values))
     assert batch.valid_index.tolist() == [0, 3]
     assert [r.reason for r in batch.invalid] == ["unknown_label", "unknown_label"]
@@ -185,8 +189,13 @@ def test_mixed_int_and_bool_labels_are_type_strict() -> None:
     # 2 and True are distinct config labels; JSON 1 equals True in Python but must not match.
     settings = RecordSettings(features=["a"], labels=[2, True, "cat"])
     decoder = RecordDecoder(settings, "multiclass_classification")
-    values = [b'{"x": {"a": 1}, "y": 1}', b'{"x": {"a": 1}, "y": true}', b'{"x": {"a": 1}, "y": 2}',
-              b'{"x": {"a": 1}, "y": "cat"}', b'{"x": {"a": 1}, "y": "dog"}']
+    values = [
+        b'{"x": {"a": 1}, "y": 1}',
+        b'{"x": {"a": 1}, "y": true}',
+        b'{"x": {"a": 1}, "y": 2}',
+        b'{"x": {"a": 1}, "y": "cat"}',
+        b'{"x": {"a": 1}, "y": "dog"}',
+    ]
     batch = decoder.decode(messages(values))
     assert batch.valid_index.tolist() == [1, 2, 3]
     assert batch.y.tolist() == [True, 2, "cat"]
@@ -198,8 +207,12 @@ def test_mixed_int_and_bool_labels_are_type_strict() -> None:
 
 def test_flat_fields_mode() -> None:
     settings = RecordSettings(
-        features=["f1", "f0"], features_field=None, label_field="label", id_field="id",
-        event_time_field="ts", labels=["a", "b"],
+        features=["f1", "f0"],
+        features_field=None,
+        label_field="label",
+        id_field="id",
+        event_time_field="ts",
+        labels=["a", "b"],
     )
     decoder = RecordDecoder(settings, "binary_classification")
     values = [
@@ -215,7 +228,10 @@ def test_flat_fields_mode() -> None:
     assert batch.X.tolist() == [[2.5, 1.0], [-4.0, 3.0]]
     assert batch.y.tolist() == ["a", "b"]
     assert [r.reason for r in batch.invalid] == [
-        "unknown_feature", "missing_feature", "wrong_type", "unknown_label",
+        "unknown_feature",
+        "missing_feature",
+        "wrong_type",
+        "unknown_label",
     ]
     assert batch.x_dicts() == [{"f1": 2.5, "f0": 1.0}, {"f1": -4.0, "f0": 3.0}]
 
@@ -252,7 +268,11 @@ def test_regression_labels() -> None:
     assert batch.y.dtype == np.float64
     assert batch.y.tolist() == [2.5, 3.0, -0.007]
     assert [r.reason for r in batch.invalid] == [
-        "non_finite", "non_finite", "wrong_type", "wrong_type", "missing_label",
+        "non_finite",
+        "non_finite",
+        "wrong_type",
+        "wrong_type",
+        "missing_label",
     ]
 
 
