@@ -91,6 +91,10 @@ def produce(
     Raises KafkaException when a record could not be delivered.
     """
     conf = {
+        # Retries on a just-created topic (leader not elected yet) must not reorder
+        # batches: without idempotence a retried batch can land after a later one, and a
+        # replay of the "same" topic would then train a different model.
+        "enable.idempotence": True,
         "linger.ms": 20,
         "batch.num.messages": 10_000,
         "compression.type": "lz4",
