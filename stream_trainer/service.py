@@ -131,6 +131,9 @@ class Service:
         self._stop = threading.Event()
         self._pending = _PendingUnit()
         self._in_flight: _InFlight | None = None
+        # Offsets of the newest durable checkpoint (the restored state's at start): the only
+        # positions that may be committed outside a checkpoint.
+        self._durable: dict[TopicPartitionKey, int] = dict(state.offsets)
         self._last_checkpoint = clock()
         self._records_since_checkpoint = 0
         self._publish_wanted: str | None = None
@@ -435,9 +438,19 @@ class Service:
         m.checkpoint_duration.observe(result.duration_s)
         m.checkpoint_size.set(result.size_bytes)
         m.checkpoint_last_success.set(time.time())
+        self._durable = dict(offsets)
         self._crash.reached("after_checkpoint")
+        committed = self._commit(offsets, wait=wait_commit)
+        log.debug(
+            "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}
+        )
+
+    def _commit(
+        self, offsets: Mapping[TopicPartitionKey, int], wait: bool
+    ) -> dict[TopicPartitionKey, int]:
+        """Commit durable ``offsets`` of owned partitions; a failure is counted, not raised."""
         try:
-            committed = self.source.commit(offsets, asynchronous=not wait_commit)
+            return self.source.commit(offsets, asynchronous=not wait)
         except KafkaException as error:
             # Commits only feed lag monitoring; the checkpoint is already durable. A broker
             # outage must not stop training: the next checkpoint commits again.
@@ -447,10 +460,7 @@ class Service:
                 "offset commit failed; the next checkpoint commits again",
                 extra={"reason": str(error)},
             )
-            committed = {}
-        log.debug(
-            "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}
-        )
+            return {}
 
     def checkpoint_now(self, reason: str) -> bool:
         """Write a checkpoint synchronously and commit its offsets; False if it failed."""
@@ -487,6 +497,12 @@ class Service:
             start = self.source.start_positions.get(key)
             if start is not None:
                 self.state.offsets[key] = start
+        # A checkpoint whose asynchronous commit died with the previous process (kill -9)
+        # is ahead of the group: commit it now, or lag reads wrong until the next checkpoint.
+        resumed = {k: self._durable[k] for k in partitions if k in self._durable}
+        resumed = {k: o for k, o in resumed.items() if self.source.start_positions.get(k) == o}
+        if resumed:
+            self._commit(resumed, wait=False)
         halted = [k for k in partitions if k in self.state.halted]
         if halted or self._manual_pause:
             self.source.pause(sorted(self.source.owned) if self._manual_pause else halted)
@@ -513,6 +529,7 @@ class Service:
         self._collect_checkpoint(wait=True)
         if self._reload_state is not None:
             self.state = self._reload_state()
+            self._durable = dict(self.state.offsets)
         self._metrics.assigned_partitions.set(0)
         log.warning("partitions lost", extra={"partitions": [partition_key(k) for k in partitions]})
 

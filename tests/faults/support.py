@@ -28,6 +28,7 @@ from stream_trainer.state import TrainingState
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 
 LEARNT = "stream_trainer_records_learnt_total"
+ASSIGNED = "stream_trainer_assigned_partitions"
 
 
 class Service(ServiceProcess):
