@@ -449,14 +449,55 @@ class DriftMonitor:
         The detector keeps running (River resets its own window after a detection)."""
         if not self.enabled:
             return []
+        signal = np.asarray(errors, dtype=np.float64)
+        known = np.flatnonzero(~np.isnan(signal))  # NaN: no prediction for this record
+        values = signal[known].tolist()
         detector = self._detector
-        feed = detector.update
-        found: list[int] = []
-        for index, error in enumerate(np.asarray(errors, dtype=np.float64).tolist()):
-            if math.isnan(error):  # no prediction for this record
-                continue
-            feed(error)
-            if detector.drift_detected:
-                found.append(index)
+        if type(detector) is drift.ADWIN:
+            positions = _feed_adwin(detector, values)
+        else:
+            positions = _feed(detector, values)
+        found = known[positions].tolist() if positions else []
         self.detections += len(found)
         return found
+
+
+def _feed(detector: Any, values: list[float]) -> list[int]:
+    """Any River drift detector, through its public ``update``."""
+    feed = detector.update
+    found: list[int] = []
+    for index, value in enumerate(values):
+        feed(value)
+        if detector.drift_detected:
+            found.append(index)
+    return found
+
+
+def _feed_adwin(detector: Any, values: list[float]) -> list[int]:
+    """What :func:`_feed` does for ADWIN, at a quarter of the cost.
+
+    ``ADWIN.update`` is a Python wrapper (reset the window if the previous update
+    detected drift, then update the Cython window); its call overhead was ~8 % of a
+    mini-batch unit. Between detections this calls the Cython window directly; the update
+    after a detection goes through the public method, which resets. The detector's state
+    stays exactly what the public path leaves (tests compare both on drifting streams).
+    """
+    found: list[int] = []
+    index, n = 0, len(values)
+    while index < n:
+        if detector.drift_detected:
+            detector.update(values[index])
+            if detector.drift_detected:
+                found.append(index)
+            index += 1
+            continue
+        update = detector._helper.update
+        for position in range(index, n):
+            if update(values[position]):
+                detector._drift_detected = True
+                found.append(position)
+                index = position + 1
+                break
+        else:
+            index = n
+    return found

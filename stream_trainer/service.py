@@ -9,6 +9,7 @@ checkpoint holding them is durable, and only for partitions this member owns.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,10 @@ from stream_trainer.state import TrainingState
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 
 log = logging.getLogger(__name__)
+
+# The prequential gauges (window metrics re-read the whole window: ~3 % of a mini-batch
+# unit when set per unit) are set at most this often while busy, and whenever idle.
+PREQUENTIAL_REFRESH_S = 1.0
 
 
 @dataclass
@@ -141,6 +146,8 @@ class Service:
         self._mode = settings.training.mode
         self._batch_target = settings.training.mini_batch.size if self._mode == "mini_batch" else 0
         self._drifts_reported = state.drift_detections
+        self._prequential_stale = True  # the restored state's scores are not shown yet
+        self._prequential_at = -math.inf
         self.restored = False
         self.source = make_source(self)
 
@@ -189,6 +196,8 @@ class Service:
             self._advance(self._pending.take())
         elif not messages and self._decoding is not None:
             self._drain_decoding()  # idle: do not hold a decoded unit back
+        if not messages:
+            self._refresh_prequential()  # idle: the gauges show the last unit
         if isinstance(self._trainer, FullBatchTrainer):
             outcome = self._trainer.poll_retrain(self.state, now)
             if not self._manual_pause:
@@ -333,8 +342,19 @@ class Service:
         if new_drifts > 0:
             m.drift_detections.inc(new_drifts)
         self._drifts_reported = state.drift_detections
-        m.set_prequential(state.evaluator.window_values(), "window")
-        m.set_prequential(state.evaluator.total_values(), "total")
+        self._prequential_stale = True
+        if self._clock() - self._prequential_at >= PREQUENTIAL_REFRESH_S:
+            self._refresh_prequential()
+
+    def _refresh_prequential(self) -> None:
+        """Set the prequential gauges if a unit was scored since they were last set."""
+        if not self._prequential_stale:
+            return
+        evaluator = self.state.evaluator
+        self._metrics.set_prequential(evaluator.window_values(), "window")
+        self._metrics.set_prequential(evaluator.total_values(), "total")
+        self._prequential_at = self._clock()
+        self._prequential_stale = False
 
     def _flush_pending(self) -> None:
         """Train on everything consumed: the unit in the decoder, then the pending one."""
@@ -551,6 +571,7 @@ class Service:
         if isinstance(self._trainer, FullBatchTrainer):
             self._trainer.close()
         self._flush_pending()
+        self._refresh_prequential()
         if self._records_since_checkpoint or self._in_flight is not None:
             self.checkpoint_now("shutdown")
         else:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 from typing import Any
 
 import numpy as np
 import pytest
+from river import drift
 from sklearn import metrics as skm
 
 from stream_trainer.config import DriftSettings
@@ -285,3 +287,40 @@ def test_drift_params_are_checked() -> None:
         DriftMonitor(DriftSettings(params={"dleta": 0.1}))
     monitor = DriftMonitor(DriftSettings(detector="ADWIN", params={"delta": 0.5}))
     assert monitor.detector_name == "ADWIN"
+
+
+@pytest.mark.parametrize("delta", [0.002, 0.5])
+def test_adwin_fast_path_matches_river_public_update(delta: float) -> None:
+    """DriftMonitor calls ADWIN's Cython window directly between detections; detections
+    and the detector's state must equal River's own ``update`` path, including a
+    detection on a batch's last value (the reset then happens in the next batch)."""
+    rng = np.random.default_rng(3)
+    rates = [0.05, 0.6, 0.1, 0.9, 0.02]
+    stream = np.concatenate([(rng.random(3000) < r).astype(np.float64) for r in rates])
+    stream[rng.random(len(stream)) < 0.01] = np.nan
+    monitor = DriftMonitor(DriftSettings(params={"delta": delta}))
+    reference = drift.ADWIN(delta=delta)  # type: ignore[no-untyped-call]
+    expected: list[int] = []
+    found: list[int] = []
+    start = 0
+    for size in itertools.cycle([1, 7, 250, 1000, 33]):
+        chunk = stream[start : start + size]
+        if not len(chunk):
+            break
+        found += [start + i for i in monitor.update(chunk)]
+        for i, value in enumerate(chunk.tolist()):
+            if not math.isnan(value):
+                reference.update(value)  # type: ignore[no-untyped-call]
+                if reference.drift_detected:
+                    expected.append(start + i)
+        start += size
+    detector = monitor._detector
+    print(f"\n[adwin fast path] delta={delta}: {len(found)} detections, same as River's")
+    assert len(expected) >= 4
+    assert found == expected
+    assert (detector.width, detector.total, detector.n_detections, detector.drift_detected) == (
+        reference.width,
+        reference.total,
+        reference.n_detections,
+        reference.drift_detected,
+    )

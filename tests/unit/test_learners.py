@@ -503,3 +503,38 @@ def test_describe_is_json_able() -> None:
         "mode": "per_record",
         "batch_learning": "learn_one_loop",
     }
+
+
+class _NaNForNegatives:
+    """A user transformer that yields NaN for negative inputs (log-like)."""
+
+    def partial_fit(self, X: np.ndarray) -> _NaNForNegatives:
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        out = np.array(X, dtype=np.float64)
+        out[out < 0] = math.nan
+        return out
+
+
+def test_sklearn_steps_match_the_pipeline_and_nan_from_a_transformer_still_raises() -> None:
+    """The adapter calls the pipeline's steps itself and skips the finiteness scan only on
+    the decoder's (already finite) matrix: predictions equal Pipeline.predict_proba, and a
+    step that produces NaN still makes the learner refuse the unit."""
+    model = build_model(
+        make_settings(
+            "sklearn.linear_model.SGDClassifier",
+            params={"loss": "log_loss", "random_state": 0},
+            preprocessing=["sklearn.preprocessing.StandardScaler"],
+            mode="mini_batch",
+        )
+    )
+    assert isinstance(model, SklearnAdapter)
+    X, y = blobs(400)
+    model.learn_many(X, y, None)
+    _, proba = model.predict_many(X)
+    assert proba is not None
+    assert np.array_equal(proba, model.model.predict_proba(X)[:, 1])
+    model.model.steps[0] = ("nan_for_negatives", _NaNForNegatives())
+    with pytest.raises(ValueError, match="NaN"):
+        model.learn_many(X - 10.0, y, None)
