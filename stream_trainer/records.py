@@ -143,8 +143,10 @@ class DecodedBatch:
     def x_dicts(self) -> list[dict[str, float]]:
         """River-style ``{feature: value}`` dicts of the valid records (built once, on demand)."""
         if self._x_dicts is None:
-            names = self.feature_names
-            self._x_dicts = [dict(zip(names, row, strict=True)) for row in self.X.tolist()]
+            # map() over zip: the dicts are ~5 % of a per-record unit, and this is the
+            # cheapest way to build them (rows have exactly len(feature_names) columns).
+            rows = self.X.tolist()
+            self._x_dicts = list(map(dict, map(zip, itertools.repeat(self.feature_names), rows)))
         return self._x_dicts
 
 

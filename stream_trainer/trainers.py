@@ -100,25 +100,31 @@ class PerRecordTrainer:
         xs = batch.x_dicts()
         ys = batch.y.tolist()
         ws = None if batch.weights is None else batch.weights.tolist()
-        predictions = np.empty(n, dtype=object)
-        proba = np.full(n, math.nan)
-        keep = np.ones(n, dtype=bool)
+        # Python lists in the loop (numpy item assignment costs more than the append).
+        labels: list[Any] = []
+        probabilities: list[float] = []
         refused: list[Refusal] = []
+        refused_rows: list[int] = []
+        nan = math.nan
         started = time.perf_counter()
-        for i in range(n):
-            x = xs[i]
+        for i, x in enumerate(xs):
             try:
-                predictions[i], p = predict_one(x)
+                label, p = predict_one(x)
                 if ws is None:
                     learn_one(x, ys[i])
                 else:
                     learn_one(x, ys[i], ws[i])
             except LEARNER_DATA_ERRORS as error:
-                keep[i] = False
                 refused.append(_refused(batch, i, error))
-                continue
-            if p is not None:
-                proba[i] = p
+                refused_rows.append(i)
+                label, p = None, nan
+            labels.append(label)
+            probabilities.append(nan if p is None else p)
+        predictions = np.empty(n, dtype=object)
+        predictions[:] = labels
+        proba = np.array(probabilities, dtype=np.float64)
+        keep = np.ones(n, dtype=bool)
+        keep[refused_rows] = False
         elapsed = time.perf_counter() - started
         _score(state, batch, keep, predictions, proba)
         learnt = int(keep.sum())
