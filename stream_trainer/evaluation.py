@@ -483,21 +483,17 @@ def _feed_adwin(detector: Any, values: list[float]) -> list[int]:
     stays exactly what the public path leaves (tests compare both on drifting streams).
     """
     found: list[int] = []
-    index, n = 0, len(values)
-    while index < n:
-        if detector.drift_detected:
-            detector.update(values[index])
-            if detector.drift_detected:
-                found.append(index)
-            index += 1
-            continue
-        update = detector._helper.update
-        for position in range(index, n):
-            if update(values[position]):
-                detector._drift_detected = True
-                found.append(position)
-                index = position + 1
-                break
+    update = detector._helper.update
+    reset_next = detector.drift_detected
+    for index, value in enumerate(values):
+        if reset_next:  # River's update resets the window, then updates it
+            detector.update(value)
+            update = detector._helper.update
+            reset_next = detector.drift_detected
         else:
-            index = n
+            reset_next = update(value)
+            if reset_next:
+                detector._drift_detected = True
+        if reset_next:
+            found.append(index)
     return found

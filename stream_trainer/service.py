@@ -510,6 +510,7 @@ class Service:
         """Count, and re-pause partitions the breaker halted before a restart."""
         self._metrics.rebalances.labels(kind="assign").inc()
         self._metrics.assigned_partitions.set(len(self.source.owned))
+        resumed: dict[TopicPartitionKey, int] = {}
         for key in partitions:
             # Where the consumer really starts (the group may be ahead of the checkpoint, or
             # retention may have moved the log start): the ledger's next range starts here,
@@ -517,10 +518,10 @@ class Service:
             start = self.source.start_positions.get(key)
             if start is not None:
                 self.state.offsets[key] = start
+                if self._durable.get(key) == start:
+                    resumed[key] = start
         # A checkpoint whose asynchronous commit died with the previous process (kill -9)
         # is ahead of the group: commit it now, or lag reads wrong until the next checkpoint.
-        resumed = {k: self._durable[k] for k in partitions if k in self._durable}
-        resumed = {k: o for k, o in resumed.items() if self.source.start_positions.get(k) == o}
         if resumed:
             self._commit(resumed, wait=False)
         halted = [k for k in partitions if k in self.state.halted]
