@@ -84,10 +84,17 @@ def targets(mode: str, ratios: dict[str, float], service: dict[str, Any]) -> dic
         checks["service_vs_ingest_ceiling"] = (ratios["service_vs_ingest_ceiling"], ">=", 0.8)
         checks["service_vs_naive"] = (ratios["service_vs_naive"], ">=", 4.0)
     else:
+        figures = service.get("full_batch", {})
         checks["ingest_during_retrain_vs_without"] = (
-            service.get("full_batch", {}).get("ratio", {}).get("median", math.nan),
+            figures.get("ratio", {}).get("median", math.nan),
             ">=",
             0.7,
+        )
+        # "No rebalance during retrains": the worst repeat counts.
+        checks["revokes_or_losses"] = (
+            figures.get("revokes_or_losses", {}).get("max", math.nan),
+            "<=",
+            0.0,
         )
     checks["rss_growth_pct"] = (
         service.get("rss", {}).get("growth_pct", {}).get("median", math.nan),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_trainer.fit_worker import FitWorker, FitWorkerError
+from stream_trainer.fit_worker import FitWorker, FitWorkerError, lower_session_priority
 from stream_trainer.learners import build_model
 from tests.unit.test_learners import make_settings
 
@@ -57,6 +57,28 @@ def test_worker_runs_at_its_nice_value(worker: FitWorker) -> None:
     X, y = data(200)
     worker.fit(forest(n_estimators=2), X, y, None)  # the nice value is set before any job
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+
+
+def test_worker_gives_its_own_session_the_same_nice_value(worker: FitWorker) -> None:
+    # With autogroup scheduling, CPU is shared between sessions before nice values count:
+    # a niced process alone in its session would still get an equal share against the
+    # service. This is what made ingestion slow during retrains.
+    if not Path("/proc/self/autogroup").exists():
+        pytest.skip("this kernel has no autogroup scheduling: the process nice value suffices")
+    X, y = data(200)
+    worker.fit(forest(n_estimators=2), X, y, None)
+    group, _, group_nice = Path(f"/proc/{worker.pid}/autogroup").read_text().split()
+    own_group = Path("/proc/self/autogroup").read_text().split()[0]
+    assert group != own_group  # the worker's own session (Ctrl-C isolation)
+    assert int(group_nice) == os.getpriority(os.PRIO_PROCESS, worker.pid)
+
+
+def test_session_priority_reports_why_it_could_not_be_set(tmp_path: Path) -> None:
+    assert lower_session_priority(5, str(tmp_path / "absent")) is None  # no autogroups: fine
+    unwritable = tmp_path / "autogroup"
+    unwritable.mkdir()  # a directory refuses writes even to root
+    problem = lower_session_priority(5, str(unwritable))
+    assert problem is not None and str(unwritable) in problem and "directory" in problem
 
 
 def test_estimator_printing_to_stdout_does_not_corrupt_the_frames(worker: FitWorker) -> None:
