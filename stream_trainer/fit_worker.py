@@ -42,6 +42,7 @@ from stream_trainer.child_process import (
     serve,
     write_frame,
 )
+from stream_trainer.memory import release_free_memory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -149,7 +150,9 @@ def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
         candidate, X, y, weights = job
         started = time.perf_counter()
         candidate.fit(X, y, weights)
-        return candidate, time.perf_counter() - started, priority_problem
+        seconds = time.perf_counter() - started
+        release_free_memory()  # the fit's working set, so the idle worker stays small
+        return candidate, seconds, priority_problem
 
     return serve(stdin, stdout, read_frame, fit)
 

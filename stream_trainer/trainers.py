@@ -21,6 +21,7 @@ from stream_trainer.evaluation import evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.fit_worker import FitWorker
 from stream_trainer.learners import ModelAdapter
+from stream_trainer.memory import release_free_memory
 from stream_trainer.records import DecodedBatch
 from stream_trainer.state import RecordWindow, TrainingState
 
@@ -342,6 +343,7 @@ class FullBatchTrainer:
         if accepted:
             state.model = candidate
             state.retrains += 1
+            release_free_memory()  # the replaced model's C-allocated trees / arrays
         log.info(
             "full retrain finished",
             extra={
