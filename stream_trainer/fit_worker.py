@@ -22,7 +22,6 @@ died). ``close`` abandons a fit in progress by killing the child.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import logging
 import os
@@ -110,22 +109,23 @@ def lower_session_priority(nice: int, path: str = AUTOGROUP) -> str | None:
 
     Returns None when done or when the kernel has no autogroups (the nice value of the
     process then applies across sessions), else why it could not be done."""
-    for _ in range(AUTOGROUP_ATTEMPTS):
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            return f"{path}: {error.strerror}"
-        try:
-            os.write(fd, f"{nice}\n".encode())
-            return None
-        except OSError as error:
-            if error.errno != errno.EAGAIN:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"{path}: {error.strerror}"
+    try:
+        for _ in range(AUTOGROUP_ATTEMPTS):
+            try:
+                os.write(fd, f"{nice}\n".encode())
+                return None
+            except BlockingIOError:  # EAGAIN: the kernel's rate limit; nothing to wait on
+                time.sleep(AUTOGROUP_RETRY_S)
+            except OSError as error:
                 return f"{path}: {error.strerror}"
-        finally:
-            os.close(fd)
-        time.sleep(AUTOGROUP_RETRY_S)  # the kernel's rate limit; nothing to wait on instead
+    finally:
+        os.close(fd)
     return f"{path}: the kernel kept refusing (EAGAIN) for {AUTOGROUP_ATTEMPTS} attempts"
 
 

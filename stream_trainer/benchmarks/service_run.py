@@ -211,7 +211,7 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def _one_status(pid: int) -> tuple[float, float]:
+def process_memory(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in bytes of one process from /proc; NaN where unavailable."""
     values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
     try:
@@ -231,7 +231,7 @@ def _proc_status(pid: int) -> tuple[float, float]:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         children = []
-    members = [_one_status(member) for member in [pid, *map(int, children)]]
+    members = [process_memory(member) for member in [pid, *map(int, children)]]
     rss = math.fsum(r for r, _ in members if not math.isnan(r))
     hwm = math.fsum(h for _, h in members if not math.isnan(h))
     known = not math.isnan(members[0][0])

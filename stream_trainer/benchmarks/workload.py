@@ -94,7 +94,7 @@ def default_config(mode: str) -> dict[str, Any]:
             "mode": mode,
             "mini_batch": {"size": 1000, "max_wait_s": 5.0},
             # Retrains far enough apart that ingestion between them can be measured: the niced
-            # fit takes ~2 s on 2 vCPUs, while which ~130k records arrive.
+            # fit takes ~2 s on 2 vCPUs, during which ~130k records arrive.
             "full_batch": {
                 "window_records": 20_000,
                 "retrain_every_records": 200_000,

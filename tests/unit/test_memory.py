@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 import pytest
 
+from stream_trainer.benchmarks.service_run import process_memory
 from stream_trainer.memory import release_free_memory
 
 
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+def _rss_bytes() -> float:
+    return process_memory(os.getpid())[0]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc: Linux")
