@@ -155,6 +155,20 @@ def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
     return StageRun(n, seconds, extra)
 
 
+def bracketing(before: StageRun, after: StageRun) -> StageRun:
+    """One stage measured right before and right after another, as one run over both.
+
+    The rate is total records over total seconds; ``extra`` holds each run's rate and the
+    mean of their other figures (``fit_s``, say)."""
+    extra = {
+        key: (before.extra[key] + after.extra[key]) / 2
+        for key in before.extra.keys() & after.extra.keys()
+    }
+    extra["before_per_s"] = before.rate
+    extra["after_per_s"] = after.rate
+    return StageRun(before.records + after.records, before.seconds + after.seconds, extra)
+
+
 def naive_script(
     bootstrap: str, topic: str, total: int, *, settings: Settings, timeout_s: float
 ) -> StageRun:

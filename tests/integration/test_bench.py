@@ -119,6 +119,10 @@ def _check(report: dict[str, Any], mode: str) -> None:
         assert _positive(rate["median"]), (stage, rate)
         assert rate["min"] <= rate["median"] <= rate["max"]
         assert len(rate["runs"]) == 1
+    # The learner ceiling brackets the service: one run right before it, one right after.
+    bracket = report["stages"]["learner_ceiling"]["extra"]
+    assert _positive(bracket["before_per_s"]["median"]), bracket
+    assert _positive(bracket["after_per_s"]["median"]), bracket
     assert all(_positive(v) for v in report["ratios"].values()), report["ratios"]
     # With one repeat, the per-repeat ratio is the ratio of the medians.
     for name, value in report["ratios"].items():
