@@ -135,19 +135,18 @@ class DecodedBatch:
     message_offsets: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.empty(0, dtype=np.int64)
     )
-    _x_dicts: list[dict[str, float]] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
 
-    def x_dicts(self) -> list[dict[str, float]]:
-        """River-style ``{feature: value}`` dicts of the valid records (built once, on demand)."""
-        if self._x_dicts is None:
-            # map() over zip: the dicts are ~5 % of a per-record unit, and this is the
-            # cheapest way to build them (rows have exactly len(feature_names) columns).
-            rows = self.X.tolist()
-            self._x_dicts = list(map(dict, map(zip, itertools.repeat(self.feature_names), rows)))
-        return self._x_dicts
+    def x_dicts(self, names: Sequence[str] | None = None) -> list[dict[str, float]]:
+        """River-style ``{feature: value}`` dicts of the valid records, keyed by ``names``
+        (``feature_names`` by default; pass the model's ``feature_names``, equal and in the
+        same order, so its lookups get the very key objects it stores)."""
+        keys = self.feature_names if names is None else names
+        # map() over zip: the dicts are ~5 % of a per-record unit, and this is the cheapest
+        # way to build them (rows have exactly len(feature_names) columns).
+        return list(map(dict, map(zip, itertools.repeat(keys), self.X.tolist())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,7 @@ class PerRecordTrainer:
         n = len(batch.y)
         predict_one = state.model.predict_one
         learn_one = state.model.learn_one
-        xs = batch.x_dicts()
+        xs = batch.x_dicts(state.model.feature_names)
         ys = batch.y.tolist()
         ws = None if batch.weights is None else batch.weights.tolist()
         # Python lists in the loop (numpy item assignment costs more than the append).
