@@ -34,6 +34,7 @@ from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
+from stream_trainer.memory import release_free_memory
 from stream_trainer.metrics import Metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import (
@@ -447,6 +448,7 @@ class Service:
             return
         # Periodic: commit asynchronously, so an unreachable broker never blocks the loop.
         self._checkpoint_done(result, flight.offsets, wait_commit=False)
+        release_free_memory()
 
     def _checkpoint_done(
         self,
