@@ -56,7 +56,7 @@ class ModelAdapter(Protocol):
 
         Input dicts must be built with these: a dict lookup whose key *is* the stored key
         skips the string comparison. Names parsed from the config again after a checkpoint
-        restore are equal but other objects, and made per_record ~7 % slower."""
+        restore are equal but other objects, and made per_record 6-8 % slower."""
         ...
 
     def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:

@@ -1,4 +1,4 @@
-"""Returning freed heap memory to the operating system after a model is replaced.
+"""Returning freed heap memory to the operating system (after a swap, a fit, a checkpoint).
 
 A full retrain replaces one fitted model by another: its trees or arrays are allocated in C
 (outside Python's allocator) and freed all at once. glibc keeps such freed pages in its
