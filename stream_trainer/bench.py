@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from stream_trainer.benchmarks import profiling
 from stream_trainer.benchmarks import report as rep
 from stream_trainer.benchmarks.service_run import ServiceFailed, ServiceRun, run_service_process
 from stream_trainer.benchmarks.stages import (
@@ -86,6 +87,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where checkpoints and logs go (default: a temporary directory, removed afterwards)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample the service's poll thread with py-spy (pip install "
+        "'stream-trainer[profile]'; needs ptrace) and report where its CPU goes; "
+        "the raw stacks are kept in DIR",
+    )
 
 
 def _progress(text: str) -> None:
@@ -131,6 +141,12 @@ def run_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.profile is not None:
+        try:
+            profiling.py_spy_executable()
+        except profiling.ProfilerError as error:
+            print(f"stream-trainer: {error}", file=sys.stderr)
+            return 2
     base, mode = _base_config(args)
     hmac_key = secrets.token_hex(16)
     # Generous: a stage slower than 1000 records/s is broken, not slow.
@@ -229,6 +245,9 @@ def run_bench(args: argparse.Namespace) -> int:
                         port=p.http_port,
                         timeout_s=timeout_s,
                         interval_s=SAMPLE_INTERVAL_S[mode],
+                        profile_to=None
+                        if args.profile is None
+                        else profiling.profile_path(args.profile, mode, repeat),
                     )
                 )
                 _progress(f"{tag}: service {service_runs[-1].rate():,.0f} records/s")
@@ -236,7 +255,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["learner_ceiling"].append(
                     bracketing(ceiling_before, learner_ceiling(data, settings))
                 )
-        except (StageTimeout, ServiceFailed, TimeoutError) as error:
+        except (StageTimeout, ServiceFailed, TimeoutError, profiling.ProfilerError) as error:
             print(f"stream-trainer: bench failed: {error}", file=sys.stderr)
             return 1
 
@@ -280,6 +299,14 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     if mode == "full_batch":
         service["full_batch"] = _stats([r.full_batch() for r in service_runs])
+    profiles = [r.profile for r in service_runs if r.profile is not None]
+    if profiles:
+        service["profile"] = {
+            **profiling.summarize(
+                [profiling.attribute_raw(path.read_text(errors="replace")) for path in profiles]
+            ),
+            "raw_stacks": [str(path) for path in profiles],
+        }
     report: dict[str, Any] = {
         "machine": rep.machine(),
         "workload": {

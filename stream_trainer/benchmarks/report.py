@@ -163,6 +163,17 @@ def table(report: dict[str, Any]) -> str:
             "service time shares: "
             + ", ".join(f"{k} {_num(v['median'], ' %', 100, 0)}" for k, v in shares.items())
         )
+    profile = svc.get("profile")
+    if profile:
+        learner = _num(profile["learner_share"], " %", 100, 1)
+        lines.append(
+            f"service poll thread ({profile['sampler']}; {profile['loop_samples']:,} samples "
+            f"in the loop; the learner's own work {learner}):"
+        )
+        lines += [
+            f"  {name:<48} {_num(share, ' %', 100, 1):>8}"
+            for name, share in profile["shares"].items()
+        ]
     if "full_batch" in svc:
         fb = svc["full_batch"]
         lines.append(

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream_trainer.benchmarks.profiling import Profiler
 from stream_trainer.checkpoint import CheckpointStore
 
 P = "stream_trainer"
@@ -51,6 +52,7 @@ class ServiceRun:
     peak_rss: float = math.nan
     exit_code: int | None = None
     checkpoint_files: list[int] = field(default_factory=list)  # sizes, oldest first
+    profile: Path | None = None  # py-spy's raw stacks, when profiled
 
     def rate(self) -> float:
         """records/s between the first and last samples taken while learning (both ends
@@ -247,9 +249,14 @@ def run_service_process(
     port: int,
     timeout_s: float,
     interval_s: float = 0.25,
+    profile_to: Path | None = None,
 ) -> ServiceRun:
     """Start ``stream-trainer run`` on ``config``, sample until ``total`` records are learnt,
-    then SIGTERM it (graceful stop). Raises ServiceFailed with the log tail."""
+    then SIGTERM it (graceful stop). Raises ServiceFailed with the log tail.
+
+    With ``profile_to``, py-spy samples the service from the moment its /metrics answers
+    (the interpreter is up) until every record is learnt, into that file (ProfilerError if
+    it cannot); the graceful stop is not profiled."""
     config_path = workdir / "service.yaml"
     log_path = workdir / "service.log"
     config_path.write_text(yaml.safe_dump(config))
@@ -263,11 +270,14 @@ def run_service_process(
         )
     run = ServiceRun(total, time.perf_counter())
     deadline = time.monotonic() + timeout_s
+    profiler: Profiler | None = None
     try:
         while True:
             if proc.poll() is not None:
                 raise ServiceFailed(f"service exited with {proc.returncode}:\n{_tail(log_path)}")
             metrics = scrape(port)
+            if profile_to is not None and profiler is None and metrics:
+                profiler = Profiler.attach(proc.pid, profile_to)
             rss, hwm = _proc_status(proc.pid)
             if math.isnan(rss):
                 rss = metrics.get("process_resident_memory_bytes", math.nan)
@@ -278,6 +288,8 @@ def run_service_process(
             run.peak_rss = hwm if not math.isnan(hwm) else max(run.peak_rss, rss)
             if learnt >= total:
                 run.final = metrics
+                if profiler is not None:
+                    run.profile = profiler.stop()
                 break
             if time.monotonic() > deadline:
                 raise ServiceFailed(
@@ -292,6 +304,9 @@ def run_service_process(
         )
         run.checkpoint_files = [path.stat().st_size for path in store.list()]
     finally:
+        if profiler is not None and profiler.process.poll() is None:
+            profiler.process.kill()
+            profiler.process.wait(10)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)

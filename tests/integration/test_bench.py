@@ -95,6 +95,44 @@ def test_bench_full_batch_reports_its_retrains(
     assert report["targets"]["revokes_or_losses"]["met"] is True
 
 
+def test_bench_profile_names_where_the_poll_thread_spends_its_time(
+    tansu_broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Enough records for the service to learn for ~1 s at 100 samples/s.
+    code = main(
+        [
+            "bench",
+            "--records",
+            "30000",
+            "--repeats",
+            "1",
+            "--json",
+            "--bootstrap-servers",
+            tansu_broker.bootstrap_servers,
+            "--mode",
+            "per_record",
+            "--features",
+            "5",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--profile",
+            str(tmp_path / "profile"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    profile = json.loads(out)["service"]["profile"]
+    print(json.dumps(profile, indent=2))
+    (raw,) = profile["raw_stacks"]
+    assert Path(raw).parent == tmp_path / "profile"
+    assert "Service.step" in Path(raw).read_text()
+    assert profile["loop_samples"] > 0
+    # per_record's poll loop is mostly River's predict_one / learn_one.
+    assert profile["shares"]["river (learner library)"] > 0
+    assert 0 < profile["learner_share"] < 1
+    assert sum(profile["shares"].values()) == pytest.approx(1.0)
+
+
 def _check(report: dict[str, Any], mode: str) -> None:
 
     assert set(report) >= {
