@@ -251,6 +251,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     )
                 )
                 _progress(f"{tag}: service {service_runs[-1].rate():,.0f} records/s")
+                if args.profile is not None and service_runs[-1].profile is None:
+                    _progress(f"{tag}: learnt every record before py-spy attached: no profile")
                 _progress(f"{tag}: learner ceiling (after the service)")
                 results["learner_ceiling"].append(
                     bracketing(ceiling_before, learner_ceiling(data, settings))
@@ -296,6 +298,18 @@ def run_bench(args: argparse.Namespace) -> int:
         "checkpoint": _stats([r.checkpoints() for r in service_runs]),
         "rss": _stats([r.rss() for r in service_runs]),
         "time_shares": _stats([r.time_shares() for r in service_runs]),
+    }
+    loop_rates = [r.learn_loop_rate() for r in service_runs]
+    service["learn_loop"] = {
+        "records_per_s": rep.spread(loop_rates),
+        "vs_learner_ceiling": rep.spread(
+            [
+                rep.ratio(loop, ceiling)
+                for loop, ceiling in zip(
+                    loop_rates, stages["learner_ceiling"]["records_per_s"]["runs"], strict=True
+                )
+            ]
+        ),
     }
     if mode == "full_batch":
         service["full_batch"] = _stats([r.full_batch() for r in service_runs])

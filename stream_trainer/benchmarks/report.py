@@ -163,6 +163,16 @@ def table(report: dict[str, Any]) -> str:
             "service time shares: "
             + ", ".join(f"{k} {_num(v['median'], ' %', 100, 0)}" for k, v in shares.items())
         )
+    loop = svc.get("learn_loop")
+    if loop:
+        lines.append(
+            f"service's learn loop (predict + learn calls): "
+            f"{_num(loop['records_per_s']['median'], ' rec/s', 1, 0)}, "
+            f"{_num(loop['vs_learner_ceiling']['median'], digits=2)} of the learner ceiling "
+            f"[{_num(loop['vs_learner_ceiling']['min'], digits=2)}-"
+            f"{_num(loop['vs_learner_ceiling']['max'], digits=2)}]: the learner's own speed "
+            "inside the service (service / learner ceiling = this x the loop's share of wall time)"
+        )
     profile = svc.get("profile")
     if profile:
         learner = _num(profile["learner_share"], " %", 100, 1)

@@ -128,6 +128,17 @@ class ServiceRun:
             else math.nan,
         }
 
+    def learn_loop_rate(self) -> float:
+        """Records/s of the trainer's own loop inside the service: records learnt over the
+        seconds its predict + learn histograms add up to. Set beside the learner ceiling
+        (the same calls, alone in the bench process), it splits service / learner ceiling
+        into how fast the learner runs in the service and how much else the loop does."""
+        seconds = self.final.get(f"{P}_learn_duration_seconds_sum", 0.0) + self.final.get(
+            f"{P}_predict_duration_seconds_sum", 0.0
+        )
+        learnt = self.final.get(LEARNT, 0.0)
+        return learnt / seconds if seconds > 0 and learnt > 0 else math.nan
+
     def time_shares(self) -> dict[str, float]:
         """Fractions of the run's wall time in learn, predict and waiting for the decode
         worker (the service's histograms); ``other`` is consume, scoring, dead letters,

@@ -174,6 +174,9 @@ def _check(report: dict[str, Any], mode: str) -> None:
     # The graceful stop writes a final checkpoint, whatever the periodic ones did.
     assert service["checkpoint"]["files_after_stop"]["median"] >= 1
     assert _positive(service["checkpoint"]["newest_file_bytes"]["median"])
+    loop = service["learn_loop"]
+    assert _positive(loop["records_per_s"]["median"]), loop
+    assert _positive(loop["vs_learner_ceiling"]["median"]), loop
     shares = service["time_shares"]
     if mode != "full_batch":  # full_batch learns in its fit worker, outside the loop
         assert 0 < shares["learn"]["median"] <= 1.5, shares

@@ -66,3 +66,26 @@ def test_full_batch_compares_only_periods_with_a_model() -> None:
     assert figures["rate_during_retrain"] == 100
     assert figures["rate_without_retrain"] == 100
     assert figures["ratio"] == 1.0
+
+
+def test_learn_loop_rate_and_its_share_recompose_the_service_rate() -> None:
+    # 2000 records at 100/s (20 s of wall time), 16 s of them in predict + learn calls.
+    service = ServiceRun(total=2000, started=0.0)
+    service.samples = [Sample(0.0, 500.0, math.nan, False), Sample(10.0, 1500.0, math.nan, False)]
+    service.final = {
+        "stream_trainer_records_learnt_total": 2000.0,
+        "stream_trainer_learn_duration_seconds_sum": 12.0,
+        "stream_trainer_predict_duration_seconds_sum": 4.0,
+    }
+    loop = service.learn_loop_rate()
+    assert math.isclose(loop, 125.0)
+    shares = service.time_shares()
+    # service / ceiling = (loop / ceiling) x (the loop's share of wall time), for any ceiling.
+    ceiling = 200.0
+    assert math.isclose(
+        service.rate() / ceiling, loop / ceiling * (shares["learn"] + shares["predict"])
+    )
+
+
+def test_learn_loop_rate_is_unknown_without_the_histograms() -> None:
+    assert math.isnan(ServiceRun(total=10, started=0.0).learn_loop_rate())
