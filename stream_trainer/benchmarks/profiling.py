@@ -155,7 +155,8 @@ def _module_function(function: str, path: str) -> str | None:
     parts = Path(path).parts
     if "stream_trainer" not in parts:
         return None
-    inside = parts[len(parts) - 1 - parts[::-1].index("stream_trainer") + 1 :]
+    last = len(parts) - 1 - parts[::-1].index("stream_trainer")  # the innermost one
+    inside = parts[last + 1 :]
     module = ".".join([*inside[:-1], Path(inside[-1]).stem]) if inside else "stream_trainer"
     return f"{module}.{function}"
 
