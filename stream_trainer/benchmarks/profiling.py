@@ -16,6 +16,7 @@ Samples outside ``Service.step`` (start-up, restore, shutdown) are counted apart
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -26,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from stream_trainer.embedded import tail_file
 
 SAMPLE_RATE_HZ = 100
 POLL_THREAD = "MainThread"  # app.py runs the poll loop on the main thread
@@ -98,33 +101,30 @@ class Profiler:
                 raise ProfilerError(
                     f"py-spy could not profile the service (exit {self.process.returncode}); "
                     "it needs ptrace: run as root or grant CAP_SYS_PTRACE "
-                    f"(kernel.yama.ptrace_scope): {self._log_text()}"
+                    f"(kernel.yama.ptrace_scope): {tail_file(self.log, 5)}"
                 )
             if b"Sampling process" in self.log.read_bytes():
                 return
             time.sleep(0.05)  # bounded poll for py-spy's own start-up line
-        self.process.kill()
-        self.process.wait(5)
+        self.close()
         raise ProfilerError(f"py-spy did not start sampling in {_ATTACH_TIMEOUT_S:.0f} s")
 
     def stop(self) -> Path:
         """SIGINT (py-spy then writes its file) and wait; returns the raw stacks' path."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        self.close()
         if not self.output.exists():
-            raise ProfilerError(f"py-spy wrote no profile: {self._log_text()}")
+            raise ProfilerError(f"py-spy wrote no profile: {tail_file(self.log, 5)}")
         return self.output
 
-    def _log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace").strip()[-500:]
-        except OSError:
-            return ""
+    def close(self) -> None:
+        """Kill py-spy if it still runs (no profile is written then). Idempotent."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
 
 
 def _frames(line: str) -> tuple[str, list[tuple[str, str]], int] | None:
@@ -220,9 +220,9 @@ def is_learner(stage: str) -> bool:
 
 
 def _learner_share(run: Counter[str]) -> float:
-    loop = sum(n for name, n in run.items() if name != OUTSIDE_LOOP)
-    learner = sum(n for name, n in run.items() if name != OUTSIDE_LOOP and is_learner(name))
-    return learner / loop if loop else 0.0
+    loop = {name: n for name, n in run.items() if name != OUTSIDE_LOOP}
+    learner = sum(n for name, n in loop.items() if is_learner(name))
+    return learner / sum(loop.values()) if loop else 0.0
 
 
 def profile_path(directory: Path, mode: str, repeat: int) -> Path:

@@ -128,14 +128,16 @@ class ServiceRun:
             else math.nan,
         }
 
+    def _seconds_in(self, histogram: str) -> float:
+        """The service's final ``<histogram>_seconds_sum`` (0 when it never observed)."""
+        return self.final.get(f"{P}_{histogram}_seconds_sum", 0.0)
+
     def learn_loop_rate(self) -> float:
         """Records/s of the trainer's own loop inside the service: records learnt over the
         seconds its predict + learn histograms add up to. Set beside the learner ceiling
         (the same calls, alone in the bench process), it splits service / learner ceiling
         into how fast the learner runs in the service and how much else the loop does."""
-        seconds = self.final.get(f"{P}_learn_duration_seconds_sum", 0.0) + self.final.get(
-            f"{P}_predict_duration_seconds_sum", 0.0
-        )
+        seconds = self._seconds_in("learn_duration") + self._seconds_in("predict_duration")
         learnt = self.final.get(LEARNT, 0.0)
         return learnt / seconds if seconds > 0 and learnt > 0 else math.nan
 
@@ -147,9 +149,9 @@ class ServiceRun:
         if rate <= 0:
             return {}
         wall = self.total / rate
-        learn = self.final.get(f"{P}_learn_duration_seconds_sum", 0.0) / wall
-        predict = self.final.get(f"{P}_predict_duration_seconds_sum", 0.0) / wall
-        wait = self.final.get(f"{P}_decode_wait_seconds_sum", 0.0) / wall
+        learn = self._seconds_in("learn_duration") / wall
+        predict = self._seconds_in("predict_duration") / wall
+        wait = self._seconds_in("decode_wait") / wall
         other = max(0.0, 1.0 - learn - predict - wait)
         return {"learn": learn, "predict": predict, "decode_wait": wait, "other": other}
 
@@ -315,9 +317,8 @@ def run_service_process(
         )
         run.checkpoint_files = [path.stat().st_size for path in store.list()]
     finally:
-        if profiler is not None and profiler.process.poll() is None:
-            profiler.process.kill()
-            profiler.process.wait(10)
+        if profiler is not None:
+            profiler.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
