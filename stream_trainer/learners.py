@@ -25,6 +25,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -43,6 +44,45 @@ _PROBA_METRICS = ("log_loss", "roc_auc")
 
 class IncompatibleLearner(ValueError):
     """The configured learner cannot run with this task / mode; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The plain values an adapter keeps from the config.
+
+    Adapters are pickled into checkpoints and published artifacts and sent to the fit
+    worker, so they hold this, never ``Settings`` (whose secrets a pickle keeps in clear).
+    ``pipeline`` is ``(path, params)`` per step, the learner last.
+    """
+
+    features: tuple[str, ...]
+    task: str
+    labels: tuple[Any, ...]
+    mode: str
+    pipeline: tuple[tuple[str, dict[str, Any]], ...]
+
+
+def model_spec(settings: Settings) -> ModelSpec:
+    """What an adapter needs from ``settings``, as plain values."""
+    model = settings.model
+    return ModelSpec(
+        features=tuple(settings.record.features),
+        task=model.task,
+        labels=tuple(settings.record.labels or ()),
+        mode=settings.training.mode,
+        pipeline=tuple(
+            (spec.path, dict(spec.params)) for spec in [*model.preprocessing, model.learner]
+        ),
+    )
+
+
+def _without_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's pickled state with a ``Settings`` (kept by releases before ModelSpec)
+    replaced by its ModelSpec, so old checkpoints still load and the next one is clean."""
+    settings = state.pop("_settings", None)
+    if settings is not None and "_spec" not in state:
+        state["_spec"] = model_spec(settings)
+    return state
 
 
 class ModelAdapter(Protocol):
@@ -263,7 +303,7 @@ def _build_river(
     model = steps[0]
     for step in steps[1:]:
         model = model | step
-    return RiverAdapter(model, settings, labels, has_proba, batch)
+    return RiverAdapter(model, model_spec(settings), labels, has_proba, batch)
 
 
 def _build_sklearn(
@@ -318,22 +358,18 @@ def _build_sklearn(
                 f"record.weight_field is set but model.learner: {path}.{method.__name__} "
                 "takes no sample_weight"
             )
-    return SklearnAdapter(pipeline, settings, labels, has_proba)
+    return SklearnAdapter(pipeline, model_spec(settings), labels, has_proba)
 
 
-def _describe(settings: Settings, family: Family, batch: str) -> dict[str, Any]:
-    learner = settings.model.learner
-    pipeline = [
-        {"path": spec.path, "params": dict(spec.params)}
-        for spec in [*settings.model.preprocessing, learner]
-    ]
+def _describe(spec: ModelSpec, family: Family, batch: str) -> dict[str, Any]:
+    path, params = spec.pipeline[-1]
     return {
         "family": family,
-        "path": learner.path,
-        "params": dict(learner.params),
-        "pipeline": pipeline,
-        "task": settings.model.task,
-        "mode": settings.training.mode,
+        "path": path,
+        "params": copy.deepcopy(params),
+        "pipeline": [{"path": p, "params": copy.deepcopy(q)} for p, q in spec.pipeline],
+        "task": spec.task,
+        "mode": spec.mode,
         "batch_learning": batch,
     }
 
@@ -378,15 +414,15 @@ class RiverAdapter:
     def __init__(
         self,
         model: Any,
-        settings: Settings,
+        spec: ModelSpec,
         labels: Sequence[Any],
         has_proba: bool,
         batch: str,
     ) -> None:
         self._model = model
-        self._settings = settings
-        self._features = list(settings.record.features)
-        self._task = settings.model.task
+        self._spec = spec
+        self._features = list(spec.features)
+        self._task = spec.task
         self._labels = list(labels)
         self._has_proba = has_proba
         self._batch = batch
@@ -415,7 +451,7 @@ class RiverAdapter:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(_without_settings(state))
         self._bind()
 
     def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:
@@ -516,7 +552,7 @@ class RiverAdapter:
     def fresh(self) -> RiverAdapter:
         """See :class:`ModelAdapter`."""
         return RiverAdapter(
-            self._model.clone(), self._settings, self._labels, self._has_proba, self._batch
+            self._model.clone(), self._spec, self._labels, self._has_proba, self._batch
         )
 
     def snapshot(self) -> RiverAdapter:
@@ -541,7 +577,7 @@ class RiverAdapter:
 
     def describe(self) -> dict[str, Any]:
         """See :class:`ModelAdapter`."""
-        return _describe(self._settings, "river", self._batch)
+        return _describe(self._spec, "river", self._batch)
 
     @property
     def model(self) -> Any:
@@ -573,11 +609,11 @@ class SklearnAdapter:
     family: Family = "sklearn"
 
     def __init__(
-        self, pipeline: Any, settings: Settings, labels: Sequence[Any], has_proba: bool
+        self, pipeline: Any, spec: ModelSpec, labels: Sequence[Any], has_proba: bool
     ) -> None:
         self._pipeline = pipeline
-        self._settings = settings
-        self._task = settings.model.task
+        self._spec = spec
+        self._task = spec.task
         self._labels = list(labels)
         self._has_proba = has_proba
         self._fitted = False
@@ -592,7 +628,10 @@ class SklearnAdapter:
     @property
     def feature_names(self) -> tuple[str, ...]:
         """See :class:`ModelAdapter` (scikit-learn takes matrices: identity does not matter)."""
-        return tuple(self._settings.record.features)
+        return self._spec.features
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(_without_settings(state))
 
     @property
     def _binary_proba(self) -> bool:
@@ -637,7 +676,7 @@ class SklearnAdapter:
 
     def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:
         """See :class:`ModelAdapter` (slow path: a one-row predict_many)."""
-        row = np.array([[x[name] for name in self._settings.record.features]], dtype=np.float64)
+        row = np.array([[x[name] for name in self._spec.features]], dtype=np.float64)
         values, proba = self.predict_many(row)
         value = values[0]
         if self._task == "regression":
@@ -647,7 +686,7 @@ class SklearnAdapter:
 
     def learn_one(self, x: dict[str, float], y: Any, weight: float = 1.0) -> None:
         """A one-row partial_fit (build_model refuses sklearn for per_record)."""
-        row = np.array([[x[name] for name in self._settings.record.features]], dtype=np.float64)
+        row = np.array([[x[name] for name in self._spec.features]], dtype=np.float64)
         self.learn_many(row, np.array([y], dtype=object), np.array([weight]))
 
     def learn_many(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None) -> None:
@@ -702,7 +741,7 @@ class SklearnAdapter:
 
     def fresh(self) -> SklearnAdapter:
         """See :class:`ModelAdapter`."""
-        return SklearnAdapter(clone(self._pipeline), self._settings, self._labels, self._has_proba)
+        return SklearnAdapter(clone(self._pipeline), self._spec, self._labels, self._has_proba)
 
     def snapshot(self) -> SklearnAdapter:
         """See :class:`ModelAdapter`."""
@@ -722,10 +761,8 @@ class SklearnAdapter:
 
     def describe(self) -> dict[str, Any]:
         """See :class:`ModelAdapter`."""
-        mode = self._settings.training.mode
-        return _describe(
-            self._settings, "sklearn", "partial_fit" if mode == "mini_batch" else "fit"
-        )
+        batch = "partial_fit" if self._spec.mode == "mini_batch" else "fit"
+        return _describe(self._spec, "sklearn", batch)
 
     @property
     def model(self) -> Any:

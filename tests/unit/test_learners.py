@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from river import datasets
 
-from stream_trainer.config import Settings, settings_from_mapping
+from stream_trainer.config import Settings, load_settings, settings_from_mapping
 from stream_trainer.datasets import get_dataset
 from stream_trainer.learners import (
     IncompatibleLearner,
@@ -559,3 +560,47 @@ def test_restored_river_model_gives_the_key_objects_it_stores() -> None:
     # What the service parses from its config after a restart does not share them.
     again = tuple(make_settings("river.linear_model.LogisticRegression").record.features)
     assert not any(id(name) in stored for name in again)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+SECRETS = {
+    "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": "hmac-secret-7f3a9c",
+    "STREAM_TRAINER_KAFKA__SASL_PASSWORD": "sasl-secret-52e1d8",
+}
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_pickled_adapter_holds_no_settings_and_no_secret(config: Path) -> None:
+    # Adapters go into checkpoints, published artifacts and the fit worker: a Settings
+    # kept inside pickles its SecretStr values in clear.
+    settings = load_settings(config, env=SECRETS)
+    assert settings.kafka.sasl_password is not None  # the secret is in Settings...
+    model = build_model(settings)
+    names = model.feature_names
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, len(names)))
+    labels = settings.record.labels
+    y = rng.normal(size=200) if labels is None else np.array([labels[i % 2] for i in range(200)])
+    if settings.training.mode == "per_record":
+        for row, target in zip(X.tolist(), y.tolist(), strict=True):
+            model.learn_one(dict(zip(names, row, strict=True)), target)
+    else:
+        train(model, settings.training.mode, X, y)
+    assert model.is_fitted()
+    for blob in (pickle.dumps(model, protocol=5), pickle.dumps(model.fresh(), protocol=5)):
+        for secret in SECRETS.values():
+            assert secret.encode() not in blob  # ...and not in what is pickled
+        assert b"stream_trainer.config" not in blob  # no config object of any kind
+    assert model.describe()["path"] == settings.model.learner.path
+
+
+def test_adapter_pickled_with_settings_by_an_old_release_loads_without_them() -> None:
+    settings = make_settings(RIVER_LR, preprocessing=[SCALER])
+    model = build_model(settings)
+    spec = model._spec  # type: ignore[attr-defined]
+    old = model.__dict__
+    old["_settings"] = settings  # what releases before ModelSpec pickled
+    del old["_spec"]
+    restored = pickle.loads(pickle.dumps(model))
+    assert "_settings" not in vars(restored) and restored._spec == spec
+    assert b"stream_trainer.config" not in pickle.dumps(restored)
