@@ -195,7 +195,18 @@ def cmd_versions(args: argparse.Namespace) -> int:
             _print_json(rows)
         elif args.versions_command == "show":
             info = registry.get(args.version)
-            _print_json({"version": info.version, "path": str(info.path), **info.metadata})
+            champion = registry.champion()
+            # metadata["champion"] is frozen at publish time: say what is true now.
+            current = champion is not None and champion.version == info.version
+            _print_json(
+                {
+                    "version": info.version,
+                    "path": str(info.path),
+                    **info.metadata,
+                    "champion": current,
+                    "champion_when_published": info.metadata.get("champion"),
+                }
+            )
         elif args.versions_command == "promote":
             registry.promote(args.version, reason=args.reason)
             _announce_champion(settings, registry.get(args.version), args.reason)

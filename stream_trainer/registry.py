@@ -377,16 +377,28 @@ class ModelRegistry:
         return path
 
     def promote(self, version: int, reason: str) -> None:
-        """Make ``version`` the champion (manual promote); recorded in the decisions log."""
-        self.get(version)
+        """Make ``version`` the champion (manual promote); recorded in the decisions log.
+
+        Raises RegistryError, changing nothing, when the version does not exist or its
+        artifact fails verification (sha256, and HMAC under a key)."""
+        self._verified(version, "promote")
         self._set_champion(version, reason, "promote")
+
+    def _verified(self, version: int, action: str) -> None:
+        try:
+            self.load_artifact(version)
+        except RegistryError as error:
+            raise RegistryError(
+                f"refusing to {action} to version {version}: {error}; the champion is unchanged"
+            ) from None
 
     def rollback(self, reason: str) -> VersionInfo:
         """Make the previous champion the champion again and return it.
 
         "Previous" undoes promotions in order (promote pushes, rollback pops), skipping
         versions that no longer exist; with no such history, the newest existing version
-        below the current champion. Raises RegistryError when there is nothing to go to.
+        below the current champion. Raises RegistryError, changing nothing, when there is
+        nothing to go to or that version's artifact fails verification.
         """
         current = self.champion()
         if current is None:
@@ -405,6 +417,7 @@ class ModelRegistry:
                     f"{self.model_name}: no version to roll back to from {current.version}"
                 )
             target = max(older)
+        self._verified(target, "roll back")
         self._set_champion(target, reason, "rollback", previous=current.version)
         return self.get(target)
 
