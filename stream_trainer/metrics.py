@@ -143,6 +143,8 @@ class Metrics:
     build_info: Info
     # stream_trainer_retention_gap_accepted_total
     retention_gap_accepted: Counter
+    # stream_trainer_registry_champion_unavailable_total
+    registry_champion_unavailable: Counter
 
     def set_prequential(self, values: Mapping[str, float], scope: str) -> None:
         """Set the prequential gauges of one scope ("window" or "total") from a batch."""
@@ -297,6 +299,12 @@ def build_metrics(
         retention_gap_accepted=Counter(
             f"{p}_retention_gap_accepted",
             "Starts that accepted offsets lost to Kafka retention (accept_retention_gap).",
+            **r,
+        ),
+        registry_champion_unavailable=Counter(
+            f"{p}_registry_champion_unavailable",
+            "Gate decisions whose registry champion failed verification (sha256 / HMAC) or "
+            "could not be read; an older version that verifies, or none, stood in for it.",
             **r,
         ),
     )

@@ -23,7 +23,7 @@ from stream_trainer.evaluation import PrequentialEvaluator, evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.metrics import Metrics
-from stream_trainer.registry import ModelRegistry, VersionInfo
+from stream_trainer.registry import ModelRegistry, RegistryError, VersionInfo
 from stream_trainer.state import TrainingState
 from stream_trainer.versions import PromotionGate, PublishPolicy, VersionEventPublisher
 
@@ -104,22 +104,64 @@ class ModelPublisher:
     # -- publish -------------------------------------------------------------------------
 
     def _champion(self) -> tuple[int, ModelAdapter] | None:
+        """(version, model) the candidate is compared with, or None.
+
+        The registry's champion when its artifact verifies (sha256 + HMAC). When it does
+        not, or cannot be read, the champion is unavailable: counted, logged, and the newest
+        earlier version that verifies stands in for it; with none, the candidate is judged
+        without a champion. Training goes on either way.
+        """
         info = self._registry.champion()
         if info is None:
             return None
-        if self._champion_cache is None or self._champion_cache[0] != info.version:
-            blob = self._registry.load_artifact(info.version)  # sha256 + HMAC verified
-            model = pickle.loads(blob)  # noqa: S301 - verified artifact of our own registry
-            self._champion_cache = (info.version, model)
-        return self._champion_cache
+        cached = self._champion_cache
+        if cached is not None and cached[0] == info.version:
+            return cached
+        try:
+            self._champion_cache = (info.version, self._load(info.version))
+            return self._champion_cache
+        except RegistryError as error:
+            problem = str(error)
+        self._metrics.registry_champion_unavailable.inc()
+        stand_in = self._verified_before(info.version)
+        log.error(
+            "registry champion unavailable: compared with %s instead",
+            "no champion" if stand_in is None else f"version {stand_in[0]}",
+            extra={"champion": info.version, "reason": problem},
+        )
+        return stand_in
 
-    def _scores(self, state: TrainingState, trigger: str) -> tuple[float | None, float | None]:
-        """(champion, candidate) scores on the recent records; higher is better."""
+    def _load(self, version: int) -> ModelAdapter:
+        blob = self._registry.load_artifact(version)  # sha256 + HMAC verified
+        model: ModelAdapter = pickle.loads(blob)  # noqa: S301 - verified artifact of our own registry
+        return model
+
+    def _verified_before(self, version: int) -> tuple[int, ModelAdapter] | None:
+        """The newest version below ``version`` whose artifact verifies, loaded."""
+        try:
+            older = [info.version for info in self._registry.list() if info.version < version]
+        except RegistryError:
+            return None
+        for number in reversed(older):
+            try:
+                return number, self._load(number)
+            except RegistryError as error:
+                log.warning(
+                    "version unavailable as a stand-in champion",
+                    extra={"model_version": number, "reason": str(error)},
+                )
+        return None
+
+    def _scores(
+        self, state: TrainingState, trigger: str
+    ) -> tuple[float | None, float | None, int | None]:
+        """(champion, candidate) scores on the recent records, higher is better, and the
+        version that stood for the champion (see :meth:`_champion`)."""
         X, y, predictions, _w = state.recent.arrays()
         if len(y) == 0 or trigger == "retrain":
             # A full retrain was gated on its holdout already; with no records since the
             # champion was published there is nothing the two could be compared on.
-            return None, None
+            return None, None, None
         settings = self._settings
         evaluator = PrequentialEvaluator(
             settings.model.task, [self._metric], len(y), settings.record.labels
@@ -128,7 +170,7 @@ class ModelPublisher:
         candidate = evaluator.score(self._metric)
         champion = self._champion()
         if champion is None:
-            return None, candidate
+            return None, candidate, None
         score = evaluate_holdout(
             champion[1],
             X,
@@ -137,7 +179,7 @@ class ModelPublisher:
             metric=self._metric,
             labels=settings.record.labels,
         )
-        return score, candidate
+        return score, candidate, champion[0]
 
     def _metadata(
         self,
@@ -145,6 +187,7 @@ class ModelPublisher:
         trigger: str,
         champion_score: float | None,
         candidate_score: float | None,
+        champion_version: int | None = None,
     ) -> dict[str, Any]:
         settings = self._settings
         return {
@@ -156,10 +199,12 @@ class ModelPublisher:
             "offsets_since_parent": state.ledger.since(state.published_ledger),
             "offsets_total": state.ledger.as_json(),
             "records_learnt": state.records_learnt,
+            "retrains": state.retrains,
             "records_dead_lettered": state.records_dead_lettered,
             "metrics": state.metrics_snapshot(),
             "gate": {
                 "metric": self._metric,
+                "champion_version": champion_version,
                 "champion_score": champion_score,
                 "candidate_score": candidate_score,
                 "margin": settings.registry.gate.margin,
@@ -171,15 +216,40 @@ class ModelPublisher:
             "service_version": __version__,
         }
 
+    def _unchanged_since(self, state: TrainingState) -> int | None:
+        """The last version published from this state when the model has learnt nothing
+        and not been retrained since (it would be published again as an identical copy)."""
+        if state.model_version is None:
+            return None
+        try:
+            last = self._registry.get(state.model_version).metadata
+        except RegistryError:
+            return None
+        same = (
+            last.get("records_learnt") == state.records_learnt
+            and last.get("retrains", state.retrains) == state.retrains
+        )
+        return state.model_version if same else None
+
     def publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
-        """Gate the current model and publish it as a version; None when rejected."""
-        champion_score, candidate_score = self._scores(state, trigger)
+        """Gate the current model and publish it as a version; None when rejected, or
+        skipped because nothing was learnt since the last version (logged)."""
+        unchanged = self._unchanged_since(state)
+        if unchanged is not None:
+            self._policy.mark_published()
+            state.records_since_publish = 0
+            log.info(
+                "publish skipped: nothing learnt since the last version",
+                extra={"model_version": unchanged, "trigger": trigger},
+            )
+            return None
+        champion_score, candidate_score, champion_version = self._scores(state, trigger)
         accepted, reason = (
             (True, "gated at retrain" if trigger == "retrain" else "no new records to compare on")
             if candidate_score is None
             else (self._gate.decide(champion_score, candidate_score))
         )
-        metadata = self._metadata(state, trigger, champion_score, candidate_score)
+        metadata = self._metadata(state, trigger, champion_score, candidate_score, champion_version)
         self._policy.mark_published()
         state.records_since_publish = 0
         if not accepted:

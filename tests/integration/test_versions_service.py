@@ -114,7 +114,9 @@ def test_versions_by_record_count_increase_across_restart_with_full_lineage(
     assert all(m.key() == b"model" for m in events)
 
 
-def test_versions_after_time_and_on_demand(broker: Any, tmp_path: Path) -> None:
+def test_versions_after_time_and_manual_publish_of_nothing_new_is_skipped(
+    broker: Any, tmp_path: Path
+) -> None:
     config = service_config(
         tmp_path,
         broker.bootstrap_servers,
@@ -124,15 +126,33 @@ def test_versions_after_time_and_on_demand(broker: Any, tmp_path: Path) -> None:
     _produce(config, 600)
     with ServiceProcess(config, tmp_path) as service:
         service.wait_metric("stream_trainer_records_learnt_total", 600)
-        service.wait_metric("stream_trainer_versions_published_total", 1)
-        timed = len(_registry(config).list())
-        # Time alone publishes nothing new: nothing was learnt since.
+        wait_for(
+            lambda: [v.metadata["records_learnt"] for v in _registry(config).list()][-1:] == [600],
+            60,
+            "a version of all 600 records",
+        )
+        # Time alone publishes nothing new, and neither does a manual request: nothing was
+        # learnt since, so the version would be a byte-identical copy.
         _control(service.config_path, "publish")
-        service.wait_metric("stream_trainer_versions_published_total", timed + 1, timeout=60)
+        wait_for(lambda: _skipped(service), 60, "the skipped manual publish in the log")
+        # The request was handled: what is learnt next publishes on the timer again.
+        _produce(config, 100, seed=2)
+        service.wait_metric("stream_trainer_records_learnt_total", 700)
+        service.wait_metric("stream_trainer_versions_published_total", 2)
+        published = service.metric("stream_trainer_versions_published_total")
         assert service.stop() == 0
-    triggers = [v.metadata["trigger"] for v in _registry(config).list()]
-    print(f"triggers: {triggers}")
-    assert "time" in triggers and triggers[-1] == "manual"
+    versions = _registry(config).list()
+    triggers = [v.metadata["trigger"] for v in versions]
+    print(f"triggers: {triggers}; skipped: {_skipped(service)}")
+    assert triggers == ["time"] * len(versions) and len(versions) == published
+    learnt = [v.metadata["records_learnt"] for v in versions]
+    assert learnt == sorted(set(learnt)), learnt  # no two versions of the same state
+
+
+def _skipped(service: ServiceProcess) -> list[dict[str, Any]]:
+    lines = service.log_path.read_text(errors="replace").splitlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    return [e for e in entries if "publish skipped" in e.get("event", "")]
 
 
 def test_after_each_full_retrain(broker: Any, tmp_path: Path) -> None:
@@ -264,4 +284,56 @@ def test_crash_between_files_and_event_republishes_the_identical_event(
             ]
         )
         == 1
+    )
+
+
+def _flip_byte(registry: ModelRegistry, version: int) -> None:
+    path = registry.get(version).artifact_path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_champion_is_counted_and_replaced_by_the_newest_version_that_verifies(
+    broker: Any, tmp_path: Path
+) -> None:
+    config = service_config(
+        tmp_path,
+        broker.bootstrap_servers,
+        "phishing",
+        overrides={
+            "registry": {"publish_every_records": 300, "gate": {"margin": 1.0}},
+            "kafka": {"consume_batch_size": 100},
+        },
+    )
+    registry = _registry(config)
+    unavailable = "stream_trainer_registry_champion_unavailable_total"
+    with ServiceProcess(config, tmp_path) as service:
+        _produce(config, 600)
+        service.wait_metric("stream_trainer_versions_published_total", 2)
+        assert registry.champion().version == 2  # type: ignore[union-attr]
+
+        # One byte of the champion's artifact flipped: version 1 stands in for it.
+        _flip_byte(registry, 2)
+        _produce(config, 300, seed=2)
+        service.wait_metric("stream_trainer_versions_published_total", 3)
+        assert service.metric(unavailable) == 1
+        third = registry.get(3).metadata["gate"]
+        assert third["champion_version"] == 1 and third["champion_score"] is not None
+
+        # Every version damaged: the candidate is judged without a champion.
+        _flip_byte(registry, 3)
+        _flip_byte(registry, 1)
+        _produce(config, 300, seed=3)
+        service.wait_metric("stream_trainer_versions_published_total", 4)
+        assert service.metric(unavailable) == 2
+        fourth = registry.get(4).metadata["gate"]
+        assert fourth["champion_version"] is None and fourth["champion_score"] is None
+        assert service.alive()
+        assert service.stop() == 0
+    lines = service.log_path.read_text(errors="replace").splitlines()
+    errors = [json.loads(line) for line in lines if "registry champion unavailable" in line]
+    print(f"champion unavailable: {[(e['event'], e['champion']) for e in errors]}")
+    assert [e["champion"] for e in errors] == [2, 3] and all(
+        "sha256" in e["reason"] for e in errors
     )
