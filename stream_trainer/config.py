@@ -9,10 +9,12 @@ dumped) and may come from files (``*_file``) mounted from a Kubernetes Secret.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
+import typing
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -514,8 +516,39 @@ def settings_from_mapping(
         _ENVIRONMENT.reset(token)
 
 
+def _path_fields(model: type[BaseModel]) -> list[tuple[str, ...]]:
+    """Key paths of every ``Path`` field of ``model`` and its nested sections."""
+    found: list[tuple[str, ...]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        options = typing.get_args(annotation) or (annotation,)
+        if Path in options:
+            found.append((name,))
+        for option in options:
+            if isinstance(option, type) and issubclass(option, BaseModel):
+                found += [(name, *rest) for rest in _path_fields(option)]
+    return found
+
+
+def resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` (a config file's mapping) with every relative path field made absolute
+    against ``base``, the config file's folder, so a config means the same files
+    whatever the working directory. Values from the environment are left as given."""
+    out = copy.deepcopy(dict(data))
+    for keys in _path_fields(Settings):
+        section: Any = out
+        for key in keys[:-1]:
+            section = section.get(key) if isinstance(section, dict) else None
+        value = section.get(keys[-1]) if isinstance(section, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            section[keys[-1]] = str(base / value)
+    return out
+
+
 def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Load the YAML file at ``path`` (or ``$STREAM_TRAINER_CONFIG``) plus env overrides.
+
+    Relative paths in the file are relative to the file's folder (:func:`resolve_paths`).
 
     Raises ConfigError with a message naming the file or the offending fields.
     """
@@ -535,5 +568,6 @@ def load_settings(path: Path | str | None = None, env: Mapping[str, str] | None 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a mapping at the top level")
+    data = resolve_paths(data, file.absolute().parent)
     filtered_env = {k: v for k, v in environ.items() if k.upper() != CONFIG_ENV_VAR}
     return settings_from_mapping(data, env=filtered_env)

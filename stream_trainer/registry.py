@@ -135,7 +135,8 @@ class ModelRegistry:
     def __init__(self, root: Path, model_name: str, key: bytes | None, keep_last: int) -> None:
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
-        self.root = Path(root)
+        # Absolute: artifact URIs in version events are file URIs, which cannot be relative.
+        self.root = Path(root).absolute()
         self.model_name = model_name
         self.base = self.root / model_name
         self.versions_dir = self.base / "versions"

@@ -208,3 +208,33 @@ def test_missing_config_file_is_a_clear_failure(tmp_path: Path) -> None:
     result = _cli("validate-config", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 1
     assert "config file not found" in result.stderr
+
+
+def test_relative_paths_are_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "key").write_text("k\n")
+    data = _base()  # checkpoint.dir and registry.root are relative: var/local/...
+    data["checkpoint"] = {**data["checkpoint"], "hmac_key_file": "key", "allow_unsigned": False}
+    data["kafka"] = {**data["kafka"], "ssl_ca_location": "/etc/ca.crt"}
+    (folder / "local.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # elsewhere: the working directory must not matter
+    settings = load_settings(folder / "local.yaml", env={})
+    assert settings.checkpoint.dir == folder / "var/local/checkpoints"
+    assert settings.registry.root == folder / "var/local/registry"
+    assert settings.checkpoint.key() == b"k"
+    assert settings.kafka.ssl_ca_location == Path("/etc/ca.crt")  # absolute: unchanged
+    # An environment override is taken as given (relative to the working directory).
+    env = {"STREAM_TRAINER_REGISTRY__ROOT": "elsewhere"}
+    assert load_settings(folder / "local.yaml", env=env).registry.root == Path("elsewhere")
+
+
+def test_relative_path_given_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    settings = load_settings(Path("configs/local.yaml"), env={})
+    assert settings.registry.root == ROOT / "configs" / "var/local/registry"
+    assert settings.registry.root.is_absolute()
