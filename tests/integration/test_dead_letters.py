@@ -16,6 +16,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+# The defining module: confluent_kafka.admin re-exports these without __all__ (mypy strict).
+from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from stream_trainer.datasets import get_dataset
 from stream_trainer.embedded import create_topics
@@ -34,6 +38,7 @@ from tests.integration.test_training import (
 
 pytestmark = pytest.mark.integration
 
+CHECKPOINT_FAILURES = "stream_trainer_checkpoint_failures_total"
 MB = 1_000_000
 # The input topic accepts records up to 12 MB; the service's producer keeps librdkafka's
 # default message.max.bytes (1 MB), so a dead letter of a bigger record must be cut.
@@ -196,6 +201,67 @@ def test_a_dead_letter_the_broker_refuses_as_too_large_is_resent_without_its_val
     assert headers["dlq.truncated"] == "true"
     assert int(headers["dlq.original.size"]) == len(big)
     assert headers["dlq.original.sha256"] == hashlib.sha256(big).hexdigest()
+
+
+def test_an_undeliverable_dead_letter_holds_checkpoints_back_until_it_is_durable(
+    kafka_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    # A dead-letter topic that refuses even the provenance headers: the dead letter cannot
+    # be delivered in any form until an operator raises the topic's limit.
+    broker = kafka_broker
+    bootstrap = broker.bootstrap_servers
+    config = service_config(tmp_path, bootstrap, "phishing", "per_record")
+    dlq = unique("tiny-dlq")
+    create_topics(bootstrap, {dlq: 1}, config={"max.message.bytes": "200"})
+    config["topics"]["dead_letter"] = dlq
+    topic = config["topics"]["input"][0]
+    valid = encoded_rows("phishing", 200)
+    values = [*valid[:100], huge(70_000), *valid[100:]]
+    with Service(config, tmp_path) as service:
+        pid = service.pid
+        produce_big(bootstrap, topic, values)
+        wait_exact(service, LEARNT, len(valid), timeout=90)
+        held_back = service.wait_metric(CHECKPOINT_FAILURES, 2, timeout=60)
+        state = final_checkpoint_or_none(config)
+        covered = state.offsets.get((topic, 0), 0) if state is not None else 0
+        assert covered <= 100, f"a checkpoint covers offset {covered}, past the undelivered one"
+        assert read_topic(bootstrap, dlq) == []
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        resource = ConfigResource(
+            ConfigResource.Type.TOPIC,
+            dlq,
+            incremental_configs=[
+                ConfigEntry(
+                    "max.message.bytes",
+                    "1048588",
+                    incremental_operation=AlterConfigOpType.SET,
+                )
+            ],
+        )
+        for future in admin.incremental_alter_configs([resource]).values():
+            future.result(timeout=30)
+        began = time.monotonic()
+        wait_for_checkpoint_offset(config, topic, len(values), service)
+        recovered = time.monotonic() - began
+        assert service.alive() and service.pid == pid
+        stop_cleanly(service)
+    dead = read_topic(bootstrap, dlq, expected=1)
+    print(
+        f"[{broker.name}] undeliverable dead letter: {held_back:.0f} checkpoints held back, "
+        f"last durable offset {covered} (bad record at 100), checkpoint caught up "
+        f"{recovered:.1f} s after the topic was fixed, {len(dead)} dead letter"
+    )
+    assert len(dead) == 1
+    headers = {k: v.decode() for k, v in dead[0].headers() or []}
+    assert headers["dlq.original.offset"] == "100" and headers["dlq.reason"] == "too_large"
+    assert final_checkpoint(config).records_dead_lettered == 1
+
+
+def final_checkpoint_or_none(config: dict[str, Any]) -> Any:
+    try:
+        return final_checkpoint(config)
+    except AssertionError:  # none written yet
+        return None
 
 
 def wait_for_checkpoint_offset(
