@@ -25,7 +25,11 @@ from stream_trainer.checkpoint import (
 from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource, RetentionGap
 from stream_trainer.control import ControlChannel, ControlError
-from stream_trainer.deadletter import BadRecordBreaker, DeadLetterPublisher
+from stream_trainer.deadletter import (
+    DEFAULT_MESSAGE_MAX_BYTES,
+    BadRecordBreaker,
+    DeadLetterPublisher,
+)
 from stream_trainer.decode_worker import UnitDecoder, build_unit_decoder
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
@@ -237,7 +241,12 @@ def run_service(
             trainer=trainer,
             store=store,
             dead_letters=DeadLetterPublisher(
-                producer, settings.topics.dead_letter, settings.kafka.group_id, __version__
+                producer,
+                settings.topics.dead_letter,
+                settings.kafka.group_id,
+                __version__,
+                # The producer's own limit: a bigger dead letter is cut to fit it.
+                int(settings.kafka.extra.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)),
             ),
             publisher=publisher,
             metrics=metrics,

@@ -1,8 +1,9 @@
 """Dead letters: rejected records go to a topic with provenance; floods halt a partition.
 
 :class:`DeadLetterPublisher` produces each :class:`~stream_trainer.records.InvalidRecord` with
-its original bytes and headers naming where it came from and why; ``flush`` is the point
-after which the dead letters are durable, so offsets may advance past them.
+its original bytes (cut to fit the producer's ``message.max.bytes`` when larger) and headers
+naming where it came from and why; ``flush`` is the point after which the dead letters are
+durable, so offsets may advance past them.
 :class:`BadRecordBreaker` trips a partition on K invalid records in a row or on an invalid
 ratio over a window, so a broken producer stops the partition instead of draining it into
 the dead-letter topic.
@@ -10,11 +11,17 @@ the dead-letter topic.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+from confluent_kafka import KafkaError, KafkaException
 
 from stream_trainer.config import DeadLetterSettings
 from stream_trainer.records import MAX_MESSAGE_CHARS, InvalidRecord
@@ -34,37 +41,104 @@ HEADER_NAMES: Final[tuple[str, ...]] = (
     "dlq.service.version",
 )
 
+# Headers added when a dead letter had to be cut to fit the producer's message.max.bytes.
+SIZE_HEADER: Final = "dlq.original.size"
+DIGEST_HEADER: Final = "dlq.original.sha256"
+TRUNCATED_HEADER: Final = "dlq.truncated"
+
+# librdkafka's default message.max.bytes (the producer's limit on one message).
+DEFAULT_MESSAGE_MAX_BYTES: Final = 1_000_000
+# Room left for the record and batch framing next to key, value and headers.
+_FRAMING_BYTES: Final = 512
+
 # A full local queue is retried after serving delivery reports for this long, this many
-# times (about 30 s in all) before the publisher gives up.
+# times (about 30 s in all) before the dead letter is held for the next flush.
 _BUFFER_FULL_POLL_S: Final = 0.5
 _BUFFER_FULL_RETRIES: Final = 60
+# Within one flush: send what is held, wait; a refused size is sent again without its value.
+_FLUSH_ROUNDS: Final = 3
 
 
 class DeadLetterError(Exception):
-    """A dead letter could not be produced or was not durably delivered."""
+    """Dead letters are not all durable: offsets past their records must not advance yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Letter:
+    """One dead letter as produced (value and key possibly cut), and where it came from."""
+
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    origin: str  # topic[partition]@offset, for error messages
+
+    def smaller(self) -> _Letter:
+        """This letter without its value (or, when it has none, without its key), with the
+        size headers of the original value unless it was cut already."""
+        headers = self.headers
+        if not any(name == TRUNCATED_HEADER for name, _ in headers):
+            headers = [*headers, *_cut_headers(self.value or b"")]
+        if self.value is not None:
+            return _Letter(None, self.key, headers, self.origin)
+        return _Letter(None, None, headers, self.origin)
+
+
+def _cut_headers(value: bytes) -> list[tuple[str, bytes]]:
+    return [
+        (SIZE_HEADER, str(len(value)).encode()),
+        (DIGEST_HEADER, hashlib.sha256(value).hexdigest().encode()),
+        (TRUNCATED_HEADER, b"true"),
+    ]
+
+
+def _headers_size(headers: list[tuple[str, bytes]]) -> int:
+    return sum(len(name) + len(value) + 10 for name, value in headers)  # + varint framing
 
 
 class DeadLetterPublisher:
     """Produces rejected records to the dead-letter topic with provenance headers.
 
     Not thread-safe: call ``publish`` and ``flush`` from the thread that owns the producer.
-    A delivery failure is sticky: every later ``flush`` raises, because the publisher cannot
-    tell which offsets the lost dead letter covered (the service must restart from its
-    checkpoint).
+
+    A value (with its key and headers) larger than the producer's ``message.max.bytes`` is cut
+    to a prefix that fits, with headers ``dlq.original.size``, ``dlq.original.sha256`` and
+    ``dlq.truncated``; one the broker still refuses as too large is sent again without a
+    value. A tombstone stays a tombstone (null value). No dead letter is ever dropped: one
+    that cannot be queued or delivered is held and sent again by every ``flush``, which
+    raises until all are durable (the caller must not advance offsets meanwhile).
     """
 
-    def __init__(self, producer: Any, topic: str, group_id: str, service_version: str) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        topic: str,
+        group_id: str,
+        service_version: str,
+        max_message_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
+        retry_interval_s: float = 5.0,
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._group = group_id.encode("utf-8")
         self._version = service_version.encode("utf-8")
+        self._max_message_bytes = max_message_bytes
         self._pending = 0
-        self._failures: list[str] = []
+        self._held: list[_Letter] = []  # not queued, or not delivered: sent again by flush
+        self._last_error = ""
+        # After a failed flush, the next one fails at once until then: a checkpoint due at
+        # every step must not block the poll loop on a dead-letter topic that is down.
+        self._retry_interval_s = retry_interval_s
+        self._next_attempt = -math.inf
 
     @property
     def pending(self) -> int:
         """Dead letters produced but not yet acknowledged."""
         return self._pending
+
+    @property
+    def held(self) -> int:
+        """Dead letters that failed and wait to be sent again by ``flush``."""
+        return len(self._held)
 
     def headers(self, record: InvalidRecord) -> list[tuple[str, bytes]]:
         """The provenance headers of ``record`` (timestamp ``-1`` when unknown)."""
@@ -92,60 +166,91 @@ class DeadLetterPublisher:
         return out
 
     def publish(self, records: Sequence[InvalidRecord]) -> None:
-        """Produce every record (asynchronously); raises DeadLetterError if one cannot be queued."""
+        """Produce every record asynchronously; one that cannot be queued is held for
+        ``flush`` (which then raises until it is durable), never dropped."""
         for record in records:
-            self._produce(record)
+            self._produce(self._letter(record))
 
-    def _produce(self, record: InvalidRecord) -> None:
-        value = record.value if record.value is not None else b""
+    def _letter(self, record: InvalidRecord) -> _Letter:
+        """``record`` as a dead letter that fits ``message.max.bytes`` (value cut if needed)."""
+        origin = f"{record.topic}[{record.partition}]@{record.offset}"
         headers = self.headers(record)
+        value, key = record.value, record.key
+        if value is None:
+            return _Letter(None, key, headers, origin)
+        room = self._max_message_bytes - _FRAMING_BYTES - len(key or b"") - _headers_size(headers)
+        if len(value) <= room:
+            return _Letter(value, key, headers, origin)
+        cut = _cut_headers(value)
+        room -= _headers_size(cut)
+        if room < 0:  # the key alone does not fit: keep the provenance, drop key and value
+            return _Letter(None, None, [*headers, *cut], origin)
+        return _Letter(value[:room], key, [*headers, *cut], origin)
+
+    def _produce(self, letter: _Letter) -> None:
         for _ in range(_BUFFER_FULL_RETRIES + 1):
             try:
                 self._producer.produce(
                     self._topic,
-                    value=value,
-                    key=record.key,
-                    headers=headers,
-                    on_delivery=self._on_delivery,
+                    value=letter.value,
+                    key=letter.key,
+                    headers=letter.headers,
+                    on_delivery=functools.partial(self._on_delivery, letter),
                 )
             except BufferError:
                 # The local queue is full: serve delivery reports so it drains, then retry.
                 self._producer.poll(_BUFFER_FULL_POLL_S)
                 continue
-            except Exception as error:  # KafkaException: e.g. the value is over message.max.bytes
-                raise DeadLetterError(
-                    f"cannot produce dead letter for {record.topic}[{record.partition}]@"
-                    f"{record.offset}: {error}"
-                ) from error
+            except KafkaException as error:
+                self._refused(letter, error.args[0] if error.args else None, str(error))
+                return
             self._pending += 1
             self._producer.poll(0)  # serve callbacks of earlier deliveries
             return
-        raise DeadLetterError(
-            f"producer queue stayed full; dead letter for {record.topic}[{record.partition}]@"
-            f"{record.offset} not queued"
-        )
+        self._hold(letter, "producer queue stayed full")
 
-    def _on_delivery(self, error: Any, message: Any) -> None:
+    def _on_delivery(self, letter: _Letter, error: Any, _message: Any) -> None:
         self._pending -= 1
         if error is not None:
-            self._failures.append(str(error))
+            self._refused(letter, error, str(error))
+
+    def _refused(self, letter: _Letter, error: Any, text: str) -> None:
+        """A produce or delivery of ``letter`` failed: hold it (smaller if it was too big)."""
+        code = error.code() if isinstance(error, KafkaError) else None
+        if code == KafkaError.MSG_SIZE_TOO_LARGE:
+            letter = letter.smaller()
+        self._hold(letter, text)
+
+    def _hold(self, letter: _Letter, text: str) -> None:
+        self._held.append(letter)
+        self._last_error = f"{letter.origin}: {text}"
 
     def flush(self, timeout_s: float) -> None:
-        """Wait until every dead letter is acknowledged.
+        """Send the held dead letters again, then wait until every one is acknowledged.
 
-        Raises DeadLetterError when a delivery failed (now or earlier) or some are still
-        pending after ``timeout_s``; offsets must then not advance.
+        Raises DeadLetterError when some are still held or pending after ``timeout_s``:
+        offsets must then not advance past their records; the next ``flush`` retries them.
         """
-        self._producer.flush(timeout_s)
-        if self._failures:
-            raise DeadLetterError(
-                f"{len(self._failures)} dead letter(s) not delivered to {self._topic}: "
-                f"{self._failures[0]}"
-            )
-        if self._pending > 0:
-            raise DeadLetterError(
-                f"{self._pending} dead letter(s) not acknowledged within {timeout_s} s"
-            )
+        now = time.monotonic()
+        if (self._held or self._pending) and now < self._next_attempt:
+            raise DeadLetterError(self._not_durable(f"retried in {self._next_attempt - now:.1f} s"))
+        deadline = now + timeout_s
+        for _ in range(_FLUSH_ROUNDS):
+            held, self._held = self._held, []
+            for letter in held:
+                self._produce(letter)
+            self._producer.flush(max(0.0, deadline - time.monotonic()))
+            if not self._held or self._pending or time.monotonic() >= deadline:
+                break
+        if self._held or self._pending:
+            self._next_attempt = time.monotonic() + self._retry_interval_s
+            raise DeadLetterError(self._not_durable(f"waited {timeout_s} s"))
+
+    def _not_durable(self, detail: str) -> str:
+        return (
+            f"dead letters to {self._topic} not durable ({len(self._held)} held for retry, "
+            f"{self._pending} unacknowledged; {detail}); last error: {self._last_error or '-'}"
+        )
 
 
 class _PartitionState:

@@ -16,6 +16,12 @@ Two paths, one contract:
   path also parses what msgspec refused with the lenient stdlib parser, only to name the
   reason precisely (``feature 'f3' is NaN`` rather than "malformed JSON"); a record that only
   the lenient parser accepts is never valid.
+
+Strict JSON is UTF-8 (RFC 8259): a value with invalid UTF-8 anywhere, even inside a string the
+contract ignores (which msgspec skips without checking), is malformed. Nesting deeper than the
+decoders' recursion limit is malformed too. Should the batch path still raise on some value,
+the batch is decoded again value by value and only the values that raise are rejected
+(``decoder_error``, with the exception's class): no value can stop the decoding of others.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ REASONS: Final[tuple[str, ...]] = (
     "wrong_type",
     "non_finite",
     "bad_weight",
+    "decoder_error",
     "learner_error",
 )
 
@@ -178,6 +185,21 @@ class _NonFinite:
 _UNPARSEABLE: Final = object()
 _FEATURES: Final = operator.attrgetter("features")
 _LABEL: Final = operator.attrgetter("label")
+
+
+def _utf8_error(value: bytes) -> UnicodeDecodeError | None:
+    """Why ``value`` is not UTF-8, or None (the ASCII test first: it is far cheaper)."""
+    if value.isascii():
+        return None
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error
+    return None
+
+
+def _valid_utf8(value: bytes) -> bool:
+    return _utf8_error(value) is None
 
 
 def _lenient_parse(value: bytes) -> Any:
@@ -318,19 +340,56 @@ class RecordDecoder:
     def decode_values(self, values: Sequence[bytes | None]) -> DecodedValues:
         """The Kafka-free half of :meth:`decode`: message values in, arrays and verdicts out.
 
-        Pure and picklable both ways, so it can run in a decode worker process."""
+        Pure and picklable both ways, so it can run in a decode worker process. Never raises
+        because of a value (see the module doc), so no record can stop the worker."""
+        try:
+            return self._decode_batch(values)
+        except Exception:  # whatever a value provokes, only that value fails (issue 19)
+            return self._decode_each(values)
+
+    def _decode_each(self, values: Sequence[bytes | None]) -> DecodedValues:
+        """The slow path's verdict on every value, one at a time; a value whose decoding
+        raises is rejected as ``decoder_error`` naming the exception's class."""
+        rejects: list[tuple[int, Rejection]] = []
+        rescued: list[tuple[int, _Accept]] = []
+        for i, value in enumerate(values):
+            try:
+                verdict = self._inspect(value)
+            except Exception as error:  # the value is the fault: dead-letter it
+                verdict = Rejection(
+                    "decode",
+                    "decoder_error",
+                    type(error).__name__,
+                    f"unexpected error decoding the record: {error}",
+                )
+            if isinstance(verdict, _Accept):
+                rescued.append((i, verdict))
+            else:
+                rejects.append((i, verdict))
+        X = np.empty((0, len(self._features)), dtype=np.float64)
+        y = self._label_array([])
+        weights = None if self._record.weight_field is None else np.empty(0, dtype=np.float64)
+        valid_index = np.empty(0, dtype=np.int64)
+        if rescued:
+            X, y, weights, valid_index = self._merge(X, y, weights, valid_index, rescued)
+        return DecodedValues(X, y, weights, valid_index, rejects)
+
+    def _decode_batch(self, values: Sequence[bytes | None]) -> DecodedValues:
+        """The fast path over the whole batch, then the slow path for what it refused."""
         decode = self._typed.decode
         max_bytes = self._max_bytes
+        isascii = bytes.isascii
         fast_index: list[int] = []
         fast: list[Any] = []
         slow_index: list[int] = []
         for i, value in enumerate(values):
-            if not value or len(value) > max_bytes:
+            # msgspec skips strings of unknown fields without checking their UTF-8.
+            if not value or len(value) > max_bytes or not (isascii(value) or _valid_utf8(value)):
                 slow_index.append(i)
                 continue
             try:
                 fast.append(decode(value))
-            except msgspec.DecodeError:  # ValidationError is a subclass
+            except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
                 slow_index.append(i)
             else:
                 fast_index.append(i)
@@ -469,9 +528,21 @@ class RecordDecoder:
                 "RecordTooLarge",
                 f"record value is {len(value)} bytes, over the limit of {self._max_bytes}",
             )
+        utf8_error = _utf8_error(value)
+        if utf8_error is not None:
+            return Rejection(
+                "decode",
+                "malformed_json",
+                "InvalidUTF8",
+                f"invalid UTF-8 at byte {utf8_error.start} (strict JSON is UTF-8)",
+            )
         strict_error: str | None = None
         try:
             obj = self._generic.decode(value)
+        except RecursionError:
+            return Rejection(
+                "decode", "malformed_json", "NestingTooDeep", "JSON is nested too deeply"
+            )
         except msgspec.DecodeError as error:
             strict_error = str(error)
             obj = _lenient_parse(value)

@@ -29,7 +29,7 @@ from stream_trainer.checkpoint import (
 from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource
 from stream_trainer.control import ControlChannel
-from stream_trainer.deadletter import DeadLetterPublisher
+from stream_trainer.deadletter import DeadLetterError, DeadLetterPublisher
 from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
@@ -423,8 +423,19 @@ class Service:
         payload = self._store.serialize(self.state)
         return payload, self._manifest_fields(reason), dict(self.state.offsets)
 
+    def _dead_letters_not_durable(self, error: DeadLetterError, now: float) -> None:
+        """No checkpoint may cover a record whose dead letter is not durable: this one is
+        held back (counted as a failure: alert) and retried, with the dead letters, when due."""
+        self._metrics.checkpoint_failures.inc()
+        self._last_checkpoint = now
+        log.error("dead letters not durable; checkpoint held back", extra={"reason": str(error)})
+
     def _start_checkpoint(self, now: float) -> None:
-        payload, fields, offsets = self._snapshot("periodic")
+        try:
+            payload, fields, offsets = self._snapshot("periodic")
+        except DeadLetterError as error:
+            self._dead_letters_not_durable(error, now)
+            return
         future = self._writer.submit(payload, fields)
         if future is None:
             return
@@ -487,8 +498,12 @@ class Service:
     def checkpoint_now(self, reason: str) -> bool:
         """Write a checkpoint synchronously and commit its offsets; False if it failed."""
         self._collect_checkpoint(wait=True)
-        payload, fields, offsets = self._snapshot(reason)
         started = self._clock()
+        try:
+            payload, fields, offsets = self._snapshot(reason)
+        except DeadLetterError as error:
+            self._dead_letters_not_durable(error, started)
+            return False
         try:
             result = self._store.write(payload, fields)
         except CheckpointError as error:

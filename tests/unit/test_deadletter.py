@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from typing import Any
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError
 
 from stream_trainer.config import DeadLetterSettings
 from stream_trainer.deadletter import BadRecordBreaker, DeadLetterError, DeadLetterPublisher
@@ -83,7 +85,7 @@ def test_publish_sets_value_key_and_provenance_headers() -> None:
         "dlq.error.message": b"feature 'a' is NaN",
         "dlq.service.version": b"1.2.3",
     }
-    assert second["value"] == b""
+    assert second["value"] is None  # a tombstone stays a tombstone
     assert dict(second["headers"])["dlq.original.timestamp"] == b"-1"
     assert dict(second["headers"])["dlq.original.offset"] == b"8"
 
@@ -96,29 +98,99 @@ def test_buffer_full_is_retried_after_polling() -> None:
     assert producer.polls >= 3
 
 
-def test_buffer_full_forever_raises() -> None:
+def test_buffer_full_forever_holds_the_letter_until_a_flush_delivers_it() -> None:
     producer = FakeProducer(buffer_full=10_000)
-    publisher = DeadLetterPublisher(producer, "dlq", "g", "v")
-    with pytest.raises(DeadLetterError, match="queue stayed full"):
-        publisher.publish([record(1)])
-    assert producer.produced == []
+    publisher = DeadLetterPublisher(producer, "dlq", "g", "v", retry_interval_s=0.0)
+    publisher.publish([record(1)])  # no exception: the poll loop goes on
+    assert producer.produced == [] and publisher.held == 1
+    with pytest.raises(DeadLetterError, match="1 held for retry"):
+        publisher.flush(1.0)
+    producer.buffer_full = 0
+    publisher.flush(1.0)
+    assert [p["value"] for p in producer.produced] == [b"{bad"]
+    assert publisher.held == 0 and publisher.pending == 0
 
 
-def test_failed_delivery_makes_flush_raise_and_stays_failed() -> None:
+def test_failed_delivery_is_held_and_sent_again_until_durable() -> None:
     producer = FakeProducer(fail=True)
-    publisher = DeadLetterPublisher(producer, "dlq", "g", "v")
+    publisher = DeadLetterPublisher(producer, "dlq", "g", "v", retry_interval_s=0.0)
     publisher.publish([record(1)])
-    with pytest.raises(DeadLetterError, match="not delivered"):
+    with pytest.raises(DeadLetterError, match="MSG_TIMED_OUT"):
         publisher.flush(1.0)
     with pytest.raises(DeadLetterError):
+        publisher.flush(1.0)  # still failing: still held, never dropped
+    producer.fail = False
+    publisher.flush(1.0)
+    offsets = [dict(p["headers"])["dlq.original.offset"] for p in producer.produced]
+    assert offsets[-1] == b"1" and publisher.held == 0
+
+
+def test_a_failed_flush_is_not_retried_before_the_interval() -> None:
+    producer = FakeProducer(fail=True)
+    publisher = DeadLetterPublisher(producer, "dlq", "g", "v", retry_interval_s=3600.0)
+    publisher.publish([record(1)])
+    with pytest.raises(DeadLetterError):
         publisher.flush(1.0)
+    sent = len(producer.produced)
+    with pytest.raises(DeadLetterError, match="retried in"):
+        publisher.flush(1.0)
+    assert len(producer.produced) == sent  # the poll loop was not held up
+
+
+def test_a_value_over_message_max_bytes_is_cut_to_fit_with_size_and_digest() -> None:
+    producer = FakeProducer()
+    publisher = DeadLetterPublisher(producer, "dlq", "g", "v", max_message_bytes=10_000)
+    big = bytes(range(256)) * 4000  # 1 024 000 bytes
+    publisher.publish([record(1, value=big), record(2, value=b"x" * 9000)])
+    publisher.flush(1.0)
+    cut, kept = producer.produced
+    headers = dict(cut["headers"])
+    assert big.startswith(cut["value"]) and len(cut["value"]) > 0
+    size = len(cut["value"]) + len(cut["key"]) + sum(len(k) + len(v) for k, v in cut["headers"])
+    assert size <= 10_000
+    assert headers["dlq.original.size"] == b"1024000"
+    assert headers["dlq.original.sha256"] == hashlib.sha256(big).hexdigest().encode()
+    assert headers["dlq.truncated"] == b"true"
+    assert kept["value"] == b"x" * 9000 and "dlq.truncated" not in dict(kept["headers"])
+
+
+class SizeLimitedProducer(FakeProducer):
+    """Accepts the produce, but the broker refuses any value (a topic with a lower limit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[bytes | None] = []
+
+    def _deliver(self) -> None:
+        for callback, value in zip(self.queued, self.values, strict=True):
+            too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if value is not None else None
+            callback(too_large, object())
+        self.queued.clear()
+        self.values.clear()
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        super().produce(topic, **kwargs)
+        self.values.append(kwargs["value"])
+
+
+def test_a_value_the_broker_refuses_as_too_large_is_sent_again_without_it() -> None:
+    producer = SizeLimitedProducer()
+    publisher = DeadLetterPublisher(producer, "dlq", "g", "v")
+    publisher.publish([record(1, value=b"v" * 5000)])
+    publisher.flush(1.0)
+    first, second = producer.produced
+    assert first["value"] == b"v" * 5000
+    assert second["value"] is None and second["key"] == b"k"
+    headers = dict(second["headers"])
+    assert headers["dlq.original.size"] == b"5000" and headers["dlq.truncated"] == b"true"
+    assert headers["dlq.original.offset"] == b"1"
 
 
 def test_flush_timeout_raises() -> None:
     producer = FakeProducer(hold=True)
     publisher = DeadLetterPublisher(producer, "dlq", "g", "v")
     publisher.publish([record(1), record(2)])
-    with pytest.raises(DeadLetterError, match="2 dead letter"):
+    with pytest.raises(DeadLetterError, match="2 unacknowledged"):
         publisher.flush(0.01)
 
 

@@ -108,3 +108,45 @@ def test_a_bad_layout_fails_in_the_parent() -> None:
     clash = RecordSettings(features=["y"], labels=[0, 1], features_field=None)
     with pytest.raises(ValueError, match="clash"):
         WorkerDecoder(clash, TASK)
+
+
+def hostile_unit() -> list[bytes | None]:
+    """Values that raised inside the decoder before issue 19 (each killed the worker)."""
+    depth = 10_000
+    nested = b"[" * depth + b"]" * depth
+    return [
+        ok(1, 2, 3),
+        b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "meta": ' + nested + b"}",  # RecursionError
+        ok(4, 5, 6, y=0),
+        b'{"x": {"a": ' + nested + b', "b": 2, "c": 3}, "y": 1}',
+        b'{"x": {"a": 1, "b": 2, "c": 3}, "y": ' + b"9" * 30 + b"}",  # OverflowError
+        b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "id": "\xff"}',  # was learnt
+        ok(7, 8, 9),
+    ]
+
+
+@pytest.mark.parametrize("in_worker", [True, False], ids=["worker", "inline"])
+def test_values_that_raised_inside_the_decoder_are_rejected_and_the_decoder_lives_on(
+    in_worker: bool,
+) -> None:
+    settings = RecordSettings(features=FEATURES, labels=[0, 1], max_bytes=100_000)
+    decoder = build_unit_decoder(settings, TASK, worker=in_worker)
+    try:
+        unit = messages(hostile_unit())
+        decoder.submit(unit)
+        batch = decoder.result()
+        assert batch.valid_index.tolist() == [0, 2, 6]
+        assert batch.X.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+        assert [(r.offset - 100, r.reason) for r in batch.invalid] == [
+            (1, "malformed_json"),
+            (3, "malformed_json"),
+            (4, "unknown_label"),
+            (5, "malformed_json"),
+        ]
+        same(batch, RecordDecoder(settings, TASK).decode(unit))
+        decoder.submit(messages([ok(1, 1, 1)]))  # the worker is still there
+        assert len(decoder.result()) == 1
+        if isinstance(decoder, WorkerDecoder):
+            assert decoder.returncode is None
+    finally:
+        decoder.close()

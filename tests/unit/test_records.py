@@ -94,6 +94,11 @@ POISON: list[tuple[bytes | None, str]] = [
     (None, "empty"),
     (b"   ", "malformed_json"),
     (b"\xff\xfe{}", "malformed_json"),
+    # Strict JSON is strict UTF-8, even in strings the contract ignores (issue 19).
+    (b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "id": "\xff"}', "malformed_json"),
+    (b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "note": "\xc0\xaf"}', "malformed_json"),
+    (b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "note": "\xed\xa0\x80"}', "malformed_json"),
+    (b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "note": "\xe2\x82"}', "malformed_json"),
     (b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1} {}', "malformed_json"),
     (b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "meta": NaN}', "malformed_json"),
     (b"[1, 2, 3]", "not_object"),
@@ -351,3 +356,91 @@ def test_random_poison_never_reaches_x(decoder: RecordDecoder) -> None:
     check_partition(batch, len(values))
     valid_pool = {len(pool) - 2, len(pool) - 1}
     assert batch.valid_index.tolist() == [i for i, p in enumerate(picks) if p in valid_pool]
+
+
+DEPTH = 10_000
+
+
+def deep(levels: int = DEPTH) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "meta": ' + deep() + b"}",
+        b'{"x": {"a": ' + deep() + b', "b": 2, "c": 3}, "y": 1}',
+        b'{"x": {"a": 1, "b": 2, "c": 3}, "y": ' + deep() + b"}",
+        deep(),
+        b'{"x": ' + b'{"x": ' * DEPTH + b"1" + b"}" * DEPTH + b"}",
+    ],
+    ids=["ignored_field", "feature", "label", "top_level", "objects"],
+)
+def test_deep_nesting_is_malformed_json_and_the_rest_is_learnt(value: bytes) -> None:
+    settings = RecordSettings(features=FEATURES, labels=[0, 1], max_bytes=100_000)
+    decoder = RecordDecoder(settings, "binary")
+    values = [ok(1, 2, 3), value, ok(4, 5, 6, y=0)]
+
+    batch = decoder.decode(messages(values))  # raised RecursionError before issue 19
+
+    check_partition(batch, 3)
+    assert batch.valid_index.tolist() == [0, 2]
+    assert [(r.reason, r.error_class) for r in batch.invalid] == [
+        ("malformed_json", "NestingTooDeep")
+    ]
+    assert batch.X.tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_invalid_utf8_names_the_byte_and_valid_utf8_is_accepted(decoder: RecordDecoder) -> None:
+    text = '{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "id": "Z\u00fcrich \u2603 \U0001f600"}'
+    values = [text.encode(), b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 1, "id": "ok\xffok"}']
+
+    batch = decoder.decode(messages(values))
+
+    assert batch.valid_index.tolist() == [0]
+    [invalid] = batch.invalid
+    assert (invalid.reason, invalid.error_class) == ("malformed_json", "InvalidUTF8")
+    bad_at = values[1].index(b"\xff")
+    assert f"byte {bad_at}" in invalid.message
+
+
+def test_a_value_that_breaks_the_batch_path_rejects_only_itself(decoder: RecordDecoder) -> None:
+    # A label past int64 made numpy raise OverflowError for the whole batch.
+    huge = b'{"x": {"a": 1, "b": 2, "c": 3}, "y": ' + b"9" * 30 + b"}"
+    values = [ok(i, i, i, y=i % 2) for i in range(5)] + [huge] + [ok(7, 7, 7)]
+
+    batch = decoder.decode(messages(values))
+
+    check_partition(batch, 7)
+    assert batch.valid_index.tolist() == [0, 1, 2, 3, 4, 6]
+    assert [(r.offset, r.reason) for r in batch.invalid] == [(105, "unknown_label")]
+    assert batch.X.tolist() == [[i, i, i] for i in range(5)] + [[7, 7, 7]]
+    assert batch.y.dtype == np.int64 and batch.y.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_an_unexpected_decoder_exception_dead_letters_that_record_with_its_class(
+    decoder: RecordDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No known value makes the checks themselves raise (each such value is a bug, fixed when
+    # found): simulate one, to show it costs one dead letter and nothing else.
+    huge = b'{"x": {"a": 1, "b": 2, "c": 3}, "y": ' + b"9" * 30 + b"}"
+    check = RecordDecoder._check
+
+    def broken(self: RecordDecoder, obj: Any) -> Any:
+        if obj.get("id") == "boom":
+            raise KeyError("surprise")
+        return check(self, obj)
+
+    monkeypatch.setattr(RecordDecoder, "_check", broken)
+    boom = b'{"x": {"a": 1, "b": 2, "c": 3}, "y": 5, "id": "boom"}'
+    values = [ok(1, 1, 1), boom, huge, ok(2, 2, 2, y=0)]
+
+    batch = decoder.decode(messages(values))
+
+    check_partition(batch, 4)
+    assert batch.valid_index.tolist() == [0, 3]
+    assert [(r.offset, r.reason, r.error_class) for r in batch.invalid] == [
+        (101, "decoder_error", "KeyError"),
+        (102, "unknown_label", "UnknownLabel"),
+    ]
+    assert "surprise" in batch.invalid[0].message
