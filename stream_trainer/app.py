@@ -284,7 +284,6 @@ def run_service(
         )
         if settings.checkpoint.key() is None:
             log.warning("running without a checkpoint key: checkpoints are unsigned")
-        starting["reason"] = "restoring state"
         state, _restored = restore_state(settings, store)
         producer = Producer(settings.kafka.producer_config())
         if settings.topics.control:
