@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from prometheus_client import CollectorRegistry
 
 from stream_trainer import __version__
@@ -24,7 +28,7 @@ from stream_trainer.checkpoint import (
 )
 from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource, RetentionGap
-from stream_trainer.control import ControlChannel, ControlError
+from stream_trainer.control import ControlChannel
 from stream_trainer.deadletter import (
     DEFAULT_MESSAGE_MAX_BYTES,
     BadRecordBreaker,
@@ -47,6 +51,12 @@ from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
 from stream_trainer.versions import VersionEventPublisher
 
 log = logging.getLogger(__name__)
+
+# One metadata request per attempt: a stop signal is seen within about this long.
+KAFKA_PROBE_TIMEOUT_S = 1.0
+KAFKA_RETRY_MAX_S = 1.0
+# While the reason stays the same, "still waiting" is logged this often.
+KAFKA_WAIT_LOG_EVERY_S = 30.0
 
 
 class StartupError(Exception):
@@ -132,6 +142,77 @@ def restore_state(settings: Settings, store: CheckpointStore) -> tuple[TrainingS
     return state, True
 
 
+class _StartupStop:
+    """What a stop signal stops while the service is still being built."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def request_stop(self) -> None:
+        self.event.set()
+
+
+def cluster_probe(
+    producer: Producer, control: ControlChannel | None, timeout_s: float = KAFKA_PROBE_TIMEOUT_S
+) -> Callable[[], str | None]:
+    """One attempt to reach the cluster (and the control topic, if any): None when both
+    answer, else why not."""
+
+    def probe() -> str | None:
+        try:
+            metadata = producer.list_topics(timeout=timeout_s)
+        except KafkaException as error:
+            detail = error.args[0].str() if error.args else str(error)
+            return f"no broker answered ({detail})"
+        if not metadata.brokers:
+            return "the cluster's metadata lists no brokers"
+        return None if control is None else control.connect(timeout_s)
+
+    return probe
+
+
+def wait_for_kafka(
+    probe: Callable[[], str | None],
+    bootstrap: str,
+    stop: threading.Event,
+    on_waiting: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Retry ``probe`` until it returns None (True) or ``stop`` is set (False).
+
+    Never gives up: an unreachable cluster (or a missing control topic) keeps the service
+    alive and not ready, so a Kafka outage at start is not a crash loop. ``on_waiting``
+    gets the readiness reason after every failed attempt. Logs when the reason changes
+    and every ``KAFKA_WAIT_LOG_EVERY_S`` while it stays the same.
+    """
+    started = clock()
+    last_reason: str | None = None
+    last_logged = -math.inf
+    delay = 0.1
+    while True:
+        reason = probe()
+        now = clock()
+        if reason is None:
+            if last_reason is not None:
+                log.info(
+                    "Kafka cluster reachable",
+                    extra={"bootstrap": bootstrap, "waited_s": round(now - started, 1)},
+                )
+            return True
+        on_waiting(f"waiting for the Kafka cluster at {bootstrap}: {reason}")
+        if reason != last_reason or now - last_logged >= KAFKA_WAIT_LOG_EVERY_S:
+            log.warning(
+                "waiting for the Kafka cluster at %s: %s; retrying until it answers",
+                bootstrap,
+                reason,
+                extra={"waited_s": round(now - started, 1)},
+            )
+            last_reason, last_logged = reason, now
+        if stop.wait(delay):
+            return False
+        delay = min(delay * 2, KAFKA_RETRY_MAX_S)
+
+
 def run_service(
     settings: Settings,
     install_signals: bool = True,
@@ -163,10 +244,14 @@ def run_service(
     crash = CrashPoints(os.environ.get(CRASH_ENV))
     heartbeat = Heartbeat(metrics=metrics)
     service_ref: dict[str, Service] = {}
+    starting = {"reason": "starting"}  # readiness reason until the service exists
+    startup_stop = _StartupStop()
+    if signals is not None:
+        signals.attach(startup_stop)
 
     def _ready() -> tuple[bool, str]:
         service = service_ref.get("service")
-        return (False, "starting") if service is None else service.ready()
+        return (False, starting["reason"]) if service is None else service.ready()
 
     metrics.ready.set_function(lambda: float(_ready()[0]))
 
@@ -183,6 +268,7 @@ def run_service(
     producer = None
     unit_decoder: UnitDecoder | None = None
     trainer: Trainer | None = None
+    control: ControlChannel | None = None
     try:
         metrics.state.state("restoring")
         # First, so the decode worker's interpreter starts while the checkpoint loads.
@@ -204,6 +290,24 @@ def run_service(
             log.warning("running without a checkpoint key: checkpoints are unsigned")
         state, _restored = restore_state(settings, store)
         producer = Producer(settings.kafka.producer_config())
+        if settings.topics.control:
+            control = ControlChannel(
+                settings.kafka.consumer_config(), settings.topics.control, settings.model.name
+            )
+
+        def _waiting(reason: str) -> None:
+            starting["reason"] = reason
+            heartbeat.beat()  # waiting for the broker is progress, not a stall
+
+        reachable = wait_for_kafka(
+            cluster_probe(producer, control),
+            settings.kafka.bootstrap_servers,
+            startup_stop.event,
+            _waiting,
+        )
+        if not reachable:
+            log.info("stopped while waiting for the Kafka cluster")
+            return 0
         registry_store = ModelRegistry(
             settings.registry.root,
             settings.model.name,
@@ -213,14 +317,6 @@ def run_service(
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
         publisher = ModelPublisher(settings, registry_store, events, metrics, crash=crash)
         publisher.reconcile(state)
-        control = None
-        if settings.topics.control:
-            try:
-                control = ControlChannel(
-                    settings.kafka.consumer_config(), settings.topics.control, settings.model.name
-                )
-            except ControlError as error:
-                raise StartupError(f"{error} (create it, or unset topics.control)") from None
 
         def make_source(service: Service) -> KafkaSource:
             return KafkaSource(
@@ -268,6 +364,8 @@ def run_service(
         except RetentionGap as gap:
             raise StartupError(str(gap)) from None
     finally:
+        if control is not None and "service" not in service_ref:
+            control.close()  # else the service closed it
         if isinstance(trainer, FullBatchTrainer):
             trainer.close()
         if unit_decoder is not None:

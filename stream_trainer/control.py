@@ -50,7 +50,10 @@ def send_command(
 
 
 class ControlChannel:
-    """Reads commands addressed to ``model`` from every partition of ``topic``."""
+    """Reads commands addressed to ``model`` from every partition of ``topic``.
+
+    Construction does no I/O; :meth:`connect` finds the topic's partitions and assigns them.
+    """
 
     def __init__(self, consumer_config: dict[str, Any], topic: str, model: str) -> None:
         conf = {k: v for k, v in consumer_config.items() if not k.endswith("_cb")}
@@ -58,19 +61,36 @@ class ControlChannel:
         conf["enable.auto.commit"] = False
         conf.pop("statistics.interval.ms", None)
         self._model = model
+        self._topic = topic
         self._consumer = Consumer(conf)
+        self.connected = False
+
+    def connect(self, timeout_s: float) -> str | None:
+        """One metadata request for the topic: None once its partitions are assigned (at
+        their end), else why not (the cluster did not answer, or the topic does not exist).
+        """
+        if self.connected:
+            return None
         try:
-            metadata = self._consumer.list_topics(topic, timeout=10.0)
+            metadata = self._consumer.list_topics(self._topic, timeout=timeout_s)
         except KafkaException as error:
-            raise ControlError(f"control topic {topic} unavailable: {error}") from error
-        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-        if not partitions:
-            raise ControlError(f"control topic {topic} does not exist")
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+            return f"the cluster did not answer: {error.args[0].str() if error.args else error}"
+        found = metadata.topics.get(self._topic)
+        if found is None or not found.partitions:
+            return (
+                f"control topic {self._topic} does not exist (create it, or unset topics.control)"
+            )
+        self._consumer.assign(
+            [TopicPartition(self._topic, p, OFFSET_END) for p in found.partitions]
+        )
+        self.connected = True
+        return None
 
     def poll(self) -> list[str]:
         """Commands received since the last call (non-blocking)."""
-        commands = []
+        commands: list[str] = []
+        if not self.connected:
+            return commands
         for message in self._consumer.consume(num_messages=100, timeout=0):
             if message.error() is not None:
                 continue

@@ -9,15 +9,20 @@ Context bound with :func:`bind` (a contextvar, so it follows the current thread 
 task; new threads start empty) and ``extra=`` fields become top-level keys.
 Values of keys that look secret (password, secret, key, token) and every string
 registered with :func:`register_secret` are masked, in the message, fields and
-tracebacks alike.
+tracebacks alike. A warning or error that repeats (a broker outage makes librdkafka and
+the consumer say the same thing many times a second) is shown once, then at most once per
+``REPEAT_INTERVAL_S`` with ``repeated``: how many were held back since the last shown.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
+import time
+from collections.abc import Callable, Hashable
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
@@ -27,6 +32,12 @@ SECRET_KEY_PARTS: tuple[str, ...] = ("password", "secret", "key", "token")
 # Shorter registered values would mask unrelated text everywhere.
 MIN_SECRET_LENGTH = 4
 LIBRDKAFKA_LOGGER = "stream_trainer.librdkafka"
+REPEAT_INTERVAL_S = 10.0
+# Distinct repeat keys remembered; past that the oldest are forgotten (memory stays bounded).
+MAX_REPEAT_KEYS = 1024
+# Numbers that vary between otherwise identical lines ("after 3ms", "4 identical error(s)"),
+# not parts of an address (127.0.0.1:9092) or a name (consumer-2).
+_VOLATILE_NUMBER = re.compile(r"(?<![\w.:#/-])\d+(?:\.\d+)?(?![\d.:])")
 
 _context: ContextVar[dict[str, Any] | None] = ContextVar("stream_trainer_log_context", default=None)
 _secrets: set[str] = set()
@@ -153,6 +164,66 @@ class RedactionFilter(logging.Filter):
         return True
 
 
+# --- repeats -------------------------------------------------------------------------
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first of a repeated warning or error through, then at most one per
+    ``interval_s``, carrying ``repeated``: the lines held back since the previous one.
+
+    Lines repeat when logger, level, message (volatile numbers aside) and fields are the
+    same; only a field named ``reason`` is compared with its numbers aside too, so lines
+    about different partitions or error codes are never merged. Attach to a handler, before
+    :class:`RedactionFilter`. Thread-safe. Held-back lines are reported by the next one shown.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = REPEAT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        min_level: int = logging.WARNING,
+    ) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._min_level = min_level
+        self._lock = threading.Lock()
+        # key -> [monotonic time the last line was shown, lines held back since]
+        self._seen: dict[Hashable, list[float]] = {}
+
+    @staticmethod
+    def _key(record: logging.LogRecord) -> Hashable:
+        fields = []
+        for key, value in sorted(vars(record).items()):
+            if key in _RECORD_ATTRS:
+                continue
+            text = repr(value)
+            fields.append((key, _VOLATILE_NUMBER.sub("#", text) if key == "reason" else text))
+        message = _VOLATILE_NUMBER.sub("#", record.getMessage())
+        return (record.name, record.levelno, message, tuple(fields))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self._min_level:
+            return True
+        key = self._key(record)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None:
+                if len(self._seen) >= MAX_REPEAT_KEYS:
+                    del self._seen[next(iter(self._seen))]
+                self._seen[key] = [now, 0]
+                return True
+            if now - seen[0] < self._interval_s:
+                seen[1] += 1
+                return False
+            held_back = int(seen[1])
+            seen[0], seen[1] = now, 0
+        if held_back:
+            record.repeated = held_back
+        return True
+
+
 # --- formatting ------------------------------------------------------------------------
 
 
@@ -214,16 +285,20 @@ def configure_logging(
     level: str = "INFO",
     fmt: Literal["json", "text"] = "json",
     stream: IO[str] | None = None,
+    repeat_interval_s: float = REPEAT_INTERVAL_S,
 ) -> logging.Handler:
     """Route every logger (root) to ``stream`` (default stdout) in ``fmt``; idempotent.
 
-    Replaces the handler a previous call installed, leaves others alone. Returns
+    Repeated warnings and errors are rate-limited (see :class:`RepeatFilter`; 0 turns it
+    off). Replaces the handler a previous call installed, leaves others alone. Returns
     the installed handler.
     """
     if fmt not in ("json", "text"):
         raise ValueError(f"log format must be 'json' or 'text', got {fmt!r}")
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if repeat_interval_s > 0:
+        handler.addFilter(RepeatFilter(repeat_interval_s))
     handler.addFilter(RedactionFilter())
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

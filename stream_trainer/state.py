@@ -96,6 +96,10 @@ class TrainingState:
     retrain_wanted: str | None = None
     retrains: int = 0
     halted: dict[TopicPartitionKey, str] = field(default_factory=dict)
+    # The trigger of the retrain in progress, until the gate has judged it: a retrain a
+    # stop or crash abandoned runs again after the restart. Last, with a class default, so
+    # checkpoints written before it existed still load.
+    retrain_running: str | None = None
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""

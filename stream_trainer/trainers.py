@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -179,6 +181,31 @@ class RetrainOutcome:
     reason: str
 
 
+T = TypeVar("T")
+
+
+def run_in_daemon_thread(name: str, fn: Callable[[], T]) -> Future[T]:
+    """``fn()`` on a new daemon thread; its result or exception in the returned future.
+
+    A daemon thread, unlike an executor's worker, is not joined at interpreter exit: a stop
+    can abandon a fit that is still running (a thread cannot be killed) and exit on time.
+    """
+    future: Future[T] = Future()
+
+    def _target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn()
+        except BaseException as error:  # re-raised on the poll thread by future.result()
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    threading.Thread(target=_target, name=name, daemon=True).start()
+    return future
+
+
 class FullBatchTrainer:
     """Keeps a bounded window; refits a fresh clone on it off the poll thread.
 
@@ -200,7 +227,6 @@ class FullBatchTrainer:
         self._task = settings.model.task
         self._metric = settings.evaluation_metrics()[0]
         self._labels = settings.record.labels
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrain")
         self._running: Future[tuple[ModelAdapter, float]] | None = None
         self._running_meta: dict[str, Any] = {}
         self._last_retrain = time.monotonic()
@@ -268,9 +294,11 @@ class FullBatchTrainer:
             and state.retrain_wanted is None
         ):
             state.retrain_wanted = "time"
-        if state.retrain_wanted is None or state.window.size < self._cfg.min_records:
+        # A retrain a stop or crash abandoned before the gate judged it comes first.
+        trigger = state.retrain_running or state.retrain_wanted
+        if trigger is None or state.window.size < self._cfg.min_records:
             return None
-        self._start(state, state.retrain_wanted, now)
+        self._start(state, trigger, now)
         return None
 
     def _start(self, state: TrainingState, trigger: str, now: float) -> None:
@@ -287,8 +315,12 @@ class FullBatchTrainer:
             "trained_on": split,
             "started": time.perf_counter(),
         }
-        self._running = self._executor.submit(self._fit, candidate, X[:split], y[:split], w[:split])
-        state.retrain_wanted = None
+        self._running = run_in_daemon_thread(
+            "retrain", lambda: self._fit(candidate, X[:split], y[:split], w[:split])
+        )
+        if state.retrain_running is None:  # a resumed retrain keeps any newer trigger waiting
+            state.retrain_wanted = None
+        state.retrain_running = trigger
         state.records_since_retrain = 0
         self._last_retrain = now
         log.info("full retrain started", extra={"trigger": trigger, "records": split})
@@ -310,6 +342,7 @@ class FullBatchTrainer:
         future, meta = self._running, self._running_meta
         self._running = None
         candidate, fit_seconds = future.result()  # a failing fit is a bug: let it raise
+        state.retrain_running = None  # judged below: done, whatever the verdict
         X_hold, y_hold = meta["holdout"]
         champion_score: float | None = None
         if len(y_hold) and state.model.is_fitted():
@@ -365,10 +398,16 @@ class FullBatchTrainer:
         )
 
     def close(self) -> None:
-        """Abandon a running retrain (it is re-triggered after a restart). Idempotent."""
+        """Abandon a running retrain, at once, in either fit mode. Idempotent.
+
+        The worker's child is killed; a fit on a thread cannot be killed, so its daemon
+        thread is left to the process's exit and its result is never used. The retrain's
+        trigger stays in ``state.retrain_running`` (checkpointed), so the next start runs it
+        again.
+        """
         if self._fit_worker is not None:
             self._fit_worker.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._running = None
 
 
 def build_trainer(

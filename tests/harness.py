@@ -53,8 +53,10 @@ def service_config(
     mode: str = "per_record",
     partitions: int = 1,
     overrides: dict[str, Any] | None = None,
+    create: bool = True,
 ) -> dict[str, Any]:
-    """A config for ``dataset`` on fresh topics; creates the topics. Deep-merges overrides."""
+    """A config for ``dataset`` on fresh topics; creates the topics unless ``create`` is
+    False (a broker that is not up yet). Deep-merges overrides."""
     ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
     name = unique(ds.name)
     dead_letter, versions, control = f"{name}.dlq", f"{name}.versions", f"{name}.control"
@@ -64,11 +66,12 @@ def service_config(
         "versions": versions,
         "control": control,
     }
-    create_topics(
-        bootstrap,
-        {name: partitions, dead_letter: 1, versions: 1, control: 1},
-        timeout=30.0,
-    )
+    if create:
+        create_topics(
+            bootstrap,
+            {name: partitions, dead_letter: 1, versions: 1, control: 1},
+            timeout=30.0,
+        )
     if ds.task == "regression":
         model = {
             "name": "model",

@@ -141,3 +141,87 @@ def test_librdkafka_logger_fields(stream: io.StringIO) -> None:
     assert line["client"] == "rdkafka#consumer-1"
     assert line["logger"] == "stream_trainer.librdkafka"
     assert line["level"] == "warning"
+
+
+# --- repeats ---------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def limited() -> Iterator[tuple[io.StringIO, _Clock]]:
+    out = io.StringIO()
+    clock = _Clock()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.RepeatFilter(10.0, clock=clock))
+    handler.addFilter(logs.RedactionFilter())
+    logger = logging.getLogger("stream_trainer.test.repeats")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield out, clock
+    logger.removeHandler(handler)
+    logger.propagate = True
+
+
+def test_repeated_warning_shown_once_per_interval_with_its_count(
+    limited: tuple[io.StringIO, _Clock],
+) -> None:
+    out, clock = limited
+    log = logging.getLogger("stream_trainer.test.repeats")
+    for i in range(200):  # 20 a second for 10 s, as during a broker outage
+        clock.now = 100.0 + i * 0.05
+        log.error("Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after %dms)", i % 3)
+    clock.now = 110.0
+    log.error("Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 7ms)")
+    clock.now = 111.0
+    log.error("Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 1ms)")
+    shown = lines(out)
+    assert [line.get("repeated") for line in shown] == [None, 199]
+    assert shown[0]["event"].endswith("(after 0ms)")
+
+
+def test_repeats_keep_lines_about_different_things_apart(
+    limited: tuple[io.StringIO, _Clock],
+) -> None:
+    out, _clock = limited
+    log = logging.getLogger("stream_trainer.test.repeats")
+    for _ in range(3):
+        log.error("partition halted", extra={"partition": "t:0", "reason": "ratio 0.9"})
+        log.error("partition halted", extra={"partition": "t:1", "reason": "ratio 0.95"})
+        log.warning("kafka error", extra={"code": "_TRANSPORT", "reason": "after 3ms"})
+        log.warning("kafka error", extra={"code": "_TRANSPORT", "reason": "after 4ms"})
+        log.warning("kafka error", extra={"code": "_ALL_BROKERS_DOWN", "reason": "1/1 down"})
+        log.warning("Connect to 10.0.0.1:9092 failed")
+        log.warning("Connect to 10.0.0.2:9092 failed")
+        log.info("info lines are never held back")
+    events = [(line["event"], line.get("partition"), line.get("code")) for line in lines(out)]
+    assert events.count(("partition halted", "t:0", None)) == 1
+    assert events.count(("partition halted", "t:1", None)) == 1
+    assert events.count(("kafka error", None, "_TRANSPORT")) == 1
+    assert events.count(("kafka error", None, "_ALL_BROKERS_DOWN")) == 1
+    assert events.count(("Connect to 10.0.0.1:9092 failed", None, None)) == 1
+    assert events.count(("Connect to 10.0.0.2:9092 failed", None, None)) == 1
+    assert events.count(("info lines are never held back", None, None)) == 3
+
+
+def test_configure_logging_limits_repeats_unless_turned_off() -> None:
+    root = logging.getLogger()
+    level = root.level
+    for interval, expected in ((logs.REPEAT_INTERVAL_S, 1), (0.0, 5)):
+        out = io.StringIO()
+        handler = logs.configure_logging("INFO", "json", stream=out, repeat_interval_s=interval)
+        try:
+            for _ in range(5):
+                logging.getLogger("stream_trainer.test").warning("broker down")
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(level)
+        assert len(lines(out)) == expected
