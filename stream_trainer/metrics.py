@@ -84,6 +84,8 @@ class Metrics:
     records_consumed: Counter
     # stream_trainer_records_learnt_total
     records_learnt: Counter
+    # stream_trainer_records_unscored_total (no prediction yet: left out of every metric)
+    records_unscored: Counter
     # stream_trainer_records_dead_lettered_total{reason}
     records_dead_lettered: Counter
     # stream_trainer_batches_total
@@ -185,6 +187,11 @@ def build_metrics(
     metrics = Metrics(
         records_consumed=Counter(f"{p}_records_consumed", "Records read from Kafka.", **r),
         records_learnt=Counter(f"{p}_records_learnt", "Records the model has learnt.", **r),
+        records_unscored=Counter(
+            f"{p}_records_unscored",
+            "Records the model had no prediction for (cold start): not in the prequential metrics.",
+            **r,
+        ),
         records_dead_lettered=Counter(
             f"{p}_records_dead_lettered",
             "Records sent to the dead-letter topic, by reason.",
