@@ -319,15 +319,23 @@ def run_service(
         publisher.reconcile(state)
 
         def make_source(service: Service) -> KafkaSource:
-            return KafkaSource(
-                settings.kafka.consumer_config(),
+            consumer_config = settings.kafka.consumer_config()
+            lag = LagTracker(
+                metrics,
+                read_committed=consumer_config.get("isolation.level") != "read_uncommitted",
+            )
+            source = KafkaSource(
+                consumer_config,
                 settings.topics.input,
                 service,
                 on_error=service.on_kafka_error,
-                on_stats=LagTracker(metrics).on_stats,
+                on_stats=lag.on_stats,
                 accept_retention_gap=settings.checkpoint.accept_retention_gap,
                 on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
             )
+            # The service's next offsets, read on the poll thread that moves them.
+            lag.attach(source, lambda: service.state.offsets)
+            return source
 
         service = Service(
             settings,

@@ -235,6 +235,29 @@ class KafkaSource:
         """Move an owned partition's fetch position (used after a state reload)."""
         self._consumer.seek(TopicPartition(key[0], key[1], offset))
 
+    # -- lag (read by metrics.LagTracker from the statistics callback) ---------------------
+
+    @property
+    def paused(self) -> frozenset[TopicPartitionKey]:
+        """Owned partitions not being fetched (halted by the breaker or paused by command)."""
+        return frozenset(self._paused & self._owned)
+
+    def query_watermarks(self, key: TopicPartitionKey, timeout_s: float) -> tuple[int, int] | None:
+        """``(log start, end offset)`` of ``key`` asked from the broker now, not the fetch
+        cache (stale for a paused partition); None if it does not answer within ``timeout_s``.
+        """
+        try:
+            marks = self._consumer.get_watermark_offsets(
+                TopicPartition(key[0], key[1]), timeout=timeout_s, cached=False
+            )
+        except KafkaException as error:
+            # Lag is monitoring: a broker that does not answer must not stop training.
+            log.debug("watermark query failed", extra={"reason": str(error)})
+            return None
+        if marks is None:
+            return None
+        return int(marks[0]), int(marks[1])
+
     def close(self, timeout_s: float) -> bool:
         """Leave the group; bounded because ``close()`` can hang on an unreachable broker.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -360,6 +361,7 @@ class Snapshot:
     """The numbers the demo shows, read from one scrape."""
 
     learnt: int = 0
+    unscored: int = 0  # learnt without a prediction (cold start): not in the metrics
     consumed: int = 0
     dead_lettered: int = 0
     dead_by_reason: dict[str, int] = field(default_factory=dict)
@@ -384,6 +386,8 @@ class Snapshot:
             label = {k: v.strip('"') for k, v in label.items()}
             if short == "records_learnt_total":
                 snap.learnt = int(value)
+            elif short == "records_unscored_total":
+                snap.unscored = int(value)
             elif short == "records_consumed_total":
                 snap.consumed = int(value)
             elif short == "records_dead_lettered_total":
@@ -425,10 +429,12 @@ class Progress:
 
     def update(self, snap: Snapshot, rate: float, force: bool = False) -> None:
         value = snap.window.get(self._metric)
-        shown = f"{value:.4f}" if value is not None else "-"
+        # NaN: nothing scored yet (no prediction before the first fit), not a score of 0.
+        shown = f"{value:.4f}" if value is not None and not math.isnan(value) else "-"
+        unscored = f" ({snap.unscored} unscored)" if snap.unscored else ""
         line = (
             f"progress: learnt {snap.learnt}/{self._total}  dead-lettered "
-            f"{snap.dead_lettered}  {rate:,.0f} rec/s  {self._metric} {shown}  "
+            f"{snap.dead_lettered}  {rate:,.0f} rec/s  {self._metric} {shown}{unscored}  "
             f"model v{snap.model_version}  drifts {snap.drifts}"
         )
         if self._tty:

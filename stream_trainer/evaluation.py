@@ -4,13 +4,13 @@ Everything here is picklable (it travels in checkpoints) and batch-oriented: cal
 :meth:`PrequentialEvaluator.update` once per batch of predictions, not once per record
 (numpy's per-call cost would dominate a one-record update).
 
-Missing predictions ("no prediction yet", see :mod:`stream_trainer.learners`):
-
-- classification: a ``None`` / unknown / NaN label counts as an error in accuracy, f1 and
-  macro_f1; a NaN probability is left out of log_loss and roc_auc;
-- regression: a NaN prediction is left out of every metric;
-- in both cases the error signal returned for drift is NaN, which :class:`DriftMonitor`
-  skips, so a cold start does not look like a change.
+Missing predictions ("no prediction yet", see :mod:`stream_trainer.learners`) are not
+scored, River's convention (``progressive_val_score`` skips an empty prediction): a record
+whose label is ``None`` / unknown / NaN (classification) or whose value is NaN
+(regression) is left out of every metric, window and since start, and counted in
+:attr:`PrequentialEvaluator.unscored`. A NaN probability beside a label is left out of
+log_loss and roc_auc only. The error signal returned for drift is NaN for an unscored
+record, which :class:`DriftMonitor` skips, so a cold start does not look like a change.
 
 A metric with nothing to measure (no records, one class only for roc_auc) is NaN.
 """
@@ -90,7 +90,11 @@ def _classification_values(
     proba: np.ndarray | None,
     n_labels: int,
 ) -> dict[str, float]:
-    """Classification metrics of aligned arrays (pred -1 = no prediction)."""
+    """Classification metrics of aligned arrays (rows with pred -1, no prediction, ignored)."""
+    scored = pred_idx >= 0
+    if not scored.all():  # only in windows restored from checkpoints that kept them
+        true_idx, pred_idx = true_idx[scored], pred_idx[scored]
+        proba = None if proba is None else proba[scored]
     out: dict[str, float] = {}
     n = len(true_idx)
     correct = true_idx == pred_idx
@@ -122,7 +126,8 @@ def _binary_counts(true_idx: np.ndarray, pred_idx: np.ndarray) -> tuple[float, f
 
 
 def _confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n_labels: int) -> np.ndarray:
-    """(n_labels, n_labels + 1) counts; the last column holds "no prediction"."""
+    """(n_labels, n_labels + 1) counts; the last column holds "no prediction" (kept so
+    checkpoints whose confusion counted unscored records there still load; ignored)."""
     width = n_labels + 1
     pred_col = np.where(pred_idx < 0, n_labels, pred_idx)
     flat = true_idx * width + pred_col
@@ -133,9 +138,10 @@ def _confusion(true_idx: np.ndarray, pred_idx: np.ndarray, n_labels: int) -> np.
 def _macro_f1(confusion: np.ndarray) -> float:
     """Mean F1 over the labels that occur as truth or prediction (sklearn's default set)."""
     n_labels = confusion.shape[0]
-    tp = np.diag(confusion[:, :n_labels]).astype(np.float64)
-    support = confusion.sum(axis=1)
-    predicted = confusion[:, :n_labels].sum(axis=0)
+    scored = confusion[:, :n_labels]
+    tp = np.diag(scored).astype(np.float64)
+    support = scored.sum(axis=1)
+    predicted = scored.sum(axis=0)
     present = (support + predicted) > 0
     if not present.any():
         return math.nan
@@ -259,6 +265,16 @@ class PrequentialEvaluator:
         """Records passed to :meth:`update` so far (including those without a prediction)."""
         return self._count
 
+    @property
+    def unscored(self) -> int:
+        """Records passed to :meth:`update` without a prediction (not in any metric).
+
+        Derived from the since-start counts, so evaluators checkpointed before unscored
+        records were set apart report theirs too."""
+        if self._classification:
+            return self._count - int(self._confusion[:, : self._n_labels].sum())
+        return self._count - self._n
+
     def _push(self, *columns: tuple[np.ndarray, np.ndarray]) -> None:
         """Write aligned (buffer, values) pairs into the ring, keeping the newest ``window``."""
         n = len(columns[0][1])
@@ -303,6 +319,13 @@ class PrequentialEvaluator:
             raise ValueError("y_true holds a label outside record.labels")
         pred_idx = _encode(y_pred, self._lut)
         p = np.full(len(true_idx), np.nan) if proba is None else np.asarray(proba, np.float64)
+        errors: np.ndarray = (true_idx != pred_idx).astype(np.float64)
+        scored = pred_idx >= 0
+        if not scored.all():  # a cold start: the usual unit copies nothing
+            errors[~scored] = np.nan
+            true_idx, pred_idx, p = true_idx[scored], pred_idx[scored], p[scored]
+            if not len(true_idx):
+                return errors
         self._push((self._buf_true, true_idx), (self._buf_pred, pred_idx), (self._buf_proba, p))
         self._confusion += _confusion(true_idx, pred_idx, self._n_labels)
         if self.task == "binary_classification":
@@ -314,20 +337,17 @@ class PrequentialEvaluator:
             positive = true_idx[known] == 1
             self._pos_hist += np.bincount(bins[positive], minlength=_AUC_BINS)
             self._neg_hist += np.bincount(bins[~positive], minlength=_AUC_BINS)
-        errors: np.ndarray = (true_idx != pred_idx).astype(np.float64)
-        errors[pred_idx < 0] = np.nan
         return errors
 
     def _update_regression(self, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
         t = np.asarray(y_true, dtype=np.float64)
         p = _as_float(y_pred)
-        self._push((self._buf_true_f, t), (self._buf_pred_f, p))
         errors: np.ndarray = np.abs(t - p)
         known = ~np.isnan(p)
-        tk = t[known]
+        tk, pk, e = (t, p, errors) if known.all() else (t[known], p[known], errors[known])
         m = len(tk)
         if m:
-            e = errors[known]
+            self._push((self._buf_true_f, tk), (self._buf_pred_f, pk))
             self._abs_sum += float(e.sum())
             self._sq_sum += float((e**2).sum())
             batch_mean = float(tk.mean())
@@ -366,7 +386,7 @@ class PrequentialEvaluator:
         out: dict[str, float] = {}
         if self._classification:
             confusion = self._confusion
-            n = int(confusion.sum())
+            n = int(confusion[:, : self._n_labels].sum())
             for metric in self.metrics:
                 if n == 0:
                     out[metric] = math.nan
@@ -375,7 +395,7 @@ class PrequentialEvaluator:
                 elif metric == "f1":
                     tp = float(confusion[1, 1])
                     fp = float(confusion[0, 1])
-                    fn = float(confusion[1].sum()) - tp
+                    fn = float(confusion[1, : self._n_labels].sum()) - tp
                     out[metric] = _f1(tp, fp, fn)
                 elif metric == "macro_f1":
                     out[metric] = _macro_f1(confusion)

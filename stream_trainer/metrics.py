@@ -17,10 +17,11 @@ import contextlib
 import json
 import platform
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,6 +36,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from stream_trainer.ledger import TopicPartitionKey
 from stream_trainer.records import REASONS
 
 PREFIX = "stream_trainer"
@@ -82,6 +84,8 @@ class Metrics:
     records_consumed: Counter
     # stream_trainer_records_learnt_total
     records_learnt: Counter
+    # stream_trainer_records_unscored_total (no prediction yet: left out of every metric)
+    records_unscored: Counter
     # stream_trainer_records_dead_lettered_total{reason}
     records_dead_lettered: Counter
     # stream_trainer_batches_total
@@ -185,6 +189,11 @@ def build_metrics(
     metrics = Metrics(
         records_consumed=Counter(f"{p}_records_consumed", "Records read from Kafka.", **r),
         records_learnt=Counter(f"{p}_records_learnt", "Records the model has learnt.", **r),
+        records_unscored=Counter(
+            f"{p}_records_unscored",
+            "Records the model had no prediction for (cold start): not in the prequential metrics.",
+            **r,
+        ),
         records_dead_lettered=Counter(
             f"{p}_records_dead_lettered",
             "Records sent to the dead-letter topic, by reason.",
@@ -218,7 +227,8 @@ def build_metrics(
         ),
         consumer_lag=Gauge(
             f"{p}_consumer_lag_records",
-            "Records behind the high watermark per partition (librdkafka statistics).",
+            "Records between the end of each owned partition (paused or halted included) "
+            "and the next offset the service learns.",
             ["topic", "partition"],
             **r,
         ),
@@ -328,59 +338,146 @@ def build_metrics(
     return metrics
 
 
-def parse_lag_stats(stats_json: str) -> dict[tuple[str, int], int]:
-    """``{(topic, partition): consumer_lag}`` from a librdkafka statistics JSON string.
+# The statistics callback runs on the poll thread: asking the broker for the end offsets of
+# partitions it does not fetch blocks the loop at most this long per statistics interval.
+LAG_QUERY_BUDGET_S = 0.5
 
-    Skips the internal partition -1 and partitions whose lag is unknown (-1, e.g.
-    not assigned or nothing committed yet). ``consumer_lag`` is measured from the
-    committed offset, which this service commits only after a durable checkpoint:
-    it is the lag of what would survive a crash.
+
+class LagSource(Protocol):
+    """What :class:`LagTracker` reads from the consumer (``KafkaSource``)."""
+
+    @property
+    def owned(self) -> frozenset[TopicPartitionKey]:
+        """Partitions assigned to this member."""
+
+    @property
+    def paused(self) -> frozenset[TopicPartitionKey]:
+        """Owned partitions not being fetched (halted or paused)."""
+
+    def query_watermarks(self, key: TopicPartitionKey, timeout_s: float) -> tuple[int, int] | None:
+        """(log start, end offset) asked from the broker now; None if it did not answer."""
+
+
+@dataclass(frozen=True)
+class StatsOffsets:
+    """One partition's offsets in a librdkafka statistics payload (-1 = unknown)."""
+
+    log_start: int
+    end: int
+
+
+def parse_partition_offsets(
+    stats_json: str, read_committed: bool = True
+) -> dict[TopicPartitionKey, StatsOffsets]:
+    """``{(topic, partition): StatsOffsets}`` from a librdkafka statistics JSON string.
+
+    The end is ``ls_offset`` (last stable offset) under ``read_committed`` (librdkafka's
+    default isolation level), else ``hi_offset``: what librdkafka's own ``consumer_lag``
+    uses. Both come from fetch responses, so they are stale for a partition not fetched.
+    Skips the internal partition -1.
     """
     stats = json.loads(stats_json)
-    lags: dict[tuple[str, int], int] = {}
-    topics = stats.get("topics") or {}
-    for topic, tstats in topics.items():
+    end_field = "ls_offset" if read_committed else "hi_offset"
+    out: dict[TopicPartitionKey, StatsOffsets] = {}
+    for topic, tstats in (stats.get("topics") or {}).items():
         for key, pstats in (tstats.get("partitions") or {}).items():
             partition = int(pstats.get("partition", key))
-            lag = pstats.get("consumer_lag", -1)
-            if partition < 0 or not isinstance(lag, int) or lag < 0:
+            if partition < 0:
                 continue
-            lags[(topic, partition)] = lag
-    return lags
+            out[(topic, partition)] = StatsOffsets(
+                _offset(pstats.get("lo_offset")),
+                _offset(pstats.get(end_field)),
+            )
+    return out
 
 
-def update_lag_from_stats(metrics: Metrics, stats_json: str) -> dict[tuple[str, int], int]:
-    """Set the lag gauge from one librdkafka statistics payload; returns what was set.
-
-    Stateless: partitions that disappear keep their last value. Use
-    :class:`LagTracker` to also remove series of partitions no longer reported.
-    """
-    lags = parse_lag_stats(stats_json)
-    for (topic, partition), lag in lags.items():
-        metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
-    return lags
+def _offset(value: Any) -> int:
+    """A statistics offset, or -1 when absent or one of librdkafka's logical offsets."""
+    return value if isinstance(value, int) and value >= 0 else -1
 
 
 class LagTracker:
-    """Keeps the lag gauge in line with the partitions librdkafka reports.
+    """Sets ``consumer_lag_records`` for every owned partition, paused or not.
 
-    ``on_stats`` fits confluent_kafka's ``stats_cb`` (called on the poll thread);
-    a partition reported with an unknown lag or missing (revoked) is removed, so a
-    revoked partition does not show a stale lag forever.
+    Lag = end offset - the service's position (the next offset it learns; the log start
+    for a partition it has no position for, where it starts without a checkpoint). The
+    end offset comes from the statistics for fetched partitions; for paused or halted
+    ones librdkafka stops fetching and its statistics keep the end of the last fetch
+    (``consumer_lag`` reads 0 exactly while nothing is learnt), so those are asked from
+    the broker, within :data:`LAG_QUERY_BUDGET_S` per statistics payload (partitions
+    left over keep their last value and go first next time).
+
+    ``on_stats`` fits confluent_kafka's ``stats_cb`` (called on the poll thread, the one
+    that moves the positions); series of partitions no longer owned are removed.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        read_committed: bool = True,
+        budget_s: float = LAG_QUERY_BUDGET_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._metrics = metrics
+        self._read_committed = read_committed
+        self._budget_s = budget_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._seen: set[tuple[str, int]] = set()
+        self._seen: set[TopicPartitionKey] = set()
+        self._source: LagSource | None = None
+        self._positions: Callable[[], Mapping[TopicPartitionKey, int]] = dict
+        self._queue_first: list[TopicPartitionKey] = []  # not queried last time: go first
+
+    def attach(
+        self, source: LagSource, positions: Callable[[], Mapping[TopicPartitionKey, int]]
+    ) -> None:
+        """Read owned / paused partitions from ``source`` and the service's next offsets
+        from ``positions`` (statistics arriving before this are ignored)."""
+        self._source = source
+        self._positions = positions
 
     def on_stats(self, stats_json: str) -> None:
         """Update from one statistics payload (the ``stats_cb`` signature)."""
+        source = self._source
+        if source is None:
+            return
         with self._lock:
-            current = update_lag_from_stats(self._metrics, stats_json)
-            for topic, partition in self._seen - current.keys():
+            lags = self._lags(source, parse_partition_offsets(stats_json, self._read_committed))
+            for topic, partition in self._seen - source.owned:
                 self._remove(topic, partition)
-            self._seen = set(current)
+            for (topic, partition), lag in lags.items():
+                self._metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+            self._seen = (self._seen & source.owned) | lags.keys()
+
+    def _lags(
+        self, source: LagSource, stats: Mapping[TopicPartitionKey, StatsOffsets]
+    ) -> dict[TopicPartitionKey, int]:
+        """Lag of each owned partition whose end and position are known now."""
+        owned, paused, positions = source.owned, source.paused, self._positions()
+        deadline = self._clock() + self._budget_s
+        first = [k for k in self._queue_first if k in owned]
+        order = first + sorted(owned - set(first))
+        self._queue_first = []
+        lags: dict[TopicPartitionKey, int] = {}
+        for key in order:
+            seen = stats.get(key, StatsOffsets(-1, -1))
+            end, position = seen.end, positions.get(key)
+            if position is None and seen.log_start >= 0:
+                position = seen.log_start  # nothing learnt, no checkpoint: starts there
+            if key in paused or end < 0 or position is None:
+                remaining = deadline - self._clock()
+                marks = source.query_watermarks(key, remaining) if remaining > 0 else None
+                if marks is None:
+                    self._queue_first.append(key)
+                    continue
+                # The end never moves back: the larger of the two is the fresher (and some
+                # brokers answer ListOffsets with less than their fetch responses say).
+                end = max(end, marks[1])
+                position = marks[0] if position is None else position
+            if end >= 0 and position is not None:
+                lags[key] = max(0, end - position)
+        return lags
 
     def clear(self) -> None:
         """Remove every lag series (e.g. on close)."""

@@ -333,6 +333,7 @@ class Service:
         """Per-unit metric updates (never per record)."""
         state, m = self.state, self._metrics
         m.records_learnt.inc(result.learnt)
+        m.records_unscored.inc(result.unscored)
         m.batches.inc()
         m.batch_size.observe(consumed)
         if result.learn_seconds:

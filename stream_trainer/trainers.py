@@ -51,6 +51,7 @@ class UnitResult:
     refused: list[Refusal]
     predict_seconds: float
     learn_seconds: float
+    unscored: int = 0  # records without a prediction (cold start): not in any metric
 
 
 def _refused(batch: DecodedBatch, row: int, error: BaseException) -> Refusal:
@@ -63,10 +64,11 @@ def _score(
     keep: np.ndarray,
     predictions: np.ndarray,
     proba: np.ndarray | None,
-) -> list[int]:
+) -> tuple[list[int], int]:
     """Prequential update, drift detection and the gate's recent-records ring.
 
-    Returns the positions (among the kept rows) where drift was detected."""
+    Returns the positions (among the kept rows) where drift was detected, and how many
+    rows had no prediction to score."""
     y = batch.y[keep]
     preds = predictions[keep]
     errors = state.evaluator.update(y, preds, None if proba is None else proba[keep])
@@ -82,7 +84,7 @@ def _score(
             )
     weights = None if batch.weights is None else batch.weights[keep]
     state.recent.extend(batch.X[keep], y, preds, weights)
-    return detected
+    return detected, int(np.count_nonzero(np.isnan(errors)))
 
 
 class Trainer(Protocol):
@@ -129,11 +131,11 @@ class PerRecordTrainer:
         keep = np.ones(n, dtype=bool)
         keep[refused_rows] = False
         elapsed = time.perf_counter() - started
-        _score(state, batch, keep, predictions, proba)
+        _detected, unscored = _score(state, batch, keep, predictions, proba)
         learnt = int(keep.sum())
         state.records_learnt += learnt
         # predict and learn interleave per record; the split is not measured separately.
-        return UnitResult(learnt, refused, 0.0, elapsed)
+        return UnitResult(learnt, refused, 0.0, elapsed, unscored)
 
 
 class MiniBatchTrainer:
@@ -161,10 +163,12 @@ class MiniBatchTrainer:
                     keep[i] = False
                     refused.append(_refused(batch, i, error))
         t2 = time.perf_counter()
-        _score(state, batch, keep, np.asarray(predictions, dtype=object), proba)
+        _detected, unscored = _score(
+            state, batch, keep, np.asarray(predictions, dtype=object), proba
+        )
         learnt = int(keep.sum())
         state.records_learnt += learnt
-        return UnitResult(learnt, refused, t1 - t0, t2 - t1)
+        return UnitResult(learnt, refused, t1 - t0, t2 - t1, unscored)
 
 
 @dataclass
@@ -250,7 +254,7 @@ class FullBatchTrainer:
             predictions, proba = np.full(n, None, dtype=object), None
         t1 = time.perf_counter()
         keep = np.ones(n, dtype=bool)
-        detected = _score(state, batch, keep, predictions, proba)
+        detected, unscored = _score(state, batch, keep, predictions, proba)
         state.window.extend(batch.X, batch.y, None, batch.weights)
         if detected and self._cfg.retrain_on_drift:
             # A refit on a window of the old concept would restore the old concept: keep
@@ -267,7 +271,7 @@ class FullBatchTrainer:
             and state.retrain_wanted is None
         ):
             state.retrain_wanted = "count"
-        return UnitResult(n, [], t1 - t0, 0.0)
+        return UnitResult(n, [], t1 - t0, 0.0, unscored)
 
     @staticmethod
     def _restart_window(state: TrainingState, keep_last: int) -> None:

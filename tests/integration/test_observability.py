@@ -281,7 +281,7 @@ def test_metrics_scraped_by_prometheus(
     )
     print(f"\n[{broker.name}] learn rate seen by Prometheus: {float(rate[0]['value'][1]):.0f}/s")
 
-    # Lag back to 0 once everything is learnt (lag counts from committed offsets).
+    # Lag back to 0 once everything is learnt.
     learnt = f'stream_trainer_records_learnt_total{{job="{JOB}"}} >= {backlog}'
     lag = f'stream_trainer_consumer_lag_records{{job="{JOB}",topic="{topic}"}}'
     prom.wait_query(f"{lag} == 0 and on(instance) ({learnt})", "lag back to 0 after the backlog")

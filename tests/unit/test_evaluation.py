@@ -130,7 +130,7 @@ def test_ring_buffer_wraps_around() -> None:
     assert evaluator.count == 44
 
 
-def test_missing_predictions() -> None:
+def test_missing_predictions_are_not_scored() -> None:
     evaluator = PrequentialEvaluator(
         "binary_classification", ["accuracy", "log_loss", "roc_auc"], 100, [False, True]
     )
@@ -141,10 +141,12 @@ def test_missing_predictions() -> None:
     assert np.isnan(errors[:2]).all()
     assert errors[2:].tolist() == [0.0, 0.0]
     window = evaluator.window_values()
-    assert window["accuracy"] == 0.5  # missing predictions count as errors
+    assert window["accuracy"] == 1.0  # River's convention: no prediction, no score
+    assert evaluator.total_values()["accuracy"] == 1.0
     assert window["log_loss"] == pytest.approx(skm.log_loss([True, False], [0.9, 0.2]))
     assert window["roc_auc"] == 1.0
     assert evaluator.total_values()["log_loss"] == pytest.approx(window["log_loss"])
+    assert (evaluator.count, evaluator.unscored) == (4, 2)
 
     regression = PrequentialEvaluator("regression", ["mae"], 10, None)
     errors = regression.update(
@@ -154,7 +156,79 @@ def test_missing_predictions() -> None:
     assert errors[1] == 0.5
     assert regression.window_values()["mae"] == 0.5  # missing predictions are skipped
     assert regression.total_values()["mae"] == 0.5
-    assert regression.count == 3
+    assert (regression.count, regression.unscored) == (3, 2)
+
+
+@pytest.mark.parametrize("batch", [1, 37, 5000])
+def test_cold_start_then_scored_matches_sklearn_on_the_scored_records(batch: int) -> None:
+    """A first unit without predictions (mini_batch / full_batch before the first fit)
+    changes no metric: window and since-start values are sklearn's on the scored records,
+    and the window holds the last `window` scored ones."""
+    y, pred, proba = binary_stream(3000, seed=7)
+    cold = 1000
+    pred = pred.copy()
+    pred[:cold] = None
+    proba = proba.copy()
+    proba[:cold] = np.nan
+    names = ["accuracy", "f1", "macro_f1", "log_loss", "roc_auc"]
+    evaluator = PrequentialEvaluator("binary_classification", names, 700, BINARY)
+    feed(evaluator, y, pred, proba, batch=batch)
+    assert (evaluator.count, evaluator.unscored) == (3000, cold)
+    expected_total = sklearn_binary(y[cold:], pred[cold:], proba[cold:])
+    expected_window = sklearn_binary(y[-700:], pred[-700:], proba[-700:])
+    for got, want in (
+        (evaluator.total_values(), expected_total),
+        (evaluator.window_values(), expected_window),
+    ):
+        for name in names:
+            assert got[name] == pytest.approx(
+                want[name], abs=2e-4 if name == "roc_auc" else 1e-9
+            ), name
+
+    multi = PrequentialEvaluator("multiclass_classification", ["accuracy", "macro_f1"], 50, MULTI)
+    truth = np.array([0, 1, 2, 3] * 10)
+    guess = np.array([None] * 8 + [0, 1, 2, 0] * 8, dtype=object)
+    multi.update(truth, guess, None)
+    assert multi.unscored == 8
+    assert multi.total_values()["accuracy"] == pytest.approx(0.75)
+    assert multi.total_values()["macro_f1"] == pytest.approx(
+        skm.f1_score(truth[8:], guess[8:].astype(int), average="macro")
+    )
+    assert multi.window_values() == multi.total_values()
+
+
+def test_a_unit_with_nothing_scored_leaves_every_metric_undefined() -> None:
+    evaluator = PrequentialEvaluator("binary_classification", ["accuracy", "f1"], 10, [0, 1])
+    errors = evaluator.update(np.array([0, 1, 1]), np.full(3, None, dtype=object), None)
+    assert np.isnan(errors).all()
+    assert all(math.isnan(v) for v in evaluator.window_values().values())
+    assert all(math.isnan(v) for v in evaluator.total_values().values())
+    assert math.isnan(evaluator.score())
+    regression = PrequentialEvaluator("regression", ["rmse", "r2"], 10, None)
+    regression.update(np.array([1.0, 2.0]), np.full(2, np.nan), None)
+    assert regression.unscored == 2
+    assert all(math.isnan(v) for v in regression.window_values().values())
+
+
+def test_evaluator_checkpointed_when_unscored_records_counted_as_errors() -> None:
+    """An evaluator pickled by the previous release kept unscored records in its window
+    (prediction -1) and in the confusion's "no prediction" column; once loaded it leaves
+    them out and reports them as unscored."""
+    evaluator = PrequentialEvaluator("binary_classification", ["accuracy", "f1"], 10, [0, 1])
+    # What the previous release's update() left after 4 records, 2 without a prediction.
+    true_idx = np.array([1, 0, 1, 0])
+    pred_idx = np.array([-1, -1, 1, 1])
+    evaluator._count = 4
+    evaluator._push(
+        (evaluator._buf_true, true_idx),
+        (evaluator._buf_pred, pred_idx),
+        (evaluator._buf_proba, np.full(4, np.nan)),
+    )
+    evaluator._confusion += np.array([[0, 1, 1], [0, 1, 1]])  # rows truth, columns 0, 1, none
+    restored = pickle.loads(pickle.dumps(evaluator))
+    assert restored.unscored == 2
+    assert restored.window_values() == {"accuracy": 0.5, "f1": pytest.approx(2 / 3)}
+    assert restored.total_values() == restored.window_values()
 
 
 def test_empty_and_undefined_values_are_nan() -> None:

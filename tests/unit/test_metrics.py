@@ -1,4 +1,4 @@
-"""build_metrics: names, pre-initialised labels, no _created series, lag from librdkafka stats."""
+"""build_metrics: names, pre-initialised labels, no _created series, lag of owned partitions."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from stream_trainer.ledger import TopicPartitionKey
 from stream_trainer.metrics import (
     DEAD_LETTER_REASONS,
     LagTracker,
+    StatsOffsets,
     build_metrics,
-    parse_lag_stats,
-    update_lag_from_stats,
+    parse_partition_offsets,
 )
 
 # Trimmed from a real librdkafka statistics payload (consumer).
@@ -26,20 +27,31 @@ STATS = {
                 "0": {
                     "partition": 0,
                     "consumer_lag": 42,
-                    "consumer_lag_stored": 40,
+                    "lo_offset": 0,
                     "hi_offset": 100,
+                    "ls_offset": 98,
                 },
-                "1": {"partition": 1, "consumer_lag": 0, "consumer_lag_stored": 0, "hi_offset": 7},
+                "1": {
+                    "partition": 1,
+                    "consumer_lag": 0,
+                    "lo_offset": 0,
+                    "hi_offset": 7,
+                    "ls_offset": 7,
+                },
                 "2": {
                     "partition": 2,
                     "consumer_lag": -1,
-                    "consumer_lag_stored": -1,
-                    "hi_offset": -1,
+                    "lo_offset": -1001,
+                    "hi_offset": -1001,
+                    "ls_offset": -1001,
                 },
                 "-1": {"partition": -1, "consumer_lag": -1, "hi_offset": -1001},
             },
         },
-        "other": {"topic": "other", "partitions": {"3": {"partition": 3, "consumer_lag": 5}}},
+        "other": {
+            "topic": "other",
+            "partitions": {"3": {"partition": 3, "lo_offset": 2, "hi_offset": 9, "ls_offset": 9}},
+        },
     },
 }
 
@@ -132,33 +144,129 @@ def test_set_prequential_validates_scope() -> None:
         metrics.set_prequential({"accuracy": 0.75}, "recent")
 
 
-def test_parse_lag_skips_unknown_and_internal_partition() -> None:
-    assert parse_lag_stats(json.dumps(STATS)) == {("in", 0): 42, ("in", 1): 0, ("other", 3): 5}
-    assert parse_lag_stats(json.dumps({"name": "x", "topics": {}})) == {}
-    assert parse_lag_stats("{}") == {}
+def test_parse_partition_offsets_reads_the_end_of_the_isolation_level() -> None:
+    committed = parse_partition_offsets(json.dumps(STATS))
+    assert committed == {
+        ("in", 0): StatsOffsets(0, 98),
+        ("in", 1): StatsOffsets(0, 7),
+        ("in", 2): StatsOffsets(-1, -1),
+        ("other", 3): StatsOffsets(2, 9),
+    }
+    assert parse_partition_offsets(json.dumps(STATS), read_committed=False)[("in", 0)].end == 100
+    assert parse_partition_offsets(json.dumps({"name": "x", "topics": {}})) == {}
+    assert parse_partition_offsets("{}") == {}
 
 
-def test_update_lag_sets_gauge() -> None:
-    registry = CollectorRegistry()
-    metrics = build_metrics(registry)
-    update_lag_from_stats(metrics, json.dumps(STATS))
-    assert value(registry, "stream_trainer_consumer_lag_records", topic="in", partition="0") == 42
-    assert value(registry, "stream_trainer_consumer_lag_records", topic="in", partition="1") == 0
-    assert value(registry, "stream_trainer_consumer_lag_records", topic="in", partition="2") is None
+class FakeSource:
+    """Owned / paused partitions and the broker's watermarks (pure logic: no consumer)."""
+
+    def __init__(self, owned: set[TopicPartitionKey], paused: set[TopicPartitionKey]) -> None:
+        self.owned_now = set(owned)
+        self.paused_now = set(paused)
+        self.watermarks: dict[TopicPartitionKey, tuple[int, int] | None] = {}
+        self.queried: list[TopicPartitionKey] = []
+
+    @property
+    def owned(self) -> frozenset[TopicPartitionKey]:
+        return frozenset(self.owned_now)
+
+    @property
+    def paused(self) -> frozenset[TopicPartitionKey]:
+        return frozenset(self.paused_now)
+
+    def query_watermarks(self, key: TopicPartitionKey, timeout_s: float) -> tuple[int, int] | None:
+        assert timeout_s > 0
+        self.queried.append(key)
+        return self.watermarks.get(key)
 
 
-def test_lag_tracker_removes_partitions_no_longer_reported() -> None:
+def lag_of(registry: CollectorRegistry, topic: str, partition: int) -> float | None:
+    return value(
+        registry, "stream_trainer_consumer_lag_records", topic=topic, partition=str(partition)
+    )
+
+
+def test_lag_is_end_minus_the_service_position_paused_or_not() -> None:
     registry = CollectorRegistry()
     tracker = LagTracker(build_metrics(registry))
+    source = FakeSource({("in", 0), ("in", 1)}, paused={("in", 1)})
+    # Statistics keep the end of the last fetch for the paused partition 1 (7); the broker
+    # says 1007 now.
+    source.watermarks[("in", 1)] = (0, 1007)
+    positions = {("in", 0): 90, ("in", 1): 5}
+    tracker.attach(source, lambda: positions)
     tracker.on_stats(json.dumps(STATS))
-    revoked = {"topics": {"in": {"partitions": {"0": {"partition": 0, "consumer_lag": 0}}}}}
-    tracker.on_stats(json.dumps(revoked))
-    assert value(registry, "stream_trainer_consumer_lag_records", topic="in", partition="0") == 0
-    assert (
-        value(registry, "stream_trainer_consumer_lag_records", topic="other", partition="3") is None
-    )
+    assert lag_of(registry, "in", 0) == 98 - 90  # ls_offset: read_committed
+    assert lag_of(registry, "in", 1) == 1007 - 5
+    assert source.queried == [("in", 1)]  # fetched partitions are not asked for
+    assert lag_of(registry, "other", 3) is None  # reported, but not owned
+
+
+def test_lag_without_a_position_counts_from_the_log_start() -> None:
+    registry = CollectorRegistry()
+    tracker = LagTracker(build_metrics(registry))
+    source = FakeSource({("in", 0), ("in", 2)}, paused=set())
+    source.watermarks[("in", 2)] = (3, 50)  # nothing in the statistics for partition 2 yet
+    tracker.attach(source, dict)
+    tracker.on_stats(json.dumps(STATS))
+    assert lag_of(registry, "in", 0) == 98
+    assert lag_of(registry, "in", 2) == 50 - 3
+
+
+def test_lag_keeps_the_larger_end_of_statistics_and_query() -> None:
+    registry = CollectorRegistry()
+    tracker = LagTracker(build_metrics(registry))
+    source = FakeSource({("in", 0)}, paused={("in", 0)})
+    source.watermarks[("in", 0)] = (0, 51)  # a broker answering less than it fetched
+    tracker.attach(source, lambda: {("in", 0): 10})
+    tracker.on_stats(json.dumps(STATS))
+    assert lag_of(registry, "in", 0) == 98 - 10
+
+
+def test_lag_removes_partitions_no_longer_owned_and_keeps_unanswered_ones() -> None:
+    registry = CollectorRegistry()
+    tracker = LagTracker(build_metrics(registry))
+    source = FakeSource({("in", 0), ("in", 1)}, paused={("in", 1)})
+    source.watermarks[("in", 1)] = (0, 20)
+    tracker.attach(source, lambda: {("in", 0): 90, ("in", 1): 5})
+    tracker.on_stats(json.dumps(STATS))
+    assert lag_of(registry, "in", 1) == 15
+    source.watermarks[("in", 1)] = None  # the broker does not answer: keep the last value
+    tracker.on_stats(json.dumps(STATS))
+    assert lag_of(registry, "in", 1) == 15
+    source.owned_now = {("in", 1)}  # partition 0 revoked
+    tracker.on_stats(json.dumps(STATS))
+    assert lag_of(registry, "in", 0) is None
+    assert lag_of(registry, "in", 1) == 15
     tracker.clear()
-    assert value(registry, "stream_trainer_consumer_lag_records", topic="in", partition="0") is None
+    assert lag_of(registry, "in", 1) is None
+
+
+def test_lag_queries_stay_within_the_budget_and_rotate() -> None:
+    registry = CollectorRegistry()
+    now = [0.0]
+    tracker = LagTracker(build_metrics(registry), budget_s=1.0, clock=lambda: now[0])
+    keys = {("t", p) for p in range(4)}
+    source = FakeSource(keys, paused=keys)
+
+    def slow_query(key: TopicPartitionKey, timeout_s: float) -> tuple[int, int] | None:
+        source.queried.append(key)
+        now[0] += 0.6  # each answer takes 0.6 s: two fit in the 1 s budget
+        return (0, 100)
+
+    source.query_watermarks = slow_query  # type: ignore[method-assign]
+    tracker.attach(source, lambda: dict.fromkeys(keys, 40))
+    tracker.on_stats("{}")
+    assert source.queried == [("t", 0), ("t", 1)]
+    tracker.on_stats("{}")  # the partitions left over go first
+    assert source.queried[2:] == [("t", 2), ("t", 3)]
+    assert all(lag_of(registry, "t", p) == 60 for p in range(4))
+
+
+def test_lag_ignores_statistics_before_attach() -> None:
+    registry = CollectorRegistry()
+    LagTracker(build_metrics(registry)).on_stats(json.dumps(STATS))
+    assert lag_of(registry, "in", 0) is None
 
 
 def test_reason_codes_match_their_modules() -> None:
