@@ -8,6 +8,7 @@ of every record on the model exactly once.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,9 @@ class TrainingState:
     retrain_wanted: str | None = None
     retrains: int = 0
     halted: dict[TopicPartitionKey, str] = field(default_factory=dict)
+    # The id of this model's history: claimed on the lease topic, so no other model trains
+    # on the group (see stream_trainer.lease).
+    lineage: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""
