@@ -10,6 +10,7 @@ import gc
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,14 @@ from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
 from stream_trainer.learners import build_model
+from stream_trainer.lease import (
+    KafkaLease,
+    LeaseError,
+    StandbyWait,
+    ensure_lease_topic,
+    read_claim,
+    write_claim,
+)
 from stream_trainer.logs import configure_logging, register_secret
 from stream_trainer.metrics import LagTracker, build_metrics
 from stream_trainer.publisher import ModelPublisher
@@ -269,6 +278,9 @@ def run_service(
     unit_decoder: UnitDecoder | None = None
     trainer: Trainer | None = None
     control: ControlChannel | None = None
+    lease: KafkaLease | None = None
+    consumer_config = settings.kafka.consumer_config()
+    consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
     try:
         metrics.state.state("restoring")
         # First, so the decode worker's interpreter starts while the checkpoint loads.
@@ -288,7 +300,11 @@ def run_service(
         )
         if settings.checkpoint.key() is None:
             log.warning("running without a checkpoint key: checkpoints are unsigned")
-        state, _restored = restore_state(settings, store)
+        state, restored = restore_state(settings, store)
+        if not restored or not getattr(state, "lineage", None):
+            # A new model's history is this member's: the same after a crash before its
+            # first checkpoint, different for any other member (or a pre-lineage checkpoint).
+            state.lineage = str(consumer_config["group.instance.id"])
         producer = Producer(settings.kafka.producer_config())
         if settings.topics.control:
             control = ControlChannel(
@@ -308,6 +324,14 @@ def run_service(
         if not reachable:
             log.info("stopped while waiting for the Kafka cluster")
             return 0
+        standby = StandbyWait(startup_stop.event)
+        lease = _become_active(
+            settings, consumer_config, state.lineage, standby, heartbeat, starting, metrics
+        )
+        if lease is None:
+            log.info("stopped while standing by")
+            return 0
+        metrics.state.state("restoring")
         registry_store = ModelRegistry(
             settings.registry.root,
             settings.model.name,
@@ -319,7 +343,6 @@ def run_service(
         publisher.reconcile(state)
 
         def make_source(service: Service) -> KafkaSource:
-            consumer_config = settings.kafka.consumer_config()
             lag = LagTracker(
                 metrics,
                 read_committed=consumer_config.get("isolation.level") != "read_uncommitted",
@@ -359,6 +382,7 @@ def run_service(
             unit_decoder=unit_decoder,
             reload_state=lambda: restore_state(settings, store)[0],
             crash=crash,
+            lease=lease,
         )
         service_ref["service"] = service
         if signals is not None:
@@ -372,6 +396,8 @@ def run_service(
         except RetentionGap as gap:
             raise StartupError(str(gap)) from None
     finally:
+        if lease is not None:  # after the source: a standby starts from our last commit
+            lease.close()
         if control is not None and "service" not in service_ref:
             control.close()  # else the service closed it
         if isinstance(trainer, FullBatchTrainer):
@@ -384,3 +410,88 @@ def run_service(
             http.stop()
         if owns_lock:
             lock.release()
+
+
+def _acquire_lease(
+    settings: Settings,
+    consumer_config: dict[str, Any],
+    standby: StandbyWait,
+    heartbeat: Heartbeat,
+    not_ready: dict[str, str],
+    metrics: Any,
+) -> KafkaLease | None:
+    """Stand by until this member holds the model's lease; None if stopped meanwhile.
+
+    Raises StartupError when the lease topic cannot be used.
+    """
+    topic = settings.lease_topic()
+    admin_config = settings.kafka.client_config()
+    not_ready["reason"] = f"waiting for the Kafka cluster at {settings.kafka.bootstrap_servers}"
+    try:
+        while not ensure_lease_topic(admin_config, topic):
+            heartbeat.beat()
+            if standby.wait(1.0):
+                return None
+    except LeaseError as error:
+        raise StartupError(str(error)) from None
+    lease = KafkaLease(consumer_config, topic)
+    not_ready["reason"] = (
+        f"standing by: another member of group {settings.kafka.group_id} holds the lease "
+        f"(topic {topic})"
+    )
+    metrics.state.state("standby")
+    if lease.poll(0.0) or standby.until_held(lease, heartbeat.beat):
+        log.info("active: this member holds the lease", extra={"topic": topic})
+        return lease
+    lease.close()
+    return None
+
+
+def _become_active(
+    settings: Settings,
+    consumer_config: dict[str, Any],
+    lineage: str,
+    standby: StandbyWait,
+    heartbeat: Heartbeat,
+    not_ready: dict[str, str],
+    metrics: Any,
+) -> KafkaLease | None:
+    """Hold the lease with the group claimed by this model's lineage; None if stopped.
+
+    A member holding the lease while another lineage's claim stands gives the lease back
+    and stands by (the owner of that model can take it), re-checking every session
+    timeout: it never trains a group another model has trained.
+    """
+    topic = settings.lease_topic()
+    client = settings.kafka.client_config()
+    member = str(consumer_config["group.instance.id"])
+    lease_config = dict(consumer_config)
+    while True:
+        lease = _acquire_lease(settings, lease_config, standby, heartbeat, not_ready, metrics)
+        if lease is None:
+            return None
+        try:
+            claim = read_claim(client, topic)
+            if claim is None:
+                write_claim(settings.kafka.producer_config(), topic, lineage, member)
+                log.info("claimed the group for this model", extra={"lineage": lineage})
+                return lease
+            if claim == lineage:
+                return lease
+            reason = (
+                f"standing by: group {settings.kafka.group_id} is trained by another model "
+                f"(lineage {claim}, claimed on topic {topic}); this member's model is lineage "
+                f"{lineage}. Start the member that holds that model's checkpoints, or start "
+                "a new model with a new kafka.group_id"
+            )
+        except KafkaException as error:
+            reason = f"standing by: cannot read the claim on {topic}: {error}"
+        log.error("%s", reason)
+        lease.close()
+        # A static member's close keeps its slot until the session ends: retry as a
+        # dynamic member, whose close hands the lease on at once.
+        lease_config.pop("group.instance.id", None)
+        not_ready["reason"] = reason
+        metrics.state.state("standby")
+        if standby.wait(settings.kafka.session_timeout_ms / 1000):
+            return None

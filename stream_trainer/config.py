@@ -101,7 +101,21 @@ class KafkaSettings(StrictModel):
     ssl_ca_location: Path | None = None
     ssl_certificate_location: Path | None = None
     ssl_key_location: Path | None = None
-    session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    session_timeout_ms: int = Field(
+        default=10_000,
+        ge=1_000,
+        le=300_000,
+        description="a dead member's partitions (and the lease) move after this long",
+    )
+    group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "static group membership (group.instance.id): a restarted member takes its "
+            "partitions back at once instead of after session_timeout_ms; default: the "
+            "host name (the pod name on Kubernetes) plus a digest of checkpoint.dir"
+        ),
+    )
     heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -209,6 +223,15 @@ class TopicsSettings(StrictModel):
     dead_letter: str = Field(min_length=1)
     versions: str = Field(min_length=1)
     control: str | None = None
+    lease: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "one-partition topic whose owner in the group <kafka.group_id>.lease is the one "
+            "active member (the others stand by); created if missing; default "
+            "<kafka.group_id>.lease"
+        ),
+    )
 
 
 class RecordSettings(StrictModel):
@@ -476,6 +499,18 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The effective config as JSON-able data with every secret masked."""
         return self.model_dump(mode="json")
+
+    def lease_topic(self) -> str:
+        """The lease topic (see ``topics.lease``)."""
+        return self.topics.lease or f"{self.kafka.group_id}.lease"
+
+    def group_instance_id(self, hostname: str) -> str:
+        """``kafka.group_instance_id``, or ``<hostname>-<digest of checkpoint.dir>``: stable
+        across restarts of one member, distinct for two members on one host."""
+        if self.kafka.group_instance_id is not None:
+            return self.kafka.group_instance_id
+        folder = str(self.checkpoint.dir.resolve()).encode()
+        return f"{hostname}-{hashlib.sha256(folder).hexdigest()[:10]}"
 
     def config_hash(self) -> str:
         """sha256 of what determines the model (not connection details or secrets)."""

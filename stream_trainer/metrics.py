@@ -57,7 +57,15 @@ QUARANTINE_REASONS: tuple[str, ...] = (
 )
 REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
 RETRAIN_TRIGGERS: tuple[str, ...] = ("count", "time", "drift", "manual")
-STATES: tuple[str, ...] = ("starting", "restoring", "running", "retraining", "paused", "stopping")
+STATES: tuple[str, ...] = (
+    "starting",
+    "standby",
+    "restoring",
+    "running",
+    "retraining",
+    "paused",
+    "stopping",
+)
 METRIC_SCOPES: tuple[str, ...] = ("window", "total")
 
 # Sub-millisecond resolution: a River learn_one is ~10-100 us; a big batch seconds.

@@ -33,6 +33,7 @@ from stream_trainer.deadletter import DeadLetterError, DeadLetterPublisher
 from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
+from stream_trainer.lease import KafkaLease
 from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.memory import release_free_memory
 from stream_trainer.metrics import Metrics
@@ -116,8 +117,10 @@ class Service:
         reload_state: Callable[[], TrainingState] | None = None,
         crash: CrashPoints = NO_CRASHES,
         clock: Callable[[], float] = time.monotonic,
+        lease: KafkaLease | None = None,
     ) -> None:
         self.settings = settings
+        self._lease = lease
         self.state = state
         self._decoder = decoder
         # Decodes the next unit (possibly in a worker process) while this one is learnt.
@@ -186,6 +189,12 @@ class Service:
         if self._batch_target:
             want = max(1, self._batch_target - len(self._pending.messages))
         messages = self.source.consume(want, cfg.consume_timeout_s)
+        if self._lease is not None and not self._lease.poll(0.0):
+            # Another member is active now (this one's session expired): train nothing
+            # more; the stop checkpoints and commits what this member still owns.
+            log.error("lost the lease to another member: stopping (a restart stands by)")
+            self.request_stop()
+            return
         if self._control is not None:
             for command in self._control.poll():
                 self._drain_decoding()  # commands act on a loop with nothing in flight

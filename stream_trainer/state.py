@@ -8,6 +8,7 @@ of every record on the model exactly once.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,9 @@ class TrainingState:
     # stop or crash abandoned runs again after the restart. Last, with a class default, so
     # checkpoints written before it existed still load.
     retrain_running: str | None = None
+    # The id of this model's history: claimed on the lease topic, so no other model trains
+    # on the group (see stream_trainer.lease).
+    lineage: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""
