@@ -120,15 +120,20 @@ class KafkaSource:
             group = committed.get(key, OFFSET_INVALID)
             if start is None:
                 tp.offset = group if group >= 0 else OFFSET_BEGINNING
-            elif group > start:
-                # Another member of the group trained past our checkpoint while it owned
-                # this partition: those records are in its model, not to be learnt again.
-                log.info(
-                    "group is ahead of checkpoint",
-                    extra={"partition": f"{key[0]}:{key[1]}", "checkpoint": start, "group": group},
-                )
-                tp.offset = group
             else:
+                if group > start:
+                    # Only this model trains the group (the lease's claim), so commits ahead
+                    # of its checkpoint are its own from a newer checkpoint that was lost
+                    # (quarantined, deleted): those records are not in the model; learn them.
+                    log.warning(
+                        "the group's offset is ahead of the restored checkpoint: a newer "
+                        "checkpoint was lost; learning from the checkpoint's offset",
+                        extra={
+                            "partition": f"{key[0]}:{key[1]}",
+                            "checkpoint": start,
+                            "group": group,
+                        },
+                    )
                 tp.offset = start
             if tp.offset >= 0:
                 low, _high = consumer.get_watermark_offsets(tp, timeout=10.0, cached=False)
