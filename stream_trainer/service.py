@@ -189,12 +189,11 @@ class Service:
         if self._batch_target:
             want = max(1, self._batch_target - len(self._pending.messages))
         messages = self.source.consume(want, cfg.consume_timeout_s)
-        if self._lease is not None and not self._lease.poll(0.0):
-            # Another member is active now (this one's session expired): train nothing
-            # more; the stop checkpoints and commits what this member still owns.
-            log.error("lost the lease to another member: stopping (a restart stands by)")
-            self.request_stop()
-            return
+        if self._lease is not None:
+            # Serves the lease group only. Losing the lease (a broker outage longer than the
+            # session) stops nothing: the claim on the lease topic keeps any other model
+            # off this group, and the lease comes back when the broker does.
+            self._lease.poll(0.0)
         if self._control is not None:
             for command in self._control.poll():
                 self._drain_decoding()  # commands act on a loop with nothing in flight
