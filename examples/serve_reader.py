@@ -10,6 +10,10 @@ checked (``--allow-unsigned``), which detects corruption but not tampering.
 
 Reads JSON feature objects from stdin, one per line, and prints the prediction of the
 model being served at that moment, with its version.
+
+Started before the service has published anything, it waits for a first version up to
+``--wait-s`` (default 15 minutes: longer than the shipped configs take to publish one,
+whose time triggers are 10 minutes at most), saying every minute what it waits for.
 """
 
 from __future__ import annotations
@@ -19,11 +23,32 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from stream_trainer.reader import ModelReader
 
 KEY_ENV_VARS = ("STREAM_TRAINER_REGISTRY_KEY", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY")
+# Above the longest time to a first version of configs/*.yaml (publish or retrain time
+# trigger + checkpoint interval); tests/unit/test_examples.py keeps the two in step.
+DEFAULT_WAIT_S = 900.0
+PROGRESS_EVERY_S = 60.0
+
+
+def wait_for_first_version(reader: ModelReader, wait_s: float, what: str) -> bool:
+    """Wait until ``reader`` serves a version (True) or ``wait_s`` passed (False).
+
+    Says on stderr what it waits for, then again every ``PROGRESS_EVERY_S``: a service
+    publishes its first version only after its first publish (or retrain) period.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        print(f"waiting for a first version of {what} ({left:.0f}s left)", file=sys.stderr)
+        if reader.wait_until_serving(min(left, PROGRESS_EVERY_S)):
+            return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the registry volume is mounted here, if not at the service's path",
     )
     parser.add_argument("--allow-unsigned", action="store_true")
-    parser.add_argument("--wait-s", type=float, default=30.0, help="wait for a first model")
+    parser.add_argument(
+        "--wait-s",
+        type=float,
+        default=DEFAULT_WAIT_S,
+        help="how long to wait for a first version before giving up, exit 1 "
+        f"(default {DEFAULT_WAIT_S:.0f}: above the shipped configs' publish periods)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
@@ -56,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     reader.start()
     try:
-        if not reader.wait_until_serving(args.wait_s):
-            print(f"no champion of {args.model} within {args.wait_s}s", file=sys.stderr)
+        what = f"model {args.model} on topic {args.topic}"
+        if not wait_for_first_version(reader, args.wait_s, what):
+            print(
+                f"no champion of {args.model} within {args.wait_s:.0f}s: is the service "
+                "running, and is --wait-s above its registry.publish_every_seconds?",
+                file=sys.stderr,
+            )
             return 1
         for line in sys.stdin:
             if line.strip():

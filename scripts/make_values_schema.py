@@ -245,7 +245,13 @@ schema = {
                         "labels": labels,
                     }
                 ),
-                "prometheusRule": obj({"enabled": {"type": "boolean"}, "labels": labels}),
+                "prometheusRule": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "labels": labels,
+                        "runbookBaseUrl": {"type": "string", "pattern": "^https?://[^#]+$"},
+                    }
+                ),
                 "grafanaDashboard": obj(
                     {
                         "enabled": {"type": "boolean"},

@@ -36,6 +36,7 @@ from stream_trainer.deadletter import (
     DeadLetterPublisher,
 )
 from stream_trainer.decode_worker import UnitDecoder, build_unit_decoder
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
@@ -68,7 +69,7 @@ KAFKA_RETRY_MAX_S = 1.0
 KAFKA_WAIT_LOG_EVERY_S = 30.0
 
 
-class StartupError(Exception):
+class StartupError(StreamTrainerError):
     """The service cannot start; the message says why and what to do."""
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import functools
@@ -47,6 +46,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import stream_trainer
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.signing import sign, verify
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def library_versions() -> dict[str, str]:
 LIBRARY_VERSIONS: Callable[[], dict[str, str]] = library_versions
 
 
-class CheckpointError(Exception):
+class CheckpointError(StreamTrainerError):
     """A checkpoint could not be written or loaded; the message says why and what to do."""
 
 
@@ -131,10 +131,6 @@ class CheckpointManifest:
     payload_size: int
     serializer: str
     signed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (without the signature)."""
-        return dataclasses.asdict(self)
 
 
 # Fields the caller supplies to ``write``; the store fills in the rest.
@@ -178,7 +174,7 @@ class WriteResult:
     sequence: int
 
 
-class _Rejected(Exception):
+class _Rejected(StreamTrainerError):
     """A file failed verification; it is quarantined under ``reason``."""
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Callable
 from typing import IO, Any, Final
 
+from stream_trainer.errors import StreamTrainerError
+
 _HEADER: Final = struct.Struct(">Q")
 _PIPE_BYTES: Final = 1 << 20
 OK: Final = "ok"
@@ -98,7 +100,7 @@ def serve(
             return 0
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(StreamTrainerError, RuntimeError):
     """A worker child died, could not be written to, or reported a failure."""
 
 

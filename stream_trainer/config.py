@@ -37,6 +37,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.logs import librdkafka_logger
 
 CONFIG_ENV_VAR = "STREAM_TRAINER_CONFIG"
@@ -69,7 +70,7 @@ class _MappingEnvSource(EnvSettingsSource):
         return {key.lower(): value for key, value in self._environ.items()}
 
 
-class ConfigError(Exception):
+class ConfigError(StreamTrainerError):
     """The configuration is invalid; the message names every offending field."""
 
 

@@ -22,6 +22,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.ledger import TopicPartitionKey
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RebalanceListener(Protocol):
         """Must commit nothing: the partitions already belong to another member."""
 
 
-class RetentionGap(Exception):
+class RetentionGap(StreamTrainerError):
     """Offsets needed for replay were removed from Kafka by retention."""
 
     def __init__(self, gaps: Mapping[TopicPartitionKey, tuple[int, int]]) -> None:

@@ -13,12 +13,14 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Producer, TopicPartition
 
+from stream_trainer.errors import StreamTrainerError
+
 log = logging.getLogger(__name__)
 
 COMMANDS = ("retrain", "publish", "pause", "resume")
 
 
-class ControlError(Exception):
+class ControlError(StreamTrainerError):
     """A command could not be delivered."""
 
 

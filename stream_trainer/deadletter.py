@@ -24,6 +24,7 @@ import numpy.typing as npt
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_trainer.config import DeadLetterSettings
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.records import MAX_MESSAGE_CHARS, InvalidRecord
 
 TopicPartitionKey = tuple[str, int]
@@ -59,7 +60,7 @@ _BUFFER_FULL_RETRIES: Final = 60
 _FLUSH_ROUNDS: Final = 3
 
 
-class DeadLetterError(Exception):
+class DeadLetterError(StreamTrainerError):
     """Dead letters are not all durable: offsets past their records must not advance yet."""
 
 

@@ -39,6 +39,7 @@ import yaml
 
 from stream_trainer.config import ConfigError, Settings, load_settings
 from stream_trainer.datasets import DATASETS, Dataset, get_dataset
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.plot import CurvePoint, plot_learning_curve
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -67,7 +68,7 @@ _BUILTIN_BASE: dict[str, Any] = {
 }
 
 
-class DemoInterrupted(Exception):
+class DemoInterrupted(StreamTrainerError):
     """SIGINT or SIGTERM reached the demo."""
 
 

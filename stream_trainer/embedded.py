@@ -35,6 +35,8 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from stream_trainer.errors import StreamTrainerError
+
 __all__ = [
     "BrokerStartError",
     "EmbeddedBroker",
@@ -56,7 +58,7 @@ _PROBE_CONF: dict[str, str | int | float | bool] = {
 }
 
 
-class BrokerStartError(RuntimeError):
+class BrokerStartError(StreamTrainerError, RuntimeError):
     """A broker process did not become ready; ``log_tail`` holds the end of its log."""
 
     def __init__(self, message: str, log_tail: str = "") -> None:

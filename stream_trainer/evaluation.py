@@ -54,10 +54,6 @@ def _encode(values: np.ndarray, lut: dict[Any, int]) -> np.ndarray:
     )
 
 
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
 def _f1(tp: float, fp: float, fn: float) -> float:
     denominator = 2 * tp + fp + fn
     return 2 * tp / denominator if denominator else 0.0

@@ -35,6 +35,7 @@ from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
 from sklearn.pipeline import make_pipeline
 
 from stream_trainer.config import EstimatorSpec, Settings
+from stream_trainer.errors import StreamTrainerError
 
 ALLOWED_PREFIXES = ("river.", "sklearn.")
 
@@ -42,7 +43,7 @@ Family = Literal["river", "sklearn"]
 _PROBA_METRICS = ("log_loss", "roc_auc")
 
 
-class IncompatibleLearner(ValueError):
+class IncompatibleLearner(StreamTrainerError, ValueError):
     """The configured learner cannot run with this task / mode; the message names the field."""
 
 
@@ -125,10 +126,6 @@ class ModelAdapter(Protocol):
 
     def fresh(self) -> ModelAdapter:
         """An untrained copy with the same configuration."""
-        ...
-
-    def snapshot(self) -> ModelAdapter:
-        """An independent deep copy (for a retrain off the poll thread or a challenger)."""
         ...
 
     def is_fitted(self) -> bool:
@@ -555,10 +552,6 @@ class RiverAdapter:
             self._model.clone(), self._spec, self._labels, self._has_proba, self._batch
         )
 
-    def snapshot(self) -> RiverAdapter:
-        """See :class:`ModelAdapter`."""
-        return copy.deepcopy(self)
-
     def is_fitted(self) -> bool:
         """See :class:`ModelAdapter`."""
         return self._n_learned > 0
@@ -742,10 +735,6 @@ class SklearnAdapter:
     def fresh(self) -> SklearnAdapter:
         """See :class:`ModelAdapter`."""
         return SklearnAdapter(clone(self._pipeline), self._spec, self._labels, self._has_proba)
-
-    def snapshot(self) -> SklearnAdapter:
-        """See :class:`ModelAdapter`."""
-        return copy.deepcopy(self)
 
     def is_fitted(self) -> bool:
         """See :class:`ModelAdapter`."""

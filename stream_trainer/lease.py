@@ -29,12 +29,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from stream_trainer.errors import StreamTrainerError
+
 log = logging.getLogger(__name__)
 
 LEASE_GROUP_SUFFIX = ".lease"
 
 
-class LeaseError(Exception):
+class LeaseError(StreamTrainerError):
     """The lease topic cannot be used (wrong partition count, creation refused)."""
 
 

@@ -8,7 +8,6 @@ It is also the lineage a model version carries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 TopicPartitionKey = tuple[str, int]
@@ -53,11 +52,6 @@ class OffsetLedger:
             else:
                 merged.append(list(span))
         self.ranges[key] = merged
-
-    def add_offsets(self, key: TopicPartitionKey, offsets: Iterable[int]) -> None:
-        """Record individual offsets (sorted or not)."""
-        for offset in sorted(offsets):
-            self.add(key, offset, offset + 1)
 
     def count(self) -> int:
         """Number of distinct offsets recorded."""

@@ -56,8 +56,6 @@ REASONS: Final[tuple[str, ...]] = (
     "learner_error",
 )
 
-STAGES: Final[tuple[str, ...]] = ("decode", "validate", "learn")
-
 MAX_MESSAGE_CHARS: Final = 500
 _MAX_QUOTED_CHARS: Final = 60  # names and labels quoted from a record (attacker-chosen)
 

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.signing import sha256_hex, sign, verify
 
 ARTIFACT_FILE = "model.pkl"
@@ -45,7 +46,7 @@ _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
 
-class RegistryError(Exception):
+class RegistryError(StreamTrainerError):
     """A registry operation failed: unknown version, integrity or signature failure."""
 
 

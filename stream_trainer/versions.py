@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from stream_trainer.config import GateSettings
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.registry import ModelRegistry, VersionInfo, atomic_write, sent_marker
 
 
-class VersionEventError(Exception):
+class VersionEventError(StreamTrainerError):
     """A version event was not delivered (the caller retries; the marker is not written)."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_trainer.embedded import tail_file
+from stream_trainer.errors import StreamTrainerError
 
 SAMPLE_RATE_HZ = 100
 POLL_THREAD = "MainThread"  # app.py runs the poll loop on the main thread
@@ -39,7 +40,7 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<path>[^()]*?)(?::\d+)?\)$")
 _ATTACH_TIMEOUT_S = 10.0
 
 
-class ProfilerError(Exception):
+class ProfilerError(StreamTrainerError):
     """py-spy is missing, may not attach (ptrace), or failed; the text says what to do."""
 
 

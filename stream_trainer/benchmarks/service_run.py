@@ -21,13 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_trainer.benchmarks.profiling import Profiler
 from stream_trainer.checkpoint import CheckpointStore
+from stream_trainer.errors import StreamTrainerError
 
 P = "stream_trainer"
 LEARNT = f"{P}_records_learnt_total"
 RETRAINING = f'{P}_state{{{P}_state="retraining"}}'
 
 
-class ServiceFailed(Exception):
+class ServiceFailed(StreamTrainerError):
     """The service exited early or did not learn every record in time; has the log tail."""
 
 

@@ -23,12 +23,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from stream_trainer.benchmarks.workload import InMemory, unique
 from stream_trainer.config import Settings
 from stream_trainer.decode_worker import build_unit_decoder
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.records import DecodedBatch
 
 UNIT = 1000  # records per consume batch / mini-batch, as in the service defaults
 
 
-class StageTimeout(Exception):
+class StageTimeout(StreamTrainerError):
     """A stage did not see every record in time (broker or workload problem)."""
 
 

@@ -402,6 +402,19 @@ def test_monitoring_objects_when_enabled(chart: helm.Chart) -> None:
     assert rule["spec"]["groups"] == source["groups"]
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
+    # The runbook links keep their anchors and take the configured base.
+    values = _case_values("monitoring-values.yaml")
+    values["metrics"]["prometheusRule"]["runbookBaseUrl"] = "https://wiki.example/ops/st/"
+    custom = Rendered(chart, values).one("PrometheusRule")
+    urls = [
+        rule["annotations"]["runbook_url"]
+        for group in custom["spec"]["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    assert urls and all(url.startswith("https://wiki.example/ops/st#") for url in urls), urls
+    assert "https://wiki.example/ops/st#streamtrainerpartitionhalted" in urls
+
     dashboard = next(c for c in r.of_kind("ConfigMap") if "config.yaml" not in c["data"])
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     (body,) = dashboard["data"].values()

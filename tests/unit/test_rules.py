@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm/stream-trainer/files/prometheus-rules.yaml"
 RULE_TESTS = ROOT / "tests/rules/alerts-test.yaml"
 DASHBOARD = ROOT / "helm/stream-trainer/files/grafana-dashboard.json"
+RUNBOOK = ROOT / "docs/runbook.md"
+VALUES = ROOT / "helm/stream-trainer/values.yaml"
 
 # Series Prometheus itself creates for every scrape target.
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
@@ -35,6 +37,7 @@ EXPECTED_ALERTS = frozenset(
         "StreamTrainerDriftDetected",
         "StreamTrainerModelQualityLow",
         "StreamTrainerVersionsRejected",
+        "StreamTrainerRegistryChampionUnavailable",
         "StreamTrainerNotReady",
     }
 )
@@ -149,7 +152,7 @@ def variable_queries() -> list[str]:
 def test_promtool_check_rules(promtool: str) -> None:
     result = run([promtool, "check", "rules", str(RULES)])
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    assert b"SUCCESS: 10 rules found" in result.stdout
+    assert b"SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_test_rules(promtool: str) -> None:
@@ -254,6 +257,47 @@ def test_every_alert_is_present_labelled_and_annotated() -> None:
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}, name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         assert "for" in rule, name
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading (lower case, punctuation dropped)."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", RUNBOOK.read_text("utf-8"), re.MULTILINE)
+    return {github_anchor(heading) for heading in headings}
+
+
+def test_github_anchor() -> None:
+    assert github_anchor("StreamTrainerNotReady") == "streamtrainernotready"
+    assert github_anchor("What to do: `control resume`") == "what-to-do-control-resume"
+
+
+def test_every_alert_links_a_runbook_section() -> None:
+    base = yaml.safe_load(VALUES.read_text("utf-8"))["metrics"]["prometheusRule"]["runbookBaseUrl"]
+    assert base.endswith("/docs/runbook.md")
+    anchors = runbook_anchors()
+    for rule in rules():
+        url = rule["annotations"]["runbook_url"]
+        page, _, anchor = url.partition("#")
+        assert page == base, f"{rule['alert']}: {url} does not start with the chart's default"
+        assert anchor == rule["alert"].lower(), f"{rule['alert']}: anchor {anchor!r}"
+        assert anchor in anchors, f"{rule['alert']}: no heading for #{anchor} in docs/runbook.md"
+    for link in re.findall(r"\]\(#([^)]+)\)", RUNBOOK.read_text("utf-8")):
+        assert link in anchors, f"docs/runbook.md links #{link}, which is no heading"
+
+
+def test_runbook_halted_partition_says_resume_not_restart() -> None:
+    (rule,) = (r for r in rules() if r.get("alert") == "StreamTrainerPartitionHalted")
+    description = " ".join(rule["annotations"]["description"].split())
+    assert "stream-trainer control resume" in description
+    assert "a restart does not clear" in description
+    section = RUNBOOK.read_text("utf-8").split("## StreamTrainerPartitionHalted", 1)[1]
+    section = " ".join(section.split("\n## ", 1)[0].split())
+    assert "stream-trainer control resume" in section
+    assert "A restart does not clear it" in section
 
 
 def test_every_alert_has_firing_and_quiet_promtool_cases() -> None:
