@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,22 +89,43 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    """Write a dataset to a topic."""
-    from stream_trainer.datasets import get_dataset  # noqa: PLC0415
-    from stream_trainer.embedded import create_topics  # noqa: PLC0415
-    from stream_trainer.produce import produce  # noqa: PLC0415
+    """Write a dataset to a topic (created if missing)."""
+    from confluent_kafka import KafkaException  # noqa: PLC0415
 
-    dataset = get_dataset(args.dataset)
-    create_topics(args.bootstrap_servers, {args.topic: args.partitions}, timeout=30.0)
-    report = produce(
-        {"bootstrap.servers": args.bootstrap_servers},
-        args.topic,
-        dataset,
-        args.records,
-        partitions=args.partitions,
-        bad_ratio=args.bad_records,
-        seed=args.seed,
+    from stream_trainer.datasets import get_dataset  # noqa: PLC0415
+    from stream_trainer.produce import produce  # noqa: PLC0415
+    from stream_trainer.topics import (  # noqa: PLC0415
+        TopicError,
+        TopicSpec,
+        admin_client,
+        ensure_topics,
+        quiet_logger,
+        wait_for_broker,
     )
+
+    try:
+        dataset = get_dataset(args.dataset)
+    except ValueError as error:
+        print(f"stream-trainer produce: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    client = {"bootstrap.servers": args.bootstrap_servers}
+    try:
+        admin = admin_client(client)
+        wait_for_broker(admin, args.bootstrap_servers, args.timeout)
+        spec = TopicSpec(args.topic, "input", args.partitions)
+        ensure_topics(admin, [spec], replication_factor=1, timeout=args.timeout)
+        report = produce(
+            {**client, "logger": quiet_logger()},
+            args.topic,
+            dataset,
+            args.records,
+            partitions=args.partitions,
+            bad_ratio=args.bad_records,
+            seed=args.seed,
+        )
+    except (TopicError, KafkaException) as error:
+        print(f"stream-trainer produce: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     _print_json(
         {
             "topic": args.topic,
@@ -304,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of invalid records mixed in (default 0)",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up when no broker answers within this long (default 10)",
+    )
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("checkpoint", help="inspect checkpoints")
@@ -378,9 +407,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except ConfigError as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other Unix tools do.
+        # stdout points at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code
