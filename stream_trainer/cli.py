@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 _RUN_SIGNALS: ShutdownSignals | None = None
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_INPUT_PARTITIONS = 3  # stream_trainer.topics's, without importing confluent_kafka
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -266,6 +267,51 @@ def cmd_control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    """Create the topics the config names; report the ones that exist."""
+    from stream_trainer.topics import (  # noqa: PLC0415
+        TopicError,
+        admin_client,
+        ensure_topics,
+        planned_topics,
+        wait_for_broker,
+    )
+
+    if args.partitions < 1 or (args.replication_factor is not None and args.replication_factor < 1):
+        print(
+            "stream-trainer topics: --partitions and --replication-factor must be >= 1",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    settings = _settings(args)
+    bootstrap = settings.kafka.bootstrap_servers
+    specs = planned_topics(settings, args.partitions)
+    try:
+        admin = admin_client(settings.kafka.client_config())
+        wait_for_broker(admin, bootstrap, args.timeout)
+        results = ensure_topics(
+            admin,
+            specs,
+            # -1: the broker's default.replication.factor
+            replication_factor=args.replication_factor or -1,
+            timeout=args.timeout,
+        )
+    except TopicError as error:
+        print(f"stream-trainer topics: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    width = max(len(result.name) for result in results)
+    for result in results:
+        plural = "s" if result.partitions != 1 else ""
+        print(
+            f"{result.status:7}  {result.role:11}  {result.name:{width}}  "
+            f"{result.partitions} partition{plural}"
+        )
+    problems = [result.problem for result in results if result.problem]
+    for problem in problems:
+        print(f"stream-trainer topics: {problem}", file=sys.stderr)
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded broker + dataset + the real service."""
     from stream_trainer.demo import run_demo  # noqa: PLC0415
@@ -497,6 +543,61 @@ def _add_control(sub: Any) -> None:
     p.set_defaults(func=cmd_control)
 
 
+def _add_topics(sub: Any) -> None:
+    p = _command(
+        sub,
+        "topics",
+        summary="create the topics a config names",
+        description="Manage the Kafka topics of a config.",
+        examples=["stream-trainer topics create --config my.yaml"],
+    )
+    tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION", help="create")
+    q = _command(
+        tsub,
+        "create",
+        summary="create the input, dead-letter, versions, control and lease topics",
+        description="Create the topics of the config that do not exist: the input topic(s) "
+        "with --partitions, the dead-letter topic (1 partition, retention.ms 14 days), the "
+        "versions topic (1 partition, cleanup.policy=compact: readers rebuild the latest "
+        "version per model), the control topic (1 partition) and the lease topic (exactly 1 "
+        "partition; default <kafka.group_id>.lease). Existing topics are reported and left "
+        "as they are. Connection settings (TLS, SASL) are the config's kafka section.",
+        examples=[
+            "stream-trainer topics create --config my.yaml --partitions 6 --replication-factor 3"
+        ],
+        exits=(
+            "0  every topic exists or was created",
+            "1  no broker answered, a creation was refused, or the lease topic exists "
+            "with more than 1 partition",
+        ),
+    )
+    _add_config(q)
+    q.add_argument(
+        "--partitions",
+        type=int,
+        default=DEFAULT_INPUT_PARTITIONS,
+        metavar="N",
+        help=f"partitions of each input topic (default {DEFAULT_INPUT_PARTITIONS}); the "
+        "service's parallelism is at most this many members",
+    )
+    q.add_argument(
+        "--replication-factor",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replicas of every topic (default: the broker's default.replication.factor)",
+    )
+    q.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up when the broker does not answer or the topics have no leader "
+        "within this long (default 30)",
+    )
+    q.set_defaults(func=cmd_topics_create)
+
+
 def _add_laptop_commands(sub: Any) -> None:
     from stream_trainer.demo import add_demo_arguments  # noqa: PLC0415
 
@@ -548,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(sub)
     _add_versions(sub)
     _add_control(sub)
+    _add_topics(sub)
     _add_laptop_commands(sub)
     return parser
 

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from stream_trainer.config import Settings
 
 DEAD_LETTER_RETENTION_MS = 14 * 24 * 3600 * 1000
-DEFAULT_INPUT_PARTITIONS = 3
 _QUIET_LOGGER = "stream_trainer.cli.librdkafka"
 
 
@@ -117,7 +116,7 @@ def ensure_topics(
     above its broker count) or the topics have no leaders within ``timeout`` s.
     """
     deadline = time.monotonic() + timeout
-    existing = admin.list_topics(timeout=timeout).topics
+    existing = _list(admin, timeout).topics
     missing = [spec for spec in specs if spec.name not in existing]
     results = {
         spec.name: _existing_result(spec, len(existing[spec.name].partitions))
@@ -132,12 +131,21 @@ def ensure_topics(
     return [results[spec.name] for spec in specs]
 
 
+def _list(admin: AdminClient, timeout: float) -> Any:
+    """Every topic's metadata (never naming one: that may auto-create it)."""
+    try:
+        return admin.list_topics(timeout=timeout)
+    except KafkaException as error:
+        raise TopicError(f"cannot list the topics: {error.args[0].str()}") from None
+
+
 def _existing_result(spec: TopicSpec, partitions: int) -> TopicResult:
     problem = None
     if spec.exact_partitions and partitions != spec.partitions:
         problem = (
-            f"the {spec.role} topic must have exactly {spec.partitions} partition(s), "
-            f"it has {partitions}: delete it, or name another in the config"
+            f"the {spec.role} topic {spec.name} must have exactly {spec.partitions} "
+            f"partition{'s' if spec.partitions != 1 else ''}, it has {partitions}: "
+            "delete it, or name another in the config"
         )
     return TopicResult(spec.name, spec.role, "exists", partitions, problem)
 
@@ -169,7 +177,7 @@ def _wait_for_leaders(admin: AdminClient, names: Sequence[str], deadline: float)
     pending = set(names)
     while True:
         left = deadline - time.monotonic()
-        metadata = admin.list_topics(timeout=max(min(left, 5.0), 0.1))
+        metadata = _list(admin, max(min(left, 5.0), 0.1))
         pending = {
             name
             for name in pending
