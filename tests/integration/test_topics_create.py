@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -133,3 +134,32 @@ def test_an_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None:
     result = topics_create(config, "--timeout", "2")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "127.0.0.1:9" in result.stderr
+
+
+def test_produce_creates_its_topic_and_delivers_every_record(kafka_broker: BrokerHandle) -> None:
+    topic = f"tc-produce-{uuid.uuid4().hex[:10]}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream_trainer",
+            "produce",
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--topic",
+            topic,
+            "--partitions",
+            "2",
+            "--records",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # librdkafka's log stays out of the user's terminal
+    assert json.loads(result.stdout)["valid"] == 50
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap_servers})
+    assert len(admin.list_topics(timeout=30).topics[topic].partitions) == 2
