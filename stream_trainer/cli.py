@@ -306,6 +306,8 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
             f"{result.status:7}  {result.role:11}  {result.name:{width}}  "
             f"{result.partitions} partition{plural}"
         )
+    for warning in (text for result in results for text in result.warnings):
+        print(f"stream-trainer topics: warning: {warning}", file=sys.stderr)
     problems = [result.problem for result in results if result.problem]
     for problem in problems:
         print(f"stream-trainer topics: {problem}", file=sys.stderr)
@@ -561,7 +563,7 @@ def _add_topics(sub: Any) -> None:
         "versions topic (1 partition, cleanup.policy=compact: readers rebuild the latest "
         "version per model), the control topic (1 partition) and the lease topic (exactly 1 "
         "partition; default <kafka.group_id>.lease). Existing topics are reported and left "
-        "as they are. Connection settings (TLS, SASL) are the config's kafka section.",
+        "as they are, with a warning when a config differs. Connection settings (TLS, SASL) are the config's kafka section.",
         examples=[
             "stream-trainer topics create --config my.yaml --partitions 6 --replication-factor 3"
         ],

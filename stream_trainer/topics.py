@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ class TopicResult:
     role: str
     status: str  # "created" or "exists"
     partitions: int
-    problem: str | None = None
+    problem: str | None = None  # the service cannot use the topic as it is
+    warnings: tuple[str, ...] = ()  # usable, but not configured as this command would
 
 
 def planned_topics(settings: Settings, input_partitions: int) -> list[TopicSpec]:
@@ -119,7 +121,9 @@ def ensure_topics(
     existing = _list(admin, timeout).topics
     missing = [spec for spec in specs if spec.name not in existing]
     results = {
-        spec.name: _existing_result(spec, len(existing[spec.name].partitions))
+        spec.name: _existing_result(
+            spec, len(existing[spec.name].partitions), _config_warnings(admin, spec, timeout)
+        )
         for spec in specs
         if spec.name in existing
     }
@@ -139,7 +143,27 @@ def _list(admin: AdminClient, timeout: float) -> Any:
         raise TopicError(f"cannot list the topics: {error.args[0].str()}") from None
 
 
-def _existing_result(spec: TopicSpec, partitions: int) -> TopicResult:
+def _config_warnings(admin: AdminClient, spec: TopicSpec, timeout: float) -> tuple[str, ...]:
+    """How an existing topic's configs differ from ``spec.config`` (e.g. a versions topic
+    that is not compacted loses the latest version to retention)."""
+    if not spec.config:
+        return ()
+    resource = ConfigResource(ConfigResource.Type.TOPIC, spec.name)
+    try:
+        found = admin.describe_configs([resource])[resource].result(timeout=timeout)
+    except KafkaException as error:
+        return (f"cannot read the configs of {spec.name}: {error.args[0].str()}",)
+    return tuple(
+        f"the {spec.role} topic {spec.name} has {key}={entry.value if entry else None}, "
+        f"expected {value}"
+        for key, value in spec.config.items()
+        if (entry := found.get(key)) is None or entry.value != value
+    )
+
+
+def _existing_result(
+    spec: TopicSpec, partitions: int, warnings: tuple[str, ...] = ()
+) -> TopicResult:
     problem = None
     if spec.exact_partitions and partitions != spec.partitions:
         problem = (
@@ -147,7 +171,7 @@ def _existing_result(spec: TopicSpec, partitions: int) -> TopicResult:
             f"partition{'s' if spec.partitions != 1 else ''}, it has {partitions}: "
             "delete it, or name another in the config"
         )
-    return TopicResult(spec.name, spec.role, "exists", partitions, problem)
+    return TopicResult(spec.name, spec.role, "exists", partitions, problem, warnings)
 
 
 def _create(

@@ -122,6 +122,17 @@ def test_a_lease_topic_with_two_partitions_is_an_error(
     assert lease in result.stdout and "exactly 1 partition" in result.stderr
 
 
+def test_an_existing_versions_topic_without_compaction_is_a_warning(
+    kafka_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    versions = new_topic(kafka_broker, 1, prefix="versions")  # cleanup.policy=delete
+    config = write_config(tmp_path, kafka_broker.bootstrap_servers, versions=versions)
+    result = topics_create(config)
+    assert result.returncode == 0  # usable, but the operator is told
+    assert result.stderr.count("\n") == 1
+    assert f"{versions} has cleanup.policy=delete, expected compact" in result.stderr
+
+
 def test_a_refused_creation_fails_in_one_line(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
     config = write_config(tmp_path, kafka_broker.bootstrap_servers)
     result = topics_create(config, "--replication-factor", "3")  # one broker only
