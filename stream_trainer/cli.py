@@ -563,7 +563,8 @@ def _add_topics(sub: Any) -> None:
         "versions topic (1 partition, cleanup.policy=compact: readers rebuild the latest "
         "version per model), the control topic (1 partition) and the lease topic (exactly 1 "
         "partition; default <kafka.group_id>.lease). Existing topics are reported and left "
-        "as they are, with a warning when a config differs. Connection settings (TLS, SASL) are the config's kafka section.",
+        "as they are, with a warning when a config differs. Connection settings (TLS, "
+        "SASL) are the config's kafka section.",
         examples=[
             "stream-trainer topics create --config my.yaml --partitions 6 --replication-factor 3"
         ],
