@@ -30,9 +30,11 @@ lint: venv
 demo: venv
 	$(BIN)/stream-trainer demo
 
-# A detached single-node Kafka for manual use; prints its bootstrap address.
+# A detached single-node Kafka for manual use, on 127.0.0.1:$(KAFKA_PORT) so configs can
+# name it (configs/local.yaml does); `make kafka-start KAFKA_PORT=19092` for another port.
+KAFKA_PORT ?= 9092
 kafka-start: venv kafka-jars
-	$(KAFKA) start
+	$(KAFKA) start --port $(KAFKA_PORT)
 
 kafka-stop: venv
 	$(KAFKA) stop

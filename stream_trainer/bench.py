@@ -67,10 +67,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="training mode (default: the config's, else per_record)",
     )
-    parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--features", type=int, default=20)
-    parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--records", type=int, default=1_000_000, help="records in the workload (default 1M)"
+    )
+    parser.add_argument("--features", type=int, default=20, help="features per record (default 20)")
+    parser.add_argument(
+        "--partitions", type=int, default=1, help="input topic partitions (default 1)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per stage; medians are reported (default 3)"
+    )
     parser.add_argument(
         "--config",
         "-c",

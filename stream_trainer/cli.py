@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 _RUN_SIGNALS: ShutdownSignals | None = None
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_INPUT_PARTITIONS = 3  # stream_trainer.topics's, without importing confluent_kafka
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -88,22 +91,43 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    """Write a dataset to a topic."""
-    from stream_trainer.datasets import get_dataset  # noqa: PLC0415
-    from stream_trainer.embedded import create_topics  # noqa: PLC0415
-    from stream_trainer.produce import produce  # noqa: PLC0415
+    """Write a dataset to a topic (created if missing)."""
+    from confluent_kafka import KafkaException  # noqa: PLC0415
 
-    dataset = get_dataset(args.dataset)
-    create_topics(args.bootstrap_servers, {args.topic: args.partitions}, timeout=30.0)
-    report = produce(
-        {"bootstrap.servers": args.bootstrap_servers},
-        args.topic,
-        dataset,
-        args.records,
-        partitions=args.partitions,
-        bad_ratio=args.bad_records,
-        seed=args.seed,
+    from stream_trainer.datasets import get_dataset  # noqa: PLC0415
+    from stream_trainer.produce import produce  # noqa: PLC0415
+    from stream_trainer.topics import (  # noqa: PLC0415
+        TopicError,
+        TopicSpec,
+        admin_client,
+        ensure_topics,
+        quiet_logger,
+        wait_for_broker,
     )
+
+    try:
+        dataset = get_dataset(args.dataset)
+    except ValueError as error:
+        print(f"stream-trainer produce: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    client = {"bootstrap.servers": args.bootstrap_servers}
+    try:
+        admin = admin_client(client)
+        wait_for_broker(admin, args.bootstrap_servers, args.timeout)
+        spec = TopicSpec(args.topic, "input", args.partitions)
+        ensure_topics(admin, [spec], replication_factor=1, timeout=args.timeout)
+        report = produce(
+            {**client, "logger": quiet_logger()},
+            args.topic,
+            dataset,
+            args.records,
+            partitions=args.partitions,
+            bad_ratio=args.bad_records,
+            seed=args.seed,
+        )
+    except (TopicError, KafkaException) as error:
+        print(f"stream-trainer produce: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     _print_json(
         {
             "topic": args.topic,
@@ -243,6 +267,53 @@ def cmd_control(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    """Create the topics the config names; report the ones that exist."""
+    from stream_trainer.topics import (  # noqa: PLC0415
+        TopicError,
+        admin_client,
+        ensure_topics,
+        planned_topics,
+        wait_for_broker,
+    )
+
+    if args.partitions < 1 or (args.replication_factor is not None and args.replication_factor < 1):
+        print(
+            "stream-trainer topics: --partitions and --replication-factor must be >= 1",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    settings = _settings(args)
+    bootstrap = settings.kafka.bootstrap_servers
+    specs = planned_topics(settings, args.partitions)
+    try:
+        admin = admin_client(settings.kafka.client_config())
+        wait_for_broker(admin, bootstrap, args.timeout)
+        results = ensure_topics(
+            admin,
+            specs,
+            # -1: the broker's default.replication.factor
+            replication_factor=args.replication_factor or -1,
+            timeout=args.timeout,
+        )
+    except TopicError as error:
+        print(f"stream-trainer topics: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    width = max(len(result.name) for result in results)
+    for result in results:
+        plural = "s" if result.partitions != 1 else ""
+        print(
+            f"{result.status:7}  {result.role:11}  {result.name:{width}}  "
+            f"{result.partitions} partition{plural}"
+        )
+    for warning in (text for result in results for text in result.warnings):
+        print(f"stream-trainer topics: warning: {warning}", file=sys.stderr)
+    problems = [result.problem for result in results if result.problem]
+    for problem in problems:
+        print(f"stream-trainer topics: {problem}", file=sys.stderr)
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded broker + dataset + the real service."""
     from stream_trainer.demo import run_demo  # noqa: PLC0415
@@ -260,42 +331,94 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="stream-trainer",
-        description="Continuous model training on Kafka streams (River, scikit-learn).",
-    )
-    parser.add_argument("--version", action="version", version=f"stream-trainer {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _exit_codes(*lines: str) -> str:
+    """The epilog's exit-code section: the command's own lines, then the usage error."""
+    return "\n".join(["Exit codes:", *(f"  {line}" for line in lines), "  2  usage error"])
 
-    p = sub.add_parser(
+
+def _command(
+    sub: Any,
+    name: str,
+    *,
+    summary: str,
+    description: str,
+    examples: Sequence[str],
+    exits: Sequence[str] = ("0  done", "1  failure, explained in one line on stderr"),
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its description, an example and its exit codes."""
+    example_lines = "\n".join(f"  {line}" for line in examples)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, width=78),  # the raw formatter won't wrap it
+        epilog=f"Example{'s' if len(examples) > 1 else ''}:\n{example_lines}\n\n"
+        + _exit_codes(*exits),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _add_run_commands(sub: Any) -> None:
+    p = _command(
+        sub,
         "run",
-        help="run the service (until SIGTERM)",
+        summary="run the service (until SIGTERM)",
         description="Consume, train, checkpoint and publish until SIGTERM/SIGINT.",
+        examples=["stream-trainer run --config configs/per-record.yaml"],
+        exits=(
+            "0  stopped by SIGTERM/SIGINT after a graceful shutdown",
+            "1  cannot start (invalid config, checkpoint directory locked, incompatible learner)",
+        ),
     )
     _add_config(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "validate-config",
-        help="print the effective config (secrets masked)",
+        summary="print the effective config (secrets masked)",
         description="Validate a config (file + STREAM_TRAINER_* env) and print "
         "it as JSON with secrets masked. Exit 1 with the offending fields.",
+        examples=[
+            "STREAM_TRAINER_CHECKPOINT__HMAC_KEY=... "
+            "stream-trainer validate-config --config my.yaml"
+        ],
+        exits=("0  valid (the effective config is printed)", "1  invalid, naming every field"),
     )
     _add_config(p)
     p.set_defaults(func=cmd_validate_config)
 
-    p = sub.add_parser("produce", help="write a dataset or synthetic stream to a topic")
-    p.add_argument("--bootstrap-servers", required=True)
-    p.add_argument("--topic", required=True)
+
+def _add_produce(sub: Any) -> None:
+    p = _command(
+        sub,
+        "produce",
+        summary="write a dataset or synthetic stream to a topic",
+        description="Write a bundled dataset (optionally mixed with invalid records) to a "
+        "topic in the service's wire format; the topic is created if missing.",
+        examples=[
+            "stream-trainer produce --bootstrap-servers localhost:9092 --topic clicks \\\n"
+            "      --dataset phishing --records 5000 --bad-records 0.01"
+        ],
+        exits=(
+            "0  every record was delivered (a JSON report is printed)",
+            "1  no broker answered within --timeout, or a record was not delivered",
+        ),
+    )
+    p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap host:port")
+    p.add_argument("--topic", required=True, help="topic to write to (created if missing)")
     p.add_argument(
         "--dataset",
         default="phishing",
         help="phishing, bananas, trump-approval, sea-drift, linear20, friedman",
     )
-    p.add_argument("--records", type=int, default=1250)
-    p.add_argument("--partitions", type=int, default=1)
+    p.add_argument("--records", type=int, default=1250, help="records to write (default 1250)")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="partitions to spread the records over, round-robin (default 1)",
+    )
     p.add_argument(
         "--bad-records",
         type=float,
@@ -303,13 +426,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATIO",
         help="fraction of invalid records mixed in (default 0)",
     )
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the row order and bad-record mix")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up when no broker answers within this long (default 10)",
+    )
     p.set_defaults(func=cmd_produce)
 
-    p = sub.add_parser("checkpoint", help="inspect checkpoints")
-    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
-    q = csub.add_parser(
-        "inspect", help="show a checkpoint's manifest and verification (never unpickles)"
+
+def _add_checkpoint(sub: Any) -> None:
+    p = _command(
+        sub,
+        "checkpoint",
+        summary="inspect checkpoints",
+        description="Read checkpoints without loading them.",
+        examples=["stream-trainer checkpoint inspect --config my.yaml --all"],
+        exits=("0  done", "1  failure, explained on stderr"),
+    )
+    csub = p.add_subparsers(
+        dest="checkpoint_command", required=True, metavar="ACTION", help="inspect"
+    )
+    q = _command(
+        csub,
+        "inspect",
+        summary="show a checkpoint's manifest and verification (never unpickles)",
+        description="Print the manifest of the newest checkpoint (or every one) as JSON, "
+        "with its verification: ok, bad_signature, payload_checksum, unsigned... Nothing is "
+        "unpickled, so an untrusted file is safe to inspect. Without a key (no --config), "
+        "manifests are shown but signatures cannot be checked.",
+        examples=[
+            "stream-trainer checkpoint inspect --config my.yaml",
+            "stream-trainer checkpoint inspect /var/lib/stream-trainer/checkpoints --all | less",
+        ],
+        exits=("0  printed (also when the reader of stdout closed it)", "1  no checkpoints"),
     )
     _add_config(q)
     q.add_argument(
@@ -321,45 +473,187 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="every checkpoint, not just the newest")
     q.set_defaults(func=cmd_checkpoint_inspect)
 
-    p = sub.add_parser("versions", help="list, show, promote, roll back model versions")
-    vsub = p.add_subparsers(dest="versions_command", required=True, metavar="ACTION")
-    for name, text in (
-        ("list", "all versions, champion marked"),
-        ("show", "one version's metadata"),
-        ("promote", "make a version the champion"),
-        ("rollback", "return to the previous champion"),
-    ):
-        q = vsub.add_parser(name, help=text)
+
+_VERSION_ACTIONS = (
+    ("list", "all versions, champion marked", "List the published versions as JSON."),
+    ("show", "one version's metadata", "Print one version's metadata as JSON."),
+    (
+        "promote",
+        "make a version the champion",
+        "Make a version the champion and announce it on the versions topic.",
+    ),
+    (
+        "rollback",
+        "return to the previous champion",
+        "Make the previous champion the champion again and announce it on the versions topic.",
+    ),
+)
+
+
+def _add_versions(sub: Any) -> None:
+    p = _command(
+        sub,
+        "versions",
+        summary="list, show, promote, roll back model versions",
+        description="The model registry of the config's model.",
+        examples=["stream-trainer versions list --config my.yaml"],
+    )
+    vsub = p.add_subparsers(
+        dest="versions_command",
+        required=True,
+        metavar="ACTION",
+        help="list, show, promote, rollback",
+    )
+    for name, summary, description in _VERSION_ACTIONS:
+        number = " 7" if name in ("show", "promote") else ""
+        q = _command(
+            vsub,
+            name,
+            summary=summary,
+            description=description,
+            examples=[f"stream-trainer versions {name}{number} --config my.yaml"],
+            exits=("0  done", "1  no such version, or the registry refused the change"),
+        )
         _add_config(q)
         if name in ("show", "promote"):
-            q.add_argument("version", type=int)
+            q.add_argument("version", type=int, help="version number (see `versions list`)")
         if name in ("promote", "rollback"):
-            q.add_argument("--reason", default="manual (CLI)")
+            q.add_argument(
+                "--reason",
+                default="manual (CLI)",
+                help="recorded in the registry and the champion event",
+            )
         q.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser(
-        "control", help="ask the running service to retrain, publish, pause or resume"
+
+def _add_control(sub: Any) -> None:
+    p = _command(
+        sub,
+        "control",
+        summary="ask the running service to retrain, publish, pause or resume",
+        description="Send a manual request to the running service through the control "
+        "topic (topics.control).",
+        examples=["stream-trainer control publish --config my.yaml"],
+        exits=("0  the request was sent", "1  no control topic configured, or not sent"),
     )
-    p.add_argument("command", choices=["retrain", "publish", "pause", "resume"])
+    p.add_argument(
+        "command",
+        choices=["retrain", "publish", "pause", "resume"],
+        help="retrain (full_batch), publish a version now, pause or resume consumption",
+    )
     _add_config(p)
     p.set_defaults(func=cmd_control)
 
+
+def _add_topics(sub: Any) -> None:
+    p = _command(
+        sub,
+        "topics",
+        summary="create the topics a config names",
+        description="Manage the Kafka topics of a config.",
+        examples=["stream-trainer topics create --config my.yaml"],
+    )
+    tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION", help="create")
+    q = _command(
+        tsub,
+        "create",
+        summary="create the input, dead-letter, versions, control and lease topics",
+        description="Create the topics of the config that do not exist: the input topic(s) "
+        "with --partitions, the dead-letter topic (1 partition, retention.ms 14 days), the "
+        "versions topic (1 partition, cleanup.policy=compact: readers rebuild the latest "
+        "version per model), the control topic (1 partition) and the lease topic (exactly 1 "
+        "partition; default <kafka.group_id>.lease). Existing topics are reported and left "
+        "as they are, with a warning when a config differs. Connection settings (TLS, "
+        "SASL) are the config's kafka section.",
+        examples=[
+            "stream-trainer topics create --config my.yaml --partitions 6 --replication-factor 3"
+        ],
+        exits=(
+            "0  every topic exists or was created",
+            "1  no broker answered, a creation was refused, or the lease topic exists "
+            "with more than 1 partition",
+        ),
+    )
+    _add_config(q)
+    q.add_argument(
+        "--partitions",
+        type=int,
+        default=DEFAULT_INPUT_PARTITIONS,
+        metavar="N",
+        help=f"partitions of each input topic (default {DEFAULT_INPUT_PARTITIONS}); the "
+        "service's parallelism is at most this many members",
+    )
+    q.add_argument(
+        "--replication-factor",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replicas of every topic (default: the broker's default.replication.factor)",
+    )
+    q.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up when the broker does not answer or the topics have no leader "
+        "within this long (default 30)",
+    )
+    q.set_defaults(func=cmd_topics_create)
+
+
+def _add_laptop_commands(sub: Any) -> None:
     from stream_trainer.demo import add_demo_arguments  # noqa: PLC0415
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
-        help="embedded broker + real dataset + the service",
+        summary="embedded broker + real dataset + the service",
         description="Start an embedded Kafka-compatible broker (Tansu), stream "
         "a real dataset into it and run the service on it, with live progress.",
+        examples=["stream-trainer demo --dataset sea-drift --mode mini_batch"],
+        exits=(
+            "0  the stream was learnt and a version published",
+            "1  failure (the service died, or the timeout passed)",
+            "130  interrupted (Ctrl-C)",
+        ),
     )
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     from stream_trainer.bench import add_bench_arguments  # noqa: PLC0415
 
-    p = sub.add_parser("bench", help="benchmark against ingest/learner ceilings and a naive script")
+    p = _command(
+        sub,
+        "bench",
+        summary="benchmark against ingest/learner ceilings and a naive script",
+        description="Measure the service against the ingest and learner ceilings and a "
+        "naive consume-and-learn script on a pre-produced topic; report medians and "
+        "spread (targets are reported, not enforced).",
+        examples=["stream-trainer bench --mode per_record --records 200000 --json"],
+        exits=("0  every stage ran", "1  a stage failed"),
+    )
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="stream-trainer",
+        description="Continuous model training on Kafka streams (River, scikit-learn).",
+        epilog="`stream-trainer COMMAND --help` documents each command.\n\n"
+        + _exit_codes("0  ok", "1  failure"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stream-trainer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(sub)
+    _add_produce(sub)
+    _add_checkpoint(sub)
+    _add_versions(sub)
+    _add_control(sub)
+    _add_topics(sub)
+    _add_laptop_commands(sub)
     return parser
 
 
@@ -378,9 +672,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except ConfigError as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other Unix tools do.
+        # stdout points at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import types
 import typing
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -30,11 +31,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from stream_trainer.errors import StreamTrainerError
@@ -59,8 +62,42 @@ _SECRET_KAFKA_KEYS = frozenset(
 _ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("environment", default=None)
 
 
+class _EnvValueError(ValueError):
+    """An environment override that cannot be decoded; the message is for the user."""
+
+
+def _list_item_type(field: FieldInfo | None) -> Any:
+    """The item type when ``field`` is a list (optionally ``| None``), else None."""
+    annotation = field.annotation if field is not None else None
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for option in typing.get_args(annotation) if union else (annotation,):
+        if typing.get_origin(option) is list:
+            return (typing.get_args(option) or (Any,))[0]
+    return None
+
+
+def _split_list(value: str, item_type: Any) -> list[Any]:
+    """``a, b`` as a list; items of a non-``str`` list are read as JSON scalars where
+    they parse (``0,1`` gives integer labels), else kept as strings."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if item_type is str:
+        return items
+    out: list[Any] = []
+    for item in items:
+        try:
+            decoded = json.loads(item)
+        except ValueError:
+            decoded = item
+        out.append(decoded if isinstance(decoded, str | int | float | bool) else item)
+    return out
+
+
 class _MappingEnvSource(EnvSettingsSource):
-    """Reads overrides from a given mapping instead of the process environment."""
+    """Reads overrides from a given mapping (the process environment by default).
+
+    A list field also accepts a comma-separated value (``STREAM_TRAINER_TOPICS__INPUT=a,b``)
+    besides a JSON list; a value that is neither fails naming its variable.
+    """
 
     def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
         self._environ = environ
@@ -68,6 +105,32 @@ class _MappingEnvSource(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return {key.lower(): value for key, value in self._environ.items()}
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        item_type = _list_item_type(field)
+        text = value.strip() if isinstance(value, str) else value
+        if item_type is not None and isinstance(text, str) and not text.startswith("["):
+            return _split_list(text, item_type)
+        try:
+            return super().decode_complex_value(field_name, field, value)  # type: ignore[arg-type]
+        except ValueError:
+            forms = (
+                'a comma-separated list (a,b) or a JSON list (["a","b"])'
+                if item_type is not None
+                else 'JSON (e.g. {"key": "value"})'
+            )
+            raise _EnvValueError(
+                f"{self._variable(field_name, value)}: cannot read {value!r}; give {forms}"
+            ) from None
+
+    def _variable(self, field_name: str, value: Any) -> str:
+        """The environment variable that holds ``value`` for ``field_name``."""
+        suffix = field_name.upper()
+        for key, text in self._environ.items():
+            name = key.upper()
+            if name.startswith(ENV_PREFIX) and name.endswith(suffix) and text == value:
+                return name
+        return f"{ENV_PREFIX}...{suffix}"
 
 
 class ConfigError(StreamTrainerError):
@@ -463,9 +526,8 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed as init kwargs).
         environ = _ENVIRONMENT.get()
-        if environ is not None:
-            env_settings = _MappingEnvSource(settings_cls, environ)
-        return (env_settings, init_settings)
+        source = _MappingEnvSource(settings_cls, os.environ if environ is None else environ)
+        return (source, init_settings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -548,6 +610,10 @@ def settings_from_mapping(
         return Settings(**dict(data))
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+    except SettingsError as error:
+        # An environment value that could not be decoded (see _MappingEnvSource).
+        cause = error.__cause__ if isinstance(error.__cause__, _EnvValueError) else error
+        raise ConfigError(f"invalid configuration: {cause}") from None
     finally:
         _ENVIRONMENT.reset(token)
 

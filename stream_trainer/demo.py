@@ -141,7 +141,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="produce at this rate while the service runs (default: the "
         "stream takes ~10 s, at least 100 records/s; 0 = all at once)",
     )
-    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seed of the row order and bad-record mix"
+    )
 
 
 # -- the effective config -----------------------------------------------------------------

@@ -24,6 +24,7 @@ import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -443,6 +444,17 @@ def _read_pid(path: Path) -> int | None:
     return pid
 
 
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind ``host:port`` now (SO_REUSEADDR, as the JVM does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
     run = _run_dir()
     pid_file = run / "kafka.pid"
@@ -450,6 +462,14 @@ def _cmd_start(args: argparse.Namespace) -> int:
         print((run / "bootstrap").read_text().strip())
         print(f"already running (pid {pid})", file=sys.stderr)
         return 0
+    if args.port is not None and not _port_free(args.port):
+        # Fails now, not after the JVM's start-up timeout with a bind error in its log.
+        print(
+            f"port {args.port} on 127.0.0.1 is in use (another Kafka?): stop it, or pick "
+            "another port (make kafka-start KAFKA_PORT=19092)",
+            file=sys.stderr,
+        )
+        return 1
     shutil.rmtree(run, ignore_errors=True)  # a manual broker starts empty
     run.mkdir(parents=True)
     broker = KafkaBroker(

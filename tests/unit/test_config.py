@@ -198,6 +198,7 @@ def test_every_subcommand_has_help() -> None:
         "control",
         "checkpoint",
         "versions",
+        "topics",
     ):
         result = _cli(command, "--help")
         assert result.returncode == 0, (command, result.stderr)
