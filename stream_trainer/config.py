@@ -62,7 +62,7 @@ _SECRET_KAFKA_KEYS = frozenset(
 _ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("environment", default=None)
 
 
-class _EnvValueError(ValueError):
+class _EnvValueError(StreamTrainerError, ValueError):
     """An environment override that cannot be decoded; the message is for the user."""
 
 

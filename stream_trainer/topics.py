@@ -20,6 +20,8 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
+from stream_trainer.errors import StreamTrainerError
+
 if TYPE_CHECKING:
     from stream_trainer.config import Settings
 
@@ -27,7 +29,7 @@ DEAD_LETTER_RETENTION_MS = 14 * 24 * 3600 * 1000
 _QUIET_LOGGER = "stream_trainer.cli.librdkafka"
 
 
-class TopicError(Exception):
+class TopicError(StreamTrainerError):
     """A topic could not be created or has the wrong shape; the message says which."""
 
 
