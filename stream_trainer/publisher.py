@@ -167,6 +167,10 @@ class ModelPublisher:
             settings.model.task, [self._metric], len(y), settings.record.labels
         )
         evaluator.update(y, predictions, None)
+        if evaluator.unscored == len(y) and state.model.parameters_finite():
+            # Every recent record came before the model's first fit (mini_batch, full_batch):
+            # there is no prediction to judge it by, which is not a bad score.
+            return None, None, None
         candidate = evaluator.score(self._metric)
         champion = self._champion()
         if champion is None:
@@ -245,7 +249,10 @@ class ModelPublisher:
             return None
         champion_score, candidate_score, champion_version = self._scores(state, trigger)
         accepted, reason = (
-            (True, "gated at retrain" if trigger == "retrain" else "no new records to compare on")
+            (
+                True,
+                "gated at retrain" if trigger == "retrain" else "no scored records to compare on",
+            )
             if candidate_score is None
             else (self._gate.decide(champion_score, candidate_score))
         )
