@@ -7,6 +7,7 @@ packages unimportable (``sys.modules[name] = None``), as on a production install
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -26,6 +27,14 @@ PRODUCT_MODULES = (
     "stream_trainer.fit_worker",
     "stream_trainer.decode_worker",
 )
+# Distribution name -> the module the product imports.
+IMPORT_NAMES = {
+    "confluent-kafka": "confluent_kafka",
+    "scikit-learn": "sklearn",
+    "prometheus-client": "prometheus_client",
+    "pydantic-settings": "pydantic_settings",
+    "pyyaml": "yaml",
+}
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +128,24 @@ def _distribution(requirement: str) -> str:
     for stop in "<>=!~[; ":
         name = name.split(stop, 1)[0]
     return name.strip().lower()
+
+
+def _imported_top_level_modules() -> set[str]:
+    found: set[str] = set()
+    for path in (ROOT / "stream_trainer").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_core_dependency_is_imported_by_the_product() -> None:
+    imported = _imported_top_level_modules()
+    core = [_distribution(r) for r in PYPROJECT["project"]["dependencies"]]
+    unused = [d for d in core if IMPORT_NAMES.get(d, d.replace("-", "_")) not in imported]
+    assert not unused, f"declared but never imported (drop them or use them): {unused}"
 
 
 def test_demo_only_packages_are_an_extra_not_core_dependencies() -> None:
