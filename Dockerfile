@@ -30,8 +30,7 @@ LABEL org.opencontainers.image.title="stream-trainer" \
       org.opencontainers.image.source="https://github.com/stream-trainer/stream-trainer"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    MPLCONFIGDIR=/tmp/matplotlib
+    PYTHONUNBUFFERED=1
 # A numeric user (10001) so Kubernetes can verify runAsNonRoot; /data is where the
 # chart mounts the volume for checkpoints and the model registry.
 RUN groupadd --system --gid 10001 stream-trainer \

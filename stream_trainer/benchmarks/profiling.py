@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_trainer.embedded import tail_file
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.processes import tail_file
 
 SAMPLE_RATE_HZ = 100
 POLL_THREAD = "MainThread"  # app.py runs the poll loop on the main thread

@@ -38,13 +38,11 @@ from typing import IO, Self
 from stream_trainer.embedded import (
     BrokerStartError,
     free_port,
-    pdeathsig_preexec,
     register_for_exit,
-    stop_process_group,
-    tail_file,
     unregister_for_exit,
     wait_for_broker,
 )
+from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
 
 __all__ = [
     "DEFAULT_KAFKA_VERSION",

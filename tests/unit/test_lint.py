@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# Source checks whose verdict does not depend on the interpreter (ruff's target-version and
+# mypy's python_version are 3.11): .ci/run runs them once, in `make test`, and deselects
+# them (-m "not lint") on the other supported Pythons.
+pytestmark = pytest.mark.lint
 
 GATES = {
     "ruff-check": [sys.executable, "-m", "ruff", "check", "."],
