@@ -356,6 +356,7 @@ def run_service(
                 on_stats=lag.on_stats,
                 accept_retention_gap=settings.checkpoint.accept_retention_gap,
                 on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
+                sole_member=True,  # it holds the lease
             )
             # The service's next offsets, read on the poll thread that moves them.
             lag.attach(source, lambda: service.state.offsets)

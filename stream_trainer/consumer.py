@@ -77,8 +77,13 @@ class KafkaSource:
         on_stats: Callable[[str], None] | None = None,
         accept_retention_gap: bool = False,
         on_retention_gap: Callable[[RetentionGap], None] | None = None,
+        sole_member: bool = False,
     ) -> None:
+        """``sole_member``: this member is the group's only active one (it holds the lease),
+        so every partition of ``topics`` is its own (see :meth:`_complete`)."""
         self._listener = listener
+        self._topics = list(topics)
+        self._sole_member = sole_member
         self._on_error = on_error
         self._accept_gap = accept_retention_gap
         self._on_gap = on_retention_gap
@@ -106,7 +111,39 @@ class KafkaSource:
         else:
             log.warning("kafka error", extra={"code": error.name(), "reason": error.str()})
 
+    def _complete(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Add the partitions of the subscribed topics the assignment lacks.
+
+        A static member that rejoins gets its cached assignment back without a rebalance,
+        so partitions added to a topic while it was down stay unassigned (Kafka rebalances
+        only when the leader sees the count change, and a restarted leader never saw the
+        old count). The sole active member owns them all, so it takes them itself; the
+        next rebalance assigns them properly.
+        """
+        try:
+            metadata = consumer.list_topics(timeout=10.0)
+        except KafkaException as error:
+            log.warning("could not read the topics' partitions", extra={"reason": str(error)})
+            return
+        assigned = {_key(tp) for tp in partitions}
+        missing = [
+            TopicPartition(topic, partition)
+            for topic in self._topics
+            if topic in metadata.topics
+            for partition in sorted(metadata.topics[topic].partitions)
+            if (topic, partition) not in assigned
+        ]
+        if missing:
+            log.warning(
+                "the group's assignment lacks partitions (added while this member was down); "
+                "taking them too: this member is the only active one",
+                extra={"partitions": [f"{tp.topic}:{tp.partition}" for tp in missing]},
+            )
+            partitions.extend(missing)
+
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._sole_member:
+            self._complete(consumer, partitions)
         keys = [_key(tp) for tp in partitions]
         wanted = dict(self._listener.start_offsets(keys))
         committed = {}

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewPartitions
 
 from stream_trainer.embedded import free_port
 from stream_trainer.faults import CRASH_ENV
@@ -263,6 +264,41 @@ def test_restarted_member_takes_its_partitions_back_at_once(
     )
     # Without static membership the restarts wait out their dead selves' 30 s sessions.
     assert max(recoveries[1:]) < 15, recoveries
+
+
+def test_partition_added_while_the_member_was_down_is_learnt(
+    kafka_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """A static member rejoining gets its cached assignment without a rebalance, which
+    lacks a partition added while it was down; the sole active member takes it too."""
+    bootstrap = kafka_broker.bootstrap_servers
+    config = _config(tmp_path, kafka_broker, 1, {"kafka": {"session_timeout_ms": 30_000}})
+    topic = topic_of(config)
+    produce_records(config, 2000, 1)
+    first = Service(config, tmp_path, name="first").start()
+    try:
+        first.wait_metric(LEARNT, 2000, 60)
+        wait_checkpointed(config, end_offsets(bootstrap, topic), first)
+    finally:
+        first.kill()
+        first.__exit__()
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_partitions([NewPartitions(topic, 2)])[topic].result(timeout=30)
+    produce_records(config, 1000, 2, seed=3)
+    ends = end_offsets(bootstrap, topic)
+    again = Service(config, tmp_path, name="again").start()
+    try:
+        wait_checkpointed(config, ends, again, timeout=60)
+        assert again.stop() == 0, again.tail()
+    finally:
+        again.__exit__()
+    log = again.log_path.read_text()
+    verdict = judge([load_final(config).state], ends)
+    print(
+        f"\n[partition added while down] ends {ends}; stale assignment completed: "
+        f"{'lacks partitions' in log}; {verdict.line()}"
+    )
+    assert verdict.lost == 0 and verdict.twice == 0, verdict.holes
 
 
 def test_broker_restart_is_ridden_out(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
