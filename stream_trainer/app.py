@@ -50,7 +50,7 @@ from stream_trainer.lease import (
     write_claim,
 )
 from stream_trainer.logs import configure_logging, register_secret
-from stream_trainer.metrics import LagTracker, build_metrics
+from stream_trainer.metrics import LagTracker, Metrics, build_metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
@@ -420,7 +420,7 @@ def _acquire_lease(
     standby: StandbyWait,
     heartbeat: Heartbeat,
     not_ready: dict[str, str],
-    metrics: Any,
+    metrics: Metrics,
 ) -> KafkaLease | None:
     """Stand by until this member holds the model's lease; None if stopped meanwhile.
 
@@ -441,8 +441,7 @@ def _acquire_lease(
         f"standing by: another member of group {settings.kafka.group_id} holds the lease "
         f"(topic {topic})"
     )
-    metrics.state.state("standby")
-    if lease.poll(0.0) or standby.until_held(lease, heartbeat.beat):
+    if standby.until_held(lease, heartbeat.beat, on_standby=lambda: metrics.state.state("standby")):
         log.info("active: this member holds the lease", extra={"topic": topic})
         return lease
     lease.close()
@@ -456,7 +455,7 @@ def _become_active(
     standby: StandbyWait,
     heartbeat: Heartbeat,
     not_ready: dict[str, str],
-    metrics: Any,
+    metrics: Metrics,
 ) -> KafkaLease | None:
     """Hold the lease with the group claimed by this model's lineage; None if stopped.
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -212,10 +213,24 @@ class StandbyWait:
         """Sleep up to ``seconds`` unless stopped; True if stopped."""
         return self._stop.wait(seconds)
 
-    def until_held(self, lease: KafkaLease, beat: Callable[[], None], poll_s: float = 0.05) -> bool:
-        """Poll the lease group until this member holds the lease (True) or is stopped."""
+    def until_held(
+        self,
+        lease: KafkaLease,
+        beat: Callable[[], None],
+        on_standby: Callable[[], None] | None = None,
+        poll_s: float = 0.05,
+        joining_s: float = 15.0,
+    ) -> bool:
+        """Poll the lease group until this member holds the lease (True) or is stopped.
+
+        ``on_standby`` is called once the lease was not had within ``joining_s`` (a group
+        join takes a few seconds even when no other member exists)."""
+        deadline = time.monotonic() + joining_s
         while not self._stop.is_set():
             beat()  # standing by is healthy: /healthz must not restart a standby
             if lease.poll(poll_s):
                 return True
+            if on_standby is not None and time.monotonic() > deadline:
+                on_standby()
+                on_standby = None
         return False

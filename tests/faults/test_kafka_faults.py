@@ -213,12 +213,12 @@ def test_standby_never_relearns_what_a_killed_member_checkpointed(
             "the standby to refuse the group claimed by A's model",
             interval=0.2,
         )
+        produce_records(config, 3000, 3, seed=5)  # so A has records to learn at once
+        ends = end_offsets(bootstrap, topic_of(config))
         started = time.monotonic()
         restarted = Service(config, tmp_path, name="a-again").start()
         try:
             recovery = restarted.wait_metric(LEARNT, 1, 90) and time.monotonic() - started
-            produce_records(config, 3000, 3, seed=5)
-            ends = end_offsets(bootstrap, topic_of(config))
             wait_checkpointed(config, ends, restarted)
             assert restarted.stop() == 0, restarted.tail()
         finally:
