@@ -92,6 +92,10 @@ class KafkaSource:
         if on_stats is not None:
             conf["stats_cb"] = on_stats
         self._consumer = Consumer(conf)
+        # Read here, never inside a rebalance callback: list_topics() on the consumer being
+        # polled resets confluent_kafka's per-thread call state, and the next callback that
+        # poll serves (a log line, an error) then aborts the process (CallState_get assert).
+        self._partitions_at_start = self._read_partitions() if sole_member else {}
         self._owned: set[TopicPartitionKey] = set()
         self._paused: set[TopicPartitionKey] = set()
         # Explicit start offset of each assigned partition (absent: the log's beginning).
@@ -111,7 +115,20 @@ class KafkaSource:
         else:
             log.warning("kafka error", extra={"code": error.name(), "reason": error.str()})
 
-    def _complete(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _read_partitions(self) -> dict[str, list[int]]:
+        """The partitions of the subscribed topics now ({} when metadata cannot be read)."""
+        try:
+            metadata = self._consumer.list_topics(timeout=10.0)
+        except KafkaException as error:
+            log.warning("could not read the topics' partitions", extra={"reason": str(error)})
+            return {}
+        return {
+            topic: sorted(metadata.topics[topic].partitions)
+            for topic in self._topics
+            if topic in metadata.topics and metadata.topics[topic].error is None
+        }
+
+    def _complete(self, partitions: list[TopicPartition]) -> None:
         """Add the partitions of the subscribed topics the assignment lacks.
 
         A static member that rejoins gets its cached assignment back without a rebalance,
@@ -120,17 +137,11 @@ class KafkaSource:
         old count). The sole active member owns them all, so it takes them itself; the
         next rebalance assigns them properly.
         """
-        try:
-            metadata = consumer.list_topics(timeout=10.0)
-        except KafkaException as error:
-            log.warning("could not read the topics' partitions", extra={"reason": str(error)})
-            return
         assigned = {_key(tp) for tp in partitions}
         missing = [
             TopicPartition(topic, partition)
-            for topic in self._topics
-            if topic in metadata.topics
-            for partition in sorted(metadata.topics[topic].partitions)
+            for topic, numbers in self._partitions_at_start.items()
+            for partition in numbers
             if (topic, partition) not in assigned
         ]
         if missing:
@@ -143,7 +154,7 @@ class KafkaSource:
 
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._sole_member:
-            self._complete(consumer, partitions)
+            self._complete(partitions)
         keys = [_key(tp) for tp in partitions]
         wanted = dict(self._listener.start_offsets(keys))
         committed = {}
