@@ -199,16 +199,26 @@ def unique_topic(make_topic: Callable[..., str]) -> str:
     return make_topic(1)
 
 
-def pytest_runtest_call(item: pytest.Item) -> None:
-    """Count the tests that actually ran against each broker (setup succeeded)."""
-    names: set[str] = set()
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and callspec.params.get("broker") in BROKER_NAMES:
-        names.add(callspec.params["broker"])
-    fixturenames = getattr(item, "fixturenames", ())
-    names.update(n for n in BROKER_NAMES if f"{n}_broker" in fixturenames and n in _POOL.ran)
-    for name in names:
-        _POOL.uses[name] = _POOL.uses.get(name, 0) + 1
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Count the tests that actually ran against each broker (setup succeeded).
+
+    Counted after the call: tests that pick their broker at run time
+    (``request.getfixturevalue("kafka_broker")``) are known only then.
+    """
+    try:
+        yield
+    finally:
+        names: set[str] = set()
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("broker") in BROKER_NAMES:
+            names.add(callspec.params["broker"])
+        requested = set(getattr(item, "fixturenames", ()))
+        # Fixtures resolved during the call (getfixturevalue) live on the item's request.
+        requested.update(getattr(getattr(item, "_request", None), "_fixture_defs", {}))
+        names.update(n for n in BROKER_NAMES if f"{n}_broker" in requested and n in _POOL.ran)
+        for name in names:
+            _POOL.uses[name] = _POOL.uses.get(name, 0) + 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -12,8 +12,11 @@ environment overrides only what a test broker needs:
   (here 2 s), mini-batch.yaml every 100 000 records (here 1000), full-batch.yaml retrains
   (and so publishes) every 10 000 records (here 200).
 
-The run must learn every record, write a checkpoint and publish a version without exiting,
-then start again on the same files and stop cleanly.
+Each case walks the README's "Run against your Kafka" path as a user types it:
+``validate-config``, ``topics create --config`` (the topics come from the CLI, not from the
+test), ``run``, then ``examples/serve_reader.py`` reads the published version from the
+versions topic and predicts with it. The run must learn every record, write a checkpoint
+and publish a version without exiting, then start again on the same files and stop cleanly.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ import yaml
 from confluent_kafka import Producer
 
 from stream_trainer.config import Settings, load_settings
-from stream_trainer.embedded import create_topics, free_port
+from stream_trainer.embedded import free_port
 from stream_trainer.registry import ModelRegistry
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for
@@ -38,6 +43,7 @@ from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVE_READER = ROOT / "examples" / "serve_reader.py"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SECRETS = {
     "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY,
@@ -100,6 +106,49 @@ def _records(settings: Settings, count: int, seed: int) -> list[bytes]:
     return out
 
 
+def _cli(args: list[str], env: dict[str, str], cwd: Path, stdin: str = "") -> str:
+    """``stream-trainer ARGS`` as a user runs it; returns stdout, fails the test on exit != 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_trainer", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"stream-trainer {' '.join(args)}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def _read_with_example_reader(
+    settings: Settings, bootstrap: str, features: list[dict[str, float]], cwd: Path
+) -> list[dict[str, Any]]:
+    """Predictions of ``examples/serve_reader.py`` for ``features`` (one JSON line each)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SERVE_READER),
+            "--bootstrap-servers",
+            bootstrap,
+            "--topic",
+            settings.topics.versions,
+            "--model",
+            settings.model.name,
+            "--wait-s",
+            "60",
+        ],
+        env={**os.environ, "STREAM_TRAINER_REGISTRY_KEY": HMAC_KEY},
+        cwd=cwd,
+        input="".join(json.dumps(f) + "\n" for f in features),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
 def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     for value in values:
@@ -124,7 +173,6 @@ def test_run_with_shipped_config_learns_checkpoints_and_publishes(
     name = unique(config)
     topics = {"input": name, "dead_letter": f"{name}.dlq", "versions": f"{name}.versions"}
     topics["control"] = f"{name}.control"
-    create_topics(bootstrap, dict.fromkeys(topics.values(), 1), timeout=30.0)
     port = free_port()
     env = {
         **SECRETS,
@@ -144,6 +192,15 @@ def test_run_with_shipped_config_learns_checkpoints_and_publishes(
         env["STREAM_TRAINER_CHECKPOINT__DIR"] = str(tmp_path / "data" / "checkpoints")
         env["STREAM_TRAINER_REGISTRY__ROOT"] = str(tmp_path / "data" / "registry")
     settings = load_settings(config_path, env=env)
+    # README step 1: check the config (secrets masked in what it prints).
+    effective = _cli(["validate-config", "--config", str(config_path)], env, cwd)
+    assert json.loads(effective)["model"]["name"] == settings.model.name
+    assert HMAC_KEY not in effective and SECRETS["STREAM_TRAINER_KAFKA__SASL_PASSWORD"] not in (
+        effective
+    )
+    # README step 2: the topics come from the CLI, with its defaults.
+    created = _cli(["topics", "create", "--config", str(config_path)], env, cwd)
+    print(created.strip())
     _produce(bootstrap, topics["input"], _records(settings, count, seed=1))
 
     with ConfigFileProcess(config_path, cwd, env, port) as service:
@@ -166,6 +223,14 @@ def test_run_with_shipped_config_learns_checkpoints_and_publishes(
         assert settings.checkpoint.dir == folder / raw["checkpoint"]["dir"]
         assert settings.registry.root == folder / raw["registry"]["root"]
     assert not list(cwd.glob("var")), "relative paths resolved against the working directory"
+
+    # A serving system: the example reader loads the published champion and predicts.
+    features = [{name: 0.25 * (i + 1) for name in settings.record.features} for i in range(3)]
+    predictions = _read_with_example_reader(settings, bootstrap, features, cwd)
+    print(f"serve_reader: {predictions}")
+    assert len(predictions) == len(features)
+    assert all(p["version"] in {v.version for v in versions} for p in predictions)
+    assert all(p["prediction"] is not None for p in predictions)
 
     # A restart on the same files: ready again, exits cleanly.
     with ConfigFileProcess(config_path, cwd, env, port) as again:
