@@ -225,7 +225,7 @@ def test_run_with_shipped_config_learns_checkpoints_and_publishes(
     assert not list(cwd.glob("var")), "relative paths resolved against the working directory"
 
     # A serving system: the example reader loads the published champion and predicts.
-    features = [{name: 0.25 * (i + 1) for name in settings.record.features} for i in range(3)]
+    features = [dict.fromkeys(settings.record.features, 0.25 * (i + 1)) for i in range(3)]
     predictions = _read_with_example_reader(settings, bootstrap, features, cwd)
     print(f"serve_reader: {predictions}")
     assert len(predictions) == len(features)
