@@ -200,8 +200,8 @@ class KafkaSettings(StrictModel):
     sasl_password_file: Path | None = Field(
         default=None,
         description=(
-            "file holding the SASL password (e.g. a mounted Secret), read at start, "
-            "whitespace stripped; used when sasl_password is not set"
+            "file holding the SASL password (e.g. a mounted Secret), read when a client "
+            "is created, whitespace stripped; used when sasl_password is not set"
         ),
     )
     ssl_ca_location: Path | None = Field(
@@ -586,7 +586,7 @@ class FullBatchSettings(StrictModel):
         ge=10,
         description=(
             "the training window: a retrain fits on the most recent this many records "
-            "(memory: 8 bytes per feature per record, twice during a fit)"
+            "(8 bytes per feature per record in memory); larger: slower, steadier fits"
         ),
     )
     window_seconds: float | None = Field(
