@@ -154,22 +154,83 @@ def _read_secret(value: SecretStr | None, file: Path | None) -> str | None:
 class KafkaSettings(StrictModel):
     """Connection and consumer settings; ``extra`` passes through to librdkafka."""
 
-    bootstrap_servers: str = Field(min_length=1, description="host:port[,host:port...]")
-    group_id: str = Field(min_length=1, description="consumer group of this model")
-    client_id: str = "stream-trainer"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = Field(default=None, description="prefer env or file")
-    sasl_password_file: Path | None = None
-    ssl_ca_location: Path | None = None
-    ssl_certificate_location: Path | None = None
-    ssl_key_location: Path | None = None
+    bootstrap_servers: str = Field(
+        min_length=1,
+        description=(
+            "the brokers to connect to, host:port[,host:port...] (librdkafka "
+            "bootstrap.servers); one reachable broker is enough, it names the others"
+        ),
+    )
+    group_id: str = Field(
+        min_length=1,
+        description=(
+            "the consumer group of this model: offsets are committed there (for lag "
+            "monitoring) and <group_id>.lease elects the active member; one group per model, "
+            "a new group_id starts a new model"
+        ),
+    )
+    client_id: str = Field(
+        default="stream-trainer",
+        description=(
+            "librdkafka client.id of the consumer and producers, shown in broker logs and "
+            "quotas; change it to tell deployments apart on a shared cluster"
+        ),
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description=(
+            "librdkafka security.protocol: SSL for TLS, SASL_* for SASL authentication "
+            "(then sasl_mechanism, sasl_username and a password are required)"
+        ),
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description="librdkafka sasl.mechanism; required with SASL_*, unused otherwise",
+    )
+    sasl_username: str | None = Field(
+        default=None, description="SASL user name (sasl.username); required with SASL_*"
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "SASL password; prefer env (STREAM_TRAINER_KAFKA__SASL_PASSWORD) or "
+            "sasl_password_file to the config file; masked whenever the config is printed"
+        ),
+    )
+    sasl_password_file: Path | None = Field(
+        default=None,
+        description=(
+            "file holding the SASL password (e.g. a mounted Secret), read when a client "
+            "is created, whitespace stripped; used when sasl_password is not set"
+        ),
+    )
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file of the CA certificate(s) that verify the brokers (ssl.ca.location); "
+            "null: librdkafka's default"
+        ),
+    )
+    ssl_certificate_location: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file of the client certificate for mutual TLS "
+            "(ssl.certificate.location); null: no client certificate"
+        ),
+    )
+    ssl_key_location: Path | None = Field(
+        default=None,
+        description="PEM file of the client certificate's private key (ssl.key.location)",
+    )
     session_timeout_ms: int = Field(
         default=10_000,
         ge=1_000,
         le=300_000,
-        description="a dead member's partitions (and the lease) move after this long",
+        description=(
+            "milliseconds (session.timeout.ms, 1000-300000): a member silent this long is "
+            "dead, its partitions and the lease move on; a static member that stops is "
+            "replaced only after it. Lower: faster take-over; higher: fewer false alarms"
+        ),
     )
     group_instance_id: str | None = Field(
         default=None,
@@ -180,25 +241,91 @@ class KafkaSettings(StrictModel):
             "host name (the pod name on Kubernetes) plus a digest of checkpoint.dir"
         ),
     )
-    heartbeat_interval_ms: int = Field(default=2_000, ge=100)
-    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    consume_batch_size: int = Field(default=1000, ge=1, le=100_000)
-    consume_timeout_s: float = Field(default=0.2, gt=0, le=10)
+    heartbeat_interval_ms: int = Field(
+        default=2_000,
+        ge=100,
+        description=(
+            "milliseconds between group heartbeats (heartbeat.interval.ms); keep it at a "
+            "third of session_timeout_ms or less"
+        ),
+    )
+    max_poll_interval_ms: int = Field(
+        default=300_000,
+        ge=10_000,
+        description=(
+            "milliseconds (max.poll.interval.ms) the loop may go without polling before "
+            "the broker removes the member; the loop polls between units, so raise it only "
+            "if one unit takes minutes to learn"
+        ),
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description=(
+            "where a partition with neither a checkpoint nor a committed offset starts: "
+            "earliest learns the topic's history, latest only records produced from now"
+        ),
+    )
+    consume_batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description=(
+            "most messages one poll takes from librdkafka (1-100000); in mini_batch at most "
+            "what the unit still lacks. Larger: less overhead per record"
+        ),
+    )
+    consume_timeout_s: float = Field(
+        default=0.2,
+        gt=0,
+        le=10,
+        description=(
+            "seconds one poll waits when no message is queued (up to 10); bounds how late "
+            "an idle loop sees a signal, a control command or a due checkpoint"
+        ),
+    )
     decode_worker: bool = Field(
         default=True,
-        description="decode the next unit in a child process while this one is learnt",
+        description=(
+            "decode the next unit in a child process while this one is learnt (two cores "
+            "busy, not one); false: decode on the poll thread, e.g. on a one-core pod"
+        ),
     )
     # librdkafka's default 1000 ms stalls a consumer faster than ~100k records/s once its
     # prefetch queue fills; 10 ms measured 2.2x on ingestion here.
-    fetch_queue_backoff_ms: int = Field(default=10, ge=0)
+    fetch_queue_backoff_ms: int = Field(
+        default=10,
+        ge=0,
+        description=(
+            "milliseconds librdkafka waits before fetching again when its prefetch queue "
+            "is full (fetch.queue.backoff.ms); its own default, 1000, stalls fast consumers"
+        ),
+    )
     # librdkafka's default prefetch queue (64 MB) filled up over a 1M-record run and showed
     # as +21 % RSS; 16 MB still holds ~0.3 s of records at 100k records/s of 500 bytes.
     prefetch_max_kbytes: int = Field(
-        default=16_384, ge=1_024, description="queued.max.messages.kbytes: prefetch bound"
+        default=16_384,
+        ge=1_024,
+        description=(
+            "kilobytes of messages librdkafka prefetches at most "
+            "(queued.max.messages.kbytes); more costs memory, less may starve a fast loop"
+        ),
     )
-    statistics_interval_ms: int = Field(default=5_000, ge=0)
-    extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    statistics_interval_ms: int = Field(
+        default=5_000,
+        ge=0,
+        description=(
+            "milliseconds between librdkafka statistics (statistics.interval.ms), which "
+            "update the consumer lag gauge; 0 turns them and that gauge off"
+        ),
+    )
+    extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description=(
+            "other librdkafka properties (e.g. message.max.bytes) for every client; in the "
+            "consumer they override the service's own settings. Secret keys are refused "
+            "(they would be printed): use the fields above"
+        ),
+    )
 
     @field_validator("extra")
     @classmethod
@@ -283,10 +410,32 @@ class KafkaSettings(StrictModel):
 class TopicsSettings(StrictModel):
     """Topics the service reads and writes."""
 
-    input: Annotated[list[str], Field(min_length=1)]
-    dead_letter: str = Field(min_length=1)
-    versions: str = Field(min_length=1)
-    control: str | None = None
+    input: Annotated[list[str], Field(min_length=1)] = Field(
+        description=(
+            "the topics to learn from, all into one model; from the environment a,b or a JSON list"
+        )
+    )
+    dead_letter: str = Field(
+        min_length=1,
+        description=(
+            "where records that fail decoding, validation or learning go, with provenance "
+            "headers (topics create: 1 partition, 14 days' retention)"
+        ),
+    )
+    versions: str = Field(
+        min_length=1,
+        description=(
+            "where each published version and champion change is announced, keyed by "
+            "model name; keep it compacted (topics create does)"
+        ),
+    )
+    control: str | None = Field(
+        default=None,
+        description=(
+            "topic of manual commands (stream-trainer control retrain / publish / pause / "
+            "resume); null: no control channel. Waited for at start while missing"
+        ),
+    )
     lease: str | None = Field(
         default=None,
         min_length=1,
@@ -301,22 +450,60 @@ class TopicsSettings(StrictModel):
 class RecordSettings(StrictModel):
     """The record contract: where features, label and metadata live in a JSON value."""
 
-    format: Literal["json"] = "json"
+    format: Literal["json"] = Field(
+        default="json", description="wire format of a record value; only JSON so far"
+    )
     features: Annotated[list[str], Field(min_length=1)] = Field(
         description="feature names, in the order the learners see them"
     )
     features_field: str | None = Field(
         default="x", description="object holding the features; null = flat top-level fields"
     )
-    label_field: str = "y"
-    id_field: str | None = None
-    event_time_field: str | None = None
-    weight_field: str | None = None
-    labels: list[Label] | None = Field(
-        default=None, description="allowed labels (required for classification)"
+    label_field: str = Field(
+        default="y", description="top-level field holding the label (class or target value)"
     )
-    max_bytes: int = Field(default=65_536, ge=16)
-    unknown_features: Literal["reject", "ignore"] = "reject"
+    id_field: str | None = Field(
+        default=None,
+        description=(
+            "optional field holding a record id: a known field (never an unknown feature); "
+            "its value is not used"
+        ),
+    )
+    event_time_field: str | None = Field(
+        default=None,
+        description=(
+            "optional field holding the record's event time: a known field (never an "
+            "unknown feature); its value is not used"
+        ),
+    )
+    weight_field: str | None = Field(
+        default=None,
+        description=(
+            "optional field holding a sample weight (finite, > 0; 1 when absent); the "
+            "learner must accept weights (checked at start). null: every record weighs 1"
+        ),
+    )
+    labels: list[Label] | None = Field(
+        default=None,
+        description=(
+            "allowed labels, required for classification (exactly 2 for binary); any "
+            "other label is dead-lettered (type-strict: 1 is not true); null for regression"
+        ),
+    )
+    max_bytes: int = Field(
+        default=65_536,
+        ge=16,
+        description=(
+            "largest record value in bytes, checked before parsing; a larger one is dead-lettered"
+        ),
+    )
+    unknown_features: Literal["reject", "ignore"] = Field(
+        default="reject",
+        description=(
+            "a field that is neither a feature nor a configured field: reject dead-letters "
+            "the record (catches producer mistakes), ignore drops the field"
+        ),
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> RecordSettings:
@@ -334,7 +521,10 @@ class EstimatorSpec(StrictModel):
     """An allow-listed estimator by dotted path, with constructor parameters."""
 
     path: str = Field(description="e.g. river.linear_model.LogisticRegression")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the estimator's constructor, e.g. {max_depth: 8}",
+    )
 
     @field_validator("path")
     @classmethod
@@ -349,44 +539,113 @@ class EstimatorSpec(StrictModel):
 class ModelSettings(StrictModel):
     """What is trained: task, learner and optional preprocessing pipeline."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
-    task: Task
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description=(
+            "the model's name: its registry folder and the key of its version events "
+            "(lower case letters, digits, . _ -, up to 63 characters)"
+        ),
+    )
+    task: Task = Field(
+        description="what is predicted; decides the label checks, metrics and fitting learners"
+    )
     learner: EstimatorSpec
-    preprocessing: list[EstimatorSpec] = Field(default_factory=list)
+    preprocessing: list[EstimatorSpec] = Field(
+        default_factory=list,
+        description=(
+            "steps applied before the learner, in order, each a path and params like the "
+            "learner (e.g. river.preprocessing.StandardScaler); empty: none"
+        ),
+    )
 
 
 class MiniBatchSettings(StrictModel):
     """``mini_batch`` mode: a unit is ``size`` records or whatever arrived in ``max_wait_s``."""
 
-    size: int = Field(default=1000, ge=1, le=1_000_000)
-    max_wait_s: float = Field(default=5.0, gt=0)
+    size: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="records per unit, learnt with one partial_fit / learn_many call",
+    )
+    max_wait_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "seconds a unit may wait to fill; then the records it has are learnt, so a "
+            "slow topic is still learnt promptly"
+        ),
+    )
 
 
 class FullBatchSettings(StrictModel):
     """``full_batch`` mode: a bounded window and the triggers that refit on it."""
 
-    window_records: int = Field(default=10_000, ge=10)
-    window_seconds: float | None = Field(default=None, gt=0)
-    retrain_every_records: int | None = Field(default=5_000, ge=1)
-    retrain_every_seconds: float | None = Field(default=None, gt=0)
-    retrain_on_drift: bool = True
-    min_records: int = Field(default=100, ge=1)
+    window_records: int = Field(
+        default=10_000,
+        ge=10,
+        description=(
+            "the training window: a retrain fits on the most recent this many records "
+            "(8 bytes per feature per record in memory); larger: slower, steadier fits"
+        ),
+    )
+    window_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "not implemented yet: accepted, but the window is bounded by window_records "
+            "only; leave it null"
+        ),
+    )
+    retrain_every_records: int | None = Field(
+        default=5_000,
+        ge=1,
+        description="retrain after this many records since the last retrain; null: never by count",
+    )
+    retrain_every_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="retrain every this many seconds; null: never by time",
+    )
+    retrain_on_drift: bool = Field(
+        default=True,
+        description=(
+            "retrain when drift is detected, on a window restarted at the detection "
+            "(a refit on the old concept would restore it)"
+        ),
+    )
+    min_records: int = Field(
+        default=100,
+        ge=1,
+        description="a due retrain waits until the window holds at least this many records",
+    )
     fit_in_worker: bool = Field(
         default=True,
-        description="fit in a child process (no GIL shared with ingestion); false: a thread",
+        description=(
+            "fit in a child process (no GIL shared with ingestion); false: on a thread of "
+            "the service, which slows ingestion during pure-Python fits"
+        ),
     )
     fit_nice: int = Field(
         default=10,
         ge=0,
         le=19,
-        description="the fit worker's nice value: ingestion gets the CPU first",
+        description=(
+            "the fit worker's nice value (0-19): ingestion gets the CPU first and the fit "
+            "takes longer; 0 gives the fit an equal share"
+        ),
     )
 
 
 class TrainingSettings(StrictModel):
     """The training mode (chosen once) and its parameters."""
 
-    mode: TrainingMode
+    mode: TrainingMode = Field(
+        description=(
+            "how the model learns, chosen once per model: per_record (River learn_one), "
+            "mini_batch (partial_fit / learn_many per unit) or full_batch (fit on a window)"
+        )
+    )
     mini_batch: MiniBatchSettings = Field(default_factory=MiniBatchSettings)
     full_batch: FullBatchSettings = Field(default_factory=FullBatchSettings)
 
@@ -399,40 +658,130 @@ class EvaluationSettings(StrictModel):
     """Prequential (test-then-train) evaluation."""
 
     metrics: list[ClassificationMetric | RegressionMetric] | None = Field(
-        default=None, description="default: accuracy, f1 / mae, rmse by task"
+        default=None,
+        description=(
+            "prequential metrics to compute; null: accuracy, f1 (binary), accuracy, "
+            "macro_f1 (multiclass), mae, rmse, r2 (regression). Gates compare on the first "
+            "(publishes: the first that is not log_loss / roc_auc)"
+        ),
     )
-    window: int = Field(default=1000, ge=10)
+    window: int = Field(
+        default=1000,
+        ge=10,
+        description=(
+            'records in the rolling window (metric scope "window"); scope "total" covers '
+            "every record since the start"
+        ),
+    )
 
 
 class DriftSettings(StrictModel):
     """Concept-drift detection on the prequential error."""
 
-    enabled: bool = True
-    detector: Literal["ADWIN", "PageHinkley", "KSWIN"] = "ADWIN"
-    params: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = Field(
+        default=True, description="run the detector (needed for retrain_on_drift)"
+    )
+    detector: Literal["ADWIN", "PageHinkley", "KSWIN"] = Field(
+        default="ADWIN", description="the River drift detector used on the prequential error"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "keyword arguments of the detector, e.g. {delta: 0.002} for ADWIN; an unknown "
+            "one fails at start; empty: River's defaults"
+        ),
+    )
 
 
 class DeadLetterSettings(StrictModel):
     """Bad-record breaker: a flood of invalid records halts the partition."""
 
-    max_consecutive_invalid: int = Field(default=1000, ge=1)
-    max_invalid_ratio: float = Field(default=0.5, gt=0, le=1)
-    ratio_window: int = Field(default=10_000, ge=10)
+    max_consecutive_invalid: int = Field(
+        default=1000,
+        ge=1,
+        description=(
+            "halt a partition after this many invalid records in a row (resume it with "
+            "stream-trainer control resume once the producer is fixed)"
+        ),
+    )
+    max_invalid_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "halt a partition when more than this share (0-1) of its last ratio_window "
+            "records is invalid; 1 turns the ratio check off"
+        ),
+    )
+    ratio_window: int = Field(
+        default=10_000,
+        ge=10,
+        description=(
+            "records per partition the ratio is taken over; checked once a partition has "
+            "seen this many, so a few bad records at the start never trip it"
+        ),
+    )
 
 
 class CheckpointSettings(StrictModel):
     """Signed, atomic checkpoints: the source of truth for offsets."""
 
-    dir: Path
-    every_records: int | None = Field(default=100_000, ge=1)
-    every_seconds: float | None = Field(default=10.0, gt=0)
-    keep_last: int = Field(default=3, ge=1, le=1000)
-    hmac_key: SecretStr | None = Field(
-        default=None, description="set via STREAM_TRAINER_CHECKPOINT__HMAC_KEY"
+    dir: Path = Field(
+        description=(
+            "folder of this member's checkpoints (and quarantine/); locked by one process; "
+            "must survive restarts (on Kubernetes, the PVC)"
+        )
     )
-    hmac_key_file: Path | None = None
-    allow_unsigned: bool = False
-    accept_retention_gap: bool = False
+    every_records: int | None = Field(
+        default=100_000,
+        ge=1,
+        description=("checkpoint after this many records since the last one; null: never by count"),
+    )
+    every_seconds: float | None = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "checkpoint at least this often, in seconds; null: never by time. Offsets are "
+            "committed only after a checkpoint, so it bounds how stale committed offsets are"
+        ),
+    )
+    keep_last: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description=(
+            "checkpoints kept (1-1000), older ones deleted; each is a fallback when a "
+            "newer one fails verification"
+        ),
+    )
+    hmac_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "key that signs checkpoints and model versions; set via "
+            "STREAM_TRAINER_CHECKPOINT__HMAC_KEY or hmac_key_file, never in the file"
+        ),
+    )
+    hmac_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "file holding the HMAC key (e.g. a mounted Secret), whitespace stripped; used "
+            "when hmac_key is not set"
+        ),
+    )
+    allow_unsigned: bool = Field(
+        default=False,
+        description=(
+            "run without a key (unsigned checkpoints and versions), or with one accept "
+            "unsigned checkpoints; for laptops and migrations, not production"
+        ),
+    )
+    accept_retention_gap: bool = Field(
+        default=False,
+        description=(
+            "start even when retention deleted offsets the checkpoint needs (those records "
+            "are skipped and counted); false: refuse to start, naming the partitions"
+        ),
+    )
 
     def key(self) -> bytes | None:
         """The HMAC key, or None when none is configured."""
@@ -452,42 +801,113 @@ class CheckpointSettings(StrictModel):
 class GateSettings(StrictModel):
     """Champion/challenger promotion gate."""
 
-    enabled: bool = True
-    margin: float = Field(default=0.01, ge=0)
-    holdout_records: int = Field(default=1000, ge=10)
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "compare each candidate with the champion before it replaces it; false: "
+            "every publish and every retrain's candidate wins"
+        ),
+    )
+    margin: float = Field(
+        default=0.01,
+        ge=0,
+        description=(
+            "how much worse than the champion, in the compared metric's units, a candidate "
+            "may score and still win; 0: never worse"
+        ),
+    )
+    holdout_records: int = Field(
+        default=1000,
+        ge=10,
+        description=(
+            "recent records both models are scored on (a full retrain holds out at most a "
+            "quarter of its window); more: steadier verdicts on older data"
+        ),
+    )
 
 
 class RegistrySettings(StrictModel):
     """Where model versions are published and when."""
 
-    root: Path
-    publish_every_records: int | None = Field(default=None, ge=1)
-    publish_every_seconds: float | None = Field(default=300.0, gt=0)
-    publish_after_retrain: bool = True
-    keep_last: int = Field(default=20, ge=1)
+    root: Path = Field(
+        description=(
+            "folder of published versions (<root>/<model>/versions/<n>/); serving readers "
+            "load from it, so share it with them"
+        )
+    )
+    publish_every_records: int | None = Field(
+        default=None,
+        ge=1,
+        description="publish after this many records since the last version; null: never by count",
+    )
+    publish_every_seconds: float | None = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "publish every this many seconds; null: never by time. A publish with nothing "
+            "new learnt is skipped"
+        ),
+    )
+    publish_after_retrain: bool = Field(
+        default=True,
+        description="publish right after a full retrain replaced the model (full_batch)",
+    )
+    keep_last: int = Field(
+        default=20,
+        ge=1,
+        description="versions kept on disk; older ones are deleted, never the champion",
+    )
     gate: GateSettings = Field(default_factory=GateSettings)
 
 
 class HttpSettings(StrictModel):
     """The one HTTP port: /metrics, /healthz, /readyz."""
 
-    enabled: bool = True
-    host: str = "0.0.0.0"  # noqa: S104 - a pod must listen on its own interface
-    port: int = Field(default=9100, ge=0, le=65535)
-    healthz_max_age_s: float = Field(default=60.0, gt=0)
+    enabled: bool = Field(
+        default=True,
+        description="serve the three endpoints; the Helm chart's probes need them",
+    )
+    host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - a pod must listen on its own interface
+        description="address to listen on: 0.0.0.0 every interface, 127.0.0.1 this host only",
+    )
+    port: int = Field(
+        default=9100, ge=0, le=65535, description="TCP port of the endpoints; 0: any free port"
+    )
+    healthz_max_age_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "/healthz fails once the poll loop has not turned for this many seconds (never "
+            "for a broker outage); keep it above the slowest unit"
+        ),
+    )
 
 
 class LoggingSettings(StrictModel):
     """JSON lines on stdout."""
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["json", "text"] = "json"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="least severe level logged, librdkafka's lines included"
+    )
+    format: Literal["json", "text"] = Field(
+        default="json",
+        description="json: one JSON object per line, for collectors; text: for a terminal",
+    )
 
 
 class ShutdownSettings(StrictModel):
     """Graceful stop: everything after SIGTERM finishes within ``timeout_s``."""
 
-    timeout_s: float = Field(default=25.0, gt=0, le=600)
+    timeout_s: float = Field(
+        default=25.0,
+        gt=0,
+        le=600,
+        description=(
+            "seconds within which a stop finishes the unit, checkpoints, commits and exits; "
+            "the Helm chart sets terminationGracePeriodSeconds above it"
+        ),
+    )
 
 
 class Settings(BaseSettings):

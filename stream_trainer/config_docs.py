@@ -1,7 +1,8 @@
 """Renders the configuration reference (a Markdown table) from the config models.
 
-The README embeds the output between markers and a test keeps them equal, so the reference
-cannot drift from the code. Update it with ``python -m stream_trainer.config_docs --write``.
+``docs/configuration.md`` embeds the output between markers and a test keeps them equal, so
+the reference cannot drift from the code. Update it with
+``python -m stream_trainer.config_docs --write`` (run from the repository's root).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from stream_trainer.config import Settings
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
+# Where ``--write`` puts the table, relative to the repository's root.
+REFERENCE = Path("docs") / "configuration.md"
 
 
 def _type_name(annotation: Any) -> str:
@@ -51,6 +54,23 @@ def _default(field: FieldInfo) -> str:
     return f"`{field.default!r}`"
 
 
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell: ``|`` would end the cell, and GitHub
+    would swallow ``<kafka.group_id>`` as an HTML tag."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def description_of(field: FieldInfo) -> str:
+    """A field's documentation: its ``description``, or for a section without one the first
+    line of its model's docstring. Empty when it has neither."""
+    if field.description:
+        return " ".join(field.description.split())
+    nested = _model_of(field.annotation)
+    if nested is not None and nested.__doc__:
+        return nested.__doc__.strip().splitlines()[0]
+    return ""
+
+
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -62,15 +82,10 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         nested = _model_of(field.annotation)
+        kind = "section" if nested is not None else _type_name(field.annotation)
+        rows.append(f"| `{path}` | {kind} | {_default(field)} | {_cell(description_of(field))} |")
         if nested is not None:
-            doc = (nested.__doc__ or "").strip().splitlines()[0]
-            rows.append(f"| `{path}` | section | {_default(field)} | {doc} |")
             rows.extend(_rows(nested, f"{path}."))
-            continue
-        description = (field.description or "").replace("|", "\\|")
-        rows.append(
-            f"| `{path}` | {_type_name(field.annotation)} | {_default(field)} | {description} |"
-        )
     return rows
 
 
@@ -80,18 +95,28 @@ def render() -> str:
     return "\n".join(header + _rows(Settings, "")) + "\n"
 
 
-def embed(readme: str) -> str:
-    """``readme`` with the text between the markers replaced by :func:`render`."""
-    head, _, rest = readme.partition(START)
-    _, _, tail = rest.partition(END)
+def embed(page: str) -> str:
+    """``page`` with the text between the markers replaced by :func:`render`.
+
+    Raises ValueError when ``page`` lacks either marker (nothing would be replaced).
+    """
+    head, found, rest = page.partition(START)
+    _, found_end, tail = rest.partition(END)
+    if not found or not found_end:
+        raise ValueError(f"the page has no {START} ... {END} markers")
     return f"{head}{START}\n{render()}{END}{tail}"
 
 
 def main() -> int:
-    """Print the table, or with ``--write`` update README.md in the current directory."""
+    """Print the table, or with ``--write`` update docs/configuration.md under the current
+    directory (the repository's root)."""
     if "--write" in sys.argv:
-        path = Path("README.md")
-        path.write_text(embed(path.read_text(encoding="utf-8")), encoding="utf-8")
+        try:
+            page = embed(REFERENCE.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            sys.stderr.write(f"{REFERENCE}: {error}\n")
+            return 1
+        REFERENCE.write_text(page, encoding="utf-8")
         return 0
     sys.stdout.write(render())
     return 0
