@@ -589,14 +589,6 @@ class FullBatchSettings(StrictModel):
             "(8 bytes per feature per record in memory); larger: slower, steadier fits"
         ),
     )
-    window_seconds: float | None = Field(
-        default=None,
-        gt=0,
-        description=(
-            "not implemented yet: accepted, but the window is bounded by window_records "
-            "only; leave it null"
-        ),
-    )
     retrain_every_records: int | None = Field(
         default=5_000,
         ge=1,
