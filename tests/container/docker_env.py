@@ -253,12 +253,14 @@ class DockerEnv:
         input_file: IO[bytes] | None = None,
         timeout: float = 600.0,
         capture: bool = True,
+        env_extra: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the client; with ``check``, DockerEnvError carries its output tail."""
+        """Run the client; with ``check``, DockerEnvError carries its output tail.
+        ``env_extra`` reaches the client only (e.g. values for ``docker run -e NAME``)."""
         assert self.client is not None
         completed = subprocess.run(
             [self.client, *args],
-            env=self.env,
+            env={**self.env, **(env_extra or {})},
             stdin=input_file,
             stdout=subprocess.PIPE if capture else self._log,
             stderr=subprocess.STDOUT if not capture else subprocess.PIPE,
@@ -272,6 +274,10 @@ class DockerEnv:
             raise DockerEnvError(f"docker {' '.join(args[:3])} failed:\n{tail}")
         return completed
 
+    def _cached(self, what: str) -> None:
+        if what not in self.timings.cached:
+            self.timings.cached.append(what)
+
     def image_exists(self, ref: str) -> bool:
         return self.docker("image", "inspect", ref, check=False).returncode == 0
 
@@ -282,7 +288,7 @@ class DockerEnv:
         mirror = apt_mirror()
         ref = f"{DEBIAN_REPO}:{SUITE}-minbase-{_hash(mirror.encode())}"
         if self.image_exists(ref):
-            self.timings.cached.append("debian base")
+            self._cached("debian base")
             return ref
         debootstrap = shutil.which("debootstrap")
         if debootstrap is None:
@@ -326,7 +332,7 @@ class DockerEnv:
         recipe = PYTHON_BASE_DOCKERFILE.encode() + PIP_CONF.encode()
         ref = f"{PYTHON_REPO}:3.11-{SUITE}-{_hash(debian.encode(), recipe, bundle)}"
         if self.image_exists(ref):
-            self.timings.cached.append("python base")
+            self._cached("python base")
             return ref
         began = time.monotonic()
         with tempfile.TemporaryDirectory(dir=self.root, prefix="pybase-") as tmp:
