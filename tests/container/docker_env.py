@@ -200,6 +200,8 @@ class DockerEnv:
                 raise DockerEnvError(f"dockerd did not answer in {timeout:.0f} s")
             time.sleep(0.2)  # polling interval of a bounded wait
         self.timings.daemon = time.monotonic() - began
+        # Images no build has used for a week (superseded layers) would grow the cache.
+        self.docker("image", "prune", "--force", "--filter", "until=168h", check=False)
 
     def _stop_leftover(self) -> None:
         """A daemon a crashed session left on this data root: stop it by its pid file."""
@@ -214,6 +216,7 @@ class DockerEnv:
         if b"dockerd" in cmdline and str(self.data_root).encode() in cmdline:
             print(f"stopping leftover dockerd {pid}", file=self._log)
             _terminate(pid, 30.0)
+            self._unmount_leftovers()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Remove containers, then SIGTERM the daemon (SIGKILL after ``timeout``)."""
@@ -225,7 +228,20 @@ class DockerEnv:
                 _terminate(self._proc.pid, timeout)
                 self._proc.wait(timeout=5)
             self._proc = None
+            self._unmount_leftovers()
         self.release()
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its default network namespace mounted under the exec root:
+        unmount whatever is still mounted below our folders (deepest first)."""
+        prefix = f"{self.root}/"
+        try:
+            lines = Path("/proc/self/mounts").read_text().splitlines()
+        except OSError:
+            return
+        points = [line.split()[1] for line in lines if len(line.split()) > 1]
+        for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+            subprocess.run(["umount", point], capture_output=True, check=False, timeout=30)
 
     def release(self) -> None:
         if self._lock is not None:
@@ -286,7 +302,7 @@ class DockerEnv:
     def debian_base(self) -> str:
         """The minbase bookworm image (debootstrap + import), made once per mirror."""
         mirror = apt_mirror()
-        ref = f"{DEBIAN_REPO}:{SUITE}-minbase-{_hash(mirror.encode())}"
+        ref = f"{DEBIAN_REPO}:{SUITE}-minbase-{_hash(mirror.encode(), DPKG_EXCLUDES.encode())}"
         if self.image_exists(ref):
             self._cached("debian base")
             return ref
@@ -307,11 +323,7 @@ class DockerEnv:
             if completed.returncode != 0:
                 tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-30:])
                 raise DockerEnvError(f"debootstrap failed:\n{tail}")
-            # apt's package cache and lists are not part of a base image.
-            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for item in (rootfs / junk).glob("*"):
-                    if item.is_file():
-                        item.unlink()
+            _slim(rootfs)
             tar = subprocess.Popen(
                 ["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."],
                 stdout=subprocess.PIPE,
@@ -370,6 +382,42 @@ class DockerEnv:
         self.docker(*args, str(context), capture=False, timeout=1800)
         self.timings.image += time.monotonic() - began
         return tag
+
+
+# As Debian's slim images do: no documentation, manual pages or translations, now or in
+# packages installed later (dpkg's path-exclude); copyright files stay.
+DPKG_EXCLUDES = """\
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+"""
+
+
+def _slim(rootfs: Path) -> None:
+    """Drop apt's caches, docs, manuals and translations from a debootstrapped tree."""
+    for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for item in (rootfs / folder).glob("*"):
+            if item.is_file():
+                item.unlink()
+    for folder in ("usr/share/man", "usr/share/info", "usr/share/locale"):
+        for item in (rootfs / folder).glob("*"):
+            if item.name == "locale.alias":
+                continue
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    for item in (rootfs / "usr/share/doc").glob("*/*"):
+        if item.name == "copyright":
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+    (rootfs / "etc/dpkg/dpkg.cfg.d/excludes").write_text(DPKG_EXCLUDES)
 
 
 def _terminate(pid: int, timeout: float) -> None:
