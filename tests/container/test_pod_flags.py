@@ -6,6 +6,7 @@ chart, so a chart change shows up in how the image is run instead of being ignor
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import pytest
 
 from tests.chart.test_chart import CHART_DIR, Rendered
 from tests.container.test_image import PodAsDocker
-
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _pod(chart: helm.Chart, tmp_path: Path, values: dict[str, object]) -> PodAsD
 
 
 def _pairs(args: list[str]) -> set[tuple[str, str]]:
-    return set(zip(args, args[1:], strict=False))
+    return set(itertools.pairwise(args))
 
 
 def test_default_chart_runs_hardened(chart: helm.Chart, tmp_path: Path) -> None:
