@@ -73,16 +73,41 @@ def dockerfile() -> str:
     return DOCKERFILE.read_text(encoding="utf-8")
 
 
+def _stage(dockerfile: str, name: str) -> list[tuple[str, str]]:
+    """The instructions of stage ``name`` (``FROM ... AS name``)."""
+    for stage in _stages(dockerfile):
+        if stage[0][1].endswith(f" AS {name}"):
+            return stage
+    raise AssertionError(f"no stage {name}")
+
+
+def _chain(dockerfile: str, name: str) -> list[tuple[str, str]]:
+    """Stage ``name`` preceded by the stages it is built FROM (what the image holds)."""
+    stage = _stage(dockerfile, name)
+    parent = stage[0][1].removesuffix(f" AS {name}")
+    names = {s[0][1].rpartition(" AS ")[2] for s in _stages(dockerfile)}
+    return (_chain(dockerfile, parent) if parent in names else []) + stage
+
+
 def test_run_lines_install_with_the_documented_commands(dockerfile: str) -> None:
-    runs = [args for keyword, args in _instructions(dockerfile) if keyword == "RUN"]
+    runs = [args for keyword, args in _stage(dockerfile, "builder") if keyword == "RUN"]
     assert _pip_installs(runs) == INSTALL_COMMANDS
+
+
+def test_demo_extra_is_only_in_the_demo_target(dockerfile: str) -> None:
+    # The production venv comes from `builder` alone; the demo extra is added in its own
+    # stage, constrained by the lock so shared packages stay at the locked versions.
+    runs = [args for keyword, args in _stage(dockerfile, "demo-builder") if keyword == "RUN"]
+    assert _pip_installs(runs) == ['pip install --constraint /tmp/constraints.txt ".[demo]"']
+    copies = [args for keyword, args in _stage(dockerfile, "demo") if keyword == "COPY"]
+    assert copies == ["--from=demo-builder /opt/venv /opt/venv"]
 
 
 def test_readme_documents_the_same_install_commands(dockerfile: str) -> None:
     readme = ROOT / "README.md"
     assert readme.is_file(), "README.md must document the install steps"
     documented = _readme_install_commands(readme.read_text(encoding="utf-8"))
-    runs = [args for keyword, args in _instructions(dockerfile) if keyword == "RUN"]
+    runs = [args for keyword, args in _stage(dockerfile, "builder") if keyword == "RUN"]
     assert documented == _pip_installs(runs), "README install steps drifted from the Dockerfile"
 
 
@@ -105,23 +130,28 @@ def test_extractor_sees_a_drifted_command() -> None:
 
 def test_multi_stage_slim_python_311_base(dockerfile: str) -> None:
     stages = _stages(dockerfile)
-    assert len(stages) == 2
     match = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, flags=re.MULTILINE)
     assert match is not None
     # A pinned patch release of the slim 3.11 image, never a floating tag.
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", match.group(1))
     assert [stage[0][1] for stage in stages] == [
         "${PYTHON_IMAGE} AS builder",
-        "${PYTHON_IMAGE} AS runtime",
+        "builder AS demo-builder",
+        "${PYTHON_IMAGE} AS runtime-base",
+        "runtime-base AS demo",
+        "runtime-base AS runtime",
     ]
 
 
 def test_runtime_stage_is_hardened(dockerfile: str) -> None:
-    runtime = _stages(dockerfile)[-1]
+    # The default target is the last stage: the production image.
+    assert _stages(dockerfile)[-1][0][1].endswith(" AS runtime")
+    runtime = _chain(dockerfile, "runtime")
     by_keyword: dict[str, list[str]] = {}
     for keyword, args in runtime:
         by_keyword.setdefault(keyword, []).append(args)
     assert by_keyword["COPY"] == ["--from=builder /opt/venv /opt/venv"]
+    assert "HOME=/tmp" in " ".join(by_keyword["ENV"]), "a writable HOME (read-only root)"
     (user,) = by_keyword["USER"]
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), "USER must be numeric and not root"
     assert json.loads(by_keyword["ENTRYPOINT"][0]) == ["stream-trainer"]
