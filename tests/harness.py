@@ -22,8 +22,8 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_trainer.datasets import Dataset, get_dataset
-from stream_trainer.embedded import create_topics, free_port
+from stream_trainer.laptop.datasets import Dataset, get_dataset
+from stream_trainer.laptop.embedded import create_topics, free_port
 
 HMAC_KEY = "test-checkpoint-key-0123456789"
 ROOT = Path(__file__).resolve().parents[1]

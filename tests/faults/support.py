@@ -21,9 +21,9 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_trainer.checkpoint import CheckpointStore, LoadedCheckpoint
-from stream_trainer.datasets import get_dataset
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import produce
 from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
-from stream_trainer.produce import produce
 from stream_trainer.state import TrainingState
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 

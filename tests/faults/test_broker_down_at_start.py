@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.embedded import EmbeddedBroker, create_topics, free_port
+from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics, free_port
 from tests.conftest import _in_ci
 from tests.faults.support import LEARNT, Service, produce_records, wait_exit
 from tests.harness import service_config, wait_for

@@ -21,9 +21,9 @@ from confluent_kafka.admin import AdminClient
 # The defining module: confluent_kafka.admin re-exports these without __all__ (mypy strict).
 from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from stream_trainer.datasets import get_dataset
-from stream_trainer.embedded import create_topics
-from stream_trainer.produce import poison_values
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.embedded import create_topics
+from stream_trainer.laptop.produce import poison_values
 from tests.conftest import BrokerHandle
 from tests.harness import read_topic, service_config, unique, wait_for
 from tests.integration.test_training import (

@@ -37,15 +37,15 @@ import yaml
 from stream_trainer import app as app_module
 from stream_trainer import logs
 from stream_trainer.config import settings_from_mapping
-from stream_trainer.datasets import get_dataset
-from stream_trainer.embedded import (
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.embedded import (
     EmbeddedBroker,
     free_port,
     pdeathsig_preexec,
     stop_process_group,
     tail_file,
 )
-from stream_trainer.produce import produce
+from stream_trainer.laptop.produce import produce
 from stream_trainer.service import Service
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ROOT, ServiceProcess, service_config, wait_for

@@ -30,7 +30,7 @@ import yaml
 from confluent_kafka import Producer
 
 from stream_trainer.config import Settings, load_settings
-from stream_trainer.embedded import create_topics, free_port
+from stream_trainer.laptop.embedded import create_topics, free_port
 from stream_trainer.registry import ModelRegistry
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for

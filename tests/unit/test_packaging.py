@@ -81,7 +81,7 @@ def test_product_modules_import_without_the_demo_extra_or_the_embedded_broker(
         "'stream_trainer.decode_worker', 'decode worker')\n"
         "worker.close()\n"
         "assert worker.returncode == 0, worker.returncode\n"
-        "print(sorted(n for n in ('stream_trainer.embedded', *"
+        "print(sorted(n for n in ('stream_trainer.laptop.embedded', *"
         f"{DEMO_ONLY!r}) if sys.modules.get(n) is not None))\n"
     )
     result = _python(no_demo_extra, "-c", code)

@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_trainer.benchmarks.profiling import Profiler
 from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.laptop.benchmarks.profiling import Profiler
 
 P = "stream_trainer"
 LEARNT = f"{P}_records_learnt_total"

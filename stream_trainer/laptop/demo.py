@@ -10,7 +10,7 @@ summary, write ``summary.json`` and the learning-curve PNG.
 
 Process hygiene: the service runs in its own session (a terminal's Ctrl-C reaches only
 the demo, which then stops the service with SIGTERM) and gets ``PR_SET_PDEATHSIG`` so it
-dies with the demo; the broker does the same (see :mod:`stream_trainer.embedded`).
+dies with the demo; the broker does the same (see :mod:`stream_trainer.laptop.embedded`).
 Exit codes: 0 done, 1 failure (service died, timeout), 2 usage error, 130 interrupted.
 """
 
@@ -38,15 +38,15 @@ from typing import IO, Any, TextIO
 import yaml
 
 from stream_trainer.config import ConfigError, Settings, load_settings
-from stream_trainer.datasets import DATASETS, Dataset, get_dataset
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.plot import CurvePoint, plot_learning_curve
+from stream_trainer.laptop.datasets import DATASETS, Dataset, get_dataset
+from stream_trainer.laptop.plot import CurvePoint, plot_learning_curve
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_INTERVAL_S = 0.5
 LOG_EVERY_S = 2.0  # plain progress lines when stdout is not a terminal
 PREFIX = "stream_trainer_"
-_REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
+_REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 # Used when neither --config nor the checkout's configs/local.yaml exists (installed wheel).
 _BUILTIN_BASE: dict[str, Any] = {
     "kafka": {
@@ -466,7 +466,7 @@ def default_rate(records: int) -> float:
 class Feeder:
     """Produces the dataset (with bad records) at a steady rate, in a background thread.
 
-    Uses :func:`stream_trainer.produce.records`, the same values ``produce`` writes.
+    Uses :func:`stream_trainer.laptop.produce.records`, the same values ``produce`` writes.
     ``rate`` 0 writes as fast as possible. Any delivery error ends the thread and is kept
     in ``error``; ``stop()`` cancels and joins.
     """
@@ -511,7 +511,7 @@ class Feeder:
     def _run(self) -> None:
         from confluent_kafka import KafkaException, Producer  # noqa: PLC0415
 
-        from stream_trainer.produce import records  # noqa: PLC0415
+        from stream_trainer.laptop.produce import records  # noqa: PLC0415
 
         bootstrap, topic, dataset, count, partitions, bad_ratio, seed, rate = self._args
         failures: list[str] = []
@@ -713,7 +713,7 @@ def _fmt(value: float | None) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; see the module docstring for the steps and exit codes."""
-    from stream_trainer.embedded import (  # noqa: PLC0415
+    from stream_trainer.laptop.embedded import (  # noqa: PLC0415
         BrokerStartError,
         EmbeddedBroker,
         create_topics,
