@@ -636,8 +636,9 @@ def _add_laptop_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(*, laptop: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand; without ``demo`` and ``bench`` (whose
+    arguments live in :mod:`stream_trainer.laptop`) when ``laptop`` is false."""
     parser = argparse.ArgumentParser(
         prog="stream-trainer",
         description="Continuous model training on Kafka streams (River, scikit-learn).",
@@ -653,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_versions(sub)
     _add_control(sub)
     _add_topics(sub)
-    _add_laptop_commands(sub)
+    if laptop:
+        _add_laptop_commands(sub)
     return parser
 
 
@@ -668,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _RUN_SIGNALS.install()
     from stream_trainer.config import ConfigError  # noqa: PLC0415
 
-    parser = build_parser()
+    # `run` is the production process: it must not load the laptop package just to parse.
+    parser = build_parser(laptop=words[:1] != ["run"])
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
