@@ -121,8 +121,7 @@ class ServiceProcess(service_process.ServiceProcess):
     checkpoint key, logging to ``workdir/NAME.log``; observed through /metrics and its log.
 
     The launch, probes, waits and stop are :class:`stream_trainer.laptop.service_process.
-    ServiceProcess`'s (shared with the demo and the bench); ``preexec_fn`` runs in the child
-    (e.g. an rlimit).
+    ServiceProcess`'s, shared with the demo and the bench.
     """
 
     def __init__(
@@ -131,7 +130,6 @@ class ServiceProcess(service_process.ServiceProcess):
         workdir: Path,
         env: dict[str, str] | None = None,
         name: str = "service",
-        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         config_path = workdir / f"{name}.yaml"
@@ -142,7 +140,6 @@ class ServiceProcess(service_process.ServiceProcess):
             log_path=workdir / f"{name}.log",
             workdir=workdir,
             env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY, **(env or {})},
-            preexec_fn=preexec_fn,
         )
 
     def metrics(self) -> dict[str, float]:
