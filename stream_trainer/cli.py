@@ -94,8 +94,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     """Write a dataset to a topic (created if missing)."""
     from confluent_kafka import KafkaException  # noqa: PLC0415
 
-    from stream_trainer.datasets import get_dataset  # noqa: PLC0415
-    from stream_trainer.produce import produce  # noqa: PLC0415
+    from stream_trainer.laptop.datasets import get_dataset  # noqa: PLC0415
+    from stream_trainer.laptop.produce import produce  # noqa: PLC0415
     from stream_trainer.topics import (  # noqa: PLC0415
         TopicError,
         TopicSpec,
@@ -316,14 +316,14 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded broker + dataset + the real service."""
-    from stream_trainer.demo import run_demo  # noqa: PLC0415
+    from stream_trainer.laptop.demo import run_demo  # noqa: PLC0415
 
     return run_demo(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure the service against its ceilings and the naive script."""
-    from stream_trainer.bench import run_bench  # noqa: PLC0415
+    from stream_trainer.laptop.bench import run_bench  # noqa: PLC0415
 
     return run_bench(args)
 
@@ -602,7 +602,7 @@ def _add_topics(sub: Any) -> None:
 
 
 def _add_laptop_commands(sub: Any) -> None:
-    from stream_trainer.demo import add_demo_arguments  # noqa: PLC0415
+    from stream_trainer.laptop.demo import add_demo_arguments  # noqa: PLC0415
 
     p = _command(
         sub,
@@ -620,7 +620,7 @@ def _add_laptop_commands(sub: Any) -> None:
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    from stream_trainer.bench import add_bench_arguments  # noqa: PLC0415
+    from stream_trainer.laptop.bench import add_bench_arguments  # noqa: PLC0415
 
     p = _command(
         sub,
@@ -636,8 +636,9 @@ def _add_laptop_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(*, laptop: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand; without ``demo`` and ``bench`` (whose
+    arguments live in :mod:`stream_trainer.laptop`) when ``laptop`` is false."""
     parser = argparse.ArgumentParser(
         prog="stream-trainer",
         description="Continuous model training on Kafka streams (River, scikit-learn).",
@@ -653,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_versions(sub)
     _add_control(sub)
     _add_topics(sub)
-    _add_laptop_commands(sub)
+    if laptop:
+        _add_laptop_commands(sub)
     return parser
 
 
@@ -668,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _RUN_SIGNALS.install()
     from stream_trainer.config import ConfigError  # noqa: PLC0415
 
-    parser = build_parser()
+    # `run` is the production process: it must not load the laptop package just to parse.
+    parser = build_parser(laptop=words[:1] != ["run"])
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

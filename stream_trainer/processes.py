@@ -1,9 +1,10 @@
 """Child-process hygiene shared by the service's workers and the laptop tooling.
 
 A product module: the worker children (:mod:`stream_trainer.child_process`), the embedded
-broker (:mod:`stream_trainer.embedded`), the Apache Kafka test broker and the demo all use
-it, so none of them has to import another's module (the workers must not load the demo
-broker's package). Linux is the target; elsewhere the death signal is simply not set.
+broker (:mod:`stream_trainer.laptop.embedded`), the Apache Kafka test broker and the demo
+all use it, so none of them has to import another's module (the service and its workers
+must not load :mod:`stream_trainer.laptop`). Linux is the target; elsewhere the death
+signal is simply not set.
 
 Nothing here does I/O at import time.
 """

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.embedded import EmbeddedBroker, create_topics
+from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
 
 BROKER_NAMES = ("kafka", "tansu")

@@ -6,13 +6,7 @@ contents), never a sleep standing in for synchronisation.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +14,10 @@ from typing import Any
 
 import yaml
 from confluent_kafka import Consumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
-from stream_trainer.datasets import Dataset, get_dataset
-from stream_trainer.embedded import create_topics, free_port
+from stream_trainer.laptop import service_process
+from stream_trainer.laptop.datasets import Dataset, get_dataset
+from stream_trainer.laptop.embedded import create_topics, free_port
 
 HMAC_KEY = "test-checkpoint-key-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +116,13 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class ServiceProcess:
-    """``stream-trainer run`` in a subprocess, observed through /metrics and its log."""
+class ServiceProcess(service_process.ServiceProcess):
+    """``stream-trainer run`` on ``config`` (written to ``workdir/NAME.yaml``) with the test
+    checkpoint key, logging to ``workdir/NAME.log``; observed through /metrics and its log.
+
+    The launch, probes, waits and stop are :class:`stream_trainer.laptop.service_process.
+    ServiceProcess`'s, shared with the demo and the bench.
+    """
 
     def __init__(
         self,
@@ -133,103 +132,24 @@ class ServiceProcess:
         name: str = "service",
     ) -> None:
         self.config = config
-        self.workdir = workdir
-        self.config_path = workdir / f"{name}.yaml"
-        self.log_path = workdir / f"{name}.log"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.env = {**os.environ, "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = int(config["http"]["port"])
-
-    def start(self) -> ServiceProcess:
-        """Start the process (returns at once)."""
-        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.workdir,
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def http(self, path: str) -> tuple[int, str]:
-        """(status, body) of GET path; (0, reason) when nothing answers."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-        except OSError as error:
-            return 0, str(error)
+        config_path = workdir / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        super().__init__(
+            config_path,
+            port=int(config["http"]["port"]),
+            log_path=workdir / f"{name}.log",
+            workdir=workdir,
+            env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY, **(env or {})},
+        )
 
     def metrics(self) -> dict[str, float]:
         """Current samples as ``{'name{label="v",...}': value}`` (labels sorted); {} if down."""
-        status, body = self.http("/metrics")
-        if status != 200:
-            return {}
-        samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return samples
-
-    def metric(self, name: str, default: float = 0.0) -> float:
-        return self.metrics().get(name, default)
-
-    def wait_metric(self, name: str, at_least: float, timeout: float = 60.0) -> float:
-        """Wait until metric ``name`` >= ``at_least``; fails early if the process died."""
-
-        def check() -> float | None:
-            if not self.alive():
-                raise AssertionError(
-                    f"service exited ({self.proc and self.proc.returncode}):\n" + self.tail()
-                )
-            value = self.metric(name, -1.0)
-            return value if value >= at_least else None
-
-        return float(wait_for(check, timeout, f"{name} >= {at_least}", interval=0.2))
+        return self.scrape() or {}
 
     def stop(self, timeout: float = 40.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"service did not stop within {timeout} s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def __enter__(self) -> ServiceProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGTERM and wait; the exit code (a service still running at ``timeout`` is
+        killed and fails the test)."""
+        return super().stop(timeout)
 
 
 def read_topic(

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from stream_trainer.embedded import (
+from stream_trainer.laptop.embedded import (
     BrokerStartError,
     free_port,
     register_for_exit,

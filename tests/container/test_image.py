@@ -23,8 +23,8 @@ import helm_python as helm
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_trainer.datasets import get_dataset
-from stream_trainer.embedded import create_topics, free_port
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.embedded import create_topics, free_port
 from tests.chart.test_chart import CHART_DIR, Rendered
 from tests.container.conftest import Images
 from tests.faults.support import (

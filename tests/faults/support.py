@@ -11,9 +11,8 @@ Waiting is always a bounded poll on an observable fact (a metric, a manifest, an
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,42 +20,14 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_trainer.checkpoint import CheckpointStore, LoadedCheckpoint
-from stream_trainer.datasets import get_dataset
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import produce
 from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
-from stream_trainer.produce import produce
 from stream_trainer.state import TrainingState
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 
 LEARNT = "stream_trainer_records_learnt_total"
 ASSIGNED = "stream_trainer_assigned_partitions"
-
-
-class Service(ServiceProcess):
-    """ServiceProcess that closes its copy of the log file (the harness leaks it, which is a
-    ResourceWarning, an error under filterwarnings=error) and accepts a ``preexec_fn``."""
-
-    def __init__(
-        self,
-        config: dict[str, Any],
-        workdir: Path,
-        env: dict[str, str] | None = None,
-        name: str = "service",
-        preexec_fn: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(config, workdir, env=env, name=name)
-        self._preexec = preexec_fn
-
-    def start(self) -> Service:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.workdir,
-                preexec_fn=self._preexec,  # noqa: PLW1509 - only sets an rlimit
-            )
-        return self
 
 
 def store_of(config: Mapping[str, Any]) -> CheckpointStore:

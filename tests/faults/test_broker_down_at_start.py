@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.embedded import EmbeddedBroker, create_topics, free_port
+from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics, free_port
 from tests.conftest import _in_ci
-from tests.faults.support import LEARNT, Service, produce_records, wait_exit
-from tests.harness import service_config, wait_for
+from tests.faults.support import LEARNT, produce_records, wait_exit
+from tests.harness import ServiceProcess, service_config, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -46,7 +46,7 @@ def _broker_on(port: int) -> EmbeddedBroker:
         pytest.skip(f"tansu broker unavailable: {exc}")
 
 
-def _readyz_says(service: Service, text: str) -> bool:
+def _readyz_says(service: ServiceProcess, text: str) -> bool:
     if not service.alive():
         raise AssertionError(
             f"service exited ({service.proc and service.proc.returncode}):\n" + service.tail()
@@ -55,7 +55,7 @@ def _readyz_says(service: Service, text: str) -> bool:
     return status == 503 and text in reason
 
 
-def _log_events(service: Service) -> list[dict[str, Any]]:
+def _log_events(service: ServiceProcess) -> list[dict[str, Any]]:
     events = []
     for line in service.log_path.read_text(errors="replace").splitlines():
         try:
@@ -70,7 +70,7 @@ def test_waits_for_a_broker_down_at_start_then_trains(tmp_path: Path) -> None:
     bootstrap = f"127.0.0.1:{port}"
     config = _config(tmp_path, bootstrap)
     topics = config["topics"]
-    service = Service(config, tmp_path).start()
+    service = ServiceProcess(config, tmp_path).start()
     started = time.monotonic()
     try:
         wait_for(lambda: _readyz_says(service, f"{WAITING} {bootstrap}"), 60, "/readyz: waiting")
@@ -102,7 +102,7 @@ def test_waits_for_a_broker_down_at_start_then_trains(tmp_path: Path) -> None:
             produce_records(config, 500, 1)
             service.wait_metric(LEARNT, 500, 60)
             trained_after = time.monotonic() - up
-            wait_for(lambda: service.http("/readyz")[0] == 200, 30, "ready")
+            service.wait_ready(30)
             assert service.stop() == 0, service.tail()
         finally:
             broker.stop()
@@ -124,7 +124,7 @@ def test_waits_for_a_broker_down_at_start_then_trains(tmp_path: Path) -> None:
 
 def test_sigterm_while_waiting_for_the_broker_exits_0(tmp_path: Path) -> None:
     bootstrap = f"127.0.0.1:{free_port()}"
-    service = Service(_config(tmp_path, bootstrap), tmp_path).start()
+    service = ServiceProcess(_config(tmp_path, bootstrap), tmp_path).start()
     try:
         wait_for(lambda: _readyz_says(service, WAITING), 60, "/readyz: waiting")
         assert service.proc is not None

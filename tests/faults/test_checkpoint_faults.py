@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 
 from stream_trainer.checkpoint import QUARANTINE_DIR, CheckpointStore
-from stream_trainer.embedded import free_port
+from stream_trainer.laptop.embedded import free_port
 from stream_trainer.state import TrainingState
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,
-    Service,
     committed_offsets,
     end_offsets,
     fault_config,
@@ -30,7 +29,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import HMAC_KEY, wait_for
+from tests.harness import HMAC_KEY, ServiceProcess, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -49,7 +48,7 @@ def test_sigterm_under_load_relearns_nothing(kafka_broker: BrokerHandle, tmp_pat
     config = _config(tmp_path, kafka_broker, 3, {"shutdown": {"timeout_s": bound}})
     produce_records(config, 60_000, 3)
     ends = end_offsets(bootstrap, topic_of(config))
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         first.wait_metric(LEARNT, 5_000, 60)
         signalled = time.monotonic()
@@ -67,7 +66,7 @@ def test_sigterm_under_load_relearns_nothing(kafka_broker: BrokerHandle, tmp_pat
     assert judge([stopped.state], at_stop).lost == 0
     assert stopped.state.ledger.overlaps == 0
 
-    second = Service(config, tmp_path, name="second").start()
+    second = ServiceProcess(config, tmp_path, name="second").start()
     try:
         wait_checkpointed(config, ends, second)
         consumed_after = second.metric("stream_trainer_records_consumed_total")
@@ -80,7 +79,7 @@ def test_sigterm_under_load_relearns_nothing(kafka_broker: BrokerHandle, tmp_pat
     final = load_final(config)
     verdict = judge([final.state], ends)
     # A stop with nothing in flight: the next start must relearn nothing at all.
-    third = Service(config, tmp_path, name="third").start()
+    third = ServiceProcess(config, tmp_path, name="third").start()
     try:
         third.wait_metric("stream_trainer_assigned_partitions", 3, 60)
         produce_records(config, 300, 3, seed=9)
@@ -123,7 +122,7 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
     config = _config(tmp_path, broker, 1)
     produce_records(config, 2000, 1)
     ends = end_offsets(broker.bootstrap_servers, topic_of(config))
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         wait_checkpointed(config, ends, first)
         assert first.stop() == 0
@@ -179,7 +178,7 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
 
     produce_records(config, 1000, 1, seed=5)
     ends = end_offsets(broker.bootstrap_servers, topic_of(config))
-    second = Service(config, tmp_path, name="second").start()
+    second = ServiceProcess(config, tmp_path, name="second").start()
     try:
         wait_checkpointed(config, ends, second)
         metrics = second.metrics()
@@ -225,7 +224,7 @@ def test_lost_newest_checkpoint_is_relearnt_from_the_previous_one(
     )
     produce_records(config, 3000, 1)
     ends = end_offsets(kafka_broker.bootstrap_servers, topic_of(config))
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         wait_checkpointed(config, ends, first)
         assert first.stop() == 0
@@ -244,7 +243,7 @@ def test_lost_newest_checkpoint_is_relearnt_from_the_previous_one(
 
     produce_records(config, 500, 1, seed=5)
     ends = end_offsets(kafka_broker.bootstrap_servers, topic_of(config))
-    second = Service(config, tmp_path, name="second").start()
+    second = ServiceProcess(config, tmp_path, name="second").start()
     try:
         wait_checkpointed(config, ends, second)
         assert second.stop() == 0
@@ -268,7 +267,7 @@ def test_disk_full_during_checkpoint(kafka_broker: BrokerHandle, tmp_path: Path)
     group = config["kafka"]["group_id"]
     produce_records(config, 3000, 1)
     ends = end_offsets(bootstrap, topic_of(config))
-    service = Service(config, tmp_path, name="service").start()
+    service = ServiceProcess(config, tmp_path, name="service").start()
     try:
         wait_checkpointed(config, ends, service)
         size = int(service.wait_metric("stream_trainer_checkpoint_size_bytes", 1))
@@ -316,11 +315,11 @@ def test_disk_full_during_checkpoint(kafka_broker: BrokerHandle, tmp_path: Path)
 
 def test_second_writer_fails_fast(tansu_broker: BrokerHandle, tmp_path: Path) -> None:
     config = _config(tmp_path, tansu_broker, 1)
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         wait_for(lambda: first.http("/metrics")[0] == 200, 30, "first service up")
         second_config = {**config, "http": {**config["http"], "port": free_port()}}
-        second = Service(second_config, tmp_path, name="second")
+        second = ServiceProcess(second_config, tmp_path, name="second")
         started = time.monotonic()
         second.start()
         code = wait_exit(second, 10, "second writer")

@@ -23,7 +23,6 @@ from tests.conftest import BrokerHandle
 from tests.faults.support import (
     ASSIGNED,
     LEARNT,
-    Service,
     committed_offsets,
     covers,
     end_offsets,
@@ -40,7 +39,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import deep_merge, wait_for
+from tests.harness import ServiceProcess, deep_merge, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -58,14 +57,16 @@ def _config(
     return fault_config(tmp_path, broker, partitions, BASE, extra)
 
 
-def _finish(config: dict[str, Any], tmp_path: Path, name: str) -> tuple[Service, float | None]:
+def _finish(
+    config: dict[str, Any], tmp_path: Path, name: str
+) -> tuple[ServiceProcess, float | None]:
     """Restart the service, time its first learnt record, run until a checkpoint covers
     the end of the topic, stop it gracefully."""
     bootstrap = config["kafka"]["bootstrap_servers"]
     ends = end_offsets(bootstrap, topic_of(config))
     pending = not covers(manifest_offsets(config), ends)
     started = time.monotonic()
-    service = Service(config, tmp_path, name=name).start()
+    service = ServiceProcess(config, tmp_path, name=name).start()
     try:
         recovery = recovery_seconds(service, started) if pending else None
         wait_checkpointed(config, ends, service)
@@ -120,7 +121,7 @@ def test_kill_at_named_point(
     config = _config(tmp_path, kafka_broker, 1, overrides)
     produce_records(config, RECORDS, 1)
     ends = end_offsets(kafka_broker.bootstrap_servers, topic_of(config))
-    crashing = Service(config, tmp_path, env={CRASH_ENV: spec}, name="crashing").start()
+    crashing = ServiceProcess(config, tmp_path, env={CRASH_ENV: spec}, name="crashing").start()
     code = wait_exit(crashing, 90, f"crash at {spec}")
     assert code == -9, f"expected SIGKILL at {spec}, got exit {code}:\n{crashing.tail()}"
     at_crash = manifest_offsets(config)
@@ -169,11 +170,13 @@ def test_restart_commits_a_checkpoint_whose_commit_was_lost(
     group = config["kafka"]["group_id"]
     produce_records(config, RECORDS, 1)
     ends = end_offsets(bootstrap, topic_of(config))
-    crashing = Service(config, tmp_path, env={CRASH_ENV: "after_checkpoint:1"}, name="crashing")
+    crashing = ServiceProcess(
+        config, tmp_path, env={CRASH_ENV: "after_checkpoint:1"}, name="crashing"
+    )
     assert wait_exit(crashing.start(), 90, "crash after the checkpoint") == -9, crashing.tail()
     assert manifest_offsets(config) == ends
     before = committed_offsets(bootstrap, group, list(ends))
-    restarted = Service(config, tmp_path, name="restarted").start()
+    restarted = ServiceProcess(config, tmp_path, name="restarted").start()
     try:
         wait_for(
             lambda: committed_offsets(bootstrap, group, list(ends)) == ends,
@@ -208,7 +211,7 @@ def test_kill_inside_revoke(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
     )
     topic = topic_of(config)
     produce_records(config, RECORDS + 500, 1)
-    victim = Service(config, tmp_path, env={CRASH_ENV: "in_revoke:1"}, name="a").start()
+    victim = ServiceProcess(config, tmp_path, env={CRASH_ENV: "in_revoke:1"}, name="a").start()
     try:
         victim.wait_metric(LEARNT, RECORDS + 500, 60)
         admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -253,7 +256,7 @@ def test_kill_at_random_times(kafka_broker: BrokerHandle, tmp_path: Path) -> Non
             produce_records(config, 3000, 3, seed=1000 + kills)
             produced += 3000
         started = time.monotonic()
-        service = Service(config, tmp_path, name="victim").start()
+        service = ServiceProcess(config, tmp_path, name="victim").start()
         try:
             recoveries.append(recovery_seconds(service, started))
             fault_timer.wait(rng.uniform(0.0, 0.6))

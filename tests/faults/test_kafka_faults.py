@@ -12,12 +12,11 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewPartitions
 
-from stream_trainer.embedded import free_port
 from stream_trainer.faults import CRASH_ENV
+from stream_trainer.laptop.embedded import free_port
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,
-    Service,
     committed_offsets,
     end_offsets,
     fault_config,
@@ -29,7 +28,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import deep_merge, wait_for
+from tests.harness import ServiceProcess, deep_merge, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -47,7 +46,7 @@ def test_retention_gap_refuses_to_start(kafka_broker: BrokerHandle, tmp_path: Pa
     config = _config(tmp_path, kafka_broker, 3)
     topic = topic_of(config)
     produce_records(config, 3000, 3)
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         wait_checkpointed(config, end_offsets(bootstrap, topic), first)
         assert first.stop() == 0
@@ -63,7 +62,7 @@ def test_retention_gap_refuses_to_start(kafka_broker: BrokerHandle, tmp_path: Pa
     for future in futures.values():
         future.result(timeout=30)
 
-    refused = Service(config, tmp_path, name="refused").start()
+    refused = ServiceProcess(config, tmp_path, name="refused").start()
     started = time.monotonic()
     code = wait_exit(refused, 60, "start with a retention gap")
     took = time.monotonic() - started
@@ -74,7 +73,7 @@ def test_retention_gap_refuses_to_start(kafka_broker: BrokerHandle, tmp_path: Pa
     assert manifest_offsets(config) == saved, "the refused start must not checkpoint"
 
     accepting_config = deep_merge(config, {"checkpoint": {"accept_retention_gap": True}})
-    accepting = Service(accepting_config, tmp_path, name="accepting").start()
+    accepting = ServiceProcess(accepting_config, tmp_path, name="accepting").start()
     try:
         accepted = accepting.wait_metric("stream_trainer_retention_gap_accepted_total", 1, 60)
         wait_checkpointed(config, ends, accepting)
@@ -137,14 +136,14 @@ def test_member_joins_and_leaves_repeatedly(kafka_broker: BrokerHandle, tmp_path
             produced[0] += 600
 
     producer = threading.Thread(target=keep_producing, name="producer")
-    first = Service(config, tmp_path, name="a").start()
+    first = ServiceProcess(config, tmp_path, name="a").start()
     producer.start()
     cycles = 3
     reasons: list[str] = []
     try:
         first.wait_metric(LEARNT, 1000, 60)
         for cycle in range(cycles):
-            joiner = Service(other, tmp_path, name="b").start()
+            joiner = ServiceProcess(other, tmp_path, name="b").start()
             try:
                 joiner.wait_metric(STANDBY, 1, 60)
                 learnt = first.metric(LEARNT)
@@ -196,14 +195,16 @@ def test_standby_never_relearns_what_a_killed_member_checkpointed(
     group = config["kafka"]["group_id"]
     other = _second_member(config, tmp_path)
     produce_records(config, 6000, 3)
-    victim = Service(config, tmp_path, env={CRASH_ENV: "after_checkpoint:1"}, name="a").start()
+    victim = ServiceProcess(
+        config, tmp_path, env={CRASH_ENV: "after_checkpoint:1"}, name="a"
+    ).start()
     code = wait_exit(victim, 60, "kill after the first checkpoint")
     victim.__exit__()
     assert code == -9, victim.tail()
     checkpointed = sum(manifest_offsets(config).values())
     committed = committed_offsets(bootstrap, group, list(end_offsets(bootstrap, topic_of(config))))
     assert checkpointed > sum(max(c, 0) for c in committed.values()), (checkpointed, committed)
-    standby = Service(other, tmp_path, name="b").start()
+    standby = ServiceProcess(other, tmp_path, name="b").start()
     try:
         standby.wait_metric(STANDBY, 1, 60)
         # A's session (6 s) ends; B gets the lease, reads A's claim and gives it back.
@@ -216,7 +217,7 @@ def test_standby_never_relearns_what_a_killed_member_checkpointed(
         produce_records(config, 3000, 3, seed=5)  # so A has records to learn at once
         ends = end_offsets(bootstrap, topic_of(config))
         started = time.monotonic()
-        restarted = Service(config, tmp_path, name="a-again").start()
+        restarted = ServiceProcess(config, tmp_path, name="a-again").start()
         try:
             recovery = restarted.wait_metric(LEARNT, 1, 90) and time.monotonic() - started
             wait_checkpointed(config, ends, restarted)
@@ -250,7 +251,7 @@ def test_restarted_member_takes_its_partitions_back_at_once(
     recoveries: list[float] = []
     for attempt in range(3):
         started = time.monotonic()
-        service = Service(config, tmp_path, name=f"run{attempt}").start()
+        service = ServiceProcess(config, tmp_path, name=f"run{attempt}").start()
         try:
             recoveries.append(service.wait_metric(LEARNT, 1, 60) and time.monotonic() - started)
             service.wait_metric(LEARNT, 1000, 60)
@@ -275,7 +276,7 @@ def test_partition_added_while_the_member_was_down_is_learnt(
     config = _config(tmp_path, kafka_broker, 1, {"kafka": {"session_timeout_ms": 30_000}})
     topic = topic_of(config)
     produce_records(config, 2000, 1)
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         first.wait_metric(LEARNT, 2000, 60)
         wait_checkpointed(config, end_offsets(bootstrap, topic), first)
@@ -286,7 +287,7 @@ def test_partition_added_while_the_member_was_down_is_learnt(
     admin.create_partitions([NewPartitions(topic, 2)])[topic].result(timeout=30)
     produce_records(config, 1000, 2, seed=3)
     ends = end_offsets(bootstrap, topic)
-    again = Service(config, tmp_path, name="again").start()
+    again = ServiceProcess(config, tmp_path, name="again").start()
     try:
         wait_checkpointed(config, ends, again, timeout=60)
         assert again.stop() == 0, again.tail()
@@ -306,7 +307,7 @@ def test_broker_restart_is_ridden_out(kafka_broker: BrokerHandle, tmp_path: Path
     max_age = 3.0
     config = _config(tmp_path, kafka_broker, 3, {"http": {"healthz_max_age_s": max_age}})
     produce_records(config, 40_000, 3)
-    service = Service(config, tmp_path, name="service").start()
+    service = ServiceProcess(config, tmp_path, name="service").start()
     try:
         service.wait_metric(LEARNT, 2000, 60)
         pid = service.pid

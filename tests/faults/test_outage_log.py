@@ -16,14 +16,13 @@ from stream_trainer.logs import REPEAT_INTERVAL_S
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,
-    Service,
     end_offsets,
     fault_config,
     produce_records,
     topic_of,
     wait_checkpointed,
 )
-from tests.harness import wait_for
+from tests.harness import ServiceProcess, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -45,7 +44,7 @@ def test_broker_outage_logs_a_bounded_number_of_lines(
 ) -> None:
     config = fault_config(tmp_path, kafka_broker, 3, {"checkpoint": {"every_seconds": 0.5}})
     produce_records(config, 3000, 3)
-    service = Service(config, tmp_path).start()
+    service = ServiceProcess(config, tmp_path).start()
     try:
         service.wait_metric(LEARNT, 3000, 60)
         kafka_broker.stop()

@@ -14,12 +14,12 @@ import pytest
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,
-    Service,
     fault_config,
     load_final,
     produce_records,
     wait_exit,
 )
+from tests.harness import ServiceProcess
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -59,7 +59,7 @@ def _config(tmp_path: Path, broker: BrokerHandle, fit_in_worker: bool) -> dict[s
     )
 
 
-def _retrain_events(service: Service, event: str) -> list[dict[str, Any]]:
+def _retrain_events(service: ServiceProcess, event: str) -> list[dict[str, Any]]:
     found = []
     for line in service.log_path.read_text(errors="replace").splitlines():
         try:
@@ -71,7 +71,7 @@ def _retrain_events(service: Service, event: str) -> list[dict[str, Any]]:
     return found
 
 
-def _stop_during_retrain(service: Service) -> tuple[int, float]:
+def _stop_during_retrain(service: ServiceProcess) -> tuple[int, float]:
     """SIGTERM once a retrain runs; (exit code, seconds from the signal to the exit)."""
     service.wait_metric(RETRAINING, 1, timeout=120)
     assert service.proc is not None
@@ -87,7 +87,7 @@ def test_sigterm_during_a_long_fit_exits_0_within_the_bound(
 ) -> None:
     config = _config(tmp_path, kafka_broker, fit_in_worker)
     produce_records(config, WINDOW, 1)
-    service = Service(config, tmp_path, name="first").start()
+    service = ServiceProcess(config, tmp_path, name="first").start()
     try:
         code, took = _stop_during_retrain(service)
     finally:
@@ -106,7 +106,7 @@ def test_retrain_abandoned_by_a_stop_runs_after_the_restart(
 ) -> None:
     config = _config(tmp_path, kafka_broker, fit_in_worker=True)
     produce_records(config, WINDOW, 1)
-    first = Service(config, tmp_path, name="first").start()
+    first = ServiceProcess(config, tmp_path, name="first").start()
     try:
         code, took = _stop_during_retrain(first)
     finally:
@@ -115,7 +115,7 @@ def test_retrain_abandoned_by_a_stop_runs_after_the_restart(
     started = _retrain_events(first, "full retrain started")
     assert [e["trigger"] for e in started] == ["count"]
 
-    second = Service(config, tmp_path, name="second").start()
+    second = ServiceProcess(config, tmp_path, name="second").start()
     try:
         began = time.monotonic()
         second.wait_metric('stream_trainer_retrains_total{trigger="count"}', 1, timeout=180)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from stream_trainer.embedded import BrokerStartError, EmbeddedBroker
+from stream_trainer.laptop.embedded import BrokerStartError, EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ def test_produce_consume_commit_resume(broker: Any, make_topic: Callable[..., st
 
 
 def test_kafka_restart_keeps_data(kafka_broker: Any) -> None:
-    from stream_trainer.embedded import create_topics
+    from stream_trainer.laptop.embedded import create_topics
 
     topic = f"restart-{uuid.uuid4().hex[:8]}"
     create_topics(kafka_broker.bootstrap_servers, {topic: PARTITIONS})
@@ -241,7 +241,7 @@ def test_embedded_broker_dies_with_its_parent() -> None:
     script = textwrap.dedent(
         """
         import os, signal, sys
-        from stream_trainer.embedded import EmbeddedBroker
+        from stream_trainer.laptop.embedded import EmbeddedBroker
         b = EmbeddedBroker().start()
         print(b.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -21,14 +21,13 @@ from confluent_kafka.admin import AdminClient
 # The defining module: confluent_kafka.admin re-exports these without __all__ (mypy strict).
 from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
 
-from stream_trainer.datasets import get_dataset
-from stream_trainer.embedded import create_topics
-from stream_trainer.produce import poison_values
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.embedded import create_topics
+from stream_trainer.laptop.produce import poison_values
 from tests.conftest import BrokerHandle
-from tests.harness import read_topic, service_config, unique, wait_for
+from tests.harness import ServiceProcess, read_topic, service_config, unique, wait_for
 from tests.integration.test_training import (
     LEARNT,
-    Service,
     dead_lettered,
     encoded_rows,
     final_checkpoint,
@@ -130,7 +129,7 @@ def test_records_over_the_producer_limit_are_dead_lettered_cut_and_tombstones_st
             values.append(bad[i][0])
         values.append(value)
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         pid = service.pid
         placed = produce_big(bootstrap, topic, values)
         wait_exact(service, LEARNT, len(valid), timeout=90)
@@ -183,7 +182,7 @@ def test_a_dead_letter_the_broker_refuses_as_too_large_is_resent_without_its_val
     valid = encoded_rows("phishing", 200)
     big = huge(70_000)  # over record.max_bytes (65 536), under the producer's 1 MB
     values = [*valid[:100], big, *valid[100:]]
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         pid = service.pid
         produce_big(bootstrap, topic, values)
         wait_exact(service, LEARNT, len(valid), timeout=90)
@@ -217,7 +216,7 @@ def test_an_undeliverable_dead_letter_holds_checkpoints_back_until_it_is_durable
     topic = config["topics"]["input"][0]
     valid = encoded_rows("phishing", 200)
     values = [*valid[:100], huge(70_000), *valid[100:]]
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         pid = service.pid
         produce_big(bootstrap, topic, values)
         wait_exact(service, LEARNT, len(valid), timeout=90)
@@ -265,7 +264,7 @@ def final_checkpoint_or_none(config: dict[str, Any]) -> Any:
 
 
 def wait_for_checkpoint_offset(
-    config: dict[str, Any], topic: str, offset: int, service: Service
+    config: dict[str, Any], topic: str, offset: int, service: ServiceProcess
 ) -> None:
     def check() -> bool:
         assert service.alive(), service.tail()
@@ -326,7 +325,7 @@ def test_a_poison_mix_nobody_listed_is_dead_lettered_and_the_service_never_exits
     for reason in reasons.values():
         counts[reason] = counts.get(reason, 0) + 1
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         pid = service.pid
         placed = produce_big(bootstrap, topic, values)
         wait_exact(service, LEARNT, len(valid), timeout=120)

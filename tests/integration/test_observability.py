@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -37,15 +36,15 @@ import yaml
 from stream_trainer import app as app_module
 from stream_trainer import logs
 from stream_trainer.config import settings_from_mapping
-from stream_trainer.datasets import get_dataset
-from stream_trainer.embedded import (
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.embedded import (
     EmbeddedBroker,
     free_port,
     pdeathsig_preexec,
     stop_process_group,
     tail_file,
 )
-from stream_trainer.produce import produce
+from stream_trainer.laptop.produce import produce
 from stream_trainer.service import Service
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ROOT, ServiceProcess, service_config, wait_for
@@ -214,25 +213,6 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometh
         server.stop()
 
 
-class Service_(ServiceProcess):
-    """ServiceProcess whose ``start`` closes its copy of the log file handle.
-
-    (harness.ServiceProcess.start leaks it: a ResourceWarning, an error under
-    filterwarnings=error, once the handle is garbage-collected.)
-    """
-
-    def start(self) -> ServiceProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.workdir,
-            )
-        return self
-
-
 @pytest.fixture
 def services() -> Iterator[list[ServiceProcess]]:
     """Service processes to kill at teardown, whatever happened."""
@@ -262,11 +242,11 @@ def test_metrics_scraped_by_prometheus(
         },
     )
     topic = config["topics"]["input"][0]
-    service = Service_(config, tmp_path)
+    service = ServiceProcess(config, tmp_path)
     services.append(service)
     service.start()
     prom = prometheus_factory([f"127.0.0.1:{service.port}"])
-    wait_for(lambda: service.http("/readyz")[0] == 200, WAIT_S, "service ready")
+    service.wait_ready(WAIT_S)
     prom.wait_query(f'up{{job="{JOB}"}} == 1', "target up")
 
     dataset = get_dataset("phishing")
@@ -535,7 +515,7 @@ def test_healthy_while_broker_down_and_logs_clean(
                 "logging": {"level": "DEBUG"},
             },
         )
-        service = Service_(
+        service = ServiceProcess(
             config,
             tmp_path,
             env={
@@ -553,7 +533,7 @@ def test_healthy_while_broker_down_and_logs_clean(
         )
         service.start()
         service.wait_metric("stream_trainer_records_learnt_total", 1_000, timeout=WAIT_S)
-        wait_for(lambda: service.http("/readyz")[0] == 200, WAIT_S, "service ready")
+        service.wait_ready(WAIT_S)
         bodies = [service.http("/metrics")[1]]
 
         broker.stop()

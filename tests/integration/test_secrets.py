@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.datasets import get_dataset
-from stream_trainer.produce import produce
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import produce
 from tests.conftest import BrokerHandle
 from tests.harness import ServiceProcess, read_topic, service_config
 

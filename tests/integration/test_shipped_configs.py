@@ -35,7 +35,8 @@ import yaml
 from confluent_kafka import Producer
 
 from stream_trainer.config import Settings, load_settings
-from stream_trainer.embedded import free_port
+from stream_trainer.laptop import service_process
+from stream_trainer.laptop.embedded import free_port
 from stream_trainer.registry import ModelRegistry
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for
@@ -75,12 +76,14 @@ class ConfigFileProcess(ServiceProcess):
 
     def __init__(self, config_path: Path, cwd: Path, env: dict[str, str], port: int) -> None:
         self.config = {}
-        self.workdir = cwd
-        self.config_path = config_path
-        self.log_path = cwd / f"{config_path.stem}.log"
-        self.env = {**os.environ, **env}
-        self.proc = None
-        self.port = port
+        service_process.ServiceProcess.__init__(
+            self,
+            config_path,
+            port=port,
+            log_path=cwd / f"{config_path.stem}.log",
+            workdir=cwd,
+            env=env,
+        )
 
 
 def _records(settings: Settings, count: int, seed: int) -> list[bytes]:

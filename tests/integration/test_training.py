@@ -9,8 +9,6 @@ on one of those facts.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +21,9 @@ from confluent_kafka import Producer
 from stream_trainer import __version__
 from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.control import send_command
-from stream_trainer.datasets import get_dataset
 from stream_trainer.deadletter import HEADER_NAMES
-from stream_trainer.produce import poison_values, produce
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import poison_values, produce
 from stream_trainer.state import TrainingState
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
@@ -38,25 +36,6 @@ HALTED = "stream_trainer_partitions_halted"
 DRIFTS = "stream_trainer_drift_detections_total"
 RETRAINING = 'stream_trainer_state{stream_trainer_state="retraining"}'
 _encode = msgspec.json.Encoder().encode
-
-
-class Service(ServiceProcess):
-    """``ServiceProcess`` whose start does not leak the log file object (its ResourceWarning
-    becomes an error under filterwarnings=error): the child keeps its own descriptor."""
-
-    def start(self) -> Service:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_trainer", "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.workdir,
-            )
-        return self
-
-    def __enter__(self) -> Service:
-        return self.start()
 
 
 def prequential(metric: str, scope: str) -> str:
@@ -176,7 +155,7 @@ def test_per_record_river_logistic_regression_learns_phishing(
     bootstrap = broker.bootstrap_servers
     config = service_config(tmp_path, bootstrap, "phishing", "per_record")
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         produce_dataset(bootstrap, config, "phishing", 1250)
         wait_exact(service, LEARNT, 1250, timeout=90)
         accuracy = service.metric(prequential("accuracy", "total"))
@@ -217,7 +196,7 @@ def test_mini_batch_sklearn_sgd_learns_phishing(broker: BrokerHandle, tmp_path: 
         },
     )
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         produce_dataset(bootstrap, config, "phishing", 1250)
         # 12 full units of 100 and a last one of 50 flushed by max_wait.
         wait_exact(service, LEARNT, 1250, timeout=90)
@@ -263,7 +242,7 @@ def test_full_batch_tree_ensemble_retrained_by_count_learns_bananas(
     began = time.monotonic()
     values = encoded_rows("bananas", 5300)
     topic = config["topics"]["input"][0]
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         # Two phases, so that the last 1000 records are surely scored by a retrained model:
         # ingestion outruns a retrain, and count triggers that pile up during one coalesce.
         produce_values(bootstrap, topic, [(0, v) for v in values[:2000]])
@@ -313,7 +292,7 @@ def test_regression_mae_well_below_mean_predictor(broker: BrokerHandle, tmp_path
         },
     )
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         produce_dataset(bootstrap, config, "trump-approval", len(ys))
         wait_exact(service, LEARNT, len(ys), timeout=90)
         mae = service.metric(prequential("mae", "total"), math.inf)
@@ -358,7 +337,7 @@ def test_abrupt_drift_detected_and_retrain_recovers(broker: BrokerHandle, tmp_pa
     values = sea_with_abrupt_drift(total, change)
     topic = config["topics"]["input"][0]
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         produce_values(bootstrap, topic, [(0, v) for v in values[:1000]])
         wait_exact(service, LEARNT, 1000, timeout=60)
         send_command(
@@ -423,7 +402,7 @@ def test_poison_mix_dead_lettered_with_provenance_and_valid_learnt_exactly(
     invalid_total = len(poison) * repeats
     assert sum(1 for _v, r in sequence if r is not None) == invalid_total
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         pid = service.pid
         placed = produce_values(
             bootstrap, topic, [(i % 2, v) for i, (v, _r) in enumerate(sequence)]
@@ -496,7 +475,7 @@ def test_invalid_flood_halts_only_its_partition(broker: BrokerHandle, tmp_path: 
     nan_value = next(v for r, v in poison_values(dataset) if r == "non_finite")
     valid = encoded_rows("phishing", 1250)
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         pid = service.pid
         produce_values(bootstrap, topic, [(0, nan_value)] * flood + [(1, v) for v in valid[:600]])
         service.wait_metric(HALTED, 1, timeout=60)
@@ -561,7 +540,7 @@ def test_retrain_longer_than_max_poll_interval_keeps_membership(
     topic = config["topics"]["input"][0]
     values = encoded_rows("linear20", window + 4000)
     began = time.monotonic()
-    with Service(config, tmp_path) as service:
+    with ServiceProcess(config, tmp_path) as service:
         produce_values(bootstrap, topic, [(0, v) for v in values[:window]])
         wait_exact(service, LEARNT, window, timeout=90)
         service.wait_metric(RETRAINING, 1, timeout=30)

@@ -17,9 +17,9 @@ import pytest
 from sklearn.metrics import accuracy_score
 
 from stream_trainer.config import settings_from_mapping
-from stream_trainer.datasets import get_dataset
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import produce
 from stream_trainer.learners import build_model
-from stream_trainer.produce import produce
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, service_config, wait_for
 

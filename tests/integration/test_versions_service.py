@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.datasets import get_dataset
-from stream_trainer.produce import produce
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import produce
 from stream_trainer.registry import ModelRegistry
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.benchmarks import profiling
-from stream_trainer.benchmarks.profiling import attribute_raw, summarize
+from stream_trainer.laptop.benchmarks import profiling
+from stream_trainer.laptop.benchmarks.profiling import attribute_raw, summarize
 
 SITE = "/venv/lib/python3.11/site-packages"
 SRC = "/src/stream_trainer"

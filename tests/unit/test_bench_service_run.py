@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from stream_trainer.benchmarks.service_run import Sample, ServiceRun
+from stream_trainer.laptop.benchmarks.service_run import Sample, ServiceRun
 
 MB = 1 << 20
 

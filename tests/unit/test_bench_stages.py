@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_trainer.benchmarks.stages import StageRun, bracketing
+from stream_trainer.laptop.benchmarks.stages import StageRun, bracketing
 
 
 def test_bracketing_rates_the_two_runs_as_one() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from stream_trainer.demo import Progress, Snapshot
+from stream_trainer.laptop.demo import Progress, Snapshot
 
 
 def test_progress_shows_no_score_and_the_unscored_count_before_the_first_fit() -> None:

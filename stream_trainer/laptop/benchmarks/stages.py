@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from stream_trainer.benchmarks.workload import InMemory, unique
 from stream_trainer.config import Settings
 from stream_trainer.decode_worker import build_unit_decoder
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.laptop.benchmarks.workload import InMemory, unique
 from stream_trainer.records import DecodedBatch
 
 UNIT = 1000  # records per consume batch / mini-batch, as in the service defaults

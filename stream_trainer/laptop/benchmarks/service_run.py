@@ -1,31 +1,27 @@
-"""The service itself: ``stream-trainer run`` as a subprocess (the production code path),
-observed through /metrics and /proc until it has learnt every record, then stopped.
+"""The service itself: ``stream-trainer run`` as a subprocess (the production code path,
+launched by :class:`~stream_trainer.laptop.service_process.ServiceProcess`), observed
+through /metrics and /proc until it has learnt every record, then stopped.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from stream_trainer.benchmarks.profiling import Profiler
 from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.laptop.benchmarks.profiling import Profiler
+from stream_trainer.laptop.service_process import ServiceProcess, ServiceProcessError
 
 P = "stream_trainer"
 LEARNT = f"{P}_records_learnt_total"
 RETRAINING = f'{P}_state{{{P}_state="retraining"}}'
+STOP_TIMEOUT_S = 60.0  # the graceful stop: drain, final checkpoint, commit
 
 
 class ServiceFailed(StreamTrainerError):
@@ -212,21 +208,6 @@ def _quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     return math.nan
 
 
-def scrape(port: int) -> dict[str, float]:
-    """``{'name{label="v",...}': value}`` from /metrics (labels sorted); {} if it is down."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            body = r.read().decode()
-    except (urllib.error.URLError, OSError):
-        return {}
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
 def process_memory(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in bytes of one process from /proc; NaN where unavailable."""
     values = {"VmRSS:": math.nan, "VmHWM:": math.nan}
@@ -272,27 +253,23 @@ def run_service_process(
     (the interpreter is up) until every record is learnt, into that file (ProfilerError if
     it cannot); the graceful stop is not profiled."""
     config_path = workdir / "service.yaml"
-    log_path = workdir / "service.log"
     config_path.write_text(yaml.safe_dump(config))
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_trainer", "run", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            cwd=workdir,
-        )
+    service = ServiceProcess(
+        config_path, port=port, log_path=workdir / "service.log", workdir=workdir, env=env
+    ).start()
     run = ServiceRun(total, time.perf_counter())
     deadline = time.monotonic() + timeout_s
     profiler: Profiler | None = None
     try:
         while True:
-            if proc.poll() is not None:
-                raise ServiceFailed(f"service exited with {proc.returncode}:\n{_tail(log_path)}")
-            metrics = scrape(port)
+            if not service.alive():
+                raise ServiceFailed(
+                    f"service exited with {service.returncode}:\n{service.tail(30)}"
+                )
+            metrics = service.scrape() or {}
             if profile_to is not None and profiler is None and metrics:
-                profiler = Profiler.attach(proc.pid, profile_to)
-            rss, hwm = _proc_status(proc.pid)
+                profiler = Profiler.attach(service.pid, profile_to)
+            rss, hwm = _proc_status(service.pid)
             if math.isnan(rss):
                 rss = metrics.get("process_resident_memory_bytes", math.nan)
             learnt = metrics.get(LEARNT, 0.0)
@@ -307,11 +284,13 @@ def run_service_process(
                 break
             if time.monotonic() > deadline:
                 raise ServiceFailed(
-                    f"learnt {learnt:.0f} of {total} in {timeout_s:.0f} s:\n{_tail(log_path)}"
+                    f"learnt {learnt:.0f} of {total} in {timeout_s:.0f} s:\n{service.tail(30)}"
                 )
             time.sleep(interval_s)  # sampling period, not synchronisation
-        proc.send_signal(signal.SIGTERM)
-        run.exit_code = proc.wait(60)
+        try:
+            run.exit_code = service.stop(STOP_TIMEOUT_S)
+        except ServiceProcessError as error:
+            raise ServiceFailed(str(error)) from None
         # Listing reads file names only; no key is needed (nothing is verified or loaded).
         store = CheckpointStore(
             Path(config["checkpoint"]["dir"]), key=None, allow_unsigned=True, keep_last=1000
@@ -320,14 +299,5 @@ def run_service_process(
     finally:
         if profiler is not None:
             profiler.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        service.kill()
     return run
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

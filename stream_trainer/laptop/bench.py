@@ -24,10 +24,14 @@ from typing import Any
 
 import yaml
 
-from stream_trainer.benchmarks import profiling
-from stream_trainer.benchmarks import report as rep
-from stream_trainer.benchmarks.service_run import ServiceFailed, ServiceRun, run_service_process
-from stream_trainer.benchmarks.stages import (
+from stream_trainer.laptop.benchmarks import profiling
+from stream_trainer.laptop.benchmarks import report as rep
+from stream_trainer.laptop.benchmarks.service_run import (
+    ServiceFailed,
+    ServiceRun,
+    run_service_process,
+)
+from stream_trainer.laptop.benchmarks.stages import (
     StageRun,
     StageTimeout,
     bracketing,
@@ -35,7 +39,7 @@ from stream_trainer.benchmarks.stages import (
     learner_ceiling,
     naive_script,
 )
-from stream_trainer.benchmarks.workload import (
+from stream_trainer.laptop.benchmarks.workload import (
     HMAC_ENV,
     MODES,
     Paths,
@@ -137,13 +141,13 @@ def _finite(value: Any) -> Any:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the report on stdout (progress on stderr)."""
-    from stream_trainer.embedded import (  # noqa: PLC0415
+    from stream_trainer.laptop.embedded import (  # noqa: PLC0415
         EmbeddedBroker,
         create_topics,
         free_port,
         missing_demo_extra,
     )
-    from stream_trainer.produce import produce  # noqa: PLC0415
+    from stream_trainer.laptop.produce import produce  # noqa: PLC0415
 
     if args.records < 2 or args.features < 1 or args.partitions < 1 or args.repeats < 1:
         print(

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.datasets import Dataset, Row
+from stream_trainer.laptop.datasets import Dataset, Row
 from stream_trainer.records import RecordDecoder
 
 MODES = ("per_record", "mini_batch", "full_batch")
@@ -60,7 +60,7 @@ def feature_names(n_features: int) -> list[str]:
 def workload_dataset(n_features: int, seed: int = 42) -> Dataset:
     """``n_features`` standard normal features; label = sign of a fixed linear score + noise.
 
-    Same concept as :data:`stream_trainer.datasets` ``linear20`` (which it equals for 20
+    Same concept as :data:`stream_trainer.laptop.datasets` ``linear20`` (which it equals for 20
     features in distribution), generated with numpy in chunks because producing 1M records
     row by row in Python would dominate the benchmark's set-up time.
     """
