@@ -286,7 +286,10 @@ class TopicsSettings(StrictModel):
     input: Annotated[list[str], Field(min_length=1)]
     dead_letter: str = Field(min_length=1)
     versions: str = Field(min_length=1)
-    control: str | None = None
+    control: str | None = Field(
+        default=None,
+        description="topic of `stream-trainer control` commands and their acks (docs/control.md)",
+    )
     lease: str | None = Field(
         default=None,
         min_length=1,
@@ -294,6 +297,19 @@ class TopicsSettings(StrictModel):
             "one-partition topic whose owner in the group <kafka.group_id>.lease is the one "
             "active member (the others stand by); created if missing; default "
             "<kafka.group_id>.lease"
+        ),
+    )
+
+
+class ControlSettings(StrictModel):
+    """How the service treats commands on topics.control (see docs/control.md)."""
+
+    max_age_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "a command older than this when the service reads it (it was down) is refused, "
+            "not acted on; age = the service's clock - the sender's"
         ),
     )
 
@@ -514,6 +530,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -104,6 +104,13 @@ class TrainingState:
     # The id of this model's history: claimed on the lease topic, so no other model trains
     # on the group (see stream_trainer.lease).
     lineage: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Control-topic next offsets per partition, written with the effects of the commands
+    # before them (a command is acted on once across restarts); None: never recorded (a
+    # new model, or a checkpoint from before control offsets). Class defaults, so older
+    # checkpoints still load.
+    control_offsets: dict[int, int] | None = None
+    # Set by `control pause`, cleared by `control resume`: a pause outlasts a restart.
+    paused: bool = False
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""
