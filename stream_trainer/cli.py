@@ -293,7 +293,10 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def _wait_seconds(value: str) -> float:
     """--wait's value: positive seconds."""
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
     return seconds

@@ -270,7 +270,7 @@ class ControlChannel:
     else the partition's end when ``from_end`` (a checkpoint written before control offsets
     existed: its service had read everything before it started); else the partition's start
     (a new model: commands queued before its first start count, subject to the age rule).
-    An offset below the log start (retention) starts at the log start; one above the end (the
+    An offset below the log start (retention) starts at the log start; one beyond the end (the
     topic was recreated) at the start. Every command older than ``max_age_s`` when read is
     returned as stale. :attr:`positions` are the next offsets to read: the service persists
     them in its checkpoint. Construction does no I/O.
@@ -291,6 +291,7 @@ class ControlChannel:
         conf = _client_config(consumer_config)
         conf["group.id"] = f"{consumer_config.get('group.id', 'stream-trainer')}.control"
         conf["enable.auto.commit"] = False
+        conf["auto.offset.reset"] = "earliest"  # see _start
         self._model = model
         self._topic = topic
         self._consumer = Consumer(conf)
@@ -343,12 +344,9 @@ class ControlChannel:
                 extra={"partition": partition, "unread_from": stored, "log_start": low},
             )
             return low
-        if stored > high:
-            log.warning(
-                "control offset beyond the topic's end (recreated?): reading it from the start",
-                extra={"partition": partition, "stored": stored, "end": high},
-            )
-            return low
+        # Not compared with ``high``: some brokers under-report it. An offset beyond the end
+        # (the topic was recreated) is out of range: auto.offset.reset=earliest reads the
+        # partition from its start, under the age rule.
         return stored
 
     def seek(self, positions: Mapping[int, int]) -> None:
