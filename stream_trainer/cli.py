@@ -285,9 +285,11 @@ def cmd_control(args: argparse.Namespace) -> int:
         )
         return EXIT_NO_ANSWER
     if ack.outcome == "refused":
-        print(f"stream-trainer: {args.command} refused: {ack.reason}", file=sys.stderr)
+        print(
+            f"stream-trainer: {args.command} refused (id {sent.id}): {ack.reason}", file=sys.stderr
+        )
         return EXIT_REFUSED
-    print(f"{args.command} done: {ack.reason}")
+    print(f"{args.command} done (id {sent.id}): {ack.reason}")
     return EXIT_OK
 
 
