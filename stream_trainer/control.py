@@ -302,6 +302,7 @@ class ControlChannel:
         self._clock = clock
         self.positions: dict[int, int] = {}
         self.started_at: dict[int, int] = {}
+        self._ends: dict[int, int] = {}  # the partitions' ends when connected
         self.connected = False
 
     def connect(self, timeout_s: float) -> str | None:
@@ -317,17 +318,16 @@ class ControlChannel:
                     f"control topic {self._topic} does not exist (create it, or unset "
                     "topics.control)"
                 )
-            starts = {
-                p: self._start(
-                    p,
-                    *self._consumer.get_watermark_offsets(
-                        TopicPartition(self._topic, p), timeout=timeout_s
-                    ),
+            marks = {
+                p: self._consumer.get_watermark_offsets(
+                    TopicPartition(self._topic, p), timeout=timeout_s
                 )
                 for p in sorted(found.partitions)
             }
         except KafkaException as error:
             return f"the cluster did not answer: {error.args[0].str() if error.args else error}"
+        starts = {p: self._start(p, low, high) for p, (low, high) in marks.items()}
+        self._ends = {p: high for p, (_low, high) in marks.items()}
         self._consumer.assign([TopicPartition(self._topic, p, o) for p, o in starts.items()])
         self.positions = dict(starts)
         self.started_at = dict(starts)
@@ -358,13 +358,33 @@ class ControlChannel:
                 self._consumer.seek(TopicPartition(self._topic, partition, offset))
                 self.positions[partition] = offset
 
-    def poll(self) -> list[Incoming]:
-        """Commands for this model received since the last call (non-blocking); every record
-        read, skipped or not, moves :attr:`positions` past it."""
+    def catch_up(self, timeout_s: float) -> list[Incoming]:
+        """Commands for this model up to the partitions' ends as they were at connect
+        (queued while no service ran), waiting at most ``timeout_s`` for them: the service
+        acts on them before it trains on anything."""
         commands: list[Incoming] = []
         if not self.connected:
             return commands
-        for message in self._consumer.consume(num_messages=100, timeout=0):
+        deadline = time.monotonic() + timeout_s
+        while any(self.positions.get(p, 0) < end for p, end in self._ends.items()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "control topic not read to its end at start; later commands act later",
+                    extra={"positions": self.positions, "ends": self._ends},
+                )
+                break
+            commands.extend(self._read(min(left, 0.5)))
+        return commands
+
+    def poll(self) -> list[Incoming]:
+        """Commands for this model received since the last call (non-blocking); every record
+        read, skipped or not, moves :attr:`positions` past it."""
+        return self._read(0.0) if self.connected else []
+
+    def _read(self, timeout_s: float) -> list[Incoming]:
+        commands: list[Incoming] = []
+        for message in self._consumer.consume(num_messages=100, timeout=timeout_s):
             if message.error() is not None:
                 continue
             partition, offset = message.partition(), message.offset()

@@ -189,6 +189,10 @@ class Service:
 
     def run(self) -> int:
         """The poll loop. Returns 0 after a graceful stop."""
+        if self._control is not None:
+            # Commands queued while no service ran act before any record is learnt (a
+            # queued pause means no training at all).
+            self._commands(self._control.catch_up(self.settings.kafka.consume_timeout_s + 10.0))
         self.restored = True
         self._metrics.state.state("paused" if self._manual_pause else "running")
         while not self._stop.is_set():
