@@ -62,11 +62,12 @@ def acks(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ack_of(config: dict[str, Any], command: str) -> dict[str, Any]:
     """The ack of command id ``command`` (waits for it)."""
-    return wait_for(
+    ack: dict[str, Any] = wait_for(
         lambda: next((a for a in acks(config) if a["id"] == command), None),
         60,
         f"the ack of {command}",
     )
+    return ack
 
 
 def produce_rows(config: dict[str, Any], count: int, seed: int) -> None:
