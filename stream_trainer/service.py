@@ -481,6 +481,8 @@ class Service:
         Repeated after a crash (the command read again), it is skipped as "nothing learnt
         since" the version the first one published.
         """
+        if not self.state.model.is_fitted():
+            return "refused", "nothing learnt yet: there is no model to publish"
         self._publish_wanted = None
         self.checkpoint_now("publish")
         info = self._publisher.publish(self.state, "manual")

@@ -148,7 +148,7 @@ def test_wait_reports_done_and_refused_with_reason(broker: BrokerHandle, tmp_pat
         assert service.stop() == 0
 
 
-def test_a_command_older_than_max_age_is_refused_not_acted_on(
+def test_stale_foreign_and_premature_commands_are_not_acted_on(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
     config = service_config(
@@ -159,6 +159,8 @@ def test_a_command_older_than_max_age_is_refused_not_acted_on(
     producer.produce(config["topics"]["control"], key=b"model", value=encode_command(stale))
     other = Command("other-model", "pause", "other0000", time.time())
     producer.produce(config["topics"]["control"], key=b"other-model", value=encode_command(other))
+    early = Command("model", "publish", "early0000", time.time())
+    producer.produce(config["topics"]["control"], key=b"model", value=encode_command(early))
     assert producer.flush(30) == 0
     produce_rows(config, 100, seed=1)
     with ServiceProcess(config, tmp_path) as service:
@@ -168,7 +170,14 @@ def test_a_command_older_than_max_age_is_refused_not_acted_on(
             ack["reason"].startswith("expired: sent 7")
             and "control.max_age_s (600 s)" in ack["reason"]
         )
+        # Queued commands act before the service learns anything: no model to publish yet.
+        early_ack = ack_of(config, "early0000")
+        assert (early_ack["outcome"], early_ack["reason"]) == (
+            "refused",
+            "nothing learnt yet: there is no model to publish",
+        )
         service.wait_metric(LEARNT, 100, timeout=60)  # neither pause was applied
         assert service.metric(PAUSED) == 0
-        assert [a["id"] for a in acks(config)] == ["stale0000"]  # the other model's: skipped
+        # The other model's command is skipped: no ack.
+        assert [a["id"] for a in acks(config)] == ["stale0000", "early0000"]
         assert service.stop() == 0
