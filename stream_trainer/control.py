@@ -409,11 +409,11 @@ class ControlChannel:
             f"({self._max_age_s:g} s) before a service read it"
         )
 
-    def acknowledge(self, acks: list[Ack]) -> None:
-        """Produce ``acks`` with their commands' keys and wait (bounded) for delivery; a
-        failure is logged, never raised (the command's effect stands either way)."""
+    def acknowledge(self, acks: list[Ack]) -> bool:
+        """Produce ``acks`` with their commands' keys and wait (bounded) for delivery; True
+        once delivered. A failure is logged, never raised (the effect stands either way)."""
         if self._producer is None or not acks:
-            return
+            return True
         for ack in acks:
             # The command's partition (-1: the key's), after the command: where its sender
             # reads.
@@ -423,8 +423,10 @@ class ControlChannel:
         left = self._producer.flush(ACK_FLUSH_TIMEOUT_S)
         if left:
             log.warning(
-                "control acks not delivered in time", extra={"undelivered": left, "acks": len(acks)}
+                "control acks not delivered in time; sent again with the next command or start",
+                extra={"undelivered": left, "acks": len(acks)},
             )
+        return left == 0
 
     def close(self) -> None:
         """Close the consumer."""

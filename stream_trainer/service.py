@@ -190,6 +190,7 @@ class Service:
     def run(self) -> int:
         """The poll loop. Returns 0 after a graceful stop."""
         if self._control is not None:
+            self._send_owed_acks()  # a crash came between a command's checkpoint and its ack
             # Commands queued while no service ran act before any record is learnt (a
             # queued pause means no training at all).
             self._commands(self._control.catch_up(self.settings.kafka.consume_timeout_s + 10.0))
@@ -398,8 +399,10 @@ class Service:
 
         Effect and offset are checkpointed together, so across a crash a command is either
         in the restored state with its offset, or read and acted on again from the state
-        before it (acks may then repeat; the id is the same). A checkpoint that fails is
-        retried with the next one; the acks go out regardless.
+        before it. The acks are checkpointed too, as owed until delivered, so one lost to a
+        crash after the checkpoint is sent at the next start (an ack may repeat; same id,
+        same outcome). A checkpoint that fails is retried with the next one; the acks go
+        out regardless.
         """
         control = self._control
         assert control is not None
@@ -438,8 +441,17 @@ class Service:
                 )
             )
         self._record_control_offsets()
+        self.state.acks_owed = [*(self.state.acks_owed or []), *acks]
+        self._crash.reached("after_command")
         self.checkpoint_now("control")
-        control.acknowledge(acks)
+        self._crash.reached("before_ack")
+        self._send_owed_acks()
+
+    def _send_owed_acks(self) -> None:
+        """Deliver the acks the state owes; they stay owed if the broker does not take them."""
+        owed = self.state.acks_owed
+        if owed and self._control is not None and self._control.acknowledge(owed):
+            self.state.acks_owed = None
 
     def _command(self, command: str) -> tuple[Outcome, str]:
         """Act on one command; its outcome and why."""

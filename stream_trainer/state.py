@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from stream_trainer.deadletter import BadRecordBreaker
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.ledger import OffsetLedger, TopicPartitionKey
+
+if TYPE_CHECKING:
+    from stream_trainer.control import Ack
 
 
 class RecordWindow:
@@ -111,6 +114,9 @@ class TrainingState:
     control_offsets: dict[int, int] | None = None
     # Set by `control pause`, cleared by `control resume`: a pause outlasts a restart.
     paused: bool = False
+    # Acks of commands acted on, until delivered (a crash between the checkpoint and the
+    # ack must not lose it: the command is not read again).
+    acks_owed: list[Ack] | None = None
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""

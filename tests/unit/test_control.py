@@ -111,10 +111,12 @@ def test_start_positions_follow_the_checkpoint_else_the_rule() -> None:
 def test_a_checkpoint_from_before_control_offsets_loads_with_defaults() -> None:
     settings = load_settings(ROOT / "configs" / "per-record.yaml", env=SECRET_ENV)
     state = new_state(settings)
-    del state.__dict__["control_offsets"], state.__dict__["paused"]
+    for name in ("control_offsets", "paused", "acks_owed"):
+        del state.__dict__[name]
     restored = pickle.loads(pickle.dumps(state))
     assert restored.control_offsets is None
     assert restored.paused is False
+    assert restored.acks_owed is None
 
 
 @pytest.mark.parametrize("seconds", ["0", "-1", "soon"])
