@@ -326,6 +326,8 @@ class ControlChannel:
             }
         except KafkaException as error:
             return f"the cluster did not answer: {error.args[0].str() if error.args else error}"
+        if any(mark is None for mark in marks.values()):  # the client's timeout
+            return f"the cluster did not give the offsets of {self._topic} in time"
         starts = {p: self._start(p, low, high) for p, (low, high) in marks.items()}
         self._ends = {p: high for p, (_low, high) in marks.items()}
         self._consumer.assign([TopicPartition(self._topic, p, o) for p, o in starts.items()])

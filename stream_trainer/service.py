@@ -404,8 +404,6 @@ class Service:
         same outcome). A checkpoint that fails is retried with the next one; the acks go
         out regardless.
         """
-        control = self._control
-        assert control is not None
         if not incoming:
             self._record_control_offsets()  # skipped records (acks, other models) only
             return
@@ -443,7 +441,10 @@ class Service:
         self._record_control_offsets()
         self.state.acks_owed = [*(self.state.acks_owed or []), *acks]
         self._crash.reached("after_command")
-        self.checkpoint_now("control")
+        if not self.checkpoint_now("control"):
+            # Retried when the next periodic checkpoint is due, even with nothing consumed
+            # (paused): the commands' effects must reach a checkpoint.
+            self._records_since_checkpoint += 1
         self._crash.reached("before_ack")
         self._send_owed_acks()
 
