@@ -309,7 +309,15 @@ def run_service(
         producer = Producer(settings.kafka.producer_config())
         if settings.topics.control:
             control = ControlChannel(
-                settings.kafka.consumer_config(), settings.topics.control, settings.model.name
+                settings.kafka.consumer_config(),
+                settings.topics.control,
+                settings.model.name,
+                producer,
+                max_age_s=settings.control.max_age_s,
+                resume_from=getattr(state, "control_offsets", None),
+                # A checkpoint from before control offsets: its service had read every
+                # command up to the end when it started (the old rule), so start there.
+                from_end=restored and getattr(state, "control_offsets", None) is None,
             )
 
         def _waiting(reason: str) -> None:

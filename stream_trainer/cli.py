@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 _RUN_SIGNALS: ShutdownSignals | None = None
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# `control --wait`: the service refused the command; no ack came within the wait.
+EXIT_REFUSED, EXIT_NO_ANSWER = 3, 4
+DEFAULT_CONTROL_WAIT_S = 30.0
 DEFAULT_INPUT_PARTITIONS = 3  # stream_trainer.topics's, without importing confluent_kafka
 
 
@@ -246,25 +249,59 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    """Send a manual request to the running service through the control topic."""
-    from stream_trainer.control import ControlError, send_command  # noqa: PLC0415
+    """Queue a manual request for the model's service on the control topic; with --wait,
+    wait for the service's ack."""
+    from stream_trainer.control import ControlError, send_command, wait_for_ack  # noqa: PLC0415
+    from stream_trainer.topics import quiet_logger  # noqa: PLC0415
 
     settings = _settings(args)
-    if not settings.topics.control:
+    topic, model = settings.topics.control, settings.model.name
+    if not topic:
         print("stream-trainer: topics.control is not configured", file=sys.stderr)
         return EXIT_FAILURE
+    max_age = f"{settings.control.max_age_s:g} s"
     try:
-        send_command(
-            settings.kafka.producer_config(),
-            settings.topics.control,
-            settings.model.name,
-            args.command,
-        )
+        producer_config = {**settings.kafka.producer_config(), "logger": quiet_logger()}
+        sent = send_command(producer_config, topic, model, args.command)
+        if args.wait is None:
+            print(
+                f"queued {args.command} for model {model} on {topic} (id {sent.id}): a service "
+                f"for that model acts on it when it reads it - at once if one is running, else "
+                f"when one starts within control.max_age_s ({max_age}); --wait shows the outcome"
+            )
+            return EXIT_OK
+        consumer_config = {**settings.kafka.client_config(), "logger": quiet_logger()}
+        ack = wait_for_ack(consumer_config, topic, sent, args.wait)
     except ControlError as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"sent {args.command} to model {settings.model.name}")
+    if ack is None:
+        print(
+            f"stream-trainer: no answer to {args.command} (id {sent.id}) within {args.wait:g} s: "
+            f"no service for model {model} read it (is one running?). It stays queued: a "
+            f"service for that model that starts within control.max_age_s ({max_age}) of "
+            "now acts on it",
+            file=sys.stderr,
+        )
+        return EXIT_NO_ANSWER
+    if ack.outcome == "refused":
+        print(
+            f"stream-trainer: {args.command} refused (id {sent.id}): {ack.reason}", file=sys.stderr
+        )
+        return EXIT_REFUSED
+    print(f"{args.command} done (id {sent.id}): {ack.reason}")
     return EXIT_OK
+
+
+def _wait_seconds(value: str) -> float:
+    """--wait's value: positive seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    return seconds
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -333,7 +370,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _exit_codes(*lines: str) -> str:
     """The epilog's exit-code section: the command's own lines, then the usage error."""
-    return "\n".join(["Exit codes:", *(f"  {line}" for line in lines), "  2  usage error"])
+    ordered = sorted([*lines, "2  usage error"], key=lambda line: int(line.split()[0]))
+    return "\n".join(["Exit codes:", *(f"  {line}" for line in ordered)])
 
 
 def _command(
@@ -530,16 +568,36 @@ def _add_control(sub: Any) -> None:
     p = _command(
         sub,
         "control",
-        summary="ask the running service to retrain, publish, pause or resume",
-        description="Send a manual request to the running service through the control "
-        "topic (topics.control).",
-        examples=["stream-trainer control publish --config my.yaml"],
-        exits=("0  the request was sent", "1  no control topic configured, or not sent"),
+        summary="ask the model's service to retrain, publish, pause or resume",
+        description="Queue a manual request on the control topic (topics.control). The "
+        "model's service acts on it once: at once if it is running, else when it starts, "
+        "unless the request is older than control.max_age_s by then (refused). It answers "
+        "with an ack (done or refused, with a reason); --wait waits for it. A pause lasts "
+        "until resume, across restarts. See docs/control.md.",
+        examples=[
+            "stream-trainer control publish --config my.yaml --wait",
+            "stream-trainer control pause --config my.yaml",
+        ],
+        exits=(
+            "0  queued (without --wait); done (with --wait)",
+            "1  no control topic configured, not delivered, or acks unreadable",
+            "3  --wait: the service refused it (the reason is on stderr)",
+            "4  --wait: no answer in time (no service running?); it stays queued",
+        ),
     )
     p.add_argument(
         "command",
         choices=["retrain", "publish", "pause", "resume"],
         help="retrain (full_batch), publish a version now, pause or resume consumption",
+    )
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        type=_wait_seconds,
+        const=DEFAULT_CONTROL_WAIT_S,
+        default=None,
+        metavar="SECONDS",
+        help=f"wait for the service's ack, at most SECONDS (default {DEFAULT_CONTROL_WAIT_S:g})",
     )
     _add_config(p)
     p.set_defaults(func=cmd_control)

@@ -433,7 +433,8 @@ class TopicsSettings(StrictModel):
         default=None,
         description=(
             "topic of manual commands (stream-trainer control retrain / publish / pause / "
-            "resume); null: no control channel. Waited for at start while missing"
+            "resume) and of their acks (docs/control.md); null: no control channel. Waited "
+            "for at start while missing"
         ),
     )
     lease: str | None = Field(
@@ -443,6 +444,19 @@ class TopicsSettings(StrictModel):
             "one-partition topic whose owner in the group <kafka.group_id>.lease is the one "
             "active member (the others stand by); created if missing; default "
             "<kafka.group_id>.lease"
+        ),
+    )
+
+
+class ControlSettings(StrictModel):
+    """How the service treats commands on topics.control (see docs/control.md)."""
+
+    max_age_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "a command older than this when the service reads it (it was down) is refused, "
+            "not acted on; age = the service's clock - the sender's"
         ),
     )
 
@@ -926,6 +940,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -10,7 +10,9 @@ nothing here does I/O at import. The points:
 - ``after_checkpoint``: the checkpoint is durable, its offsets not committed;
 - ``after_version_files``: a version's files are durable, its event not sent;
 - ``mid_retrain``: a full retrain is running;
-- ``in_revoke``: inside the revoke callback, before its checkpoint.
+- ``in_revoke``: inside the revoke callback, before its checkpoint;
+- ``after_command``: control commands are acted on, their checkpoint not written;
+- ``before_ack``: that checkpoint is durable, the acks not sent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ POINTS = (
     "after_version_files",
     "mid_retrain",
     "in_revoke",
+    "after_command",
+    "before_ack",
 )
 
 

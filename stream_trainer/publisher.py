@@ -66,6 +66,9 @@ class ModelPublisher:
             settings.evaluation_metrics()[0],
         )
         self._champion_cache: tuple[int, ModelAdapter] | None = None
+        # Why the last publish() returned None: the gate's reason when it rejected the
+        # candidate, else None (skipped: nothing new). Read by `control publish` acks.
+        self.last_rejection: str | None = None
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -238,6 +241,7 @@ class ModelPublisher:
     def publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
         """Gate the current model and publish it as a version; None when rejected, or
         skipped because nothing was learnt since the last version (logged)."""
+        self.last_rejection = None
         unchanged = self._unchanged_since(state)
         if unchanged is not None:
             self._policy.mark_published()
@@ -266,6 +270,7 @@ class ModelPublisher:
                 candidate_score if candidate_score is not None else float("nan"),
             )
             self._metrics.versions_rejected.inc()
+            self.last_rejection = reason
             log.warning("candidate rejected by the gate", extra={"reason": reason})
             return None
         artifact = pickle.dumps(state.model, protocol=5)

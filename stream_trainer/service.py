@@ -28,7 +28,7 @@ from stream_trainer.checkpoint import (
 )
 from stream_trainer.config import Settings
 from stream_trainer.consumer import KafkaSource
-from stream_trainer.control import ControlChannel
+from stream_trainer.control import Ack, ControlChannel, Incoming, Outcome
 from stream_trainer.deadletter import DeadLetterError, DeadLetterPublisher
 from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
 from stream_trainer.faults import NO_CRASHES, CrashPoints
@@ -146,14 +146,30 @@ class Service:
         self._last_checkpoint = clock()
         self._records_since_checkpoint = 0
         self._publish_wanted: str | None = None
-        self._manual_pause = False
         self._mode = settings.training.mode
         self._batch_target = settings.training.mini_batch.size if self._mode == "mini_batch" else 0
         self._drifts_reported = state.drift_detections
         self._prequential_stale = True  # the restored state's scores are not shown yet
         self._prequential_at = -math.inf
         self.restored = False
+        self._record_control_offsets()
         self.source = make_source(self)
+
+    @property
+    def _manual_pause(self) -> bool:
+        """``control pause`` is in force (checkpointed: it outlasts a restart)."""
+        return self.state.paused
+
+    def _record_control_offsets(self) -> None:
+        """Copy the control channel's read positions into the state (checkpointed)."""
+        control = self._control
+        if (
+            control is not None
+            and control.connected
+            and control.positions
+            and self.state.control_offsets != control.positions
+        ):
+            self.state.control_offsets = dict(control.positions)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -173,8 +189,13 @@ class Service:
 
     def run(self) -> int:
         """The poll loop. Returns 0 after a graceful stop."""
+        if self._control is not None:
+            self._send_owed_acks()  # a crash came between a command's checkpoint and its ack
+            # Commands queued while no service ran act before any record is learnt (a
+            # queued pause means no training at all).
+            self._commands(self._control.catch_up(self.settings.kafka.consume_timeout_s + 10.0))
         self.restored = True
-        self._metrics.state.state("running")
+        self._metrics.state.state("paused" if self._manual_pause else "running")
         while not self._stop.is_set():
             self.step()
         self._shutdown()
@@ -195,9 +216,7 @@ class Service:
             # off this group, and the lease comes back when the broker does.
             self._lease.poll(0.0)
         if self._control is not None:
-            for command in self._control.poll():
-                self._drain_decoding()  # commands act on a loop with nothing in flight
-                self._command(command)
+            self._commands(self._control.poll())
         if messages:
             self._metrics.records_consumed.inc(len(messages))
             self._pending.add(messages, now)
@@ -374,29 +393,121 @@ class Service:
 
     # -- commands --------------------------------------------------------------------------
 
-    def _command(self, command: str) -> None:
-        log.info("control command", extra={"command": command})
-        if command == "retrain":
-            if isinstance(self._trainer, FullBatchTrainer):
-                self.state.retrain_wanted = "manual"
+    def _commands(self, incoming: list[Incoming]) -> None:
+        """Act on ``incoming`` in order, persist the effects with the control offsets past
+        them (one synchronous checkpoint), then acknowledge each.
+
+        Effect and offset are checkpointed together, so across a crash a command is either
+        in the restored state with its offset, or read and acted on again from the state
+        before it. The acks are checkpointed too, as owed until delivered, so one lost to a
+        crash after the checkpoint is sent at the next start (an ack may repeat; same id,
+        same outcome). A checkpoint that fails is retried with the next one; the acks go
+        out regardless.
+        """
+        if not incoming:
+            self._record_control_offsets()  # skipped records (acks, other models) only
+            return
+        acks: list[Ack] = []
+        for item in incoming:
+            command = item.command
+            self._drain_decoding()  # commands act on a loop with nothing in flight
+            if item.stale is not None:
+                outcome: Outcome = "refused"
+                reason = item.stale
             else:
-                log.warning("retrain requested but training.mode is not full_batch")
-        elif command == "publish":
-            self._publish_wanted = "manual"
-        elif command == "pause":
-            self._manual_pause = True
+                outcome, reason = self._command(command.command)
+            log.info(
+                "control command",
+                extra={
+                    "command": command.command,
+                    "id": command.id,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "offset": command.offset,
+                },
+            )
+            acks.append(
+                Ack(
+                    command.id,
+                    command.model,
+                    command.command,
+                    outcome,
+                    reason,
+                    time.time(),
+                    command.partition,
+                    command.offset,
+                )
+            )
+        self._record_control_offsets()
+        self.state.acks_owed = [*(self.state.acks_owed or []), *acks]
+        self._crash.reached("after_command")
+        if not self.checkpoint_now("control"):
+            # Retried when the next periodic checkpoint is due, even with nothing consumed
+            # (paused): the commands' effects must reach a checkpoint.
+            self._records_since_checkpoint += 1
+        self._crash.reached("before_ack")
+        self._send_owed_acks()
+
+    def _send_owed_acks(self) -> None:
+        """Deliver the acks the state owes; they stay owed if the broker does not take them."""
+        owed = self.state.acks_owed
+        if owed and self._control is not None and self._control.acknowledge(owed):
+            self.state.acks_owed = None
+
+    def _command(self, command: str) -> tuple[Outcome, str]:
+        """Act on one command; its outcome and why."""
+        if command == "retrain":
+            if not isinstance(self._trainer, FullBatchTrainer):
+                return "refused", (
+                    f"retrain needs training.mode full_batch; this model runs {self._mode}"
+                )
+            self.state.retrain_wanted = "manual"
+            return "done", (
+                "retrain queued (trigger manual): it starts once the window holds "
+                f"{self.settings.training.full_batch.min_records} records and no retrain runs"
+            )
+        if command == "publish":
+            return self._publish_manual()
+        if command == "pause":
+            already = self.state.paused
+            self.state.paused = True
             self.source.pause(sorted(self.source.owned))
             self._metrics.state.state("paused")
-        elif command == "resume":
-            self._manual_pause = False
-            for key in list(self.state.halted):
-                self.state.breaker.reset(key)
-                del self.state.halted[key]
-                if key in self.source.owned and key in self.state.offsets:
-                    self.source.seek(key, self.state.offsets[key])
-            self.source.resume(sorted(self.source.owned))
-            self._metrics.partitions_halted.set(0)
-            self._metrics.state.state("running")
+            return "done", "already paused" if already else "paused: every partition, until resume"
+        # resume
+        was_paused, halted = self.state.paused, len(self.state.halted)
+        self.state.paused = False
+        for key in list(self.state.halted):
+            self.state.breaker.reset(key)
+            del self.state.halted[key]
+            if key in self.source.owned and key in self.state.offsets:
+                self.source.seek(key, self.state.offsets[key])
+        self.source.resume(sorted(self.source.owned))
+        self._metrics.partitions_halted.set(0)
+        self._metrics.state.state("running")
+        done = "resumed" if was_paused else "was not paused"
+        return "done", f"{done}; {halted} halted partition(s) cleared"
+
+    def _publish_manual(self) -> tuple[Outcome, str]:
+        """Publish now (checkpoint first, as every publish); the ack says which version.
+
+        Repeated after a crash (the command read again), it is skipped as "nothing learnt
+        since" the version the first one published.
+        """
+        if not self.state.model.is_fitted():
+            return "refused", "nothing learnt yet: there is no model to publish"
+        self._publish_wanted = None
+        self.checkpoint_now("publish")
+        info = self._publisher.publish(self.state, "manual")
+        self._update_model_metrics()
+        if info is not None:
+            return "done", f"published version {info.version}"
+        rejection = self._publisher.last_rejection
+        if rejection is not None:
+            return "refused", f"the promotion gate rejected the candidate: {rejection}"
+        return "done", (
+            f"nothing learnt since version {self.state.model_version}; it stays the champion"
+        )
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -577,6 +688,10 @@ class Service:
         if self._reload_state is not None:
             self.state = self._reload_state()
             self._durable = dict(self.state.offsets)
+            if self._control is not None:
+                # Commands read since that checkpoint are read (and acted on) again.
+                self._control.seek(self.state.control_offsets or self._control.started_at)
+                self._record_control_offsets()
         self._metrics.assigned_partitions.set(0)
         log.warning("partitions lost", extra={"partitions": [partition_key(k) for k in partitions]})
 

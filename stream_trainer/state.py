@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from stream_trainer.deadletter import BadRecordBreaker
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.ledger import OffsetLedger, TopicPartitionKey
+
+if TYPE_CHECKING:
+    from stream_trainer.control import Ack
 
 
 class RecordWindow:
@@ -104,6 +107,16 @@ class TrainingState:
     # The id of this model's history: claimed on the lease topic, so no other model trains
     # on the group (see stream_trainer.lease).
     lineage: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Control-topic next offsets per partition, written with the effects of the commands
+    # before them (a command is acted on once across restarts); None: never recorded (a
+    # new model, or a checkpoint from before control offsets). Class defaults, so older
+    # checkpoints still load.
+    control_offsets: dict[int, int] | None = None
+    # Set by `control pause`, cleared by `control resume`: a pause outlasts a restart.
+    paused: bool = False
+    # Acks of commands acted on, until delivered (a crash between the checkpoint and the
+    # ack must not lose it: the command is not read again).
+    acks_owed: list[Ack] | None = None
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""
