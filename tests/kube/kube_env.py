@@ -50,6 +50,7 @@ from typing import IO, Any
 KUBE_VERSION = "v1.36.3"
 STAGING_VERSION = "v0.36.3"  # the published k8s.io/* modules of the same release
 HELM_VERSION = "v3.21.4"
+HELM_K8S_MINOR = "1.36"  # the k8s.io/* modules helm v3.21.4 builds with (v0.36.x)
 PROM_OPERATOR_VERSION = "v0.85.0"
 PROM_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
 CRD_FILES = (
@@ -87,7 +88,6 @@ def _go_env() -> dict[str, str]:
         GOMODCACHE=str(go / "mod"),
         GOCACHE=str(go / "build"),
         GOFLAGS="-trimpath -mod=mod -buildvcs=false",
-        CGO_ENABLED="0",
     )
     return env
 
@@ -197,7 +197,19 @@ def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> To
                 "module streamtrainer.local/helmbuild\n\ngo 1.26.0\n\n"
                 f"require helm.sh/helm/v3 {HELM_VERSION}\n"
             )
-            version_flag = f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
+            # What helm's Makefile sets: its version, and the Kubernetes version it assumes
+            # when no server is asked (`helm template`/`lint`; default 1.20 otherwise).
+            major, minor = HELM_K8S_MINOR.split(".")
+            version_flag = " ".join(
+                f"-X helm.sh/helm/v3/{var}"
+                for var in (
+                    f"internal/version.version={HELM_VERSION}",
+                    f"pkg/lint/rules.k8sVersionMajor={major}",
+                    f"pkg/lint/rules.k8sVersionMinor={minor}",
+                    f"pkg/chartutil.k8sVersionMajor={major}",
+                    f"pkg/chartutil.k8sVersionMinor={minor}",
+                )
+            )
             _run(
                 ["go", "build", f"-ldflags=-s -w {version_flag}", "-o", f"{helm}.tmp",
                  "helm.sh/helm/v3/cmd/helm"],
