@@ -178,8 +178,16 @@ def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> To
             src.mkdir(exist_ok=True)
             (src / "go.mod").write_text(staging_go_mod(go_mod))
             # Written next to the target and renamed, so a killed build leaves no binary.
+            # The version the server reports (/version): helm checks the chart's kubeVersion
+            # against it, and without these it is v0.0.0-master.
+            major, minor = KUBE_VERSION.removeprefix("v").split(".")[:2]
+            version_flag = " ".join(
+                f"-X k8s.io/component-base/version.{var}"
+                for var in (f"gitVersion={KUBE_VERSION}", f"gitMajor={major}",
+                            f"gitMinor={minor}", "gitTreeState=clean")
+            )  # fmt: skip
             _run(
-                ["go", "build", "-ldflags=-s -w", "-o", f"{apiserver}.tmp",
+                ["go", "build", f"-ldflags=-s -w {version_flag}", "-o", f"{apiserver}.tmp",
                  "k8s.io/kubernetes/cmd/kube-apiserver"],
                 "go build kube-apiserver",
                 cwd=src,
