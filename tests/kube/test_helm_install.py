@@ -22,7 +22,8 @@ import yaml
 
 from tests.kube.kube_env import ApiError, ApiServer
 
-pytestmark = pytest.mark.kube
+# The first test's setup may build kube-apiserver (~10 min cold) when `make kube-tools` did not.
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "stream-trainer"
 VALUES_FILES = sorted(p.name for p in (CHART_DIR / "ci").glob("*-values.yaml"))
