@@ -287,6 +287,13 @@ def test_install_then_uninstall(kube: ApiServer, crds: None, case: str) -> None:
     assert [h["kind"] for h in hooks] == ["Pod"]
     assert dry_run_pod(kube, namespace, hooks[0]) == []
 
+    workload = workload_of(kube, namespace)
+    if workload["kind"] == "StatefulSet":
+        # Its claims are the controller's, not helm's: the API server keeps the chart's
+        # retention policy, so they outlive the StatefulSet too (none exist here).
+        policy = workload["spec"]["persistentVolumeClaimRetentionPolicy"]
+        assert policy == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+
     started = time.monotonic()
     removed = kube.helm("uninstall", RELEASE, "-n", namespace)
     uninstall_s = time.monotonic() - started
@@ -295,14 +302,22 @@ def test_install_then_uninstall(kube: ApiServer, crds: None, case: str) -> None:
         # Checkpoints and model versions outlive the release (persistence.retainOnUninstall).
         assert left == {"PersistentVolumeClaim": 1}
         assert "kept due to the resource policy" in removed.stdout
-        claim = kube.request("GET", _path("PersistentVolumeClaim", namespace, FULLNAME)).body
+        claim_path = _path("PersistentVolumeClaim", namespace, FULLNAME)
+        claim = kube.request("GET", claim_path).body
         assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        # A reinstall under the same name adopts the kept claim: training resumes from it.
+        kube.helm("install", RELEASE, str(CHART_DIR), "-n", namespace, *helm_args(case))
+        readopted = kube.request("GET", claim_path).body["metadata"]["uid"]
+        assert readopted == claim["metadata"]["uid"]
+        kube.helm("uninstall", RELEASE, "-n", namespace)
+        assert live_kinds(kube, namespace) == {"PersistentVolumeClaim": 1}
     else:
         assert left == {}
     print(
         f"\nkube {case}: installed {sum(expected.values())} objects "
         f"{dict(sorted(expected.items()))} in {install_s:.2f} s, pod template restricted-ok, "
-        f"uninstalled in {uninstall_s:.2f} s, left: {left or 'nothing'}",
+        f"uninstalled in {uninstall_s:.2f} s, left: {left or 'nothing'}"
+        + (" (reinstall adopted it)" if left else ""),
         file=sys.stderr,
     )
 
