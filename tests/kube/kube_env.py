@@ -513,10 +513,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"kube_env: {timings.summary()} ({time.monotonic() - started:.0f} s) in {kube_dir()}")
     if args.command == "run":
         server = ApiServer(tools, log=sys.stderr)
+        # ^C or SIGTERM (a background job ignores SIGINT) both end in server.stop().
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             server.start()
-            print(f"KUBECONFIG={server.kubeconfig}  (started in {server.start_seconds:.1f} s)")
-            with suppress(KeyboardInterrupt):
+            print(
+                f"KUBECONFIG={server.kubeconfig}  (started in {server.start_seconds:.1f} s)",
+                flush=True,
+            )
+            with suppress(KeyboardInterrupt, SystemExit):
                 signal.pause()
         except KubeEnvError as error:
             print(f"kube_env: {error}", file=sys.stderr)
