@@ -36,6 +36,7 @@ from stream_trainer.deadletter import (
     DeadLetterPublisher,
 )
 from stream_trainer.decode_worker import UnitDecoder, build_unit_decoder
+from stream_trainer.delivery import NotDelivered
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
@@ -493,7 +494,7 @@ def _become_active(
                 f"{lineage}. Start the member that holds that model's checkpoints, or start "
                 "a new model with a new kafka.group_id"
             )
-        except KafkaException as error:
+        except (KafkaException, NotDelivered) as error:
             reason = f"standing by: cannot read the claim on {topic}: {error}"
         log.error("%s", reason)
         lease.close()

@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from confluent_kafka import (
@@ -36,6 +36,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from stream_trainer.delivery import NotDelivered, deliver_one
 from stream_trainer.errors import StreamTrainerError
 
 log = logging.getLogger(__name__)
@@ -92,31 +93,15 @@ def new_command(model: str, command: str, clock: Callable[[], float] = time.time
 
 
 def encode_command(command: Command) -> bytes:
-    """The wire form of a command."""
-    body = {
-        "type": "command",
-        "id": command.id,
-        "model": command.model,
-        "command": command.command,
-        "sent_at": command.sent_at,
-    }
+    """The wire form of a command (where it was read from is not part of it)."""
+    body = {"type": "command", **asdict(command)}
+    del body["partition"], body["offset"]
     return json.dumps(body, sort_keys=True).encode()
 
 
 def encode_ack(ack: Ack) -> bytes:
     """The wire form of an ack."""
-    body = {
-        "type": "ack",
-        "id": ack.id,
-        "model": ack.model,
-        "command": ack.command,
-        "outcome": ack.outcome,
-        "reason": ack.reason,
-        "acked_at": ack.acked_at,
-        "partition": ack.partition,
-        "offset": ack.offset,
-    }
-    return json.dumps(body, sort_keys=True).encode()
+    return json.dumps({"type": "ack", **asdict(ack)}, sort_keys=True).encode()
 
 
 def _number(value: Any) -> float | None:
@@ -197,22 +182,13 @@ def send_command(
     """
     sent = new_command(model, command, clock)
     assert sent.id is not None
-    errors: list[str] = []
-    where: list[tuple[int, int]] = []
-
-    def _delivered(error: Any, message: Any) -> None:
-        if error is not None:
-            errors.append(str(error))
-        else:
-            where.append((message.partition(), message.offset()))
-
-    producer = Producer(producer_config)
-    producer.produce(topic, key=model.encode(), value=encode_command(sent), on_delivery=_delivered)
-    if producer.flush(timeout_s) > 0:
-        raise ControlError(f"command not delivered to {topic} within {timeout_s} s")
-    if errors or not where:
-        raise ControlError(f"command not delivered to {topic}: {errors[0] if errors else '?'}")
-    return SentCommand(sent.id, where[0][0], where[0][1])
+    try:
+        partition, offset = deliver_one(
+            producer_config, topic, encode_command(sent), key=model.encode(), timeout_s=timeout_s
+        )
+    except NotDelivered as error:
+        raise ControlError(f"command {error}") from error
+    return SentCommand(sent.id, partition, offset)
 
 
 def wait_for_ack(

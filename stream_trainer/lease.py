@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from stream_trainer.delivery import deliver_one
 from stream_trainer.errors import StreamTrainerError
 
 log = logging.getLogger(__name__)
@@ -110,16 +111,10 @@ def write_claim(
 ) -> None:
     """Record on the lease topic that ``lineage`` trains on the group from now on.
 
-    Raises KafkaException when the claim is not acknowledged within ``timeout_s``.
+    Raises NotDelivered when the claim is not acknowledged within ``timeout_s``.
     """
-    errors: list[KafkaError] = []
-    producer = Producer(producer_config)
     value = json.dumps({"lineage": lineage, "member": member}).encode()
-    producer.produce(
-        topic, value=value, partition=0, on_delivery=lambda e, _m: errors.extend([e] if e else [])
-    )
-    if producer.flush(timeout_s) or errors:
-        raise KafkaException(errors[0] if errors else "claim not acknowledged in time")
+    deliver_one(producer_config, topic, value, partition=0, timeout_s=timeout_s)
 
 
 class KafkaLease:
