@@ -157,6 +157,17 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
+def _go_build(package: str, target: Path, version_flags: str, cwd: Path) -> None:
+    """``go build package`` (stripped, with ``version_flags``) to ``target``; written next
+    to it and renamed, so a killed build leaves no binary."""
+    _run(
+        ["go", "build", f"-ldflags=-s -w {version_flags}", "-o", f"{target}.tmp", package],
+        f"go build {package.rsplit('/', 1)[-1]}",
+        cwd=cwd,
+    )
+    os.replace(f"{target}.tmp", target)
+
+
 def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> Tools:
     """Build or copy whatever is not cached yet; return the paths. Raises KubeEnvError."""
     timings = timings or BuildTimings()
@@ -177,7 +188,6 @@ def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> To
             src = root / "src-kube-apiserver"
             src.mkdir(exist_ok=True)
             (src / "go.mod").write_text(staging_go_mod(go_mod))
-            # Written next to the target and renamed, so a killed build leaves no binary.
             # The version the server reports (/version): helm checks the chart's kubeVersion
             # against it, and without these it is v0.0.0-master.
             major, minor = KUBE_VERSION.removeprefix("v").split(".")[:2]
@@ -186,13 +196,7 @@ def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> To
                 for var in (f"gitVersion={KUBE_VERSION}", f"gitMajor={major}",
                             f"gitMinor={minor}", "gitTreeState=clean")
             )  # fmt: skip
-            _run(
-                ["go", "build", f"-ldflags=-s -w {version_flag}", "-o", f"{apiserver}.tmp",
-                 "k8s.io/kubernetes/cmd/kube-apiserver"],
-                "go build kube-apiserver",
-                cwd=src,
-            )  # fmt: skip
-            os.replace(f"{apiserver}.tmp", apiserver)
+            _go_build("k8s.io/kubernetes/cmd/kube-apiserver", apiserver, version_flag, src)
             timings.seconds["kube-apiserver"] = time.monotonic() - started
         if helm.is_file():
             timings.cached.append("helm")
@@ -218,13 +222,7 @@ def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> To
                     f"pkg/chartutil.k8sVersionMinor={minor}",
                 )
             )
-            _run(
-                ["go", "build", f"-ldflags=-s -w {version_flag}", "-o", f"{helm}.tmp",
-                 "helm.sh/helm/v3/cmd/helm"],
-                "go build helm",
-                cwd=src,
-            )  # fmt: skip
-            os.replace(f"{helm}.tmp", helm)
+            _go_build("helm.sh/helm/v3/cmd/helm", helm, version_flag, src)
             timings.seconds["helm"] = time.monotonic() - started
         crds = tuple(crd_dir / name for name in CRD_FILES)
         if all(path.is_file() for path in crds):
