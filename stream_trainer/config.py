@@ -461,14 +461,67 @@ class ControlSettings(StrictModel):
     )
 
 
+FeatureType = Literal["number", "category", "boolean"]
+
+
+class FeatureConfig(StrictModel):
+    """One typed feature of the record contract (a plain name means number, required)."""
+
+    name: str = Field(min_length=1, description="the feature's field name in the record")
+    type: FeatureType = Field(
+        default="number",
+        description=(
+            "number (finite int or float), category (a string or an integer code), or "
+            "boolean (true / false; a number is not a boolean)"
+        ),
+    )
+    missing: Literal["reject", "allow"] = Field(
+        default="reject",
+        description=(
+            "an absent or null value: reject dead-letters the record; allow lets the learner "
+            "see it as missing (River: the key is left out; scikit-learn: an indicator column "
+            "plus a fill, or native missing-value support)"
+        ),
+    )
+    categories: list[Annotated[str, Field(min_length=1)] | int] | None = Field(
+        default=None,
+        description=(
+            "category only: the known categories (type-strict: 1 is not '1'); null: an open "
+            "list, each value hashed to a stable 53-bit code"
+        ),
+    )
+    unknown_category: Literal["other", "reject"] = Field(
+        default="other",
+        description=(
+            "category with a categories list: a value not in it goes to one shared 'other' "
+            "bucket, or is dead-lettered (reject)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _categories_for_category(self) -> FeatureConfig:
+        if self.categories is not None:
+            if self.type != "category":
+                raise ValueError(f"feature {self.name!r}: categories need type: category")
+            if not self.categories:
+                raise ValueError(f"feature {self.name!r}: categories is empty")
+            keys = [(type(c), c) for c in self.categories]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"feature {self.name!r}: categories has duplicates")
+        return self
+
+
 class RecordSettings(StrictModel):
     """The record contract: where features, label and metadata live in a JSON value."""
 
     format: Literal["json"] = Field(
         default="json", description="wire format of a record value; only JSON so far"
     )
-    features: Annotated[list[str], Field(min_length=1)] = Field(
-        description="feature names, in the order the learners see them"
+    features: Annotated[list[str | FeatureConfig], Field(min_length=1)] = Field(
+        description=(
+            "the features, in the order the learners see them: a name (a required number) "
+            "or {name, type, missing, categories, unknown_category} (see docs/records.md)"
+        )
     )
     features_field: str | None = Field(
         default="x", description="object holding the features; null = flat top-level fields"
@@ -519,9 +572,20 @@ class RecordSettings(StrictModel):
         ),
     )
 
+    @property
+    def feature_names(self) -> list[str]:
+        """The feature names, in contract order."""
+        return [f if isinstance(f, str) else f.name for f in self.features]
+
+    @property
+    def feature_configs(self) -> list[FeatureConfig]:
+        """Every feature as a :class:`FeatureConfig` (plain names: number, required)."""
+        return [FeatureConfig(name=f) if isinstance(f, str) else f for f in self.features]
+
     @model_validator(mode="after")
     def _unique(self) -> RecordSettings:
-        if len(set(self.features)) != len(self.features):
+        names = self.feature_names
+        if len(set(names)) != len(names):
             raise ValueError("record.features has duplicates")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("record.labels has duplicates")
@@ -570,6 +634,22 @@ class ModelSettings(StrictModel):
             "steps applied before the learner, in order, each a path and params like the "
             "learner (e.g. river.preprocessing.StandardScaler); empty: none"
         ),
+    )
+    categorical_encoding: Literal["auto", "onehot", "hashing", "native"] = Field(
+        default="auto",
+        description=(
+            "how category features reach the learner (docs/records.md has the table). auto: "
+            "River one-hot; scikit-learn partial_fit one-hot over listed categories plus an "
+            "'other' column, hashed for open lists; scikit-learn fit native for learners with "
+            "a categorical_features parameter, else one-hot refit per window. hashing hashes "
+            "every category feature (partial_fit)"
+        ),
+    )
+    hash_buckets: int = Field(
+        default=32,
+        ge=2,
+        le=1 << 20,
+        description="columns per category feature when it is hashed (scikit-learn only)",
     )
 
 
@@ -1007,8 +1087,19 @@ class Settings(BaseSettings):
         relevant = self.model_dump(
             mode="json", include={"record", "model", "training", "evaluation", "drift"}
         )
+        # Fields added since checkpoints were first written count only when set away from
+        # their default, so an upgrade does not disown the checkpoints it finds.
+        for (section, key), default in _ADDED_FIELD_DEFAULTS.items():
+            if relevant[section].get(key) == default:
+                del relevant[section][key]
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+_ADDED_FIELD_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("model", "categorical_encoding"): "auto",
+    ("model", "hash_buckets"): 32,
+}
 
 
 def format_validation_error(error: ValidationError) -> str:

@@ -24,7 +24,7 @@ import copy
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -35,7 +35,14 @@ from sklearn.base import BaseEstimator, clone, is_classifier, is_regressor
 from sklearn.pipeline import make_pipeline
 
 from stream_trainer.config import EstimatorSpec, Settings
+from stream_trainer.encoding import (
+    FixedWidthEncoder,
+    partial_fit_encoding,
+    river_union,
+    window_encoder,
+)
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.features import FeatureContract
 
 ALLOWED_PREFIXES = ("river.", "sklearn.")
 
@@ -61,13 +68,21 @@ class ModelSpec:
     labels: tuple[Any, ...]
     mode: str
     pipeline: tuple[tuple[str, dict[str, Any]], ...]
+    # None in models saved before typed features: all required numbers.
+    contract: FeatureContract | None = None
+
+    def feature_contract(self) -> FeatureContract:
+        """The typed feature contract the model was built for."""
+        contract = getattr(self, "contract", None)
+        return contract if contract is not None else FeatureContract.numeric(self.features)
 
 
 def model_spec(settings: Settings) -> ModelSpec:
     """What an adapter needs from ``settings``, as plain values."""
     model = settings.model
     return ModelSpec(
-        features=tuple(settings.record.features),
+        features=tuple(settings.record.feature_names),
+        contract=FeatureContract.from_settings(settings.record),
         task=model.task,
         labels=tuple(settings.record.labels or ()),
         mode=settings.training.mode,
@@ -138,6 +153,12 @@ class ModelAdapter(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for version metadata."""
+        ...
+
+    def predict_record(self, features: Mapping[str, Any]) -> tuple[Any, float | None]:
+        """Like ``predict_one`` for a raw ``{feature: value}`` mapping as a record carries
+        it (categories as strings, missing keys or nulls): the contract encodes it first.
+        Raises FeatureValueError for a value the contract refuses."""
         ...
 
 
@@ -290,17 +311,22 @@ def _build_river(
         raise IncompatibleLearner(
             f"record.weight_field is set but model.learner: {path}.learn_one takes no weight"
         )
+    model_settings = model_spec(settings)
+    contract = model_settings.feature_contract()
     batch = "learn_one_loop"
     if (
         settings.training.mode == "mini_batch"
+        and contract.plain  # frames cannot leave a missing value out, as dicts do
         and all(_river_has(s, "learn_many") for s in steps)
         and _pandas_available()
     ):
         batch = "learn_many"
+    if contract.categorical:
+        steps = [river_union(contract, steps[:-1]), steps[-1]]
     model = steps[0]
     for step in steps[1:]:
         model = model | step
-    return RiverAdapter(model, model_spec(settings), labels, has_proba, batch)
+    return RiverAdapter(model, model_settings, labels, has_proba, batch)
 
 
 def _build_sklearn(
@@ -339,6 +365,20 @@ def _build_sklearn(
                     f"{field}: {spec.path} has no partial_fit; training.mode mini_batch needs "
                     "it (use full_batch)"
                 )
+    model_settings = model_spec(settings)
+    contract = model_settings.feature_contract()
+    if not contract.plain:
+        configured = settings.model.categorical_encoding
+        if mode == "mini_batch":
+            if configured == "native":
+                raise IncompatibleLearner(
+                    "model.categorical_encoding: native needs training.mode full_batch (a "
+                    "partial_fit learner needs a fixed width: use onehot or hashing)"
+                )
+            encoding = partial_fit_encoding(configured)
+            steps = [FixedWidthEncoder(contract, encoding, settings.model.hash_buckets), *steps]
+        else:
+            steps = [window_encoder(contract, learner, configured), *steps]
     pipeline = make_pipeline(*steps)
     # hasattr, not callable(getattr(...)): SGDClassifier(loss="hinge") hides predict_proba.
     has_proba = classification and hasattr(pipeline, "predict_proba")
@@ -355,12 +395,17 @@ def _build_sklearn(
                 f"record.weight_field is set but model.learner: {path}.{method.__name__} "
                 "takes no sample_weight"
             )
-    return SklearnAdapter(pipeline, model_spec(settings), labels, has_proba)
+    return SklearnAdapter(pipeline, model_settings, labels, has_proba)
+
+
+def _record_row(contract: FeatureContract, features: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray([contract.encode_record(features)], dtype=np.float64)
 
 
 def _describe(spec: ModelSpec, family: Family, batch: str) -> dict[str, Any]:
     path, params = spec.pipeline[-1]
     return {
+        "features": spec.feature_contract().describe(),
         "family": family,
         "path": path,
         "params": copy.deepcopy(params),
@@ -419,6 +464,7 @@ class RiverAdapter:
         self._model = model
         self._spec = spec
         self._features = list(spec.features)
+        self._contract = spec.feature_contract()
         self._task = spec.task
         self._labels = list(labels)
         self._has_proba = has_proba
@@ -449,6 +495,8 @@ class RiverAdapter:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(_without_settings(state))
+        if "_contract" not in self.__dict__:  # saved before typed features
+            self._contract = self._spec.feature_contract()
         self._bind()
 
     def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:
@@ -483,9 +531,17 @@ class RiverAdapter:
             self._learn(x, y, w=weight)
         self._n_learned += 1
 
-    def _rows(self, X: np.ndarray) -> list[dict[str, float]]:
+    def _rows(self, X: np.ndarray) -> list[dict[str, Any]]:
         features = self._features
-        return [dict(zip(features, row, strict=True)) for row in np.asarray(X).tolist()]
+        rows = np.asarray(X).tolist()
+        if self._contract.plain:
+            return [dict(zip(features, row, strict=True)) for row in rows]
+        river_dict = self._contract.river_dict
+        return [river_dict(features, row) for row in rows]
+
+    def predict_record(self, features: Mapping[str, Any]) -> tuple[Any, float | None]:
+        """See :class:`ModelAdapter`."""
+        return self.predict_one(self._rows(_record_row(self._contract, features))[0])
 
     def predict_many(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """See :class:`ModelAdapter` (a predict_one loop: River's many-methods need pandas)."""
@@ -667,15 +723,22 @@ class SklearnAdapter:
         labels[:] = np.asarray(classes, dtype=object)[np.argmax(proba_all, axis=1)]
         return labels, proba
 
-    def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:
-        """See :class:`ModelAdapter` (slow path: a one-row predict_many)."""
-        row = np.array([[x[name] for name in self._spec.features]], dtype=np.float64)
+    def predict_record(self, features: Mapping[str, Any]) -> tuple[Any, float | None]:
+        """See :class:`ModelAdapter`."""
+        return self._predict_row(_record_row(self._spec.feature_contract(), features))
+
+    def _predict_row(self, row: np.ndarray) -> tuple[Any, float | None]:
         values, proba = self.predict_many(row)
         value = values[0]
         if self._task == "regression":
             return (None if math.isnan(value) else float(value)), None
         p = None if proba is None or math.isnan(proba[0]) else float(proba[0])
         return value, p
+
+    def predict_one(self, x: dict[str, float]) -> tuple[Any, float | None]:
+        """See :class:`ModelAdapter` (slow path: a one-row predict_many)."""
+        row = np.array([[x[name] for name in self._spec.features]], dtype=np.float64)
+        return self._predict_row(row)
 
     def learn_one(self, x: dict[str, float], y: Any, weight: float = 1.0) -> None:
         """A one-row partial_fit (build_model refuses sklearn for per_record)."""

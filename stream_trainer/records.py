@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_trainer.config import Label, RecordSettings
+from stream_trainer.features import MISSING, FeatureContract, FeatureValueError
 
 REASONS: Final[tuple[str, ...]] = (
     "too_large",
@@ -49,6 +50,7 @@ REASONS: Final[tuple[str, ...]] = (
     "unknown_label",
     "missing_feature",
     "unknown_feature",
+    "unknown_category",
     "wrong_type",
     "non_finite",
     "bad_weight",
@@ -140,15 +142,20 @@ class DecodedBatch:
     message_offsets: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.empty(0, dtype=np.int64)
     )
+    contract: FeatureContract | None = None  # None: all required numbers
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
 
-    def x_dicts(self, names: Sequence[str] | None = None) -> list[dict[str, float]]:
+    def x_dicts(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """River-style ``{feature: value}`` dicts of the valid records, keyed by ``names``
         (``feature_names`` by default; pass the model's ``feature_names``, equal and in the
-        same order, so its lookups get the very key objects it stores)."""
+        same order, so its lookups get the very key objects it stores). A typed contract
+        leaves missing values out and gives River its tokens (see FeatureContract)."""
         keys = self.feature_names if names is None else names
+        if self.contract is not None and not self.contract.plain:
+            river_dict = self.contract.river_dict
+            return [river_dict(keys, row) for row in self.X.tolist()]
         # map() over zip: the dicts are ~5 % of a per-record unit, and this is the cheapest
         # way to build them (rows have exactly len(feature_names) columns).
         return list(map(dict, map(zip, itertools.repeat(keys), self.X.tolist())))
@@ -242,6 +249,18 @@ def _as_finite_number(value: Any) -> float | tuple[bool, str]:
     return number
 
 
+def _struct_field(
+    name: str, kind: str, allow_missing: bool
+) -> tuple[str, Any] | tuple[str, Any, Any]:
+    """A msgspec struct field for one feature: exactly the JSON types the contract accepts
+    (bool is neither float nor int to msgspec); optional with default None when missing
+    values are allowed (absent and null both decode to None)."""
+    kind_type: Any = {"number": float, "boolean": bool}.get(kind, str | int)
+    if allow_missing:
+        return (name, kind_type | None, None)
+    return (name, kind_type)
+
+
 def _y_dtype(task: str, labels: list[Label] | None) -> type:
     if task == "regression":
         return np.float64
@@ -261,8 +280,10 @@ class RecordDecoder:
         self._record = record
         self._task = task
         self._classification = task != "regression"
-        self._features = tuple(record.features)
-        self._feature_set = frozenset(record.features)
+        self._contract = FeatureContract.from_settings(record)
+        self._plain = self._contract.plain
+        self._features = self._contract.names
+        self._feature_set = frozenset(self._features)
         self._max_bytes = record.max_bytes
         self._reject_unknown = record.unknown_features == "reject"
         if self._classification and not record.labels:
@@ -287,8 +308,9 @@ class RecordDecoder:
     def _record_type(self, labels: list[Label]) -> type:
         """A msgspec struct type that accepts exactly the valid records (fields renamed)."""
         record = self._record
-        feature_fields: list[tuple[str, Any]] = [
-            (f"f{i}", float) for i in range(len(self._features))
+        feature_fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+            _struct_field(f"f{i}", feature.type, feature.allow_missing)
+            for i, feature in enumerate(self._contract.features)
         ]
         feature_names = {f"f{i}": name for i, name in enumerate(self._features)}
         label_type: Any
@@ -310,6 +332,7 @@ class RecordDecoder:
                 feature_fields,
                 rename=feature_names,
                 forbid_unknown_fields=self._reject_unknown,
+                kw_only=True,  # optional features may precede required ones
                 gc=False,
             )
             return msgspec.defstruct(
@@ -328,6 +351,7 @@ class RecordDecoder:
             [*feature_fields, *meta_fields],
             rename={**feature_names, **meta_names},
             forbid_unknown_fields=self._reject_unknown,
+            kw_only=True,  # optional features may precede required ones
             gc=False,
         )
 
@@ -443,6 +467,7 @@ class RecordDecoder:
             partitions=message_partitions[valid_index],
             offsets=message_offsets[valid_index],
             feature_names=self._features,
+            contract=self._contract,
             message_topics=message_topics,
             message_partitions=message_partitions,
             message_offsets=message_offsets,
@@ -465,11 +490,14 @@ class RecordDecoder:
         else:
             rows = map(operator.itemgetter(slice(0, width)), map(astuple, fast))
         flat = itertools.chain.from_iterable(rows)
-        X = np.fromiter(flat, dtype=np.float64, count=n * width).reshape(n, width)
+        if self._plain:
+            X = np.fromiter(flat, dtype=np.float64, count=n * width).reshape(n, width)
+            # msgspec never yields a non-finite float; checked anyway: X must stay finite.
+            ok = np.isfinite(X).all(axis=1)
+        else:
+            X, ok = self._typed_rows(list(flat), n)
         labels = list(map(_LABEL, fast))
         y = self._label_array(labels)
-        # msgspec never yields a non-finite float; checked anyway because X must stay finite.
-        ok = np.isfinite(X).all(axis=1)
         if self._classification:
             allowed = self._allowed
             ok &= np.fromiter(
@@ -482,6 +510,28 @@ class RecordDecoder:
             weights = np.fromiter((r.weight for r in fast), dtype=np.float64, count=n)
             ok &= np.isfinite(weights) & (weights > 0)
         return X, y, weights, ok
+
+    def _typed_rows(
+        self, values: list[Any], n: int
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Rows of a typed contract from msgspec's field values (row-major): ``None`` only
+        comes from fields that allow missing values; a value the contract refuses (an
+        unlisted category, say) marks its row for the slow path, which names the reason."""
+        width = len(self._features)
+        encoders = [feature.encode for feature in self._contract.features]
+        X = np.empty((n, width), dtype=np.float64)
+        ok = np.ones(n, dtype=np.bool_)
+        for r in range(n):
+            row = values[r * width : (r + 1) * width]
+            try:
+                X[r] = [
+                    MISSING if value is None else encode(value)
+                    for encode, value in zip(encoders, row, strict=True)
+                ]
+            except FeatureValueError:
+                ok[r] = False
+                X[r] = 0.0
+        return X, ok
 
     def _label_array(self, labels: list[Any]) -> npt.NDArray[Any]:
         if self._y_dtype is object:
@@ -586,7 +636,10 @@ class RecordDecoder:
         else:
             features = obj
             unknown = features.keys() - self._feature_set - self._reserved
-        missing = [name for name in self._features if name not in features]
+        contract = self._contract
+        missing = [
+            f.name for f in contract.features if not f.allow_missing and f.name not in features
+        ]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             return Rejection(
@@ -604,17 +657,32 @@ class RecordDecoder:
                 f"unknown feature {_quote(min(unknown))}{more}",
             )
         row: list[float] = []
-        for name in self._features:
-            number = _as_finite_number(features[name])
-            if isinstance(number, tuple):
-                is_number, problem = number
-                reason, cls = (
-                    ("non_finite", "NonFiniteFeature")
-                    if is_number
-                    else ("wrong_type", "WrongFeatureType")
-                )
-                return Rejection("validate", reason, cls, f"feature {_quote(name)} {problem}")
-            row.append(number)
+        if self._plain:
+            for name in self._features:
+                number = _as_finite_number(features[name])
+                if isinstance(number, tuple):
+                    is_number, problem = number
+                    reason, cls = (
+                        ("non_finite", "NonFiniteFeature")
+                        if is_number
+                        else ("wrong_type", "WrongFeatureType")
+                    )
+                    return Rejection("validate", reason, cls, f"feature {_quote(name)} {problem}")
+                row.append(number)
+        else:
+            for index, name in enumerate(self._features):
+                value = features.get(name)
+                if isinstance(value, _NonFinite):
+                    return Rejection(
+                        "validate",
+                        "non_finite",
+                        "NonFiniteFeature",
+                        f"feature {_quote(name)} is {value.name}",
+                    )
+                try:
+                    row.append(contract.encode_value(index, name in features, value))
+                except FeatureValueError as error:
+                    return Rejection("validate", error.reason, error.error_class, str(error))
         label = obj.get(record.label_field)
         if label is None:
             return Rejection(

@@ -89,7 +89,10 @@ def service_config(
             "consume_timeout_s": 0.1,
         },
         "topics": topics,
-        "record": {"features": list(ds.features), "labels": list(ds.labels) if ds.labels else None},
+        "record": {
+            "features": ds.record_features,
+            "labels": list(ds.labels) if ds.labels else None,
+        },
         "model": model,
         "training": {"mode": mode},
         "checkpoint": {"dir": str(tmp_path / "checkpoints"), "every_seconds": 1.0},

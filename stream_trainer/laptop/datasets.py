@@ -8,12 +8,13 @@ tests can build a matching config.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-Row = tuple[dict[str, float], Any]
+Row = tuple[dict[str, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,15 @@ class Dataset:
     size: int | None  # records in one pass; None = unbounded (synthetic)
     description: str
     _rows: Callable[[int], Iterator[Row]]
+    # The typed record contract (record.features entries) when not all required numbers.
+    typed_features: tuple[dict[str, Any], ...] | None = None
+
+    @property
+    def record_features(self) -> list[str | dict[str, Any]]:
+        """``record.features`` for a config that reads this dataset."""
+        if self.typed_features is None:
+            return list(self.features)
+        return [dict(f) for f in self.typed_features]
 
     def rows(self, limit: int, seed: int = 42) -> Iterator[Row]:
         """Up to ``limit`` rows; bounded datasets repeat from the start when exhausted."""
@@ -102,6 +112,83 @@ def _friedman_rows(seed: int) -> Iterator[Row]:
         yield {f"f{k}": float(v) for k, v in x.items()}, float(y)
 
 
+MERCHANT_CATEGORIES: tuple[str, ...] = (
+    "grocery",
+    "restaurants",
+    "fuel",
+    "travel",
+    "electronics",
+    "online_services",
+)
+DEVICES: tuple[str, ...] = ("pos", "mobile", "desktop")
+_COUNTRIES: tuple[str, ...] = (
+    "DE", "FR", "GB", "US", "ES", "IT", "NL", "PL", "SE", "BR",
+    "IN", "NG", "RU", "CN", "JP", "MX", "TR", "ZA", "AU", "CA",
+)  # fmt: skip
+TRANSACTIONS_DRIFT_AT = 6000
+TRANSACTIONS_FEATURES: tuple[dict[str, Any], ...] = (
+    {"name": "amount"},
+    {"name": "hour"},
+    {
+        "name": "merchant_category",
+        "type": "category",
+        "categories": list(MERCHANT_CATEGORIES[:-1]),  # online_services: unlisted (other)
+    },
+    {"name": "country", "type": "category", "missing": "allow"},  # open list, hashed
+    {"name": "device", "type": "category", "categories": list(DEVICES), "missing": "allow"},
+    {"name": "international", "type": "boolean"},
+    {"name": "card_present", "type": "boolean", "missing": "allow"},
+    {"name": "customer_age", "missing": "allow"},
+)
+
+
+def _transactions_rows(seed: int) -> Iterator[Row]:
+    """Card transactions with category, boolean and missing values; fraud or not.
+
+    Which merchant categories and devices are risky flips at record
+    ``TRANSACTIONS_DRIFT_AT`` (a concept drift a retrain must follow). country is an open
+    category (a few are risky), device is missing for ~10 %, card_present for ~15 %,
+    customer_age for ~20 %; a category unlisted in the contract (online_services) appears
+    too.
+    """
+    rng = random.Random(seed)
+    risky_countries = {"NG", "RU", "BR"}
+    for index in itertools.count():
+        before = index < TRANSACTIONS_DRIFT_AT
+        category = rng.choice(MERCHANT_CATEGORIES)
+        device = rng.choice(DEVICES)
+        country = rng.choice(_COUNTRIES)
+        international = rng.random() < 0.3
+        card_present = device == "pos" and rng.random() < 0.9
+        amount = round(rng.lognormvariate(3.5, 1.0), 2)
+        hour = float(rng.randrange(24))
+        age = float(rng.randrange(18, 90))
+        score = -2.4 + 0.6 * math.log1p(amount) / 3.0
+        risky_category = {"electronics", "online_services"} if before else {"travel", "fuel"}
+        risky_device = "desktop" if before else "mobile"
+        score += 2.2 * (category in risky_category) + 1.2 * (device == risky_device)
+        score += 1.0 * (country in risky_countries) + 0.8 * international
+        score += -1.0 * card_present + 0.6 * (hour < 6) - 0.01 * (age - 50)
+        fraud = rng.random() < 1.0 / (1.0 + math.exp(-2.0 * score))
+        x: dict[str, Any] = {
+            "amount": amount,
+            "hour": hour,
+            "merchant_category": category,
+            "international": international,
+        }
+        if rng.random() < 0.95:  # null and absent both mean missing
+            x["country"] = country
+        elif rng.random() < 0.5:
+            x["country"] = None
+        if rng.random() < 0.9:
+            x["device"] = device
+        if rng.random() < 0.85:
+            x["card_present"] = card_present
+        if rng.random() < 0.8:
+            x["customer_age"] = age
+        yield x, fraud
+
+
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
@@ -168,6 +255,17 @@ DATASETS: dict[str, Dataset] = {
             None,
             "Synthetic Friedman #1 regression stream (10 features)",
             _friedman_rows,
+        ),
+        Dataset(
+            "transactions",
+            "binary_classification",
+            tuple(f["name"] for f in TRANSACTIONS_FEATURES),
+            (False, True),
+            None,
+            "Synthetic card transactions: category, boolean and missing features, fraud "
+            f"label, concept drift at record {TRANSACTIONS_DRIFT_AT}",
+            _transactions_rows,
+            TRANSACTIONS_FEATURES,
         ),
     )
 }

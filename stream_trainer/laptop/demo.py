@@ -263,7 +263,7 @@ def build_demo_config(
         # produce.py writes {"x": {...features}, "y": label}.
         "features_field": "x",
         "label_field": "y",
-        "features": list(dataset.features),
+        "features": dataset.record_features,
         "labels": list(dataset.labels) if dataset.labels is not None else None,
     }
     config["kafka"] = {

@@ -92,8 +92,8 @@ def _records(settings: Settings, count: int, seed: int) -> list[bytes]:
     rng = random.Random(seed)
     out = []
     for i in range(count):
-        features = {name: rng.random() for name in record.features}
-        first = features[record.features[0]]
+        features = {name: rng.random() for name in record.feature_names}
+        first = features[record.feature_names[0]]
         label: Any = first * 10.0 + rng.random()
         if record.labels:
             label = record.labels[int(first > 0.5)]
@@ -228,7 +228,7 @@ def test_run_with_shipped_config_learns_checkpoints_and_publishes(
     assert not list(cwd.glob("var")), "relative paths resolved against the working directory"
 
     # A serving system: the example reader loads the published champion and predicts.
-    features = [dict.fromkeys(settings.record.features, 0.25 * (i + 1)) for i in range(3)]
+    features = [dict.fromkeys(settings.record.feature_names, 0.25 * (i + 1)) for i in range(3)]
     predictions = _read_with_example_reader(settings, bootstrap, features, cwd)
     print(f"serve_reader: {predictions}")
     assert len(predictions) == len(features)

@@ -37,7 +37,7 @@ def replayed_predictions(config: dict[str, object]) -> tuple[np.ndarray, np.ndar
     """(labels, predictions) of the same model fed the same units: predict, then learn."""
     settings = settings_from_mapping(config, env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY})
     model = build_model(settings)
-    features = settings.record.features
+    features = settings.record.feature_names
     rows = list(get_dataset("phishing").rows(RECORDS))
     X = np.array([[x[name] for name in features] for x, _y in rows], dtype=np.float64)
     y = np.empty(len(rows), dtype=object)

@@ -479,6 +479,7 @@ def test_describe_is_json_able() -> None:
     model = build_model(make_settings(RIVER_LR, params={"l2": 0.01}, preprocessing=[SCALER]))
     description = json.loads(json.dumps(model.describe()))
     assert description == {
+        "features": [{"name": f"f{i}", "type": "number", "missing": "reject"} for i in range(4)],
         "family": "river",
         "path": RIVER_LR,
         "params": {"l2": 0.01},

@@ -123,7 +123,7 @@ def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
 
     model = build_model(settings)
     mode = settings.training.mode
-    names = list(settings.record.features)
+    names = list(settings.record.feature_names)
     n = len(data.y)
     seconds = 0.0
     extra: dict[str, float] = {}
@@ -184,7 +184,7 @@ def naive_script(
 
     model = build_model(settings)
     mode = settings.training.mode
-    names = list(settings.record.features)
+    names = list(settings.record.feature_names)
     label_field = settings.record.label_field
     features_field = settings.record.features_field or ""
     cfg = settings.training.full_batch
