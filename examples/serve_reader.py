@@ -8,8 +8,9 @@ The key is the one the service signs versions with: the same key as its checkpoi
 falling back to ``STREAM_TRAINER_CHECKPOINT__HMAC_KEY``; without either, only sha256 is
 checked (``--allow-unsigned``), which detects corruption but not tampering.
 
-Reads JSON feature objects from stdin, one per line, and prints the prediction of the
-model being served at that moment, with its version.
+Reads JSON feature objects from stdin, one per line, as the records carry them (categories
+as strings, missing features left out or null where the contract allows), and prints the
+prediction of the model being served at that moment, with its version.
 
 Started before the service has published anything, it waits for a first version up to
 ``--wait-s`` (default 15 minutes: longer than the shipped configs take to publish one,
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for line in sys.stdin:
             if line.strip():
-                prediction = reader.predict_one(json.loads(line))
+                prediction = reader.predict_record(json.loads(line))
                 print(
                     json.dumps({"version": reader.version, "prediction": prediction}, default=str)
                 )

@@ -13,6 +13,7 @@ import logging
 import pickle
 import threading
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -100,6 +101,16 @@ class ModelReader:
         :class:`stream_trainer.learners.ModelAdapter`, ``(prediction, probability)``.
         Raises RuntimeError before the first version is loaded."""
         return self._model().predict_one(x)
+
+    def predict_record(self, features: Mapping[str, Any]) -> Any:
+        """``(prediction, probability)`` for a raw ``{feature: value}`` mapping as records
+        carry it (strings for categories, missing keys or nulls where the contract allows):
+        the model's own feature contract encodes it. Raises RuntimeError before the first
+        version is loaded, FeatureValueError for a value the contract refuses."""
+        model = self._model()
+        if hasattr(model, "predict_record"):
+            return model.predict_record(features)
+        return model.predict_one(dict(features))  # a model published before typed features
 
     def predict_many(self, X: Any) -> Any:
         """The current model's ``predict_many(X)`` (a ModelAdapter takes an array in the
