@@ -24,7 +24,11 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
 
 from stream_trainer.config import FeatureConfig, RecordSettings
 from stream_trainer.errors import StreamTrainerError
@@ -49,6 +53,20 @@ def category_code(value: str | int) -> float:
     tag = b"s:" if isinstance(value, str) else b"i:"
     digest = hashlib.blake2b(tag + str(value).encode("utf-8"), digest_size=8).digest()
     return float(int.from_bytes(digest, "big") >> (64 - _CODE_BITS))
+
+
+REFUSED: Final = -1.0  # a column value no code takes: marks a refused category
+_MEMO_LIMIT: Final = 100_000  # open-list codes remembered per feature
+
+
+class _CodeMemo(dict[Any, float]):
+    """Open-list category codes by value, computed on first sight (``None``: missing)."""
+
+    def __missing__(self, key: Any) -> float:
+        code = category_code(key)
+        if len(self) < _MEMO_LIMIT:
+            self[key] = code
+        return code
 
 
 def _json_type(value: Any) -> str:
@@ -83,9 +101,22 @@ class Feature:
         default_factory=dict, compare=False, repr=False
     )
 
+    _codes: dict[Any, float] = field(default_factory=dict, compare=False, repr=False)
+    _memo: _CodeMemo = field(default_factory=_CodeMemo, compare=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.categories is not None:
             self._index.update({(type(c), c): i for i, c in enumerate(self.categories)})
+            # By value: msgspec hands over only str and int (never bool or float), and a
+            # str never equals an int, so this is type-strict for the fast path.
+            self._codes.update({c: float(i) for i, c in enumerate(self.categories)})
+        self._codes[None] = MISSING
+        self._memo[None] = MISSING
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The lookup tables and the code memo are rebuilt, never pickled with a model.
+        fields = (self.name, self.type, self.allow_missing, self.categories, self.reject_unknown)
+        return (Feature, fields)
 
     @property
     def other_code(self) -> int | None:
@@ -142,6 +173,25 @@ class Feature:
                 f"feature {name}: {_quote(value)} is not one of its categories",
             )
         return float(len(self.categories))
+
+    def column(self, values: list[Any]) -> tuple[npt.NDArray[np.float64], bool]:
+        """The column of values that msgspec already type-checked for this feature (see
+        records.py: numbers are finite floats, booleans bools, categories str or int, and
+        ``None`` only where missing values are allowed), and whether every value was
+        accepted (False: an unlisted category of a feature that rejects them; the slow
+        path then names the record at fault)."""
+        n = len(values)
+        if self.type != "category":
+            return np.array(values, dtype=np.float64).reshape(n), True  # None -> NaN
+        if self.categories is None:
+            memo = self._memo
+            return np.fromiter(map(memo.__getitem__, values), np.float64, count=n), True
+        index = self._codes
+        default = REFUSED if self.reject_unknown else float(len(self.categories))
+        column = np.fromiter(map(index.get, values, repeat(default)), np.float64, count=n)
+        if self.reject_unknown and bool((column == REFUSED).any()):
+            return column, False
+        return column, True
 
     def token(self, code: float) -> Any:
         """What River sees for a column value that is not missing: the number (1.0 / 0.0

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_trainer.config import Label, RecordSettings
-from stream_trainer.features import MISSING, FeatureContract, FeatureValueError
+from stream_trainer.features import REFUSED, FeatureContract, FeatureValueError
 
 REASONS: Final[tuple[str, ...]] = (
     "too_large",
@@ -514,24 +514,24 @@ class RecordDecoder:
     def _typed_rows(
         self, values: list[Any], n: int
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
-        """Rows of a typed contract from msgspec's field values (row-major): ``None`` only
-        comes from fields that allow missing values; a value the contract refuses (an
-        unlisted category, say) marks its row for the slow path, which names the reason."""
+        """Rows of a typed contract from msgspec's field values (row-major), built column
+        by column (:meth:`Feature.column`). A row with a value the contract refuses (an
+        unlisted category of a feature that rejects them) is marked for the slow path,
+        which names the reason."""
         width = len(self._features)
-        encoders = [feature.encode for feature in self._contract.features]
         X = np.empty((n, width), dtype=np.float64)
-        ok = np.ones(n, dtype=np.bool_)
-        for r in range(n):
-            row = values[r * width : (r + 1) * width]
-            try:
-                X[r] = [
-                    MISSING if value is None else encode(value)
-                    for encode, value in zip(encoders, row, strict=True)
-                ]
-            except FeatureValueError:
-                ok[r] = False
-                X[r] = 0.0
-        return X, ok
+        all_ok = True
+        for j, feature in enumerate(self._contract.features):
+            X[:, j], column_ok = feature.column(values[j::width])
+            all_ok &= column_ok
+        if all_ok:
+            return X, np.ones(n, dtype=np.bool_)
+        refused = np.zeros(n, dtype=np.bool_)
+        for j, feature in enumerate(self._contract.features):
+            if feature.reject_unknown and feature.categories is not None:
+                refused |= X[:, j] == REFUSED
+        X[refused] = 0.0
+        return X, ~refused
 
     def _label_array(self, labels: list[Any]) -> npt.NDArray[Any]:
         if self._y_dtype is object:
