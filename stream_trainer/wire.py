@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from stream_trainer.errors import StreamTrainerError
 
@@ -184,6 +184,7 @@ class WireDecoder:
     ) -> None:
         self._settings = settings
         self._client = client
+        self._owns_client = client is None
         self._raw: dict[int, _Raw] = {}
         self._compiled: dict[int, _Compiled] = {}
         self._absent: set[int] = set()
@@ -378,12 +379,18 @@ class WireDecoder:
     # -- lifecycle, pickling --------------------------------------------------------
 
     def close(self) -> None:
-        """Close the HTTP client (idempotent); the cache stays usable for ``decode``."""
+        """Close the HTTP client it built (idempotent; a client passed in is the caller's).
+        The cache stays usable for ``decode``; a later ``ensure`` builds a new client."""
         client, self._client = self._client, None
-        rest = getattr(client, "_rest_client", None)
-        session = getattr(rest, "session", None)
-        if session is not None:
-            session.close()
+        if client is not None and self._owns_client:
+            client.close()
+        self._owns_client = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         # Schemas only: the client holds the password and sockets, the settings a SecretStr.
@@ -396,6 +403,7 @@ class WireDecoder:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._settings = None
         self._client = None
+        self._owns_client = True
         self._decode_only = True
         self._raw = dict(state["raw"])
         self._absent = set(state["absent"])

@@ -256,7 +256,7 @@ class SchemaRegistry:
             "quarkus.datasource.jdbc.initial-size": "1",
             "quarkus.datasource.jdbc.max-size": "8",
             "quarkus.log.level": "WARN",
-            "quarkus.log.category.\"io.apicurio\".level": "WARN",
+            'quarkus.log.category."io.apicurio".level': "WARN",
         }
         args = [java, *_JVM_OPTS, *(f"-D{k}={v}" for k, v in props.items())]
         assert self.log_path is not None
@@ -286,7 +286,9 @@ class SchemaRegistry:
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
-                raise BrokerStartError(f"Apicurio exited during start-up (code {code})", self.log_tail())
+                raise BrokerStartError(
+                    f"Apicurio exited during start-up (code {code})", self.log_tail()
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/subjects", timeout=2.0) as response:  # noqa: S310
                     if response.status == 200:
