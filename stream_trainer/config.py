@@ -487,6 +487,12 @@ class SchemaRegistrySettings(StrictModel):
                 "basic auth needs both basic_auth_user and a password "
                 "(STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD or basic_auth_password_file)"
             )
+        if self.url is not None and "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            # A password in the URL would be printed with the config and in every error.
+            raise ValueError(
+                "schema_registry.url must not carry credentials: use basic_auth_user and "
+                "basic_auth_password / basic_auth_password_file"
+            )
         if self.retry_backoff_max_s < self.retry_backoff_initial_s:
             raise ValueError("retry_backoff_max_s must be >= retry_backoff_initial_s")
         if self.ssl_key_location is not None and self.ssl_certificate_location is None:

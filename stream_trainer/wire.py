@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Self
 
+import fastavro
+import msgspec
+
 from stream_trainer.errors import StreamTrainerError
 
 if TYPE_CHECKING:
@@ -153,11 +156,10 @@ def _compile(raw: _Raw) -> _Compiled:
         return _Compiled("unsupported", "uses schema references (not supported yet)")
     try:
         if schema_type == "AVRO":
-            import fastavro
-
             return _Compiled("avro", fastavro.parse_schema(json.loads(raw.schema_str)))
         if schema_type == "JSON":
-            from jsonschema import validators
+            # Lazy: only json_schema deployments pay for jsonschema (~80 ms to import).
+            from jsonschema import validators  # noqa: PLC0415
 
             document = json.loads(raw.schema_str)
             cls = validators.validator_for(document, default=validators.Draft7Validator)
@@ -201,7 +203,9 @@ class WireDecoder:
                     "this decoder has no registry client (a decode-only copy, or built "
                     "without settings): call ensure() on the original"
                 )
-            from confluent_kafka.schema_registry import SchemaRegistryClient
+            # Lazy: the registry client pulls ~400 modules (httpx2, authlib; ~240 ms), which
+            # a decode-only copy in a worker process never needs.
+            from confluent_kafka.schema_registry import SchemaRegistryClient  # noqa: PLC0415
 
             self._client = SchemaRegistryClient(self._settings.client_config())
         return self._client
@@ -249,9 +253,9 @@ class WireDecoder:
 
     def _fetch(self, schema_id: int) -> SchemaRegistryUnavailable | None:
         """One attempt: cache the schema or the 404; return the error to retry on."""
-        from confluent_kafka.schema_registry.error import SchemaRegistryError
+        client = self._registry()  # imports the client package; this import is then free
+        from confluent_kafka.schema_registry.error import SchemaRegistryError  # noqa: PLC0415
 
-        client = self._registry()
         try:
             schema = client.get_schema(schema_id)
         except SchemaRegistryError as exc:
@@ -328,11 +332,9 @@ class WireDecoder:
 
     @staticmethod
     def _decode_avro(payload: bytes, parsed: Any, schema_id: int) -> Any:
-        from fastavro import schemaless_reader
-
         stream = io.BytesIO(payload)
         try:
-            obj = schemaless_reader(stream, parsed, None)
+            obj = fastavro.schemaless_reader(stream, parsed, None)
         except Exception as exc:  # EOFError, ValueError, UnicodeDecodeError, MemoryError...
             raise WireFormatError(
                 MALFORMED_AVRO,
@@ -351,8 +353,6 @@ class WireDecoder:
 
     @staticmethod
     def _decode_json(payload: bytes, validator: Any, schema_id: int) -> Any:
-        import msgspec
-
         try:
             # msgspec: strict JSON (no NaN/Infinity literals), ~10x json.loads.
             obj = msgspec.json.decode(payload)

@@ -43,7 +43,7 @@ def _record(name: str, fields: list[dict[str, Any]]) -> str:
     return json.dumps({"type": "record", "name": name, "namespace": "test", "fields": fields})
 
 
-X_V1 = [
+X_V1: list[dict[str, Any]] = [
     {"name": "amount", "type": "double"},
     {"name": "country", "type": "string"},
     {"name": "card_present", "type": "boolean"},
