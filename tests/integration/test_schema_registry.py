@@ -10,6 +10,9 @@ thing (an unknown schema), not an outage.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +25,8 @@ from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from stream_trainer.config import SchemaRegistrySettings
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import ValueFormat, produce
 from stream_trainer.testing.schema_registry import SchemaRegistry
 from stream_trainer.wire import (
     JSON_SCHEMA_INVALID,
@@ -34,6 +39,8 @@ from stream_trainer.wire import (
     frame,
     schema_ids,
 )
+from tests.conftest import BrokerHandle
+from tests.harness import read_topic
 from tests.tcp_proxy import Mode, TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -267,3 +274,74 @@ def test_ensure_during_an_outage_can_be_interrupted(
         decoder.ensure(schema_ids([value]), should_stop=stop.is_set, on_retry=on_retry)
     assert len(errors) == 3
     assert not decoder.known(int.from_bytes(value[1:5], "big"))  # neither cached nor absent
+
+
+@pytest.mark.parametrize("value_format", ["avro", "json_schema"])
+def test_produce_writes_registered_wire_format_records_the_decoder_reads(
+    schema_registry: SchemaRegistry,
+    broker: BrokerHandle,
+    make_topic: Callable[..., str],
+    make_decoder: Callable[..., WireDecoder],
+    value_format: ValueFormat,
+) -> None:
+    topic = make_topic(2)
+    dataset = get_dataset("phishing")
+    count = 300
+    report = produce(
+        {"bootstrap.servers": broker.bootstrap_servers},
+        topic,
+        dataset,
+        count,
+        partitions=2,
+        bad_ratio=0.05,
+        seed=3,
+        value_format=value_format,
+        registry_config={"url": schema_registry.url},
+    )
+    with SchemaRegistryClient({"url": schema_registry.url}) as client:
+        latest = client.get_latest_version(f"{topic}-value")
+    assert latest.schema_id == report.schema_id
+    assert latest.schema.schema_type == ("AVRO" if value_format == "avro" else "JSON")
+    values = [m.value() for m in read_topic(broker.bootstrap_servers, topic, expected=count)]
+    decoder = make_decoder(schema_registry.url)
+    decoder.ensure(schema_ids(values))
+    good: list[Any] = []
+    rejected: dict[str, int] = {}
+    for value in values:
+        try:
+            good.append(decoder.decode(value)[0])
+        except WireFormatError as exc:
+            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+    assert len(good) == report.valid and sum(rejected.values()) == report.invalid > 0
+    assert set(rejected) <= {"bad_frame", UNKNOWN_SCHEMA, MALFORMED_AVRO, "malformed_json_schema"}
+    expected_rows = [{"x": x, "y": y} for x, y in dataset.rows(report.valid, seed=3)]
+    # Partitions interleave: compare as multisets of canonical JSON.
+    canon = sorted(json.dumps(r, sort_keys=True) for r in good)
+    assert canon == sorted(json.dumps(r, sort_keys=True) for r in expected_rows)
+
+
+def test_produce_cli_avro_reports_the_schema_id_and_fails_cleanly_without_registry(
+    schema_registry: SchemaRegistry, tansu_broker: BrokerHandle
+) -> None:
+    def cli(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stream_trainer", "produce", *words],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    topic = f"cli-{uuid.uuid4().hex[:8]}"
+    base = ["--bootstrap-servers", tansu_broker.bootstrap_servers, "--topic", topic]
+    ok = cli(*base, "--records", "50", "--format", "avro", "--schema-registry", schema_registry.url)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["format"] == "avro" and isinstance(report["schema_id"], int)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        failed = cli(*base, "--records", "5", "--format", "avro", "--schema-registry", down)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    assert f"{topic}-value" in failed.stderr and down in failed.stderr
