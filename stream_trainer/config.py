@@ -482,7 +482,10 @@ class SchemaRegistrySettings(StrictModel):
         has_password = (
             self.basic_auth_password is not None or self.basic_auth_password_file is not None
         )
-        if has_password != (self.basic_auth_user is not None):
+        # A password alone is unused until a registry is configured (as a SASL password is
+        # without SASL): environments may set it everywhere; a user alone is a mistake.
+        has_user = self.basic_auth_user is not None
+        if (has_user and not has_password) or (has_password and not has_user and self.url):
             raise ValueError(
                 "basic auth needs both basic_auth_user and a password "
                 "(STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD or basic_auth_password_file)"

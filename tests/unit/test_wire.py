@@ -11,6 +11,7 @@ import io
 import json
 import pickle
 import random
+import socket
 from typing import Any
 
 import fastavro
@@ -328,3 +329,22 @@ def test_client_config_carries_auth_and_tls_but_turns_client_retries_off(
 def test_invalid_registry_settings_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"url|basic|backoff|credentials"):
         SchemaRegistrySettings(**fields)
+
+
+def test_outage_errors_never_carry_the_password() -> None:
+    password = "registry-password-in-no-error"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        settings = SchemaRegistrySettings(
+            url=f"http://127.0.0.1:{closed.getsockname()[1]}",
+            basic_auth_user="svc",
+            basic_auth_password=password,
+            retry_backoff_initial_s=0.001,
+            retry_backoff_max_s=0.001,
+        )
+        errors: list[SchemaRegistryUnavailable] = []
+        with WireDecoder(settings) as decoder, pytest.raises(RegistryWaitInterrupted) as info:
+            decoder.ensure({AVRO_ID}, should_stop=lambda: len(errors) >= 2, on_retry=errors.append)
+    assert len(errors) == 2 and "ConnectError" in str(errors[0])
+    for text in [*map(str, errors), str(info.value), repr(settings)]:
+        assert password not in text
