@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import fastavro
+import jsonschema_rs
 import msgspec
 
 from stream_trainer.errors import StreamTrainerError
@@ -145,7 +146,7 @@ class _Raw:
 @dataclass(frozen=True)
 class _Compiled:
     kind: str  # "avro" | "json" | "unsupported"
-    parsed: Any  # fastavro parsed schema | jsonschema validator | reason text
+    parsed: Any  # fastavro parsed schema | jsonschema_rs validator | reason text
 
 
 def _compile(raw: _Raw) -> _Compiled:
@@ -158,13 +159,12 @@ def _compile(raw: _Raw) -> _Compiled:
         if schema_type == "AVRO":
             return _Compiled("avro", fastavro.parse_schema(json.loads(raw.schema_str)))
         if schema_type == "JSON":
-            # Lazy: only json_schema deployments pay for jsonschema (~80 ms to import).
-            from jsonschema import validators  # noqa: PLC0415
-
             document = json.loads(raw.schema_str)
-            cls = validators.validator_for(document, default=validators.Draft7Validator)
-            cls.check_schema(document)
-            return _Compiled("json", cls(document))
+            # offline: a $ref to a remote document fails here instead of fetching it (decode
+            # stays free of network calls); without $schema, draft 7 as Confluent assumes.
+            if isinstance(document, dict) and "$schema" in document:
+                return _Compiled("json", jsonschema_rs.validator_for(document, offline=True))
+            return _Compiled("json", jsonschema_rs.Draft7Validator(document, offline=True))
     except Exception as exc:
         return _Compiled("unsupported", f"{schema_type} schema does not parse: {_short(exc)}")
     return _Compiled("unsupported", f"schema type {schema_type} is not supported")
@@ -363,12 +363,12 @@ class WireDecoder:
                 schema_id,
             ) from None
         try:
-            error = next(iter(validator.iter_errors(obj)), None)
-            if error is None:
+            if validator.is_valid(obj):  # the fast path: no error objects built
                 return obj
-            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            error = next(iter(validator.iter_errors(obj)))
+            where = "/".join(str(p) for p in error.instance_path) or "(root)"
             detail = f"{where}: {error.message}"
-        except Exception as exc:  # RecursionError on deep nesting, a pathological pattern...
+        except Exception as exc:  # a pathological pattern, a number beyond 64 bits...
             detail = f"validation failed: {_short(exc)}"
         raise WireFormatError(
             JSON_SCHEMA_INVALID,

@@ -152,7 +152,7 @@ def test_decode_json_schema_returns_the_object(ready: WireDecoder) -> None:
         (frame(JSON_ID, b'{"amount": NaN}'), MALFORMED_JSON, "not JSON"),
         (frame(JSON_ID, b"\xff\xfe"), MALFORMED_JSON, "not JSON"),
         (frame(JSON_ID, b'{"amount": "1"}'), JSON_SCHEMA_INVALID, "amount"),
-        (frame(JSON_ID, b'{"flag": true}'), JSON_SCHEMA_INVALID, "'amount' is a required"),
+        (frame(JSON_ID, b'{"flag": true}'), JSON_SCHEMA_INVALID, '"amount" is a required'),
     ],
 )
 def test_every_bad_value_has_its_reason(
