@@ -22,7 +22,7 @@ def test_a_complete_build_is_reused_without_maven(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STREAM_TRAINER_CACHE", str(tmp_path))
-    monkeypatch.setattr(schema_registry.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("shutil.which", lambda _name: None)
     app = tmp_path / "apicurio-2.4.2" / "app"
     _fake_built(app, schema_registry._project_digest())
     assert schema_registry.build() == app
@@ -32,7 +32,7 @@ def test_an_edited_project_is_rebuilt_and_a_missing_maven_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STREAM_TRAINER_CACHE", str(tmp_path))
-    monkeypatch.setattr(schema_registry.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("shutil.which", lambda _name: None)
     _fake_built(tmp_path / "apicurio-2.4.2" / "app", "digest-of-an-older-pom")
     with pytest.raises(schema_registry.RegistryUnavailable, match="mvn not found"):
         schema_registry.build()
@@ -42,7 +42,7 @@ def test_concurrent_builds_run_maven_once_and_publish_by_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STREAM_TRAINER_CACHE", str(tmp_path))
-    monkeypatch.setattr(schema_registry.shutil, "which", lambda _name: "/usr/bin/mvn")
+    monkeypatch.setattr("shutil.which", lambda _name: "/usr/bin/mvn")
     runs: list[list[str]] = []
 
     def fake_mvn(cmd: list[str], **_kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -55,7 +55,7 @@ def test_concurrent_builds_run_maven_once_and_publish_by_rename(
         (built / "quarkus-run.jar").write_bytes(b"jar")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(schema_registry.subprocess, "run", fake_mvn)
+    monkeypatch.setattr("subprocess.run", fake_mvn)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(schema_registry.build())) for _ in range(4)
@@ -74,10 +74,9 @@ def test_a_failed_build_leaves_no_app_and_quotes_maven(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STREAM_TRAINER_CACHE", str(tmp_path))
-    monkeypatch.setattr(schema_registry.shutil, "which", lambda _name: "/usr/bin/mvn")
+    monkeypatch.setattr("shutil.which", lambda _name: "/usr/bin/mvn")
     monkeypatch.setattr(
-        schema_registry.subprocess,
-        "run",
+        "subprocess.run",
         lambda cmd, **_kw: subprocess.CompletedProcess(cmd, 1, "", "[ERROR] Could not resolve x"),
     )
     with pytest.raises(schema_registry.RegistryUnavailable, match="Could not resolve x"):
