@@ -38,9 +38,15 @@ if TYPE_CHECKING:
     from stream_trainer.config import SchemaRegistrySettings
 
 __all__ = [
+    "BAD_FRAME",
     "HEADER_SIZE",
+    "JSON_SCHEMA_INVALID",
     "MAGIC_BYTE",
+    "MALFORMED_AVRO",
+    "MALFORMED_JSON",
     "REASONS",
+    "UNKNOWN_SCHEMA",
+    "UNSUPPORTED_SCHEMA",
     "RegistryWaitInterrupted",
     "SchemaNotEnsured",
     "SchemaRegistryUnavailable",
