@@ -9,7 +9,7 @@ DEMO_VENV  := .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.installed
 KAFKA  := $(BIN)/python -m stream_trainer.testing.kafka_broker
 
-.PHONY: venv demo-venv kafka-jars kube-tools test lint demo kafka-start kafka-stop kafka-status
+.PHONY: venv demo-venv kafka-jars registry-jars kube-tools test lint demo kafka-start kafka-stop kafka-status
 
 venv: $(STAMP)
 
@@ -30,13 +30,19 @@ $(DEMO_STAMP): pyproject.toml
 kafka-jars: venv
 	$(KAFKA) fetch
 
+# Apicurio Registry 2.4.2 (the tests' Schema Registry) built from Maven Central with the
+# Quarkus plugin into ~/.cache/stream-trainer/apicurio-2.4.2 (once; ~1 min cold), outside
+# pytest's per-test timeout. The `schema_registry` fixture builds it too if this was skipped.
+registry-jars: venv
+	$(BIN)/python -m stream_trainer.testing.schema_registry build
+
 # kube-apiserver and helm built from the Go module proxy into ~/.cache/stream-trainer/kube
 # (once; ~10 min cold on 2 cores), outside pytest's per-test timeout. A failure here is not
 # fatal: tests/kube then fails under CI=true and skips elsewhere, with the reason.
 kube-tools: venv
 	-$(BIN)/python -m tests.kube.kube_env build
 
-test: venv kafka-jars kube-tools
+test: venv kafka-jars registry-jars kube-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -16,6 +16,8 @@ CHART_OWNED = {
         "ssl_key_location",
     ],
     "CheckpointSettings": ["hmac_key", "hmac_key_file"],
+    # The password comes from a Secret through `env` (valueFrom secretKeyRef), never values.
+    "SchemaRegistrySettings": ["basic_auth_password"],
 }
 
 raw = Settings.model_json_schema()

@@ -98,7 +98,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException  # noqa: PLC0415
 
     from stream_trainer.laptop.datasets import get_dataset  # noqa: PLC0415
-    from stream_trainer.laptop.produce import produce  # noqa: PLC0415
+    from stream_trainer.laptop.produce import (  # noqa: PLC0415
+        SchemaRegistrationError,
+        produce,
+    )
     from stream_trainer.topics import (  # noqa: PLC0415
         TopicError,
         TopicSpec,
@@ -113,6 +116,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"stream-trainer produce: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.format != "json" and not args.schema_registry:
+        print(
+            f"stream-trainer produce: --format {args.format} needs --schema-registry URL",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    registry = {"url": args.schema_registry} if args.schema_registry else None
     client = {"bootstrap.servers": args.bootstrap_servers}
     try:
         admin = admin_client(client)
@@ -127,8 +137,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             bad_ratio=args.bad_records,
             seed=args.seed,
+            value_format=args.format,
+            registry_config=registry,
         )
     except (TopicError, KafkaException) as error:
+        print(f"stream-trainer produce: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SchemaRegistrationError as error:
         print(f"stream-trainer produce: {error}", file=sys.stderr)
         return EXIT_FAILURE
     _print_json(
@@ -138,6 +153,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
             "valid": report.valid,
             "invalid": report.invalid,
             "invalid_reasons": report.invalid_reasons,
+            "format": args.format,
+            "schema_id": report.schema_id,
         }
     )
     return EXIT_OK
@@ -436,7 +453,9 @@ def _add_produce(sub: Any) -> None:
         "topic in the service's wire format; the topic is created if missing.",
         examples=[
             "stream-trainer produce --bootstrap-servers localhost:9092 --topic clicks \\\n"
-            "      --dataset phishing --records 5000 --bad-records 0.01"
+            "      --dataset phishing --records 5000 --bad-records 0.01",
+            "stream-trainer produce --bootstrap-servers localhost:9092 --topic txns \\\n"
+            "      --format avro --schema-registry http://localhost:8081",
         ],
         exits=(
             "0  every record was delivered (a JSON report is printed)",
@@ -465,6 +484,20 @@ def _add_produce(sub: Any) -> None:
         help="fraction of invalid records mixed in (default 0)",
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the row order and bad-record mix")
+    p.add_argument(
+        "--format",
+        choices=("json", "avro", "json_schema"),
+        default="json",
+        help="value format (default json); avro and json_schema register the schema under "
+        "<topic>-value and write the Confluent wire format",
+    )
+    p.add_argument(
+        "--schema-registry",
+        metavar="URL",
+        default=None,
+        help="Schema Registry (Confluent API) for --format avro / json_schema, e.g. "
+        "http://localhost:8081",
+    )
     p.add_argument(
         "--timeout",
         type=float,

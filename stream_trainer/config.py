@@ -407,6 +407,124 @@ class KafkaSettings(StrictModel):
         return conf
 
 
+class SchemaRegistrySettings(StrictModel):
+    """Schema Registry (Confluent REST API) that decodes avro / json_schema record values."""
+
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description=(
+            "base URL of the registry's Confluent-compatible API, e.g. "
+            "http://registry:8081 or Apicurio's http://apicurio:8080/apis/ccompat/v7; "
+            "required when record.format is avro or json_schema"
+        ),
+    )
+    basic_auth_user: str | None = Field(
+        default=None,
+        min_length=1,
+        description="HTTP basic auth user name; null: no authentication",
+    )
+    basic_auth_password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "HTTP basic auth password; prefer env "
+            "(STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD) or basic_auth_password_file "
+            "to the config file; masked whenever the config is printed"
+        ),
+    )
+    basic_auth_password_file: Path | None = Field(
+        default=None,
+        description=(
+            "file holding the basic auth password (e.g. a mounted Secret), read when the "
+            "client is created, whitespace stripped; used when basic_auth_password is not set"
+        ),
+    )
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description=(
+            "PEM file (or folder) of the CA certificate(s) that verify an https registry; "
+            "null: the certifi bundle"
+        ),
+    )
+    ssl_certificate_location: Path | None = Field(
+        default=None,
+        description="PEM file of a client certificate for mutual TLS; null: none",
+    )
+    ssl_key_location: Path | None = Field(
+        default=None,
+        description="PEM file of the client certificate's private key (unencrypted)",
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description=(
+            "seconds one registry request may take before it counts as a failure and is retried"
+        ),
+    )
+    retry_backoff_initial_s: float = Field(
+        default=0.5,
+        gt=0,
+        description=(
+            "seconds before the first retry while the registry is unreachable, slow or "
+            "answers 5xx/429; doubled after each failure up to retry_backoff_max_s. Records "
+            "wait meanwhile (never dead-lettered for it)"
+        ),
+    )
+    retry_backoff_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="longest wait between two retries of the registry, seconds",
+    )
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> SchemaRegistrySettings:
+        has_password = (
+            self.basic_auth_password is not None or self.basic_auth_password_file is not None
+        )
+        # A password alone is unused until a registry is configured (as a SASL password is
+        # without SASL): environments may set it everywhere; a user alone is a mistake.
+        has_user = self.basic_auth_user is not None
+        if (has_user and not has_password) or (has_password and not has_user and self.url):
+            raise ValueError(
+                "basic auth needs both basic_auth_user and a password "
+                "(STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD or basic_auth_password_file)"
+            )
+        if self.url is not None and "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            # A password in the URL would be printed with the config and in every error.
+            raise ValueError(
+                "schema_registry.url must not carry credentials: use basic_auth_user and "
+                "basic_auth_password / basic_auth_password_file"
+            )
+        if self.retry_backoff_max_s < self.retry_backoff_initial_s:
+            raise ValueError("retry_backoff_max_s must be >= retry_backoff_initial_s")
+        if self.ssl_key_location is not None and self.ssl_certificate_location is None:
+            raise ValueError("ssl_key_location needs ssl_certificate_location")
+        return self
+
+    def client_config(self) -> dict[str, Any]:
+        """confluent-kafka ``SchemaRegistryClient`` settings (holds the password: never log
+        it). The client's own retries are off: the caller retries with its own backoff."""
+        if self.url is None:
+            raise ConfigError("schema_registry.url is not set")
+        conf: dict[str, Any] = {
+            "url": self.url,
+            "timeout": self.request_timeout_s,
+            "max.retries": 0,
+        }
+        if self.basic_auth_user is not None:
+            password = _read_secret(self.basic_auth_password, self.basic_auth_password_file)
+            conf["basic.auth.user.info"] = f"{self.basic_auth_user}:{password or ''}"
+        for key, path in (
+            ("ssl.ca.location", self.ssl_ca_location),
+            ("ssl.certificate.location", self.ssl_certificate_location),
+            ("ssl.key.location", self.ssl_key_location),
+        ):
+            if path is not None:
+                conf[key] = str(path)
+        return conf
+
+
 class TopicsSettings(StrictModel):
     """Topics the service reads and writes."""
 
@@ -514,8 +632,13 @@ class FeatureConfig(StrictModel):
 class RecordSettings(StrictModel):
     """The record contract: where features, label and metadata live in a JSON value."""
 
-    format: Literal["json"] = Field(
-        default="json", description="wire format of a record value; only JSON so far"
+    format: Literal["json", "avro", "json_schema"] = Field(
+        default="json",
+        description=(
+            "wire format of a record value: json (a plain JSON object), or avro / "
+            "json_schema in the Confluent wire format (magic byte 0, 4-byte schema id), "
+            "decoded with schemas from schema_registry.url"
+        ),
     )
     features: Annotated[list[str | FeatureConfig], Field(min_length=1)] = Field(
         description=(
@@ -1021,6 +1144,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
 
     @classmethod
     def settings_customise_sources(
@@ -1049,6 +1173,11 @@ class Settings(BaseSettings):
         for metric in self.evaluation_metrics():
             if classification != (metric not in ("mae", "rmse", "r2")):
                 raise ValueError(f"evaluation.metrics: {metric!r} does not fit {self.model.task}")
+        if self.record.format != "json" and self.schema_registry.url is None:
+            raise ValueError(
+                f"record.format {self.record.format} needs schema_registry.url (the schemas "
+                "of Confluent wire-format values live there)"
+            )
         return self
 
     def evaluation_metrics(self) -> list[str]:

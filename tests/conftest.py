@@ -9,6 +9,8 @@ Fixtures
 ``make_topic``    factory ``make_topic(partitions=1, *, prefix="t", config=None) -> str``
                   creating a uniquely named topic on ``broker`` and waiting until visible.
 ``unique_topic``  a fresh 1-partition topic name on ``broker``.
+``schema_registry`` (session) Apicurio Registry 2.4.2, in memory, Confluent API at
+                  ``schema_registry.url`` (:class:`SchemaRegistry`); same availability rule.
 
 Availability rule: a broker that cannot start makes its tests FAIL when ``CI=true``
 (with the reason and the tail of the broker log) and SKIP otherwise. A broker is started
@@ -29,6 +31,7 @@ import pytest
 
 from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
+from stream_trainer.testing.schema_registry import SchemaRegistry
 
 BROKER_NAMES = ("kafka", "tansu")
 
@@ -168,6 +171,47 @@ def broker(request: pytest.FixtureRequest) -> BrokerHandle:
     return handle
 
 
+@dataclass
+class _RegistrySlot:
+    registry: SchemaRegistry | None = None
+    error: str | None = None
+    ran: str | None = None
+
+
+_REGISTRY = _RegistrySlot()
+
+
+@pytest.fixture(scope="session")
+def schema_registry() -> Iterator[SchemaRegistry]:
+    """Apicurio Registry (in memory) for the whole session: built on first use (~1 min
+    cold, cached), started on a free loopback port. Fails under CI=true, skips elsewhere,
+    when it cannot run (no Java/Maven, build or start-up failed)."""
+    if _REGISTRY.registry is None and _REGISTRY.error is None:
+        registry = SchemaRegistry()
+        try:
+            registry.start()
+        except Exception as exc:
+            registry.close()
+            _REGISTRY.error = f"{type(exc).__name__}: {exc}"
+        else:
+            _REGISTRY.registry = registry
+            rss = (registry.rss_bytes() or 0) / 2**20
+            _REGISTRY.ran = (
+                f"{registry.url}, started in {registry.start_seconds:.1f} s, RSS {rss:.0f} MiB"
+            )
+    if _REGISTRY.registry is None:
+        reason = f"schema registry (Apicurio) unavailable: {_REGISTRY.error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield _REGISTRY.registry
+    finally:
+        registry, _REGISTRY.registry = _REGISTRY.registry, None
+        if registry is not None:
+            registry.close()
+
+
 def new_topic(
     broker: BrokerHandle,
     partitions: int = 1,
@@ -235,12 +279,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         else:
             _REPORT.append(f"{name}: not needed")
     _POOL.close_all()
+    if _REGISTRY.registry is not None:
+        _REGISTRY.registry.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
-    """Say which brokers the integration tests ran against."""
-    if not _POOL.ran and not _POOL.errors:
+    """Say which brokers (and schema registry) the integration tests ran against."""
+    lines = list(_REPORT) if _POOL.ran or _POOL.errors else []
+    if _REGISTRY.ran or _REGISTRY.error:
+        verdict = "FAILED" if _in_ci() else "skipped"
+        line = f"ran ({_REGISTRY.ran})" if _REGISTRY.ran else f"{verdict} - {_REGISTRY.error}"
+        lines.append(f"apicurio: {line.splitlines()[0]}")
+    if not lines:
         return
     terminalreporter.section("brokers")
-    for line in _REPORT:
+    for line in lines:
         terminalreporter.write_line(line)

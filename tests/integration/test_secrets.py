@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 SECRETS = {
     "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": "hmac-secret-9d41c0e7",
     "STREAM_TRAINER_KAFKA__SASL_PASSWORD": "sasl-secret-3b88f215",
+    "STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD": "registry-secret-5e02a9c1",
 }
 RIVER_LR = {"path": "river.linear_model.LogisticRegression"}
 RIVER_SCALER = [{"path": "river.preprocessing.StandardScaler"}]

@@ -105,6 +105,15 @@ def test_produce_unknown_dataset_lists_the_datasets() -> None:
     assert "'foo'" in result.stderr and "phishing" in result.stderr
 
 
+def test_produce_avro_without_a_registry_is_a_usage_error() -> None:
+    result = run_cli(
+        "produce", "--bootstrap-servers", "127.0.0.1:9", "--topic", "t", "--format", "avro"
+    )
+    assert result.returncode == 2
+    assert_one_line(result.stderr)
+    assert "--schema-registry" in result.stderr
+
+
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A port bound but not listening: connections to it are refused while the test runs."""

@@ -19,6 +19,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SECRET_ENV = {
     "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": "hmac-key-that-must-never-print",
     "STREAM_TRAINER_KAFKA__SASL_PASSWORD": "sasl-password-that-must-never-print",
+    "STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD": "registry-password-never-printed",
 }
 
 
@@ -167,6 +168,7 @@ def test_validate_config_masks_secrets(tmp_path: Path) -> None:
     effective = json.loads(result.stdout)
     assert effective["kafka"]["sasl_password"] == "**********"
     assert effective["checkpoint"]["hmac_key"] == "**********"
+    assert effective["schema_registry"]["basic_auth_password"] == "**********"
     for secret in SECRET_ENV.values():
         assert secret not in result.stdout
         assert secret not in result.stderr
