@@ -35,7 +35,7 @@ from stream_trainer.deadletter import (
     BadRecordBreaker,
     DeadLetterPublisher,
 )
-from stream_trainer.decode_worker import UnitDecoder, build_unit_decoder
+from stream_trainer.decode_worker import InlineDecoder, UnitDecoder, build_unit_decoder
 from stream_trainer.delivery import NotDelivered
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
@@ -60,6 +60,7 @@ from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
 from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
 from stream_trainer.versions import VersionEventPublisher
+from stream_trainer.wire import WireDecoder
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +282,23 @@ def run_service(
     trainer: Trainer | None = None
     control: ControlChannel | None = None
     lease: KafkaLease | None = None
+    wire: WireDecoder | None = None
     consumer_config = settings.kafka.consumer_config()
     consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
     try:
         metrics.state.state("restoring")
         # First, so the decode worker's interpreter starts while the checkpoint loads.
-        unit_decoder = build_unit_decoder(
-            settings.record, settings.model.task, settings.kafka.decode_worker
+        if settings.record.format != "json":
+            wire = WireDecoder(settings.schema_registry)
+        decoder = RecordDecoder(settings.record, settings.model.task, wire)
+        # A worker process could not share the schemas the poll loop fetches: wire formats
+        # decode inline.
+        unit_decoder = (
+            InlineDecoder(decoder)
+            if wire is not None
+            else build_unit_decoder(
+                settings.record, settings.model.task, settings.kafka.decode_worker
+            )
         )
         trainer = build_trainer(settings, crash)  # a full-batch fit worker starts here too
         store = CheckpointStore(
@@ -375,7 +386,7 @@ def run_service(
             settings,
             state,
             make_source=make_source,
-            decoder=RecordDecoder(settings.record, settings.model.task),
+            decoder=decoder,
             trainer=trainer,
             store=store,
             dead_letters=DeadLetterPublisher(
@@ -394,6 +405,7 @@ def run_service(
             reload_state=lambda: restore_state(settings, store)[0],
             crash=crash,
             lease=lease,
+            wire=wire,
         )
         service_ref["service"] = service
         if signals is not None:
@@ -415,6 +427,8 @@ def run_service(
             trainer.close()
         if unit_decoder is not None:
             unit_decoder.close()
+        if wire is not None:
+            wire.close()
         if producer is not None:
             producer.flush(5.0)
         if http is not None:

@@ -691,7 +691,8 @@ class RecordSettings(StrictModel):
         default="reject",
         description=(
             "a field that is neither a feature nor a configured field: reject dead-letters "
-            "the record (catches producer mistakes), ignore drops the field"
+            "the record (catches producer mistakes), ignore drops the field. JSON only: with "
+            "avro / json_schema the schema governs its fields and unused ones are ignored"
         ),
     )
 

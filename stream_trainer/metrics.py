@@ -96,6 +96,8 @@ class Metrics:
     records_unscored: Counter
     # stream_trainer_records_dead_lettered_total{reason}
     records_dead_lettered: Counter
+    schema_registry_retries: Counter
+    schema_registry_wait: Histogram
     # stream_trainer_batches_total
     batches: Counter
     # stream_trainer_batch_size_records (histogram)
@@ -206,6 +208,18 @@ def build_metrics(
             f"{p}_records_dead_lettered",
             "Records sent to the dead-letter topic, by reason.",
             ["reason"],
+            **r,
+        ),
+        schema_registry_retries=Counter(
+            f"{p}_schema_registry_retries",
+            "Schema lookups retried because the schema registry was unreachable, slow or "
+            "failing (records wait meanwhile; none is dead-lettered for it).",
+            **r,
+        ),
+        schema_registry_wait=Histogram(
+            f"{p}_schema_registry_wait_seconds",
+            "Time a unit waited for the schema registry to answer for its new schema ids.",
+            buckets=(0.01, 0.05, 0.25, 1, 5, 15, 60, 300, 1800),
             **r,
         ),
         batches=Counter(f"{p}_batches", "Training units (batches) processed.", **r),

@@ -40,6 +40,8 @@ import numpy.typing as npt
 
 from stream_trainer.config import Label, RecordSettings
 from stream_trainer.features import REFUSED, FeatureContract, FeatureValueError
+from stream_trainer.wire import REASONS as WIRE_REASONS
+from stream_trainer.wire import WireDecoder, WireFormatError
 
 REASONS: Final[tuple[str, ...]] = (
     "too_large",
@@ -56,6 +58,7 @@ REASONS: Final[tuple[str, ...]] = (
     "bad_weight",
     "decoder_error",
     "learner_error",
+    *WIRE_REASONS,
 )
 
 MAX_MESSAGE_CHARS: Final = 500
@@ -276,7 +279,12 @@ class RecordDecoder:
     feature named like the label field, or a classification task without labels).
     """
 
-    def __init__(self, record: RecordSettings, task: str) -> None:
+    def __init__(self, record: RecordSettings, task: str, wire: WireDecoder | None = None) -> None:
+        if (record.format == "json") != (wire is None):
+            raise ValueError(
+                f"record.format {record.format!r}: a wire decoder is needed exactly when not json"
+            )
+        self._wire = wire
         self._record = record
         self._task = task
         self._classification = task != "regression"
@@ -285,7 +293,9 @@ class RecordDecoder:
         self._features = self._contract.names
         self._feature_set = frozenset(self._features)
         self._max_bytes = record.max_bytes
-        self._reject_unknown = record.unknown_features == "reject"
+        # A schema (Avro, JSON Schema) governs its own fields: fields the contract does not
+        # use are expected there, and schema evolution adds them.
+        self._reject_unknown = record.unknown_features == "reject" and record.format == "json"
         if self._classification and not record.labels:
             raise ValueError(f"task {task!r} needs record.labels")
         labels = list(record.labels or [])
@@ -364,6 +374,8 @@ class RecordDecoder:
 
         Pure and picklable both ways, so it can run in a decode worker process. Never raises
         because of a value (see the module doc), so no record can stop the worker."""
+        if self._wire is not None:
+            return self._decode_each(values)  # Avro / JSON Schema: one value at a time
         try:
             return self._decode_batch(values)
         except Exception:  # whatever a value provokes, only that value fails (issue 19)
@@ -576,6 +588,8 @@ class RecordDecoder:
                 "RecordTooLarge",
                 f"record value is {len(value)} bytes, over the limit of {self._max_bytes}",
             )
+        if self._wire is not None:
+            return self._inspect_wire(self._wire, value)
         utf8_error = _utf8_error(value)
         if utf8_error is not None:
             return Rejection(
@@ -604,6 +618,20 @@ class RecordDecoder:
             return Rejection(
                 "decode", "malformed_json", "MalformedJSON", f"not strict JSON: {strict_error}"
             )
+        return verdict
+
+    def _inspect_wire(self, wire: WireDecoder, value: bytes) -> Rejection | _Accept:
+        """A wire-format value (the registry already asked for its schema: ``ensure``):
+        decoded by its schema, then checked against the contract like a JSON object; a
+        rejection names the schema id."""
+        try:
+            obj, schema_id = wire.decode(value)
+        except WireFormatError as error:
+            return Rejection("decode", error.reason, type(error).__name__, error.message)
+        verdict = self._check(obj)
+        if isinstance(verdict, Rejection):
+            message = f"{verdict.message} (schema id {schema_id})"
+            return Rejection(verdict.stage, verdict.reason, verdict.error_class, message)
         return verdict
 
     def _check(self, obj: Any) -> Rejection | _Accept:

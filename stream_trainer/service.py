@@ -46,6 +46,7 @@ from stream_trainer.records import (
 )
 from stream_trainer.state import TrainingState
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
+from stream_trainer.wire import RegistryWaitInterrupted, SchemaRegistryUnavailable, WireDecoder
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ class Service:
         crash: CrashPoints = NO_CRASHES,
         clock: Callable[[], float] = time.monotonic,
         lease: KafkaLease | None = None,
+        wire: WireDecoder | None = None,
     ) -> None:
         self.settings = settings
+        self._wire = wire  # Avro / JSON Schema: the schemas the decoder reads values with
         self._lease = lease
         self.state = state
         self._decoder = decoder
@@ -197,7 +200,10 @@ class Service:
         self.restored = True
         self._metrics.state.state("paused" if self._manual_pause else "running")
         while not self._stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except RegistryWaitInterrupted:
+                break  # a stop ended the wait; the waiting unit is not learnt
         self._shutdown()
         return 0
 
@@ -263,6 +269,7 @@ class Service:
     def _advance(self, unit: list[Message]) -> None:
         """Hand ``unit`` to the decoder, then train on the unit decoded before it (if any):
         the two overlap when the decoder is a worker process."""
+        self._ensure_schemas(unit)  # first: an interrupted wait leaves the decoder as it was
         previous = self._decoding
         batch = self._decoded() if previous is not None else None
         self._unit_decoder.submit(cast("list[MessageLike]", unit))
@@ -280,6 +287,45 @@ class Service:
         self._process(unit, self._decoded())
         self._crash.reached("after_learn")
 
+    def _ensure_schemas(self, unit: list[Message]) -> None:
+        """Fetch the schemas of ``unit``'s new schema ids before it is decoded. While the
+        registry is unreachable, slow or failing this waits and retries (counted, logged
+        once per outage; the heartbeat keeps beating): a dependency that blinked must not
+        dead-letter good records. A stop request ends the wait (RegistryWaitInterrupted):
+        the unit is then neither learnt nor committed."""
+        wire = self._wire
+        if wire is None:
+            return
+        ids = wire.schema_ids([message.value() for message in unit])
+        if all(wire.known(i) for i in ids):
+            return
+        started = time.perf_counter()
+        retries = 0
+
+        def on_retry(error: SchemaRegistryUnavailable) -> None:
+            nonlocal retries
+            retries += 1
+            self._metrics.schema_registry_retries.inc()
+            self._heartbeat.beat()
+            if retries == 1:
+                log.warning(
+                    "schema registry unavailable; records wait for it",
+                    extra={"schema_ids": sorted(ids), "error": str(error)},
+                )
+
+        def should_stop() -> bool:
+            self._heartbeat.beat()
+            return self._stop.is_set()
+
+        wire.ensure(ids, should_stop=should_stop, on_retry=on_retry)
+        waited = time.perf_counter() - started
+        self._metrics.schema_registry_wait.observe(waited)
+        if retries:
+            log.info(
+                "schema registry answered",
+                extra={"retries": retries, "waited_s": round(waited, 3)},
+            )
+
     def _decoded(self) -> DecodedBatch:
         started = time.perf_counter()
         batch = self._unit_decoder.result()
@@ -293,6 +339,12 @@ class Service:
         # Error-free consumed messages always carry topic, partition and offset.
         records = cast("list[MessageLike]", messages)
         if batch is None:
+            try:
+                self._ensure_schemas(messages)
+            except RegistryWaitInterrupted:
+                # Stopping: the unit is neither learnt nor committed, so it is read again.
+                log.warning("stopped while waiting for the schema registry; unit left unread")
+                return
             batch = self._decoder.decode(records)
         by_partition = _group_by_partition(batch)
         if self._trip_breaker(batch, by_partition):
