@@ -14,6 +14,7 @@ import pytest
 
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
+from stream_trainer.testing.schema_registry import SchemaRegistry
 from tests.conftest import BrokerHandle
 from tests.harness import ServiceProcess, read_topic, service_config
 
@@ -119,3 +120,42 @@ def test_no_secret_in_checkpoints_artifacts_events_or_dead_letters(
     # No config object at all is pickled (a future secret field would leak through one).
     for path in [p for p in checkpoints if p.suffix == ".ckpt"] + artifacts:
         assert b"stream_trainer.config" not in path.read_bytes(), path
+
+
+def test_no_registry_secret_in_outputs_or_log_with_avro_records(
+    kafka_broker: BrokerHandle, schema_registry: SchemaRegistry, tmp_path: Path
+) -> None:
+    """The registry password in use (basic auth on every lookup, typed Avro records with
+    bad ones mixed in): in no checkpoint, artifact, event, dead letter or log line."""
+    overrides = {
+        "record": {"format": "avro"},
+        "schema_registry": {"url": schema_registry.url, "basic_auth_user": "trainer"},
+        "registry": {"publish_every_records": 300, "gate": {"holdout_records": 50}},
+    }
+    bootstrap = kafka_broker.bootstrap_servers
+    config = service_config(tmp_path, bootstrap, "transactions", overrides=overrides)
+    produce(
+        {"bootstrap.servers": bootstrap},
+        config["topics"]["input"][0],
+        get_dataset("transactions"),
+        700,
+        bad_ratio=0.05,
+        seed=7,
+        value_format="avro",
+        registry_config={"url": schema_registry.url},
+    )
+    with ServiceProcess(config, tmp_path, env=SECRETS) as service:
+        service.wait_metric("stream_trainer_versions_published_total", 1, timeout=90)
+        service.wait_metric("stream_trainer_checkpoint_last_success_timestamp_seconds", 1)
+        assert service.stop() == 0
+        log = service.log_path.read_bytes()
+    outputs = _files(Path(config["checkpoint"]["dir"])) + _files(Path(config["registry"]["root"]))
+    blobs = [p.read_bytes() for p in outputs] + [log]
+    events = read_topic(bootstrap, config["topics"]["versions"])
+    dead = read_topic(bootstrap, config["topics"]["dead_letter"])
+    blobs += [m.value() or b"" for m in events + dead]
+    blobs += [value for m in dead for _key, value in (m.headers() or []) if value]
+    print(f"avro: scanned {len(outputs)} files, the log, {len(events)} events, {len(dead)} dead")
+    assert dead and events
+    secret = SECRETS["STREAM_TRAINER_SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD"].encode()
+    assert not [i for i, blob in enumerate(blobs) if secret in blob]
