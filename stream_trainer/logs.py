@@ -32,6 +32,7 @@ SECRET_KEY_PARTS: tuple[str, ...] = ("password", "secret", "key", "token")
 # Shorter registered values would mask unrelated text everywhere.
 MIN_SECRET_LENGTH = 4
 LIBRDKAFKA_LOGGER = "stream_trainer.librdkafka"
+_CHATTY_LIBRARIES = ("httpx", "httpx2", "httpcore", "httpcore2")
 REPEAT_INTERVAL_S = 10.0
 # Distinct repeat keys remembered; past that the oldest are forgotten (memory stays bounded).
 MAX_REPEAT_KEYS = 1024
@@ -308,6 +309,10 @@ def configure_logging(
             old.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # The schema registry client's HTTP library logs every request at INFO: one line per
+    # schema lookup, and one per retry through a registry outage (the service logs those).
+    for chatty in _CHATTY_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     return handler
 
 

@@ -79,8 +79,8 @@ def avro_schema(dataset: Dataset) -> dict[str, Any]:
 
 
 def json_schema(dataset: Dataset) -> dict[str, Any]:
-    """The JSON Schema (draft 7) of the dataset's records (``x`` closed, every feature
-    required; a nullable one may be null)."""
+    """The JSON Schema (draft 7) of the dataset's records (``x`` closed; a feature that is
+    never missing is required, a nullable one may be null or absent)."""
     features, (label_kind, _) = _sample(dataset)
     props: dict[str, Any] = {}
     for name, (kind, nullable) in features.items():
@@ -93,7 +93,8 @@ def json_schema(dataset: Dataset) -> dict[str, Any]:
             "x": {
                 "type": "object",
                 "properties": props,
-                "required": list(features),
+                # A nullable feature may also be absent (a missing value either way).
+                "required": [name for name, (_, nullable) in features.items() if not nullable],
                 "additionalProperties": False,
             },
             "y": {"type": label_kind},
@@ -163,7 +164,7 @@ class ValueEncoder:
         malformed = "malformed_avro" if self._avro is not None else "malformed_json_schema"
         return [
             ("bad_frame", _encode({"x": x, "y": y})),  # plain JSON: no magic byte
-            ("bad_frame", b""),
+            ("empty", b""),  # checked before the frame, as for JSON
             ("unknown_schema", frame(_UNKNOWN_SCHEMA_ID, good[5:])),
             (malformed, good[:-1] if self._avro is not None else good[:-2]),
         ]

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from stream_trainer.laptop.datasets import get_dataset
-from stream_trainer.laptop.produce import avro_schema
+from stream_trainer.laptop.produce import avro_schema, produce
 from stream_trainer.testing.schema_registry import SchemaRegistry
 from stream_trainer.wire import frame
 from tests.conftest import BrokerHandle
@@ -191,3 +191,42 @@ def test_registry_outage_holds_new_schema_records_until_it_answers(
     assert held[LEARNT] == 500, "a record with an unfetchable schema was learnt"
     assert dead_before == 0 and dead_after == 0
     assert final_checkpoint(config).records_learnt == 1000
+
+
+def test_json_schema_records_learnt_and_bad_ones_dead_lettered(
+    broker: BrokerHandle, schema_registry: SchemaRegistry, tmp_path: Path
+) -> None:
+    """``record.format: json_schema``: typed records validated against their registered
+    JSON Schema and the contract; learnt = valid exactly, the rest dead-lettered."""
+    bootstrap = broker.bootstrap_servers
+    config = avro_config(tmp_path, bootstrap, schema_registry.url)
+    config["record"]["format"] = "json_schema"
+    topic = config["topics"]["input"][0]
+    report = produce(
+        {"bootstrap.servers": bootstrap},
+        topic,
+        DATASET,
+        1200,
+        bad_ratio=0.05,
+        seed=3,
+        value_format="json_schema",
+        registry_config={"url": schema_registry.url},
+    )
+    with ServiceProcess(config, tmp_path) as service:
+        wait_exact(service, LEARNT, report.valid, timeout=90)
+        dead_total = "stream_trainer_records_dead_lettered_total{"
+        snapshot = service.metrics()
+        stop_cleanly(service)
+    dead = read_topic(bootstrap, config["topics"]["dead_letter"], expected=report.invalid)
+    reasons: dict[str, int] = {}
+    for message in dead:
+        headers = {k: v.decode() for k, v in message.headers() or []}
+        reasons[headers["dlq.reason"]] = reasons.get(headers["dlq.reason"], 0) + 1
+    print(
+        f"[{broker.name}] json_schema: learnt {report.valid}, dead-lettered {len(dead)} {reasons}"
+    )
+    assert len(dead) == report.invalid
+    assert reasons == report.invalid_reasons
+    assert sum(v for k, v in snapshot.items() if k.startswith(dead_total)) == report.invalid
+    state = final_checkpoint(config)
+    assert state.records_learnt == report.valid
