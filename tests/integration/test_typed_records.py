@@ -24,9 +24,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from stream_trainer.laptop.datasets import DEVICES, MERCHANT_CATEGORIES, get_dataset
+from stream_trainer.laptop.produce import avro_schema
 from stream_trainer.learners import ModelAdapter
 from tests.conftest import BrokerHandle
 from tests.harness import ServiceProcess, read_topic, service_config
+from tests.integration.test_avro_service import avro_values, register
 from tests.integration.test_training import (
     LEARNT,
     dead_lettered,
@@ -186,18 +188,42 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(
+    ("mode", "value_format"),
+    [
+        ("per_record", "json"),
+        ("mini_batch", "json"),
+        ("full_batch", "json"),
+        # Avro through the real registry; the decode path does not depend on the mode,
+        # full_batch's slow fits are left to JSON.
+        ("per_record", "avro"),
+        ("mini_batch", "avro"),
+    ],
+)
 def test_typed_stream_learnt_like_the_offline_learner(
-    broker: BrokerHandle, tmp_path: Path, mode: str
+    broker: BrokerHandle,
+    tmp_path: Path,
+    mode: str,
+    value_format: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     bootstrap = broker.bootstrap_servers
     rows, holdout = stream()
     overrides = {**MODES[mode], "training": {"mode": mode, **MODES[mode].get("training", {})}}
+    registry_url = None
+    if value_format == "avro":
+        registry_url = request.getfixturevalue("schema_registry").url
+        overrides["record"] = {"format": "avro"}
+        overrides["schema_registry"] = {"url": registry_url}
     config = service_config(tmp_path, bootstrap, "transactions", mode, overrides=overrides)
     topic = config["topics"]["input"][0]
+    values = encode(rows)
+    if registry_url is not None:
+        schema = avro_schema(get_dataset("transactions"))
+        values = avro_values(schema, register(registry_url, f"{topic}-value", schema), rows)
     began = time.monotonic()
     with ServiceProcess(config, tmp_path) as service:
-        produce_values(bootstrap, topic, [(0, v) for v in encode(rows)])
+        produce_values(bootstrap, topic, [(0, v) for v in values])
         wait_exact(service, LEARNT, STREAM, timeout=120)
         if mode == "full_batch":
             service.wait_metric('stream_trainer_retrains_total{trigger="count"}', 2, timeout=120)
@@ -216,8 +242,9 @@ def test_typed_stream_learnt_like_the_offline_learner(
         theirs = holdout_accuracy(offline_hgb(rows[-4000:])(holdout), holdout)
     majority = max(np.mean([y == label for _, y in holdout]) for label in (False, True))
     print(
-        f"[{broker.name}] typed {mode}: learnt {STREAM}, holdout accuracy service {ours:.4f} "
-        f"offline {theirs:.4f} (majority {majority:.4f}), {time.monotonic() - began:.1f} s"
+        f"[{broker.name}] typed {mode} {value_format}: learnt {STREAM}, holdout accuracy "
+        f"service {ours:.4f} offline {theirs:.4f} (majority {majority:.4f}), "
+        f"{time.monotonic() - began:.1f} s"
     )
     assert ours > majority + 0.05
     assert abs(ours - theirs) <= (0.0 if mode == "per_record" else BATCH_TOLERANCE)
