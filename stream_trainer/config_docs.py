@@ -11,7 +11,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -77,6 +77,25 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _item_models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a list field's items may be (``list[str | FeatureConfig]``: FeatureConfig)."""
+    if get_origin(annotation) is Annotated:
+        return _item_models(get_args(annotation)[0])
+    if get_origin(annotation) is not list:
+        return []
+    found: list[type[BaseModel]] = []
+    pending = list(get_args(annotation))
+    while pending:
+        arg = pending.pop(0)
+        if get_origin(arg) is Annotated:
+            pending.append(get_args(arg)[0])
+        elif get_origin(arg) in (Union, types.UnionType):
+            pending.extend(get_args(arg))
+        elif (model := _model_of(arg)) is not None:
+            found.append(model)
+    return found
+
+
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
@@ -86,6 +105,8 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         rows.append(f"| `{path}` | {kind} | {_default(field)} | {_cell(description_of(field))} |")
         if nested is not None:
             rows.extend(_rows(nested, f"{path}."))
+        for item in _item_models(field.annotation):  # each list item's own keys
+            rows.extend(_rows(item, f"{path}[]."))
     return rows
 
 
