@@ -77,10 +77,10 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _item_models(annotation: Any) -> list[type[BaseModel]]:
+def item_models(annotation: Any) -> list[type[BaseModel]]:
     """The models a list field's items may be (``list[str | FeatureConfig]``: FeatureConfig)."""
     if get_origin(annotation) is Annotated:
-        return _item_models(get_args(annotation)[0])
+        return item_models(get_args(annotation)[0])
     if get_origin(annotation) is not list:
         return []
     found: list[type[BaseModel]] = []
@@ -105,7 +105,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         rows.append(f"| `{path}` | {kind} | {_default(field)} | {_cell(description_of(field))} |")
         if nested is not None:
             rows.extend(_rows(nested, f"{path}."))
-        for item in _item_models(field.annotation):  # each list item's own keys
+        for item in item_models(field.annotation):  # each list item's own keys
             rows.extend(_rows(item, f"{path}[]."))
     return rows
 

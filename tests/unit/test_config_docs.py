@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel
 
 from stream_trainer.config import Settings
-from stream_trainer.config_docs import END, START, description_of, embed, render
+from stream_trainer.config_docs import END, START, description_of, embed, item_models, render
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
@@ -17,6 +17,8 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
         nested = field.annotation
         if isinstance(nested, type) and issubclass(nested, BaseModel):
             found += _keys(nested, f"{prefix}{name}.")
+        for item in item_models(field.annotation):  # list items: record.features[].type
+            found += _keys(item, f"{prefix}{name}[].")
     return found
 
 
