@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from tests.container.docker_env import DockerEnv
 from tests.kube.kube_env import ApiError, ApiServer, KubeEnvError, Tools, free_port
 
 NODE_NAME = "stream-trainer-node"
@@ -321,6 +322,27 @@ class Node:
             self.ctr("images", "import", str(archive))
         else:
             self.ctr("images", "import", "-", data=archive)
+
+    def import_docker_image(self, docker: DockerEnv, ref: str) -> None:
+        """``docker save ref | ctr images import -``: the image as the kubelet names it
+        (``stream-trainer:test`` becomes ``docker.io/library/stream-trainer:test``)."""
+        assert docker.client is not None
+        save = subprocess.Popen(
+            [docker.client, "--host", docker.host, "save", ref], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert save.stdout is not None
+        result = subprocess.run(
+            ["ctr", "--address", str(self.socket), "-n", NAMESPACE, "images", "import", "-"],
+            stdin=save.stdout, capture_output=True, check=False,
+        )  # fmt: skip
+        save.stdout.close()
+        _, save_err = save.communicate()
+        if save.returncode != 0 or result.returncode != 0:
+            raise NodeEnvError(
+                f"docker save {ref} | ctr images import failed: "
+                f"{save_err.decode()[-400:]} {result.stderr.decode()[-400:]}"
+            )
 
     # -- stop ---------------------------------------------------------------------------
 
