@@ -9,6 +9,7 @@ Fixtures
 ``make_topic``    factory ``make_topic(partitions=1, *, prefix="t", config=None) -> str``
                   creating a uniquely named topic on ``broker`` and waiting until visible.
 ``unique_topic``  a fresh 1-partition topic name on ``broker``.
+``images``        (session, tests/container/fixtures.py) private dockerd + project image.
 
 Availability rule: a broker that cannot start makes its tests FAIL when ``CI=true``
 (with the reason and the tail of the broker log) and SKIP otherwise. A broker is started
@@ -31,6 +32,9 @@ from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
 
 BROKER_NAMES = ("kafka", "tansu")
+
+# ``images`` (private dockerd + project image), shared by tests/container and tests/kube.
+pytest_plugins = ("tests.container.fixtures",)
 
 
 def _in_ci() -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.container.conftest import Images, images  # noqa: F401 - fixture used by `node`
+from tests.container.fixtures import Images
 from tests.kube.kube_env import ApiServer, BuildTimings, KubeEnvError, build
 from tests.kube.node_env import Node
 

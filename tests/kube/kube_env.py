@@ -59,7 +59,9 @@ CRD_FILES = (
 )
 # Built from k8s.io/kubernetes in one `go build`: the API server, and what a single node
 # needs to run pods (tests/kube/node_env.py).
-KUBE_COMMANDS = ("kube-apiserver", "kubelet", "kube-scheduler", "kube-controller-manager")
+KUBE_COMMANDS = (
+    "kube-apiserver", "kubelet", "kube-scheduler", "kube-controller-manager", "kube-proxy",
+)  # fmt: skip
 SERVICE_CIDR = "10.96.0.0/16"
 # Plugins switched on explicitly (PodSecurity is the one the tests rely on).
 ADMISSION_PLUGINS = (
@@ -152,6 +154,7 @@ class Tools:
     kubelet: Path
     kube_scheduler: Path
     kube_controller_manager: Path
+    kube_proxy: Path
     pause: Path
 
 
@@ -292,6 +295,7 @@ def build(timings: BuildTimings | None = None, log: IO[str] | None = None) -> To
         kubelet=bin_dir / "kubelet",
         kube_scheduler=bin_dir / "kube-scheduler",
         kube_controller_manager=bin_dir / "kube-controller-manager",
+        kube_proxy=bin_dir / "kube-proxy",
         pause=pause,
     )
 

@@ -9,13 +9,16 @@ What runs (all on this machine, stopped by pid, nothing left behind):
   packed here as a one-layer image archive (``docker save`` format) and imported with
   ``ctr -n k8s.io images import``. No registry is reachable.
 - ``kubelet`` (cgroupfs driver; cgroup v1 allowed with ``failCgroupV1: false``; swap
-  allowed), ``kube-scheduler`` and ``kube-controller-manager``, all built from
-  ``k8s.io/kubernetes`` with the API server and talking to it with its admin kubeconfig.
+  allowed), ``kube-scheduler``, ``kube-controller-manager`` and ``kube-proxy`` (iptables
+  mode: Service ClusterIPs), all built from ``k8s.io/kubernetes`` with the API server and
+  talking to it with its admin kubeconfig.
+- Cluster DNS stand-in: :class:`ServiceDns`, a few lines answering
+  ``<service>.<namespace>.svc.cluster.local`` with the Service's ClusterIP from the API
+  (no CoreDNS build: it would add minutes of compile for one name lookup in `helm test`).
 
 Pods get addresses on a bridge (:data:`BRIDGE`, :data:`POD_SUBNET`) whose gateway is this
 host, so a pod reaches any address the host has (e.g. its primary address, see
-:func:`host_address`) and the host reaches pod IPs directly. There is no kube-proxy and no
-cluster DNS: a Service's name does not resolve in a pod.
+:func:`host_address`) and the host reaches pod IPs directly.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +51,18 @@ PAUSE_IMAGE = "stream-trainer.local/pause:1"
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 NAMESPACE = "k8s.io"  # containerd namespace the CRI plugin uses
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CLUSTER_DOMAIN = "cluster.local"
+NETNS_DIR = Path("/run/netns")  # where containerd's CRI pins pod network namespaces
+SYSCTLS = tuple(
+    Path("/proc/sys/net") / name
+    for name in (
+        "bridge/bridge-nf-call-iptables",
+        "ipv4/conf/all/route_localnet",
+        "netfilter/nf_conntrack_tcp_timeout_established",
+        "netfilter/nf_conntrack_tcp_timeout_close_wait",
+        "netfilter/nf_conntrack_max",
+    )
+)
 
 
 class NodeEnvError(KubeEnvError):
@@ -160,7 +178,9 @@ def _cni_conflist(work: Path) -> dict[str, Any]:
     }
 
 
-def _kubelet_config(work: Path, api: ApiServer, healthz_port: int, port: int) -> dict[str, Any]:
+def _kubelet_config(
+    work: Path, api: ApiServer, healthz_port: int, port: int, dns: str
+) -> dict[str, Any]:
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -184,9 +204,14 @@ def _kubelet_config(work: Path, api: ApiServer, healthz_port: int, port: int) ->
         "authorization": {"mode": "AlwaysAllow"},
         "podLogsDir": str(work / "pod-logs"),
         "resolvConf": str(work / "resolv.conf"),
+        "clusterDNS": [dns],
+        "clusterDomain": CLUSTER_DOMAIN,
         # No thresholds to evict a test pod on a busy shared disk or in little free memory.
-        "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
-                         "imagefs.available": "1%"},  # fmt: skip
+        "evictionHard": {
+            "memory.available": "1Mi",
+            "nodefs.available": "1%",
+            "imagefs.available": "1%",
+        },
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "serializeImagePulls": False,
@@ -196,6 +221,79 @@ def _kubelet_config(work: Path, api: ApiServer, healthz_port: int, port: int) ->
         "nodeStatusUpdateFrequency": "5s",
         "shutdownGracePeriod": "0s",
     }
+
+
+class ServiceDns:
+    """UDP DNS on ``address:53``: A records of ``<svc>.<ns>.svc.<CLUSTER_DOMAIN>`` (the
+    Service's ClusterIP, looked up in the API per query); NXDOMAIN for any other name, an
+    empty answer for other record types of a Service name. What CoreDNS's ``kubernetes``
+    plugin answers for a ClusterIP Service, and nothing more."""
+
+    def __init__(self, api: ApiServer, address: str) -> None:
+        self.api = api
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        self.sock.settimeout(0.5)
+        self.queries: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="service-dns", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(1500)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with suppress(OSError):
+                answer = self.answer(query)
+                if answer:
+                    self.sock.sendto(answer, peer)
+
+    def cluster_ip(self, name: str) -> str | None:
+        suffix = f".svc.{CLUSTER_DOMAIN}"
+        parts = name.removesuffix(suffix).split(".")
+        if not name.endswith(suffix) or len(parts) != 2:
+            return None
+        try:
+            service = self.api.request("GET", f"/api/v1/namespaces/{parts[1]}/services/{parts[0]}")
+        except ApiError:
+            return None
+        ip: str | None = service.body["spec"].get("clusterIP")
+        return ip
+
+    def answer(self, query: bytes) -> bytes:
+        """The response to one query message (empty when it cannot be parsed)."""
+        if len(query) < 12:
+            return b""
+        ident, _flags, qdcount = struct.unpack("!HHH", query[:6])
+        if qdcount != 1:
+            return b""
+        labels, at = [], 12
+        while at < len(query) and query[at] != 0:
+            length = query[at]
+            labels.append(query[at + 1 : at + 1 + length].decode("ascii", "replace"))
+            at += 1 + length
+        question = query[12 : at + 5]
+        if len(question) < at + 5 - 12:
+            return b""
+        qtype = struct.unpack("!H", query[at + 1 : at + 3])[0]
+        name = ".".join(labels).lower()
+        self.queries.append(name)
+        ip = self.cluster_ip(name)
+        if ip is None:
+            return struct.pack("!HHHHHH", ident, 0x8183, 1, 0, 0, 0) + question  # NXDOMAIN
+        if qtype != 1:  # not A: the name exists, no record of that type
+            return struct.pack("!HHHHHH", ident, 0x8580, 1, 0, 0, 0) + question
+        record = struct.pack("!HHHIH", 0xC00C, 1, 1, 5, 4) + socket.inet_aton(ip)
+        return struct.pack("!HHHHHH", ident, 0x8580, 1, 1, 0, 0) + question + record
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
 
 
 class Node:
@@ -208,6 +306,10 @@ class Node:
         self.workdir = Path(tempfile.mkdtemp(prefix="st-node-"))
         self.socket = self.workdir / "containerd.sock"
         self.start_seconds = 0.0
+        self.address = host_address()
+        self.dns: ServiceDns | None = None
+        self._sysctls: dict[Path, str] = {}
+        self._netns_before: set[str] = set()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- start --------------------------------------------------------------------------
@@ -230,6 +332,7 @@ class Node:
             json.dumps(_cni_conflist(work), indent=2)
         )
         (work / "containerd.toml").write_text(_containerd_config(work))
+        self._netns_before = _netns()
         self._spawn("containerd", ["containerd", "--config", str(work / "containerd.toml")])
         self._poll(lambda: self.ctr("version", check=False).returncode == 0, 30, "containerd")
         self.import_image(image_archive(self.tools.pause, PAUSE_IMAGE))
@@ -237,14 +340,16 @@ class Node:
         shutil.copyfile("/etc/resolv.conf", work / "resolv.conf")
         kubelet_config = work / "kubelet.json"
         kubelet_config.write_text(
-            json.dumps(_kubelet_config(work, self.api, free_port(), free_port()), indent=2)
+            json.dumps(
+                _kubelet_config(work, self.api, free_port(), free_port(), self.address), indent=2
+            )
         )
         self._spawn(
             "kubelet",
             [str(self.tools.kubelet), "--config", str(kubelet_config),
              "--kubeconfig", str(self.api.kubeconfig), "--root-dir", str(work / "kubelet"),
              "--cert-dir", str(work / "kubelet-pki"), "--hostname-override", NODE_NAME,
-             "--node-ip", host_address(), "--v", "2"],
+             "--node-ip", self.address, "--v", "2"],
         )  # fmt: skip
         common = ["--kubeconfig", str(self.api.kubeconfig), "--leader-elect=false",
                   "--bind-address", "127.0.0.1"]  # fmt: skip
@@ -264,6 +369,23 @@ class Node:
              "--root-ca-file", str(self.api.pki / "ca.crt"),
              "--use-service-account-credentials=false"],
         )  # fmt: skip
+        # Host settings kube-proxy or this node change are restored by stop().
+        self._sysctls = {path: path.read_text() for path in SYSCTLS if path.is_file()}
+        # Pod-to-ClusterIP traffic is DNAT-ed back onto the same bridge: its replies must
+        # pass iptables too (Docker sets the same).
+        Path("/proc/sys/net/bridge/bridge-nf-call-iptables").write_text("1")
+        self._spawn(
+            "kube-proxy",
+            [str(self.tools.kube_proxy), "--kubeconfig", str(self.api.kubeconfig),
+             "--hostname-override", NODE_NAME, "--proxy-mode", "iptables",
+             "--cluster-cidr", POD_SUBNET,
+             # Leave the host's conntrack limits and route_localnet as they are.
+             "--conntrack-max-per-core", "0", "--conntrack-tcp-timeout-established", "0",
+             "--conntrack-tcp-timeout-close-wait", "0", "--iptables-localhost-nodeports=false",
+             "--healthz-bind-address", f"127.0.0.1:{free_port()}",
+             "--metrics-bind-address", f"127.0.0.1:{free_port()}"],
+        )  # fmt: skip
+        self.dns = ServiceDns(self.api, self.address)
         self._poll(self.node_ready, timeout, f"Node {NODE_NAME} Ready")
         self.start_seconds = time.monotonic() - started
 
@@ -306,7 +428,9 @@ class Node:
 
     # -- containerd ---------------------------------------------------------------------
 
-    def ctr(self, *args: str, data: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    def ctr(
+        self, *args: str, data: bytes | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
         """``ctr`` against this containerd, in the CRI plugin's namespace."""
         result = subprocess.run(
             ["ctr", "--address", str(self.socket), "-n", NAMESPACE, *args],
@@ -350,12 +474,19 @@ class Node:
         """Delete every pod (the kubelet stops them), stop the components by pid, then
         remove what outlives them: containers, shims, mounts, the bridge, pod cgroups."""
         if self._procs.get("kubelet") and self._procs["kubelet"].poll() is None:
-            with _suppress_api():
+            with suppress(ApiError, OSError):
                 self._delete_all_pods(timeout)
-        for name in ("kube-controller-manager", "kube-scheduler", "kubelet"):
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
+        for name in ("kube-proxy", "kube-controller-manager", "kube-scheduler", "kubelet"):
             proc = self._procs.get(name)
             if proc is not None:
                 _terminate(proc, 20.0)
+        if "kube-proxy" in self._procs:
+            # Its iptables chains outlive it: `--cleanup` removes them.
+            subprocess.run([str(self.tools.kube_proxy), "--cleanup"], capture_output=True,
+                           check=False)  # fmt: skip
         if "containerd" in self._procs and self._procs["containerd"].poll() is None:
             self._remove_containers()
         proc = self._procs.get("containerd")
@@ -364,7 +495,18 @@ class Node:
         self._procs.clear()
         self._kill_shims()
         self._unmount_under(self.workdir)
+        # A sandbox torn down while containerd stops can leave its pinned namespace.
+        for name in _netns() - self._netns_before:
+            if name.startswith("cni-"):
+                subprocess.run(["umount", str(NETNS_DIR / name)], capture_output=True,
+                               check=False)  # fmt: skip
+                with suppress(OSError):
+                    (NETNS_DIR / name).unlink()
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
+        remove_kubelet_chains()
+        for path, value in self._sysctls.items():
+            with suppress(OSError):
+                path.write_text(value)
         _remove_cgroups("kubepods")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -372,7 +514,7 @@ class Node:
         pods = self.api.request("GET", "/api/v1/pods").body["items"]
         for pod in pods:
             meta = pod["metadata"]
-            with _suppress_api():
+            with suppress(ApiError, OSError):
                 self.api.request(
                     "DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                     {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 5},
@@ -405,17 +547,41 @@ class Node:
             except OSError:
                 continue
             if b"containerd-shim" in cmdline and marker in cmdline:
-                with _suppress_os():
+                with suppress(OSError):
                     os.kill(int(entry.name), signal.SIGKILL)
 
     @staticmethod
     def _unmount_under(folder: Path) -> None:
         prefix = str(folder)
-        mounts = [
-            line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-        ]
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
         for target in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
             subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+def _netns() -> set[str]:
+    return {p.name for p in NETNS_DIR.iterdir()} if NETNS_DIR.is_dir() else set()
+
+
+def remove_kubelet_chains() -> None:
+    """The iptables chains the kubelet makes and never removes (KUBE-FIREWALL and its
+    INPUT/OUTPUT jumps, KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT), IPv4 and IPv6."""
+
+    def run(tool: str, *args: str) -> bool:
+        done = subprocess.run([tool, "-w", "5", *args], capture_output=True, check=False)
+        return done.returncode == 0
+
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            continue
+        for chain in ("INPUT", "OUTPUT"):
+            for _ in range(10):  # one jump each, unless something added it twice
+                if not run(tool, "-t", "filter", "-D", chain, "-j", "KUBE-FIREWALL"):
+                    break
+        run(tool, "-t", "filter", "-F", "KUBE-FIREWALL")
+        run(tool, "-t", "filter", "-X", "KUBE-FIREWALL")
+        for table in ("mangle", "nat", "filter"):
+            run(tool, "-t", table, "-X", "KUBE-KUBELET-CANARY")
+        run(tool, "-t", "mangle", "-X", "KUBE-IPTABLES-HINT")
 
 
 def _remove_cgroups(name: str) -> None:
@@ -426,7 +592,7 @@ def _remove_cgroups(name: str) -> None:
             continue
         folders = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
         for folder in [*folders, top]:
-            with _suppress_os():
+            with suppress(OSError):
                 folder.rmdir()
 
 
@@ -439,38 +605,3 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-class _suppress_os:  # noqa: N801 - used like contextlib.suppress
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, *_: object) -> bool:
-        return isinstance(kind, type) and issubclass(kind, OSError)
-
-
-class _suppress_api:  # noqa: N801 - used like contextlib.suppress
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, *_: object) -> bool:
-        return isinstance(kind, type) and issubclass(kind, (ApiError, OSError))
-
-
-def run_by_hand(tools: Tools, argv: Sequence[str] = ()) -> None:  # pragma: no cover - manual
-    """Start an API server and a node, print the kubeconfig, wait for ^C, stop both."""
-    api = ApiServer(tools)
-    node = Node(tools, api)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    try:
-        api.start()
-        node.start()
-        print(f"KUBECONFIG={api.kubeconfig}  node ready in {node.start_seconds:.1f} s "
-              f"(work {node.workdir})", flush=True)  # fmt: skip
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.stop()
-        api.stop()

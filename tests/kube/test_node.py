@@ -42,9 +42,16 @@ from tests.faults.support import (
     produce_records,
 )
 from tests.harness import HMAC_KEY, read_topic, unique, wait_for
-from tests.kube.kube_env import ApiError, ApiServer
+from tests.kube.kube_env import ApiServer
 from tests.kube.node_env import Node, host_address
-from tests.kube.test_helm_install import CHART_DIR, FULLNAME, PSA_LABELS, RELEASE, _path
+from tests.kube.test_helm_install import (
+    CHART_DIR,
+    FULLNAME,
+    RELEASE,
+    _create,
+    _path,
+    make_namespace,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -60,7 +67,7 @@ def pod_kafka() -> Iterator[KafkaBroker]:
     broker = KafkaBroker(host=host_address())
     try:
         broker.start()
-    except Exception as error:  # noqa: BLE001 - any start failure: fail in CI, else skip
+    except Exception as error:  # any start failure: fail in CI, else skip
         broker.close()
         if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
             pytest.fail(f"Kafka on {host_address()} unavailable: {error}", pytrace=False)
@@ -69,14 +76,6 @@ def pod_kafka() -> Iterator[KafkaBroker]:
         yield broker
     finally:
         broker.close()
-
-
-def _create(kube: ApiServer, path: str, body: dict[str, Any]) -> None:
-    try:
-        kube.request("POST", path, body)
-    except ApiError as error:
-        if error.status != 409:  # e.g. the controller made the `default` account first
-            raise
 
 
 def _pods(kube: ApiServer, namespace: str) -> list[dict[str, Any]]:
@@ -94,9 +93,7 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 def _ready_pod(kube: ApiServer, namespace: str, not_uid: str, timeout: float) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
-        fresh = [
-            p for p in _pods(kube, namespace) if p["metadata"]["uid"] != not_uid and _ready(p)
-        ]
+        fresh = [p for p in _pods(kube, namespace) if p["metadata"]["uid"] != not_uid and _ready(p)]
         return fresh[-1] if fresh else None
 
     found: dict[str, Any] = wait_for(check, timeout, "a Ready pod", interval=0.5)
@@ -109,7 +106,7 @@ def _metrics(pod: dict[str, Any]) -> dict[str, float]:
         p["containerPort"] for p in pod["spec"]["containers"][0]["ports"] if p["name"] == "http"
     )
     url = f"http://{pod['status']['podIP']}:{port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310 - pod IP
+    with urllib.request.urlopen(url, timeout=5) as answer:
         text = answer.read().decode()
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -149,10 +146,7 @@ def test_pod_runs_learns_and_resumes_from_its_volume_after_delete(
     group = unique("group")
 
     namespace = "st-node"
-    kube.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                 "metadata": {"name": namespace, "labels": PSA_LABELS}})  # fmt: skip
-    _create(kube, _path("ServiceAccount", namespace),
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})  # fmt: skip
+    make_namespace(kube, namespace)  # Pod Security `restricted` enforced
     _create(kube, _path("Secret", namespace), {
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "stream-trainer-checkpoint-key"},
