@@ -60,14 +60,16 @@ def node(kube: ApiServer, images: Images) -> Iterator[Node]:
     """A Ready node (containerd + kubelet + scheduler + controller-manager) for ``kube``,
     with the project image imported; every pod deleted and everything stopped at the end."""
     started = time.monotonic()
-    node = Node(kube.tools, kube, log=sys.stderr)
+    node: Node | None = None
     try:
+        node = Node(kube.tools, kube, log=sys.stderr)
         node.start()
         imported = time.monotonic()
         node.import_docker_image(images.env, images.runtime)
         import_s = time.monotonic() - imported
     except (KubeEnvError, OSError) as error:
-        node.stop()
+        if node is not None:
+            node.stop()
         reason = f"single-node cluster unavailable: {error}"
         if _in_ci():
             pytest.fail(reason, pytrace=False)

@@ -7,7 +7,11 @@ Go module proxy once and cached under
 1. ``kube-apiserver`` from ``k8s.io/kubernetes``. Its go.mod points every ``k8s.io/*``
    staging module at ``./staging/src/...``, which the module zip does not carry: a tiny
    module requires ``k8s.io/kubernetes`` and replaces each of those with the published
-   ``k8s.io/*`` module of the same release (``v0.X.Y`` for ``v1.X.Y``).
+   ``k8s.io/*`` module of the same release (``v0.X.Y`` for ``v1.X.Y``). The same
+   ``go build`` makes ``kubelet``, ``kube-scheduler``, ``kube-controller-manager`` and
+   ``kube-proxy`` for the single node (tests/kube/node_env.py): they share most packages,
+   so they add about 1.5 min to the ~10 min of the API server. Also a static ``pause``
+   binary (the pod sandbox; no registry is reachable for registry.k8s.io/pause).
 2. ``helm`` from ``helm.sh/helm/v3``.
 3. The Prometheus Operator's ServiceMonitor and PrometheusRule CRDs, copied from the
    operator's Go module (``example/prometheus-operator-crd``).

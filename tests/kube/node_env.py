@@ -72,9 +72,12 @@ class NodeEnvError(KubeEnvError):
 def host_address() -> str:
     """The host's primary IPv4 address (source of its default route): reachable from pods
     through the bridge's gateway, unlike loopback, which is the pod's own."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("198.51.100.1", 9))  # no packet is sent: only the route is looked up
-        address: str = probe.getsockname()[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("198.51.100.1", 9))  # no packet is sent: only the route is looked up
+            address: str = probe.getsockname()[0]
+    except OSError as error:
+        raise NodeEnvError(f"no IPv4 default route to find the host's address: {error}") from None
     if address.startswith("127."):
         raise NodeEnvError("no non-loopback IPv4 address for pods to reach the host")
     return address

@@ -64,14 +64,17 @@ UID = 10001  # the chart's runAsUser/fsGroup: a hostPath volume is not chowned f
 @pytest.fixture(scope="module")
 def pod_kafka() -> Iterator[KafkaBroker]:
     """Apache Kafka on the host's primary address (reachable from pods), module-scoped."""
-    broker = KafkaBroker(host=host_address())
+    broker: KafkaBroker | None = None
     try:
+        broker = KafkaBroker(host=host_address())
         broker.start()
     except Exception as error:  # any start failure: fail in CI, else skip
-        broker.close()
+        if broker is not None:
+            broker.close()
+        reason = f"Kafka on the host's address unavailable: {error}"
         if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-            pytest.fail(f"Kafka on {host_address()} unavailable: {error}", pytrace=False)
-        pytest.skip(f"Kafka on {host_address()} unavailable: {error}")
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     try:
         yield broker
     finally:
