@@ -53,6 +53,11 @@ NAMESPACE = "k8s.io"  # containerd namespace the CRI plugin uses
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CLUSTER_DOMAIN = "cluster.local"
 NETNS_DIR = Path("/run/netns")  # where containerd's CRI pins pod network namespaces
+CNI_CACHE = Path("/var/lib/cni/results")  # libcni's cache of each attachment
+# Fixed host paths the components create whatever their configured folders: the kubelet's
+# device-plugin socket folder, the runc shims' sockets and FIFOs, libcni's cache, the netns
+# pins. Removed at stop when they did not exist before start.
+HOST_PATHS = (Path("/var/lib/kubelet"), Path("/run/containerd"), Path("/var/lib/cni"), NETNS_DIR)
 SYSCTLS = tuple(
     Path("/proc/sys/net") / name
     for name in (
@@ -300,7 +305,8 @@ class ServiceDns:
 
 
 class Node:
-    """containerd + kubelet + kube-scheduler + kube-controller-manager for ``api``."""
+    """containerd, kubelet, kube-scheduler, kube-controller-manager, kube-proxy and the DNS
+    stand-in for ``api``; :meth:`stop` puts the host back as it found it."""
 
     def __init__(self, tools: Tools, api: ApiServer, log: IO[str] | None = None) -> None:
         self.tools = tools
@@ -313,6 +319,7 @@ class Node:
         self.dns: ServiceDns | None = None
         self._sysctls: dict[Path, str] = {}
         self._netns_before: set[str] = set()
+        self._new_host_paths: list[Path] = []
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- start --------------------------------------------------------------------------
@@ -336,6 +343,7 @@ class Node:
         )
         (work / "containerd.toml").write_text(_containerd_config(work))
         self._netns_before = _netns()
+        self._new_host_paths = [path for path in HOST_PATHS if not path.exists()]
         self._spawn("containerd", ["containerd", "--config", str(work / "containerd.toml")])
         self._poll(lambda: self.ctr("version", check=False).returncode == 0, 30, "containerd")
         self.import_image(image_archive(self.tools.pause, PAUSE_IMAGE))
@@ -505,6 +513,16 @@ class Node:
                                check=False)  # fmt: skip
                 with suppress(OSError):
                     (NETNS_DIR / name).unlink()
+        # libcni's cache entries of this node's network (its name) and their loopbacks.
+        if CNI_CACHE.is_dir():
+            ours = [p for p in CNI_CACHE.iterdir() if p.name.startswith("stream-trainer-")]
+            ids = {p.name.removeprefix("stream-trainer-").rsplit("-", 1)[0] for p in ours}
+            for entry in CNI_CACHE.iterdir():
+                if entry in ours or any(entry.name == f"cni-loopback-{i}-lo" for i in ids):
+                    with suppress(OSError):
+                        entry.unlink()
+        for path in self._new_host_paths:
+            shutil.rmtree(path, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
         remove_kubelet_chains()
         for path, value in self._sysctls.items():

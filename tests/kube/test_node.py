@@ -243,3 +243,6 @@ def test_pod_runs_learns_and_resumes_from_its_volume_after_delete(
     assert verdict.lost == 0 and verdict.twice == 0
     assert committed == ends
     assert tested.returncode == 0, tested.stdout + tested.stderr
+    # It went through the Service's name (DNS stand-in -> ClusterIP -> kube-proxy).
+    assert node.dns is not None
+    assert f"{FULLNAME}.{namespace}.svc.cluster.local" in node.dns.queries
