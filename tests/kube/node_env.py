@@ -55,9 +55,10 @@ CLUSTER_DOMAIN = "cluster.local"
 NETNS_DIR = Path("/run/netns")  # where containerd's CRI pins pod network namespaces
 CNI_CACHE = Path("/var/lib/cni/results")  # libcni's cache of each attachment
 # Fixed host paths the components create whatever their configured folders: the kubelet's
-# device-plugin socket folder, the runc shims' sockets and FIFOs, libcni's cache, the netns
-# pins. Removed at stop when they did not exist before start.
-HOST_PATHS = (Path("/var/lib/kubelet"), Path("/run/containerd"), Path("/var/lib/cni"), NETNS_DIR)
+# device-plugin socket folder, libcni's cache. Removed at stop when they did not exist
+# before start (NETNS_DIR too, only if empty; /run/containerd/s, the shims' socket folder
+# that Docker's containerd shares, is left).
+HOST_PATHS = (Path("/var/lib/kubelet"), Path("/var/lib/cni"))
 SYSCTLS = tuple(
     Path("/proc/sys/net") / name
     for name in (
@@ -320,6 +321,7 @@ class Node:
         self._sysctls: dict[Path, str] = {}
         self._netns_before: set[str] = set()
         self._new_host_paths: list[Path] = []
+        self._new_netns_dir = False
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- start --------------------------------------------------------------------------
@@ -344,6 +346,7 @@ class Node:
         (work / "containerd.toml").write_text(_containerd_config(work))
         self._netns_before = _netns()
         self._new_host_paths = [path for path in HOST_PATHS if not path.exists()]
+        self._new_netns_dir = not NETNS_DIR.exists()
         self._spawn("containerd", ["containerd", "--config", str(work / "containerd.toml")])
         self._poll(lambda: self.ctr("version", check=False).returncode == 0, 30, "containerd")
         self.import_image(image_archive(self.tools.pause, PAUSE_IMAGE))
@@ -523,6 +526,9 @@ class Node:
                         entry.unlink()
         for path in self._new_host_paths:
             shutil.rmtree(path, ignore_errors=True)
+        if self._new_netns_dir:
+            with suppress(OSError):
+                NETNS_DIR.rmdir()
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
         remove_kubelet_chains()
         for path, value in self._sysctls.items():

@@ -1,12 +1,14 @@
 """The chart installed with the real helm CLI into a single-node cluster whose pod runs.
 
 The node (tests/kube/node_env.py) is containerd + kubelet + kube-scheduler +
-kube-controller-manager next to the API server; the pod runs the project image built by
-the container tests. What is shown: the Deployment's pod is scheduled, starts under Pod
+kube-controller-manager + kube-proxy (and a DNS stand-in for Service names) next to the API
+server; the pod runs the project image built by the container tests. What is shown: the
+claim binds to a hostPath volume, the Deployment's pod is scheduled, starts under Pod
 Security ``restricted``, becomes Ready and learns the test Kafka's records; deleting it
 (``kubectl delete pod``) brings a new pod that resumes from the same volume with nothing
-lost and nothing learnt twice (counted from the pods' metrics, the checkpoint ledger and
-the group's committed offsets).
+lost and nothing learnt twice (counted from the pods' metrics, the final checkpoint's
+ledger, which spans both pods only if the second resumed from the volume, and the group's
+committed offsets on the broker); ``helm test`` reaches ``/readyz`` through the Service.
 
 Kafka for the pods listens on the host's primary address: a pod's loopback is its own,
 Pod Security ``restricted`` forbids ``hostNetwork``, and the bridge routes pod traffic to
@@ -57,7 +59,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.container, pytest.mark.timeout(1800)
 
 PUBLISHED = "stream_trainer_versions_published_total"
 DATASET = "phishing"
-FIRST, SECOND = 900, 300  # records before the first pod, and while it is replaced
+FIRST, SECOND = 900, 300  # records before the first pod, and after it is deleted
 UID = 10001  # the chart's runAsUser/fsGroup: a hostPath volume is not chowned for it
 
 
@@ -241,6 +243,7 @@ def test_pod_runs_learns_and_resumes_from_its_volume_after_delete(
     assert versions, "no version event on the versions topic"
     assert relearnt == 0 and learnt_second == SECOND
     assert verdict.lost == 0 and verdict.twice == 0
+    assert verdict.records_learnt == produced  # one model learnt both pods' records
     assert committed == ends
     assert tested.returncode == 0, tested.stdout + tested.stderr
     # It went through the Service's name (DNS stand-in -> ClusterIP -> kube-proxy).
