@@ -10,8 +10,8 @@ Go module proxy once and cached under
    ``k8s.io/*`` module of the same release (``v0.X.Y`` for ``v1.X.Y``). The same
    ``go build`` makes ``kubelet``, ``kube-scheduler``, ``kube-controller-manager`` and
    ``kube-proxy`` for the single node (tests/kube/node_env.py): they share most packages,
-   so they add about a third to the API server's compile (cold: 1.7 min on 4.6 min). Also a static ``pause``
-   binary (the pod sandbox; no registry is reachable for registry.k8s.io/pause).
+   so they add about a third to the API server's compile (cold: 1.7 min on 4.6 min).
+   Also a static ``pause`` binary (the pod sandbox; registry.k8s.io is not reachable).
 2. ``helm`` from ``helm.sh/helm/v3``.
 3. The Prometheus Operator's ServiceMonitor and PrometheusRule CRDs, copied from the
    operator's Go module (``example/prometheus-operator-crd``).
