@@ -36,9 +36,10 @@ kafka-jars: venv
 registry-jars: venv
 	$(BIN)/python -m stream_trainer.testing.schema_registry build
 
-# kube-apiserver and helm built from the Go module proxy into ~/.cache/stream-trainer/kube
-# (once; ~10 min cold on 2 cores), outside pytest's per-test timeout. A failure here is not
-# fatal: tests/kube then fails under CI=true and skips elsewhere, with the reason.
+# kube-apiserver, kubelet, kube-scheduler, kube-controller-manager, kube-proxy (one go build)
+# and helm built from the Go module proxy into ~/.cache/stream-trainer/kube (once; ~12 min
+# cold on 2 cores), outside pytest's per-test timeout. A failure here is not fatal:
+# tests/kube then fails under CI=true and skips elsewhere, with the reason.
 kube-tools: venv
 	-$(BIN)/python -m tests.kube.kube_env build
 

@@ -11,6 +11,7 @@ Fixtures
 ``unique_topic``  a fresh 1-partition topic name on ``broker``.
 ``schema_registry`` (session) Apicurio Registry 2.4.2, in memory, Confluent API at
                   ``schema_registry.url`` (:class:`SchemaRegistry`); same availability rule.
+``images``        (session, tests/container/fixtures.py) private dockerd + project image.
 
 Availability rule: a broker that cannot start makes its tests FAIL when ``CI=true``
 (with the reason and the tail of the broker log) and SKIP otherwise. A broker is started
@@ -34,6 +35,9 @@ from stream_trainer.testing.kafka_broker import KafkaBroker
 from stream_trainer.testing.schema_registry import SchemaRegistry
 
 BROKER_NAMES = ("kafka", "tansu")
+
+# ``images`` (private dockerd + project image), shared by tests/container and tests/kube.
+pytest_plugins = ("tests.container.fixtures",)
 
 
 def _in_ci() -> bool:

@@ -1,5 +1,8 @@
 """Session fixture of the API-server tests: etcd + kube-apiserver, and the real helm CLI.
 
+The ``node`` fixture adds a single node that runs pods (tests/kube/node_env.py) with the
+project image imported from the container tests' Docker daemon (``images``).
+
 Availability rule, as for the brokers and the Docker daemon: when the binaries cannot be
 built or the server cannot start, these tests FAIL under ``CI=true`` (with the reason)
 and SKIP elsewhere. The server starts once per session, on first use, and is stopped by
@@ -15,7 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.container.fixtures import Images
 from tests.kube.kube_env import ApiServer, BuildTimings, KubeEnvError, build
+from tests.kube.node_env import Node
 
 
 def _in_ci() -> bool:
@@ -48,3 +53,33 @@ def kube() -> Iterator[ApiServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def node(kube: ApiServer, images: Images) -> Iterator[Node]:
+    """A Ready node (containerd + kubelet + scheduler + controller-manager) for ``kube``,
+    with the project image imported; every pod deleted and everything stopped at the end."""
+    started = time.monotonic()
+    node: Node | None = None
+    try:
+        node = Node(kube.tools, kube, log=sys.stderr)
+        node.start()
+        imported = time.monotonic()
+        node.import_docker_image(images.env, images.runtime)
+        import_s = time.monotonic() - imported
+    except (KubeEnvError, OSError) as error:
+        if node is not None:
+            node.stop()
+        reason = f"single-node cluster unavailable: {error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    print(
+        f"\nkube node: Ready in {node.start_seconds:.1f} s, {images.runtime} imported into "
+        f"containerd in {import_s:.1f} s (fixture {time.monotonic() - started:.1f} s)",
+        file=sys.stderr,
+    )
+    try:
+        yield node
+    finally:
+        node.stop()

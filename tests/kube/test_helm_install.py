@@ -112,9 +112,10 @@ def make_namespace(kube: ApiServer, name: str) -> str:
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": PSA_LABELS}},
     )
     # The ServiceAccount admission plugin wants the pod's account to exist; the controller
-    # that makes `default` in each namespace is not running here.
-    kube.request(
-        "POST",
+    # that makes `default` in each namespace runs only with the node (test_node.py), and
+    # may have made it first then.
+    _create(
+        kube,
         _path("ServiceAccount", name),
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}},
     )
