@@ -185,3 +185,31 @@ def river_union(contract: FeatureContract, preprocessing: list[Any]) -> Any:
     if len(branches) == 1:
         return branches[0]
     return compose.TransformerUnion(*branches)
+
+
+def describe_encoding(
+    family: str, mode: str, contract: FeatureContract, first: Any
+) -> dict[str, Any]:
+    """How this model encodes its typed features, for version metadata (``first``: the
+    pipeline's first step). Empty for an all-numeric contract (nothing is encoded)."""
+    if contract.plain:
+        return {}
+    if family == "river":
+        return {
+            "categories": "onehot (River OneHotEncoder)" if contract.categorical else "none",
+            "missing": "left out of the dict",
+        }
+    if isinstance(first, FixedWidthEncoder):
+        return {
+            "categories": first.encoding,
+            "hash_buckets": first.hash_buckets,
+            "missing": "indicator column + fill 0",
+            "width": len(first.get_feature_names_out()),
+        }
+    native = isinstance(first, ColumnTransformer) and isinstance(
+        first.transformers[0][1], OrdinalEncoder
+    )
+    return {
+        "categories": "native (OrdinalEncoder per window)" if native else "onehot per window",
+        "missing": "native (NaN)" if native else "mean imputation + indicator per window",
+    }

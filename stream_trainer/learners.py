@@ -37,6 +37,7 @@ from sklearn.pipeline import make_pipeline
 from stream_trainer.config import EstimatorSpec, Settings
 from stream_trainer.encoding import (
     FixedWidthEncoder,
+    describe_encoding,
     partial_fit_encoding,
     river_union,
     window_encoder,
@@ -402,10 +403,12 @@ def _record_row(contract: FeatureContract, features: Mapping[str, Any]) -> np.nd
     return np.asarray([contract.encode_record(features)], dtype=np.float64)
 
 
-def _describe(spec: ModelSpec, family: Family, batch: str) -> dict[str, Any]:
+def _describe(spec: ModelSpec, family: Family, batch: str, first: Any) -> dict[str, Any]:
     path, params = spec.pipeline[-1]
+    contract = spec.feature_contract()
     return {
-        "features": spec.feature_contract().describe(),
+        "features": contract.describe(),
+        "encoding": describe_encoding(family, contract, first),
         "family": family,
         "path": path,
         "params": copy.deepcopy(params),
@@ -626,7 +629,7 @@ class RiverAdapter:
 
     def describe(self) -> dict[str, Any]:
         """See :class:`ModelAdapter`."""
-        return _describe(self._spec, "river", self._batch)
+        return _describe(self._spec, "river", self._batch, None)
 
     @property
     def model(self) -> Any:
@@ -814,7 +817,7 @@ class SklearnAdapter:
     def describe(self) -> dict[str, Any]:
         """See :class:`ModelAdapter`."""
         batch = "partial_fit" if self._spec.mode == "mini_batch" else "fit"
-        return _describe(self._spec, "sklearn", batch)
+        return _describe(self._spec, "sklearn", batch, self._pipeline.steps[0][1])
 
     @property
     def model(self) -> Any:

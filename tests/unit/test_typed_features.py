@@ -220,6 +220,8 @@ def test_sklearn_partial_fit_width_is_fixed_and_it_learns() -> None:
     # 2 numbers; merchant 5 + other; country hashed 32 + missing; device 3 + other +
     # missing; international; card_present + missing; age + missing
     assert widths == {2 + 6 + 33 + 5 + 1 + 2 + 2}
+    encoding = model.describe()["encoding"]
+    assert encoding["categories"] == "onehot" and encoding["width"] == 51
     assert hits / (len(rows) - 500) > 0.7
     label, p = model.predict_record(
         {"amount": 5.0, "hour": 1.0, "merchant_category": "x", "international": False}
