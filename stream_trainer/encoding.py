@@ -187,9 +187,7 @@ def river_union(contract: FeatureContract, preprocessing: list[Any]) -> Any:
     return compose.TransformerUnion(*branches)
 
 
-def describe_encoding(
-    family: str, mode: str, contract: FeatureContract, first: Any
-) -> dict[str, Any]:
+def describe_encoding(family: str, contract: FeatureContract, first: Any) -> dict[str, Any]:
     """How this model encodes its typed features, for version metadata (``first``: the
     pipeline's first step). Empty for an all-numeric contract (nothing is encoded)."""
     if contract.plain:
