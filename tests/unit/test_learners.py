@@ -480,6 +480,7 @@ def test_describe_is_json_able() -> None:
     description = json.loads(json.dumps(model.describe()))
     assert description == {
         "features": [{"name": f"f{i}", "type": "number", "missing": "reject"} for i in range(4)],
+        "encoding": {},
         "family": "river",
         "path": RIVER_LR,
         "params": {"l2": 0.01},
