@@ -69,7 +69,8 @@ class _CodeMemo(dict[Any, float]):
         return code
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How a JSON value's type reads in a rejection message ('a string')."""
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int | float):
@@ -83,7 +84,8 @@ def _json_type(value: Any) -> str:
     return "null"
 
 
-def _quote(value: Any, limit: int = 60) -> str:
+def quote(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (names and values a record chose)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -130,13 +132,13 @@ class Feature:
 
         Raises FeatureValueError with reason ``wrong_type``, ``non_finite`` or
         ``unknown_category``."""
-        name = _quote(self.name)
+        name = quote(self.name)
         if self.type == "number":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise FeatureValueError(
                     "wrong_type",
                     "WrongFeatureType",
-                    f"feature {name} is {_json_type(value)}, expected a number",
+                    f"feature {name} is {json_type(value)}, expected a number",
                 )
             try:
                 number = float(value)
@@ -152,14 +154,14 @@ class Feature:
                 raise FeatureValueError(
                     "wrong_type",
                     "WrongFeatureType",
-                    f"feature {name} is {_json_type(value)}, expected a boolean",
+                    f"feature {name} is {json_type(value)}, expected a boolean",
                 )
             return 1.0 if value else 0.0
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise FeatureValueError(
                 "wrong_type",
                 "WrongFeatureType",
-                f"feature {name} is {_json_type(value)}, expected a category (string or integer)",
+                f"feature {name} is {json_type(value)}, expected a category (string or integer)",
             )
         if self.categories is None:
             return category_code(value)
@@ -170,7 +172,7 @@ class Feature:
             raise FeatureValueError(
                 "unknown_category",
                 "UnknownCategory",
-                f"feature {name}: {_quote(value)} is not one of its categories",
+                f"feature {name}: {quote(value)} is not one of its categories",
             )
         return float(len(self.categories))
 
@@ -273,7 +275,7 @@ class FeatureContract:
                 raise FeatureValueError(
                     "missing_feature",
                     "MissingFeature",
-                    f"feature {_quote(feature.name)} is missing",
+                    f"feature {quote(feature.name)} is missing",
                 )
             expected = {"number": "a number", "boolean": "a boolean"}.get(
                 feature.type, "a category"
@@ -281,7 +283,7 @@ class FeatureContract:
             raise FeatureValueError(
                 "wrong_type",
                 "WrongFeatureType",
-                f"feature {_quote(feature.name)} is null, expected {expected}",
+                f"feature {quote(feature.name)} is null, expected {expected}",
             )
         return feature.encode(value)
 

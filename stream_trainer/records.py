@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_trainer.config import Label, RecordSettings
-from stream_trainer.features import REFUSED, FeatureContract, FeatureValueError
+from stream_trainer.features import REFUSED, FeatureContract, FeatureValueError, json_type, quote
 from stream_trainer.wire import REASONS as WIRE_REASONS
 from stream_trainer.wire import WireDecoder, WireFormatError
 
@@ -62,7 +62,6 @@ REASONS: Final[tuple[str, ...]] = (
 )
 
 MAX_MESSAGE_CHARS: Final = 500
-_MAX_QUOTED_CHARS: Final = 60  # names and labels quoted from a record (attacker-chosen)
 
 
 class MessageLike(Protocol):
@@ -219,22 +218,10 @@ def _lenient_parse(value: bytes) -> Any:
 
 
 def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float | _NonFinite):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "null"
+    return "a number" if isinstance(value, _NonFinite) else json_type(value)
 
 
-def _quote(name: Any) -> str:
-    text = repr(name)
-    return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
+_quote = quote
 
 
 def _as_finite_number(value: Any) -> float | tuple[bool, str]:

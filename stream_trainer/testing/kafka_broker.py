@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -43,6 +42,7 @@ from stream_trainer.laptop.embedded import (
     wait_for_broker,
 )
 from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
+from stream_trainer.testing.host import file_lock, java_executable
 
 __all__ = [
     "DEFAULT_KAFKA_VERSION",
@@ -123,24 +123,10 @@ def kafka_home(version: str = DEFAULT_KAFKA_VERSION) -> Path:
 
 
 def _java() -> str:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").is_file():
-        return str(Path(java_home) / "bin" / "java")
-    found = shutil.which("java")
+    found = java_executable()
     if found is None:
         raise KafkaUnavailable("java not found on PATH (Kafka needs Java 17+)")
     return found
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def fetch_jars(version: str = DEFAULT_KAFKA_VERSION, *, timeout: float = 1200.0) -> Path:
@@ -154,7 +140,7 @@ def fetch_jars(version: str = DEFAULT_KAFKA_VERSION, *, timeout: float = 1200.0)
     libs = home / "libs"
     if (libs / _MARKER).is_file():
         return libs
-    with _file_lock(home / ".lock"):
+    with file_lock(home / ".lock"):
         if (libs / _MARKER).is_file():
             return libs
         mvn = shutil.which("mvn")

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
-import os
 import shutil
 import signal
 import subprocess
@@ -33,7 +31,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -45,6 +42,7 @@ from stream_trainer.laptop.embedded import (
     unregister_for_exit,
 )
 from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
+from stream_trainer.testing.host import file_lock, java_executable
 from stream_trainer.testing.kafka_broker import cache_root
 
 __all__ = [
@@ -91,24 +89,10 @@ def _project_digest() -> str:
 
 
 def _java() -> str:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").is_file():
-        return str(Path(java_home) / "bin" / "java")
-    found = shutil.which("java")
+    found = java_executable()
     if found is None:
         raise RegistryUnavailable("java not found on PATH (Apicurio needs Java 17+)")
     return found
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _is_built(app: Path, digest: str) -> bool:
@@ -133,7 +117,7 @@ def build(*, timeout: float = 1200.0) -> Path:
     digest = _project_digest()
     if _is_built(app, digest):
         return app
-    with _file_lock(home / ".lock"):
+    with file_lock(home / ".lock"):
         if _is_built(app, digest):
             return app
         mvn = shutil.which("mvn")
