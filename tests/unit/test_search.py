@@ -440,12 +440,12 @@ def test_trainer_retrain_searches_and_keeps_the_summary(tmp_path: Path) -> None:
     assert search is not None
     assert search["counts"]["complete"] == 6
     assert search["gate"]["accepted"] is True
-    assert state.last_search is search
-    assert state.model_search is search
     best_depth = search["best"]["params"]["learner.max_depth"]
     assert state.model.describe()["params"]["max_depth"] == best_depth
     # The candidate trained on the window minus the gate's holdout.
-    assert search["train_records"] + search["validation_records"] == (outcome.trained_on)
+    assert search["train_records"] + search["validation_records"] == outcome.trained_on
+    assert state.last_search is search
+    assert state.model_search is search
     # The next retrain starts from the previous best.
     outcome2 = _retrain(trainer, state)
     assert outcome2.search is not None
