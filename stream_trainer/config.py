@@ -1365,6 +1365,9 @@ class Settings(BaseSettings):
         for (section, key), default in _ADDED_FIELD_DEFAULTS.items():
             if relevant[section].get(key) == default:
                 del relevant[section][key]
+        # The search decides how later candidates are found, not what the current model or
+        # state is: enabling or tuning it keeps the checkpoint (and pre-search checkpoints).
+        relevant["training"]["full_batch"].pop("search", None)
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -403,7 +403,15 @@ class FullBatchTrainer:
             f"(margin {self._gate.margin})"
         )
         if search is not None:
-            search["gate"] = {"accepted": accepted, "reason": reason, "trigger": meta["trigger"]}
+            search["gate"] = {
+                "accepted": accepted,
+                "reason": reason,
+                "trigger": meta["trigger"],
+                "metric": self._metric,
+                "champion_score": champion_score,
+                "candidate_score": None if math.isnan(candidate_score) else candidate_score,
+                "holdout_records": len(y_hold),
+            }
             state.last_search = search  # shown by `search show`, warm-starts the next one
         if accepted:
             state.model = candidate

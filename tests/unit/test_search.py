@@ -493,3 +493,12 @@ def test_search_show_without_checkpoint_exits_1(
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     assert main(["search", "show", "--config", str(config)]) == 1
     assert "no readable checkpoint" in capsys.readouterr().err
+
+
+def test_search_settings_do_not_change_the_config_hash() -> None:
+    """Enabling or tuning a search keeps the model's checkpoints (and older ones)."""
+    searched = make_settings(trials=5)
+    other = make_settings(trials=9, algorithm="random")
+    plain = make_settings(enabled=False)
+    assert searched.config_hash() == other.config_hash() == plain.config_hash()
+    assert make_settings(params={"max_depth": 2}).config_hash() != searched.config_hash()
