@@ -23,6 +23,7 @@ from stream_trainer.config import (
 )
 from stream_trainer.deadletter import BadRecordBreaker
 from stream_trainer.evaluation import PrequentialEvaluator
+from stream_trainer.fit_worker import FitWorker
 from stream_trainer.learners import IncompatibleLearner, ModelAdapter, build_model
 from stream_trainer.search import (
     COMPLETE,
@@ -502,3 +503,35 @@ def test_search_settings_do_not_change_the_config_hash() -> None:
     plain = make_settings(enabled=False)
     assert searched.config_hash() == other.config_hash() == plain.config_hash()
     assert make_settings(params={"max_depth": 2}).config_hash() != searched.config_hash()
+
+
+def test_search_runs_in_the_fit_worker_process() -> None:
+    """The worker path: the study runs in the child, a refused value fails its trial there,
+    and the refit winner and a plain-data summary come back."""
+    settings = make_settings(
+        {
+            "learner.max_depth": {"type": "int", "low": 1, "high": 10},
+            "learner.criterion": {"type": "categorical", "choices": ["gini", "bogus"]},
+        },
+        trials=8,
+        algorithm="random",
+        seed=2,
+    )
+    X, y = checkerboard(600)
+    worker = FitWorker(nice=0)
+    try:
+        winner, seconds, summary = worker.search(
+            build_model(settings), X, y, None, spec_of(settings), None
+        )
+    finally:
+        worker.close()
+    assert seconds > 0
+    assert summary["counts"]["failed"] >= 1
+    assert summary["counts"]["complete"] + summary["counts"]["failed"] == 8
+    failed = [t for t in summary["trials"] if t["state"] == FAILED]
+    assert all(t["params"]["learner.criterion"] == "bogus" for t in failed)
+    assert all("InvalidParameterError" in t["error"] for t in failed)
+    best = summary["best"]
+    assert winner.describe()["params"]["max_depth"] == best["params"]["learner.max_depth"]
+    assert winner.is_fitted()
+    json.dumps(summary)  # plain data: goes into metadata and checkpoints as is
