@@ -867,7 +867,7 @@ class SearchSettings(StrictModel):
         description=(
             "parameter path -> range or choices; a path is learner.PARAM or "
             "preprocessing.INDEX.PARAM (model.preprocessing[INDEX]), e.g. learner.max_depth: "
-            "{type: int, low: 1, high: 12}; unsearched params keep their configured values"
+            "{type: int, low: 1, high: 12}; unsearched params keep the current model's values"
         ),
     )
     trials: int | None = Field(

@@ -120,7 +120,9 @@ class SearchSummary:
     space: dict[str, dict[str, Any]]
     train_records: int
     validation_records: int
-    baseline_score: float  # the configured params on the same split; NaN if they failed
+    # The candidate's own params (the current model's: the configured ones until a search
+    # winner replaced it) on the same split; NaN if they failed.
+    baseline_score: float
     trials: list[TrialRecord] = field(default_factory=list)
     duration_s: float = 0.0
     refit_seconds: float = 0.0
@@ -327,7 +329,7 @@ def _baseline(
     validation: tuple[np.ndarray, np.ndarray],
     spec: SearchSpec,
 ) -> float:
-    """The configured params' score on the same split: what the search is measured against."""
+    """The candidate's own params' score on the same split: what the search must beat."""
     try:
         return run_trial(candidate, {}, train, validation, spec)
     except Exception:  # the configured params may fail where the search's do not
