@@ -25,9 +25,11 @@ from stream_trainer.deadletter import BadRecordBreaker
 from stream_trainer.evaluation import PrequentialEvaluator
 from stream_trainer.fit_worker import FitWorker
 from stream_trainer.learners import IncompatibleLearner, ModelAdapter, build_model
+from stream_trainer.metrics import SEARCH_TRIAL_STATES
 from stream_trainer.search import (
     COMPLETE,
     FAILED,
+    TRIAL_STATES,
     SearchFailed,
     SearchSpec,
     run_search,
@@ -535,3 +537,8 @@ def test_search_runs_in_the_fit_worker_process() -> None:
     assert winner.describe()["params"]["max_depth"] == best["params"]["learner.max_depth"]
     assert winner.is_fitted()
     json.dumps(summary)  # plain data: goes into metadata and checkpoints as is
+
+
+def test_metric_trial_states_are_the_search_states() -> None:
+    """metrics.py keeps its own copy (it does not import the learners)."""
+    assert SEARCH_TRIAL_STATES == TRIAL_STATES
