@@ -545,6 +545,19 @@ class CheckpointStore:
             return loaded
         return None
 
+    def read_latest(self) -> LoadedCheckpoint | None:
+        """The newest checkpoint that verifies and unpickles, or None; read-only (for a
+        reader beside a running service: nothing is removed or quarantined, a failing file
+        is skipped). Raises CheckpointError as :meth:`load_latest` does on policy refusals."""
+        for path in reversed(self.list()):
+            try:
+                return self._load(path, None)
+            except _PolicyRefusal as refusal:
+                raise self._refusal(path, refusal) from None
+            except (_Rejected, OSError):
+                continue  # being replaced, or damaged: the writer will deal with it
+        return None
+
     def _load(
         self, path: Path, validate: Callable[[Any, CheckpointManifest], None] | None
     ) -> LoadedCheckpoint:

@@ -191,6 +191,35 @@ def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_search_show(args: argparse.Namespace) -> int:
+    """Print the last hyperparameter search recorded in the newest checkpoint."""
+    from stream_trainer.checkpoint import CheckpointError, CheckpointStore  # noqa: PLC0415
+
+    settings = _settings(args)
+    cfg = settings.checkpoint
+    store = CheckpointStore(
+        cfg.dir, key=cfg.key(), allow_unsigned=cfg.allow_unsigned, keep_last=1_000_000
+    )
+    try:
+        loaded = store.read_latest()
+    except CheckpointError as error:
+        print(f"stream-trainer: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    if loaded is None:
+        print(f"stream-trainer: no readable checkpoint in {cfg.dir}", file=sys.stderr)
+        return EXIT_FAILURE
+    search = getattr(loaded.state, "last_search", None)
+    if search is None:
+        print(
+            f"stream-trainer: no search recorded in checkpoint {loaded.path} (a search runs "
+            "at a full retrain with training.full_batch.search.enabled)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    _print_json({"checkpoint": str(loaded.path), **search})
+    return EXIT_OK
+
+
 def _registry(settings: Settings) -> Any:
     from stream_trainer.registry import ModelRegistry  # noqa: PLC0415
 
@@ -545,6 +574,31 @@ def _add_checkpoint(sub: Any) -> None:
     q.set_defaults(func=cmd_checkpoint_inspect)
 
 
+def _add_search(sub: Any) -> None:
+    p = _command(
+        sub,
+        "search",
+        summary="show the last hyperparameter search",
+        description="Hyperparameter searches of full retrains (training.full_batch.search).",
+        examples=["stream-trainer search show --config my.yaml"],
+        exits=("0  done", "1  failure, explained on stderr"),
+    )
+    ssub = p.add_subparsers(dest="search_command", required=True, metavar="ACTION", help="show")
+    q = _command(
+        ssub,
+        "show",
+        summary="the last search, from the newest checkpoint",
+        description="Print the last search recorded in the newest checkpoint as JSON: "
+        "algorithm, space, every trial (params, score, seconds, state), the best, the "
+        "configured params' score on the same split, the duration and the gate's verdict. "
+        "Reads the checkpoint only; safe beside a running service.",
+        examples=["stream-trainer search show --config my.yaml | jq .best"],
+        exits=("0  printed", "1  no checkpoint, or no search recorded in it"),
+    )
+    _add_config(q)
+    q.set_defaults(func=cmd_search_show)
+
+
 _VERSION_ACTIONS = (
     ("list", "all versions, champion marked", "List the published versions as JSON."),
     ("show", "one version's metadata", "Print one version's metadata as JSON."),
@@ -743,6 +797,7 @@ def build_parser(*, laptop: bool = True) -> argparse.ArgumentParser:
     _add_produce(sub)
     _add_checkpoint(sub)
     _add_versions(sub)
+    _add_search(sub)
     _add_control(sub)
     _add_topics(sub)
     if laptop:

@@ -796,6 +796,134 @@ class MiniBatchSettings(StrictModel):
     )
 
 
+_SEARCH_PATH = re.compile(r"^(learner|preprocessing\.(0|[1-9][0-9]*))\.[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SearchParam(StrictModel):
+    """One searched parameter: a number range (int / float, linear or log) or choices."""
+
+    type: Literal["int", "float", "categorical"] = Field(
+        description="int or float: a range from low to high; categorical: one of choices"
+    )
+    low: float | None = Field(default=None, description="int / float: the smallest value")
+    high: float | None = Field(
+        default=None, description="int / float: the largest value (included), above low"
+    )
+    log: bool = Field(
+        default=False,
+        description="int / float: sample on a log scale (low above 0), e.g. a learning rate",
+    )
+    choices: list[Any] | None = Field(
+        default=None,
+        description="categorical: the values to choose from (strings, numbers, booleans, null)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("choices: a categorical parameter needs at least one choice")
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("low / high / log apply to int and float parameters only")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"choices apply to categorical parameters only, not {self.type}")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs low and high")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("an int parameter needs whole numbers for low and high")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: needs low above 0 (got {self.low})")
+        return self
+
+    def distribution(self) -> dict[str, Any]:
+        """The parameter as plain values (what travels to a fit worker and into metadata)."""
+        if self.type == "categorical":
+            return {"type": "categorical", "choices": list(self.choices or [])}
+        low, high = float(self.low or 0.0), float(self.high or 0.0)  # set: see _consistent
+        if self.type == "int":
+            return {"type": "int", "low": int(low), "high": int(high), "log": self.log}
+        return {"type": "float", "low": low, "high": high, "log": self.log}
+
+
+class SearchSettings(StrictModel):
+    """Hyperparameter search for full-batch retrains (Optuna, in-process, sequential trials)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="a retrain searches the space instead of fitting the configured params once",
+    )
+    algorithm: Literal["random", "tpe"] = Field(
+        default="tpe",
+        description=(
+            "random: independent draws (Optuna RandomSampler); tpe: Tree-structured Parzen "
+            "Estimators (Optuna TPESampler), which samples near the best trials so far"
+        ),
+    )
+    space: dict[str, SearchParam] = Field(
+        default_factory=dict,
+        description=(
+            "parameter path -> range or choices; a path is learner.PARAM or "
+            "preprocessing.INDEX.PARAM (model.preprocessing[INDEX]), e.g. learner.max_depth: "
+            "{type: int, low: 1, high: 12}; unsearched params keep the current model's values"
+        ),
+    )
+    trials: int | None = Field(
+        default=20,
+        ge=1,
+        le=100_000,
+        description="trials per search (each one fit and one score); null: until timeout_s",
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "no new trial starts after this many seconds of search (a running one finishes); "
+            "null: trials bounds the search alone"
+        ),
+    )
+    validation_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description=(
+            "the newest this fraction of the training records scores the trials (time order, "
+            "never shuffled); the rest trains them"
+        ),
+    )
+    warm_start_trials: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description=(
+            "the previous search's this many best trials are tried first (those that fit the "
+            "current space), so a drift retrain does not start blind; 0: off"
+        ),
+    )
+    seed: int = Field(default=0, ge=0, description="the sampler's seed (reproducible draws)")
+
+    @field_validator("space")
+    @classmethod
+    def _paths(cls, value: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        for path in value:
+            if not _SEARCH_PATH.match(path):
+                raise ValueError(
+                    f"{path!r} is not a parameter path like learner.max_depth or "
+                    "preprocessing.0.with_mean"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> SearchSettings:
+        if self.enabled and not self.space:
+            raise ValueError("space: an enabled search needs at least one parameter")
+        if self.trials is None and self.timeout_s is None:
+            raise ValueError("trials / timeout_s: set at least one, or the search never ends")
+        return self
+
+
 class FullBatchSettings(StrictModel):
     """``full_batch`` mode: a bounded window and the triggers that refit on it."""
 
@@ -845,6 +973,7 @@ class FullBatchSettings(StrictModel):
             "takes longer; 0 gives the fit an equal share"
         ),
     )
+    search: SearchSettings = Field(default_factory=SearchSettings)
 
 
 class TrainingSettings(StrictModel):
@@ -1174,6 +1303,20 @@ class Settings(BaseSettings):
         for metric in self.evaluation_metrics():
             if classification != (metric not in ("mae", "rmse", "r2")):
                 raise ValueError(f"evaluation.metrics: {metric!r} does not fit {self.model.task}")
+        search = self.training.full_batch.search
+        if search.enabled:
+            if self.training.mode != "full_batch":
+                raise ValueError(
+                    "training.full_batch.search.enabled: only training.mode full_batch "
+                    f"searches (this model runs {self.training.mode})"
+                )
+            steps = len(self.model.preprocessing)
+            for path in search.space:
+                if path.startswith("preprocessing.") and int(path.split(".")[1]) >= steps:
+                    raise ValueError(
+                        f"training.full_batch.search.space.{path}: model.preprocessing has "
+                        f"{steps} step(s)"
+                    )
         if self.record.format != "json" and self.schema_registry.url is None:
             raise ValueError(
                 f"record.format {self.record.format} needs schema_registry.url (the schemas "
@@ -1222,6 +1365,9 @@ class Settings(BaseSettings):
         for (section, key), default in _ADDED_FIELD_DEFAULTS.items():
             if relevant[section].get(key) == default:
                 del relevant[section][key]
+        # The search decides how later candidates are found, not what the current model or
+        # state is: enabling or tuning it keeps the checkpoint (and pre-search checkpoints).
+        relevant["training"]["full_batch"].pop("search", None)
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

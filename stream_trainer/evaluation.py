@@ -41,6 +41,11 @@ _AUC_BINS = 10_000
 _EPS = float(np.finfo(np.float64).eps)
 
 
+def lower_is_better(metric: str) -> bool:
+    """True for the metrics where a smaller value is better (log_loss, mae, rmse)."""
+    return metric in _LOWER_IS_BETTER
+
+
 def _encoder(labels: Sequence[Any]) -> dict[Any, int]:
     return {label: index for index, label in enumerate(labels)}
 

@@ -42,11 +42,13 @@ from stream_trainer.child_process import (
     write_frame,
 )
 from stream_trainer.memory import release_free_memory
+from stream_trainer.search import run_search
 
 if TYPE_CHECKING:
     import numpy as np
 
     from stream_trainer.learners import ModelAdapter
+    from stream_trainer.search import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +84,31 @@ class FitWorker:
         self, candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None
     ) -> tuple[ModelAdapter, float]:
         """The fitted ``candidate`` and the seconds the fit took in the worker."""
+        fitted, seconds, _summary = self._run((candidate, X, y, weights, None))
+        return fitted, seconds
+
+    def search(
+        self,
+        candidate: ModelAdapter,
+        X: np.ndarray,
+        y: np.ndarray,
+        weights: np.ndarray | None,
+        spec: SearchSpec,
+        previous: dict[str, Any] | None,
+    ) -> tuple[ModelAdapter, float, dict[str, Any]]:
+        """:func:`~stream_trainer.search.run_search` in the worker: the refit winner, the
+        search's seconds and its summary (``SearchSummary.as_dict``)."""
+        fitted, seconds, summary = self._run((candidate, X, y, weights, (spec, previous)))
+        assert summary is not None
+        return fitted, seconds, summary
+
+    def _run(self, job: tuple[Any, ...]) -> tuple[ModelAdapter, float, dict[str, Any] | None]:
         with self._lock:
-            job = (candidate, X, y, weights)
             self._child.send(lambda stream: write_frame(stream, job))
             status, body = self._child.receive()
         if status != OK:
             raise self._child.died(f"the fit raised:\n{body}")
-        fitted, seconds, priority_problem = body
+        fitted, seconds, priority_problem, summary = body
         if priority_problem is not None and not self._priority_reported:
             self._priority_reported = True
             log.warning(
@@ -96,7 +116,7 @@ class FitWorker:
                 "during retrains",
                 extra={"reason": priority_problem, "pid": self.pid},
             )
-        return fitted, seconds
+        return fitted, seconds, summary
 
     def close(self) -> None:
         """Stop the worker now, abandoning any fit in progress. Idempotent."""
@@ -131,8 +151,9 @@ def lower_session_priority(nice: int, path: str = AUTOGROUP) -> str | None:
 
 def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
     """The child's loop: first frame (nice value, modules to preload), then (candidate, X, y,
-    weights) jobs, each answered with (fitted candidate, seconds, why the worker could not
-    lower its priority or None)."""
+    weights, search) jobs, search None (one fit) or (SearchSpec, previous summary), each
+    answered with (fitted candidate, seconds, why the worker could not lower its priority or
+    None, the search summary or None)."""
     ignore_stop_signals()
     try:
         nice, preload = read_frame(stdin)
@@ -146,13 +167,19 @@ def worker_main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
         with contextlib.suppress(ImportError):  # the parent imported it; a failure shows later
             importlib.import_module(module)
 
-    def fit(job: tuple[ModelAdapter, np.ndarray, np.ndarray, np.ndarray | None]) -> Any:
-        candidate, X, y, weights = job
+    def fit(job: tuple[Any, ...]) -> Any:
+        candidate, X, y, weights, search = job
         started = time.perf_counter()
-        candidate.fit(X, y, weights)
+        summary = None
+        if search is None:
+            candidate.fit(X, y, weights)
+        else:
+            spec, previous = search
+            candidate, found = run_search(candidate, X, y, weights, spec, previous)
+            summary = found.as_dict()
         seconds = time.perf_counter() - started
         release_free_memory()  # the fit's working set, so the idle worker stays small
-        return candidate, seconds, priority_problem
+        return candidate, seconds, priority_problem, summary
 
     return serve(stdin, stdout, read_frame, fit)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
 import inspect
 import math
@@ -102,6 +103,30 @@ def _without_settings(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def split_overrides(
+    spec: ModelSpec, overrides: Mapping[str, Any]
+) -> tuple[ModelSpec, dict[int, dict[str, Any]]]:
+    """``spec`` with ``overrides`` merged into its steps' params, and the overrides by step
+    index in ``spec.pipeline`` (the learner is the last). A path is ``learner.PARAM`` or
+    ``preprocessing.INDEX.PARAM``; the config validated both forms."""
+    by_step: dict[int, dict[str, Any]] = {}
+    last = len(spec.pipeline) - 1
+    for path, value in overrides.items():
+        head, _, rest = path.partition(".")
+        if head == "learner":
+            index, name = last, rest
+        else:
+            position, _, name = rest.partition(".")
+            index = int(position)
+        if not 0 <= index <= last or not name:
+            raise IncompatibleLearner(f"search parameter {path!r} names no pipeline step")
+        by_step.setdefault(index, {})[name] = value
+    pipeline = tuple(
+        (path, {**params, **by_step.get(i, {})}) for i, (path, params) in enumerate(spec.pipeline)
+    )
+    return dataclasses.replace(spec, pipeline=pipeline), by_step
+
+
 class ModelAdapter(Protocol):
     """What a trainer needs from a model. Implementations are picklable and pure."""
 
@@ -142,6 +167,13 @@ class ModelAdapter(Protocol):
 
     def fresh(self) -> ModelAdapter:
         """An untrained copy with the same configuration."""
+        ...
+
+    def with_params(self, overrides: Mapping[str, Any]) -> ModelAdapter:
+        """An untrained copy whose steps take ``overrides`` (search paths such as
+        ``learner.max_depth`` or ``preprocessing.0.with_mean``, see
+        :func:`split_overrides`); ``describe()`` reports the merged params. Raises what the
+        estimator raises on a value it refuses."""
         ...
 
     def is_fitted(self) -> bool:
@@ -265,6 +297,7 @@ def build_model(settings: Settings) -> ModelAdapter:
                 f"{family} ({model.learner.path}); a pipeline cannot mix families"
             )
     steps = [_construct(_resolve(spec, field), spec, field) for spec, field in specs]
+    _check_search_space(settings, steps)
     task = model.task
     mode = settings.training.mode
     metrics = settings.evaluation_metrics()
@@ -280,6 +313,33 @@ def build_model(settings: Settings) -> ModelAdapter:
     return _build_sklearn(
         settings, steps=steps, specs=specs, labels=labels, metrics=metrics, task=task, mode=mode
     )
+
+
+def _check_search_space(settings: Settings, steps: list[Any]) -> None:
+    """Every searched parameter must be one its step's constructor takes."""
+    search = settings.training.full_batch.search
+    if not search.enabled:
+        return
+    categorical = bool(FeatureContract.from_settings(settings.record).categorical)
+    for path in search.space:
+        field = f"training.full_batch.search.space.{path}"
+        head, _, rest = path.partition(".")
+        if head == "learner":
+            step, name, where = steps[-1], rest, settings.model.learner.path
+        else:
+            position, _, name = rest.partition(".")
+            step = steps[int(position)]
+            where = settings.model.preprocessing[int(position)].path
+            if categorical and _family(settings.model.learner.path) == "river":
+                raise IncompatibleLearner(
+                    f"{field}: River preprocessing params cannot be searched with category "
+                    "features (the steps sit inside the encoding union); search the learner's"
+                )
+        accepted = inspect.signature(type(step)).parameters
+        if name not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            raise IncompatibleLearner(
+                f"{field}: unknown parameter {name!r} for {where} (accepted: {sorted(accepted)})"
+            )
 
 
 def _build_river(
@@ -611,6 +671,28 @@ class RiverAdapter:
             self._model.clone(), self._spec, self._labels, self._has_proba, self._batch
         )
 
+    def with_params(self, overrides: Mapping[str, Any]) -> RiverAdapter:
+        """See :class:`ModelAdapter`. The configured steps are the pipeline's last ones; with
+        category features the preprocessing sits inside the encoding union, so only the
+        learner's params can be overridden then (build_model refuses the others)."""
+        spec, by_step = split_overrides(self._spec, overrides)
+        steps = list(self._model.steps.values()) if hasattr(self._model, "steps") else [self._model]
+        offset = len(steps) - len(spec.pipeline)
+        if offset != 0 and any(i != len(spec.pipeline) - 1 for i in by_step):
+            raise IncompatibleLearner(
+                "search over preprocessing params needs numeric features only (River)"
+            )
+        last = len(spec.pipeline) - 1
+        clones = []
+        for position, step in enumerate(steps):
+            index = last if position == len(steps) - 1 else position - offset
+            params = by_step.get(index)
+            clones.append(step.clone(params) if params else step.clone())
+        model = clones[0]
+        for step in clones[1:]:
+            model = model | step
+        return RiverAdapter(model, spec, self._labels, self._has_proba, self._batch)
+
     def is_fitted(self) -> bool:
         """See :class:`ModelAdapter`."""
         return self._n_learned > 0
@@ -801,6 +883,21 @@ class SklearnAdapter:
     def fresh(self) -> SklearnAdapter:
         """See :class:`ModelAdapter`."""
         return SklearnAdapter(clone(self._pipeline), self._spec, self._labels, self._has_proba)
+
+    def with_params(self, overrides: Mapping[str, Any]) -> SklearnAdapter:
+        """See :class:`ModelAdapter`. The configured steps are the pipeline's last ones (a
+        feature encoder may come first); the new values are validated at once."""
+        spec, by_step = split_overrides(self._spec, overrides)
+        pipeline = clone(self._pipeline)
+        offset = len(pipeline.steps) - len(spec.pipeline)
+        for index, params in by_step.items():
+            step = pipeline.steps[offset + index][1]
+            step.set_params(**params)
+            validate = getattr(step, "_validate_params", None)
+            if callable(validate):
+                validate()
+        has_proba = self._task != "regression" and hasattr(pipeline, "predict_proba")
+        return SklearnAdapter(pipeline, spec, self._labels, has_proba)
 
     def is_fitted(self) -> bool:
         """See :class:`ModelAdapter`."""

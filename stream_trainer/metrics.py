@@ -57,6 +57,8 @@ QUARANTINE_REASONS: tuple[str, ...] = (
 )
 REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
 RETRAIN_TRIGGERS: tuple[str, ...] = ("count", "time", "drift", "manual")
+# stream_trainer.search.TRIAL_STATES (not imported: metrics stay free of the learners).
+SEARCH_TRIAL_STATES: tuple[str, ...] = ("complete", "failed", "pruned")
 STATES: tuple[str, ...] = (
     "starting",
     "standby",
@@ -135,6 +137,12 @@ class Metrics:
     retrain_duration: Histogram
     # stream_trainer_retrains_total{trigger=count|time|drift|manual}
     retrains: Counter
+    # stream_trainer_search_trials_total{state=complete|failed|pruned}
+    search_trials: Counter
+    # stream_trainer_search_best_score (the last search's best, in its metric's units)
+    search_best_score: Gauge
+    # stream_trainer_search_duration_seconds (histogram)
+    search_duration: Histogram
     # stream_trainer_drift_detections_total
     drift_detections: Counter
     # stream_trainer_prequential_metric{metric,scope=window|total}
@@ -303,6 +311,23 @@ def build_metrics(
             **r,
         ),
         retrains=Counter(f"{p}_retrains", "Full retrains started, by trigger.", ["trigger"], **r),
+        search_trials=Counter(
+            f"{p}_search_trials",
+            "Hyperparameter search trials run by full retrains, by final state.",
+            ["state"],
+            **r,
+        ),
+        search_best_score=Gauge(
+            f"{p}_search_best_score",
+            "Best validation score of the last hyperparameter search (its metric's units).",
+            **r,
+        ),
+        search_duration=Histogram(
+            f"{p}_search_duration_seconds",
+            "Duration of a hyperparameter search, trials and the winner's refit.",
+            buckets=RETRAIN_BUCKETS,
+            **r,
+        ),
         drift_detections=Counter(
             f"{p}_drift_detections", "Concept drifts detected on the prequential error.", **r
         ),
@@ -350,6 +375,8 @@ def build_metrics(
         metrics.rebalances.labels(kind=kind)
     for trigger in RETRAIN_TRIGGERS:
         metrics.retrains.labels(trigger=trigger)
+    for trial_state in SEARCH_TRIAL_STATES:
+        metrics.search_trials.labels(state=trial_state)
     metrics.build_info.info(
         {"version": version or _package_version(), "python": platform.python_version()}
     )

@@ -203,6 +203,7 @@ class ModelPublisher:
             "trigger": trigger,
             "training_mode": settings.training.mode,
             "learner": state.model.describe(),
+            "search": state.model_search,
             "offsets_since_parent": state.ledger.since(state.published_ledger),
             "offsets_total": state.ledger.as_json(),
             "records_learnt": state.records_learnt,
@@ -299,6 +300,7 @@ class ModelPublisher:
             state, f"retrain:{outcome.trigger}", outcome.champion_score, outcome.candidate_score
         )
         metadata["learner"] = outcome.candidate.describe()
+        metadata["search"] = outcome.search
         self._registry.record_rejection(
             metadata,
             outcome.champion_score if outcome.champion_score is not None else float("nan"),

@@ -239,6 +239,8 @@ class Service:
             if outcome is not None:
                 self._metrics.retrains.labels(trigger=outcome.trigger).inc()
                 self._metrics.retrain_duration.observe(outcome.duration_s)
+                if outcome.search is not None:
+                    self._record_search(outcome.search)
                 if outcome.accepted:
                     if self.settings.registry.publish_after_retrain:
                         self._publish_wanted = "retrain"
@@ -752,6 +754,26 @@ class Service:
         self._metrics.kafka_errors.labels(code=error.name()).inc()
 
     # -- stop ------------------------------------------------------------------------------
+
+    def _record_search(self, search: dict[str, Any]) -> None:
+        """A finished search's trials, best score and duration (SearchSummary.as_dict)."""
+        for state, count in search["counts"].items():
+            if count:
+                self._metrics.search_trials.labels(state=state).inc(count)
+        best = search.get("best")
+        if best is not None and best.get("score") is not None:
+            self._metrics.search_best_score.set(best["score"])
+        self._metrics.search_duration.observe(search["duration_s"])
+        log.info(
+            "hyperparameter search finished",
+            extra={
+                "trials": search["counts"],
+                "best": None if best is None else best["params"],
+                "best_score": None if best is None else best["score"],
+                "baseline_score": search.get("baseline_score"),
+                "seconds": search["duration_s"],
+            },
+        )
 
     def _update_model_metrics(self) -> None:
         version = self.state.model_version

@@ -117,6 +117,11 @@ class TrainingState:
     # Acks of commands acted on, until delivered (a crash between the checkpoint and the
     # ack must not lose it: the command is not read again).
     acks_owed: list[Ack] | None = None
+    # The last hyperparameter search (SearchSummary.as_dict plus the gate's verdict), kept
+    # for the next search's warm start and `search show`; and the search that made the
+    # current model (its version metadata). Plain data; class defaults for old checkpoints.
+    last_search: dict[str, Any] | None = None
+    model_search: dict[str, Any] | None = None
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""

@@ -25,6 +25,7 @@ from stream_trainer.fit_worker import FitWorker
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.memory import release_free_memory
 from stream_trainer.records import DecodedBatch
+from stream_trainer.search import SearchSpec, run_search, search_spec
 from stream_trainer.state import RecordWindow, TrainingState
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,12 @@ class RetrainOutcome:
     duration_s: float
     trained_on: int
     reason: str
+    # The hyperparameter search that made the candidate (SearchSummary.as_dict), if any.
+    search: dict[str, Any] | None = None
+
+
+# A finished retrain off the poll thread: the candidate, its seconds, the search summary.
+FitResult = tuple[ModelAdapter, float, dict[str, Any] | None]
 
 
 T = TypeVar("T")
@@ -231,7 +238,8 @@ class FullBatchTrainer:
         self._task = settings.model.task
         self._metric = settings.evaluation_metrics()[0]
         self._labels = settings.record.labels
-        self._running: Future[tuple[ModelAdapter, float]] | None = None
+        self._search = search_spec(settings)
+        self._running: Future[FitResult] | None = None
         self._running_meta: dict[str, Any] = {}
         self._last_retrain = time.monotonic()
 
@@ -319,8 +327,10 @@ class FullBatchTrainer:
             "trained_on": split,
             "started": time.perf_counter(),
         }
+        search, previous = self._search, state.last_search
         self._running = run_in_daemon_thread(
-            "retrain", lambda: self._fit(candidate, X[:split], y[:split], w[:split])
+            "retrain",
+            lambda: self._fit(candidate, X[:split], y[:split], w[:split], search, previous),
         )
         if state.retrain_running is None:  # a resumed retrain keeps any newer trigger waiting
             state.retrain_wanted = None
@@ -330,22 +340,37 @@ class FullBatchTrainer:
         log.info("full retrain started", extra={"trigger": trigger, "records": split})
 
     def _fit(
-        self, candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, w: np.ndarray
-    ) -> tuple[ModelAdapter, float]:
-        """On the retrain thread: the fitted candidate and the fit's seconds."""
+        self,
+        candidate: ModelAdapter,
+        X: np.ndarray,
+        y: np.ndarray,
+        w: np.ndarray,
+        search: SearchSpec | None,
+        previous: dict[str, Any] | None,
+    ) -> FitResult:
+        """On the retrain thread: the fitted candidate (the search's refit winner when a
+        search is configured), the fit's or search's seconds, and the search summary."""
         started = time.perf_counter()
         self._crash.reached("mid_retrain")
         weights = None if np.all(w == 1.0) else w
+        if search is not None:
+            if self._fit_worker is not None:
+                return self._fit_worker.search(candidate, X, y, weights, search, previous)
+            winner, summary = run_search(candidate, X, y, weights, search, previous)
+            return winner, time.perf_counter() - started, summary.as_dict()
         if self._fit_worker is not None:
-            return self._fit_worker.fit(candidate, X, y, weights)
+            fitted, seconds = self._fit_worker.fit(candidate, X, y, weights)
+            return fitted, seconds, None
         candidate.fit(X, y, weights)
-        return candidate, time.perf_counter() - started
+        return candidate, time.perf_counter() - started, None
 
     def _finish(self, state: TrainingState) -> RetrainOutcome:
         assert self._running is not None
         future, meta = self._running, self._running_meta
         self._running = None
-        candidate, fit_seconds = future.result()  # a failing fit is a bug: let it raise
+        # A failing fit is a bug, and a search none of whose trials completed is a
+        # configuration that cannot train: let either raise.
+        candidate, fit_seconds, search = future.result()
         state.retrain_running = None  # judged below: done, whatever the verdict
         X_hold, y_hold = meta["holdout"]
         champion_score: float | None = None
@@ -377,8 +402,20 @@ class FullBatchTrainer:
             else f"candidate {candidate_score:.4f} vs champion {champion_score:.4f} "
             f"(margin {self._gate.margin})"
         )
+        if search is not None:
+            search["gate"] = {
+                "accepted": accepted,
+                "reason": reason,
+                "trigger": meta["trigger"],
+                "metric": self._metric,
+                "champion_score": champion_score,
+                "candidate_score": None if math.isnan(candidate_score) else candidate_score,
+                "holdout_records": len(y_hold),
+            }
+            state.last_search = search  # shown by `search show`, warm-starts the next one
         if accepted:
             state.model = candidate
+            state.model_search = search
             state.retrains += 1
             release_free_memory()  # the replaced model's C-allocated trees / arrays
         log.info(
@@ -399,6 +436,7 @@ class FullBatchTrainer:
             duration_s=time.perf_counter() - meta["started"],
             trained_on=meta["trained_on"],
             reason=reason,
+            search=search,
         )
 
     def close(self) -> None:

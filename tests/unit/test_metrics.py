@@ -69,6 +69,8 @@ def test_labels_are_pre_initialised() -> None:
         assert value(registry, "stream_trainer_rebalances_total", kind=kind) == 0
     for trigger in ("count", "time", "drift", "manual"):
         assert value(registry, "stream_trainer_retrains_total", trigger=trigger) == 0
+    for state in ("complete", "failed", "pruned"):
+        assert value(registry, "stream_trainer_search_trials_total", state=state) == 0
     assert value(registry, "stream_trainer_records_learnt_total") == 0
 
 
