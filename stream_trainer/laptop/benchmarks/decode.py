@@ -35,16 +35,17 @@ from stream_trainer.config import RecordSettings, SchemaRegistrySettings
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.features import FeatureContract
 from stream_trainer.laptop.benchmarks import report as rep
-from stream_trainer.laptop.datasets import Dataset
+from stream_trainer.laptop.datasets import Dataset, Row
 from stream_trainer.laptop.produce import avro_schema, json_schema
 from stream_trainer.records import RecordDecoder
-from stream_trainer.wire import WireDecoder, frame, schema_ids
+from stream_trainer.wire import WireDecoder, frame
 
 UNIT = 1000  # values per decode_values call, as the service decodes a unit
 BASELINE = "numeric_json"
 PATHS = (BASELINE, "typed_json", "avro", "json_schema")
 TARGET = 0.8  # issue 22: each typed / wire path >= 0.8 of the all-numeric JSON path
 STATIC_SCHEMA_ID = 1  # the id the in-memory schema source serves (no registry)
+REGISTRY_WAIT_S = 60.0
 
 _encode = msgspec.json.Encoder().encode
 
@@ -141,6 +142,32 @@ def _register(url: str, subject: str, text: str, kind: str) -> int:
         return int(client.register_schema(subject, Schema(text, kind)))
 
 
+def _avro_payloads(dataset: Dataset, rows: list[Row]) -> tuple[dict[str, Any], list[bytes]]:
+    document = avro_schema(dataset)
+    parsed = fastavro.parse_schema(document)
+    payloads: list[bytes] = []
+    for x, y in rows:
+        stream = io.BytesIO()
+        fastavro.schemaless_writer(stream, parsed, {"x": x, "y": y})
+        payloads.append(stream.getvalue())
+    return document, payloads
+
+
+def _json_schema_payloads(dataset: Dataset, rows: list[Row]) -> tuple[dict[str, Any], list[bytes]]:
+    # The schema requires every feature (a nullable one may be null): an absent feature is
+    # written as null, as a producer that validates its records must.
+    names = dataset.features
+    payloads = [_encode({"x": {n: x.get(n) for n in names}, "y": y}) for x, y in rows]
+    return json_schema(dataset), payloads
+
+
+# path -> (schema type, record.format, the schema and the payloads of the rows)
+_WIRE: dict[str, tuple[str, str, Callable[[Dataset, list[Row]], tuple[Any, list[bytes]]]]] = {
+    "avro": ("AVRO", "avro", _avro_payloads),
+    "json_schema": ("JSON", "json_schema", _json_schema_payloads),
+}
+
+
 def build_paths(
     dataset: Dataset,
     records: int,
@@ -155,6 +182,9 @@ def build_paths(
     With ``registry_url`` the wire schemas are registered there (subjects
     ``<subject_prefix>-<path>-value``) and fetched back by the decoder's ``ensure``; without,
     they are served from memory. Network only here, never while timing."""
+    unknown = [name for name in paths if name not in PATHS]
+    if unknown:
+        raise ValueError(f"unknown decode path {unknown[0]!r}; choose from {', '.join(PATHS)}")
     task = dataset.task
     rows = list(dataset.rows(records, seed))
     contract = FeatureContract.from_settings(record_settings(dataset, "json", typed=True))
@@ -167,44 +197,30 @@ def build_paths(
             ]
             record = record_settings(dataset, "json", typed=False)
             out.append(DecodePath(name, values, RecordDecoder(record, task)))
-            continue
-        if name == "typed_json":
+        elif name == "typed_json":
             values = [_encode({"x": x, "y": y}) for x, y in rows]
             record = record_settings(dataset, "json", typed=True)
             out.append(DecodePath(name, values, RecordDecoder(record, task)))
-            continue
-        if name == "avro":
-            document = avro_schema(dataset)
-            parsed = fastavro.parse_schema(document)
-            kind, value_format = "AVRO", "avro"
-
-            def payload(x: dict[str, Any], y: Any, parsed: Any = parsed) -> bytes:
-                out_stream = io.BytesIO()
-                fastavro.schemaless_writer(out_stream, parsed, {"x": x, "y": y})
-                return out_stream.getvalue()
-
-        elif name == "json_schema":
-            document = json_schema(dataset)
-            kind, value_format = "JSON", "json_schema"
-
-            names = dataset.features
-
-            def payload(x: dict[str, Any], y: Any, parsed: Any = None) -> bytes:
-                # The schema requires every feature (nullable ones may be null): an absent
-                # feature is written as null, as a producer validating its records must.
-                return _encode({"x": {n: x.get(n) for n in names}, "y": y})
-
         else:
-            raise ValueError(f"unknown decode path {name!r}; choose from {', '.join(PATHS)}")
-        text = json.dumps(document)
-        wire = _wire_decoder(name, text, kind, registry_url, subject_prefix)
-        schema_id = wire[1]
-        values = [frame(schema_id, payload(x, y)) for x, y in rows]
-        record = record_settings(dataset, value_format, typed=True)
-        decoder = RecordDecoder(record, task, wire[0])
-        wire[0].ensure(schema_ids(values[:1]))  # the network call, before any timing
-        out.append(DecodePath(name, values, decoder, wire[0]))
+            kind, value_format, encode = _WIRE[name]
+            document, payloads = encode(dataset, rows)
+            wire, schema_id = _wire_decoder(
+                name, json.dumps(document), kind, registry_url, subject_prefix
+            )
+            values = [frame(schema_id, payload) for payload in payloads]
+            record = record_settings(dataset, value_format, typed=True)
+            decoder = RecordDecoder(record, task, wire)
+            # The network call, before any timing; a registry that does not answer within
+            # a minute ends the bench (RegistryWaitInterrupted) instead of hanging it.
+            wire.ensure({schema_id}, should_stop=_after(REGISTRY_WAIT_S))
+            out.append(DecodePath(name, values, decoder, wire))
     return out
+
+
+def _after(seconds: float) -> Callable[[], bool]:
+    """True once ``seconds`` have passed from now."""
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() > deadline
 
 
 def _wire_decoder(
@@ -245,7 +261,9 @@ def time_decode(path: DecodePath, unit: int = UNIT) -> float:
 
 def ratios(rates: dict[str, float], baseline: str = BASELINE) -> dict[str, float]:
     """Each path's rate over the baseline's (NaN when the baseline has none)."""
-    return {name: rep.ratio(rate, rates[baseline]) for name, rate in rates.items() if name != baseline}
+    return {
+        name: rep.ratio(rate, rates[baseline]) for name, rate in rates.items() if name != baseline
+    }
 
 
 def summarize(
@@ -263,7 +281,7 @@ def summarize(
         }
         for name in names
     }
-    medians = {name: paths[name]["records_per_s"]["median"] for name in names}
+    medians = {name: float(rep.spread(rates[name])["median"]) for name in names}
     of_medians = ratios(medians) if BASELINE in medians else {}
     per_repeat = {
         name: rep.spread([ratios({k: rates[k][i] for k in names})[name] for i in range(len(runs))])
@@ -303,13 +321,16 @@ def run_decode_bench(
         runs: list[dict[str, float]] = []
         for repeat in range(repeats):
             seconds: dict[str, float] = {}
-            for path in built:
+            # Each repeat starts with another path, so no path always runs first (or right
+            # after the one that left the most garbage); the report keeps the paths' order.
+            shift = repeat % len(built)
+            for path in built[shift:] + built[:shift]:
                 gc.collect()  # each path starts from the same heap, not the last one's garbage
                 seconds[path.name] = time_decode(path)
-            runs.append(seconds)
+            runs.append({path.name: seconds[path.name] for path in built})
             progress(
                 f"repeat {repeat + 1}/{repeats}: "
-                + ", ".join(f"{k} {records / v:,.0f}/s" for k, v in seconds.items())
+                + ", ".join(f"{k} {records / v:,.0f}/s" for k, v in runs[-1].items())
             )
     finally:
         for path in built:
