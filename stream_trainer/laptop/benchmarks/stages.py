@@ -217,7 +217,7 @@ def naive_script(
     names = list(settings.record.feature_names)
     contract = FeatureContract.from_settings(settings.record)
     encode_record = None if contract.plain else contract.encode_record
-    loads = _naive_loads(settings, topic)
+    loads, close_loads = _naive_loads(settings, topic)
     label_field = settings.record.label_field
     features_field = settings.record.features_field or ""
     cfg = settings.training.full_batch
@@ -274,19 +274,24 @@ def naive_script(
         elapsed = time.perf_counter() - started
     finally:
         consumer.close()
+        close_loads()
     return StageRun(seen - 1, elapsed)
 
 
-def _naive_loads(settings: Settings, topic: str) -> Callable[[bytes], Any]:
-    """The naive script's value parser for ``settings.record.format``."""
+def _naive_loads(
+    settings: Settings, topic: str
+) -> tuple[Callable[[bytes], Any], Callable[[], None]]:
+    """The naive script's value parser for ``settings.record.format``, and what closes it
+    (the registry client of the Avro deserializer)."""
     if settings.record.format == "json":
-        return json.loads
+        return json.loads, lambda: None
     if settings.record.format == "json_schema":
-        return lambda value: json.loads(value[5:])  # no validation: the naive way
+        return lambda value: json.loads(value[5:]), lambda: None  # unvalidated: the naive way
     from confluent_kafka.schema_registry import SchemaRegistryClient  # noqa: PLC0415
     from confluent_kafka.schema_registry.avro import AvroDeserializer  # noqa: PLC0415
     from confluent_kafka.serialization import MessageField, SerializationContext  # noqa: PLC0415
 
-    deserializer = AvroDeserializer(SchemaRegistryClient(settings.schema_registry.client_config()))
+    client = SchemaRegistryClient(settings.schema_registry.client_config())
+    deserializer = AvroDeserializer(client)
     context = SerializationContext(topic, MessageField.VALUE)
-    return lambda value: deserializer(value, context)
+    return lambda value: deserializer(value, context), client.close
