@@ -112,7 +112,8 @@ def ingest_ceiling(
             if not messages:
                 continue
             previous = decoder.result() if decoder.busy else None
-            ensure_schemas(wire, [m.value() for m in messages], deadline)
+            if wire is not None:  # JSON (the numeric path) skips the values list entirely
+                ensure_schemas(wire, [m.value() for m in messages], deadline)
             decoder.submit(messages)
             if previous is not None:
                 _to_learner_input(previous, per_record)
@@ -204,7 +205,8 @@ def naive_script(
     5-byte frame), learn, ``commit(asynchronous=False)`` every 1000. librdkafka defaults
     otherwise.
 
-    per_record: ``predict_one`` + ``learn_one`` on the record's own dict; mini_batch: rows
+    per_record: ``predict_one`` + ``learn_one`` on the record's own dict (nulls of a typed
+    record left out, as River expects missing values); mini_batch: rows
     collected (a typed record through the contract's ``encode_record``: the model's
     encoders expect its codes), then ``predict_many`` + ``learn_many`` (partial_fit) per
     1000; full_batch: ``predict_many`` per 1000 and a blocking ``fit`` on the window every
@@ -243,6 +245,9 @@ def naive_script(
             x = record[features_field] if features_field else record
             y = record[label_field]
             if mode == "per_record":
+                if encode_record is not None:
+                    # River's missing value is an absent key; Avro hands a null instead.
+                    x = {k: v for k, v in x.items() if v is not None}
                 model.predict_one(x)
                 model.learn_one(x, y)
             else:

@@ -269,7 +269,8 @@ def load_decoded(
             messages: list[Any] = [m for m in consumer.consume(1000, 1.0) if m.error() is None]
             if not messages:
                 continue
-            ensure_schemas(wire, [m.value() for m in messages], deadline)
+            if wire is not None:
+                ensure_schemas(wire, [m.value() for m in messages], deadline)
             batch = decoder.decode(messages)
             xs.append(batch.X)
             ys.append(batch.y)
