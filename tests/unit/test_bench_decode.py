@@ -210,3 +210,24 @@ class _Message:
 
     def timestamp(self) -> tuple[int, int]:
         return (0, 0)
+
+
+def test_cli_refuses_what_it_cannot_measure(capsys: pytest.CaptureFixture[str]) -> None:
+    from stream_trainer.cli import main
+
+    # An all-numeric dataset has no typed paths to compare with the numeric one.
+    assert main(["bench", "--decode-only", "--dataset", "phishing"]) == 2
+    assert "no typed features" in capsys.readouterr().err
+    # A wire format needs its registry (checked before any broker starts).
+    assert main(["bench", "--dataset", "transactions", "--format", "avro"]) == 2
+    assert "needs --schema-registry" in capsys.readouterr().err
+
+
+def test_cli_decode_only_runs_without_a_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    from stream_trainer.cli import main
+
+    assert main(["bench", "--decode-only", "--records", "300", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "schemas in memory" in out
+    for name in decode.PATHS:
+        assert name in out
