@@ -773,8 +773,13 @@ def _add_laptop_commands(sub: Any) -> None:
         summary="benchmark against ingest/learner ceilings and a naive script",
         description="Measure the service against the ingest and learner ceilings and a "
         "naive consume-and-learn script on a pre-produced topic; report medians and "
-        "spread (targets are reported, not enforced).",
-        examples=["stream-trainer bench --mode per_record --records 200000 --json"],
+        "spread (targets are reported, not enforced). --decode-only times the record "
+        "decoder alone, typed JSON, Avro and JSON Schema against all-numeric JSON.",
+        examples=[
+            "stream-trainer bench --mode per_record --records 200000 --json",
+            "stream-trainer bench --dataset transactions --mode mini_batch",
+            "stream-trainer bench --decode-only --records 200000",
+        ],
         exits=("0  every stage ran", "1  a stage failed"),
     )
     add_bench_arguments(p)

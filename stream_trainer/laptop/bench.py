@@ -6,6 +6,14 @@ production code path on a fresh consumer group) and the learner ceiling again; t
 ceiling's rate is over both runs, which bracket the service in time. Reports medians and
 spread as a table, or as JSON with ``--json``. Exit 0 when every stage ran (targets are
 reported, not enforced), 1 when a stage failed.
+
+``--dataset`` swaps the numeric workload for a bundled dataset (``transactions``: typed
+features, with the service's encoders in both the service and the learner ceiling), and
+``--format avro`` / ``json_schema`` (with ``--schema-registry``) writes it in the Confluent
+wire format. ``--decode-only`` times the decoder alone instead, on the same records as
+all-numeric JSON, typed JSON, Avro and JSON Schema
+(:mod:`~stream_trainer.laptop.benchmarks.decode`): in this process, no broker, seconds
+rather than minutes, so it is its own command and not a section of the service report.
 """
 
 from __future__ import annotations
@@ -45,11 +53,14 @@ from stream_trainer.laptop.benchmarks.workload import (
     Paths,
     default_config,
     load_decoded,
+    record_section,
     service_config,
     settings_of,
     unique,
     workload_dataset,
 )
+from stream_trainer.laptop.datasets import DATASETS, Dataset, get_dataset
+from stream_trainer.wire import RegistryWaitInterrupted
 
 # How often the service's /metrics is sampled. Each scrape renders every metric on the
 # service's GIL (~3.4 ms); at 4 Hz that alone cost the per-record loop ~2 %, where
@@ -72,9 +83,45 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="training mode (default: the config's, else per_record)",
     )
     parser.add_argument(
-        "--records", type=int, default=1_000_000, help="records in the workload (default 1M)"
+        "--records",
+        type=int,
+        default=None,
+        help="records in the workload (default 1M; 200k with --decode-only)",
     )
-    parser.add_argument("--features", type=int, default=20, help="features per record (default 20)")
+    parser.add_argument(
+        "--features",
+        type=int,
+        default=20,
+        help="features per record of the numeric workload (default 20)",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(n for n, d in DATASETS.items() if d.task == "binary_classification"),
+        default=None,
+        help="a bundled dataset instead of the numeric workload, e.g. transactions "
+        "(category, boolean and missing values); --features is then the dataset's",
+    )
+    parser.add_argument(
+        "--format",
+        dest="value_format",
+        choices=("json", "avro", "json_schema"),
+        default="json",
+        help="record value format; avro / json_schema need --schema-registry (default json)",
+    )
+    parser.add_argument(
+        "--schema-registry",
+        default=None,
+        metavar="URL",
+        help="Schema Registry (Confluent API) for --format avro / json_schema; with "
+        "--decode-only optional (without it the schemas are served from memory)",
+    )
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="time only the record decoder on the same records (default dataset "
+        "transactions) as all-numeric JSON, typed JSON, Avro and JSON Schema, and report "
+        "each as a ratio of the all-numeric path; no broker, no service",
+    )
     parser.add_argument(
         "--partitions", type=int, default=1, help="input topic partitions (default 1)"
     )
@@ -139,8 +186,48 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _print_report(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
+    else:
+        print(text)
+
+
+def run_decode_only(args: argparse.Namespace) -> int:
+    """``bench --decode-only``: see :mod:`stream_trainer.laptop.benchmarks.decode`."""
+    from stream_trainer.laptop.benchmarks import decode  # noqa: PLC0415
+
+    records = 200_000 if args.records is None else args.records
+    dataset = get_dataset(args.dataset or "transactions")
+    if records < 1 or args.repeats < 1:
+        print("stream-trainer: bench needs positive --records and --repeats", file=sys.stderr)
+        return 2
+    if dataset.typed_features is None:
+        print(
+            f"stream-trainer: bench --decode-only compares typed paths with the all-numeric "
+            f"one; dataset {dataset.name} has no typed features (try transactions)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = decode.run_decode_bench(
+            dataset,
+            records,
+            args.repeats,
+            registry_url=args.schema_registry,
+            progress=_progress,
+        )
+    except (decode.DecodeBenchError, RegistryWaitInterrupted) as error:
+        print(f"stream-trainer: bench failed: {error}", file=sys.stderr)
+        return 1
+    _print_report(args, report, decode.table(report))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the report on stdout (progress on stderr)."""
+    if args.decode_only:
+        return run_decode_only(args)
     from stream_trainer.laptop.embedded import (  # noqa: PLC0415
         EmbeddedBroker,
         create_topics,
@@ -149,6 +236,18 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     from stream_trainer.laptop.produce import produce  # noqa: PLC0415
 
+    if args.records is None:
+        args.records = 1_000_000
+    if args.value_format != "json" and args.schema_registry is None:
+        print(
+            f"stream-trainer: bench --format {args.value_format} needs --schema-registry URL",
+            file=sys.stderr,
+        )
+        return 2
+    dataset: Dataset = (
+        workload_dataset(args.features) if args.dataset is None else get_dataset(args.dataset)
+    )
+    n_features = len(dataset.features)
     if args.records < 2 or args.features < 1 or args.partitions < 1 or args.repeats < 1:
         print(
             "stream-trainer: bench needs --records >= 2 and positive --features, "
@@ -191,9 +290,11 @@ def run_bench(args: argparse.Namespace) -> int:
         produce(
             {"bootstrap.servers": bootstrap},
             topic,
-            workload_dataset(args.features),
+            dataset,
             args.records,
             partitions=args.partitions,
+            value_format=args.value_format,
+            registry_config=None if args.schema_registry is None else {"url": args.schema_registry},
         )
         produce_s = time.perf_counter() - began
 
@@ -211,7 +312,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 free_port(),
             )
 
-        config0 = service_config(base, args.features, paths(0), mode)
+        record = record_section(dataset, args.value_format)
+        registry_url = None if args.value_format == "json" else args.schema_registry
+        config0 = service_config(base, record, paths(0), mode, schema_registry_url=registry_url)
         settings = settings_of(config0, hmac_key)
         _progress("decoding the workload into memory (learner ceiling input)")
         data = load_decoded(
@@ -257,7 +360,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 )
                 service_runs.append(
                     run_service_process(
-                        service_config(base, args.features, p, mode),
+                        service_config(base, record, p, mode, schema_registry_url=registry_url),
                         p.checkpoint_dir.parent,
                         args.records,
                         env={HMAC_ENV: hmac_key},
@@ -276,7 +379,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["learner_ceiling"].append(
                     bracketing(ceiling_before, learner_ceiling(data, settings))
                 )
-        except (StageTimeout, ServiceFailed, TimeoutError, profiling.ProfilerError) as error:
+        except (
+            StageTimeout,
+            ServiceFailed,
+            TimeoutError,
+            RegistryWaitInterrupted,
+            profiling.ProfilerError,
+        ) as error:
             print(f"stream-trainer: bench failed: {error}", file=sys.stderr)
             return 1
 
@@ -345,7 +454,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "workload": {
             "mode": mode,
             "records": args.records,
-            "features": args.features,
+            "dataset": dataset.name,
+            "format": args.value_format,
+            "features": n_features,
             "partitions": args.partitions,
             "broker": broker_name,
             "produce_seconds": produce_s,
@@ -363,8 +474,5 @@ def run_bench(args: argparse.Namespace) -> int:
         "service": service,
     }
     report["targets"] = rep.targets(mode, ratios, service)
-    if args.json:
-        print(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
-    else:
-        print(rep.table(report))
+    _print_report(args, report, rep.table(report))
     return 0

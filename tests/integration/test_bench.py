@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from stream_trainer.cli import main
+from stream_trainer.laptop.datasets import TRANSACTIONS_FEATURES
+from stream_trainer.testing.schema_registry import SchemaRegistry
 from tests.conftest import BrokerHandle
 
 pytestmark = pytest.mark.integration
@@ -133,7 +136,96 @@ def test_bench_profile_names_where_the_poll_thread_spends_its_time(
     assert sum(profile["shares"].values()) == pytest.approx(1.0)
 
 
-def _check(report: dict[str, Any], mode: str) -> None:
+def test_bench_transactions_runs_the_typed_contract(
+    tansu_broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _bench(
+        capsys,
+        "--bootstrap-servers",
+        tansu_broker.bootstrap_servers,
+        "--dataset",
+        "transactions",
+        "--workdir",
+        str(tmp_path),
+    )
+    _check(report, "per_record", features=8, dataset="transactions")
+    service_yaml = yaml.safe_load((tmp_path / "run-0" / "service.yaml").read_text())
+    assert service_yaml["record"]["features"] == [dict(f) for f in TRANSACTIONS_FEATURES]
+
+
+def test_bench_transactions_as_avro_through_the_registry(
+    tansu_broker: BrokerHandle,
+    schema_registry: SchemaRegistry,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = _bench(
+        capsys,
+        "--bootstrap-servers",
+        tansu_broker.bootstrap_servers,
+        "--mode",
+        "mini_batch",
+        "--dataset",
+        "transactions",
+        "--format",
+        "avro",
+        "--schema-registry",
+        schema_registry.url,
+        "--workdir",
+        str(tmp_path),
+    )
+    _check(report, "mini_batch", features=8, dataset="transactions", value_format="avro")
+    service_yaml = yaml.safe_load((tmp_path / "run-0" / "service.yaml").read_text())
+    assert service_yaml["record"]["format"] == "avro"
+    assert service_yaml["schema_registry"]["url"] == schema_registry.url
+
+
+def test_bench_decode_only_rates_every_path_against_numeric_json(
+    schema_registry: SchemaRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "bench",
+            "--decode-only",
+            "--records",
+            "2000",
+            "--repeats",
+            "2",
+            "--json",
+            "--schema-registry",
+            schema_registry.url,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["workload"]["schemas"] == "registry"
+    assert report["workload"]["dataset"] == "transactions"
+    assert report["workload"]["records"] == 2000
+    assert set(report["paths"]) == {"numeric_json", "typed_json", "avro", "json_schema"}
+    for name, path in report["paths"].items():
+        assert _positive(path["records_per_s"]["median"]), name
+        assert len(path["records_per_s"]["runs"]) == 2
+        assert _positive(path["bytes_per_record"]), name
+    assert set(report["ratios"]) == set(report["targets"]) == {"typed_json", "avro", "json_schema"}
+    for name, value in report["ratios"].items():
+        medians = report["paths"]
+        expected = (
+            medians[name]["records_per_s"]["median"]
+            / (medians["numeric_json"]["records_per_s"]["median"])
+        )
+        assert value == pytest.approx(expected), name
+        assert report["targets"][name]["met"] == (value >= 0.8)
+
+
+def _check(
+    report: dict[str, Any],
+    mode: str,
+    *,
+    features: int = 5,
+    dataset: str = "linear5",
+    value_format: str = "json",
+) -> None:
 
     assert set(report) >= {
         "machine",
@@ -149,7 +241,9 @@ def _check(report: dict[str, Any], mode: str) -> None:
         **report["workload"],
         "mode": mode,
         "records": RECORDS,
-        "features": 5,
+        "features": features,
+        "dataset": dataset,
+        "format": value_format,
         "partitions": 1,
     }
     for stage in ("ingest_ceiling", "learner_ceiling", "naive", "service"):

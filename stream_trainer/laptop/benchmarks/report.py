@@ -122,8 +122,8 @@ def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"stream-trainer bench: mode {w['mode']}, {w['records']:,} records x {w['features']} "
-        f"features, {w['partitions']} partition(s), {report['repeats']} repeat(s), broker "
-        f"{w['broker']}",
+        f"features ({w.get('dataset', 'numeric')}, {w.get('format', 'json')}), "
+        f"{w['partitions']} partition(s), {report['repeats']} repeat(s), broker {w['broker']}",
         f"machine: {m['cpu_model']}, {m['cores']} cores, Python {m['python']}",
         "",
         f"{'stage':<18} {'records/s med':>12} {'min':>12} {'max':>12}",

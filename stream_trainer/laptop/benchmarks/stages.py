@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +22,17 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_trainer.config import Settings
-from stream_trainer.decode_worker import build_unit_decoder
+from stream_trainer.decode_worker import InlineDecoder, UnitDecoder, build_unit_decoder
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.laptop.benchmarks.workload import InMemory, unique
+from stream_trainer.features import FeatureContract
+from stream_trainer.laptop.benchmarks.workload import (
+    InMemory,
+    ensure_schemas,
+    record_decoder,
+    unique,
+)
 from stream_trainer.records import DecodedBatch
+from stream_trainer.wire import WireDecoder
 
 UNIT = 1000  # records per consume batch / mini-batch, as in the service defaults
 
@@ -75,8 +83,17 @@ def ingest_ceiling(
     """Consume every record in batches of 1000, decode, convert; no learning.
 
     Decodes as the service does (``kafka.decode_worker``): in the worker process, one unit
-    ahead of the conversion, so the ceiling gets the same second core the service gets."""
-    decoder = build_unit_decoder(settings.record, settings.model.task, settings.kafka.decode_worker)
+    ahead of the conversion, so the ceiling gets the same second core the service gets; a
+    wire format (Avro, JSON Schema) inline, after fetching the unit's schemas."""
+    decoder: UnitDecoder
+    wire: WireDecoder | None = None
+    if settings.record.format == "json":
+        decoder = build_unit_decoder(
+            settings.record, settings.model.task, settings.kafka.decode_worker
+        )
+    else:
+        record, wire = record_decoder(settings)
+        decoder = InlineDecoder(record)
     per_record = settings.training.mode == "per_record"
     consumer = _consumer(bootstrap, tuned=settings)
     seen = timed = 0
@@ -95,6 +112,8 @@ def ingest_ceiling(
             if not messages:
                 continue
             previous = decoder.result() if decoder.busy else None
+            if wire is not None:  # JSON (the numeric path) skips the values list entirely
+                ensure_schemas(wire, [m.value() for m in messages], deadline)
             decoder.submit(messages)
             if previous is not None:
                 _to_learner_input(previous, per_record)
@@ -108,13 +127,16 @@ def ingest_ceiling(
     finally:
         decoder.close()
         consumer.close()
+        if wire is not None:
+            wire.close()
     return StageRun(timed, elapsed)
 
 
 def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
     """Predict + learn with a fresh model on in-memory records; only those calls are timed.
 
-    per_record: ``predict_one`` + ``learn_one`` per record (dicts built outside the timing);
+    per_record: ``predict_one`` + ``learn_one`` per record (dicts built outside the timing,
+    as the service builds them: a typed contract's River tokens, missing values left out);
     mini_batch: ``predict_many`` + ``learn_many`` per 1000; full_batch: ``predict_many`` per
     1000 on a model fitted on the first window (the poll loop only predicts; the fit runs
     beside it and is reported as ``fit_s``).
@@ -124,6 +146,8 @@ def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
     model = build_model(settings)
     mode = settings.training.mode
     names = list(settings.record.feature_names)
+    contract = FeatureContract.from_settings(settings.record)
+    river_dict = None if contract.plain else contract.river_dict
     n = len(data.y)
     seconds = 0.0
     extra: dict[str, float] = {}
@@ -136,7 +160,10 @@ def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
     for start in range(0, n, UNIT):
         X, y = data.X[start : start + UNIT], data.y[start : start + UNIT]
         if mode == "per_record":
-            xs = [dict(zip(names, row, strict=True)) for row in X.tolist()]
+            if river_dict is None:
+                xs = [dict(zip(names, row, strict=True)) for row in X.tolist()]
+            else:
+                xs = [river_dict(names, row) for row in X.tolist()]
             ys = y.tolist()
             predict_one, learn_one = model.predict_one, model.learn_one
             t0 = time.perf_counter()
@@ -173,18 +200,26 @@ def bracketing(before: StageRun, after: StageRun) -> StageRun:
 def naive_script(
     bootstrap: str, topic: str, total: int, *, settings: Settings, timeout_s: float
 ) -> StageRun:
-    """What a data scientist writes: subscribe, ``poll()`` one message, ``json.loads``,
-    learn, ``commit(asynchronous=False)`` every 1000. librdkafka defaults otherwise.
+    """What a data scientist writes: subscribe, ``poll()`` one message, ``json.loads`` (for
+    Avro confluent-kafka's ``AvroDeserializer``; for JSON Schema ``json.loads`` after the
+    5-byte frame), learn, ``commit(asynchronous=False)`` every 1000. librdkafka defaults
+    otherwise.
 
-    per_record: ``predict_one`` + ``learn_one``; mini_batch: rows collected, then
-    ``predict_many`` + ``learn_many`` (partial_fit) per 1000; full_batch: ``predict_many``
-    per 1000 and a blocking ``fit`` on the window every ``retrain_every_records``.
+    per_record: ``predict_one`` + ``learn_one`` on the record's own dict (nulls of a typed
+    record left out, as River expects missing values); mini_batch: rows
+    collected (a typed record through the contract's ``encode_record``: the model's
+    encoders expect its codes), then ``predict_many`` + ``learn_many`` (partial_fit) per
+    1000; full_batch: ``predict_many`` per 1000 and a blocking ``fit`` on the window every
+    ``retrain_every_records``.
     """
     from stream_trainer.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
 
     model = build_model(settings)
     mode = settings.training.mode
     names = list(settings.record.feature_names)
+    contract = FeatureContract.from_settings(settings.record)
+    encode_record = None if contract.plain else contract.encode_record
+    loads, close_loads = _naive_loads(settings, topic)
     label_field = settings.record.label_field
     features_field = settings.record.features_field or ""
     cfg = settings.training.full_batch
@@ -206,14 +241,17 @@ def naive_script(
             value = None if message is None or message.error() is not None else message.value()
             if value is None:
                 continue
-            record = json.loads(value)
+            record = loads(value)
             x = record[features_field] if features_field else record
             y = record[label_field]
             if mode == "per_record":
+                if encode_record is not None:
+                    # River's missing value is an absent key; Avro hands a null instead.
+                    x = {k: v for k, v in x.items() if v is not None}
                 model.predict_one(x)
                 model.learn_one(x, y)
             else:
-                row = [x[name] for name in names]
+                row = [x[name] for name in names] if encode_record is None else encode_record(x)
                 rows.append(row)
                 labels.append(y)
                 if mode == "full_batch":
@@ -241,4 +279,24 @@ def naive_script(
         elapsed = time.perf_counter() - started
     finally:
         consumer.close()
+        close_loads()
     return StageRun(seen - 1, elapsed)
+
+
+def _naive_loads(
+    settings: Settings, topic: str
+) -> tuple[Callable[[bytes], Any], Callable[[], None]]:
+    """The naive script's value parser for ``settings.record.format``, and what closes it
+    (the registry client of the Avro deserializer)."""
+    if settings.record.format == "json":
+        return json.loads, lambda: None
+    if settings.record.format == "json_schema":
+        return lambda value: json.loads(value[5:]), lambda: None  # unvalidated: the naive way
+    from confluent_kafka.schema_registry import SchemaRegistryClient  # noqa: PLC0415
+    from confluent_kafka.schema_registry.avro import AvroDeserializer  # noqa: PLC0415
+    from confluent_kafka.serialization import MessageField, SerializationContext  # noqa: PLC0415
+
+    client = SchemaRegistryClient(settings.schema_registry.client_config())
+    deserializer = AvroDeserializer(client)
+    context = SerializationContext(topic, MessageField.VALUE)
+    return lambda value: deserializer(value, context), client.close

@@ -1,7 +1,11 @@
-"""The benchmark's workload (Gaussian features, noisy linear binary label) and its configs.
+"""The benchmark's workload and its configs.
 
-The service config is built from a production-like template per mode (or the user's file)
-with the connection, topics, record contract and paths replaced by the benchmark's own.
+The workload is Gaussian features with a noisy linear binary label (the numeric default), or
+a bundled dataset (``--dataset``: ``transactions`` has category, boolean and missing
+values), as JSON or in the Confluent wire format (``--format avro`` / ``json_schema``). The
+service config is built from a production-like template per mode (or the user's file) with
+the connection, topics, record contract and paths replaced by the benchmark's own; the
+record contract is the dataset's (:func:`record_section`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from stream_trainer.config import Settings, settings_from_mapping
 from stream_trainer.laptop.datasets import Dataset, Row
 from stream_trainer.records import RecordDecoder
+from stream_trainer.wire import RegistryWaitInterrupted, WireDecoder
 
 MODES = ("per_record", "mini_batch", "full_batch")
 HMAC_ENV = "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"
@@ -124,10 +129,30 @@ class Paths:
     http_port: int
 
 
+def record_section(dataset: Dataset, value_format: str = "json") -> dict[str, Any]:
+    """The ``record`` config section that reads ``dataset`` as produced in ``value_format``
+    (its typed features, or the plain names of an all-numeric dataset)."""
+    section: dict[str, Any] = {
+        "features": dataset.record_features,
+        "features_field": "x",
+        "label_field": "y",
+        "labels": list(dataset.labels) if dataset.labels else None,
+    }
+    if value_format != "json":
+        section["format"] = value_format
+    return section
+
+
 def service_config(
-    base: dict[str, Any], n_features: int, paths: Paths, mode: str | None = None
+    base: dict[str, Any],
+    record: dict[str, Any],
+    paths: Paths,
+    mode: str | None = None,
+    *,
+    schema_registry_url: str | None = None,
 ) -> dict[str, Any]:
-    """``base`` with the benchmark's connection, topics, record contract and paths."""
+    """``base`` with the benchmark's connection, topics, ``record`` section (see
+    :func:`record_section`), paths and, for a wire format, ``schema_registry_url``."""
     config = copy.deepcopy(base)
     kafka = dict(config.get("kafka") or {})
     kafka.update({"bootstrap_servers": paths.bootstrap, "group_id": paths.group_id})
@@ -149,12 +174,12 @@ def service_config(
         "versions": paths.versions,
         "control": paths.control,
     }
-    config["record"] = {
-        "features": feature_names(n_features),
-        "features_field": "x",
-        "label_field": "y",
-        "labels": [False, True],
-    }
+    config["record"] = copy.deepcopy(record)
+    if schema_registry_url is not None:
+        config["schema_registry"] = {
+            **(config.get("schema_registry") or {}),
+            "url": schema_registry_url,
+        }
     model = dict(config.get("model") or {})
     model["task"] = "binary_classification"
     config["model"] = model
@@ -185,10 +210,32 @@ def settings_of(config: dict[str, Any], hmac_key: str) -> Settings:
 
 @dataclass
 class InMemory:
-    """Every workload record decoded once: the learner ceiling's input."""
+    """Every workload record decoded once: the learner ceiling's input (the decoder's rows:
+    a typed contract's codes, NaN for a missing value)."""
 
     X: npt.NDArray[np.float64]
     y: npt.NDArray[Any]
+
+
+def record_decoder(settings: Settings) -> tuple[RecordDecoder, WireDecoder | None]:
+    """The service's decoder for ``settings.record``, with a registry-backed wire decoder
+    for avro / json_schema (the caller closes it and calls :func:`ensure_schemas`)."""
+    wire = None if settings.record.format == "json" else WireDecoder(settings.schema_registry)
+    return RecordDecoder(settings.record, settings.model.task, wire), wire
+
+
+def ensure_schemas(wire: WireDecoder | None, values: list[bytes | None], deadline: float) -> None:
+    """Fetch the schemas of ``values`` (no-op for JSON or known ids), as the service does
+    before decoding a unit. Raises TimeoutError when the registry has not answered by
+    ``deadline`` (``time.monotonic``)."""
+    if wire is None:
+        return
+    import time  # noqa: PLC0415 - keep module import light
+
+    try:
+        wire.ensure(wire.schema_ids(values), should_stop=lambda: time.monotonic() > deadline)
+    except RegistryWaitInterrupted as error:
+        raise TimeoutError(str(error)) from None
 
 
 def load_decoded(
@@ -209,7 +256,7 @@ def load_decoded(
             "enable.partition.eof": False,
         }
     )
-    decoder = RecordDecoder(settings.record, settings.model.task)
+    decoder, wire = record_decoder(settings)
     xs: list[npt.NDArray[np.float64]] = []
     ys: list[npt.NDArray[Any]] = []
     seen = 0
@@ -222,10 +269,14 @@ def load_decoded(
             messages: list[Any] = [m for m in consumer.consume(1000, 1.0) if m.error() is None]
             if not messages:
                 continue
+            if wire is not None:
+                ensure_schemas(wire, [m.value() for m in messages], deadline)
             batch = decoder.decode(messages)
             xs.append(batch.X)
             ys.append(batch.y)
             seen += len(messages)
     finally:
         consumer.close()
+        if wire is not None:
+            wire.close()
     return InMemory(np.concatenate(xs)[:total], np.concatenate(ys)[:total])
