@@ -132,13 +132,12 @@ class Feature:
 
         Raises FeatureValueError with reason ``wrong_type``, ``non_finite`` or
         ``unknown_category``."""
-        name = quote(self.name)
         if self.type == "number":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise FeatureValueError(
                     "wrong_type",
                     "WrongFeatureType",
-                    f"feature {name} is {json_type(value)}, expected a number",
+                    f"feature {quote(self.name)} is {json_type(value)}, expected a number",
                 )
             try:
                 number = float(value)
@@ -146,7 +145,7 @@ class Feature:
                 number = math.inf
             if not math.isfinite(number):
                 raise FeatureValueError(
-                    "non_finite", "NonFiniteFeature", f"feature {name} is {number}"
+                    "non_finite", "NonFiniteFeature", f"feature {quote(self.name)} is {number}"
                 )
             return number
         if self.type == "boolean":
@@ -154,14 +153,15 @@ class Feature:
                 raise FeatureValueError(
                     "wrong_type",
                     "WrongFeatureType",
-                    f"feature {name} is {json_type(value)}, expected a boolean",
+                    f"feature {quote(self.name)} is {json_type(value)}, expected a boolean",
                 )
             return 1.0 if value else 0.0
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise FeatureValueError(
                 "wrong_type",
                 "WrongFeatureType",
-                f"feature {name} is {json_type(value)}, expected a category (string or integer)",
+                f"feature {quote(self.name)} is {json_type(value)}, expected a category "
+                "(string or integer)",
             )
         if self.categories is None:
             return category_code(value)
@@ -172,7 +172,7 @@ class Feature:
             raise FeatureValueError(
                 "unknown_category",
                 "UnknownCategory",
-                f"feature {name}: {quote(value)} is not one of its categories",
+                f"feature {quote(self.name)}: {quote(value)} is not one of its categories",
             )
         return float(len(self.categories))
 
