@@ -36,6 +36,7 @@ import yaml
 from stream_trainer import app as app_module
 from stream_trainer import logs
 from stream_trainer.config import settings_from_mapping
+from stream_trainer.control import send_command
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.embedded import (
     EmbeddedBroker,
@@ -251,7 +252,15 @@ def test_metrics_scraped_by_prometheus(
 
     dataset = get_dataset("phishing")
     producer = {"bootstrap.servers": broker.bootstrap_servers}
+    lag = f'stream_trainer_consumer_lag_records{{job="{JOB}",topic="{topic}"}}'
+    # Paused while the backlog is produced, so the lag is there for Prometheus to scrape:
+    # an unloaded service learns 20 000 records between two 1 s scrapes.
+    model, control_topic = config["model"]["name"], config["topics"]["control"]
+    send_command(producer, control_topic, model, "pause")
+    service.wait_metric('stream_trainer_state{stream_trainer_state="paused"}', 1, timeout=WAIT_S)
     produce(producer, topic, dataset, backlog, seed=1)
+    prom.wait_query(f"{lag} > 0", "the paused backlog seen as lag")
+    send_command(producer, control_topic, model, "resume")
     produced_at = time.monotonic()
 
     # Throughput while the backlog is being learnt.
@@ -263,12 +272,11 @@ def test_metrics_scraped_by_prometheus(
 
     # Lag back to 0 once everything is learnt.
     learnt = f'stream_trainer_records_learnt_total{{job="{JOB}"}} >= {backlog}'
-    lag = f'stream_trainer_consumer_lag_records{{job="{JOB}",topic="{topic}"}}'
     prom.wait_query(f"{lag} == 0 and on(instance) ({learnt})", "lag back to 0 after the backlog")
     lag_zero_s = time.monotonic() - produced_at
     peak = prom.values(f"max_over_time({lag}[5m])")
     print(
-        f"[{broker.name}] lag back to 0 {lag_zero_s:.1f} s after the backlog was produced "
+        f"[{broker.name}] lag back to 0 {lag_zero_s:.1f} s after the service resumed "
         f"(peak lag seen by Prometheus: {peak})"
     )
     assert peak and peak[0] > 0, "Prometheus never saw a non-zero lag: nothing 'returned' to 0"
