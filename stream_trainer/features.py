@@ -176,24 +176,18 @@ class Feature:
             )
         return float(len(self.categories))
 
-    def column(self, values: list[Any]) -> tuple[npt.NDArray[np.float64], bool]:
+    def column(self, values: list[Any]) -> npt.NDArray[np.float64]:
         """The column of values that msgspec already type-checked for this feature (see
         records.py: numbers are finite floats, booleans bools, categories str or int, and
-        ``None`` only where missing values are allowed), and whether every value was
-        accepted (False: an unlisted category of a feature that rejects them; the slow
-        path then names the record at fault)."""
+        ``None`` only where missing values are allowed). An unlisted category of a feature
+        that rejects them is :data:`REFUSED` (the slow path then names the record)."""
         n = len(values)
         if self.type != "category":
-            return np.array(values, dtype=np.float64).reshape(n), True  # None -> NaN
+            return np.array(values, dtype=np.float64).reshape(n)  # None -> NaN
         if self.categories is None:
-            memo = self._memo
-            return np.fromiter(map(memo.__getitem__, values), np.float64, count=n), True
-        index = self._codes
+            return np.fromiter(map(self._memo.__getitem__, values), np.float64, count=n)
         default = REFUSED if self.reject_unknown else float(len(self.categories))
-        column = np.fromiter(map(index.get, values, repeat(default)), np.float64, count=n)
-        if self.reject_unknown and bool((column == REFUSED).any()):
-            return column, False
-        return column, True
+        return np.fromiter(map(self._codes.get, values, repeat(default)), np.float64, count=n)
 
     def token(self, code: float) -> Any:
         """What River sees for a column value that is not missing: the number (1.0 / 0.0

@@ -519,14 +519,9 @@ class RecordDecoder:
         which names the reason."""
         width = len(self._features)
         X = np.empty((n, width), dtype=np.float64)
-        all_ok = True
-        for j, feature in enumerate(self._contract.features):
-            X[:, j], column_ok = feature.column(values[j::width])
-            all_ok &= column_ok
-        if all_ok:
-            return X, np.ones(n, dtype=np.bool_)
         refused = np.zeros(n, dtype=np.bool_)
         for j, feature in enumerate(self._contract.features):
+            X[:, j] = feature.column(values[j::width])
             if feature.reject_unknown and feature.categories is not None:
                 refused |= X[:, j] == REFUSED
         X[refused] = 0.0
