@@ -142,6 +142,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=42, help="seed of the row order and bad-record mix"
     )
+    parser.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        metavar="TRIALS",
+        help="full_batch only: each retrain runs a TPE search of TRIALS trials (the base "
+        "config's search space, else the forest's max_depth and min_samples_leaf)",
+    )
 
 
 # -- the effective config -----------------------------------------------------------------
@@ -205,6 +213,47 @@ def _learner(task: str, mode: str, records: int) -> dict[str, Any]:
     return {"model": model, "training": {"mode": mode, "full_batch": full}}
 
 
+# The demo's own search space, for the tree ensembles it picks for full_batch.
+TREE_SPACE: dict[str, dict[str, Any]] = {
+    "learner.max_depth": {"type": "int", "low": 2, "high": 16},
+    "learner.min_samples_leaf": {"type": "int", "low": 1, "high": 32, "log": True},
+}
+
+
+class DemoUsageError(StreamTrainerError, ValueError):
+    """An option combination the demo cannot run (exit code EXIT_USAGE)."""
+
+
+def _with_search(config: dict[str, Any], trials: int) -> dict[str, Any]:
+    """``config`` whose full-batch retrains search ``trials`` TPE trials: over the base's
+    space if it has one, else over :data:`TREE_SPACE` (tree learners only)."""
+    training = config.get("training", {})
+    if training.get("mode") != "full_batch":
+        raise DemoUsageError("--search needs --mode full_batch (only retrains search)")
+    full = dict(training.get("full_batch", {}))
+    search = dict(full.get("search", {}))
+    if not search.get("space"):
+        learner = str(config.get("model", {}).get("learner", {}).get("path", ""))
+        if not any(kind in learner for kind in ("Forest", "Tree", "Boosting")):
+            raise DemoUsageError(
+                f"--search: {learner} has no demo search space; set "
+                "training.full_batch.search.space in the --config file"
+            )
+        search["space"] = TREE_SPACE
+    search.update(
+        {
+            "enabled": True,
+            "algorithm": "tpe",
+            "trials": trials,
+            "timeout_s": None,
+            "validation_fraction": 0.25,
+            "seed": 0,
+        }
+    )
+    full["search"] = search
+    return {**config, "training": {**training, "full_batch": full}}
+
+
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -225,12 +274,15 @@ def build_demo_config(
     bootstrap: str,
     http_port: int,
     env: dict[str, str] | None = None,
+    search_trials: int = 0,
 ) -> dict[str, Any]:
     """The effective config: ``base`` with the demo's broker, topics, contract and folders.
 
     The base's model and training sections are kept when ``mode`` is None (or equal to the
     base's) and the base's task matches the dataset; otherwise a learner fitting the mode
-    and the dataset's task is chosen. Pure: nothing is written or validated here.
+    and the dataset's task is chosen. ``search_trials`` > 0 turns on a retrain search
+    (:class:`DemoUsageError` when the mode or learner cannot). Pure: nothing is written or
+    validated here.
     """
     environ = os.environ if env is None else env
     config = _deep_merge({}, base)
@@ -243,6 +295,8 @@ def build_demo_config(
         config["model"] = chosen["model"]
         config["training"] = chosen["training"]
     config["model"] = {**config["model"], "name": dataset.name, "task": dataset.task}
+    if search_trials > 0:
+        config = _with_search(config, search_trials)
 
     topics = dict(config.get("topics", {}))
     topics.update(
@@ -681,6 +735,35 @@ def _version_markers(registry_dir: Path) -> list[tuple[int, float]]:
     return sorted(out)
 
 
+def _searches(registry_dir: Path) -> list[dict[str, Any]]:
+    """The searches behind published versions (version metadata), oldest first; a later
+    publish of the same searched model (periodic publishing) is not a new search."""
+    out: list[dict[str, Any]] = []
+    previous: dict[str, Any] | None = None
+    for meta in sorted(
+        registry_dir.glob("*/versions/*/metadata.json"), key=lambda p: int(p.parent.name)
+    ):
+        try:
+            search = json.loads(meta.read_text(encoding="utf-8")).get("search")
+        except (OSError, ValueError):
+            continue
+        if not search or not search.get("best") or search == previous:
+            continue
+        previous = search
+        out.append(
+            {
+                "version": int(meta.parent.name),
+                "trials": len(search["trials"]),
+                "counts": search["counts"],
+                "baseline_score": search["baseline_score"],
+                "best_score": search["best"]["score"],
+                "best_params": search["best"]["params"],
+                "duration_s": search["duration_s"],
+            }
+        )
+    return out
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
@@ -729,15 +812,20 @@ def run_demo(args: argparse.Namespace) -> int:
     # Validate before starting anything: the address is a placeholder until the broker runs.
     http_port = free_port()
     base = load_base(args.config)
-    config = build_demo_config(
-        base,
-        dataset,
-        mode=args.mode,
-        records=records,
-        output_dir=output_dir,
-        bootstrap="127.0.0.1:9092",
-        http_port=http_port,
-    )
+    try:
+        config = build_demo_config(
+            base,
+            dataset,
+            mode=args.mode,
+            records=records,
+            output_dir=output_dir,
+            bootstrap="127.0.0.1:9092",
+            http_port=http_port,
+            search_trials=args.search,
+        )
+    except DemoUsageError as error:
+        print(f"stream-trainer demo: {error}", file=sys.stderr)
+        return EXIT_USAGE
     config_path = output_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     settings: Settings = load_settings(config_path)
@@ -951,6 +1039,7 @@ def _summarise(
         "drift_detections": snap.drifts,
         "checkpoints": len(checkpoints),
         "curve_points": len(run.points),
+        "searches": _searches(settings.registry.root),
         "learning_curve": str(curve),
         "metrics_url": url,
         "checkpoint_dir": str(settings.checkpoint.dir),
@@ -998,6 +1087,16 @@ def _report(s: dict[str, Any], out: TextIO) -> None:
     ]
     if s["mode"] == "full_batch":
         rows.insert(7, ("full retrains", str(s["retrains"])))
+    for found in s["searches"]:
+        params = ", ".join(f"{k}={v}" for k, v in sorted(found["best_params"].items()))
+        rows.append(
+            (
+                f"search behind v{found['version']}",
+                f"{found['trials']} trials in {found['duration_s']:.1f} s: "
+                f"{metric} {_fmt(found['baseline_score'])} -> {_fmt(found['best_score'])} "
+                f"({params})",
+            )
+        )
     print("\nsummary", file=out)
     print(_table(rows), file=out)
     print(f"\nlearning curve:   {s['learning_curve']}", file=out)

@@ -182,3 +182,50 @@ def test_ctrl_c_stops_everything_and_exits_130(tmp_path: Path) -> None:
     _assert_all_gone(children)
     # The interrupted run did not pretend to have finished.
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.timeout(180)
+def test_demo_runs_a_small_search_and_reports_what_it_found(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    trials = 6
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "stream_trainer", "demo", "--records", "2000"),
+            *("--mode", "full_batch", "--search", str(trials), "--output-dir", str(out)),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    assert summary["retrains"] >= 1
+    searches = summary["searches"]
+    assert searches, "a retrain with --search must publish a searched version"
+    first = searches[0]
+    assert first["trials"] == trials
+    assert first["counts"]["complete"] == trials
+    assert set(first["best_params"]) == {"learner.max_depth", "learner.min_samples_leaf"}
+    # The best trial is never worse than the configured params on the same split.
+    assert first["best_score"] >= first["baseline_score"]
+    assert f"search behind v{first['version']}" in result.stdout
+
+
+def test_demo_search_outside_full_batch_is_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "stream_trainer", "demo", "--mode", "per_record"),
+            *("--search", "5", "--output-dir", str(tmp_path / "demo")),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--search needs --mode full_batch" in result.stderr
