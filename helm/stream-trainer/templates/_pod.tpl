@@ -20,8 +20,13 @@ metadata:
     {{- end }}
 spec:
   serviceAccountName: {{ include "stream-trainer.serviceAccountName" . }}
+  {{- if .Values.search.jobs.enabled }}
+  # The service creates, watches and deletes search Jobs (the Role allows nothing else).
+  automountServiceAccountToken: true
+  {{- else }}
   # The service never talks to the Kubernetes API.
   automountServiceAccountToken: false
+  {{- end }}
   {{- with .Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -61,6 +66,10 @@ spec:
             secretKeyRef:
               name: {{ $sasl.existingSecret }}
               key: {{ $sasl.key }}
+        {{- end }}
+        {{- if .Values.search.jobs.enabled }}
+        - name: STREAM_TRAINER_SEARCH_DATABASE_URL_FILE
+          value: {{ include "stream-trainer.searchDbDir" . }}/{{ .Values.search.jobs.databaseUrl.key }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -128,6 +137,17 @@ spec:
           mountPath: {{ include "stream-trainer.tlsDir" . }}
           readOnly: true
         {{- end }}
+        {{- if .Values.search.jobs.enabled }}
+        - name: search-job
+          mountPath: {{ include "stream-trainer.searchJobTemplatePath" . }}
+          subPath: search-job.yaml
+          readOnly: true
+        - name: search-db
+          mountPath: {{ include "stream-trainer.searchDbDir" . }}
+          readOnly: true
+        - name: search-snapshots
+          mountPath: {{ .Values.search.jobs.snapshots.mountPath }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -177,6 +197,22 @@ spec:
             path: {{ . }}
           {{- end }}
           {{- end }}
+    {{- end }}
+    {{- if .Values.search.jobs.enabled }}
+    {{- $jobs := .Values.search.jobs }}
+    - name: search-job
+      configMap:
+        name: {{ include "stream-trainer.fullname" . }}-search-job
+    - name: search-db
+      secret:
+        secretName: {{ $jobs.databaseUrl.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ $jobs.databaseUrl.key }}
+            path: {{ $jobs.databaseUrl.key }}
+    - name: search-snapshots
+      persistentVolumeClaim:
+        claimName: {{ $jobs.snapshots.existingClaim }}
     {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
