@@ -107,6 +107,7 @@ def scrub(text: str, url: str) -> str:
 
 def _storage(url: str) -> optuna.storages.RDBStorage:
     import optuna  # noqa: PLC0415  (only a search needs it; it takes a while to import)
+    from sqlalchemy.pool import NullPool  # noqa: PLC0415
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if url.startswith("postgresql"):
@@ -117,7 +118,10 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
         except ImportError as error:
             raise StudyError(f"the PostgreSQL driver psycopg is not installed: {error}") from None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        # No pool: a connection per storage call, closed after it. Workers call the database
+        # a few times per trial, and a pooled connection left idle between searches (or
+        # dropped by the server) would outlive the study it served.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
     except Exception as error:  # SQLAlchemy / driver errors of every kind: say which, safely
         raise StudyError(
             f"study database unreachable: {type(error).__name__}: "

@@ -100,28 +100,28 @@ class Postgres:
         )
         pwfile.unlink()
         self.port = _free_port()
-        log = (self._folder / "postgres.log").open("wb")
-        self._process = subprocess.Popen(
-            [
-                *self._as,
-                str(binaries / "postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(self.port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"unix_socket_directories={self._folder}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=50",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self._folder / "postgres.log").open("wb") as log:
+            self._process = subprocess.Popen(
+                [
+                    *self._as,
+                    str(binaries / "postgres"),
+                    "-D",
+                    str(data),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    f"unix_socket_directories={self._folder}",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=50",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
