@@ -11,7 +11,9 @@ refused everything else. No kubelet: the Job's pods never run here
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,10 @@ import pytest
 import yaml
 
 from stream_trainer.kube_jobs import RUNNING, STUDY_LABEL, KubeApi, job_manifest, job_state
+from stream_trainer.registry import ModelRegistry
+from tests.conftest import BrokerHandle
+from tests.harness import HMAC_KEY, ServiceProcess, service_config, wait_for
+from tests.integration.test_training import encoded_rows, produce_values, stop_cleanly
 from tests.kube.kube_env import ApiServer
 from tests.kube.test_helm_install import (
     CHART_DIR,
@@ -31,10 +37,12 @@ from tests.kube.test_helm_install import (
     make_namespace,
     make_prerequisites,
 )
+from tests.postgres_env import Postgres
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
 CASE = "search-jobs-values.yaml"
+PUBLISHED = "stream_trainer_versions_published_total"
 
 
 def _service_account_token(kube: ApiServer, namespace: str, account: str) -> str:
@@ -160,3 +168,143 @@ def test_the_service_account_may_do_nothing_else(
         )
         == 201
     )
+
+
+# -- the whole flow: the service creates the Job, its pods' command runs here ---------------
+
+WINDOW = 2000
+TRIALS = 10
+WORKERS = 2
+
+
+def _wait_for_job(kube: ApiServer, namespace: str, timeout: float) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        items = kube.request(
+            "GET", f"/apis/batch/v1/namespaces/{namespace}/jobs",
+            params={"labelSelector": STUDY_LABEL},
+        ).body["items"]  # fmt: skip
+        return items[0] if items else None
+
+    job: dict[str, Any] = wait_for(found, timeout=timeout, what="the service's search Job")
+    return job
+
+
+def test_the_service_runs_its_search_as_a_job_and_publishes_the_winner_through_the_gate(
+    kube: ApiServer,
+    installed: dict[str, Any],
+    tansu_broker: BrokerHandle,
+    postgres: Postgres,
+    tmp_path: Path,
+) -> None:
+    namespace = installed["namespace"]
+    bootstrap = tansu_broker.bootstrap_servers
+    template_file = tmp_path / "search-job.yaml"  # the installed template, as the pod mounts it
+    template_file.write_text(yaml.safe_dump(installed["template"]), encoding="utf-8")
+    url = postgres.new_database()
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        "bananas",
+        "full_batch",
+        overrides={
+            "model": {
+                "preprocessing": [],
+                "learner": {
+                    "path": "sklearn.tree.DecisionTreeClassifier",
+                    "params": {"max_depth": 1, "random_state": 0},
+                },
+            },
+            "training": {
+                "full_batch": {
+                    "window_records": WINDOW,
+                    "retrain_every_records": WINDOW,
+                    "retrain_on_drift": False,
+                    "search": {
+                        "enabled": True,
+                        "algorithm": "tpe",
+                        "space": {"learner.max_depth": {"type": "int", "low": 1, "high": 12}},
+                        "trials": TRIALS,
+                        "validation_fraction": 0.25,
+                        "jobs": {
+                            "enabled": True,
+                            "parallelism": WORKERS,
+                            "snapshot_dir": str(tmp_path / "snapshots"),
+                            "job_template": str(template_file),
+                            "api_server": kube.url,
+                            "namespace": namespace,
+                            "token_file": str(installed["token_file"]),
+                            "ca_file": str(kube.pki / "ca.crt"),
+                            "poll_interval_s": 0.2,
+                            "wait_timeout_s": 240,
+                        },
+                    },
+                }
+            },
+        },
+    )
+    values = encoded_rows("bananas", WINDOW)
+    began = time.monotonic()
+    with ServiceProcess(
+        config, tmp_path, name="jobs", env={"STREAM_TRAINER_SEARCH_DATABASE_URL": url}
+    ) as service:
+        produce_values(bootstrap, config["topics"]["input"][0], [(0, v) for v in values])
+        job = _wait_for_job(kube, namespace, timeout=120)
+        created_s = time.monotonic() - began
+        # The Job's pods, as local processes: the Job's args and env; the mounts' stand-ins
+        # are the service's config file, and the Secrets' values as env / a file.
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        args = [str(service.config_path) if a.startswith("/etc/") else a for a in container["args"]]
+        url_file = tmp_path / "db-url"
+        url_file.write_text(url, encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_TRAINER_")}
+        for item in container["env"]:
+            env[item["name"]] = item["value"]
+        env.update(
+            STREAM_TRAINER_SEARCH_DATABASE_URL_FILE=str(url_file),
+            STREAM_TRAINER_CHECKPOINT__HMAC_KEY=HMAC_KEY,
+            TMPDIR=str(tmp_path),
+        )
+        pods = [
+            subprocess.Popen(
+                [sys.executable, "-m", "stream_trainer", *args],
+                env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for index in range(job["spec"]["parallelism"])
+        ]
+        for pod in pods:
+            out, err = pod.communicate(timeout=300)
+            assert pod.returncode == 0, err[-3000:]
+            assert postgres.password not in out + err
+        service.wait_metric(PUBLISHED, 1, timeout=120)
+        complete = service.metric('stream_trainer_search_trials_total{state="complete"}')
+        stop_cleanly(service)
+    registry = ModelRegistry(
+        Path(config["registry"]["root"]), config["model"]["name"], HMAC_KEY.encode(), keep_last=9
+    )
+    (version,) = registry.list()
+    search = version.metadata["search"]
+    print(
+        f"\nkube search job end to end: Job created {created_s:.1f} s after the service started; "
+        f"{search['counts']} by {search['job']['trials_by_worker']}; baseline "
+        f"{search['baseline_score']:.3f}, best {search['best']['score']:.3f} "
+        f"(max_depth {search['best']['params']['learner.max_depth']}); search "
+        f"{search['duration_s']:.1f} s; published {time.monotonic() - began:.1f} s after start",
+        file=sys.stderr,
+    )
+    assert search["job"]["name"] == job["metadata"]["name"]
+    assert search["job"]["parallelism"] == WORKERS
+    assert search["counts"] == {"complete": TRIALS, "failed": 0, "pruned": 0}
+    assert len(search["job"]["trials_by_worker"]) == WORKERS
+    assert complete == TRIALS
+    assert search["best"]["score"] > search["baseline_score"] + 0.2
+    assert search["gate"]["accepted"] is True
+    assert (
+        version.metadata["learner"]["params"]["max_depth"]
+        == (search["best"]["params"]["learner.max_depth"])
+    )
+    # The service deleted its Job, and the snapshot (the window) is gone from the volume.
+    assert not kube.exists(f"/apis/batch/v1/namespaces/{namespace}/jobs/{job['metadata']['name']}")
+    assert list((tmp_path / "snapshots").iterdir()) == []
