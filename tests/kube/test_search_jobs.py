@@ -280,6 +280,7 @@ def test_the_service_runs_its_search_as_a_job_and_publishes_the_winner_through_t
             assert postgres.password not in out + err
         service.wait_metric(PUBLISHED, 1, timeout=120)
         complete = service.metric('stream_trainer_search_trials_total{state="complete"}')
+        metrics_text = json.dumps(service.metrics())
         stop_cleanly(service)
     registry = ModelRegistry(
         Path(config["registry"]["root"]), config["model"]["name"], HMAC_KEY.encode(), keep_last=9
@@ -305,6 +306,14 @@ def test_the_service_runs_its_search_as_a_job_and_publishes_the_winner_through_t
         version.metadata["learner"]["params"]["max_depth"]
         == (search["best"]["params"]["learner.max_depth"])
     )
+    # The database password is nowhere the service writes: checkpoints, versions, its log,
+    # metrics, the Job it created (only the URL file standing in for the Secret holds it).
+    secret = postgres.password.encode()
+    leaks = [
+        p for p in tmp_path.rglob("*") if p.is_file() and p != url_file and secret in p.read_bytes()
+    ]
+    assert leaks == []
+    assert postgres.password not in metrics_text + json.dumps(job)
     # The service deleted its Job, and the snapshot (the window) is gone from the volume.
     assert not kube.exists(f"/apis/batch/v1/namespaces/{namespace}/jobs/{job['metadata']['name']}")
     assert list((tmp_path / "snapshots").iterdir()) == []
