@@ -28,7 +28,15 @@ from stream_trainer.kube_jobs import job_manifest
 from stream_trainer.learners import build_model
 from stream_trainer.search import search_spec, validation_start
 from stream_trainer.search_snapshot import Snapshot, write_snapshot
-from stream_trainer.search_study import create_study, load_study, summary_from_study
+from stream_trainer.search_study import (
+    ATTR_BUDGET,
+    budget_used,
+    create_study,
+    fail_orphans,
+    finished,
+    load_study,
+    summary_from_study,
+)
 from tests.postgres_env import Postgres
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "stream-trainer"
@@ -102,9 +110,10 @@ class PodFiles:
 
     def local(self, path: str) -> Path:
         """Where a path inside the pod is on this machine (under its mount's folder)."""
+        mount: str
         for mount in sorted(self.mounts, key=len, reverse=True):
             if path == mount or path.startswith(mount + "/"):
-                return self.root / mount.strip("/") / path[len(mount) :].lstrip("/")
+                return Path(self.root, mount.strip("/"), path[len(mount) :].lstrip("/"))
         raise AssertionError(f"{path} is not under any mount of the pod")
 
     def substitute(self, value: str) -> str:
@@ -256,3 +265,26 @@ def test_a_worker_without_the_database_url_says_where_it_comes_from(
     assert result.returncode == 1
     assert "STREAM_TRAINER_SEARCH_DATABASE_URL" in result.stderr
     assert "never read from the config file" in result.stderr
+
+
+def test_a_dead_pods_running_trial_is_failed_when_the_job_ends(job_setup: dict[str, Any]) -> None:
+    """A pod killed mid-trial leaves its trial running; the budget counts it, and once the
+    Job has ended the service marks it failed, so the study is finished."""
+    url, name = job_setup["url"], job_setup["study"]
+    study = load_study(url, name)
+    study.set_user_attr(ATTR_BUDGET, 2)
+    study.ask()  # claimed by a pod that then died: RUNNING forever
+    command, env = _pod_command(job_setup, 1)
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["complete"] == 1  # the budget minus the orphan
+    study = load_study(url, name)
+    assert budget_used(study) and not finished(study)
+    assert fail_orphans(study) == 1
+    assert finished(study)
+    summary = summary_from_study(study, job_setup["snapshot"], duration_s=0.0)
+    assert summary.counts() == {"complete": 1, "failed": 1, "pruned": 0}
+    (failed,) = [t for t in summary.trials if t.state == "failed"]
+    assert failed.error == "its worker ended without finishing it"
