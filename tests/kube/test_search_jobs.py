@@ -189,6 +189,7 @@ def _wait_for_job(kube: ApiServer, namespace: str, timeout: float) -> dict[str, 
     return job
 
 
+@pytest.mark.integration
 def test_the_service_runs_its_search_as_a_job_and_publishes_the_winner_through_the_gate(
     kube: ApiServer,
     installed: dict[str, Any],
