@@ -26,7 +26,8 @@ import yaml
 from stream_trainer.config import settings_from_mapping
 from stream_trainer.kube_jobs import job_manifest
 from stream_trainer.learners import build_model
-from stream_trainer.search import search_spec, validation_start
+from stream_trainer.search import SearchFailed, search_spec, validation_start
+from stream_trainer.search_jobs import JobSearch, JobSearchCancelled
 from stream_trainer.search_snapshot import Snapshot, write_snapshot
 from stream_trainer.search_study import (
     ATTR_BUDGET,
@@ -35,6 +36,7 @@ from stream_trainer.search_study import (
     fail_orphans,
     finished,
     load_study,
+    run_worker,
     summary_from_study,
 )
 from tests.postgres_env import Postgres
@@ -288,3 +290,107 @@ def test_a_dead_pods_running_trial_is_failed_when_the_job_ends(job_setup: dict[s
     assert summary.counts() == {"complete": 1, "failed": 1, "pruned": 0}
     (failed,) = [t for t in summary.trials if t.state == "failed"]
     assert failed.error == "its worker ended without finishing it"
+
+
+class StubApi:
+    """The Jobs API as the service sees it; ``on_create`` plays the Job's pods."""
+
+    def __init__(self, state: str, on_create: Any = None) -> None:
+        self.state, self.on_create = state, on_create
+        self.created: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+
+    def create_job(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.created.append(manifest)
+        if self.on_create is not None:
+            self.on_create(manifest)
+        return manifest
+
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        if self.state == "running":
+            return {"status": {}}
+        return {"status": {"conditions": [{"type": self.state, "status": "True"}]}}
+
+    def delete_job(self, name: str) -> None:
+        self.deleted.append(name)
+
+
+def _job_search(api: StubApi, template: dict[str, Any], tmp_path: Path, url: str) -> JobSearch:
+    template_file = tmp_path / "search-job.yaml"
+    template_file.write_text(yaml.safe_dump(template), encoding="utf-8")
+    return JobSearch(
+        api=api,  # type: ignore[arg-type]
+        template_file=template_file,
+        snapshot_dir=tmp_path / "snapshots",
+        parallelism=WORKERS,
+        wait_timeout_s=60,
+        poll_interval_s=0.05,
+        key=KEY.encode(),
+        prefix="fraud-search",
+        environ={"STREAM_TRAINER_SEARCH_DATABASE_URL": url},
+    )
+
+
+def _refit(candidate: Any, X: Any, y: Any, weights: Any) -> tuple[Any, float]:
+    candidate.fit(X, y, weights)
+    return candidate, 0.0
+
+
+def _window() -> tuple[Any, Any, Any]:
+    settings = settings_from_mapping(
+        _render(VALUES)[1], env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": KEY}
+    )
+    spec = search_spec(settings)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(1500, 2))
+    y = ((X[:, 0] * X[:, 1]) > 0).astype(np.int64)
+    return build_model(settings), (X, y), spec
+
+
+def test_job_search_refits_the_studys_winner(postgres: Postgres, tmp_path: Path) -> None:
+    """JobSearch with the pods played in-process: the study's best params are refit."""
+    url = postgres.new_database()
+    template, _ = _render(VALUES)
+    candidate, (X, y), spec = _window()
+
+    def pods(manifest: dict[str, Any]) -> None:
+        args = manifest["spec"]["template"]["spec"]["containers"][0]["args"]
+        study, snapshot = args[args.index("--study") + 1], Path(args[args.index("--snapshot") + 1])
+        run_worker(snapshot, study, url, KEY.encode(), index=0)
+
+    api = StubApi("Complete", on_create=pods)
+    winner, _seconds, summary = _job_search(api, template, tmp_path, url).run(
+        candidate, X, y, None, spec, None, refit=_refit
+    )
+    (created,) = api.created
+    assert api.deleted == [created["metadata"]["name"]] == [summary["job"]["name"]]
+    assert summary["counts"] == {"complete": TRIALS, "failed": 0, "pruned": 0}
+    assert summary["job"]["outcome"] == "finished"
+    assert (
+        winner.describe()["params"]["max_depth"] == summary["best"]["params"]["learner.max_depth"]
+    )
+    assert list((tmp_path / "snapshots").iterdir()) == []  # the window is not kept
+
+
+def test_a_failed_job_ends_the_wait_with_the_reason(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.new_database()
+    template, _ = _render(VALUES)
+    candidate, (X, y), spec = _window()
+    api = StubApi("Failed")
+    with pytest.raises(SearchFailed, match=r"\(job failed\): no trial of 0 completed"):
+        _job_search(api, template, tmp_path, url).run(
+            candidate, X, y, None, spec, None, refit=_refit
+        )
+    assert api.deleted == [api.created[0]["metadata"]["name"]]
+
+
+def test_cancel_stops_the_wait_and_deletes_the_job(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.new_database()
+    template, _ = _render(VALUES)
+    candidate, (X, y), spec = _window()
+    api = StubApi("running")
+    search = _job_search(api, template, tmp_path, url)
+    search.cancel()  # as FullBatchTrainer.close does on SIGTERM
+    with pytest.raises(JobSearchCancelled):
+        search.run(candidate, X, y, None, spec, None, refit=_refit)
+    assert api.deleted == [api.created[0]["metadata"]["name"]]
