@@ -223,6 +223,7 @@ def cmd_search_show(args: argparse.Namespace) -> int:
 def cmd_search_worker(args: argparse.Namespace) -> int:
     """Run trials of a shared study (one Kubernetes Job pod) until its budget is used."""
     from stream_trainer.config import ConfigError  # noqa: PLC0415
+    from stream_trainer.logs import configure_logging, register_secret  # noqa: PLC0415
     from stream_trainer.search_snapshot import SnapshotError  # noqa: PLC0415
     from stream_trainer.search_study import (  # noqa: PLC0415
         JOB_INDEX_ENV,
@@ -233,7 +234,10 @@ def cmd_search_worker(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
+        # Logs on stderr: stdout carries the worker's report (JSON) alone.
+        configure_logging(settings.logging.level, settings.logging.format, stream=sys.stderr)
         key = settings.checkpoint.key()
+        register_secret(key)
         if key is None:
             raise SnapshotError(
                 "search worker: no checkpoint HMAC key to verify the snapshot with "

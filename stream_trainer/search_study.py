@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.evaluation import lower_is_better
+from stream_trainer.logs import register_secret
 from stream_trainer.search import (
     COMPLETE,
     FAILED,
@@ -77,7 +78,8 @@ class StudyError(StreamTrainerError):
 def database_url(environ: Mapping[str, str] | None = None) -> str:
     """The study database URL from ``STREAM_TRAINER_SEARCH_DATABASE_URL`` or the file named
     by ``STREAM_TRAINER_SEARCH_DATABASE_URL_FILE`` (a mounted Secret), whitespace stripped.
-    Never from the config file. Raises StudyError when neither is set."""
+    Never from the config file; the URL and its password are registered for log redaction.
+    Raises StudyError when neither is set."""
     env = os.environ if environ is None else environ
     url = env.get(DATABASE_URL_ENV, "").strip()
     if not url and env.get(DATABASE_URL_FILE_ENV):
@@ -91,6 +93,11 @@ def database_url(environ: Mapping[str, str] | None = None) -> str:
             f"no study database: set {DATABASE_URL_ENV} or {DATABASE_URL_FILE_ENV} "
             "(from a Secret; it is never read from the config file)"
         )
+    register_secret(url)  # masked in every log line, with its password alone
+    with contextlib.suppress(Exception):  # an unparsable URL has no password to mask
+        from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+        register_secret(make_url(url).password)
     return url
 
 
