@@ -24,6 +24,7 @@ from stream_trainer.kube_jobs import (
     job_state,
 )
 from stream_trainer.learners import build_model
+from stream_trainer.logs import clear_secrets, redact_text
 from stream_trainer.search import search_spec
 from stream_trainer.search_snapshot import (
     MAGIC,
@@ -176,3 +177,12 @@ def test_in_cluster_url_needs_the_pod_environment() -> None:
     )
     with pytest.raises(KubeApiError, match="api_server"):
         in_cluster_url({})
+
+
+def test_the_database_url_and_its_password_are_masked_in_logs() -> None:
+    url = "postgresql://u:pw-7f3a91c2@db:5432/studies"
+    try:
+        database_url({DATABASE_URL_ENV: url})
+        assert "pw-7f3a91c2" not in redact_text(f"connect {url} failed; password pw-7f3a91c2")
+    finally:
+        clear_secrets()
