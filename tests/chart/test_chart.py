@@ -644,6 +644,11 @@ def test_search_jobs_wire_the_service(chart: helm.Chart) -> None:
     assert env["STREAM_TRAINER_SEARCH_DATABASE_URL_FILE"]["value"].startswith(
         "/etc/stream-trainer/secrets/search-db/"
     )
+    # A changed Job template rolls the pod (it is mounted by subPath, never refreshed).
+    before = r.workload["spec"]["template"]["metadata"]["annotations"]["checksum/search-job"]
+    changed = _merge(_case_values(SEARCH_JOBS), {"search": {"jobs": {"backoffLimit": 5}}})
+    after = Rendered(chart, changed).workload["spec"]["template"]["metadata"]["annotations"]
+    assert after["checksum/search-job"] != before
 
 
 def test_search_jobs_rbac_is_create_get_delete_jobs_in_the_namespace(chart: helm.Chart) -> None:

@@ -15,6 +15,10 @@ metadata:
   annotations:
     # Rolls the pod whenever the rendered config file changes.
     checksum/config: {{ include "stream-trainer.config" . | sha256sum }}
+    {{- if .Values.search.jobs.enabled }}
+    # The search Job template is mounted by subPath (never refreshed in a running pod).
+    checksum/search-job: {{ include "stream-trainer.searchJob" . | sha256sum }}
+    {{- end }}
     {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
