@@ -58,7 +58,7 @@ def _service_account_token(kube: ApiServer, namespace: str, account: str) -> str
 
 @pytest.fixture(scope="module")
 def installed(kube: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    namespace = make_namespace(kube, "st-search-jobs")
+    namespace = make_namespace(kube, "st-search-job-rbac")  # not test_helm_install's
     make_prerequisites(kube, namespace, CASE)
     kube.helm(
         "install", RELEASE, str(CHART_DIR), "-n", namespace, "-f", str(CHART_DIR / "ci" / CASE)
