@@ -18,6 +18,8 @@ CHART_OWNED = {
     "CheckpointSettings": ["hmac_key", "hmac_key_file"],
     # The password comes from a Secret through `env` (valueFrom secretKeyRef), never values.
     "SchemaRegistrySettings": ["basic_auth_password"],
+    # Set from `search.jobs` (which also renders the Job template, its mounts and the RBAC).
+    "SearchJobsSettings": ["enabled", "parallelism", "snapshot_dir", "job_template"],
 }
 
 raw = Settings.model_json_schema()
@@ -277,6 +279,39 @@ schema = {
             }
         ),
         "helmTest": obj({"enabled": {"type": "boolean"}}),
+        "search": obj(
+            {
+                "jobs": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "parallelism": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "databaseUrl": obj(
+                            {
+                                "existingSecret": {
+                                    "type": "string",
+                                    "description": "name of an existing Secret holding the study database URL",
+                                },
+                                "key": {"type": "string", "minLength": 1},
+                            }
+                        ),
+                        "snapshots": obj(
+                            {
+                                "existingClaim": {
+                                    "type": "string",
+                                    "description": "a ReadWriteMany claim shared by the service and the Job pods",
+                                },
+                                "mountPath": {"type": "string", "pattern": "^/"},
+                            }
+                        ),
+                        "backoffLimit": {"type": "integer", "minimum": 0},
+                        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                        "resources": obj({"requests": anyobj, "limits": anyobj}, required=[]),
+                    },
+                    description="search trials as a Kubernetes Indexed Job (docs/search.md)",
+                )
+            }
+        ),
         "config": config,
     },
     "allOf": [

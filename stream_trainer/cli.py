@@ -220,6 +220,40 @@ def cmd_search_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_search_worker(args: argparse.Namespace) -> int:
+    """Run trials of a shared study (one Kubernetes Job pod) until its budget is used."""
+    from stream_trainer.config import ConfigError  # noqa: PLC0415
+    from stream_trainer.logs import configure_logging, register_secret  # noqa: PLC0415
+    from stream_trainer.search_snapshot import SnapshotError  # noqa: PLC0415
+    from stream_trainer.search_study import (  # noqa: PLC0415
+        JOB_INDEX_ENV,
+        StudyError,
+        database_url,
+        run_worker,
+    )
+
+    try:
+        settings = _settings(args)
+        # Logs on stderr: stdout carries the worker's report (JSON) alone.
+        configure_logging(settings.logging.level, settings.logging.format, stream=sys.stderr)
+        key = settings.checkpoint.key()
+        register_secret(key)
+        if key is None:
+            raise SnapshotError(
+                "search worker: no checkpoint HMAC key to verify the snapshot with "
+                "(STREAM_TRAINER_CHECKPOINT__HMAC_KEY or checkpoint.hmac_key_file)"
+            )
+        index = args.worker_index
+        if index is None:
+            index = int(os.environ.get(JOB_INDEX_ENV, "0") or 0)
+        report = run_worker(args.snapshot, args.study, database_url(), key, index=index)
+    except (ConfigError, SnapshotError, StudyError) as error:
+        print(f"stream-trainer: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print_json({"study": args.study, **report.as_dict()})
+    return EXIT_OK
+
+
 def _registry(settings: Settings) -> Any:
     from stream_trainer.registry import ModelRegistry  # noqa: PLC0415
 
@@ -583,7 +617,9 @@ def _add_search(sub: Any) -> None:
         examples=["stream-trainer search show --config my.yaml"],
         exits=("0  done", "1  failure, explained on stderr"),
     )
-    ssub = p.add_subparsers(dest="search_command", required=True, metavar="ACTION", help="show")
+    ssub = p.add_subparsers(
+        dest="search_command", required=True, metavar="ACTION", help="show, worker"
+    )
     q = _command(
         ssub,
         "show",
@@ -597,6 +633,33 @@ def _add_search(sub: Any) -> None:
     )
     _add_config(q)
     q.set_defaults(func=cmd_search_show)
+    w = _command(
+        ssub,
+        "worker",
+        summary="run trials of a shared study (a Kubernetes Job pod)",
+        description="Run trials of the study NAME in the study database on the window in "
+        "the signed snapshot PATH, until the study's budget (trials / seconds) is used, then "
+        "exit 0. The snapshot is verified with the checkpoint key before anything is read "
+        "from it. The database URL comes from $STREAM_TRAINER_SEARCH_DATABASE_URL or the file "
+        "named by $STREAM_TRAINER_SEARCH_DATABASE_URL_FILE, never from the config. The "
+        "service starts these as an Indexed Job (docs/search.md).",
+        examples=[
+            "stream-trainer search worker --config my.yaml --study NAME "
+            "--snapshot /snapshots/window-<sha256>.snap"
+        ],
+        exits=("0  the budget is used", "1  bad snapshot, study or database, explained"),
+    )
+    _add_config(w)
+    w.add_argument("--snapshot", type=Path, required=True, help="the signed window snapshot")
+    w.add_argument("--study", required=True, help="the study's name in the study database")
+    w.add_argument(
+        "--worker-index",
+        type=int,
+        default=None,
+        help="this worker's index (seeds its sampler; 0 also scores the baseline); "
+        "default $JOB_COMPLETION_INDEX or 0",
+    )
+    w.set_defaults(func=cmd_search_worker)
 
 
 _VERSION_ACTIONS = (

@@ -848,6 +848,65 @@ class SearchParam(StrictModel):
         return {"type": "float", "low": low, "high": high, "log": self.log}
 
 
+class SearchJobsSettings(StrictModel):
+    """Search trials as a Kubernetes Indexed Job sharing one study in a database."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "a search's trials run in the pods of an Indexed Job the service creates (the "
+            "chart's template), sharing an Optuna study in the database named by "
+            "STREAM_TRAINER_SEARCH_DATABASE_URL(_FILE); the winner is refit here"
+        ),
+    )
+    snapshot_dir: Path = Field(
+        default=Path("/var/lib/stream-trainer/search-snapshots"),
+        description=(
+            "where the signed window snapshot is written; the Job's pods must mount the same "
+            "volume at the same path (the chart's search.jobs.snapshots)"
+        ),
+    )
+    job_template: Path = Field(
+        default=Path("/etc/stream-trainer/search-job.yaml"),
+        description=(
+            "the Job manifest the chart renders; the service adds the study, the snapshot, "
+            "parallelism and completions"
+        ),
+    )
+    parallelism: int = Field(
+        default=2, ge=1, le=1000, description="pods of the Job (each runs trials until done)"
+    )
+    wait_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "the retrain gives up (deletes the Job, the retrain fails) when the study is not "
+            "finished after this long"
+        ),
+    )
+    poll_interval_s: float = Field(
+        default=2.0, gt=0, le=60, description="how often the study and the Job are checked"
+    )
+    namespace: str | None = Field(
+        default=None,
+        description="namespace of the Job; null: the service's own (its service account's)",
+    )
+    api_server: str | None = Field(
+        default=None,
+        description=(
+            "Kubernetes API URL; null: in-cluster (KUBERNETES_SERVICE_HOST / _PORT_HTTPS)"
+        ),
+    )
+    token_file: Path = Field(
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        description="the service account token (re-read at every call: it is rotated)",
+    )
+    ca_file: Path = Field(
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+        description="CA bundle that verifies the API server",
+    )
+
+
 class SearchSettings(StrictModel):
     """Hyperparameter search for full-batch retrains (Optuna, in-process, sequential trials)."""
 
@@ -903,6 +962,10 @@ class SearchSettings(StrictModel):
         ),
     )
     seed: int = Field(default=0, ge=0, description="the sampler's seed (reproducible draws)")
+    jobs: SearchJobsSettings = Field(
+        default_factory=SearchJobsSettings,
+        description="trials beyond this machine: a Kubernetes Indexed Job (docs/search.md)",
+    )
 
     @field_validator("space")
     @classmethod

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from stream_trainer.memory import release_free_memory
 from stream_trainer.records import DecodedBatch
 from stream_trainer.search import SearchSpec, run_search, search_spec
 from stream_trainer.state import RecordWindow, TrainingState
+
+if TYPE_CHECKING:
+    from stream_trainer.search_jobs import JobSearch
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +242,14 @@ class FullBatchTrainer:
         self._metric = settings.evaluation_metrics()[0]
         self._labels = settings.record.labels
         self._search = search_spec(settings)
+        # Trials as a Kubernetes Job instead of in the fit worker (stream_trainer/search_jobs).
+        self._job_search: JobSearch | None = None
+        if self._search is not None and self._cfg.search.jobs.enabled:
+            from stream_trainer import search_jobs  # noqa: PLC0415  (Kubernetes only)
+
+            self._job_search = search_jobs.JobSearch.from_settings(
+                self._cfg.search.jobs, settings.checkpoint.key(), settings.model.name
+            )
         self._running: Future[FitResult] | None = None
         self._running_meta: dict[str, Any] = {}
         self._last_retrain = time.monotonic()
@@ -354,6 +365,10 @@ class FullBatchTrainer:
         self._crash.reached("mid_retrain")
         weights = None if np.all(w == 1.0) else w
         if search is not None:
+            if self._job_search is not None:
+                return self._job_search.run(
+                    candidate, X, y, weights, search, previous, refit=self._refit
+                )
             if self._fit_worker is not None:
                 return self._fit_worker.search(candidate, X, y, weights, search, previous)
             winner, summary = run_search(candidate, X, y, weights, search, previous)
@@ -363,6 +378,16 @@ class FullBatchTrainer:
             return fitted, seconds, None
         candidate.fit(X, y, weights)
         return candidate, time.perf_counter() - started, None
+
+    def _refit(
+        self, candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None
+    ) -> tuple[ModelAdapter, float]:
+        """One fit where single fits run (the fit worker, else this thread)."""
+        if self._fit_worker is not None:
+            return self._fit_worker.fit(candidate, X, y, weights)
+        started = time.perf_counter()
+        candidate.fit(X, y, weights)
+        return candidate, time.perf_counter() - started
 
     def _finish(self, state: TrainingState) -> RetrainOutcome:
         assert self._running is not None
@@ -445,8 +470,11 @@ class FullBatchTrainer:
         The worker's child is killed; a fit on a thread cannot be killed, so its daemon
         thread is left to the process's exit and its result is never used. The retrain's
         trigger stays in ``state.retrain_running`` (checkpointed), so the next start runs it
-        again.
+        again. A search running as a Job stops waiting and deletes its Job (the Job's own
+        deadline and TTL bound it if the process exits first).
         """
+        if self._job_search is not None:
+            self._job_search.cancel()
         if self._fit_worker is not None:
             self._fit_worker.close()
         self._running = None

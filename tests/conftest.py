@@ -12,6 +12,8 @@ Fixtures
 ``schema_registry`` (session) Apicurio Registry 2.4.2, in memory, Confluent API at
                   ``schema_registry.url`` (:class:`SchemaRegistry`); same availability rule.
 ``images``        (session, tests/container/fixtures.py) private dockerd + project image.
+``postgres``      (session) private PostgreSQL (Debian package, tests/postgres_env.py); same
+                  availability rule.
 
 Availability rule: a broker that cannot start makes its tests FAIL when ``CI=true``
 (with the reason and the tail of the broker log) and SKIP otherwise. A broker is started
@@ -33,6 +35,7 @@ import pytest
 from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
 from stream_trainer.testing.schema_registry import SchemaRegistry
+from tests.postgres_env import Postgres, PostgresError
 
 BROKER_NAMES = ("kafka", "tansu")
 
@@ -216,6 +219,44 @@ def schema_registry() -> Iterator[SchemaRegistry]:
             registry.close()
 
 
+@dataclass
+class _PostgresSlot:
+    server: Postgres | None = None
+    error: str | None = None
+    ran: str | None = None
+
+
+_POSTGRES = _PostgresSlot()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL server (Debian's package) on a free loopback port, password
+    authentication, for the whole session (``postgres.url``, ``postgres.new_database()``).
+    Fails under CI=true, skips elsewhere, when it cannot start."""
+    if _POSTGRES.server is None and _POSTGRES.error is None:
+        server = Postgres()
+        try:
+            server.start()
+        except (PostgresError, OSError) as exc:
+            server.stop()
+            _POSTGRES.error = f"{type(exc).__name__}: {exc}"
+        else:
+            _POSTGRES.server = server
+            _POSTGRES.ran = f"port {server.port}, started in {server.start_seconds:.1f} s"
+    if _POSTGRES.server is None:
+        reason = f"PostgreSQL unavailable: {_POSTGRES.error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield _POSTGRES.server
+    finally:
+        server, _POSTGRES.server = _POSTGRES.server, None
+        if server is not None:
+            server.stop()
+
+
 def new_topic(
     broker: BrokerHandle,
     partitions: int = 1,
@@ -285,6 +326,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _POOL.close_all()
     if _REGISTRY.registry is not None:
         _REGISTRY.registry.close()
+    if _POSTGRES.server is not None:
+        _POSTGRES.server.stop()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
@@ -294,6 +337,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
         verdict = "FAILED" if _in_ci() else "skipped"
         line = f"ran ({_REGISTRY.ran})" if _REGISTRY.ran else f"{verdict} - {_REGISTRY.error}"
         lines.append(f"apicurio: {line.splitlines()[0]}")
+    if _POSTGRES.ran or _POSTGRES.error:
+        verdict = "FAILED" if _in_ci() else "skipped"
+        line = f"ran ({_POSTGRES.ran})" if _POSTGRES.ran else f"{verdict} - {_POSTGRES.error}"
+        lines.append(f"postgresql: {line.splitlines()[0]}")
     if not lines:
         return
     terminalreporter.section("brokers")

@@ -46,6 +46,11 @@ CHART_OWNED_FIELDS = {
     "checkpoint.hmac_key_file",
     # from a Secret through env (valueFrom secretKeyRef): a password never goes into values
     "schema_registry.basic_auth_password",
+    # set from `search.jobs`, which also renders the Job template, its mounts and the RBAC
+    "training.full_batch.search.jobs.enabled",
+    "training.full_batch.search.jobs.parallelism",
+    "training.full_batch.search.jobs.snapshot_dir",
+    "training.full_batch.search.jobs.job_template",
 }
 
 CASES = ["default", *sorted(p.name for p in (CHART_DIR / "ci").glob("*-values.yaml"))]
@@ -116,6 +121,15 @@ class Rendered:
         return loaded
 
     @property
+    def search_jobs(self) -> list[dict[str, Any]]:
+        """The Job template(s) the chart renders into a ConfigMap for the service."""
+        return [
+            yaml.safe_load(d["data"]["search-job.yaml"])
+            for d in self.of_kind("ConfigMap")
+            if "search-job.yaml" in d.get("data", {})
+        ]
+
+    @property
     def test_pod(self) -> dict[str, Any]:
         pods = [d for d in self.of_kind("Pod") if d["metadata"]["annotations"]["helm.sh/hook"]]
         assert len(pods) == 1
@@ -168,6 +182,8 @@ def test_every_rendered_manifest_is_valid_kubernetes(rendered: Rendered) -> None
             continue
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         checked += 1
+    for job in rendered.search_jobs:
+        kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
     # At least ConfigMap, Service, ServiceAccount, workload and the test pod.
     assert checked >= 5
 
@@ -286,12 +302,13 @@ def test_sasl_ssl_wires_password_and_tls_files(chart: helm.Chart) -> None:
 # -- pod security and probes -------------------------------------------------------------
 
 
-def _assert_restricted(pod_spec: dict[str, Any]) -> None:
+def _assert_restricted(pod_spec: dict[str, Any], api_token: bool = False) -> None:
     pod_sc = pod_spec["securityContext"]
     assert pod_sc["runAsNonRoot"] is True
     assert pod_sc["runAsUser"] == 10001
     assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
-    assert pod_spec["automountServiceAccountToken"] is False
+    # Only a service that creates search Jobs gets its token (its Role allows nothing else).
+    assert pod_spec["automountServiceAccountToken"] is api_token
     assert "hostNetwork" not in pod_spec
     assert "hostPID" not in pod_spec
     for container in pod_spec["containers"]:
@@ -308,8 +325,10 @@ def _assert_restricted(pod_spec: dict[str, Any]) -> None:
 
 
 def test_pods_satisfy_the_restricted_profile(rendered: Rendered) -> None:
-    _assert_restricted(rendered.pod_spec)
+    _assert_restricted(rendered.pod_spec, api_token=rendered.values["search"]["jobs"]["enabled"])
     _assert_restricted(rendered.test_pod["spec"])
+    for job in rendered.search_jobs:
+        _assert_restricted(job["spec"]["template"]["spec"])
     mounts = {m["mountPath"]: m["name"] for m in rendered.container["volumeMounts"]}
     volumes = {v["name"]: v for v in rendered.pod_spec["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
@@ -563,3 +582,129 @@ def test_config_schema_mirrors_the_services_settings(chart: helm.Chart) -> None:
     assert in_schema.isdisjoint(CHART_OWNED_FIELDS)
     assert config_schema["additionalProperties"] is False
     assert schema["additionalProperties"] is False
+
+
+# -- search trials as a Kubernetes Job ------------------------------------------------------
+
+SEARCH_JOBS = "search-jobs-values.yaml"
+
+
+def test_search_jobs_are_off_by_default(chart: helm.Chart) -> None:
+    r = Rendered(chart, {})
+    assert r.search_jobs == []
+    assert r.of_kind("Role") == [] and r.of_kind("RoleBinding") == []
+    assert "jobs" not in r.config.get("training", {}).get("full_batch", {}).get("search", {})
+
+
+def test_search_job_template_runs_the_worker_like_the_service(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values(SEARCH_JOBS))
+    (job,) = r.search_jobs
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["parallelism"] == spec["completions"] == 4
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    # Same image and entry point as the service; the service appends --study / --snapshot.
+    assert container["image"] == r.container["image"]
+    assert container["args"] == ["search", "worker", "--config", "/etc/stream-trainer/config.yaml"]
+    # Not selected by the Service (no metrics port there) nor the service's selector.
+    service = r.one("Service")
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert not set(service["spec"]["selector"].items()) <= set(pod_labels.items())
+    # The database URL: a file from the Secret, never a value; the snapshot claim read-only.
+    env = {e["name"]: e for e in container["env"]}
+    url_file = env["STREAM_TRAINER_SEARCH_DATABASE_URL_FILE"]["value"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert volumes["search-db"]["secret"]["secretName"] == "search-db"
+    assert url_file == f"{mounts['search-db']['mountPath']}/url"
+    assert mounts["search-snapshots"]["readOnly"] is True
+    assert volumes["search-snapshots"]["persistentVolumeClaim"]["claimName"] == "search-snapshots"
+    assert "STREAM_TRAINER_SEARCH_DATABASE_URL" not in env
+    # The config the worker reads: the service's, whose checkpoint key file is mounted here.
+    assert volumes["config"]["configMap"]["name"] == r.config_map["metadata"]["name"]
+    key_file = r.config["checkpoint"]["hmac_key_file"]
+    assert key_file.startswith(mounts["checkpoint-key"]["mountPath"] + "/")
+
+
+def test_search_jobs_wire_the_service(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values(SEARCH_JOBS))
+    jobs_cfg = r.config["training"]["full_batch"]["search"]["jobs"]
+    settings = settings_from_mapping(r.config, env=_secret_env(r.values))
+    assert settings.training.full_batch.search.jobs.enabled is True
+    mounts = {m["mountPath"]: m["name"] for m in r.container["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    template = volumes[mounts[jobs_cfg["job_template"]]]["configMap"]["name"]
+    assert template == f"{RELEASE}-stream-trainer-search-job"
+    assert volumes[mounts[jobs_cfg["snapshot_dir"]]]["persistentVolumeClaim"]["claimName"] == (
+        "search-snapshots"
+    )
+    env = {e["name"]: e for e in r.container["env"]}
+    assert env["STREAM_TRAINER_SEARCH_DATABASE_URL_FILE"]["value"].startswith(
+        "/etc/stream-trainer/secrets/search-db/"
+    )
+    # A changed Job template rolls the pod (it is mounted by subPath, never refreshed).
+    before = r.workload["spec"]["template"]["metadata"]["annotations"]["checksum/search-job"]
+    changed = _merge(_case_values(SEARCH_JOBS), {"search": {"jobs": {"backoffLimit": 5}}})
+    after = Rendered(chart, changed).workload["spec"]["template"]["metadata"]["annotations"]
+    assert after["checksum/search-job"] != before
+
+
+def test_search_jobs_rbac_is_create_get_delete_jobs_in_the_namespace(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values(SEARCH_JOBS))
+    role, binding = r.one("Role"), r.one("RoleBinding")
+    assert r.of_kind("ClusterRole") == [] and r.of_kind("ClusterRoleBinding") == []
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]}
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": r.pod_spec["serviceAccountName"],
+            "namespace": NAMESPACE,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"search": {"jobs": {"databaseUrl": {"existingSecret": ""}}}},
+            "databaseUrl.existingSecret",
+        ),
+        ({"search": {"jobs": {"snapshots": {"existingClaim": ""}}}}, "snapshots.existingClaim"),
+        (
+            {"config": {"training": {"full_batch": {"search": {"enabled": False}}}}},
+            "search.jobs.enabled needs",
+        ),
+    ],
+)
+def test_search_jobs_need_their_secret_claim_and_a_search(
+    chart: helm.Chart, change: dict[str, Any], message: str
+) -> None:
+    values = _merge(_case_values(SEARCH_JOBS), change)
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_search_jobs_config_field_is_the_charts(chart: helm.Chart) -> None:
+    values = {"config": {"training": {"full_batch": {"search": {"jobs": {"enabled": True}}}}}}
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -47,6 +47,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
     "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
 }
 
 
@@ -88,6 +90,10 @@ def expected_kinds(case: str) -> dict[str, int]:
         kinds["ConfigMap"] += 1
     if _get(values, "networkPolicy.enabled", False):
         kinds["NetworkPolicy"] = 1
+    if _get(values, "search.jobs.enabled", False):
+        # The search Job template's ConfigMap, and the Role (jobs) bound to the account.
+        kinds["ConfigMap"] += 1
+        kinds["Role"] = kinds["RoleBinding"] = 1
     return kinds
 
 
@@ -134,6 +140,8 @@ def make_prerequisites(kube: ApiServer, namespace: str, case: str) -> None:
         secrets[name] = {"password": "secret"}
     if name := _get(values, "secrets.kafkaTls.existingSecret", ""):
         secrets[name] = {"ca.crt": "ca", "user.crt": "crt", "user.key": "key"}
+    if name := _get(values, "search.jobs.databaseUrl.existingSecret", ""):
+        secrets[name] = {"url": "postgresql://trainer:stand-in@db:5432/studies"}
     for name, data in secrets.items():
         _create(
             kube,

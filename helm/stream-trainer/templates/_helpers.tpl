@@ -135,6 +135,31 @@ Cross-field rules the schema cannot express fail the render with a clear message
 {{- fail (printf "config.%s (%s) must be below persistence.mountPath (%s): the root filesystem is read-only" $field $path $mount) }}
 {{- end }}
 {{- end }}
+{{- $jobs := .Values.search.jobs }}
+{{- $training := $cfg.training }}
+{{- $fullBatch := get $training "full_batch" | default dict }}
+{{- $search := get $fullBatch "search" | default dict }}
+{{- $jobsCfg := get $search "jobs" | default dict }}
+{{- if $jobs.enabled }}
+{{- if not $jobs.databaseUrl.existingSecret }}
+{{- fail "search.jobs.databaseUrl.existingSecret is required when search.jobs.enabled (the study database URL Secret)" }}
+{{- end }}
+{{- if not $jobs.snapshots.existingClaim }}
+{{- fail "search.jobs.snapshots.existingClaim is required when search.jobs.enabled (a ReadWriteMany claim the service and the Job pods share)" }}
+{{- end }}
+{{- if not (and (eq (toString $training.mode) "full_batch") $search.enabled) }}
+{{- fail "search.jobs.enabled needs config.training.mode full_batch and config.training.full_batch.search.enabled" }}
+{{- end }}
+{{- $_ := set $jobsCfg "enabled" true }}
+{{- $_ := set $jobsCfg "parallelism" $jobs.parallelism }}
+{{- $_ := set $jobsCfg "snapshot_dir" $jobs.snapshots.mountPath }}
+{{- $_ := set $jobsCfg "job_template" (include "stream-trainer.searchJobTemplatePath" .) }}
+{{- $_ := set $search "jobs" $jobsCfg }}
+{{- $_ := set $fullBatch "search" $search }}
+{{- $_ := set $training "full_batch" $fullBatch }}
+{{- else if $jobsCfg.enabled }}
+{{- fail "config.training.full_batch.search.jobs.enabled is set by the chart: use search.jobs.enabled (it also renders the Job template and the RBAC)" }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 

@@ -15,13 +15,22 @@ metadata:
   annotations:
     # Rolls the pod whenever the rendered config file changes.
     checksum/config: {{ include "stream-trainer.config" . | sha256sum }}
+    {{- if .Values.search.jobs.enabled }}
+    # The search Job template is mounted by subPath (never refreshed in a running pod).
+    checksum/search-job: {{ include "stream-trainer.searchJob" . | sha256sum }}
+    {{- end }}
     {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
 spec:
   serviceAccountName: {{ include "stream-trainer.serviceAccountName" . }}
+  {{- if .Values.search.jobs.enabled }}
+  # The service creates, watches and deletes search Jobs (the Role allows nothing else).
+  automountServiceAccountToken: true
+  {{- else }}
   # The service never talks to the Kubernetes API.
   automountServiceAccountToken: false
+  {{- end }}
   {{- with .Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -61,6 +70,10 @@ spec:
             secretKeyRef:
               name: {{ $sasl.existingSecret }}
               key: {{ $sasl.key }}
+        {{- end }}
+        {{- if .Values.search.jobs.enabled }}
+        - name: STREAM_TRAINER_SEARCH_DATABASE_URL_FILE
+          value: {{ include "stream-trainer.searchDbDir" . }}/{{ .Values.search.jobs.databaseUrl.key }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -128,6 +141,17 @@ spec:
           mountPath: {{ include "stream-trainer.tlsDir" . }}
           readOnly: true
         {{- end }}
+        {{- if .Values.search.jobs.enabled }}
+        - name: search-job
+          mountPath: {{ include "stream-trainer.searchJobTemplatePath" . }}
+          subPath: search-job.yaml
+          readOnly: true
+        - name: search-db
+          mountPath: {{ include "stream-trainer.searchDbDir" . }}
+          readOnly: true
+        - name: search-snapshots
+          mountPath: {{ .Values.search.jobs.snapshots.mountPath }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -177,6 +201,22 @@ spec:
             path: {{ . }}
           {{- end }}
           {{- end }}
+    {{- end }}
+    {{- if .Values.search.jobs.enabled }}
+    {{- $jobs := .Values.search.jobs }}
+    - name: search-job
+      configMap:
+        name: {{ include "stream-trainer.fullname" . }}-search-job
+    - name: search-db
+      secret:
+        secretName: {{ $jobs.databaseUrl.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ $jobs.databaseUrl.key }}
+            path: {{ $jobs.databaseUrl.key }}
+    - name: search-snapshots
+      persistentVolumeClaim:
+        claimName: {{ $jobs.snapshots.existingClaim }}
     {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
