@@ -25,7 +25,7 @@ from stream_trainer.fit_worker import FitWorker
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.memory import release_free_memory
 from stream_trainer.records import DecodedBatch
-from stream_trainer.search import SearchSpec, run_search, search_spec
+from stream_trainer.search import SearchFailed, SearchSpec, run_search, search_spec
 from stream_trainer.state import RecordWindow, TrainingState
 
 if TYPE_CHECKING:
@@ -365,19 +365,58 @@ class FullBatchTrainer:
         self._crash.reached("mid_retrain")
         weights = None if np.all(w == 1.0) else w
         if search is not None:
+            fallback: str | None = None
             if self._job_search is not None:
-                return self._job_search.run(
-                    candidate, X, y, weights, search, previous, refit=self._refit
-                )
+                in_job = self._search_in_a_job(candidate, X, y, weights, search, previous)
+                if not isinstance(in_job, str):
+                    return in_job
+                fallback = in_job
             if self._fit_worker is not None:
-                return self._fit_worker.search(candidate, X, y, weights, search, previous)
-            winner, summary = run_search(candidate, X, y, weights, search, previous)
-            return winner, time.perf_counter() - started, summary.as_dict()
+                result = self._fit_worker.search(candidate, X, y, weights, search, previous)
+            else:
+                winner, summary = run_search(candidate, X, y, weights, search, previous)
+                result = (winner, time.perf_counter() - started, summary.as_dict())
+            if fallback is not None and result[2] is not None:
+                result[2]["job_fallback"] = fallback
+            return result
         if self._fit_worker is not None:
             fitted, seconds = self._fit_worker.fit(candidate, X, y, weights)
             return fitted, seconds, None
         candidate.fit(X, y, weights)
         return candidate, time.perf_counter() - started, None
+
+    def _search_in_a_job(
+        self,
+        candidate: ModelAdapter,
+        X: np.ndarray,
+        y: np.ndarray,
+        weights: np.ndarray | None,
+        search: SearchSpec,
+        previous: dict[str, Any] | None,
+    ) -> FitResult | str:
+        """The Job search's result; or, when the Job search failed for a reason outside
+        this process (API server, study database, the Job's pods), that reason: the caller
+        then searches in the fit worker. Failing the retrain instead would exit the service
+        and, the trigger being checkpointed, crash-loop it for as long as the database or
+        the API server is away. A stop (JobSearchCancelled) still propagates."""
+        from stream_trainer.kube_jobs import KubeApiError  # noqa: PLC0415
+        from stream_trainer.search_jobs import JobSearchCancelled  # noqa: PLC0415
+        from stream_trainer.search_study import StudyError  # noqa: PLC0415
+
+        assert self._job_search is not None
+        try:
+            return self._job_search.run(
+                candidate, X, y, weights, search, previous, refit=self._refit
+            )
+        except JobSearchCancelled:
+            raise
+        except (SearchFailed, KubeApiError, StudyError, OSError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            log.error(
+                "search job failed; this retrain searches in the fit worker instead",
+                extra={"reason": reason},
+            )
+            return reason
 
     def _refit(
         self, candidate: ModelAdapter, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None

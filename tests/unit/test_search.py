@@ -456,6 +456,56 @@ def test_trainer_retrain_searches_and_keeps_the_summary(tmp_path: Path) -> None:
     assert outcome2.search["trials"][0]["params"] == {"learner.max_depth": best_depth}
 
 
+class _FailingJobSearch:
+    """Stands in for JobSearch (a pure-logic test): its run raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.runs = 0
+
+    def run(self, *_args: Any, **_kwargs: Any) -> Any:
+        self.runs += 1
+        raise self.error
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_failed_search_job_falls_back_to_the_fit_worker_instead_of_failing_the_retrain(
+    tmp_path: Path,
+) -> None:
+    from stream_trainer.kube_jobs import KubeApiError
+
+    settings = make_settings(trials=4, checkpoint_dir=str(tmp_path))
+    state = _state(build_model(settings), 2000)
+    assert state.window is not None
+    X, y = checkerboard(2000)
+    state.window.extend(X, y.astype(np.int64))
+    trainer = FullBatchTrainer(settings)
+    job = _FailingJobSearch(KubeApiError("POST /apis/batch/v1/...: 503 Service Unavailable"))
+    trainer._job_search = job  # type: ignore[assignment]
+    outcome = _retrain(trainer, state)
+    assert job.runs == 1
+    assert outcome is not None and outcome.search is not None
+    assert outcome.search["counts"]["complete"] == 4  # searched here instead
+    assert outcome.search["job_fallback"].startswith("KubeApiError: POST")
+    assert state.retrain_running is None
+
+
+def test_a_stop_during_a_search_job_is_not_a_fallback(tmp_path: Path) -> None:
+    from stream_trainer.search_jobs import JobSearchCancelled
+
+    settings = make_settings(trials=4, checkpoint_dir=str(tmp_path))
+    state = _state(build_model(settings), 2000)
+    assert state.window is not None
+    X, y = checkerboard(2000)
+    state.window.extend(X, y.astype(np.int64))
+    trainer = FullBatchTrainer(settings)
+    trainer._job_search = _FailingJobSearch(JobSearchCancelled("stopping"))  # type: ignore[assignment]
+    with pytest.raises(JobSearchCancelled):
+        _retrain(trainer, state)
+
+
 MANIFEST: dict[str, Any] = {
     "offsets": {},
     "model_version": None,
