@@ -429,6 +429,19 @@ class Service:
         if self._clock() - self._prequential_at >= PREQUENTIAL_REFRESH_S:
             self._refresh_prequential()
 
+    def _report_selection(self) -> None:
+        """Online selection gauges: live candidates, leader, scores, CPU seconds."""
+        selection = self.state.selection
+        if selection is None:
+            return
+        m = self._metrics
+        m.selection_live.set(len(selection.live))
+        leader = selection.leader
+        for candidate in selection.candidates:
+            m.selection_leader.labels(candidate=candidate.name).set(candidate is leader)
+            m.selection_score.labels(candidate=candidate.name).set(candidate.score())
+            m.selection_cpu.labels(candidate=candidate.name).set(candidate.cpu_seconds)
+
     def _refresh_prequential(self) -> None:
         """Set the prequential gauges if a unit was scored since they were last set."""
         if not self._prequential_stale:
@@ -436,6 +449,7 @@ class Service:
         evaluator = self.state.evaluator
         self._metrics.set_prequential(evaluator.window_values(), "window")
         self._metrics.set_prequential(evaluator.total_values(), "total")
+        self._report_selection()
         self._prequential_at = self._clock()
         self._prequential_stale = False
 
