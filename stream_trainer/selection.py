@@ -2,11 +2,13 @@
 
 Several candidate configurations (overrides of the configured model's params) learn side by
 side, each test-then-train on the same records and scored prequentially. Every
-``rung_records`` records the live candidates are ranked by their score over that rung: the
-worse half stops learning (down to ``min_live``) and the rung's best becomes the leader,
-the model the service predicts with, checkpoints and publishes. Decisions fall at exact
-record counts (a unit is split at a rung's end), never at times, so a run resumed from a
-checkpoint decides exactly as a run that never stopped.
+``rung_records`` records the live candidates are ranked by their score over that rung and
+the worse half stops learning (down to ``min_live``). The leader, the model the service
+predicts with, checkpoints and publishes, is the live candidate with the best score over
+its last ``rung_records`` records, chosen again every tenth of a rung (so a poor first
+candidate does not lead a whole rung). Decisions fall at exact record counts (a unit is
+split there), never at times, so a run resumed from a checkpoint decides exactly as a run
+that never stopped.
 
 Pure: no I/O, no metrics. The trainer feeds it predictions and record counts; the whole
 object is part of the pickled :class:`~stream_trainer.state.TrainingState`.
@@ -24,6 +26,8 @@ from stream_trainer.config import Settings
 from stream_trainer.evaluation import PrequentialEvaluator, lower_is_better
 from stream_trainer.learners import ModelAdapter
 
+# The leader is chosen again this many times per rung (at exact record counts).
+LEADER_CHECKS_PER_RUNG = 10
 # Rung scores and decisions kept in the (checkpointed) state: the latest this many.
 _KEPT = 100
 
@@ -66,10 +70,10 @@ class Candidate:
     name: str
     params: dict[str, Any]
     model: ModelAdapter
-    # Since the candidate started (the score reported per candidate), and over the rung in
-    # progress (what halving ranks by).
-    total: PrequentialEvaluator
-    rung: PrequentialEvaluator
+    # Since the candidate started (total_values: the score reported per candidate) and over
+    # its last rung_records records (window_values: what the leader and halving rank by; at
+    # a rung's end that window is the rung, which every live candidate learnt whole).
+    evaluator: PrequentialEvaluator
     live: bool = True
     stopped_at: int | None = None  # the selection's record count when it stopped learning
     records_learnt: int = 0
@@ -78,7 +82,11 @@ class Candidate:
 
     def score(self) -> float:
         """Since-start prequential score in the metric's units (NaN before any prediction)."""
-        return next(iter(self.total.total_values().values()))
+        return next(iter(self.evaluator.total_values().values()))
+
+    def recent_score(self) -> float:
+        """Score over the last ``rung_records`` records, in the metric's units."""
+        return next(iter(self.evaluator.window_values().values()))
 
 
 def _rank_value(value: float, metric: str) -> float:
@@ -94,24 +102,29 @@ class OnlineSelection:
     def __init__(self, spec: SelectionSpec, base: ModelAdapter) -> None:
         self.spec = spec
         self.candidates = [
-            Candidate(
-                name,
-                dict(params),
-                base.with_params(params),
-                self._evaluator(),
-                self._evaluator(),
-            )
+            Candidate(name, dict(params), base.with_params(params), self._evaluator())
             for name, params in zip(spec.names, spec.params, strict=True)
         ]
         self.leader_index = 0
         self.records = 0
         self.rungs = 0
         self.rung_left = spec.rung_records
+        self.check_left = self._check_every
         self.history: list[dict[str, Any]] = []
 
     def _evaluator(self) -> PrequentialEvaluator:
-        # The window is never read (scores are since-start values): keep it small.
-        return PrequentialEvaluator(self.spec.task, [self.spec.metric], 1, self.spec.labels)
+        spec = self.spec
+        return PrequentialEvaluator(spec.task, [spec.metric], spec.rung_records, spec.labels)
+
+    @property
+    def _check_every(self) -> int:
+        return max(1, self.spec.rung_records // LEADER_CHECKS_PER_RUNG)
+
+    @property
+    def until_decision(self) -> int:
+        """Records until the next decision (a leader check or a rung's end): the most the
+        trainer may pass to :meth:`advance` at once."""
+        return min(self.rung_left, self.check_left)
 
     @property
     def leader(self) -> Candidate:
@@ -127,29 +140,37 @@ class OnlineSelection:
         self, candidate: Candidate, y: np.ndarray, predictions: np.ndarray, proba: np.ndarray
     ) -> None:
         """Score ``candidate``'s predictions (made before it learnt these records)."""
-        candidate.total.update(y, predictions, proba)
-        candidate.rung.update(y, predictions, proba)
+        candidate.evaluator.update(y, predictions, proba)
         candidate.records_learnt += len(y)
 
     def advance(self, n: int) -> bool:
-        """``n`` records were learnt by every live candidate; at most ``rung_left`` (the
-        trainer splits units there). True when this ended a rung (a decision was made)."""
-        if not 0 <= n <= self.rung_left:
-            raise ValueError(f"advance({n}) crosses the rung end ({self.rung_left} left)")
+        """``n`` records were learnt by every live candidate; at most :attr:`until_decision`
+        (the trainer splits units there). True when this ended a rung."""
+        if not 0 <= n <= self.until_decision:
+            raise ValueError(f"advance({n}) crosses a decision ({self.until_decision} left)")
         self.records += n
         self.rung_left -= n
-        if self.rung_left:
-            return False
-        self._decide()
-        self.rung_left = self.spec.rung_records
-        return True
+        self.check_left -= n
+        if self.rung_left == 0:
+            self._decide()
+            self.rung_left = self.spec.rung_records
+            self.check_left = self._check_every
+            return True
+        if self.check_left == 0:
+            self.leader_index = self.candidates.index(self._ranked(self.live)[0])
+            self.check_left = self._check_every
+        return False
+
+    def _ranked(self, candidates: list[Candidate]) -> list[Candidate]:
+        """Best first by recent score; a stable sort: ties keep the configured order, so
+        every decision is deterministic."""
+        metric = self.spec.metric
+        return sorted(candidates, key=lambda c: -_rank_value(c.recent_score(), metric))
 
     def _decide(self) -> None:
-        metric = self.spec.metric
         live = self.live
-        scores = {c.name: next(iter(c.rung.total_values().values())) for c in live}
-        # Stable sort: ties keep the configured order, so the decision is deterministic.
-        ranked = sorted(live, key=lambda c: -_rank_value(scores[c.name], metric))
+        scores = {c.name: c.recent_score() for c in live}
+        ranked = self._ranked(live)
         keep = max(self.spec.min_live, math.ceil(len(live) / 2))
         stopped = ranked[keep:]
         for candidate in stopped:
@@ -157,7 +178,6 @@ class OnlineSelection:
             candidate.stopped_at = self.records
         for candidate in live:
             candidate.rung_scores = [*candidate.rung_scores[-_KEPT + 1 :], scores[candidate.name]]
-            candidate.rung = self._evaluator()
         self.leader_index = self.candidates.index(ranked[0])
         self.rungs += 1
         self.history = self.history[-_KEPT + 1 :]

@@ -204,8 +204,8 @@ class SelectionTrainer:
     """Online model selection (per_record or mini_batch): every live candidate runs the
     mode's test-then-train pass on the unit; the leader's predictions are the service's
     (scored, drift-checked, kept for the gate) and the records the leader refuses are the
-    unit's refusals (a candidate that refuses others skips them). A unit is cut at the
-    rung's end so the halving decides at an exact record count."""
+    unit's refusals (a candidate that refuses others skips them). A unit is cut at each
+    decision (leader check, rung end) so the selection decides at exact record counts."""
 
     def __init__(self, per_record: bool) -> None:
         self._per_record = per_record
@@ -228,7 +228,7 @@ class SelectionTrainer:
         ws = None if batch.weights is None else batch.weights.tolist()
         start = 0
         while start < n:
-            end = min(n, start + selection.rung_left)
+            end = min(n, start + selection.until_decision)
             leader = selection.leader
             for candidate in selection.live:
                 cpu = time.thread_time()

@@ -83,13 +83,17 @@ def stream(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def feed_scores(selection: OnlineSelection, accuracies: dict[str, float], n: int = 100) -> None:
-    """Score each live candidate with a made-up accuracy over ``n`` records, then advance."""
-    y = np.ones(n, dtype=np.int64)
-    for candidate in selection.live:
-        right = round(accuracies[candidate.name] * n)
-        predictions = np.array([1] * right + [0] * (n - right), dtype=object)
-        selection.observe(candidate, y, predictions, np.full(n, np.nan))
-    selection.advance(n)
+    """Score each live candidate with a made-up accuracy over ``n`` records, advancing one
+    leader check (a tenth of the rung) at a time."""
+    while n:
+        step = min(n, selection.until_decision)
+        y = np.ones(step, dtype=np.int64)
+        for candidate in selection.live:
+            right = round(accuracies[candidate.name] * step)
+            predictions = np.array([1] * right + [0] * (step - right), dtype=object)
+            selection.observe(candidate, y, predictions, np.full(step, np.nan))
+        selection.advance(step)
+        n -= step
 
 
 # --------------------------------------------------------------------------- halving
@@ -109,7 +113,7 @@ def test_halving_keeps_the_better_half_and_leads_with_the_rung_best() -> None:
         "mid": 100,
     }
     # The leader is chosen again every rung, on that rung's records only.
-    feed_scores(selection, {"plain": 0.5, "tiny": 0.95})
+    feed_scores(selection, {"plain": 0.5, "tiny": 0.9})
     assert [c.name for c in selection.live] == ["tiny"]
     assert selection.leader.name == "tiny"
     feed_scores(selection, {"tiny": 0.1})  # min_live (1) reached: nothing more stops
@@ -123,7 +127,7 @@ def test_halving_keeps_the_better_half_and_leads_with_the_rung_best() -> None:
     ]  # by rank
     scores = {c["name"]: c["score"] for c in summary["candidates"]}
     assert scores["slow"] == pytest.approx(0.6)
-    assert scores["tiny"] == pytest.approx((0.8 + 0.95 + 0.1) / 3)
+    assert scores["tiny"] == pytest.approx((0.8 + 0.9 + 0.1) / 3)
 
 
 def test_min_live_keeps_alternatives_and_the_leader_can_change_back() -> None:
@@ -154,10 +158,11 @@ def test_a_lower_is_better_metric_ranks_by_the_smaller_value() -> None:
     spec = selection_spec(settings)
     assert spec is not None and spec.metric == "log_loss"
     selection = OnlineSelection(spec, build_model(settings))
-    y = np.ones(100, dtype=np.int64)
-    for candidate, p in zip(selection.candidates, (0.9, 0.6, 0.99, 0.7), strict=True):
-        selection.observe(candidate, y, np.ones(100, dtype=object), np.full(100, p))
-    selection.advance(100)
+    for _ in range(10):
+        y = np.ones(10, dtype=np.int64)
+        for candidate, p in zip(selection.candidates, (0.9, 0.6, 0.99, 0.7), strict=True):
+            selection.observe(candidate, y, np.ones(10, dtype=object), np.full(10, p))
+        selection.advance(10)
     assert selection.leader.name == "tiny"
     assert [c.name for c in selection.live] == ["slow", "tiny"]
 
@@ -167,8 +172,22 @@ def test_advance_refuses_to_cross_a_rung_end() -> None:
     spec = selection_spec(settings)
     assert spec is not None
     selection = OnlineSelection(spec, build_model(settings))
-    with pytest.raises(ValueError, match="crosses the rung end"):
-        selection.advance(101)
+    assert selection.until_decision == 10  # a leader check every tenth of the rung
+    with pytest.raises(ValueError, match="crosses a decision"):
+        selection.advance(11)
+
+
+def test_the_leader_is_rechosen_within_a_rung_on_recent_records() -> None:
+    """A poor first candidate leads only until the first check, not for a whole rung."""
+    settings = make_settings(enabled())
+    spec = selection_spec(settings)
+    assert spec is not None
+    selection = OnlineSelection(spec, build_model(settings))
+    feed_scores(selection, {"slow": 0.2, "plain": 0.9, "tiny": 0.5, "mid": 0.5}, n=10)
+    assert selection.leader.name == "plain"
+    assert len(selection.live) == 4 and selection.rungs == 0
+    feed_scores(selection, {"slow": 0.2, "plain": 0.0, "tiny": 1.0, "mid": 0.5}, n=10)
+    assert selection.leader.name == "tiny"  # 0.75 over its last 20 records vs plain's 0.45
 
 
 # --------------------------------------------------------------------------- trainer
