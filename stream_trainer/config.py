@@ -1007,7 +1007,8 @@ class SelectionSettings(StrictModel):
         le=100_000_000,
         description=(
             "records per rung: each live candidate is scored on a rung's records before the "
-            "worse half stops and the leader is chosen again"
+            "worse half stops; the leader is re-chosen every tenth of a rung (mini_batch: at "
+            "least every training.mini_batch.size records; a multiple of it keeps units whole)"
         ),
     )
     metric: ClassificationMetric | RegressionMetric | None = Field(

@@ -5,10 +5,10 @@ side, each test-then-train on the same records and scored prequentially. Every
 ``rung_records`` records the live candidates are ranked by their score over that rung and
 the worse half stops learning (down to ``min_live``). The leader, the model the service
 predicts with, checkpoints and publishes, is the live candidate with the best score over
-its last ``rung_records`` records, chosen again every tenth of a rung (so a poor first
-candidate does not lead a whole rung). Decisions fall at exact record counts (a unit is
-split there), never at times, so a run resumed from a checkpoint decides exactly as a run
-that never stopped.
+its last ``rung_records`` records, chosen again every tenth of a rung (at least a unit in
+mini_batch), so a poor first candidate does not lead a whole rung. Decisions fall at exact
+record counts (a unit is split there), never at times, so a run resumed from a checkpoint
+decides exactly as a run that never stopped.
 
 Pure: no I/O, no metrics. The trainer feeds it predictions and record counts; the whole
 object is part of the pickled :class:`~stream_trainer.state.TrainingState`.
@@ -41,9 +41,20 @@ class SelectionSpec:
     params: tuple[dict[str, Any], ...]
     min_live: int
     rung_records: int
+    check_every: int  # records between leader checks (a rung's end is one too)
     metric: str
     task: str
     labels: tuple[Any, ...] | None
+
+
+def check_interval(rung_records: int, mode: str, unit_records: int) -> int:
+    """Records between leader checks: a tenth of a rung; in mini_batch at least a unit,
+    since the trainer cuts a unit at every decision and ``learn_many`` / ``partial_fit`` on
+    a cut unit is slower per record (and learns from smaller batches)."""
+    every = max(1, rung_records // LEADER_CHECKS_PER_RUNG)
+    if mode == "mini_batch":
+        every = max(every, unit_records)
+    return min(every, rung_records)
 
 
 def selection_spec(settings: Settings) -> SelectionSpec | None:
@@ -51,12 +62,14 @@ def selection_spec(settings: Settings) -> SelectionSpec | None:
     cfg = settings.training.selection
     if not cfg.enabled:
         return None
+    mode = settings.training.mode
     return SelectionSpec(
         method=cfg.method,
         names=tuple(cfg.candidate_names()),
         params=tuple(dict(c.params) for c in cfg.candidates),
         min_live=cfg.min_live,
         rung_records=cfg.rung_records,
+        check_every=check_interval(cfg.rung_records, mode, settings.training.mini_batch.size),
         metric=settings.selection_metric(),
         task=settings.model.task,
         labels=tuple(settings.record.labels) if settings.record.labels else None,
@@ -118,7 +131,7 @@ class OnlineSelection:
 
     @property
     def _check_every(self) -> int:
-        return max(1, self.spec.rung_records // LEADER_CHECKS_PER_RUNG)
+        return self.spec.check_every
 
     @property
     def until_decision(self) -> int:

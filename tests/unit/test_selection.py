@@ -13,7 +13,7 @@ from stream_trainer.app import new_state
 from stream_trainer.config import ConfigError, Settings, settings_from_mapping
 from stream_trainer.learners import IncompatibleLearner, build_model
 from stream_trainer.records import DecodedBatch
-from stream_trainer.selection import OnlineSelection, selection_spec
+from stream_trainer.selection import OnlineSelection, check_interval, selection_spec
 from stream_trainer.trainers import SelectionTrainer, build_trainer
 
 FEATURES = ["f0", "f1"]
@@ -175,6 +175,20 @@ def test_advance_refuses_to_cross_a_rung_end() -> None:
     assert selection.until_decision == 10  # a leader check every tenth of the rung
     with pytest.raises(ValueError, match="crosses a decision"):
         selection.advance(11)
+
+
+@pytest.mark.parametrize(
+    ("rung", "mode", "unit", "every"),
+    [
+        (2000, "per_record", 1000, 200),
+        (2000, "mini_batch", 1000, 1000),  # at least a unit: units stay whole
+        (2000, "mini_batch", 100, 200),
+        (500, "mini_batch", 1000, 500),  # never longer than a rung
+        (15, "per_record", 1000, 1),
+    ],
+)
+def test_leader_check_interval(rung: int, mode: str, unit: int, every: int) -> None:
+    assert check_interval(rung, mode, unit) == every
 
 
 def test_the_leader_is_rechosen_within_a_rung_on_recent_records() -> None:
