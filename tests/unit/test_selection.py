@@ -4,10 +4,14 @@ splitting, the checkpointed state, and config checks. Pure logic, no broker."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from stream_trainer.app import new_state
 from stream_trainer.config import ConfigError, Settings, settings_from_mapping
@@ -363,3 +367,26 @@ def test_a_disabled_selection_uses_the_plain_trainers() -> None:
     settings = make_settings()
     assert not isinstance(build_trainer(settings), SelectionTrainer)
     assert new_state(settings).selection is None
+
+
+def test_run_refuses_a_bad_candidate_before_starting(tmp_path: Path) -> None:
+    """The real command: a candidate param the learner does not take stops ``run`` at start
+    with one line naming the field (before any broker is contacted)."""
+    path = tmp_path / "config.yaml"
+    data = make_settings().model_dump(mode="json", exclude={"schema_registry"})
+    data["checkpoint"]["dir"] = str(tmp_path / "checkpoints")
+    data["training"]["selection"] = {
+        "enabled": True,
+        "candidates": [{}, {"params": {"learner.x": 1}}],
+    }
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_trainer", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "training.selection.candidates[1].params.learner.x" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
