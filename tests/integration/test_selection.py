@@ -222,15 +222,17 @@ def test_selection_on_a_drift_stream_is_near_the_best_candidate_in_hindsight(
 def test_kill_9_with_selection_loses_and_repeats_nothing(
     crash: str, broker: BrokerHandle, tmp_path: Path
 ) -> None:
-    """linear20 with four l2 candidates and rungs of 1500 records (decisions fall before and
-    after the crash); the fault-free reference runs on its own topic of the same records."""
+    """linear20 with four l2 candidates and rungs of 2500 records: the crash falls with two
+    candidates live (halved at 2500, halved again at 5000 after the restart); the fault-free
+    reference runs on its own topic of the same records."""
     bootstrap = broker.bootstrap_servers
     records = 9000
+    rung = 2500
     overrides = {
         "training": {
             "selection": {
                 **SELECTION,
-                "rung_records": 1500,
+                "rung_records": rung,
                 "min_live": 1,
                 "candidates": CANDIDATES,
             }
@@ -238,6 +240,7 @@ def test_kill_9_with_selection_loses_and_repeats_nothing(
         "checkpoint": {"every_seconds": 0.5, "every_records": 1000, "keep_last": 50},
     }
     runs: dict[str, Any] = {}
+    crashed_at: tuple[int, int, int] | None = None
     for name in ("reference", "crashing"):
         workdir = tmp_path / name
         workdir.mkdir()
@@ -252,6 +255,11 @@ def test_kill_9_with_selection_loses_and_repeats_nothing(
             crashing.start()
             code = wait_exit(crashing, 90, f"crash at {crash}")
             assert code == -9, f"expected SIGKILL at {crash}, got {code}:\n{crashing.tail()}"
+            at_crash = load_final(config).state.selection
+            assert at_crash is not None
+            # Mid-run: the restart has candidates and halving state to resume, not a blank.
+            assert 0 < at_crash.records < records
+            crashed_at = (at_crash.records, at_crash.rungs, len(at_crash.live))
             started = time.monotonic()
         service = ServiceProcess(config, workdir, name="run").start()
         try:
@@ -276,7 +284,8 @@ def test_kill_9_with_selection_loses_and_repeats_nothing(
         for a, b in zip(state.selection.candidates, reference.selection.candidates, strict=True)
     ]
     print(
-        f"\n[selection kill -9 at {crash}] {verdict.line()}; recovery to first learnt record "
+        f"\n[selection kill -9 at {crash}] checkpoint at the crash: (records, rungs, live) "
+        f"{crashed_at}; {verdict.line()}; recovery to first learnt record "
         f"{recovery and round(recovery, 2)} s; decisions equal: "
         f"{state.selection.history == reference.selection.history}; largest relative "
         f"difference of a candidate from the fault-free run {max(differences):.1e}"
@@ -285,7 +294,7 @@ def test_kill_9_with_selection_loses_and_repeats_nothing(
     assert verdict.twice == 0
     assert state.records_learnt == reference.records_learnt == records
     assert state.selection.history == reference.selection.history
-    assert state.selection.rungs == records // 1500
+    assert state.selection.rungs == records // rung
     assert [c.records_learnt for c in state.selection.candidates] == [
         c.records_learnt for c in reference.selection.candidates
     ]
