@@ -960,9 +960,11 @@ class SelectionCandidate(StrictModel):
 
 
 class SelectionSettings(StrictModel):
-    """Online model selection for per_record and mini_batch: candidates learn side by side,
-    each scored prequentially; successive halving keeps the better half every rung and the
-    rung's best is the leader, the model that is checkpointed and published."""
+    """Online model selection (per_record, mini_batch): candidates learn side by side.
+
+    Each is scored prequentially; successive halving keeps the better half every rung, and
+    the leader (best on recent records) is the model that is checkpointed and published.
+    """
 
     enabled: bool = Field(
         default=False,
@@ -997,8 +999,8 @@ class SelectionSettings(StrictModel):
         ge=1,
         le=64,
         description=(
-            "halving stops here; above 1 keeps alternatives learning (and the leader "
-            "re-chosen every rung), a hedge against drift at min_live times the cost"
+            "halving stops here; above 1 keeps alternatives learning, so the leader can "
+            "change after a drift (a hedge at about min_live times one model's cost)"
         ),
     )
     rung_records: int = Field(
