@@ -1524,6 +1524,9 @@ class Settings(BaseSettings):
         # resumed as if it were these. Disabled, it counts for nothing (existing hashes hold).
         if not self.training.selection.enabled:
             relevant["training"].pop("selection", None)
+        else:
+            # A cap checked at start, not a decision input: raising it keeps the checkpoint.
+            relevant["training"]["selection"].pop("max_live", None)
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -198,6 +198,7 @@ class Service:
             # queued pause means no training at all).
             self._commands(self._control.catch_up(self.settings.kafka.consume_timeout_s + 10.0))
         self.restored = True
+        self._report_selection()  # a restored selection is visible before the first unit
         self._metrics.state.state("paused" if self._manual_pause else "running")
         while not self._stop.is_set():
             try:

@@ -361,6 +361,8 @@ def test_a_disabled_selection_leaves_the_config_hash_alone() -> None:
     on = make_settings(enabled()).config_hash()
     assert on != plain
     assert make_settings(enabled(rung_records=200)).config_hash() != on
+    # max_live is a cap checked at start, not an input of any decision.
+    assert make_settings(enabled(max_live=8)).config_hash() == on
 
 
 def test_a_disabled_selection_uses_the_plain_trainers() -> None:
