@@ -92,7 +92,7 @@ def new_state(settings: Settings) -> TrainingState:
     model = build_model(settings)
     selection = build_selection(settings, model)
     return TrainingState(
-        model=model if selection is None else selection.leader.model,
+        model=model if selection is None else selection.leader_model,
         selection=selection,
         evaluator=PrequentialEvaluator(
             settings.model.task,

@@ -82,7 +82,9 @@ class Candidate:
 
     name: str
     params: dict[str, Any]
-    model: ModelAdapter
+    # None once it stopped: a stopped candidate never learns or leads again, and its model
+    # would only cost memory and checkpoint size.
+    model: ModelAdapter | None
     # Since the candidate started (total_values: the score reported per candidate) and over
     # its last rung_records records (window_values: what the leader and halving rank by; at
     # a rung's end that window is the rung, which every live candidate learnt whole).
@@ -145,6 +147,13 @@ class OnlineSelection:
         return self.candidates[self.leader_index]
 
     @property
+    def leader_model(self) -> ModelAdapter:
+        """The leader's model (a live candidate's: never released)."""
+        model = self.leader.model
+        assert model is not None, "the leader is always live"
+        return model
+
+    @property
     def live(self) -> list[Candidate]:
         """The candidates still learning, in configured order."""
         return [c for c in self.candidates if c.live]
@@ -189,6 +198,7 @@ class OnlineSelection:
         for candidate in stopped:
             candidate.live = False
             candidate.stopped_at = self.records
+            candidate.model = None
         for candidate in live:
             candidate.rung_scores = [*candidate.rung_scores[-_KEPT + 1 :], scores[candidate.name]]
         self.leader_index = self.candidates.index(ranked[0])

@@ -231,10 +231,12 @@ class SelectionTrainer:
             end = min(n, start + selection.until_decision)
             leader = selection.leader
             for candidate in selection.live:
+                model = candidate.model
+                assert model is not None  # released only when it stops
                 cpu = time.thread_time()
                 if self._per_record:
                     outcome = per_record_pass(
-                        candidate.model,
+                        model,
                         xs[start:end],
                         ys[start:end],
                         None if ws is None else ws[start:end],
@@ -242,7 +244,7 @@ class SelectionTrainer:
                 else:
                     weights = None if batch.weights is None else batch.weights[start:end]
                     outcome, _ = mini_batch_pass(
-                        candidate.model, batch.X[start:end], batch.y[start:end], weights
+                        model, batch.X[start:end], batch.y[start:end], weights
                     )
                 candidate.cpu_seconds += time.thread_time() - cpu
                 preds, probs, ok, refused = outcome
@@ -254,7 +256,7 @@ class SelectionTrainer:
                     refusals += [_refused(batch, start + i, error) for i, error in refused]
             selection.advance(end - start)
             start = end
-        state.model = selection.leader.model
+        state.model = selection.leader_model
         elapsed = time.perf_counter() - started
         _detected, unscored = _score(state, batch, keep, predictions, proba)
         learnt = int(keep.sum())

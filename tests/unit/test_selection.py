@@ -236,7 +236,7 @@ def test_decisions_do_not_depend_on_how_units_are_cut(mode: str) -> None:
     assert one.selection.history == other.selection.history
     assert one.selection.rungs == 6
     assert pickle.dumps(one.model.model) == pickle.dumps(other.model.model)
-    assert one.model is one.selection.leader.model
+    assert one.model is one.selection.leader_model
     # The service's prequential score is the leader's predictions, one per record.
     assert one.evaluator.count == 1000
     assert one.records_learnt == 1000
@@ -249,6 +249,11 @@ def test_every_live_candidate_learns_and_stopped_ones_do_not() -> None:
     learnt = {c.name: c.records_learnt for c in state.selection.candidates}
     # Rungs of 100: four, then two, then one candidate(s) learn.
     assert sorted(learnt.values()) == [100, 100, 200, 400]
+    # A stopped candidate's model is released: it never learns or leads again.
+    assert [c.model is None for c in state.selection.candidates] == [
+        not c.live for c in state.selection.candidates
+    ]
+    assert sum(c.model is not None for c in state.selection.candidates) == 1
     assert all(c.cpu_seconds > 0 for c in state.selection.candidates)
     assert state.selection.summary()["cpu_seconds"] == pytest.approx(
         sum(c.cpu_seconds for c in state.selection.candidates), abs=1e-5
@@ -262,7 +267,7 @@ def test_selection_state_survives_a_pickle_round_trip() -> None:
     X, y = stream(600)
     state = _run(settings, [250], X[:250], y[:250])
     restored = pickle.loads(pickle.dumps(state))
-    assert restored.model is restored.selection.leader.model
+    assert restored.model is restored.selection.leader_model
     assert restored.selection.rung_left == state.selection.rung_left == 10
     trainer = build_trainer(settings)
     for s in (state, restored):
