@@ -55,6 +55,7 @@ from stream_trainer.metrics import LagTracker, Metrics, build_metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
+from stream_trainer.selection import build_selection
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
@@ -88,8 +89,11 @@ def new_state(settings: Settings) -> TrainingState:
         window = RecordWindow(
             settings.training.full_batch.window_records, n_features, label_dtype(settings)
         )
+    model = build_model(settings)
+    selection = build_selection(settings, model)
     return TrainingState(
-        model=build_model(settings),
+        model=model if selection is None else selection.leader_model,
+        selection=selection,
         evaluator=PrequentialEvaluator(
             settings.model.task,
             settings.evaluation_metrics(),

@@ -987,6 +987,129 @@ class SearchSettings(StrictModel):
         return self
 
 
+ClassificationMetric = Literal["accuracy", "f1", "macro_f1", "log_loss", "roc_auc"]
+RegressionMetric = Literal["mae", "rmse", "r2"]
+
+
+class SelectionCandidate(StrictModel):
+    """One configuration in an online model selection: overrides of the model's params."""
+
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description=(
+            "a short label for metrics and version metadata (letters, digits, . _ -); "
+            "null: c<INDEX>"
+        ),
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "parameter path -> value, merged into the configured model (paths as in "
+            "training.full_batch.search.space: learner.PARAM or preprocessing.INDEX.PARAM); "
+            "empty: the configured model itself"
+        ),
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for path in value:
+            if not _SEARCH_PATH.match(path):
+                raise ValueError(
+                    f"{path!r} is not a parameter path like learner.l2 or preprocessing.0.with_mean"
+                )
+        return value
+
+
+class SelectionSettings(StrictModel):
+    """Online model selection (per_record, mini_batch): candidates learn side by side.
+
+    Each is scored prequentially; successive halving keeps the better half every rung, and
+    the leader (best on recent records) is the model that is checkpointed and published.
+    """
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "train the candidates side by side and publish the leader instead of one "
+            "configured model (per_record and mini_batch only)"
+        ),
+    )
+    method: Literal["halving"] = Field(
+        default="halving",
+        description=(
+            "halving: successive halving on the live stream (every rung_records records the "
+            "worse half of the live candidates stops, down to min_live; docs/selection.md)"
+        ),
+    )
+    candidates: list[SelectionCandidate] = Field(
+        default_factory=list,
+        description="the configurations to choose from, at least 2 when enabled",
+    )
+    max_live: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "the most candidates learning at once: the cost bound (each costs about one "
+            "model's predict and learn); the first rung runs every candidate, so it must "
+            "hold them all"
+        ),
+    )
+    min_live: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "halving stops here; above 1 keeps alternatives learning, so the leader can "
+            "change after a drift (a hedge at about min_live times one model's cost)"
+        ),
+    )
+    rung_records: int = Field(
+        default=2000,
+        ge=10,
+        le=100_000_000,
+        description=(
+            "records per rung: each live candidate is scored on a rung's records before the "
+            "worse half stops; the leader is re-chosen every tenth of a rung (mini_batch: at "
+            "least every training.mini_batch.size records; a multiple of it keeps units whole)"
+        ),
+    )
+    metric: ClassificationMetric | RegressionMetric | None = Field(
+        default=None,
+        description=(
+            "the metric candidates are ranked by; null: the first of evaluation.metrics "
+            "(the service's prequential metric)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelectionSettings:
+        if not self.enabled:
+            return self
+        if len(self.candidates) < 2:
+            raise ValueError("candidates: an enabled selection needs at least 2 candidates")
+        if len(self.candidates) > self.max_live:
+            raise ValueError(
+                f"candidates: {len(self.candidates)} candidates but max_live is "
+                f"{self.max_live} (halving runs every candidate in its first rung)"
+            )
+        if self.min_live > len(self.candidates):
+            raise ValueError(
+                f"min_live: {self.min_live} is more than the {len(self.candidates)} candidates"
+            )
+        names = self.candidate_names()
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"candidates: names must be unique ({duplicates} repeat)")
+        return self
+
+    def candidate_names(self) -> list[str]:
+        """Each candidate's name, ``c<INDEX>`` where none is given."""
+        return [c.name or f"c{i}" for i, c in enumerate(self.candidates)]
+
+
 class FullBatchSettings(StrictModel):
     """``full_batch`` mode: a bounded window and the triggers that refit on it."""
 
@@ -1050,10 +1173,7 @@ class TrainingSettings(StrictModel):
     )
     mini_batch: MiniBatchSettings = Field(default_factory=MiniBatchSettings)
     full_batch: FullBatchSettings = Field(default_factory=FullBatchSettings)
-
-
-ClassificationMetric = Literal["accuracy", "f1", "macro_f1", "log_loss", "roc_auc"]
-RegressionMetric = Literal["mae", "rmse", "r2"]
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
 
 
 class EvaluationSettings(StrictModel):
@@ -1380,12 +1500,43 @@ class Settings(BaseSettings):
                         f"training.full_batch.search.space.{path}: model.preprocessing has "
                         f"{steps} step(s)"
                     )
+        self._check_selection()
         if self.record.format != "json" and self.schema_registry.url is None:
             raise ValueError(
                 f"record.format {self.record.format} needs schema_registry.url (the schemas "
                 "of Confluent wire-format values live there)"
             )
         return self
+
+    def _check_selection(self) -> None:
+        selection = self.training.selection
+        if not selection.enabled:
+            return
+        if self.training.mode not in ("per_record", "mini_batch"):
+            raise ValueError(
+                "training.selection.enabled: online selection needs training.mode per_record "
+                f"or mini_batch (this model runs {self.training.mode}; full_batch searches: "
+                "training.full_batch.search)"
+            )
+        metric = selection.metric
+        if metric is not None and (self.model.task != "regression") != (
+            metric not in ("mae", "rmse", "r2")
+        ):
+            raise ValueError(
+                f"training.selection.metric: {metric!r} does not fit {self.model.task}"
+            )
+        steps = len(self.model.preprocessing)
+        for i, candidate in enumerate(selection.candidates):
+            for path in candidate.params:
+                if path.startswith("preprocessing.") and int(path.split(".")[1]) >= steps:
+                    raise ValueError(
+                        f"training.selection.candidates[{i}].params.{path}: model.preprocessing "
+                        f"has {steps} step(s)"
+                    )
+
+    def selection_metric(self) -> str:
+        """The metric online selection ranks candidates by."""
+        return self.training.selection.metric or self.evaluation_metrics()[0]
 
     def evaluation_metrics(self) -> list[str]:
         """The configured metrics, or the task's defaults."""
@@ -1431,6 +1582,14 @@ class Settings(BaseSettings):
         # The search decides how later candidates are found, not what the current model or
         # state is: enabling or tuning it keeps the checkpoint (and pre-search checkpoints).
         relevant["training"]["full_batch"].pop("search", None)
+        # Online selection is part of the state (every candidate is checkpointed, the leader
+        # is the model): an enabled one counts, so a checkpoint of other candidates is not
+        # resumed as if it were these. Disabled, it counts for nothing (existing hashes hold).
+        if not self.training.selection.enabled:
+            relevant["training"].pop("selection", None)
+        else:
+            # A cap checked at start, not a decision input: raising it keeps the checkpoint.
+            relevant["training"]["selection"].pop("max_live", None)
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

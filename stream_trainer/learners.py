@@ -308,21 +308,52 @@ def build_model(settings: Settings) -> ModelAdapter:
             raise IncompatibleLearner(
                 f"evaluation.metrics: {bad} are supported for binary_classification only"
             )
+    adapter: ModelAdapter
     if family == "river":
-        return _build_river(settings, steps=steps, specs=specs, labels=labels, metrics=metrics)
-    return _build_sklearn(
-        settings, steps=steps, specs=specs, labels=labels, metrics=metrics, task=task, mode=mode
-    )
+        adapter = _build_river(settings, steps=steps, specs=specs, labels=labels, metrics=metrics)
+    else:
+        adapter = _build_sklearn(
+            settings, steps=steps, specs=specs, labels=labels, metrics=metrics, task=task, mode=mode
+        )
+    _check_candidates(settings, adapter)
+    return adapter
 
 
 def _check_search_space(settings: Settings, steps: list[Any]) -> None:
     """Every searched parameter must be one its step's constructor takes."""
     search = settings.training.full_batch.search
-    if not search.enabled:
+    if search.enabled:
+        paths = {path: f"training.full_batch.search.space.{path}" for path in search.space}
+        _check_param_paths(settings, steps, paths)
+    selection = settings.training.selection
+    if selection.enabled:
+        for i, candidate in enumerate(selection.candidates):
+            prefix = f"training.selection.candidates[{i}].params"
+            _check_param_paths(
+                settings, steps, {path: f"{prefix}.{path}" for path in candidate.params}
+            )
+
+
+def _check_candidates(settings: Settings, model: ModelAdapter) -> None:
+    """Every online-selection candidate can be built with its values (as the selection will)."""
+    selection = settings.training.selection
+    if not selection.enabled:
         return
+    for i, candidate in enumerate(selection.candidates):
+        try:
+            model.with_params(candidate.params)
+        except (TypeError, ValueError) as error:
+            raise IncompatibleLearner(
+                f"training.selection.candidates[{i}].params: invalid for "
+                f"{settings.model.learner.path}: {error}"
+            ) from None
+
+
+def _check_param_paths(settings: Settings, steps: list[Any], paths: Mapping[str, str]) -> None:
+    """Each ``path`` (learner.P / preprocessing.I.P) names a parameter its step takes;
+    the error names ``paths[path]``, the config field."""
     categorical = bool(FeatureContract.from_settings(settings.record).categorical)
-    for path in search.space:
-        field = f"training.full_batch.search.space.{path}"
+    for path, field in paths.items():
         head, _, rest = path.partition(".")
         if head == "learner":
             step, name, where = steps[-1], rest, settings.model.learner.path
@@ -332,8 +363,8 @@ def _check_search_space(settings: Settings, steps: list[Any]) -> None:
             where = settings.model.preprocessing[int(position)].path
             if categorical and _family(settings.model.learner.path) == "river":
                 raise IncompatibleLearner(
-                    f"{field}: River preprocessing params cannot be searched with category "
-                    "features (the steps sit inside the encoding union); search the learner's"
+                    f"{field}: River preprocessing params cannot be overridden with category "
+                    "features (the steps sit inside the encoding union); set the learner's"
                 )
         accepted = inspect.signature(type(step)).parameters
         if name not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):

@@ -143,6 +143,14 @@ class Metrics:
     search_best_score: Gauge
     # stream_trainer_search_duration_seconds (histogram)
     search_duration: Histogram
+    # stream_trainer_selection_live_candidates (online selection: candidates still learning)
+    selection_live: Gauge
+    # stream_trainer_selection_leader{candidate} (1 for the leader, 0 for the others)
+    selection_leader: Gauge
+    # stream_trainer_selection_candidate_score{candidate} (prequential, the selection's metric)
+    selection_score: Gauge
+    # stream_trainer_selection_candidate_cpu_seconds{candidate} (since the model started)
+    selection_cpu: Gauge
     # stream_trainer_drift_detections_total
     drift_detections: Counter
     # stream_trainer_prequential_metric{metric,scope=window|total}
@@ -326,6 +334,32 @@ def build_metrics(
             f"{p}_search_duration_seconds",
             "Duration of a hyperparameter search, trials and the winner's refit.",
             buckets=RETRAIN_BUCKETS,
+            **r,
+        ),
+        selection_live=Gauge(
+            f"{p}_selection_live_candidates",
+            "Online model selection: candidates still learning (the cost is about this many "
+            "models' predict and learn).",
+            **r,
+        ),
+        selection_leader=Gauge(
+            f"{p}_selection_leader",
+            "Online model selection: 1 for the candidate that is the model, 0 for the others.",
+            ["candidate"],
+            **r,
+        ),
+        selection_score=Gauge(
+            f"{p}_selection_candidate_score",
+            "Online model selection: each candidate's prequential score since it started, in "
+            "the selection metric's units.",
+            ["candidate"],
+            **r,
+        ),
+        selection_cpu=Gauge(
+            f"{p}_selection_candidate_cpu_seconds",
+            "Online model selection: CPU seconds each candidate spent predicting and learning "
+            "since the model started (checkpointed, so it survives restarts).",
+            ["candidate"],
             **r,
         ),
         drift_detections=Counter(

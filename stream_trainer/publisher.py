@@ -204,6 +204,9 @@ class ModelPublisher:
             "training_mode": settings.training.mode,
             "learner": state.model.describe(),
             "search": state.model_search,
+            # Online selection (training.selection): method, candidates with params and
+            # scores, the leader (whose model this is); None when off.
+            "selection": None if state.selection is None else state.selection.summary(),
             "offsets_since_parent": state.ledger.since(state.published_ledger),
             "offsets_total": state.ledger.as_json(),
             "records_learnt": state.records_learnt,

@@ -198,6 +198,7 @@ class Service:
             # queued pause means no training at all).
             self._commands(self._control.catch_up(self.settings.kafka.consume_timeout_s + 10.0))
         self.restored = True
+        self._report_selection()  # a restored selection is visible before the first unit
         self._metrics.state.state("paused" if self._manual_pause else "running")
         while not self._stop.is_set():
             try:
@@ -429,6 +430,19 @@ class Service:
         if self._clock() - self._prequential_at >= PREQUENTIAL_REFRESH_S:
             self._refresh_prequential()
 
+    def _report_selection(self) -> None:
+        """Online selection gauges: live candidates, leader, scores, CPU seconds."""
+        selection = self.state.selection
+        if selection is None:
+            return
+        m = self._metrics
+        m.selection_live.set(len(selection.live))
+        leader = selection.leader
+        for candidate in selection.candidates:
+            m.selection_leader.labels(candidate=candidate.name).set(candidate is leader)
+            m.selection_score.labels(candidate=candidate.name).set(candidate.score())
+            m.selection_cpu.labels(candidate=candidate.name).set(candidate.cpu_seconds)
+
     def _refresh_prequential(self) -> None:
         """Set the prequential gauges if a unit was scored since they were last set."""
         if not self._prequential_stale:
@@ -436,6 +450,7 @@ class Service:
         evaluator = self.state.evaluator
         self._metrics.set_prequential(evaluator.window_values(), "window")
         self._metrics.set_prequential(evaluator.total_values(), "total")
+        self._report_selection()
         self._prequential_at = self._clock()
         self._prequential_stale = False
 

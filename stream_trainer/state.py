@@ -21,6 +21,7 @@ from stream_trainer.ledger import OffsetLedger, TopicPartitionKey
 
 if TYPE_CHECKING:
     from stream_trainer.control import Ack
+    from stream_trainer.selection import OnlineSelection
 
 
 class RecordWindow:
@@ -122,6 +123,10 @@ class TrainingState:
     # current model (its version metadata). Plain data; class defaults for old checkpoints.
     last_search: dict[str, Any] | None = None
     model_search: dict[str, Any] | None = None
+    # Online model selection (training.selection): every candidate with its scores and the
+    # halving's progress; ``model`` is then its leader's model (one object, so pickle keeps
+    # them one). None when selection is off, and in older checkpoints.
+    selection: OnlineSelection | None = None
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Prequential metrics as JSON-able data (window and since start)."""

@@ -98,48 +98,89 @@ class Trainer(Protocol):
         """Test-then-train on the valid records of ``batch``; never raises on bad data."""
 
 
+# One model's test-then-train pass over rows: predictions, P(positive) (NaN: none), which
+# rows it learnt, and (row, error) for those it refused.
+Pass = tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, BaseException]]]
+
+
+def per_record_pass(
+    model: ModelAdapter, xs: list[dict[str, Any]], ys: list[Any], ws: list[float] | None
+) -> Pass:
+    """``predict_one`` then ``learn_one`` for each row in order."""
+    predict_one = model.predict_one
+    learn_one = model.learn_one
+    # Python lists in the loop (numpy item assignment costs more than the append).
+    labels: list[Any] = []
+    probabilities: list[float] = []
+    refused: list[tuple[int, BaseException]] = []
+    nan = math.nan
+    for i, x in enumerate(xs):
+        try:
+            label, p = predict_one(x)
+            if ws is None:
+                learn_one(x, ys[i])
+            else:
+                learn_one(x, ys[i], ws[i])
+        except LEARNER_DATA_ERRORS as error:
+            refused.append((i, error))
+            label, p = None, nan
+        labels.append(label)
+        probabilities.append(nan if p is None else p)
+    predictions = np.empty(len(xs), dtype=object)
+    predictions[:] = labels
+    keep = np.ones(len(xs), dtype=bool)
+    keep[[i for i, _ in refused]] = False
+    return predictions, np.array(probabilities, dtype=np.float64), keep, refused
+
+
+def mini_batch_pass(
+    model: ModelAdapter, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None
+) -> tuple[Pass, float]:
+    """``predict_many`` then ``learn_many`` on all rows (row by row when the learner refuses
+    the unit, to find the rows it refuses), and the seconds the predict took."""
+    n = len(y)
+    t0 = time.perf_counter()
+    predictions, proba = model.predict_many(X)
+    predict_seconds = time.perf_counter() - t0
+    keep = np.ones(n, dtype=bool)
+    refused: list[tuple[int, BaseException]] = []
+    try:
+        model.learn_many(X, y, weights)
+    except LEARNER_DATA_ERRORS:
+        # Find the records the learner refuses instead of dropping the whole unit.
+        for i in range(n):
+            w = None if weights is None else weights[i : i + 1]
+            try:
+                model.learn_many(X[i : i + 1], y[i : i + 1], w)
+            except LEARNER_DATA_ERRORS as error:
+                keep[i] = False
+                refused.append((i, error))
+    probabilities = np.full(n, np.nan) if proba is None else np.asarray(proba, dtype=np.float64)
+    return (
+        np.asarray(predictions, dtype=object),
+        probabilities,
+        keep,
+        refused,
+    ), predict_seconds
+
+
 class PerRecordTrainer:
     """River ``predict_one`` then ``learn_one``, record by record."""
 
     def learn(self, state: TrainingState, batch: DecodedBatch) -> UnitResult:
         """See :class:`Trainer`."""
-        n = len(batch.y)
-        predict_one = state.model.predict_one
-        learn_one = state.model.learn_one
         xs = batch.x_dicts(state.model.feature_names)
         ys = batch.y.tolist()
         ws = None if batch.weights is None else batch.weights.tolist()
-        # Python lists in the loop (numpy item assignment costs more than the append).
-        labels: list[Any] = []
-        probabilities: list[float] = []
-        refused: list[Refusal] = []
-        refused_rows: list[int] = []
-        nan = math.nan
         started = time.perf_counter()
-        for i, x in enumerate(xs):
-            try:
-                label, p = predict_one(x)
-                if ws is None:
-                    learn_one(x, ys[i])
-                else:
-                    learn_one(x, ys[i], ws[i])
-            except LEARNER_DATA_ERRORS as error:
-                refused.append(_refused(batch, i, error))
-                refused_rows.append(i)
-                label, p = None, nan
-            labels.append(label)
-            probabilities.append(nan if p is None else p)
-        predictions = np.empty(n, dtype=object)
-        predictions[:] = labels
-        proba = np.array(probabilities, dtype=np.float64)
-        keep = np.ones(n, dtype=bool)
-        keep[refused_rows] = False
+        predictions, proba, keep, refused = per_record_pass(state.model, xs, ys, ws)
         elapsed = time.perf_counter() - started
         _detected, unscored = _score(state, batch, keep, predictions, proba)
         learnt = int(keep.sum())
         state.records_learnt += learnt
         # predict and learn interleave per record; the split is not measured separately.
-        return UnitResult(learnt, refused, 0.0, elapsed, unscored)
+        refusals = [_refused(batch, i, error) for i, error in refused]
+        return UnitResult(learnt, refusals, 0.0, elapsed, unscored)
 
 
 class MiniBatchTrainer:
@@ -151,28 +192,79 @@ class MiniBatchTrainer:
         if n == 0:
             return UnitResult(0, [], 0.0, 0.0)
         t0 = time.perf_counter()
-        predictions, proba = state.model.predict_many(batch.X)
-        t1 = time.perf_counter()
-        keep = np.ones(n, dtype=bool)
-        refused: list[Refusal] = []
-        try:
-            state.model.learn_many(batch.X, batch.y, batch.weights)
-        except LEARNER_DATA_ERRORS:
-            # Find the records the learner refuses instead of dropping the whole unit.
-            for i in range(n):
-                weights = None if batch.weights is None else batch.weights[i : i + 1]
-                try:
-                    state.model.learn_many(batch.X[i : i + 1], batch.y[i : i + 1], weights)
-                except LEARNER_DATA_ERRORS as error:
-                    keep[i] = False
-                    refused.append(_refused(batch, i, error))
-        t2 = time.perf_counter()
-        _detected, unscored = _score(
-            state, batch, keep, np.asarray(predictions, dtype=object), proba
+        (predictions, proba, keep, refused), predict_seconds = mini_batch_pass(
+            state.model, batch.X, batch.y, batch.weights
         )
+        elapsed = time.perf_counter() - t0
+        _detected, unscored = _score(state, batch, keep, predictions, proba)
         learnt = int(keep.sum())
         state.records_learnt += learnt
-        return UnitResult(learnt, refused, t1 - t0, t2 - t1, unscored)
+        refusals = [_refused(batch, i, error) for i, error in refused]
+        return UnitResult(learnt, refusals, predict_seconds, elapsed - predict_seconds, unscored)
+
+
+class SelectionTrainer:
+    """Online model selection (per_record or mini_batch): every live candidate runs the
+    mode's test-then-train pass on the unit; the leader's predictions are the service's
+    (scored, drift-checked, kept for the gate) and the records the leader refuses are the
+    unit's refusals (a candidate that refuses others skips them). A unit is cut at each
+    decision (leader check, rung end) so the selection decides at exact record counts."""
+
+    def __init__(self, per_record: bool) -> None:
+        self._per_record = per_record
+
+    def learn(self, state: TrainingState, batch: DecodedBatch) -> UnitResult:
+        """See :class:`Trainer`. ``state.selection`` must be set; ``state.model`` becomes
+        the leader's model."""
+        selection = state.selection
+        assert selection is not None
+        n = len(batch.y)
+        if n == 0:
+            return UnitResult(0, [], 0.0, 0.0)
+        started = time.perf_counter()
+        predictions = np.empty(n, dtype=object)
+        proba = np.full(n, np.nan)
+        keep = np.ones(n, dtype=bool)
+        refusals: list[Refusal] = []
+        xs = batch.x_dicts(state.model.feature_names) if self._per_record else []
+        ys = batch.y.tolist() if self._per_record else []
+        ws = None if batch.weights is None else batch.weights.tolist()
+        start = 0
+        while start < n:
+            end = min(n, start + selection.until_decision)
+            leader = selection.leader
+            for candidate in selection.live:
+                model = candidate.model
+                assert model is not None  # released only when it stops
+                cpu = time.thread_time()
+                if self._per_record:
+                    outcome = per_record_pass(
+                        model,
+                        xs[start:end],
+                        ys[start:end],
+                        None if ws is None else ws[start:end],
+                    )
+                else:
+                    weights = None if batch.weights is None else batch.weights[start:end]
+                    outcome, _ = mini_batch_pass(
+                        model, batch.X[start:end], batch.y[start:end], weights
+                    )
+                candidate.cpu_seconds += time.thread_time() - cpu
+                preds, probs, ok, refused = outcome
+                selection.observe(candidate, batch.y[start:end][ok], preds[ok], probs[ok])
+                if candidate is leader:
+                    predictions[start:end] = preds
+                    proba[start:end] = probs
+                    keep[start:end] = ok
+                    refusals += [_refused(batch, start + i, error) for i, error in refused]
+            selection.advance(end - start)
+            start = end
+        state.model = selection.leader_model
+        elapsed = time.perf_counter() - started
+        _detected, unscored = _score(state, batch, keep, predictions, proba)
+        learnt = int(keep.sum())
+        state.records_learnt += learnt
+        return UnitResult(learnt, refusals, 0.0, elapsed, unscored)
 
 
 @dataclass
@@ -521,9 +613,11 @@ class FullBatchTrainer:
 
 def build_trainer(
     settings: Settings, crash: CrashPoints = NO_CRASHES
-) -> PerRecordTrainer | MiniBatchTrainer | FullBatchTrainer:
-    """The trainer for the configured mode."""
+) -> PerRecordTrainer | MiniBatchTrainer | SelectionTrainer | FullBatchTrainer:
+    """The trainer for the configured mode (online selection when it is enabled)."""
     mode = settings.training.mode
+    if settings.training.selection.enabled:
+        return SelectionTrainer(per_record=mode == "per_record")
     if mode == "per_record":
         return PerRecordTrainer()
     if mode == "mini_batch":
