@@ -302,6 +302,7 @@ def test_leader_refusals_are_the_unit_refusals() -> None:
     leader, other = state.selection.candidates[0], state.selection.candidates[1]
     leader.model = Refusing(leader.model, X[3, 0])  # type: ignore[assignment]
     other.model = Refusing(other.model, X[7, 0])  # type: ignore[assignment]
+    assert leader.model is not None
     state.model = leader.model
     result = build_trainer(settings).learn(state, batch(X, y))
     assert [r.message_index for r in result.refused] == [3]
