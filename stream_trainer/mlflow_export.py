@@ -34,7 +34,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -241,7 +241,11 @@ class MlflowClient:
         if status == 200:
             return answer
         code = answer.get("error_code", "")
-        if missing_ok and code == "RESOURCE_DOES_NOT_EXIST":
+        # An unknown alias is INVALID_PARAMETER_VALUE "... not found" (MLflow 3.x).
+        missing = code == "RESOURCE_DOES_NOT_EXIST" or (
+            code == "INVALID_PARAMETER_VALUE" and "not found" in str(answer.get("message", ""))
+        )
+        if missing_ok and missing:
             return None
         raise MlflowError(
             f"MLflow {endpoint}: HTTP {status} {code} {answer.get('message', '')}".strip()
@@ -470,8 +474,9 @@ class MlflowMetrics:
         metrics = cls(
             exports=Counter(
                 f"{PREFIX}_mlflow_exports",
-                "Version export attempts to MLflow by result: ok, failed; retried counts "
-                "the attempts that repeat a failed one.",
+                "MLflow export: ok counts versions exported; failed counts export passes "
+                "that failed (MLflow unreachable or erroring); retried counts passes that "
+                "retried after a failed one.",
                 ["result"],
                 registry=registry,
             ),
@@ -513,7 +518,7 @@ class MlflowExporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._known: dict[int, str] | None = None
-        self._failed: set[int] = set()
+        self._retrying = False
         self._thread: threading.Thread | None = None
         self._wait = wait or (lambda event, seconds: event.wait(seconds))
 
@@ -548,6 +553,8 @@ class MlflowExporter:
             try:
                 self.sync_once()
             except (MlflowError, RegistryError) as error:
+                self._retrying = True
+                self._metrics.exports.labels(result="failed").inc()
                 log.warning(
                     "MLflow export failed; retrying",
                     extra={"reason": str(error), "retry_in_s": backoff},
@@ -563,7 +570,12 @@ class MlflowExporter:
     def sync_once(self) -> None:
         """One pass: export what MLflow lacks (oldest first), then move the alias to our
         champion if it points elsewhere. Raises MlflowError / RegistryError on failure."""
+        if self._retrying:
+            self._metrics.exports.labels(result="retried").inc()
         versions = self._registry.list()
+        cached = self._known or {}
+        # Before MLflow answers, every version not known to be there counts as pending.
+        self._metrics.pending.set(sum(info.version not in cached for info in versions))
         if self._known is None:
             self._known = self._mirror.exported()
         known = self._known
@@ -574,36 +586,28 @@ class MlflowExporter:
                 return
             self._export(info, known)
         self._sync_alias()
+        self._retrying = False
 
     def _export(self, info: VersionInfo, known: dict[int, str]) -> None:
-        if info.version in self._failed:
-            self._metrics.exports.labels(result="retried").inc()
         try:
-            artifact = self._registry.load_artifact(
-                info.version
-            )  # verified: never export a tampered one
-        except RegistryError as error:
+            # Verified (sha256 + HMAC): a tampered artifact is never exported.
+            artifact = self._registry.load_artifact(info.version)
+        except RegistryError:
             if _gone(self._registry, info.version):
                 return  # removed by retention since the listing: nothing to export
-            self._fail(info.version, error)
+            raise
         try:
             known[info.version] = self._mirror.export(info, artifact)
-        except MlflowError as error:
+        except MlflowError:
             # What MLflow holds may have changed (a half-done attempt): list it again.
             self._known = None
-            self._fail(info.version, error)
-        self._failed.discard(info.version)
+            raise
         self._metrics.exports.labels(result="ok").inc()
         self._metrics.pending.dec()
         log.info(
             "version exported to MLflow",
             extra={"model_version": info.version, "mlflow_version": known[info.version]},
         )
-
-    def _fail(self, version: int, error: Exception) -> NoReturn:
-        self._failed.add(version)
-        self._metrics.exports.labels(result="failed").inc()
-        raise error
 
     def _sync_alias(self) -> None:
         champion = self._registry.champion()

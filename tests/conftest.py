@@ -11,6 +11,8 @@ Fixtures
 ``unique_topic``  a fresh 1-partition topic name on ``broker``.
 ``schema_registry`` (session) Apicurio Registry 2.4.2, in memory, Confluent API at
                   ``schema_registry.url`` (:class:`SchemaRegistry`); same availability rule.
+``mlflow_server`` (session) MLflow tracking server (SQLite, artifact proxy) at
+                  ``mlflow_server.url`` (:class:`MlflowServer`); same availability rule.
 ``images``        (session, tests/container/fixtures.py) private dockerd + project image.
 
 Availability rule: a broker that cannot start makes its tests FAIL when ``CI=true``
@@ -32,6 +34,7 @@ import pytest
 
 from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
+from stream_trainer.testing.mlflow_server import MlflowServer
 from stream_trainer.testing.schema_registry import SchemaRegistry
 
 BROKER_NAMES = ("kafka", "tansu")
@@ -214,6 +217,42 @@ def schema_registry() -> Iterator[SchemaRegistry]:
         registry, _REGISTRY.registry = _REGISTRY.registry, None
         if registry is not None:
             registry.close()
+
+
+@dataclass
+class _MlflowSlot:
+    server: MlflowServer | None = None
+    error: str | None = None
+
+
+_MLFLOW = _MlflowSlot()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[MlflowServer]:
+    """An MLflow tracking server for the whole session (MLflow installed on first use into
+    a cached venv, ~1-2 min cold). Fails under CI=true, skips elsewhere, when it cannot run."""
+    if _MLFLOW.server is None and _MLFLOW.error is None:
+        server = MlflowServer()
+        try:
+            server.start()
+        except Exception as exc:
+            server.close()
+            tail = getattr(exc, "log_tail", "")
+            _MLFLOW.error = f"{type(exc).__name__}: {exc}\n{tail}".strip()
+        else:
+            _MLFLOW.server = server
+    if _MLFLOW.server is None:
+        reason = f"MLflow tracking server unavailable: {_MLFLOW.error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield _MLFLOW.server
+    finally:
+        server, _MLFLOW.server = _MLFLOW.server, None
+        if server is not None:
+            server.close()
 
 
 def new_topic(
