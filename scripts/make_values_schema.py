@@ -18,6 +18,9 @@ CHART_OWNED = {
     "CheckpointSettings": ["hmac_key", "hmac_key_file"],
     # The password comes from a Secret through `env` (valueFrom secretKeyRef), never values.
     "SchemaRegistrySettings": ["basic_auth_password"],
+    # MLflow credentials: env from a Secret (extraEnv valueFrom secretKeyRef) or a mounted
+    # file (token_file / password_file), never values.
+    "MlflowSettings": ["token", "password"],
 }
 
 raw = Settings.model_json_schema()
