@@ -296,6 +296,12 @@ class MlflowMirror:
         self._experiment_id: str | None = None
         self._model_ready = False
 
+    def forget(self) -> None:
+        """Drop what is cached about MLflow (after a failure: the registered model or the
+        experiment may have been deleted there)."""
+        self._experiment_id = None
+        self._model_ready = False
+
     def exported(self) -> dict[int, str]:
         """{our version: MLflow version} of every version MLflow holds for the model."""
         found: dict[int, str] = {}
@@ -540,7 +546,7 @@ class MlflowExporter:
         """A version was published or the champion moved: run a pass soon."""
         self._wake.set()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 1.0) -> None:
         """Stop the thread (bounded by ``timeout``)."""
         self._stop.set()
         self._wake.set()
@@ -553,6 +559,8 @@ class MlflowExporter:
             try:
                 self.sync_once()
             except (MlflowError, RegistryError) as error:
+                # The registered model or the experiment may have been deleted there.
+                self._mirror.forget()
                 self._retrying = True
                 self._metrics.exports.labels(result="failed").inc()
                 log.warning(
@@ -599,8 +607,7 @@ class MlflowExporter:
         try:
             known[info.version] = self._mirror.export(info, artifact)
         except MlflowError:
-            # What MLflow holds may have changed (a half-done attempt): list it again.
-            self._known = None
+            self._known = None  # a half-done attempt may have changed what MLflow holds
             raise
         self._metrics.exports.labels(result="ok").inc()
         self._metrics.pending.dec()

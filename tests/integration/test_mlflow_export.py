@@ -203,10 +203,11 @@ def test_published_versions_appear_in_mlflow_and_the_cli_moves_the_alias(
         service.wait_metric("stream_trainer_versions_published_total", 3)
         ours = [info.version for info in registry.list()]
         wait_for(lambda: sorted(view.versions()) == ours, 60, f"versions {ours} in MLflow")
-        champion = registry.champion()
-        assert champion is not None
+        current = registry.champion()
+        assert current is not None
         exported = view.versions()
-        wait_for(lambda: view.alias() == exported[champion.version]["version"], 30, "the alias")
+        want = exported[current.version]["version"]
+        wait_for(lambda: view.alias() == want, 30, "the alias")
         metrics = service.metrics()
         assert metrics['stream_trainer_mlflow_exports_total{result="ok"}'] == len(ours)
         assert metrics['stream_trainer_mlflow_exports_total{result="failed"}'] == 0

@@ -121,7 +121,7 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 
 
 def _config(mlflow: dict[str, Any]) -> dict[str, Any]:
-    data = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    data: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     data["registry"]["mlflow"] = mlflow
     return data
 
@@ -179,6 +179,9 @@ class _FlakyMirror:
     def export(self, info: VersionInfo, artifact: bytes) -> str:
         self.versions[info.version] = str(len(self.versions) + 1)
         return self.versions[info.version]
+
+    def forget(self) -> None:
+        pass
 
     def alias_version(self) -> str | None:
         return self.alias
