@@ -621,12 +621,14 @@ _VERSION_ACTIONS = (
     (
         "promote",
         "make a version the champion",
-        "Make a version the champion and announce it on the versions topic.",
+        "Make a version the champion and announce it on the versions topic; with "
+        "registry.mlflow on, move MLflow's champion alias too.",
     ),
     (
         "rollback",
         "return to the previous champion",
-        "Make the previous champion the champion again and announce it on the versions topic.",
+        "Make the previous champion the champion again and announce it on the versions "
+        "topic; with registry.mlflow on, move MLflow's champion alias too.",
     ),
 )
 
