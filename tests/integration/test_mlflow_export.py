@@ -291,11 +291,27 @@ def test_mlflow_down_at_publish_training_goes_on_and_the_version_appears_later(
             champion = registry.champion()
             assert champion is not None
             exported = view.versions()
-            wait_for(lambda: view.alias() == exported[champion.version]["version"], 30, "the alias")
+            want = exported[champion.version]["version"]
+            wait_for(lambda: view.alias() == want, 30, "the alias")
             assert service.stop() == 0
         print(
             f"MLflow down at publish: {int(failed)} failed attempts, {int(retried)} retried, "
             f"{len(published)} versions exported after it came back"
         )
+
+        # A rollback while MLflow is down succeeds with a warning; the next start of the
+        # service moves the alias.
+        late.stop()
+        result = _cli(tmp_path / "service.yaml", "rollback")
+        assert result.returncode == 0, result.stderr
+        assert "MLflow alias not moved now" in result.stderr
+        back = registry.champion()
+        assert back is not None and back.version != champion.version
+        late.start()
+        assert view.alias() == want  # still the old champion's
+        with ServiceProcess(config, tmp_path, name="second") as service:
+            wanted = exported[back.version]["version"]
+            wait_for(lambda: view.alias() == wanted, 60, "the alias after the restart")
+            assert service.stop() == 0
     finally:
         late.close()
