@@ -238,8 +238,7 @@ def mlflow_server() -> Iterator[MlflowServer]:
             server.start()
         except Exception as exc:
             server.close()
-            tail = getattr(exc, "log_tail", "")
-            _MLFLOW.error = f"{type(exc).__name__}: {exc}\n{tail}".strip()
+            _MLFLOW.error = f"{type(exc).__name__}: {exc}"  # its str holds the log tail
         else:
             _MLFLOW.server = server
     if _MLFLOW.server is None:
