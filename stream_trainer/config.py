@@ -1187,7 +1187,9 @@ class MlflowSettings(StrictModel):
     registered_model_name: str | None = Field(
         default=None,
         min_length=1,
-        description="name of the registered model in MLflow; null: model.name",
+        # Quotes would break the search filters the export uses to find its versions.
+        pattern=r"^[^'\"]+$",
+        description="name of the registered model in MLflow (no quotes); null: model.name",
     )
     experiment: str | None = Field(
         default=None,

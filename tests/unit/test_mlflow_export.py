@@ -134,6 +134,7 @@ def _config(mlflow: dict[str, Any]) -> dict[str, Any]:
         ({"enabled": True, "tracking_uri": "http://u:p@mlflow:5000"}, "tracking_uri"),
         ({"enabled": True, "tracking_uri": "http://m", "username": "u"}, "password"),
         ({"enabled": True, "tracking_uri": "http://m", "tokn": "x"}, "tokn"),
+        ({"tracking_uri": "http://m", "registered_model_name": "it's"}, "registered_model_name"),
     ],
 )
 def test_bad_mlflow_config_fails_at_start_naming_the_field(
