@@ -52,7 +52,7 @@ from stream_trainer.lease import (
 )
 from stream_trainer.logs import configure_logging, register_secret
 from stream_trainer.metrics import LagTracker, Metrics, build_metrics
-from stream_trainer.mlflow_export import MlflowExporter
+from stream_trainer.mlflow_export import MlflowError, MlflowExporter
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
@@ -365,7 +365,10 @@ def run_service(
         if settings.registry.mlflow.enabled:
             for secret in settings.registry.mlflow.secrets():
                 register_secret(secret)
-            exporter = MlflowExporter.build(settings, registry_store, registry)
+            try:
+                exporter = MlflowExporter.build(settings, registry_store, registry)
+            except MlflowError as error:  # a CA file that cannot be read: a start-up error
+                raise StartupError(str(error)) from None
             exporter.start()  # its first pass exports what a previous run left pending
         publisher = ModelPublisher(
             settings,

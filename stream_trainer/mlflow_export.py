@@ -192,11 +192,12 @@ class MlflowClient:
         self._base = settings.tracking_uri.rstrip("/")
         self._timeout = settings.request_timeout_s
         self._auth = settings.authorization()
-        self._ssl = (
-            ssl.create_default_context(cafile=str(settings.ssl_ca_location))
-            if settings.ssl_ca_location is not None
-            else None
-        )
+        self._ssl: ssl.SSLContext | None = None
+        if settings.ssl_ca_location is not None:
+            try:
+                self._ssl = ssl.create_default_context(cafile=str(settings.ssl_ca_location))
+            except (OSError, ssl.SSLError) as error:
+                raise MlflowError(f"registry.mlflow.ssl_ca_location: {error}") from None
 
     def _request(
         self, method: str, path: str, body: bytes | None, content_type: str

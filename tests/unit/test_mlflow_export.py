@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_trainer.config import ConfigError, MlflowSettings, settings_from_mapping
 from stream_trainer.mlflow_export import (
+    MlflowClient,
     MlflowError,
     MlflowExporter,
     MlflowMetrics,
@@ -158,6 +159,12 @@ def test_credentials_come_from_env_or_files_and_are_masked(tmp_path: Path) -> No
     password.write_text("pw-from-file\n")
     basic = MlflowSettings(tracking_uri="http://m", username="ci", password_file=password)
     assert basic.authorization() == "Basic Y2k6cHctZnJvbS1maWxl"  # ci:pw-from-file
+
+
+def test_an_unreadable_ca_file_is_an_error_naming_the_field(tmp_path: Path) -> None:
+    cfg = MlflowSettings(tracking_uri="https://m", ssl_ca_location=tmp_path / "missing.pem")
+    with pytest.raises(MlflowError, match=r"registry\.mlflow\.ssl_ca_location"):
+        MlflowClient(cfg)
 
 
 # -- exporter -----------------------------------------------------------------------------
