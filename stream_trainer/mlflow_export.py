@@ -18,7 +18,7 @@ Contracts:
   with doubling backoff; training never waits for it.
 - MLflow's version numbers are its own (1, 2, … in export order); ours is the tag.
 - The REST API is spoken with the standard library: the service image carries no MLflow
-  client (mlflow-skinny pulls ~30 packages) and no HTTP library of its own.
+  client (mlflow-skinny has 21 direct dependencies) and no HTTP library of its own.
 """
 
 from __future__ import annotations
