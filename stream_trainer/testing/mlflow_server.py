@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -264,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "install":
             print(f"{install()} ({time.monotonic() - began:.1f} s)")
             return 0
+        stop = threading.Event()
+        # SIGTERM must end the server's whole group too (its job runner and consumers).
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with MlflowServer(port=args.port) as server:
             print(f"MLflow at {server.url} (started in {server.start_seconds:.1f} s)", flush=True)
-            threading.Event().wait()
+            stop.wait()
     except BrokerStartError as error:
         print(f"error: {error}\n{error.log_tail}", file=sys.stderr)
         return 1
