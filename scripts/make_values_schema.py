@@ -20,6 +20,9 @@ CHART_OWNED = {
     "SchemaRegistrySettings": ["basic_auth_password"],
     # Set from `search.jobs` (which also renders the Job template, its mounts and the RBAC).
     "SearchJobsSettings": ["enabled", "parallelism", "snapshot_dir", "job_template"],
+    # MLflow credentials: env from a Secret (extraEnv valueFrom secretKeyRef) or a mounted
+    # file (token_file / password_file), never values.
+    "MlflowSettings": ["token", "password"],
 }
 
 raw = Settings.model_json_schema()

@@ -52,6 +52,7 @@ from stream_trainer.lease import (
 )
 from stream_trainer.logs import configure_logging, register_secret
 from stream_trainer.metrics import LagTracker, Metrics, build_metrics
+from stream_trainer.mlflow_export import MlflowError, MlflowExporter
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
@@ -287,6 +288,7 @@ def run_service(
     control: ControlChannel | None = None
     lease: KafkaLease | None = None
     wire: WireDecoder | None = None
+    exporter: MlflowExporter | None = None
     consumer_config = settings.kafka.consumer_config()
     consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
     try:
@@ -364,7 +366,22 @@ def run_service(
             settings.registry.keep_last,
         )
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
-        publisher = ModelPublisher(settings, registry_store, events, metrics, crash=crash)
+        if settings.registry.mlflow.enabled:
+            for secret in settings.registry.mlflow.secrets():
+                register_secret(secret)
+            try:
+                exporter = MlflowExporter.build(settings, registry_store, registry)
+            except MlflowError as error:  # a CA file that cannot be read: a start-up error
+                raise StartupError(str(error)) from None
+            exporter.start()  # its first pass exports what a previous run left pending
+        publisher = ModelPublisher(
+            settings,
+            registry_store,
+            events,
+            metrics,
+            crash=crash,
+            on_published=None if exporter is None else exporter.notify,
+        )
         publisher.reconcile(state)
 
         def make_source(service: Service) -> KafkaSource:
@@ -433,6 +450,8 @@ def run_service(
             unit_decoder.close()
         if wire is not None:
             wire.close()
+        if exporter is not None:
+            exporter.close()  # bounded; what it had not exported, the next start does
         if producer is not None:
             producer.flush(5.0)
         if http is not None:

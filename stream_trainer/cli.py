@@ -277,6 +277,20 @@ def _announce_champion(settings: Settings, info: Any, reason: str) -> None:
     )
 
 
+def _move_mlflow_alias(settings: Settings, registry: Any) -> None:
+    """With registry.mlflow enabled, move MLflow's champion alias too. A failure is a
+    warning, not an error: our registry changed, and the running service's exporter moves
+    the alias on its next pass."""
+    if not settings.registry.mlflow.enabled:
+        return
+    from stream_trainer.mlflow_export import MlflowError, move_champion_alias  # noqa: PLC0415
+
+    try:
+        print(move_champion_alias(settings, registry))
+    except MlflowError as error:
+        print(f"stream-trainer: warning: MLflow alias not moved now: {error}", file=sys.stderr)
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     """List, show, promote or roll back model versions."""
     from stream_trainer.registry import RegistryError  # noqa: PLC0415
@@ -318,10 +332,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
             registry.promote(args.version, reason=args.reason)
             _announce_champion(settings, registry.get(args.version), args.reason)
             print(f"version {args.version} is now the champion")
+            _move_mlflow_alias(settings, registry)
         elif args.versions_command == "rollback":
             info = registry.rollback(reason=args.reason)
             _announce_champion(settings, info, args.reason)
             print(f"rolled back: version {info.version} is now the champion")
+            _move_mlflow_alias(settings, registry)
     except (RegistryError, VersionEventError) as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -668,12 +684,14 @@ _VERSION_ACTIONS = (
     (
         "promote",
         "make a version the champion",
-        "Make a version the champion and announce it on the versions topic.",
+        "Make a version the champion and announce it on the versions topic; with "
+        "registry.mlflow on, move MLflow's champion alias too.",
     ),
     (
         "rollback",
         "return to the previous champion",
-        "Make the previous champion the champion again and announce it on the versions topic.",
+        "Make the previous champion the champion again and announce it on the versions "
+        "topic; with registry.mlflow on, move MLflow's champion alias too.",
     ),
 )
 

@@ -9,6 +9,7 @@ dumped) and may come from files (``*_file``) mounted from a Kubernetes Secret.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -1348,6 +1349,137 @@ class GateSettings(StrictModel):
     )
 
 
+class MlflowSettings(StrictModel):
+    """Export of every published version to an MLflow model registry (off the poll loop)."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "register each published version in MLflow and keep its `champion` alias on our "
+            "champion; a failed export is retried and never blocks training"
+        ),
+    )
+    tracking_uri: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description=(
+            "MLflow tracking server URL, e.g. http://mlflow:5000; it must proxy artifacts "
+            "(`mlflow server --serve-artifacts`, the default). Required when enabled"
+        ),
+    )
+    registered_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        # Quotes would break the search filters the export uses to find its versions.
+        pattern=r"^[^'\"]+$",
+        description="name of the registered model in MLflow (no quotes); null: model.name",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "MLflow experiment holding one run per exported version; null: "
+            "stream-trainer/<model.name>"
+        ),
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "bearer token (as MLFLOW_TRACKING_TOKEN); prefer env "
+            "(STREAM_TRAINER_REGISTRY__MLFLOW__TOKEN) or token_file to the config file; "
+            "masked whenever the config is printed"
+        ),
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="file holding the bearer token (e.g. a mounted Secret), whitespace stripped",
+    )
+    username: str | None = Field(
+        default=None,
+        min_length=1,
+        description="HTTP basic auth user (MLflow's basic-auth app); null: none",
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "HTTP basic auth password; prefer env (STREAM_TRAINER_REGISTRY__MLFLOW__PASSWORD) "
+            "or password_file; masked whenever the config is printed"
+        ),
+    )
+    password_file: Path | None = Field(
+        default=None,
+        description="file holding the basic auth password, whitespace stripped",
+    )
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that verifies an https server; null: the system store",
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="seconds one MLflow request may take"
+    )
+    retry_backoff_initial_s: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "seconds before the first retry after a failed export; doubled after each "
+            "failure up to retry_backoff_max_s. Retries go on until the export succeeds"
+        ),
+    )
+    retry_backoff_max_s: float = Field(
+        default=60.0, gt=0, description="longest wait between two export attempts, seconds"
+    )
+    reconcile_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "seconds between checks that every version and the champion alias are in MLflow "
+            "(catches a promote or rollback whose own alias move failed)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> MlflowSettings:
+        if self.enabled and self.tracking_uri is None:
+            raise ValueError("tracking_uri is required when enabled")
+        if (
+            self.tracking_uri is not None
+            and "@" in self.tracking_uri.split("://", 1)[1].split("/", 1)[0]
+        ):
+            # Credentials in the URL would be printed with the config and in every error.
+            raise ValueError(
+                "tracking_uri must not carry credentials: use token / token_file or "
+                "username with password / password_file"
+            )
+        has_password = self.password is not None or self.password_file is not None
+        if (self.username is not None) != has_password:
+            raise ValueError("basic auth needs both username and password (or password_file)")
+        has_token = self.token is not None or self.token_file is not None
+        if has_token and self.username is not None:
+            raise ValueError("use either a token or username/password, not both")
+        if self.retry_backoff_max_s < self.retry_backoff_initial_s:
+            raise ValueError("retry_backoff_max_s must be >= retry_backoff_initial_s")
+        return self
+
+    def secrets(self) -> list[str]:
+        """The token and password as read (for log masking); empty when none is set."""
+        found = (
+            _read_secret(self.token, self.token_file),
+            _read_secret(self.password, self.password_file),
+        )
+        return [value for value in found if value]
+
+    def authorization(self) -> str | None:
+        """The Authorization header value (holds the secret: never log it), or None."""
+        token = _read_secret(self.token, self.token_file)
+        if token:
+            return f"Bearer {token}"
+        if self.username is not None:
+            password = _read_secret(self.password, self.password_file) or ""
+            raw = f"{self.username}:{password}".encode()
+            return "Basic " + base64.b64encode(raw).decode("ascii")
+        return None
+
+
 class RegistrySettings(StrictModel):
     """Where model versions are published and when."""
 
@@ -1380,6 +1512,7 @@ class RegistrySettings(StrictModel):
         description="versions kept on disk; older ones are deleted, never the champion",
     )
     gate: GateSettings = Field(default_factory=GateSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
 
 class HttpSettings(StrictModel):

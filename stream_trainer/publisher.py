@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,13 +48,17 @@ class ModelPublisher:
         metrics: Metrics,
         crash: CrashPoints = NO_CRASHES,
         clock: Any = time.monotonic,
+        on_published: Callable[[], None] | None = None,
     ) -> None:
+        """``on_published``: called after each published version (must not block: the
+        MLflow exporter's ``notify``)."""
         cfg = settings.registry
         self._settings = settings
         self._registry = registry
         self._events = events
         self._metrics = metrics
         self._crash = crash
+        self._on_published = on_published
         self._policy = PublishPolicy(
             cfg.publish_every_records,
             cfg.publish_every_seconds,
@@ -288,6 +293,8 @@ class ModelPublisher:
         state.recent.clear()
         state.drift_since_publish = 0
         self._metrics.versions_published.inc()
+        if self._on_published is not None:
+            self._on_published()
         self._metrics.set_model(
             info.version, str(metadata["learner"].get("path", "")), self._settings.training.mode
         )

@@ -11,6 +11,8 @@ Fixtures
 ``unique_topic``  a fresh 1-partition topic name on ``broker``.
 ``schema_registry`` (session) Apicurio Registry 2.4.2, in memory, Confluent API at
                   ``schema_registry.url`` (:class:`SchemaRegistry`); same availability rule.
+``mlflow_server`` (session) MLflow tracking server (SQLite, artifact proxy) at
+                  ``mlflow_server.url`` (:class:`MlflowServer`); same availability rule.
 ``images``        (session, tests/container/fixtures.py) private dockerd + project image.
 ``postgres``      (session) private PostgreSQL (Debian package, tests/postgres_env.py); same
                   availability rule.
@@ -34,6 +36,7 @@ import pytest
 
 from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
+from stream_trainer.testing.mlflow_server import MlflowServer
 from stream_trainer.testing.schema_registry import SchemaRegistry
 from tests.postgres_env import Postgres, PostgresError
 
@@ -255,6 +258,41 @@ def postgres() -> Iterator[Postgres]:
         server, _POSTGRES.server = _POSTGRES.server, None
         if server is not None:
             server.stop()
+
+
+@dataclass
+class _MlflowSlot:
+    server: MlflowServer | None = None
+    error: str | None = None
+
+
+_MLFLOW = _MlflowSlot()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[MlflowServer]:
+    """An MLflow tracking server for the whole session (MLflow installed on first use into
+    a cached venv, ~1-2 min cold). Fails under CI=true, skips elsewhere, when it cannot run."""
+    if _MLFLOW.server is None and _MLFLOW.error is None:
+        server = MlflowServer()
+        try:
+            server.start()
+        except Exception as exc:
+            server.close()
+            _MLFLOW.error = f"{type(exc).__name__}: {exc}"  # its str holds the log tail
+        else:
+            _MLFLOW.server = server
+    if _MLFLOW.server is None:
+        reason = f"MLflow tracking server unavailable: {_MLFLOW.error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield _MLFLOW.server
+    finally:
+        server, _MLFLOW.server = _MLFLOW.server, None
+        if server is not None:
+            server.close()
 
 
 def new_topic(

@@ -51,6 +51,8 @@ CHART_OWNED_FIELDS = {
     "training.full_batch.search.jobs.parallelism",
     "training.full_batch.search.jobs.snapshot_dir",
     "training.full_batch.search.jobs.job_template",
+    "registry.mlflow.token",
+    "registry.mlflow.password",
 }
 
 CASES = ["default", *sorted(p.name for p in (CHART_DIR / "ci").glob("*-values.yaml"))]
@@ -243,7 +245,7 @@ def test_secrets_appear_only_as_references(rendered: Rendered) -> None:
     assert rendered.of_kind("Secret") == []
     for path, _ in _walk_keys(rendered.config):
         leaf = path.rsplit(".", 1)[-1]
-        assert leaf not in ("sasl_password", "hmac_key", "password"), path
+        assert leaf not in ("sasl_password", "hmac_key", "password", "token"), path
     for env in rendered.container.get("env", []):
         if env["name"] in SECRET_ENV:
             assert "value" not in env

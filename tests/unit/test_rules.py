@@ -16,6 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from stream_trainer.metrics import build_metrics
+from stream_trainer.mlflow_export import MlflowMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm/stream-trainer/files/prometheus-rules.yaml"
@@ -38,6 +39,7 @@ EXPECTED_ALERTS = frozenset(
         "StreamTrainerModelQualityLow",
         "StreamTrainerVersionsRejected",
         "StreamTrainerRegistryChampionUnavailable",
+        "StreamTrainerMlflowExportBehind",
         "StreamTrainerNotReady",
     }
 )
@@ -81,6 +83,7 @@ def exported_names() -> set[str]:
     """Every series name a fresh ``build_metrics`` registry can expose."""
     registry = CollectorRegistry()
     build_metrics(registry)
+    MlflowMetrics.build(registry)  # registered when registry.mlflow is on
     names: set[str] = set()
     for family in registry.collect():
         names.add(family.name)
@@ -152,7 +155,7 @@ def variable_queries() -> list[str]:
 def test_promtool_check_rules(promtool: str) -> None:
     result = run([promtool, "check", "rules", str(RULES)])
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    assert b"SUCCESS: 11 rules found" in result.stdout
+    assert b"SUCCESS: 12 rules found" in result.stdout
 
 
 def test_promtool_test_rules(promtool: str) -> None:
