@@ -54,7 +54,7 @@ from stream_trainer.logs import configure_logging, register_secret
 from stream_trainer.metrics import LagTracker, Metrics, build_metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.registry import open_registry
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
@@ -353,11 +353,12 @@ def run_service(
             log.info("stopped while standing by")
             return 0
         metrics.state.state("restoring")
-        registry_store = ModelRegistry(
+        registry_store = open_registry(
             settings.registry.root,
             settings.model.name,
             settings.checkpoint.key(),
             settings.registry.keep_last,
+            settings.object_store,
         )
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
         publisher = ModelPublisher(settings, registry_store, events, metrics, crash=crash)

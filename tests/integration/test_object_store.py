@@ -1,0 +1,268 @@
+"""Object storage against a real S3 server (SeaweedFS, signed requests).
+
+What the registry's guarantees rest on is checked on the wire first (create-only PUT,
+compare-and-swap, a read-only identity), then the registry itself: publish / read / list,
+a refused second publish of a version, and a serving process that shares nothing with
+the trainer but the bucket and the versions topic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from stream_trainer.config import ObjectStoreSettings
+from stream_trainer.objectstore import (
+    ObjectExists,
+    ObjectStoreError,
+    PreconditionFailed,
+    S3ObjectStore,
+    open_store,
+)
+from stream_trainer.registry import METADATA_FILE, RegistryError, open_registry
+from stream_trainer.store_registry import StoreRegistry
+from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
+from stream_trainer.versions import VersionEventPublisher
+from tests.conftest import BrokerHandle, new_topic
+from tests.served_model import VersionModel
+
+pytestmark = pytest.mark.integration
+
+KEY = b"object-store-registry-key"
+MODEL = "m"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings_for(server: SeaweedFS, tmp_path: Path, who: S3Identity) -> ObjectStoreSettings:
+    """Settings as a pod would have them: keys in mounted files, never in the config."""
+    key_id = tmp_path / f"{who.name}-key-id"
+    secret = tmp_path / f"{who.name}-secret"
+    key_id.write_text(who.access_key_id + "\n")
+    secret.write_text(who.secret_access_key + "\n")
+    return ObjectStoreSettings(
+        endpoint_url=server.endpoint_url,
+        region=server.region,
+        path_style=True,
+        access_key_id_file=key_id,
+        secret_access_key_file=secret,
+    )
+
+
+def test_conditional_put_if_none_match_is_refused_for_an_existing_key(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    store = open_store(f"{s3_url}/p", settings_for(s3_server, tmp_path, s3_server.admin))
+    store.put_if_absent("a", b"first")
+    with pytest.raises(ObjectExists):
+        store.put_if_absent("a", b"second")
+    assert store.get("a").data == b"first"
+
+
+def test_put_if_match_is_a_compare_and_swap(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    store = open_store(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
+    store.put("lease", b"v1")
+    seen = store.get("lease")
+    store.put_if_match("lease", b"v2", seen.etag)
+    with pytest.raises(PreconditionFailed):
+        store.put_if_match("lease", b"v3", seen.etag)  # stale ETag: someone wrote since
+    assert store.get("lease").data == b"v2"
+
+
+def test_list_and_delete_under_a_prefix(s3_server: SeaweedFS, s3_url: str, tmp_path: Path) -> None:
+    store = open_store(f"{s3_url}/pre", settings_for(s3_server, tmp_path, s3_server.admin))
+    for key in ("d/1", "d/2", "e/1"):
+        store.put(key, key.encode())
+    assert [info.key for info in store.list("d/")] == ["d/1", "d/2"]
+    store.delete("d/1")
+    store.delete("d/missing")  # not an error
+    assert [info.key for info in store.list("d/")] == ["d/2"]
+
+
+def test_the_read_only_identity_reads_but_cannot_write(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    url = s3_url
+    open_store(url, settings_for(s3_server, tmp_path, s3_server.admin)).put("k", b"v")
+    reader = open_store(url, settings_for(s3_server, tmp_path, s3_server.reader))
+    assert reader.get("k").data == b"v"
+    with pytest.raises(ObjectStoreError):
+        reader.put("k", b"overwritten")
+
+
+def test_store_repr_and_errors_never_show_the_secret(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    store = open_store(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
+    assert isinstance(store, S3ObjectStore)
+    secret = s3_server.admin.secret_access_key
+    assert secret not in repr(store)
+    with pytest.raises(ObjectStoreError) as caught:
+        store.get("../bad\x00key")
+    assert secret not in str(caught.value)
+
+
+# -- the registry on the store --------------------------------------------------------
+
+
+def registry_on(url: str, settings: ObjectStoreSettings) -> Any:
+    return open_registry(url, MODEL, KEY, keep_last=3, store_settings=settings)
+
+
+def test_publish_read_and_list_through_an_s3_url(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    url = f"{s3_url}/models"
+    registry = registry_on(url, settings_for(s3_server, tmp_path, s3_server.admin))
+    assert isinstance(registry, StoreRegistry)
+    first = registry.publish(pickle.dumps(VersionModel(1)), {"parent": None}, promote=True)
+    second = registry.publish(pickle.dumps(VersionModel(2)), {"parent": 1}, promote=False)
+    assert (first.version, second.version) == (1, 2)
+    assert first.artifact_uri == f"{url}/{MODEL}/versions/00000001/model.pkl"
+
+    # Another client with read access only sees the same versions and champion.
+    reader = registry_on(url, settings_for(s3_server, tmp_path, s3_server.reader))
+    assert [info.version for info in reader.list()] == [1, 2]
+    assert reader.champion().version == 1
+    assert pickle.loads(reader.load_artifact(2)).version == 2
+    assert reader.get(2).metadata["artifact_sha256"] == second.metadata["artifact_sha256"]
+    assert [entry["action"] for entry in reader.decisions()] == ["promote"]
+
+
+def test_retention_keeps_the_champion_and_numbers_are_never_reused(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    registry = registry_on(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
+    registry.publish(b"one", {}, promote=True)
+    for _ in range(4):
+        registry.publish(b"more", {}, promote=False)
+    assert [info.version for info in registry.list()] == [1, 3, 4, 5]
+    assert registry.next_version() == 6
+    registry.promote(5, "manual")
+    assert registry.rollback("back").version == 1
+
+
+def test_a_second_publish_of_the_same_version_is_refused_and_changes_nothing(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(s3_server, tmp_path, s3_server.admin)
+    url = s3_url
+    registry = registry_on(url, settings)
+    original = registry.publish(pickle.dumps(VersionModel(1)), {}, promote=True)
+
+    # A writer that does not see the high-water mark (a stale view, a replay) and would
+    # reuse number 1: the create-only visibility write refuses it.
+    stale = registry_on(url, settings)
+    stale._reserve = lambda: 1  # type: ignore[method-assign]
+    with pytest.raises(RegistryError, match="refusing to overwrite"):
+        stale.publish(pickle.dumps(VersionModel(666)), {}, promote=True)
+    assert registry.get(1).metadata == original.metadata
+    assert pickle.loads(registry.load_artifact(1)).version == 1
+    assert registry.champion().version == 1
+
+
+def test_a_version_is_invisible_until_its_metadata_is_written(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    """A publish killed between the artifact upload and the visibility write leaves
+    nothing a reader lists, and the next publish takes a new number."""
+    settings = settings_for(s3_server, tmp_path, s3_server.admin)
+    url = s3_url
+    store = open_store(url, settings)
+    registry = registry_on(url, settings)
+    registry.publish(b"v1", {}, promote=True)
+
+    class Crash(Exception):
+        pass
+
+    real_put = store.put_if_absent
+
+    def crash_on_metadata(key: str, data: bytes) -> str:
+        if key.endswith(METADATA_FILE):
+            raise Crash
+        return real_put(key, data)
+
+    crashing = StoreRegistry(store, MODEL, KEY, keep_last=3)
+    store.put_if_absent = crash_on_metadata  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        crashing.publish(b"v2", {}, promote=True)
+    assert store.get(f"{MODEL}/versions/00000002/model.pkl").data == b"v2"  # uploaded...
+    assert [info.version for info in registry.list()] == [1]  # ...but not visible
+    assert registry.champion().version == 1
+    assert registry.publish(b"v3", {}, promote=True).version == 3
+
+
+SERVE = textwrap.dedent(
+    """
+    import json, sys
+    from stream_trainer.config import ObjectStoreSettings
+    from stream_trainer.reader import ModelReader
+
+    bootstrap, topic, endpoint, region, key = sys.argv[1:6]
+    settings = ObjectStoreSettings(endpoint_url=endpoint, region=region, path_style=True)
+    reader = ModelReader({"bootstrap.servers": bootstrap}, topic, "m", key.encode(),
+                         store_settings=settings)
+    reader.start()
+    served = reader.wait_until_serving(60.0)
+    print(json.dumps({"served": served, "version": reader.version,
+                      "prediction": reader.predict_one({}) if served else None,
+                      "failures": reader.failures}))
+    reader.stop()
+    """
+)
+
+
+def test_a_reader_sharing_only_the_bucket_and_topic_loads_the_champion(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path, tansu_broker: BrokerHandle
+) -> None:
+    url = f"{s3_url}/shared"
+    registry = registry_on(url, settings_for(s3_server, tmp_path, s3_server.admin))
+    topic = new_topic(tansu_broker, prefix="versions")
+    producer = Producer({"bootstrap.servers": tansu_broker.bootstrap_servers, "acks": "all"})
+    events = VersionEventPublisher(producer, topic, MODEL)
+    for number, promote in ((1, True), (2, True), (3, False)):
+        info = registry.publish(pickle.dumps(VersionModel(number)), {}, promote=promote)
+        events.publish(info, registry)
+        assert registry.event_sent(info)
+
+    # Its own folder and environment: read-only keys from AWS_* variables, no registry
+    # folder, no config file of the trainer's.
+    serving_dir = tmp_path / "serving"
+    serving_dir.mkdir()
+    script = serving_dir / "serve.py"
+    script.write_text(SERVE)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(serving_dir),
+        "PYTHONPATH": str(ROOT),
+        **s3_server.reader.env(),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            tansu_broker.bootstrap_servers,
+            topic,
+            s3_server.endpoint_url,
+            s3_server.region,
+            KEY.decode(),
+        ],
+        cwd=serving_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {"served": True, "version": 2, "prediction": 2, "failures": 0}
