@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from confluent_kafka import Producer
 
+from stream_trainer.cli import main
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.objectstore import (
     ObjectExists,
@@ -205,7 +207,8 @@ def test_a_version_is_invisible_until_its_metadata_is_written(
 SERVE = textwrap.dedent(
     """
     import json, sys
-    from stream_trainer.config import ObjectStoreSettings
+    from stream_trainer.cli import main
+from stream_trainer.config import ObjectStoreSettings
     from stream_trainer.reader import ModelReader
 
     bootstrap, topic, endpoint, region, key = sys.argv[1:6]
@@ -266,3 +269,54 @@ def test_a_reader_sharing_only_the_bucket_and_topic_loads_the_champion(
     assert result.returncode == 0, result.stderr[-2000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome == {"served": True, "version": 2, "prediction": 2, "failures": 0}
+
+
+def test_cli_versions_lists_and_shows_an_s3_registry_with_read_only_keys(
+    s3_server: SeaweedFS,
+    s3_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = registry_on(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
+    registry.publish(b"one", {"parent_version": None}, promote=True)
+    registry.publish(b"two", {"parent_version": 1}, promote=False)
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap_servers": "127.0.0.1:9", "group_id": "g"},
+                "topics": {"input": ["in"], "dead_letter": "dlq", "versions": "v"},
+                "record": {"features": ["a"], "labels": [0, 1]},
+                "model": {
+                    "name": MODEL,
+                    "task": "binary_classification",
+                    "learner": {"path": "river.linear_model.LogisticRegression"},
+                },
+                "training": {"mode": "per_record"},
+                "checkpoint": {"dir": str(tmp_path / "checkpoints")},
+                "registry": {"root": s3_url},
+                "object_store": {
+                    "endpoint_url": s3_server.endpoint_url,
+                    "region": s3_server.region,
+                    "path_style": True,
+                },
+            }
+        )
+    )
+    monkeypatch.setenv("STREAM_TRAINER_CHECKPOINT__HMAC_KEY", KEY.decode())
+    for name, value in s3_server.reader.env().items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["versions", "list", "--config", str(config)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["version"], row["champion"]) for row in rows] == [(1, True), (2, False)]
+    assert main(["versions", "show", "2", "--config", str(config)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["path"] == f"{s3_url}/{MODEL}/versions/00000002"
+    assert shown["artifact_sha256"] == registry.get(2).metadata["artifact_sha256"]
+    # Promoting needs write access: the read-only keys are refused, nothing changes.
+    assert main(["versions", "promote", "2", "--config", str(config)]) != 0
+    assert "stream-trainer:" in capsys.readouterr().err
+    assert registry.champion().version == 1
