@@ -1113,7 +1113,10 @@ class ObjectStoreSettings(StrictModel):
     timeout_seconds: float = Field(
         default=30.0,
         gt=0,
-        description="bound on one request, in seconds (a slow store then fails, not hangs)",
+        description=(
+            "bound on one request and on its retries, in seconds (a slow or unreachable "
+            "store then fails, not hangs)"
+        ),
     )
 
     @model_validator(mode="after")

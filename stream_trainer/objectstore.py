@@ -25,6 +25,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -364,6 +365,12 @@ def open_store(location: Path | str, settings: ObjectStoreSettings | None = None
             prefix=prefix or None,
             config=config,  # type: ignore[arg-type]
             client_options=client,  # type: ignore[arg-type]
+            # obstore retries for up to 3 minutes by default: a store outage would then
+            # hold the caller far longer than one request's bound. Retry within it instead.
+            retry_config={
+                "max_retries": 3,
+                "retry_timeout": timedelta(seconds=cfg.timeout_seconds),
+            },
         )
     except Exception as error:
         # from None, and the message redacted: the failing config may hold a credential.

@@ -5,7 +5,9 @@ same code runs against S3 in tests/integration/test_object_store.py)."""
 from __future__ import annotations
 
 import pickle
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,23 @@ def test_store_registry_event_markers(tmp_path: Path) -> None:
     assert not registry.event_sent(info)
     registry.mark_event_sent(info)
     assert registry.event_sent(info)
+
+
+def test_an_unreachable_store_fails_within_the_configured_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Keys in the environment, so the request goes to the endpoint (not to instance metadata).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = ObjectStoreSettings(
+        endpoint_url=f"http://127.0.0.1:{port}", path_style=True, timeout_seconds=1.0
+    )
+    store = open_store("s3://bucket", settings)
+    began = time.monotonic()
+    with pytest.raises(ObjectStoreError):
+        store.get("k")
+    # Without the retry bound obstore keeps retrying for 3 minutes.
+    assert time.monotonic() - began < 15.0
