@@ -21,7 +21,13 @@ Contracts:
 - Never overwritten: both writes are create-only, so a second publish of a number (two
   writers, or a replay) is refused with RegistryError and changes nothing.
 - Version numbers come from a compare-and-swap on ``HIGH_WATER_MARK``: two writers racing
-  get different numbers. (Keeping a stale writer out altogether is the lease's job.)
+  get different numbers.
+- Fencing: a writer given a :class:`stream_trainer.store_lease.StoreLease` stamps its
+  token into ``HIGH_WATER_MARK``, ``CHAMPION`` and each version's metadata
+  (``writer_token``), and is refused when either object carries a higher token: a stale
+  writer whose lease was taken over can neither reserve a number nor move the champion.
+  It re-checks the lease just before the visibility write. Manual promote / rollback
+  (no lease) keep the stored token.
 - Reading needs only GET and LIST on the prefix.
 - Retention deletes ``metadata.json`` first (the version disappears at once), then the rest.
 """
@@ -54,6 +60,7 @@ from stream_trainer.registry import (
     verify_artifact,
 )
 from stream_trainer.signing import sha256_hex, sign
+from stream_trainer.store_lease import StoreLease, StoreLeaseError
 
 _VERSION_KEY = re.compile(r"/versions/(\d{8})/" + re.escape(METADATA_FILE) + "$")
 _RESERVE_ATTEMPTS = 20
@@ -69,10 +76,18 @@ class StoreRegistry:
     Every store failure surfaces as RegistryError naming the object.
     """
 
-    def __init__(self, store: ObjectStore, model_name: str, key: bytes | None, keep_last: int):
+    def __init__(
+        self,
+        store: ObjectStore,
+        model_name: str,
+        key: bytes | None,
+        keep_last: int,
+        lease: StoreLease | None = None,
+    ):
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
         self.store = store
+        self.lease = lease
         self.model_name = model_name
         self._key = key
         self._keep_last = keep_last
@@ -206,6 +221,22 @@ class StoreRegistry:
         reserved = int(mark["version"]) if isinstance(mark, dict) else 0
         return max(numbers[-1] if numbers else 0, reserved) + 1
 
+    def _fence(self, stored: Any, what: str) -> int | None:
+        """The token to write over ``stored`` (an object's JSON): ours under a lease, after
+        checking ``stored`` holds no newer one (RegistryError: fenced); else the stored."""
+        stored_token = stored.get("token") if isinstance(stored, dict) else None
+        if self.lease is None:
+            return stored_token if isinstance(stored_token, int) else None
+        try:
+            ours = self.lease.check()
+        except StoreLeaseError as error:
+            raise RegistryError(f"fenced: {error}") from None
+        if isinstance(stored_token, int) and stored_token > ours:
+            raise RegistryError(
+                f"fenced: {what} carries token {stored_token}, newer than this writer's {ours}"
+            )
+        return ours
+
     def _reserve(self) -> int:
         """Move the high-water mark to a fresh number by compare-and-swap; returns it."""
         key = f"{self._base}/HIGH_WATER_MARK"
@@ -216,10 +247,12 @@ class StoreRegistry:
                 current = None
             except ObjectStoreError as error:
                 raise RegistryError(str(error)) from error
-            reserved = int(json.loads(current.data)["version"]) if current else 0
+            stored = json.loads(current.data) if current else {}
+            token = self._fence(stored, "the high-water mark")
+            reserved = int(stored["version"]) if current else 0
             numbers = self._numbers()
             version = max(numbers[-1] if numbers else 0, reserved) + 1
-            body = json.dumps({"version": version}).encode()
+            body = json.dumps({"version": version, "token": token}).encode()
             try:
                 if current is None:
                     self.store.put_if_absent(key, body)
@@ -280,10 +313,13 @@ class StoreRegistry:
         )
         if self._key is not None:
             stored["artifact_hmac"] = sign(self._key, artifact)
+        if self.lease is not None and self.lease.token is not None:
+            stored["writer_token"] = self.lease.token
         metadata_bytes = _dumps(stored)
         prefix = self._version_prefix(version)
         try:
             self.store.put_if_absent(f"{prefix}/{ARTIFACT_FILE}", artifact)
+            self._fence(None, "")  # still the holder, just before the version appears
             self.store.put_if_absent(f"{prefix}/{METADATA_FILE}", metadata_bytes)
         except ObjectExists as error:
             raise RegistryError(f"{error}; refusing to overwrite a version") from None
@@ -387,10 +423,7 @@ class StoreRegistry:
         if previous is None:
             pointer = self._champion_pointer()
             previous = int(pointer["version"]) if pointer else None
-        pointer_bytes = json.dumps(
-            {"version": version, "since": _now(), "reason": reason}, sort_keys=True
-        ).encode()
-        self._write(f"{self._base}/CHAMPION", pointer_bytes)
+        self._move_champion({"version": version, "since": _now(), "reason": reason})
         self._append_decision(
             json_safe(
                 {
@@ -403,6 +436,32 @@ class StoreRegistry:
                 }
             )
         )
+
+    def _move_champion(self, pointer: dict[str, Any]) -> None:
+        """Replace CHAMPION by compare-and-swap, fenced (see the module docstring)."""
+        key = f"{self._base}/CHAMPION"
+        for _ in range(_RESERVE_ATTEMPTS):
+            try:
+                current = self.store.get(key)
+            except ObjectNotFound:
+                current = None
+            except ObjectStoreError as error:
+                raise RegistryError(str(error)) from error
+            stored = json.loads(current.data) if current else None
+            body = json.dumps(
+                {**pointer, "token": self._fence(stored, "the champion pointer")}, sort_keys=True
+            ).encode()
+            try:
+                if current is None:
+                    self.store.put_if_absent(key, body)
+                else:
+                    self.store.put_if_match(key, body, current.etag)
+            except (ObjectExists, PreconditionFailed):
+                continue
+            except ObjectStoreError as error:
+                raise RegistryError(str(error)) from error
+            return
+        raise RegistryError(f"{self.store.url_of(key)}: kept changing; is another writer on it?")
 
     def _append_decision(self, entry: dict[str, Any]) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")

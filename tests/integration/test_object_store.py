@@ -31,6 +31,7 @@ from stream_trainer.objectstore import (
     open_store,
 )
 from stream_trainer.registry import METADATA_FILE, RegistryError, open_registry
+from stream_trainer.store_lease import LeaseLost, StoreLease
 from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
 from stream_trainer.versions import VersionEventPublisher
@@ -207,8 +208,7 @@ def test_a_version_is_invisible_until_its_metadata_is_written(
 SERVE = textwrap.dedent(
     """
     import json, sys
-    from stream_trainer.cli import main
-from stream_trainer.config import ObjectStoreSettings
+    from stream_trainer.config import ObjectStoreSettings
     from stream_trainer.reader import ModelReader
 
     bootstrap, topic, endpoint, region, key = sys.argv[1:6]
@@ -320,3 +320,83 @@ def test_cli_versions_lists_and_shows_an_s3_registry_with_read_only_keys(
     assert main(["versions", "promote", "2", "--config", str(config)]) != 0
     assert "stream-trainer:" in capsys.readouterr().err
     assert registry.champion().version == 1
+
+
+# -- the lease and fencing on the real server -------------------------------------------
+
+SECOND_NODE = textwrap.dedent(
+    """
+    import sys
+    from stream_trainer.config import ObjectStoreSettings
+    from stream_trainer.objectstore import open_store
+    from stream_trainer.store_lease import LeaseHeld, StoreLease
+
+    url, endpoint, region = sys.argv[1:4]
+    store = open_store(url, ObjectStoreSettings(endpoint_url=endpoint, region=region,
+                                                path_style=True))
+    try:
+        StoreLease(store, "m/LEASE", "node-b", ttl_s=30).acquire()
+    except LeaseHeld as error:
+        print(error)
+        sys.exit(3)
+    print("acquired")
+    """
+)
+
+
+def test_a_second_writer_on_another_node_is_refused_by_the_lease(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    store = open_store(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
+    lease = StoreLease(store, "m/LEASE", "node-a", ttl_s=30)
+    assert lease.acquire() == 1
+    node_b = tmp_path / "node-b"
+    node_b.mkdir()
+    (node_b / "second.py").write_text(SECOND_NODE)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(node_b), "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "second.py", s3_url, s3_server.endpoint_url, s3_server.region]
+    refused = subprocess.run(
+        run,
+        cwd=node_b,
+        env={**env, **s3_server.admin.env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "node-a" in refused.stdout
+    lease.release()
+    taken = subprocess.run(
+        run,
+        cwd=node_b,
+        env={**env, **s3_server.admin.env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    with pytest.raises(LeaseLost):
+        lease.renew()
+
+
+def test_a_stale_writer_is_fenced_on_the_real_server(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(s3_server, tmp_path, s3_server.admin)
+    clock = [1000.0]
+    store = open_store(s3_url, settings)
+    old_lease = StoreLease(store, "m/LEASE", "node-a", ttl_s=30, clock=lambda: clock[0])
+    old_lease.acquire()
+    old = StoreRegistry(store, MODEL, KEY, keep_last=5, lease=old_lease)
+    old.publish(b"one", {}, promote=True)
+    clock[0] += 31
+    new_lease = StoreLease(
+        open_store(s3_url, settings), "m/LEASE", "node-b", ttl_s=30, clock=lambda: clock[0]
+    )
+    assert new_lease.acquire() == 2
+    new = StoreRegistry(open_store(s3_url, settings), MODEL, KEY, keep_last=5, lease=new_lease)
+    new.publish(b"two", {}, promote=True)
+    with pytest.raises(RegistryError, match="fenced"):
+        old.publish(b"stale", {}, promote=True)
+    assert [info.version for info in new.list()] == [1, 2]
+    assert new.champion().version == 2
