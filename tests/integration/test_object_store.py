@@ -399,4 +399,4 @@ def test_a_stale_writer_is_fenced_on_the_real_server(
     with pytest.raises(RegistryError, match="fenced"):
         old.publish(b"stale", {}, promote=True)
     assert [info.version for info in new.list()] == [1, 2]
-    assert new.champion().version == 2
+    assert new.champion().version == 2  # type: ignore[union-attr]
