@@ -23,6 +23,8 @@ from confluent_kafka import Producer
 
 from stream_trainer.cli import main
 from stream_trainer.config import ObjectStoreSettings
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import produce
 from stream_trainer.objectstore import (
     ObjectExists,
     ObjectStoreError,
@@ -36,6 +38,7 @@ from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
 from stream_trainer.versions import VersionEventPublisher
 from tests.conftest import BrokerHandle, new_topic
+from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 from tests.served_model import VersionModel
 
 pytestmark = pytest.mark.integration
@@ -400,3 +403,66 @@ def test_a_stale_writer_is_fenced_on_the_real_server(
         old.publish(b"stale", {}, promote=True)
     assert [info.version for info in new.list()] == [1, 2]
     assert new.champion().version == 2  # type: ignore[union-attr]
+
+
+# -- the running service publishing to the bucket ---------------------------------------
+
+
+def test_the_service_publishes_versions_to_s3_across_a_restart(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path, tansu_broker: BrokerHandle
+) -> None:
+    config = service_config(
+        tmp_path,
+        tansu_broker.bootstrap_servers,
+        "phishing",
+        overrides={
+            "registry": {"root": s3_url, "publish_every_records": 400},
+            "object_store": {
+                "endpoint_url": s3_server.endpoint_url,
+                "region": s3_server.region,
+                "path_style": True,
+            },
+            "kafka": {"consume_batch_size": 200},
+        },
+    )
+    bootstrap = {"bootstrap.servers": tansu_broker.bootstrap_servers}
+    topic = config["topics"]["input"][0]
+    produce(bootstrap, topic, get_dataset("phishing"), 900, seed=1)
+    env = s3_server.admin.env()  # keys from the environment, as from a pod's Secret
+    with ServiceProcess(config, tmp_path, env=env) as service:
+        service.wait_metric("stream_trainer_records_learnt_total", 900)
+        service.wait_metric("stream_trainer_versions_published_total", 2)
+        assert service.stop() == 0
+    registry = open_registry(
+        s3_url,
+        config["model"]["name"],
+        HMAC_KEY.encode(),
+        keep_last=100,
+        store_settings=settings_for(s3_server, tmp_path, s3_server.reader),
+    )
+    first_run = [info.version for info in registry.list()]
+    assert first_run == list(range(1, len(first_run) + 1)) and len(first_run) >= 2
+
+    produce(bootstrap, topic, get_dataset("phishing"), 900, seed=2)
+    with ServiceProcess(config, tmp_path, env=env, name="second") as service:
+        service.wait_metric("stream_trainer_records_learnt_total", 900)
+        wait_for(lambda: len(registry.list()) > len(first_run), 60, "a version after restart")
+        assert service.stop() == 0
+    versions = registry.list()
+    numbers = [info.version for info in versions]
+    assert numbers[: len(first_run)] == first_run and numbers == sorted(set(numbers))
+    assert versions[-1].metadata["parent_version"] is not None
+    registry.load_artifact(numbers[-1])  # sha256 + HMAC verify with read-only keys
+
+    events = [
+        json.loads(m.value())
+        for m in read_topic(
+            tansu_broker.bootstrap_servers, config["topics"]["versions"], expected=len(numbers)
+        )
+    ]
+    assert sorted({e["version"] for e in events}) == numbers
+    for event in events:
+        assert event["artifact_uri"] == (
+            f"{s3_url}/{config['model']['name']}/versions/{event['version']:08d}/model.pkl"
+        )
+        assert event["metadata"]["artifact_sha256"]
