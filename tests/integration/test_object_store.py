@@ -273,6 +273,35 @@ def test_a_reader_sharing_only_the_bucket_and_topic_loads_the_champion(
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome == {"served": True, "version": 2, "prediction": 2, "failures": 0}
 
+    # The shipped example, the same way: a prediction line per input line.
+    example = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "serve_reader.py"),
+            "--bootstrap-servers",
+            tansu_broker.bootstrap_servers,
+            "--topic",
+            topic,
+            "--model",
+            MODEL,
+            "--s3-endpoint",
+            s3_server.endpoint_url,
+            "--s3-region",
+            s3_server.region,
+            "--s3-path-style",
+            "--wait-s",
+            "60",
+        ],
+        input="{}\n",
+        cwd=serving_dir,
+        env={**env, "STREAM_TRAINER_REGISTRY_KEY": KEY.decode()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert example.returncode == 0, example.stderr[-2000:]
+    assert json.loads(example.stdout.strip().splitlines()[-1]) == {"version": 2, "prediction": 2}
+
 
 def test_cli_versions_lists_and_shows_an_s3_registry_with_read_only_keys(
     s3_server: SeaweedFS,
