@@ -58,6 +58,8 @@ from stream_trainer.registry import open_registry
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
+from stream_trainer.store_lease import LeaseHeld, StoreLease, StoreLeaseError
+from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
 from stream_trainer.versions import VersionEventPublisher
 from stream_trainer.wire import WireDecoder
@@ -282,6 +284,7 @@ def run_service(
     trainer: Trainer | None = None
     control: ControlChannel | None = None
     lease: KafkaLease | None = None
+    store_lease: StoreLease | None = None
     wire: WireDecoder | None = None
     consumer_config = settings.kafka.consumer_config()
     consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
@@ -360,6 +363,11 @@ def run_service(
             settings.registry.keep_last,
             settings.object_store,
         )
+        if isinstance(registry_store, StoreRegistry):
+            store_lease = _hold_store_lease(settings, registry_store, startup_stop.event, _waiting)
+            if store_lease is None:
+                log.info("stopped while waiting for the registry's lease")
+                return 0
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
         publisher = ModelPublisher(settings, registry_store, events, metrics, crash=crash)
         publisher.reconcile(state)
@@ -422,6 +430,8 @@ def run_service(
     finally:
         if lease is not None:  # after the source: a standby starts from our last commit
             lease.close()
+        if store_lease is not None:
+            store_lease.release()  # a successor need not wait for it to expire
         if control is not None and "service" not in service_ref:
             control.close()  # else the service closed it
         if isinstance(trainer, FullBatchTrainer):
@@ -436,6 +446,42 @@ def run_service(
             http.stop()
         if owns_lock:
             lock.release()
+
+
+def _hold_store_lease(
+    settings: Settings,
+    registry: StoreRegistry,
+    stop: threading.Event,
+    waiting: Callable[[str], None],
+) -> StoreLease | None:
+    """Take the registry's lease object (``<model>/LEASE``) and fence the registry with it;
+    None if stopped meanwhile.
+
+    This member already holds the Kafka lease, so another holder is a writer that lost it
+    (a zombie) or one that crashed: wait until its lease expires, then take it over with a
+    higher token, which fences the old writer's publishes. The holder name is this host and
+    checkpoint folder, so a restarted container of the same pod takes it back at once.
+    """
+    holder = f"{socket.gethostname()}:{settings.checkpoint.dir}"
+    lease = StoreLease(
+        registry.store,
+        f"{settings.model.name}/LEASE",
+        holder,
+        ttl_s=settings.object_store.lease_seconds,
+    )
+    while not stop.is_set():
+        try:
+            token = lease.acquire()
+        except LeaseHeld as held:
+            waiting(f"registry lease: {held}")
+            stop.wait(1.0)
+            continue
+        except StoreLeaseError as error:
+            raise StartupError(f"registry lease: {error}") from None
+        registry.lease = lease
+        log.info("registry lease held", extra={"token": token, "holder": holder})
+        return lease
+    return None
 
 
 def _acquire_lease(

@@ -1119,6 +1119,16 @@ class ObjectStoreSettings(StrictModel):
         ),
     )
 
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "how long the writer's lease on an s3:// registry lasts without a publish; a "
+            "member that took the Kafka lease over from a crashed or cut-off writer waits at "
+            "most this long, then fences it. Must exceed the writers' clock skew"
+        ),
+    )
+
     @model_validator(mode="after")
     def _key_pair(self) -> ObjectStoreSettings:
         if (self.access_key_id_file is None) != (self.secret_access_key_file is None):

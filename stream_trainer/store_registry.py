@@ -296,7 +296,13 @@ class StoreRegistry:
 
         The artifact is uploaded create-only, then ``metadata.json`` create-only makes the
         version visible in one step. Raises RegistryError, leaving any existing version
-        untouched, when either object already exists."""
+        untouched, when either object already exists or (under a lease) the lease was
+        taken over: a publish renews the lease first."""
+        if self.lease is not None:
+            try:
+                self.lease.renew()
+            except StoreLeaseError as error:
+                raise RegistryError(f"fenced: {error}") from None
         self.recover()
         version = self._reserve()
         stored = json_safe(dict(metadata))

@@ -480,6 +480,15 @@ def test_the_service_publishes_versions_to_s3_across_a_restart(
     versions = registry.list()
     numbers = [info.version for info in versions]
     assert numbers[: len(first_run)] == first_run and numbers == sorted(set(numbers))
+    # Each run held the registry's lease (released at its stop) and stamped its token.
+    lease = json.loads(
+        open_store(s3_url, settings_for(s3_server, tmp_path, s3_server.reader))
+        .get(f"{config['model']['name']}/LEASE")
+        .data
+    )
+    assert (lease["token"], lease["expires_at"]) == (2, 0.0)
+    tokens = {info.version: info.metadata["writer_token"] for info in versions}
+    assert {tokens[n] for n in first_run} == {1} and tokens[numbers[-1]] == 2
     assert versions[-1].metadata["parent_version"] is not None
     registry.load_artifact(numbers[-1])  # sha256 + HMAC verify with read-only keys
 

@@ -94,9 +94,27 @@ def test_the_token_in_the_store_fences_even_a_writer_that_believes_it_holds_the_
     new_lease = StoreLease(store, "LEASE", "node-b", ttl_s=30, clock=clock)
     new_lease.acquire()
     StoreRegistry(store, "m", None, keep_last=5, lease=new_lease).publish(b"2", {}, True)
-    old_lease.check = lambda: 1  # type: ignore[method-assign]  # a check that passed earlier
+    # A renewal and a check that passed just before the takeover.
+    old_lease.renew = lambda: None  # type: ignore[method-assign]
+    old_lease.check = lambda: 1  # type: ignore[method-assign]
     with pytest.raises(RegistryError, match="token 2, newer than this writer's 1"):
         old.publish(b"stale", {}, promote=True)
+
+
+def test_a_publish_renews_the_lease_and_a_lost_one_is_fenced(tmp_path: Path) -> None:
+    store, clock = LocalStore(tmp_path), Clock()
+    lease = StoreLease(store, "LEASE", "node-a", ttl_s=30, clock=clock)
+    lease.acquire()
+    writer = StoreRegistry(store, "m", None, keep_last=5, lease=lease)
+    clock.now += 25
+    writer.publish(b"one", {}, promote=True)  # renews: valid until 1055
+    clock.now += 25
+    with pytest.raises(LeaseHeld):
+        StoreLease(store, "LEASE", "node-b", ttl_s=30, clock=clock).acquire()
+    clock.now += 10
+    StoreLease(store, "LEASE", "node-b", ttl_s=30, clock=clock).acquire()
+    with pytest.raises(RegistryError, match="fenced"):
+        writer.publish(b"two", {}, promote=True)
 
 
 def test_manual_promote_without_a_lease_keeps_the_stored_token(tmp_path: Path) -> None:
