@@ -62,6 +62,20 @@ spec:
               name: {{ $sasl.existingSecret }}
               key: {{ $sasl.key }}
         {{- end }}
+        {{- with .Values.secrets.objectStore }}
+        {{- if .existingSecret }}
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ .existingSecret }}
+              key: {{ .accessKeyIdKey }}
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ .existingSecret }}
+              key: {{ .secretAccessKeyKey }}
+        {{- end }}
+        {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
