@@ -362,6 +362,7 @@ def run_service(
             settings.checkpoint.key(),
             settings.registry.keep_last,
             settings.object_store,
+            crash=crash.reached,
         )
         if isinstance(registry_store, StoreRegistry):
             store_lease = _hold_store_lease(settings, registry_store, startup_stop.event, _waiting)

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,7 +198,15 @@ def sent_marker(info: VersionInfo) -> Path:
 class ModelRegistry:
     """Versions of one model under ``root / model_name``; see the module docstring."""
 
-    def __init__(self, root: Path, model_name: str, key: bytes | None, keep_last: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model_name: str,
+        key: bytes | None,
+        keep_last: int,
+        crash: Callable[[str], None] | None = None,
+    ) -> None:
+        self.crash = crash or (lambda _point: None)
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
         # Absolute: artifact URIs in version events are file URIs, which cannot be relative.
@@ -398,6 +407,7 @@ class ModelRegistry:
             _write_durable(tmp / ARTIFACT_FILE, artifact)
             _write_durable(tmp / METADATA_FILE, metadata_bytes)
             _fsync_dir(tmp)
+            self.crash("before_version_visible")
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -563,6 +573,7 @@ def open_registry(
     key: bytes | None,
     keep_last: int,
     store_settings: ObjectStoreSettings | None = None,
+    crash: Callable[[str], None] | None = None,
 ) -> Registry:
     """The registry at ``root``: :class:`ModelRegistry` for a folder, a
     :class:`stream_trainer.store_registry.StoreRegistry` for ``s3://bucket/prefix``."""
@@ -570,5 +581,6 @@ def open_registry(
     from stream_trainer.store_registry import StoreRegistry  # noqa: PLC0415
 
     if not is_store_url(root):
-        return ModelRegistry(Path(root), model_name, key, keep_last)
-    return StoreRegistry(open_store(root, store_settings), model_name, key, keep_last)
+        return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash)
+    store = open_store(root, store_settings)
+    return StoreRegistry(store, model_name, key, keep_last, crash=crash)

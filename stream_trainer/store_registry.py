@@ -38,6 +38,7 @@ import builtins
 import json
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,13 @@ class StoreRegistry:
         key: bytes | None,
         keep_last: int,
         lease: StoreLease | None = None,
+        crash: Callable[[str], None] | None = None,
     ):
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
         self.store = store
         self.lease = lease
+        self.crash = crash or (lambda _point: None)
         self.model_name = model_name
         self._key = key
         self._keep_last = keep_last
@@ -325,6 +328,7 @@ class StoreRegistry:
         prefix = self._version_prefix(version)
         try:
             self.store.put_if_absent(f"{prefix}/{ARTIFACT_FILE}", artifact)
+            self.crash("before_version_visible")
             self._fence(None, "")  # still the holder, just before the version appears
             self.store.put_if_absent(f"{prefix}/{METADATA_FILE}", metadata_bytes)
         except ObjectExists as error:
