@@ -267,7 +267,9 @@ class S3ObjectStore:
         return f"{self.url}/{key}"
 
     def _fail(self, key: str, error: Exception) -> ObjectStoreError:
-        return ObjectStoreError(f"{self.url_of(key)}: {type(error).__name__}: {error}")
+        # obstore appends a multi-line "Debug source" dump: the first part says it all.
+        message = str(error).split("\n\nDebug source", 1)[0].strip()
+        return ObjectStoreError(f"{self.url_of(key)}: {type(error).__name__}: {message}")
 
     def get(self, key: str) -> StoredObject:
         try:

@@ -54,6 +54,11 @@ class RegistryError(StreamTrainerError):
     """A registry operation failed: unknown version, integrity or signature failure."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry's object store could not be reached or answered an error: transient,
+    nothing was made visible half-way; the caller may try again later."""
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """A published version: its number, directory and metadata (as stored).

@@ -143,15 +143,24 @@ class StoreLease:
         if self.token is None or self._etag is None:
             raise LeaseLost("the lease was never acquired")
         record = LeaseRecord(self.holder, self.token, self._clock() + self._ttl_s)
-        try:
-            self._etag = self._store.put_if_match(self._key, record.encode(), self._etag)
-        except PreconditionFailed:
-            self.token = None
-            raise LeaseLost(
-                f"{self._store.url_of(self._key)}: taken over by another writer"
-            ) from None
-        except ObjectStoreError as error:
-            raise StoreLeaseError(str(error)) from error
+        for _ in range(2):
+            try:
+                self._etag = self._store.put_if_match(self._key, record.encode(), self._etag)
+                return
+            except PreconditionFailed:
+                # A renewal whose answer was lost (a timeout) may have been applied: the
+                # ETag moved, but the lease is still ours when holder and token match.
+                current = self.read()
+                if current is None or (current[0].holder, current[0].token) != (
+                    self.holder,
+                    self.token,
+                ):
+                    break
+                self._etag = current[1]
+            except ObjectStoreError as error:
+                raise StoreLeaseError(str(error)) from error
+        self.token = None
+        raise LeaseLost(f"{self._store.url_of(self._key)}: taken over by another writer")
 
     def check(self) -> int:
         """The token, after confirming the stored lease is still ours; raises LeaseLost."""

@@ -54,6 +54,7 @@ from stream_trainer.registry import (
     ARTIFACT_FILE,
     METADATA_FILE,
     RegistryError,
+    RegistryUnavailable,
     VersionInfo,
     _now,
     champion_history,
@@ -61,7 +62,7 @@ from stream_trainer.registry import (
     verify_artifact,
 )
 from stream_trainer.signing import sha256_hex, sign
-from stream_trainer.store_lease import StoreLease, StoreLeaseError
+from stream_trainer.store_lease import LeaseLost, StoreLease, StoreLeaseError
 
 _VERSION_KEY = re.compile(r"/versions/(\d{8})/" + re.escape(METADATA_FILE) + "$")
 _RESERVE_ATTEMPTS = 20
@@ -110,7 +111,7 @@ class StoreRegistry:
         except ObjectNotFound:
             return None
         except ObjectStoreError as error:
-            raise RegistryError(str(error)) from error
+            raise RegistryUnavailable(str(error)) from error
 
     def _read_json(self, key: str) -> Any:
         data = self._read(key)
@@ -127,7 +128,7 @@ class StoreRegistry:
         try:
             listed = self.store.list(f"{self._base}/versions/")
         except ObjectStoreError as error:
-            raise RegistryError(str(error)) from error
+            raise RegistryUnavailable(str(error)) from error
         found = (_VERSION_KEY.search("/" + info.key) for info in listed)
         return sorted(int(match.group(1)) for match in found if match)
 
@@ -173,7 +174,7 @@ class StoreRegistry:
         try:
             listed = self.store.list(f"{self._base}/decisions/")
         except ObjectStoreError as error:
-            raise RegistryError(str(error)) from error
+            raise RegistryUnavailable(str(error)) from error
         entries = []
         for info in listed:
             entry = self._read_json(info.key)
@@ -214,7 +215,7 @@ class StoreRegistry:
         try:
             self.store.put(key, data)
         except ObjectStoreError as error:
-            raise RegistryError(str(error)) from error
+            raise RegistryUnavailable(str(error)) from error
 
     def next_version(self) -> int:
         """The number the next published version gets: above every version that exists
@@ -232,8 +233,10 @@ class StoreRegistry:
             return stored_token if isinstance(stored_token, int) else None
         try:
             ours = self.lease.check()
-        except StoreLeaseError as error:
+        except LeaseLost as error:
             raise RegistryError(f"fenced: {error}") from None
+        except StoreLeaseError as error:
+            raise RegistryUnavailable(str(error)) from None
         if isinstance(stored_token, int) and stored_token > ours:
             raise RegistryError(
                 f"fenced: {what} carries token {stored_token}, newer than this writer's {ours}"
@@ -249,7 +252,7 @@ class StoreRegistry:
             except ObjectNotFound:
                 current = None
             except ObjectStoreError as error:
-                raise RegistryError(str(error)) from error
+                raise RegistryUnavailable(str(error)) from error
             stored = json.loads(current.data) if current else {}
             token = self._fence(stored, "the high-water mark")
             reserved = int(stored["version"]) if current else 0
@@ -264,7 +267,7 @@ class StoreRegistry:
             except (ObjectExists, PreconditionFailed):
                 continue  # another writer moved it: read again
             except ObjectStoreError as error:
-                raise RegistryError(str(error)) from error
+                raise RegistryUnavailable(str(error)) from error
             return version
         raise RegistryError(f"{self.store.url_of(key)}: kept changing; is another writer on it?")
 
@@ -304,8 +307,10 @@ class StoreRegistry:
         if self.lease is not None:
             try:
                 self.lease.renew()
-            except StoreLeaseError as error:
+            except LeaseLost as error:
                 raise RegistryError(f"fenced: {error}") from None
+            except StoreLeaseError as error:  # the store, not a takeover: try again later
+                raise RegistryUnavailable(str(error)) from None
         self.recover()
         version = self._reserve()
         stored = json_safe(dict(metadata))
@@ -334,7 +339,7 @@ class StoreRegistry:
         except ObjectExists as error:
             raise RegistryError(f"{error}; refusing to overwrite a version") from None
         except ObjectStoreError as error:
-            raise RegistryError(str(error)) from error
+            raise RegistryUnavailable(str(error)) from error
         info = self._info(version, json.loads(metadata_bytes))
         if promote:
             gate = stored.get("gate") if isinstance(stored.get("gate"), dict) else {}
@@ -456,7 +461,7 @@ class StoreRegistry:
             except ObjectNotFound:
                 current = None
             except ObjectStoreError as error:
-                raise RegistryError(str(error)) from error
+                raise RegistryUnavailable(str(error)) from error
             stored = json.loads(current.data) if current else None
             body = json.dumps(
                 {**pointer, "token": self._fence(stored, "the champion pointer")}, sort_keys=True
@@ -469,7 +474,7 @@ class StoreRegistry:
             except (ObjectExists, PreconditionFailed):
                 continue
             except ObjectStoreError as error:
-                raise RegistryError(str(error)) from error
+                raise RegistryUnavailable(str(error)) from error
             return
         raise RegistryError(f"{self.store.url_of(key)}: kept changing; is another writer on it?")
 
@@ -496,4 +501,4 @@ class StoreRegistry:
                     self.store.delete(leftover.key)
                 self.store.delete(f"{self._base}/events-sent/{number:08d}")
         except ObjectStoreError as error:
-            raise RegistryError(str(error)) from error
+            raise RegistryUnavailable(str(error)) from error

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.objectstore import LocalStore
+from stream_trainer.objectstore import LocalStore, ObjectStoreError
 from stream_trainer.registry import RegistryError
-from stream_trainer.store_lease import LeaseHeld, LeaseLost, StoreLease
+from stream_trainer.store_lease import LeaseHeld, LeaseLost, StoreLease, StoreLeaseError
 from stream_trainer.store_registry import StoreRegistry
 
 
@@ -127,3 +127,22 @@ def test_manual_promote_without_a_lease_keeps_the_stored_token(tmp_path: Path) -
     StoreRegistry(store, "m", None, keep_last=5).promote(2, "by hand")
     assert b'"token": 1' in store.get("m/CHAMPION").data
     writer.publish(b"three", {}, promote=True)  # the writer is not fenced by the CLI
+
+
+def test_a_renewal_applied_but_unanswered_does_not_lose_the_lease(tmp_path: Path) -> None:
+    store, clock = LocalStore(tmp_path), Clock()
+    lease = StoreLease(store, "LEASE", "node-a", ttl_s=30, clock=clock)
+    lease.acquire()
+    real = store.put_if_match
+
+    def applied_then_timed_out(key: str, data: bytes, etag: str) -> str:
+        real(key, data, etag)
+        raise ObjectStoreError("timed out")
+
+    store.put_if_match = applied_then_timed_out  # type: ignore[method-assign]
+    with pytest.raises(StoreLeaseError):
+        lease.renew()
+    store.put_if_match = real  # type: ignore[method-assign]
+    clock.now += 10
+    lease.renew()  # the ETag it knew is stale, but the lease is still its own
+    assert lease.check() == 1
