@@ -12,6 +12,12 @@ Reads JSON feature objects from stdin, one per line, as the records carry them (
 as strings, missing features left out or null where the contract allows), and prints the
 prediction of the model being served at that moment, with its version.
 
+With the registry in a bucket (``registry.root: s3://…``) the event's ``s3://`` URL is
+read with this process's own keys (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a web
+identity token, ...; read access is enough) and ``--s3-endpoint`` / ``--s3-region`` /
+``--s3-path-style`` for an S3-compatible server: nothing is shared with the trainer but
+the bucket and the versions topic.
+
 Started before the service has published anything, it waits for a first version up to
 ``--wait-s`` (default 15 minutes: longer than the shipped configs take to publish one,
 whose time triggers are 10 minutes at most), saying every minute what it waits for.
@@ -27,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from stream_trainer.config import ObjectStoreSettings
+from stream_trainer.objectstore import is_store_url
 from stream_trainer.reader import ModelReader
 
 KEY_ENV_VARS = ("STREAM_TRAINER_REGISTRY_KEY", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY")
@@ -59,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the service's model.name")
     parser.add_argument(
         "--registry-root",
-        type=Path,
         default=None,
-        help="where the registry volume is mounted here, if not at the service's path",
+        help="where the registry volume is mounted here, if not at the service's path "
+        "(or an s3:// URL of the same registry)",
     )
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible server's endpoint")
+    parser.add_argument("--s3-region", default=None)
+    parser.add_argument("--s3-path-style", action="store_true")
     parser.add_argument("--allow-unsigned", action="store_true")
     parser.add_argument(
         "--wait-s",
@@ -79,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"set {KEY_ENV_VARS[0]} (or pass --allow-unsigned: sha256 only)")
     key = secret.encode("utf-8") if secret else None
 
+    root = args.registry_root
     reader = ModelReader(
         {"bootstrap.servers": args.bootstrap_servers},
         args.topic,
         args.model,
         key,
-        registry_root=args.registry_root,
+        registry_root=root if root is None or is_store_url(root) else Path(root),
+        store_settings=ObjectStoreSettings(
+            endpoint_url=args.s3_endpoint, region=args.s3_region, path_style=args.s3_path_style
+        ),
     )
     reader.start()
     try:

@@ -215,6 +215,14 @@ schema = {
                     },
                     description="Kafka TLS material, mounted as files",
                 ),
+                "objectStore": obj(
+                    {
+                        "existingSecret": string,
+                        "accessKeyIdKey": {"type": "string", "minLength": 1},
+                        "secretAccessKeyKey": {"type": "string", "minLength": 1},
+                    },
+                    description="S3 keys for an s3:// registry, delivered as AWS_* env",
+                ),
             }
         ),
         "extraEnv": {

@@ -55,11 +55,13 @@ from stream_trainer.metrics import LagTracker, Metrics, build_metrics
 from stream_trainer.mlflow_export import MlflowError, MlflowExporter
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.registry import open_registry
 from stream_trainer.selection import build_selection
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
+from stream_trainer.store_lease import LeaseHeld, StoreLease, StoreLeaseError
+from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
 from stream_trainer.versions import VersionEventPublisher
 from stream_trainer.wire import WireDecoder
@@ -287,6 +289,7 @@ def run_service(
     trainer: Trainer | None = None
     control: ControlChannel | None = None
     lease: KafkaLease | None = None
+    store_lease: StoreLease | None = None
     wire: WireDecoder | None = None
     exporter: MlflowExporter | None = None
     consumer_config = settings.kafka.consumer_config()
@@ -359,12 +362,19 @@ def run_service(
             log.info("stopped while standing by")
             return 0
         metrics.state.state("restoring")
-        registry_store = ModelRegistry(
+        registry_store = open_registry(
             settings.registry.root,
             settings.model.name,
             settings.checkpoint.key(),
             settings.registry.keep_last,
+            settings.object_store,
+            crash=crash.reached,
         )
+        if isinstance(registry_store, StoreRegistry):
+            store_lease = _hold_store_lease(settings, registry_store, startup_stop.event, _waiting)
+            if store_lease is None:
+                log.info("stopped while waiting for the registry's lease")
+                return 0
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
         if settings.registry.mlflow.enabled:
             for secret in settings.registry.mlflow.secrets():
@@ -442,6 +452,8 @@ def run_service(
     finally:
         if lease is not None:  # after the source: a standby starts from our last commit
             lease.close()
+        if store_lease is not None:
+            store_lease.release()  # a successor need not wait for it to expire
         if control is not None and "service" not in service_ref:
             control.close()  # else the service closed it
         if isinstance(trainer, FullBatchTrainer):
@@ -458,6 +470,42 @@ def run_service(
             http.stop()
         if owns_lock:
             lock.release()
+
+
+def _hold_store_lease(
+    settings: Settings,
+    registry: StoreRegistry,
+    stop: threading.Event,
+    waiting: Callable[[str], None],
+) -> StoreLease | None:
+    """Take the registry's lease object (``<model>/LEASE``) and fence the registry with it;
+    None if stopped meanwhile.
+
+    This member already holds the Kafka lease, so another holder is a writer that lost it
+    (a zombie) or one that crashed: wait until its lease expires, then take it over with a
+    higher token, which fences the old writer's publishes. The holder name is this host and
+    checkpoint folder, so a restarted container of the same pod takes it back at once.
+    """
+    holder = f"{socket.gethostname()}:{settings.checkpoint.dir}"
+    lease = StoreLease(
+        registry.store,
+        f"{settings.model.name}/LEASE",
+        holder,
+        ttl_s=settings.object_store.lease_seconds,
+    )
+    while not stop.is_set():
+        try:
+            token = lease.acquire()
+        except LeaseHeld as held:
+            waiting(f"registry lease: {held}")
+            stop.wait(1.0)
+            continue
+        except StoreLeaseError as error:
+            raise StartupError(f"registry lease: {error}") from None
+        registry.lease = lease
+        log.info("registry lease held", extra={"token": token, "holder": holder})
+        return lease
+    return None
 
 
 def _acquire_lease(

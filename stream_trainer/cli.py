@@ -255,13 +255,14 @@ def cmd_search_worker(args: argparse.Namespace) -> int:
 
 
 def _registry(settings: Settings) -> Any:
-    from stream_trainer.registry import ModelRegistry  # noqa: PLC0415
+    from stream_trainer.registry import open_registry  # noqa: PLC0415
 
-    return ModelRegistry(
+    return open_registry(
         settings.registry.root,
         settings.model.name,
         settings.checkpoint.key(),
         settings.registry.keep_last,
+        settings.object_store,
     )
 
 
@@ -322,7 +323,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
             _print_json(
                 {
                     "version": info.version,
-                    "path": str(info.path),
+                    "path": info.location,
                     **info.metadata,
                     "champion": current,
                     "champion_when_published": info.metadata.get("champion"),

@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -142,6 +143,11 @@ class StrictModel(BaseModel):
     """Base of every config section: immutable, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# An object-store location (``s3://bucket/prefix``); anything else is a local path. Tried
+# first (left to right), so a URL never becomes Path("s3:/bucket"), which drops a slash.
+StoreUrl = Annotated[str, StringConstraints(pattern=r"^s3://[^/?#]+(/[^?#]*)?$")]
 
 
 def _read_secret(value: SecretStr | None, file: Path | None) -> str | None:
@@ -1246,6 +1252,76 @@ class DeadLetterSettings(StrictModel):
     )
 
 
+class ObjectStoreSettings(StrictModel):
+    """How to reach the object store of ``s3://`` locations (registry.root)."""
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description=(
+            "S3 API endpoint of an S3-compatible server (MinIO, Ceph, SeaweedFS), e.g. "
+            "https://minio.storage:9000; null: AWS S3 of the region. http:// is allowed "
+            "only when written here"
+        ),
+    )
+    region: str | None = Field(
+        default=None,
+        description="region of the bucket; null: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1",
+    )
+    path_style: bool = Field(
+        default=False,
+        description=(
+            "path-style requests (endpoint/bucket/key), as most S3-compatible servers "
+            "want; false: virtual-hosted style (bucket.endpoint/key), as AWS wants"
+        ),
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of a private CA to trust (added to the system roots)",
+    )
+    access_key_id_file: Path | None = Field(
+        default=None,
+        description=(
+            "file holding the access key id (a mounted Secret); null: AWS_ACCESS_KEY_ID, a "
+            "web identity token (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN) or instance "
+            "metadata. Keys are never taken from this config file"
+        ),
+    )
+    secret_access_key_file: Path | None = Field(
+        default=None,
+        description="file holding the secret access key; null: AWS_SECRET_ACCESS_KEY or as above",
+    )
+    session_token_file: Path | None = Field(
+        default=None,
+        description="file holding a session token for temporary keys; null: AWS_SESSION_TOKEN",
+    )
+    timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "bound on one request and on its retries, in seconds (a slow or unreachable "
+            "store then fails, not hangs)"
+        ),
+    )
+
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "how long the writer's lease on an s3:// registry lasts without a publish; a "
+            "member that took the Kafka lease over from a crashed or cut-off writer waits at "
+            "most this long, then fences it. Must exceed the writers' clock skew"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> ObjectStoreSettings:
+        if (self.access_key_id_file is None) != (self.secret_access_key_file is None):
+            raise ValueError(
+                "object_store: set access_key_id_file and secret_access_key_file together"
+            )
+        return self
+
+
 class CheckpointSettings(StrictModel):
     """Signed, atomic checkpoints: the source of truth for offsets."""
 
@@ -1483,11 +1559,13 @@ class MlflowSettings(StrictModel):
 class RegistrySettings(StrictModel):
     """Where model versions are published and when."""
 
-    root: Path = Field(
+    root: StoreUrl | Path = Field(
+        union_mode="left_to_right",
         description=(
-            "folder of published versions (<root>/<model>/versions/<n>/); serving readers "
-            "load from it, so share it with them"
-        )
+            "where versions are published (<root>/<model>/versions/<n>/): a folder, or "
+            "s3://bucket/prefix (see object_store and docs/object-storage.md); serving "
+            "readers load from it, so share it with them"
+        ),
     )
     publish_every_records: int | None = Field(
         default=None,
@@ -1513,6 +1591,14 @@ class RegistrySettings(StrictModel):
     )
     gate: GateSettings = Field(default_factory=GateSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _known_scheme(cls, value: Any) -> Any:
+        # Path("gs://b") would quietly become the relative folder "gs:/b".
+        if isinstance(value, str) and "://" in value and not value.lower().startswith("s3://"):
+            raise ValueError(f"unsupported URL {value!r}: use a folder or s3://bucket/prefix")
+        return value
 
 
 class HttpSettings(StrictModel):
@@ -1586,6 +1672,7 @@ class Settings(BaseSettings):
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     checkpoint: CheckpointSettings
     registry: RegistrySettings
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
@@ -1791,7 +1878,12 @@ def resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
         for key in keys[:-1]:
             section = section.get(key) if isinstance(section, dict) else None
         value = section.get(keys[-1]) if isinstance(section, dict) else None
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        if (
+            isinstance(value, str)
+            and value
+            and "://" not in value  # an object-store URL, not a path
+            and not Path(value).expanduser().is_absolute()
+        ):
             section[keys[-1]] = str(base / value)
     return out
 

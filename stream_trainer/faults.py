@@ -8,6 +8,8 @@ nothing here does I/O at import. The points:
 - ``mid_checkpoint_write``: half of the checkpoint's bytes are in the temp file;
 - ``after_rename``: the checkpoint is renamed into place, the directory not yet fsynced;
 - ``after_checkpoint``: the checkpoint is durable, its offsets not committed;
+- ``before_version_visible``: a version's artifact is written, the write that makes the
+  version visible (rename, or the create-only ``metadata.json`` on a store) not done;
 - ``after_version_files``: a version's files are durable, its event not sent;
 - ``mid_retrain``: a full retrain is running;
 - ``in_revoke``: inside the revoke callback, before its checkpoint;
@@ -27,6 +29,7 @@ POINTS = (
     "mid_checkpoint_write",
     "after_rename",
     "after_checkpoint",
+    "before_version_visible",
     "after_version_files",
     "mid_retrain",
     "in_revoke",

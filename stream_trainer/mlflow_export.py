@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from stream_trainer.config import MlflowSettings, Settings
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.metrics import PREFIX
-from stream_trainer.registry import ModelRegistry, RegistryError, VersionInfo
+from stream_trainer.registry import Registry, RegistryError, VersionInfo
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def _epoch_ms(stamp: Any) -> int:
         return int(time.time() * 1000)
 
 
-def move_champion_alias(settings: Settings, registry: ModelRegistry) -> str:
+def move_champion_alias(settings: Settings, registry: Registry) -> str:
     """Point MLflow's alias at ``registry``'s champion now (the CLI's promote / rollback);
     returns what happened, for the user. Raises MlflowError when MLflow cannot be reached
     or the version is not exported yet (the service's exporter will do both later)."""
@@ -514,7 +514,7 @@ class MlflowExporter:
         self,
         settings: MlflowSettings,
         mirror: MlflowMirror,
-        registry: ModelRegistry,
+        registry: Registry,
         metrics: MlflowMetrics,
         wait: Callable[[threading.Event, float], bool] | None = None,
     ) -> None:
@@ -531,7 +531,7 @@ class MlflowExporter:
 
     @classmethod
     def build(
-        cls, settings: Settings, registry: ModelRegistry, collector: CollectorRegistry
+        cls, settings: Settings, registry: Registry, collector: CollectorRegistry
     ) -> MlflowExporter:
         """From the service's settings (plain values kept, not the tree)."""
         cfg = settings.registry.mlflow
@@ -632,7 +632,7 @@ class MlflowExporter:
         )
 
 
-def _gone(registry: ModelRegistry, version: int) -> bool:
+def _gone(registry: Registry, version: int) -> bool:
     try:
         registry.get(version)
     except RegistryError:

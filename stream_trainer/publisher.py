@@ -24,7 +24,7 @@ from stream_trainer.evaluation import PrequentialEvaluator, evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.metrics import Metrics
-from stream_trainer.registry import ModelRegistry, RegistryError, VersionInfo
+from stream_trainer.registry import Registry, RegistryError, VersionInfo
 from stream_trainer.state import TrainingState
 from stream_trainer.versions import PromotionGate, PublishPolicy, VersionEventPublisher
 
@@ -43,7 +43,7 @@ class ModelPublisher:
     def __init__(
         self,
         settings: Settings,
-        registry: ModelRegistry,
+        registry: Registry,
         events: VersionEventPublisher | None,
         metrics: Metrics,
         crash: CrashPoints = NO_CRASHES,
@@ -286,7 +286,7 @@ class ModelPublisher:
         info = self._registry.publish(artifact, metadata, promote=True)
         self._crash.reached("after_version_files")
         if self._events is not None:
-            self._events.publish(info)
+            self._events.publish(info, self._registry)
         state.model_version = info.version
         state.published_ledger = metadata["offsets_total"]
         # The new champion has learnt these records: the next gate must compare on later ones.

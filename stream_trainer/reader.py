@@ -26,6 +26,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from stream_trainer.config import ObjectStoreSettings
+from stream_trainer.objectstore import (
+    ObjectStore,
+    is_store_url,
+    open_store,
+    split_object_url,
+)
 from stream_trainer.registry import ARTIFACT_FILE, RegistryError, verify_artifact
 
 log = logging.getLogger(__name__)
@@ -47,8 +54,10 @@ class ModelReader:
     The topic is read from the beginning with ``assign()`` (no group join, nothing
     committed). Events up to the end of the topic at start are scanned first and only the
     newest champion is loaded; later events are applied as they arrive. The artifact is
-    located by the event's ``artifact_uri`` or, with ``registry_root`` (the registry
-    volume mounted at another path), under ``registry_root/<model>/versions/<v>/``.
+    located by the event's ``artifact_uri`` (``file://`` or ``s3://``; the latter reached
+    with ``store_settings``, and only GET is needed) or, with ``registry_root`` (the
+    registry volume mounted at another path, or another URL of the same bucket), under
+    ``registry_root/<model>/versions/<v>/``.
     Nothing is unpickled before sha256 and, with ``key``, the HMAC verify; with a key an
     unsigned artifact is refused.
     """
@@ -59,9 +68,10 @@ class ModelReader:
         topic: str,
         model_name: str,
         key: bytes | None,
-        registry_root: Path | None = None,
+        registry_root: Path | str | None = None,
         *,
         poll_timeout_s: float = 0.2,
+        store_settings: ObjectStoreSettings | None = None,
     ) -> None:
         conf = dict(consumer_config)
         conf.setdefault("group.id", f"stream-trainer-reader-{uuid.uuid4().hex}")
@@ -71,6 +81,8 @@ class ModelReader:
         self._model_name = model_name
         self._key = key
         self._registry_root = registry_root
+        self._store_settings = store_settings
+        self._stores: dict[str, ObjectStore] = {}
         self._poll_timeout_s = poll_timeout_s
         # (version, model) replaced by one assignment: predict calls read it once, so
         # they see the old or the new model, never a mix.
@@ -240,21 +252,31 @@ class ModelReader:
             if self._load(event) or self._current is not None:
                 return
 
+    def _store(self, url: str) -> ObjectStore:
+        if url not in self._stores:
+            self._stores[url] = open_store(url, self._store_settings)
+        return self._stores[url]
+
+    def _read_artifact(self, event: dict[str, Any], version: int, metadata: Any) -> bytes:
+        """The artifact's bytes, from ``registry_root`` when given, else the event's URI."""
+        name = str(metadata.get("artifact_file") or ARTIFACT_FILE)
+        root = self._registry_root
+        if root is not None:
+            key = f"{self._model_name}/versions/{version:08d}/{name}"
+            if is_store_url(root):
+                return self._store(str(root)).get(key).data
+            return Path(root).joinpath(*key.split("/")).read_bytes()
+        uri = str(event.get("artifact_uri", ""))
+        if uri.startswith("s3://"):
+            store_url, key = split_object_url(uri)
+            return self._store(store_url).get(key).data
+        return artifact_path_from_uri(uri).read_bytes()
+
     def _load(self, event: dict[str, Any]) -> bool:
         version: int = event["version"]
         try:
-            if self._registry_root is not None:
-                path = (
-                    self._registry_root
-                    / self._model_name
-                    / "versions"
-                    / f"{version:08d}"
-                    / ARTIFACT_FILE
-                )
-            else:
-                path = artifact_path_from_uri(str(event.get("artifact_uri", "")))
-            artifact = path.read_bytes()
             metadata = event.get("metadata") or {}
+            artifact = self._read_artifact(event, version, metadata)
             verify_artifact(
                 artifact, metadata.get("artifact_sha256"), metadata.get("artifact_hmac"), self._key
             )

@@ -31,13 +31,17 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.signing import sha256_hex, sign, verify
+
+if TYPE_CHECKING:
+    from stream_trainer.config import ObjectStoreSettings
 
 ARTIFACT_FILE = "model.pkl"
 METADATA_FILE = "metadata.json"
@@ -50,18 +54,66 @@ class RegistryError(StreamTrainerError):
     """A registry operation failed: unknown version, integrity or signature failure."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry's object store could not be reached or answered an error: transient,
+    nothing was made visible half-way; the caller may try again later."""
+
+
 @dataclass(frozen=True)
 class VersionInfo:
-    """A published version: its number, directory and metadata (as stored on disk)."""
+    """A published version: its number, directory and metadata (as stored).
+
+    ``path`` is the version's folder on disk; in an object-store registry it is the
+    version's key prefix and ``url`` its ``s3://`` location (``path`` is then no file).
+    """
 
     version: int
     path: Path
     metadata: dict[str, Any]
+    url: str | None = None
 
     @property
     def artifact_path(self) -> Path:
-        """Where the artifact bytes are."""
+        """Where the artifact bytes are (local registries)."""
         return self.path / ARTIFACT_FILE
+
+    @property
+    def artifact_uri(self) -> str:
+        """The artifact's URL (``file://`` or ``s3://``), as version events carry it."""
+        if self.url is not None:
+            return f"{self.url}/{self.metadata.get('artifact_file', ARTIFACT_FILE)}"
+        return self.artifact_path.as_uri()
+
+    @property
+    def location(self) -> str:
+        """The version folder as a path or URL, for people."""
+        return self.url if self.url is not None else str(self.path)
+
+
+class Registry(Protocol):
+    """What the publisher, the version events and the CLI need of a registry: the local
+    :class:`ModelRegistry` or the object-store
+    :class:`stream_trainer.store_registry.StoreRegistry`, with the same contracts."""
+
+    model_name: str
+
+    def list(self) -> builtins.list[VersionInfo]: ...
+    def get(self, version: int) -> VersionInfo: ...
+    def champion(self) -> VersionInfo | None: ...
+    def decisions(self) -> builtins.list[dict[str, Any]]: ...
+    def load_artifact(self, version: int) -> bytes: ...
+    def next_version(self) -> int: ...
+    def recover(self) -> int | None: ...
+    def publish(
+        self, artifact: bytes, metadata: dict[str, Any], promote: bool, reason: str = ...
+    ) -> VersionInfo: ...
+    def record_rejection(
+        self, metadata: dict[str, Any], champion_score: float, candidate_score: float
+    ) -> object: ...
+    def promote(self, version: int, reason: str) -> None: ...
+    def rollback(self, reason: str) -> VersionInfo: ...
+    def event_sent(self, info: VersionInfo) -> bool: ...
+    def mark_event_sent(self, info: VersionInfo) -> None: ...
 
 
 def _now() -> str:
@@ -122,6 +174,24 @@ def verify_artifact(
         raise RegistryError("artifact HMAC does not verify (tampered, or a different key)")
 
 
+def champion_history(decisions: builtins.list[dict[str, Any]]) -> builtins.list[int]:
+    """Champions in order, promote pushing and rollback popping (see ``rollback``)."""
+    stack: builtins.list[int] = []
+    for entry in decisions:
+        version = entry.get("version")
+        if not isinstance(version, int):
+            continue
+        if entry.get("action") == "promote":
+            if not stack or stack[-1] != version:
+                stack.append(version)
+        elif entry.get("action") == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != version:
+                stack.append(version)
+    return stack
+
+
 def sent_marker(info: VersionInfo) -> Path:
     """The marker file saying the version event of ``info`` was delivered.
 
@@ -133,7 +203,15 @@ def sent_marker(info: VersionInfo) -> Path:
 class ModelRegistry:
     """Versions of one model under ``root / model_name``; see the module docstring."""
 
-    def __init__(self, root: Path, model_name: str, key: bytes | None, keep_last: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model_name: str,
+        key: bytes | None,
+        keep_last: int,
+        crash: Callable[[str], None] | None = None,
+    ) -> None:
+        self.crash = crash or (lambda _point: None)
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
         # Absolute: artifact URIs in version events are file URIs, which cannot be relative.
@@ -231,6 +309,16 @@ class ModelRegistry:
             raise RegistryError(f"{self.model_name} version {version}: {error}") from None
         return artifact
 
+    def event_sent(self, info: VersionInfo) -> bool:
+        """True once the version event of ``info`` was delivered (its marker exists)."""
+        return sent_marker(info).exists()
+
+    def mark_event_sent(self, info: VersionInfo) -> None:
+        """Record that the version event of ``info`` was delivered."""
+        marker = sent_marker(info)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, b"")
+
     # -- writing -----------------------------------------------------------------------
 
     def _high_water_mark(self) -> int:
@@ -324,6 +412,7 @@ class ModelRegistry:
             _write_durable(tmp / ARTIFACT_FILE, artifact)
             _write_durable(tmp / METADATA_FILE, metadata_bytes)
             _fsync_dir(tmp)
+            self.crash("before_version_visible")
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -406,7 +495,7 @@ class ModelRegistry:
         if current is None:
             raise RegistryError(f"{self.model_name}: no champion to roll back from")
         existing = {number for number, _ in self._version_dirs()}
-        history = self._champion_history()
+        history = champion_history(self.decisions())
         while history and history[-1] == current.version:
             history.pop()
         target = next(
@@ -422,22 +511,6 @@ class ModelRegistry:
         self._verified(target, "roll back")
         self._set_champion(target, reason, "rollback", previous=current.version)
         return self.get(target)
-
-    def _champion_history(self) -> builtins.list[int]:
-        stack: builtins.list[int] = []
-        for entry in self.decisions():
-            version = entry.get("version")
-            if not isinstance(version, int):
-                continue
-            if entry.get("action") == "promote":
-                if not stack or stack[-1] != version:
-                    stack.append(version)
-            elif entry.get("action") == "rollback":
-                if stack:
-                    stack.pop()
-                if not stack or stack[-1] != version:
-                    stack.append(version)
-        return stack
 
     def _set_champion(
         self,
@@ -497,3 +570,22 @@ class ModelRegistry:
             shutil.rmtree(trash, ignore_errors=True)
             (self.events_dir / path.name).unlink(missing_ok=True)
         _fsync_dir(self.versions_dir)
+
+
+def open_registry(
+    root: Path | str,
+    model_name: str,
+    key: bytes | None,
+    keep_last: int,
+    store_settings: ObjectStoreSettings | None = None,
+    crash: Callable[[str], None] | None = None,
+) -> Registry:
+    """The registry at ``root``: :class:`ModelRegistry` for a folder, a
+    :class:`stream_trainer.store_registry.StoreRegistry` for ``s3://bucket/prefix``."""
+    from stream_trainer.objectstore import is_store_url, open_store  # noqa: PLC0415
+    from stream_trainer.store_registry import StoreRegistry  # noqa: PLC0415
+
+    if not is_store_url(root):
+        return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash)
+    store = open_store(root, store_settings)
+    return StoreRegistry(store, model_name, key, keep_last, crash=crash)

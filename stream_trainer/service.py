@@ -44,11 +44,15 @@ from stream_trainer.records import (
     RecordDecoder,
     invalid_from_message,
 )
+from stream_trainer.registry import RegistryUnavailable
 from stream_trainer.state import TrainingState
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 from stream_trainer.wire import RegistryWaitInterrupted, SchemaRegistryUnavailable, WireDecoder
 
 log = logging.getLogger(__name__)
+
+# Pause before a publish is tried again after the registry's store failed.
+PUBLISH_RETRY_S = 5.0
 
 # The prequential gauges (window metrics re-read the whole window: ~3 % of a mini-batch
 # unit when set per unit) are set at most this often while busy, and whenever idle.
@@ -149,6 +153,7 @@ class Service:
         self._last_checkpoint = clock()
         self._records_since_checkpoint = 0
         self._publish_wanted: str | None = None
+        self._publish_retry_at = 0.0
         self._mode = settings.training.mode
         self._batch_target = settings.training.mini_batch.size if self._mode == "mini_batch" else 0
         self._drifts_reported = state.drift_detections
@@ -250,11 +255,26 @@ class Service:
         self._collect_checkpoint()
         if self._checkpoint_due(now):
             self._start_checkpoint(now)
-        trigger = self._publisher.due(self.state, self._publish_wanted)
+        trigger = (
+            self._publisher.due(self.state, self._publish_wanted)
+            if now >= self._publish_retry_at
+            else None
+        )
         if trigger is not None:
             self._publish_wanted = None
             self.checkpoint_now("publish")
-            self._publisher.publish(self.state, trigger)
+            try:
+                self._publisher.publish(self.state, trigger)
+            except RegistryUnavailable as error:
+                # An object store outage: training goes on, checkpoints are local, and the
+                # same trigger is tried again after a pause (the store's own timeout bounds
+                # each try). Anything else from the registry (fencing) still stops us.
+                self._publish_wanted = trigger
+                self._publish_retry_at = now + PUBLISH_RETRY_S
+                log.warning(
+                    "registry unavailable, publish retried later",
+                    extra={"trigger": trigger, "retry_in_s": PUBLISH_RETRY_S, "reason": str(error)},
+                )
             self._update_model_metrics()
 
     # -- units -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 from stream_trainer.config import GateSettings
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.registry import ModelRegistry, VersionInfo, atomic_write, sent_marker
+from stream_trainer.registry import Registry, VersionInfo, atomic_write, sent_marker
 
 
 class VersionEventError(StreamTrainerError):
@@ -124,7 +124,7 @@ def champion_event(info: VersionInfo, reason: str) -> bytes:
             "version": info.version,
             "champion": True,
             "reason": reason,
-            "artifact_uri": info.artifact_path.as_uri(),
+            "artifact_uri": info.artifact_uri,
             "metadata": info.metadata,
         }
     )
@@ -163,11 +163,15 @@ class VersionEventPublisher:
         if outcome["error"] is not None:
             raise VersionEventError(f"version event to {self._topic}: {outcome['error']}")
 
-    def publish(self, info: VersionInfo) -> None:
-        """Send the event of ``info``, wait for delivery, then write its sent-marker.
+    def publish(self, info: VersionInfo, registry: Registry | None = None) -> None:
+        """Send the event of ``info``, wait for delivery, then mark it sent in ``registry``
+        (without one: the marker beside a local registry's version folder).
 
         Raises VersionEventError when not delivered (nothing is marked)."""
-        self._send(version_event(info.metadata, info.artifact_path.as_uri()))
+        self._send(version_event(info.metadata, info.artifact_uri))
+        if registry is not None:
+            registry.mark_event_sent(info)
+            return
         marker = sent_marker(info)
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(marker, b"")
@@ -176,14 +180,14 @@ class VersionEventPublisher:
         """Announce a manual promote / rollback to ``info`` (after the registry changed)."""
         self._send(champion_event(info, reason))
 
-    def republish_pending(self, registry: ModelRegistry) -> list[int]:
+    def republish_pending(self, registry: Registry) -> list[int]:
         """On start: finish an interrupted promotion (:meth:`ModelRegistry.recover`), then
         send the event of every existing version without a sent-marker, oldest first;
         returns their numbers. Only versions on disk get events."""
         registry.recover()
         sent = []
         for info in registry.list():
-            if not sent_marker(info).exists():
-                self.publish(info)
+            if not registry.event_sent(info):
+                self.publish(info, registry)
                 sent.append(info.version)
         return sent

@@ -13,6 +13,10 @@ Fixtures
                   ``schema_registry.url`` (:class:`SchemaRegistry`); same availability rule.
 ``mlflow_server`` (session) MLflow tracking server (SQLite, artifact proxy) at
                   ``mlflow_server.url`` (:class:`MlflowServer`); same availability rule.
+``s3_server``     (session) SeaweedFS ``weed server -s3`` (:class:`SeaweedFS`): S3 API at
+                  ``s3_server.endpoint_url``, identities ``admin`` (all) and ``reader``
+                  (read + list); same availability rule. ``s3_url``: a fresh
+                  ``s3://<bucket>/<prefix>`` on it (one bucket, a prefix per test).
 ``images``        (session, tests/container/fixtures.py) private dockerd + project image.
 ``postgres``      (session) private PostgreSQL (Debian package, tests/postgres_env.py); same
                   availability rule.
@@ -38,6 +42,7 @@ from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics
 from stream_trainer.testing.kafka_broker import KafkaBroker
 from stream_trainer.testing.mlflow_server import MlflowServer
 from stream_trainer.testing.schema_registry import SchemaRegistry
+from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.postgres_env import Postgres, PostgresError
 
 BROKER_NAMES = ("kafka", "tansu")
@@ -295,6 +300,50 @@ def mlflow_server() -> Iterator[MlflowServer]:
             server.close()
 
 
+@dataclass
+class _S3Slot:
+    server: SeaweedFS | None = None
+    error: str | None = None
+    ran: str | None = None
+
+
+_S3 = _S3Slot()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedFS]:
+    """SeaweedFS (S3 API, signed requests) for the whole session: built on first use
+    (~10 min cold on 2 cores, cached), started on free loopback ports. Fails under CI=true,
+    skips elsewhere, when it cannot run (no Go, build or start-up failed)."""
+    if _S3.server is None and _S3.error is None:
+        server = SeaweedFS()
+        try:
+            server.start()
+        except Exception as exc:
+            server.close()
+            _S3.error = f"{type(exc).__name__}: {exc}"
+        else:
+            _S3.server = server
+            _S3.ran = f"{server.endpoint_url}, started in {server.start_seconds:.1f} s"
+    if _S3.server is None:
+        reason = f"S3 server (SeaweedFS) unavailable: {_S3.error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield _S3.server
+    finally:
+        server, _S3.server = _S3.server, None
+        if server is not None:
+            server.close()
+
+
+@pytest.fixture
+def s3_url(s3_server: SeaweedFS) -> str:
+    """A fresh, empty location ``s3://<bucket>/<prefix>`` on ``s3_server``."""
+    return f"s3://{s3_server.bucket}/t-{uuid.uuid4().hex[:12]}"
+
+
 def new_topic(
     broker: BrokerHandle,
     partitions: int = 1,
@@ -364,6 +413,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _POOL.close_all()
     if _REGISTRY.registry is not None:
         _REGISTRY.registry.close()
+    if _S3.server is not None:
+        _S3.server.close()
     if _POSTGRES.server is not None:
         _POSTGRES.server.stop()
 
@@ -375,6 +426,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
         verdict = "FAILED" if _in_ci() else "skipped"
         line = f"ran ({_REGISTRY.ran})" if _REGISTRY.ran else f"{verdict} - {_REGISTRY.error}"
         lines.append(f"apicurio: {line.splitlines()[0]}")
+    if _S3.ran or _S3.error:
+        verdict = "FAILED" if _in_ci() else "skipped"
+        line = f"ran ({_S3.ran})" if _S3.ran else f"{verdict} - {_S3.error}"
+        lines.append(f"seaweedfs: {line.splitlines()[0]}")
     if _POSTGRES.ran or _POSTGRES.error:
         verdict = "FAILED" if _in_ci() else "skipped"
         line = f"ran ({_POSTGRES.ran})" if _POSTGRES.ran else f"{verdict} - {_POSTGRES.error}"

@@ -988,7 +988,7 @@ def _summarise(
     snap = run.final
     metric = settings.evaluation_metrics()[0]
     checkpoints = sorted(settings.checkpoint.dir.glob("ckpt-*.ckpt"))
-    versions = _version_markers(settings.registry.root)
+    versions = _version_markers(Path(settings.registry.root))  # the demo's is a folder
     curve = plot_learning_curve(
         output_dir / "learning-curve.png",
         run.points,
@@ -1039,11 +1039,11 @@ def _summarise(
         "drift_detections": snap.drifts,
         "checkpoints": len(checkpoints),
         "curve_points": len(run.points),
-        "searches": _searches(settings.registry.root),
+        "searches": _searches(Path(settings.registry.root)),
         "learning_curve": str(curve),
         "metrics_url": url,
         "checkpoint_dir": str(settings.checkpoint.dir),
-        "registry_dir": str(settings.registry.root / settings.model.name),
+        "registry_dir": str(Path(settings.registry.root) / settings.model.name),
         "config": str(output_dir / "config.yaml"),
         "service_log": str(output_dir / "service.log"),
         "service_exit_code": service_exit,

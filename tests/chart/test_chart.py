@@ -34,7 +34,12 @@ NAMESPACE = "ml"
 # Custom resources unknown to kubernetes-validate: asserted on directly.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 STAND_IN = "stand-in"  # what a Secret would inject; only its presence matters
-SECRET_ENV = {"STREAM_TRAINER_KAFKA__SASL_PASSWORD", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"}
+SECRET_ENV = {
+    "STREAM_TRAINER_KAFKA__SASL_PASSWORD",
+    "STREAM_TRAINER_CHECKPOINT__HMAC_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
 # Config fields the chart owns (set from `secrets`) or forbids (secret values).
 CHART_OWNED_FIELDS = {
     "kafka.sasl_password",
@@ -288,6 +293,31 @@ def test_the_checkpoint_key_is_always_referenced(rendered: Rendered) -> None:
         if v["name"] == "checkpoint-key"
     ]
     assert env_refs + file_refs == [secret]
+
+
+def test_an_s3_registry_gets_its_keys_from_a_secret_as_env(chart: helm.Chart) -> None:
+    r = Rendered(
+        chart,
+        {
+            "config": {
+                "registry": {"root": "s3://models/prod"},
+                "object_store": {"endpoint_url": "https://minio.storage:9000", "path_style": True},
+            },
+            "secrets": {"objectStore": {"existingSecret": "s3-keys"}},
+        },
+    )
+    env = {e["name"]: e for e in r.container["env"]}
+    for name, key in (
+        ("AWS_ACCESS_KEY_ID", "access-key-id"),
+        ("AWS_SECRET_ACCESS_KEY", "secret-access-key"),
+    ):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": key}
+    settings = settings_from_mapping(r.config, env=_secret_env(r.values))
+    assert settings.registry.root == "s3://models/prod"
+    assert "AWS_ACCESS_KEY_ID" not in {
+        e["name"] for e in Rendered(chart, {}).container.get("env", [])
+    }
 
 
 def test_sasl_ssl_wires_password_and_tls_files(chart: helm.Chart) -> None:

@@ -100,6 +100,10 @@ NAMED_POINTS: dict[str, tuple[dict[str, Any], str]] = {
     "mid_checkpoint_write": ({}, "mid_checkpoint_write:4"),
     "after_rename": ({}, "after_rename:4"),
     "after_checkpoint": ({}, "after_checkpoint:4"),
+    "before_version_visible": (
+        {"registry": {"publish_every_records": 3000}},
+        "before_version_visible:2",
+    ),
     "after_version_files": ({"registry": {"publish_every_records": 3000}}, "after_version_files:2"),
     "mid_retrain": (
         {

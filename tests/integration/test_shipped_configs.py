@@ -213,7 +213,7 @@ def test_run_with_shipped_config_learns_checkpoints_and_publishes(
         assert service.alive()
         assert service.stop() == 0, service.tail()
     registry = ModelRegistry(
-        settings.registry.root, settings.model.name, HMAC_KEY.encode(), keep_last=100
+        Path(settings.registry.root), settings.model.name, HMAC_KEY.encode(), keep_last=100
     )
     versions = registry.list()
     checkpoints = sorted(settings.checkpoint.dir.glob("*.ckpt"))

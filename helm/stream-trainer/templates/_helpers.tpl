@@ -131,7 +131,8 @@ Cross-field rules the schema cannot express fail the render with a clear message
 {{- end }}
 {{- $mount := trimSuffix "/" .Values.persistence.mountPath }}
 {{- range $field, $path := dict "checkpoint.dir" $checkpoint.dir "registry.root" $cfg.registry.root }}
-{{- if not (hasPrefix (printf "%s/" $mount) (toString $path)) }}
+{{- /* An s3:// location is not on the pod's filesystem. */ -}}
+{{- if and (not (hasPrefix "s3://" (toString $path))) (not (hasPrefix (printf "%s/" $mount) (toString $path))) }}
 {{- fail (printf "config.%s (%s) must be below persistence.mountPath (%s): the root filesystem is read-only" $field $path $mount) }}
 {{- end }}
 {{- end }}

@@ -75,6 +75,20 @@ spec:
         - name: STREAM_TRAINER_SEARCH_DATABASE_URL_FILE
           value: {{ include "stream-trainer.searchDbDir" . }}/{{ .Values.search.jobs.databaseUrl.key }}
         {{- end }}
+        {{- with .Values.secrets.objectStore }}
+        {{- if .existingSecret }}
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ .existingSecret }}
+              key: {{ .accessKeyIdKey }}
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ .existingSecret }}
+              key: {{ .secretAccessKeyKey }}
+        {{- end }}
+        {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

@@ -1,0 +1,13 @@
+"""A model that pickles by reference to a module a separate serving process can import."""
+
+from __future__ import annotations
+
+
+class VersionModel:
+    """Every prediction is the version it was published as."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+    def predict_one(self, x: dict[str, float]) -> int:
+        return self.version
