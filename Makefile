@@ -9,7 +9,7 @@ DEMO_VENV  := .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.installed
 KAFKA  := $(BIN)/python -m stream_trainer.testing.kafka_broker
 
-.PHONY: venv demo-venv kafka-jars registry-jars kube-tools mlflow-venv test lint demo kafka-start kafka-stop kafka-status
+.PHONY: venv demo-venv kafka-jars registry-jars kube-tools mlflow-venv s3-server test lint demo kafka-start kafka-stop kafka-status
 
 venv: $(STAMP)
 
@@ -50,7 +50,14 @@ kube-tools: venv
 mlflow-venv: venv
 	-$(BIN)/python -m stream_trainer.testing.mlflow_server install
 
-test: venv kafka-jars registry-jars kube-tools mlflow-venv
+# SeaweedFS (the object-storage tests' S3 server) built from the Go module proxy into
+# ~/.cache/stream-trainer/seaweedfs (once; ~6-10 min cold on 2 cores), outside pytest's
+# per-test timeout. Not fatal here: the `s3_server` fixture builds it too if this failed,
+# then fails under CI=true and skips elsewhere, with the reason.
+s3-server: venv
+	-$(BIN)/python -m stream_trainer.testing.seaweedfs build
+
+test: venv kafka-jars registry-jars kube-tools mlflow-venv s3-server
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
