@@ -24,7 +24,7 @@ from stream_trainer.evaluation import PrequentialEvaluator, evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.learners import ModelAdapter
 from stream_trainer.metrics import Metrics
-from stream_trainer.registry import Registry, RegistryError, VersionInfo
+from stream_trainer.registry import Registry, RegistryError, RegistryUnavailable, VersionInfo
 from stream_trainer.state import TrainingState
 from stream_trainer.versions import PromotionGate, PublishPolicy, VersionEventPublisher
 
@@ -311,9 +311,23 @@ class ModelPublisher:
         )
         metadata["learner"] = outcome.candidate.describe()
         metadata["search"] = outcome.search
-        self._registry.record_rejection(
-            metadata,
-            outcome.champion_score if outcome.champion_score is not None else float("nan"),
-            float(np.nan_to_num(outcome.candidate_score, nan=float("nan"))),
-        )
         self._metrics.versions_rejected.inc()
+        try:
+            self._registry.record_rejection(
+                metadata,
+                outcome.champion_score if outcome.champion_score is not None else float("nan"),
+                float(np.nan_to_num(outcome.candidate_score, nan=float("nan"))),
+            )
+        except RegistryUnavailable as error:
+            # The refused candidate is discarded either way; only its entry in the decision
+            # log is missing. Stopping for that would make an object-store outage stop
+            # training (and crash-loop it for as long as the outage lasts).
+            log.warning(
+                "registry unavailable: the gate's refusal is logged here, not in the registry",
+                extra={
+                    "trigger": outcome.trigger,
+                    "champion_score": outcome.champion_score,
+                    "candidate_score": outcome.candidate_score,
+                    "reason": str(error),
+                },
+            )
