@@ -143,6 +143,8 @@ class Metrics:
     search_best_score: Gauge
     # stream_trainer_search_duration_seconds (histogram)
     search_duration: Histogram
+    # stream_trainer_search_trial_peak_memory_bytes (the last search's largest trial peak)
+    search_trial_peak_memory: Gauge
     # stream_trainer_drift_detections_total
     drift_detections: Counter
     # stream_trainer_prequential_metric{metric,scope=window|total}
@@ -326,6 +328,11 @@ def build_metrics(
             f"{p}_search_duration_seconds",
             "Duration of a hyperparameter search, trials and the winner's refit.",
             buckets=RETRAIN_BUCKETS,
+            **r,
+        ),
+        search_trial_peak_memory=Gauge(
+            f"{p}_search_trial_peak_memory_bytes",
+            "Largest peak resident memory of a process running a trial of the last search.",
             **r,
         ),
         drift_detections=Counter(
