@@ -167,6 +167,7 @@ class SearchSummary:
     trials: list[TrialRecord] = field(default_factory=list)
     duration_s: float = 0.0
     refit_seconds: float = 0.0
+    baseline_seconds: float = 0.0
     workers: int = 1
     memory_limit_mb: int | None = None
 
@@ -204,6 +205,7 @@ class SearchSummary:
             "best": None if best is None else best.as_dict(),
             "duration_s": round(self.duration_s, 4),
             "refit_seconds": round(self.refit_seconds, 4),
+            "baseline_seconds": round(self.baseline_seconds, 4),
             "workers": self.workers,
             "memory_limit_mb": self.memory_limit_mb,
             "peak_memory_mb": None if peak is None else round(peak, 1),
@@ -360,6 +362,7 @@ def run_search(
         validation_records=len(y) - start,
         baseline_score=_natural(_baseline(candidate, train, validation, spec), lower),
     )
+    summary.baseline_seconds = clock() - started
     summary.workers, summary.memory_limit_mb = spec.workers, spec.memory_limit_mb
     study = _study(spec)
     warm = warm_start_params(previous, spec)
