@@ -6,7 +6,8 @@ the decoded workload, with the bench's full_batch model, in this process: once w
 with N workers (joblib's loky pool), alternating within each repeat so a noisy minute
 weighs on both. The speedup is N workers' trials per minute over one worker's, per repeat.
 The pool is started (and its workers have imported scikit-learn) before the first timed
-search: its start-up is reported on its own, as a cost paid once per idle period.
+search: its start-up is reported on its own, as a cost paid once per idle period. Both run
+at this process's priority (the service runs a whole search at the fit worker's nice value).
 
 The search's effect on ingestion is the service stage of the same run (its retrains are
 searches): ``service.full_batch.ratio``.
@@ -60,7 +61,10 @@ def trials_per_minute(
     X, y = data.X[-window:], data.y[-window:]
     base = search_spec(settings)
     assert base is not None, "bench --search configures a search"
-    specs = {n: dataclasses.replace(base, workers=n, trials=trials) for n in (1, workers)}
+    # nice 0 for both: the pool's workers would otherwise take the fit worker's nice value
+    # while one worker's trials run in this process at 0, and on a shared machine the
+    # comparison would be of priorities, not of worker counts.
+    specs = {n: dataclasses.replace(base, workers=n, trials=trials, nice=0) for n in (1, workers)}
     model = build_model(settings)
 
     def rate(n: int) -> float:
