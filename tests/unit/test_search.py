@@ -3,10 +3,13 @@ direction, failing trials, warm start, and the search inside the full-batch trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from stream_trainer.config import (
 )
 from stream_trainer.deadletter import BadRecordBreaker
 from stream_trainer.evaluation import PrequentialEvaluator
-from stream_trainer.fit_worker import FitWorker
+from stream_trainer.fit_worker import FitWorker, FitWorkerError
 from stream_trainer.learners import IncompatibleLearner, ModelAdapter, build_model
 from stream_trainer.memory import data_limit, peak_memory_mb, reset_peak_memory
 from stream_trainer.metrics import SEARCH_TRIAL_STATES
@@ -712,3 +715,58 @@ def test_data_limit_fails_an_allocation_over_it_and_is_released() -> None:
     del touched
     reset_peak_memory()
     assert peak_memory_mb() < before + 50
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The parent pid is the 2nd field after the parenthesised command name.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_trial_workers_end_with_a_killed_fit_worker() -> None:
+    """The service abandons a search by killing the fit worker (stop, shutdown): its trial
+    processes must not run on as orphans."""
+    settings = make_settings(trials=10_000, timeout_s=120, workers=2, algorithm="random")
+    worker = FitWorker(nice=0)
+    X, y = checkerboard(4000)
+
+    def search() -> None:
+        with contextlib.suppress(FitWorkerError):  # killed below, as intended
+            worker.search(build_model(settings), X, y, None, spec_of(settings), None)
+
+    searching = threading.Thread(target=search, daemon=True)
+    try:
+        searching.start()
+        deadline = time.monotonic() + 60
+        trial_workers: list[int] = []
+        while len(trial_workers) < 2 and time.monotonic() < deadline:
+            trial_workers = [
+                p
+                for p in _children(worker.pid)
+                if b"LokyProcess" in (Path("/proc") / str(p) / "cmdline").read_bytes()
+            ]
+            time.sleep(0.1)  # polling for processes to appear: nothing to wait on
+        assert len(trial_workers) == 2, "the pool never started"
+    finally:
+        worker.close()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in trial_workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in trial_workers), "trial workers outlived the fit worker"

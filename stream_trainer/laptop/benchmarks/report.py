@@ -218,7 +218,9 @@ def table(report: dict[str, Any]) -> str:
             f"{_num(per_minute[str(search['workers'])]['median'], ' trials/min', 1, 1)}; "
             f"speedup {_num(search['speedup']['median'], digits=2)} "
             f"[{_num(search['speedup']['min'], digits=2)}-"
-            f"{_num(search['speedup']['max'], digits=2)}]; pool start-up "
+            f"{_num(search['speedup']['max'], digits=2)}] against a CPU ceiling of "
+            f"{_num(search['cpu_speedup_ceiling']['median'], digits=2)} (N processes of pure "
+            f"CPU work, same moments); pool start-up "
             f"{_num(search['pool_start_s'], ' s', 1, 1)} (once per idle minute); the "
             "full_batch ingestion ratio above is during searches"
         )
