@@ -98,9 +98,8 @@ def run_pooled(
             try:
                 outcome = future.result()
             except BrokenProcessPool as broken:  # TerminatedWorkerError among them
-                # A future may report the break before the pool flags itself broken: shut
-                # it down first, or get_reusable_executor could hand it out again (and a
-                # trial submitted to it would wait forever).
+                # Wait for the broken pool's teardown (its workers killed) before the next
+                # submit, so that submit gets a fresh pool and never races the old one's.
                 pending.executor.shutdown(wait=True, kill_workers=True)
                 if not pending.alone:
                     suspects.append(pending)
