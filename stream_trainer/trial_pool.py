@@ -75,7 +75,7 @@ def run_pooled(
     asked = 0
 
     def submit(pending: _Pending) -> None:
-        executor = pending.executor = _executor(spec.workers, spec.nice)  # new after a break
+        executor = pending.executor = pool(spec.workers, spec.nice)  # new after a break
         future = executor.submit(measured_trial, candidate, pending.params, train, validation, spec)
         in_flight[future] = pending
 
@@ -114,8 +114,9 @@ def run_pooled(
             tell(pending.trial, pending.params, outcome)
 
 
-def _executor(workers: int, nice: int) -> Any:
-    """joblib's process-wide loky pool of ``workers`` processes (restarted if broken)."""
+def pool(workers: int, nice: int) -> Any:
+    """joblib's process-wide loky pool of ``workers`` trial processes at ``nice`` or lower
+    priority (restarted if broken; a call with other arguments restarts it too)."""
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     # Native thread pools sized for the whole machine in each of several workers would
     # oversubscribe the cores, as joblib.Parallel avoids for its own workers.

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from stream_trainer import trial_pool
 from stream_trainer.config import Settings
 from stream_trainer.laptop.benchmarks import report as rep
 from stream_trainer.laptop.benchmarks.workload import InMemory
@@ -126,10 +127,10 @@ def _burn(size: float) -> float:
 def cpu_speedup(workers: int, tasks_per_worker: int = 2, size: float = 0.1) -> float:
     """The machine's parallel ceiling now: ``workers * tasks_per_worker`` equal CPU tasks
     in this process, then in ``workers`` processes of a loky pool (started beforehand)."""
-    from joblib.externals.loky import get_reusable_executor  # noqa: PLC0415
-
     tasks = [size] * (workers * tasks_per_worker)
-    pool = get_reusable_executor(max_workers=workers, timeout=60)
+    # The search's own pool: another configuration would make loky restart it, and the next
+    # timed search would pay that start.
+    pool = trial_pool.pool(workers, nice=0)
     list(pool.map(_burn, [0.001] * workers))  # started, warm
     began = time.perf_counter()
     for task in tasks:
