@@ -915,7 +915,8 @@ class SearchJobsSettings(StrictModel):
 
 
 class SearchSettings(StrictModel):
-    """Hyperparameter search for full-batch retrains (Optuna, in-process, sequential trials)."""
+    """Hyperparameter search for full-batch retrains (Optuna; trials one after the other or
+    in joblib worker processes)."""
 
     enabled: bool = Field(
         default=False,
@@ -972,6 +973,26 @@ class SearchSettings(StrictModel):
     jobs: SearchJobsSettings = Field(
         default_factory=SearchJobsSettings,
         description="trials beyond this machine: a Kubernetes Indexed Job (docs/search.md)",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description=(
+            "trials run at once, each in a joblib (loky) worker process started by the process "
+            "that searches; 1: one after the other in that process (unless memory_limit_mb "
+            "is set); more than the cores slows ingestion"
+        ),
+    )
+    memory_limit_mb: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "memory a trial may allocate on top of what its worker process holds when the "
+            "trial starts (Linux RLIMIT_DATA: heap and private mappings); a trial over it "
+            "fails alone (MemoryError, or its worker dies) and the search goes on. Trials "
+            "then run in worker processes even with workers: 1; null: no cap"
+        ),
     )
 
     @field_validator("space")

@@ -151,6 +151,8 @@ class Metrics:
     selection_score: Gauge
     # stream_trainer_selection_candidate_cpu_seconds{candidate} (since the model started)
     selection_cpu: Gauge
+    # stream_trainer_search_trial_peak_memory_bytes (the last search's largest trial peak)
+    search_trial_peak_memory: Gauge
     # stream_trainer_drift_detections_total
     drift_detections: Counter
     # stream_trainer_prequential_metric{metric,scope=window|total}
@@ -360,6 +362,11 @@ def build_metrics(
             "Online model selection: CPU seconds each candidate spent predicting and learning "
             "since the model started (checkpointed, so it survives restarts).",
             ["candidate"],
+            **r,
+        ),
+        search_trial_peak_memory=Gauge(
+            f"{p}_search_trial_peak_memory_bytes",
+            "Largest peak resident memory of a process running a trial of the last search.",
             **r,
         ),
         drift_detections=Counter(

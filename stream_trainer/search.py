@@ -8,14 +8,17 @@ trials (time order, never shuffled: the model is judged on data newer than it le
 it will be in service); the best trial's params are then refit on all the rows, and that
 model is the retrain's candidate, which the promotion gate judges like any other.
 
-Trials run one after the other in this process with an in-memory study. The seams for
-what comes later: :func:`run_trial` is one trial with no study state (a parallel worker
-or a Kubernetes Job pod can call it), and the study is created in one place
-(:func:`_study`), where shared storage would be passed.
+Trials run one after the other in this process with an in-memory study, or, with
+``workers`` > 1 or a ``memory_limit_mb``, several at once in joblib worker processes
+(:mod:`stream_trainer.trial_pool`), each under its memory cap. Either way every trial's peak
+resident memory is measured (:func:`measured_trial`). The seams for what comes later:
+:func:`run_trial` is one trial with no study state (a Kubernetes Job pod can call it), and
+the study is created in one place (:func:`_study`), where shared storage would be passed.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -27,6 +30,12 @@ import numpy as np
 
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.evaluation import evaluate_holdout, lower_is_better
+from stream_trainer.memory import (
+    data_limit,
+    peak_memory_mb,
+    release_free_memory,
+    reset_peak_memory,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -60,6 +69,18 @@ class SearchSpec:
     task: str
     metric: str
     labels: tuple[Any, ...] | None
+    # Trials at once in worker processes (1: in the searching process, unless capped).
+    workers: int = 1
+    # MB a trial may allocate on top of its worker's memory at its start; None: no cap.
+    memory_limit_mb: int | None = None
+    # The nice value trial worker processes take at least (the fit worker's).
+    nice: int = 0
+
+    @property
+    def pooled(self) -> bool:
+        """Trials run in worker processes: several at once, or capped (a cap must never be
+        set on the service's or the fit worker's own process)."""
+        return self.workers > 1 or self.memory_limit_mb is not None
 
     def space_dict(self) -> dict[str, dict[str, Any]]:
         """``{path: distribution}`` as JSON-able data."""
@@ -82,6 +103,9 @@ def search_spec(settings: Settings) -> SearchSpec | None:
         task=settings.model.task,
         metric=settings.evaluation_metrics()[0],
         labels=None if settings.record.labels is None else tuple(settings.record.labels),
+        workers=cfg.workers,
+        memory_limit_mb=cfg.memory_limit_mb,
+        nice=settings.training.full_batch.fit_nice,
     )
 
 
@@ -96,6 +120,9 @@ class TrialRecord:
     state: str
     error: str | None = None
     warm_start: bool = False
+    # Peak resident memory of the process that ran the trial, during it (MB); None if the
+    # process died before it could report.
+    peak_memory_mb: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able (NaN becomes null)."""
@@ -107,7 +134,21 @@ class TrialRecord:
             "state": self.state,
             "error": self.error,
             "warm_start": self.warm_start,
+            "peak_memory_mb": None
+            if self.peak_memory_mb is None
+            else round(self.peak_memory_mb, 1),
         }
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What running one trial gave, wherever it ran: the higher-is-better score (NaN unless
+    complete), why it failed (None if complete), its seconds and peak memory (MB)."""
+
+    score: float
+    error: str | None
+    seconds: float
+    peak_memory_mb: float | None
 
 
 @dataclass
@@ -126,6 +167,9 @@ class SearchSummary:
     trials: list[TrialRecord] = field(default_factory=list)
     duration_s: float = 0.0
     refit_seconds: float = 0.0
+    baseline_seconds: float = 0.0
+    workers: int = 1
+    memory_limit_mb: int | None = None
 
     def counts(self) -> dict[str, int]:
         """Trials by state (every state present)."""
@@ -139,9 +183,15 @@ class SearchSummary:
         sign = -1.0 if self.direction == "minimize" else 1.0
         return max(complete, key=lambda t: (sign * t.score, -t.number))
 
+    def peak_memory_mb(self) -> float | None:
+        """The largest trial peak (MB), or None when no trial reported one."""
+        peaks = [t.peak_memory_mb for t in self.trials if t.peak_memory_mb is not None]
+        return max(peaks) if peaks else None
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-able summary (scores NaN -> null)."""
         best = self.best()
+        peak = self.peak_memory_mb()
         return {
             "algorithm": self.algorithm,
             "metric": self.metric,
@@ -155,6 +205,10 @@ class SearchSummary:
             "best": None if best is None else best.as_dict(),
             "duration_s": round(self.duration_s, 4),
             "refit_seconds": round(self.refit_seconds, 4),
+            "baseline_seconds": round(self.baseline_seconds, 4),
+            "workers": self.workers,
+            "memory_limit_mb": self.memory_limit_mb,
+            "peak_memory_mb": None if peak is None else round(peak, 1),
         }
 
 
@@ -216,8 +270,10 @@ def _study(spec: SearchSpec) -> optuna.Study:
     import optuna  # noqa: PLC0415
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
+    # constant_liar: trials still running count as bad results while TPE samples, so the
+    # trials asked while others run are not all drawn near the same best point.
     sampler: optuna.samplers.BaseSampler = (
-        optuna.samplers.TPESampler(seed=spec.seed)
+        optuna.samplers.TPESampler(seed=spec.seed, constant_liar=spec.workers > 1)
         if spec.algorithm == "tpe"
         else optuna.samplers.RandomSampler(seed=spec.seed)
     )
@@ -240,6 +296,38 @@ def run_trial(
     )
 
 
+def measured_trial(
+    candidate: ModelAdapter,
+    params: Mapping[str, Any],
+    train: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    validation: tuple[np.ndarray, np.ndarray],
+    spec: SearchSpec,
+    clock: Callable[[], float] = time.perf_counter,
+) -> TrialOutcome:
+    """:func:`run_trial` with its failure, seconds and peak resident memory recorded, under
+    ``spec.memory_limit_mb`` when the trial runs in a worker process (``spec.pooled``).
+    Never raises for the trial's own failure (``Exception``: the search's guesses may be
+    values the estimator refuses; a MemoryError is a trial over its cap)."""
+    reset_peak_memory()
+    started = clock()
+    error: str | None = None
+    score = math.nan
+    try:
+        with data_limit(spec.memory_limit_mb if spec.pooled else None):
+            score = run_trial(candidate, params, train, validation, spec)
+    except MemoryError as failure:
+        error = f"MemoryError: over the {spec.memory_limit_mb} MB cap ({str(failure)[:200]})"
+    except Exception as failure:  # a trial's failure is its own; see the docstring
+        error = f"{type(failure).__name__}: {str(failure)[:300]}"
+    seconds = clock() - started
+    peak = peak_memory_mb()
+    if error is None and math.isnan(score):
+        error = f"{spec.metric} is undefined on the validation records"
+    gc.collect()  # a failed trial's arrays, before the next trial's peak starts
+    release_free_memory()
+    return TrialOutcome(score, error, seconds, peak)
+
+
 def run_search(
     candidate: ModelAdapter,
     X: np.ndarray,
@@ -253,8 +341,9 @@ def run_search(
     params refit on all of them, with the summary.
 
     A trial that raises (``Exception``: the search's own guesses may be values the estimator
-    refuses) or scores NaN is recorded as failed and the search goes on; the budget is
-    ``spec.trials`` and / or ``spec.timeout_s`` (checked before each trial). ``previous``
+    refuses; a MemoryError over ``spec.memory_limit_mb``), scores NaN or kills its worker
+    process is recorded as failed and the search goes on; the budget is ``spec.trials``
+    and / or ``spec.timeout_s`` (checked before each trial starts). ``previous``
     is the last search's :meth:`SearchSummary.as_dict`, whose best trials run first.
     Raises SearchFailed when no trial completes; the refit's own errors propagate.
     """
@@ -273,43 +362,55 @@ def run_search(
         validation_records=len(y) - start,
         baseline_score=_natural(_baseline(candidate, train, validation, spec), lower),
     )
+    summary.baseline_seconds = clock() - started
+    summary.workers, summary.memory_limit_mb = spec.workers, spec.memory_limit_mb
     study = _study(spec)
     warm = warm_start_params(previous, spec)
     for params in warm:
         study.enqueue_trial(params)
     last_error: str | None = None
-    while _budget_left(spec, len(summary.trials), clock() - started):
+
+    def ask() -> tuple[optuna.Trial, dict[str, Any]]:
         trial = study.ask()
-        params = {path: _suggest(trial, path, dist) for path, dist in spec.space}
-        trial_started = clock()
-        error: str | None = None
-        try:
-            score = run_trial(candidate, params, train, validation, spec)
-        except Exception as failure:  # a trial's failure is its own; see the docstring
-            score, error = math.nan, f"{type(failure).__name__}: {str(failure)[:300]}"
-        if error is None and math.isnan(score):
-            error = f"{spec.metric} is undefined on the validation records"
-        seconds = clock() - trial_started
-        state = COMPLETE if error is None else FAILED
-        if error is None:
-            study.tell(trial, score)
+        return trial, {path: _suggest(trial, path, dist) for path, dist in spec.space}
+
+    def tell(trial: optuna.Trial, params: dict[str, Any], outcome: TrialOutcome) -> None:
+        nonlocal last_error
+        if outcome.error is None:
+            study.tell(trial, outcome.score)
         else:
             import optuna  # noqa: PLC0415  (already imported by _study)
 
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            last_error = error
-            log.warning("search trial failed", extra={"trial": trial.number, "reason": error})
+            last_error = outcome.error
+            log.warning(
+                "search trial failed", extra={"trial": trial.number, "reason": outcome.error}
+            )
         summary.trials.append(
             TrialRecord(
                 number=trial.number,
                 params=params,
-                score=_natural(score, lower),
-                seconds=seconds,
-                state=state,
-                error=error,
+                score=_natural(outcome.score, lower),
+                seconds=outcome.seconds,
+                state=COMPLETE if outcome.error is None else FAILED,
+                error=outcome.error,
                 warm_start=trial.number < len(warm),
+                peak_memory_mb=outcome.peak_memory_mb,
             )
         )
+
+    def budget_left(asked: int) -> bool:
+        return _budget_left(spec, asked, clock() - started)
+
+    if spec.pooled:
+        from stream_trainer.trial_pool import run_pooled  # noqa: PLC0415  (joblib: pooled only)
+
+        run_pooled(candidate, train, validation, spec, ask, tell, budget_left)
+    else:
+        while budget_left(len(summary.trials)):
+            trial, params = ask()
+            tell(trial, params, measured_trial(candidate, params, train, validation, spec, clock))
+    summary.trials.sort(key=lambda t: t.number)  # pooled trials finish out of order
     best = summary.best()
     if best is None:
         raise SearchFailed(

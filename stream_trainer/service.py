@@ -799,6 +799,9 @@ class Service:
         if best is not None and best.get("score") is not None:
             self._metrics.search_best_score.set(best["score"])
         self._metrics.search_duration.observe(search["duration_s"])
+        peak = search.get("peak_memory_mb")
+        if peak is not None:
+            self._metrics.search_trial_peak_memory.set(peak * 1024 * 1024)
         log.info(
             "hyperparameter search finished",
             extra={
@@ -807,6 +810,8 @@ class Service:
                 "best_score": None if best is None else best["score"],
                 "baseline_score": search.get("baseline_score"),
                 "seconds": search["duration_s"],
+                "workers": search.get("workers", 1),
+                "peak_memory_mb": peak,
             },
         )
 

@@ -14,6 +14,11 @@ wire format. ``--decode-only`` times the decoder alone instead, on the same reco
 all-numeric JSON, typed JSON, Avro and JSON Schema
 (:mod:`~stream_trainer.laptop.benchmarks.decode`): in this process, no broker, seconds
 rather than minutes, so it is its own command and not a section of the service report.
+
+``--search`` benchmarks full_batch with a hyperparameter search as every retrain (N trial
+workers): the service's ``full_batch`` ingestion ratio is then the search's effect on
+ingestion, and trials per minute with 1 and N workers are measured on the decoded window
+(:mod:`~stream_trainer.laptop.benchmarks.search`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import yaml
 
 from stream_trainer.laptop.benchmarks import profiling
 from stream_trainer.laptop.benchmarks import report as rep
+from stream_trainer.laptop.benchmarks import search as bench_search
 from stream_trainer.laptop.benchmarks.service_run import (
     ServiceFailed,
     ServiceRun,
@@ -86,7 +92,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--records",
         type=int,
         default=None,
-        help="records in the workload (default 1M; 200k with --decode-only)",
+        help="records in the workload (default 1M; 2M with --search; 200k with --decode-only)",
     )
     parser.add_argument(
         "--features",
@@ -136,6 +142,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="YAML config whose model/training/checkpoint/registry sections "
         "are benchmarked (default: a built-in production-like config); "
         "connection, topics, record contract and paths are the bench's own",
+    )
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="full_batch whose retrains are hyperparameter searches (--search-workers trial "
+        "workers): reports trials per minute with 1 and N workers, their speedup, and "
+        "ingestion during searches vs without",
+    )
+    parser.add_argument(
+        "--search-workers",
+        type=int,
+        default=2,
+        help="trial worker processes with --search (default 2)",
+    )
+    parser.add_argument(
+        "--search-trials",
+        type=int,
+        default=12,
+        help="trials per search with --search (default 12)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -237,7 +262,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from stream_trainer.laptop.produce import produce  # noqa: PLC0415
 
     if args.records is None:
-        args.records = 1_000_000
+        args.records = 2_000_000 if args.search else 1_000_000
     if args.value_format != "json" and args.schema_registry is None:
         print(
             f"stream-trainer: bench --format {args.value_format} needs --schema-registry URL",
@@ -266,6 +291,21 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"stream-trainer: bench without --bootstrap-servers {missing}", file=sys.stderr)
         return 1
     base, mode = _base_config(args)
+    if args.search:
+        if args.mode not in (None, "full_batch") or args.search_workers < 1:
+            print(
+                "stream-trainer: bench --search runs full_batch with --search-workers >= 1",
+                file=sys.stderr,
+            )
+            return 2
+        if mode != "full_batch":
+            base, mode = default_config("full_batch"), "full_batch"
+        full_batch = base.setdefault("training", {}).setdefault("full_batch", {})
+        full_batch["search"] = bench_search.search_section(args.search_workers, args.search_trials)
+        if args.config is None:
+            # A search is ~12 fits: on the default 20 000-record window the first one (before
+            # any model, while ingestion runs fastest) outlasted a 1M-record stream.
+            full_batch["window_records"] = bench_search.WINDOW_RECORDS
     hmac_key = secrets.token_hex(16)
     # Generous: a stage slower than 1000 records/s is broken, not slow.
     timeout_s = 120.0 + args.records / 1000.0
@@ -379,6 +419,18 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["learner_ceiling"].append(
                     bracketing(ceiling_before, learner_ceiling(data, settings))
                 )
+            search_figures = (
+                bench_search.trials_per_minute(
+                    data,
+                    settings,
+                    args.search_workers,
+                    args.search_trials,
+                    args.repeats,
+                    _progress,
+                )
+                if args.search
+                else None
+            )
         except (
             StageTimeout,
             ServiceFailed,
@@ -473,6 +525,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "ratios_per_repeat": paired,
         "service": service,
     }
-    report["targets"] = rep.targets(mode, ratios, service)
+    if search_figures is not None:
+        report["search"] = search_figures
+    report["targets"] = rep.targets(mode, ratios, service, search_figures)
     _print_report(args, report, rep.table(report))
     return 0

@@ -185,3 +185,105 @@ def _first_searched(config: dict[str, Any]) -> Any:
 
 def _cli_env() -> dict[str, str]:
     return {**os.environ, "STREAM_TRAINER_CHECKPOINT__HMAC_KEY": HMAC_KEY}
+
+
+def test_parallel_search_with_a_memory_cap_fails_the_hog_alone(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Two trial workers and a 100 MB cap per trial. One point of the space allocates far
+    past it (PolynomialFeatures of degree 400 on 2 features: 80 601 columns, ~1 GB for the
+    window): those trials fail alone with MemoryError and are counted, the others go on in
+    parallel and still find a depth far better than the configured one, the service keeps
+    ingesting and stops cleanly, and every completed trial reports its peak memory."""
+    bootstrap = broker.bootstrap_servers
+    window = 2000
+    config = service_config(
+        tmp_path,
+        bootstrap,
+        "bananas",
+        "full_batch",
+        overrides={
+            "model": {
+                "preprocessing": [
+                    {"path": "sklearn.preprocessing.PolynomialFeatures", "params": {"degree": 1}}
+                ],
+                "learner": {
+                    "path": "sklearn.tree.DecisionTreeClassifier",
+                    "params": {"max_depth": 1, "random_state": 0},
+                },
+            },
+            "training": {
+                "full_batch": {
+                    "window_records": window,
+                    "retrain_every_records": window,
+                    "retrain_on_drift": False,
+                    "search": {
+                        "enabled": True,
+                        "algorithm": "random",
+                        "space": {
+                            "learner.max_depth": {"type": "int", "low": 1, "high": 12},
+                            "preprocessing.0.degree": {"type": "categorical", "choices": [1, 400]},
+                        },
+                        "trials": TRIALS,
+                        "validation_fraction": 0.25,
+                        "seed": 0,
+                        "workers": 2,
+                        "memory_limit_mb": 100,
+                    },
+                },
+            },
+        },
+    )
+    values = encoded_rows("bananas", window)
+    config_path = tmp_path / "parallel.yaml"  # where ServiceProcess writes it
+    began = time.monotonic()
+    with ServiceProcess(config, tmp_path, name="parallel") as service:
+        produce_values(bootstrap, config["topics"]["input"][0], [(0, v) for v in values])
+        wait_exact(service, LEARNT, window, timeout=60)
+        version = wait_for(
+            lambda: _first_searched(config), timeout=180, what="a version with a search"
+        )
+        failed = service.wait_metric(_trials("failed"), 1, timeout=60)
+        complete = service.metric(_trials("complete"))
+        peak_bytes = service.metric("stream_trainer_search_trial_peak_memory_bytes")
+        stop_cleanly(service)
+    search = version.metadata["search"]
+    counts, trials = search["counts"], search["trials"]
+    hogs = [t for t in trials if t["params"]["preprocessing.0.degree"] == 400]
+    others = [t for t in trials if t["params"]["preprocessing.0.degree"] == 1]
+    print(
+        f"[{broker.name}] parallel search, 2 workers, 100 MB cap: {counts}, "
+        f"best {search['best']['params']} {search['best']['score']:.4f} vs configured "
+        f"{search['baseline_score']:.4f}; peaks {[t['peak_memory_mb'] for t in trials]} MB; "
+        f"{search['duration_s']:.2f} s search; {time.monotonic() - began:.1f} s"
+    )
+    assert search["workers"] == 2 and search["memory_limit_mb"] == 100
+    assert hogs and others, "seed 0 draws both degrees"
+    assert all(t["state"] == "failed" for t in hogs)
+    assert all(t["error"].startswith("MemoryError: over the 100 MB cap") for t in hogs)
+    assert all(t["state"] == "complete" for t in others)
+    assert counts == {"complete": len(others), "failed": len(hogs), "pruned": 0}
+    assert len(trials) == TRIALS
+    # Counted: the metrics hold this search (and any later one, in whole searches).
+    assert failed >= len(hogs) and complete >= len(others)
+    assert search["best"]["score"] >= search["baseline_score"] + MARGIN
+    assert search["gate"]["accepted"] is True
+    # Peak memory: a trial process holds an interpreter with NumPy and scikit-learn (tens of
+    # MB) and, here, never a GB.
+    peaks = [t["peak_memory_mb"] for t in others]
+    assert all(30 < p < 1000 for p in peaks), peaks
+    assert search["peak_memory_mb"] == max(t["peak_memory_mb"] for t in trials)
+    assert peak_bytes > 30 * 1024 * 1024
+    shown = subprocess.run(
+        [sys.executable, "-m", "stream_trainer", "search", "show", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_cli_env(),
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    printed = json.loads(shown.stdout)
+    assert all(
+        t["peak_memory_mb"] is not None for t in printed["trials"] if t["state"] == "complete"
+    )

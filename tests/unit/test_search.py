@@ -3,9 +3,13 @@ direction, failing trials, warm start, and the search inside the full-batch trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pickle
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,9 @@ from stream_trainer.config import (
 )
 from stream_trainer.deadletter import BadRecordBreaker
 from stream_trainer.evaluation import PrequentialEvaluator
-from stream_trainer.fit_worker import FitWorker
+from stream_trainer.fit_worker import FitWorker, FitWorkerError
 from stream_trainer.learners import IncompatibleLearner, ModelAdapter, build_model
+from stream_trainer.memory import data_limit, peak_memory_mb, reset_peak_memory
 from stream_trainer.metrics import SEARCH_TRIAL_STATES
 from stream_trainer.search import (
     COMPLETE,
@@ -39,6 +44,7 @@ from stream_trainer.search import (
 )
 from stream_trainer.state import RecordWindow, TrainingState
 from stream_trainer.trainers import FullBatchTrainer
+from tests.trial_adapters import DiesOnDepth, FailsOnDepth
 
 FEATURES = ["f0", "f1"]
 TREE = "sklearn.tree.DecisionTreeClassifier"
@@ -592,3 +598,226 @@ def test_search_runs_in_the_fit_worker_process() -> None:
 def test_metric_trial_states_are_the_search_states() -> None:
     """metrics.py keeps its own copy (it does not import the learners)."""
     assert SEARCH_TRIAL_STATES == TRIAL_STATES
+
+
+# -- parallel trials, memory cap, peak memory ------------------------------------------------
+
+
+def test_workers_and_memory_limit_reach_the_spec() -> None:
+    spec = spec_of(make_settings(workers=3, memory_limit_mb=256))
+    assert (spec.workers, spec.memory_limit_mb, spec.pooled) == (3, 256, True)
+    plain = spec_of(make_settings())
+    assert (plain.workers, plain.memory_limit_mb, plain.pooled) == (1, None, False)
+    assert spec_of(make_settings(memory_limit_mb=64)).pooled  # a cap never in this process
+    with pytest.raises(ConfigError, match=r"training\.full_batch\.search\.workers"):
+        make_settings(workers=0)
+    with pytest.raises(ConfigError, match=r"training\.full_batch\.search\.memory_limit_mb"):
+        make_settings(memory_limit_mb=0)
+
+
+def test_parallel_search_finds_what_the_sequential_one_finds() -> None:
+    """Two trials at a time (TPE with constant_liar) on the checkerboard: as good as one at a
+    time, every trial run and told once, in worker processes."""
+    X, y = checkerboard(2000)
+    found = {}
+    for workers in (1, 2):
+        settings = make_settings(trials=12, algorithm="tpe", workers=workers)
+        _winner, summary = run_search(build_model(settings), X, y, None, spec_of(settings))
+        best = summary.best()
+        assert best is not None
+        found[workers] = (best.score, summary)
+    (sequential, _), (parallel, summary) = found[1], found[2]
+    print(f"checkerboard best accuracy: sequential {sequential:.4f}, 2 workers {parallel:.4f}")
+    assert parallel >= summary.baseline_score + 0.3
+    assert parallel >= sequential - 0.02
+    assert [t.number for t in summary.trials] == list(range(12))
+    assert summary.counts() == {COMPLETE: 12, FAILED: 0, "pruned": 0}
+    # constant_liar: the trials asked while others ran are not all one depth.
+    assert len({t.params["learner.max_depth"] for t in summary.trials}) >= 4
+    data = summary.as_dict()
+    assert data["workers"] == 2 and data["memory_limit_mb"] is None
+
+
+def test_parallel_failing_trial_fails_alone_in_a_worker_process() -> None:
+    settings = make_settings(
+        {"learner.max_depth": {"type": "categorical", "choices": [2, 6]}},
+        trials=8,
+        algorithm="random",
+        workers=2,
+    )
+    adapter: Any = FailsOnDepth(build_model(settings), bad_depth=6)
+    _winner, summary = run_search(adapter, *checkerboard(400), None, spec_of(settings))
+    counts = summary.counts()
+    assert counts[FAILED] >= 1 and counts[COMPLETE] >= 1
+    assert counts[FAILED] + counts[COMPLETE] == 8
+    failed = [t for t in summary.trials if t.state == FAILED]
+    assert all(t.params["learner.max_depth"] == 6 for t in failed)
+    assert all(t.error is not None and "depth 6 refused" in t.error for t in failed)
+    # The trials ran in the pool, not in this process.
+    assert all(f"pid {os.getpid()}" not in (t.error or "") for t in failed)
+
+
+def test_a_trial_that_kills_its_worker_fails_alone() -> None:
+    """loky breaks the whole pool when a worker dies, failing every trial in flight: the
+    innocent ones are run again alone and complete; only the killer is failed."""
+    settings = make_settings(
+        {"learner.max_depth": {"type": "categorical", "choices": [2, 6]}},
+        trials=4,
+        warm_start_trials=2,
+        workers=2,
+    )
+    previous = _previous({6: 0.9, 2: 0.8})  # both run first, side by side
+    adapter: Any = DiesOnDepth(build_model(settings), bad_depth=6)
+    _winner, summary = run_search(adapter, *checkerboard(400), None, spec_of(settings), previous)
+    first = summary.trials[:2]
+    assert [t.params["learner.max_depth"] for t in first] == [6, 2]
+    assert first[0].state == FAILED and first[0].error is not None
+    assert "worker process died" in first[0].error and "TerminatedWorkerError" in first[0].error
+    assert first[0].peak_memory_mb is None
+    assert first[1].state == COMPLETE  # broken with the pool, run again, done
+    assert all(
+        t.state == (FAILED if t.params["learner.max_depth"] == 6 else COMPLETE)
+        for t in summary.trials
+    )
+    assert len(summary.trials) == 4
+
+
+def _polynomial_settings(**search: Any) -> Settings:
+    """A space one point of which allocates hugely: PolynomialFeatures of degree 200 on 2
+    features is 20 301 columns (130 MB for 800 rows), degree 1 is 3."""
+    return make_settings(
+        {"preprocessing.0.degree": {"type": "categorical", "choices": [1, 200]}},
+        preprocessing=["sklearn.preprocessing.PolynomialFeatures"],
+        params={"max_depth": 2, "random_state": 0},
+        warm_start_trials=2,
+        trials=3,
+        workers=2,
+        **search,
+    )
+
+
+def _polynomial_previous() -> dict[str, Any]:
+    return {
+        "direction": "maximize",
+        "trials": [
+            {"number": i, "params": {"preprocessing.0.degree": d}, "score": s, "state": COMPLETE}
+            for i, (d, s) in enumerate([(200, 0.9), (1, 0.8)])
+        ],
+    }
+
+
+def test_a_trial_over_its_memory_cap_fails_alone_and_the_cap_is_released() -> None:
+    # Features in [0, 1): the degree-200 powers stay finite.
+    X = np.random.default_rng(0).uniform(0, 1, size=(1000, 2))
+    y = (X[:, 0] > X[:, 1]).astype(np.int64)
+    capped = _polynomial_settings(memory_limit_mb=60)
+    _winner, summary = run_search(
+        build_model(capped), X, y, None, spec_of(capped), _polynomial_previous()
+    )
+    by_degree = {t.params["preprocessing.0.degree"]: t for t in summary.trials[:2]}
+    hog, small = by_degree[200], by_degree[1]
+    assert hog.state == FAILED and hog.error is not None
+    assert hog.error.startswith("MemoryError: over the 60 MB cap"), hog.error
+    assert small.state == COMPLETE
+    assert summary.counts()[FAILED] + summary.counts()[COMPLETE] == 3
+    assert summary.as_dict()["memory_limit_mb"] == 60
+    # The same reused workers, no cap now: the degree-200 trial completes, so no worker
+    # kept the previous trial's limit; its peak shows its ~130 MB of columns.
+    free = _polynomial_settings()
+    _winner, summary = run_search(
+        build_model(free), X, y, None, spec_of(free), _polynomial_previous()
+    )
+    by_degree = {t.params["preprocessing.0.degree"]: t for t in summary.trials[:2]}
+    hog, small = by_degree[200], by_degree[1]
+    assert hog.state == COMPLETE, hog.error
+    assert hog.peak_memory_mb is not None and small.peak_memory_mb is not None
+    print(
+        f"peak memory: degree 200 {hog.peak_memory_mb:.0f} MB, "
+        f"degree 1 {small.peak_memory_mb:.0f} MB"
+    )
+    assert hog.peak_memory_mb >= small.peak_memory_mb + 100
+
+
+def test_every_trial_reports_a_plausible_peak_memory() -> None:
+    settings = make_settings(trials=3)
+    _winner, summary = run_search(
+        build_model(settings), *checkerboard(300), None, spec_of(settings)
+    )
+    peaks = [t.peak_memory_mb for t in summary.trials]
+    # An interpreter with NumPy and scikit-learn loaded is tens of MB; this test is not GBs.
+    assert all(p is not None and 30 < p < 4000 for p in peaks), peaks
+    data = summary.as_dict()
+    assert data["peak_memory_mb"] == round(max(p for p in peaks if p is not None), 1)
+    assert all(t["peak_memory_mb"] is not None for t in data["trials"])
+
+
+def test_data_limit_fails_an_allocation_over_it_and_is_released() -> None:
+    with data_limit(50) as capped:
+        assert capped
+        with pytest.raises(MemoryError):
+            np.ones(200 * 1024 * 1024 // 8)
+    np.ones(200 * 1024 * 1024 // 8)  # the previous limit is back
+    with data_limit(None) as capped:
+        assert not capped
+    assert reset_peak_memory()  # the 200 MB arrays above are gone from the new peak
+    before = peak_memory_mb()
+    touched = np.ones(100 * 1024 * 1024 // 8)
+    assert peak_memory_mb() >= before + 90
+    del touched
+    reset_peak_memory()
+    assert peak_memory_mb() < before + 50
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The parent pid is the 2nd field after the parenthesised command name.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_trial_workers_end_with_a_killed_fit_worker() -> None:
+    """The service abandons a search by killing the fit worker (stop, shutdown): its trial
+    processes must not run on as orphans."""
+    settings = make_settings(trials=10_000, timeout_s=120, workers=2, algorithm="random")
+    worker = FitWorker(nice=0)
+    X, y = checkerboard(4000)
+
+    def search() -> None:
+        with contextlib.suppress(FitWorkerError):  # killed below, as intended
+            worker.search(build_model(settings), X, y, None, spec_of(settings), None)
+
+    searching = threading.Thread(target=search, daemon=True)
+    try:
+        searching.start()
+        deadline = time.monotonic() + 60
+        trial_workers: list[int] = []
+        while len(trial_workers) < 2 and time.monotonic() < deadline:
+            trial_workers = [
+                p
+                for p in _children(worker.pid)
+                if b"LokyProcess" in (Path("/proc") / str(p) / "cmdline").read_bytes()
+            ]
+            time.sleep(0.1)  # polling for processes to appear: nothing to wait on
+        assert len(trial_workers) == 2, "the pool never started"
+    finally:
+        worker.close()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in trial_workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in trial_workers), "trial workers outlived the fit worker"
