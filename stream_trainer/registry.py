@@ -192,6 +192,25 @@ def champion_history(decisions: builtins.list[dict[str, Any]]) -> builtins.list[
     return stack
 
 
+def rollback_target(
+    model_name: str, current: int, existing: set[int], decisions: builtins.list[dict[str, Any]]
+) -> int:
+    """The version a rollback from ``current`` goes to: the previous champion in the
+    decision history that still exists, else the newest existing version below ``current``.
+    Raises RegistryError when there is none. Shared by the folder and object-store
+    registries so both roll back alike."""
+    history = champion_history(decisions)
+    while history and history[-1] == current:
+        history.pop()
+    target = next((v for v in reversed(history) if v in existing and v != current), None)
+    if target is not None:
+        return target
+    older = [v for v in existing if v < current]
+    if not older:
+        raise RegistryError(f"{model_name}: no version to roll back to from {current}")
+    return max(older)
+
+
 def sent_marker(info: VersionInfo) -> Path:
     """The marker file saying the version event of ``info`` was delivered.
 
@@ -495,19 +514,7 @@ class ModelRegistry:
         if current is None:
             raise RegistryError(f"{self.model_name}: no champion to roll back from")
         existing = {number for number, _ in self._version_dirs()}
-        history = champion_history(self.decisions())
-        while history and history[-1] == current.version:
-            history.pop()
-        target = next(
-            (v for v in reversed(history) if v in existing and v != current.version), None
-        )
-        if target is None:
-            older = [v for v in existing if v < current.version]
-            if not older:
-                raise RegistryError(
-                    f"{self.model_name}: no version to roll back to from {current.version}"
-                )
-            target = max(older)
+        target = rollback_target(self.model_name, current.version, existing, self.decisions())
         self._verified(target, "roll back")
         self._set_champion(target, reason, "rollback", previous=current.version)
         return self.get(target)

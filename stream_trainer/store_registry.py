@@ -57,8 +57,8 @@ from stream_trainer.registry import (
     RegistryUnavailable,
     VersionInfo,
     _now,
-    champion_history,
     json_safe,
+    rollback_target,
     verify_artifact,
 )
 from stream_trainer.signing import sha256_hex, sign
@@ -408,19 +408,7 @@ class StoreRegistry:
         if current is None:
             raise RegistryError(f"{self.model_name}: no champion to roll back from")
         existing = set(self._numbers())
-        history = champion_history(self.decisions())
-        while history and history[-1] == current.version:
-            history.pop()
-        target = next(
-            (v for v in reversed(history) if v in existing and v != current.version), None
-        )
-        if target is None:
-            older = [v for v in existing if v < current.version]
-            if not older:
-                raise RegistryError(
-                    f"{self.model_name}: no version to roll back to from {current.version}"
-                )
-            target = max(older)
+        target = rollback_target(self.model_name, current.version, existing, self.decisions())
         self._verified(target, "roll back")
         self._set_champion(target, reason, "rollback", previous=current.version)
         return self.get(target)
