@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 
@@ -44,6 +44,8 @@ from stream_trainer.testing.mlflow_server import MlflowServer
 from stream_trainer.testing.schema_registry import SchemaRegistry
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.postgres_env import Postgres, PostgresError
+
+_Server = TypeVar("_Server")
 
 BROKER_NAMES = ("kafka", "tansu")
 
@@ -186,14 +188,94 @@ def broker(request: pytest.FixtureRequest) -> BrokerHandle:
     return handle
 
 
-@dataclass
-class _RegistrySlot:
-    registry: SchemaRegistry | None = None
-    error: str | None = None
-    ran: str | None = None
+class _ServerSlot(Generic[_Server]):
+    """One server shared by the whole session, started by its fixture on first use.
+
+    A start that fails is remembered: every test asking for the server then FAILS under
+    CI=true and skips elsewhere, with the reason. ``label`` names it in the run's summary.
+    """
+
+    def __init__(self, label: str, what: str, close: Callable[[_Server], None]) -> None:
+        self.label, self.what, self._close = label, what, close
+        self.server: _Server | None = None
+        self.error: str | None = None
+        self.ran: str | None = None
+
+    def serve(
+        self,
+        start: Callable[[], _Server],
+        describe: Callable[[_Server], str],
+        errors: tuple[type[BaseException], ...] = (Exception,),
+    ) -> Iterator[_Server]:
+        """The fixture's body: start (once), yield the server, close it at the end."""
+        if self.server is None and self.error is None:
+            try:
+                self.server = start()
+            except errors as exc:
+                self.error = f"{type(exc).__name__}: {exc}"  # its str may hold a log tail
+            else:
+                self.ran = describe(self.server)
+        if self.server is None:
+            reason = f"{self.what} unavailable: {self.error}"
+            if _in_ci():
+                pytest.fail(reason, pytrace=False)
+            pytest.skip(reason)
+        try:
+            yield self.server
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            self._close(server)
+
+    def summary(self) -> str | None:
+        """Its line in the run's summary, or None when no test asked for it."""
+        if not (self.ran or self.error):
+            return None
+        verdict = "FAILED" if _in_ci() else "skipped"
+        line = f"ran ({self.ran})" if self.ran else f"{verdict} - {self.error}"
+        return f"{self.label}: {line.splitlines()[0]}"
 
 
-_REGISTRY = _RegistrySlot()
+def _started(server: _Server, start: Callable[[], object], close: Callable[[], None]) -> _Server:
+    """``server`` once ``start()`` returned; closed (and the error raised) if it failed."""
+    try:
+        start()
+    except BaseException:
+        close()
+        raise
+    return server
+
+
+def _new_schema_registry() -> SchemaRegistry:
+    registry = SchemaRegistry()
+    return _started(registry, registry.start, registry.close)
+
+
+def _new_postgres() -> Postgres:
+    server = Postgres()
+    return _started(server, server.start, server.stop)
+
+
+def _new_mlflow() -> MlflowServer:
+    server = MlflowServer()
+    return _started(server, server.start, server.close)
+
+
+def _new_seaweedfs() -> SeaweedFS:
+    server = SeaweedFS()
+    return _started(server, server.start, server.close)
+
+
+_REGISTRY = _ServerSlot[SchemaRegistry](
+    "apicurio", "schema registry (Apicurio)", SchemaRegistry.close
+)
+_POSTGRES = _ServerSlot[Postgres]("postgresql", "PostgreSQL", Postgres.stop)
+_MLFLOW = _ServerSlot[MlflowServer]("mlflow", "MLflow tracking server", MlflowServer.close)
+_S3 = _ServerSlot[SeaweedFS]("seaweedfs", "S3 server (SeaweedFS)", SeaweedFS.close)
+_SERVERS: tuple[_ServerSlot[Any], ...] = (_REGISTRY, _S3, _POSTGRES, _MLFLOW)
 
 
 @pytest.fixture(scope="session")
@@ -201,40 +283,12 @@ def schema_registry() -> Iterator[SchemaRegistry]:
     """Apicurio Registry (in memory) for the whole session: built on first use (~1 min
     cold, cached), started on a free loopback port. Fails under CI=true, skips elsewhere,
     when it cannot run (no Java/Maven, build or start-up failed)."""
-    if _REGISTRY.registry is None and _REGISTRY.error is None:
-        registry = SchemaRegistry()
-        try:
-            registry.start()
-        except Exception as exc:
-            registry.close()
-            _REGISTRY.error = f"{type(exc).__name__}: {exc}"
-        else:
-            _REGISTRY.registry = registry
-            rss = (registry.rss_bytes() or 0) / 2**20
-            _REGISTRY.ran = (
-                f"{registry.url}, started in {registry.start_seconds:.1f} s, RSS {rss:.0f} MiB"
-            )
-    if _REGISTRY.registry is None:
-        reason = f"schema registry (Apicurio) unavailable: {_REGISTRY.error}"
-        if _in_ci():
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield _REGISTRY.registry
-    finally:
-        registry, _REGISTRY.registry = _REGISTRY.registry, None
-        if registry is not None:
-            registry.close()
 
+    def describe(registry: SchemaRegistry) -> str:
+        rss = (registry.rss_bytes() or 0) / 2**20
+        return f"{registry.url}, started in {registry.start_seconds:.1f} s, RSS {rss:.0f} MiB"
 
-@dataclass
-class _PostgresSlot:
-    server: Postgres | None = None
-    error: str | None = None
-    ran: str | None = None
-
-
-_POSTGRES = _PostgresSlot()
+    yield from _REGISTRY.serve(_new_schema_registry, describe)
 
 
 @pytest.fixture(scope="session")
@@ -242,72 +296,18 @@ def postgres() -> Iterator[Postgres]:
     """A private PostgreSQL server (Debian's package) on a free loopback port, password
     authentication, for the whole session (``postgres.url``, ``postgres.new_database()``).
     Fails under CI=true, skips elsewhere, when it cannot start."""
-    if _POSTGRES.server is None and _POSTGRES.error is None:
-        server = Postgres()
-        try:
-            server.start()
-        except (PostgresError, OSError) as exc:
-            server.stop()
-            _POSTGRES.error = f"{type(exc).__name__}: {exc}"
-        else:
-            _POSTGRES.server = server
-            _POSTGRES.ran = f"port {server.port}, started in {server.start_seconds:.1f} s"
-    if _POSTGRES.server is None:
-        reason = f"PostgreSQL unavailable: {_POSTGRES.error}"
-        if _in_ci():
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield _POSTGRES.server
-    finally:
-        server, _POSTGRES.server = _POSTGRES.server, None
-        if server is not None:
-            server.stop()
-
-
-@dataclass
-class _MlflowSlot:
-    server: MlflowServer | None = None
-    error: str | None = None
-
-
-_MLFLOW = _MlflowSlot()
+    yield from _POSTGRES.serve(
+        _new_postgres,
+        lambda server: f"port {server.port}, started in {server.start_seconds:.1f} s",
+        errors=(PostgresError, OSError),
+    )
 
 
 @pytest.fixture(scope="session")
 def mlflow_server() -> Iterator[MlflowServer]:
     """An MLflow tracking server for the whole session (MLflow installed on first use into
     a cached venv, ~1-2 min cold). Fails under CI=true, skips elsewhere, when it cannot run."""
-    if _MLFLOW.server is None and _MLFLOW.error is None:
-        server = MlflowServer()
-        try:
-            server.start()
-        except Exception as exc:
-            server.close()
-            _MLFLOW.error = f"{type(exc).__name__}: {exc}"  # its str holds the log tail
-        else:
-            _MLFLOW.server = server
-    if _MLFLOW.server is None:
-        reason = f"MLflow tracking server unavailable: {_MLFLOW.error}"
-        if _in_ci():
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield _MLFLOW.server
-    finally:
-        server, _MLFLOW.server = _MLFLOW.server, None
-        if server is not None:
-            server.close()
-
-
-@dataclass
-class _S3Slot:
-    server: SeaweedFS | None = None
-    error: str | None = None
-    ran: str | None = None
-
-
-_S3 = _S3Slot()
+    yield from _MLFLOW.serve(_new_mlflow, lambda server: f"{server.url}")
 
 
 @pytest.fixture(scope="session")
@@ -315,27 +315,10 @@ def s3_server() -> Iterator[SeaweedFS]:
     """SeaweedFS (S3 API, signed requests) for the whole session: built on first use
     (~10 min cold on 2 cores, cached), started on free loopback ports. Fails under CI=true,
     skips elsewhere, when it cannot run (no Go, build or start-up failed)."""
-    if _S3.server is None and _S3.error is None:
-        server = SeaweedFS()
-        try:
-            server.start()
-        except Exception as exc:
-            server.close()
-            _S3.error = f"{type(exc).__name__}: {exc}"
-        else:
-            _S3.server = server
-            _S3.ran = f"{server.endpoint_url}, started in {server.start_seconds:.1f} s"
-    if _S3.server is None:
-        reason = f"S3 server (SeaweedFS) unavailable: {_S3.error}"
-        if _in_ci():
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield _S3.server
-    finally:
-        server, _S3.server = _S3.server, None
-        if server is not None:
-            server.close()
+    yield from _S3.serve(
+        _new_seaweedfs,
+        lambda server: f"{server.endpoint_url}, started in {server.start_seconds:.1f} s",
+    )
 
 
 @pytest.fixture
@@ -411,29 +394,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         else:
             _REPORT.append(f"{name}: not needed")
     _POOL.close_all()
-    if _REGISTRY.registry is not None:
-        _REGISTRY.registry.close()
-    if _S3.server is not None:
-        _S3.server.close()
-    if _POSTGRES.server is not None:
-        _POSTGRES.server.stop()
+    for slot in _SERVERS:
+        slot.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
     """Say which brokers (and schema registry) the integration tests ran against."""
     lines = list(_REPORT) if _POOL.ran or _POOL.errors else []
-    if _REGISTRY.ran or _REGISTRY.error:
-        verdict = "FAILED" if _in_ci() else "skipped"
-        line = f"ran ({_REGISTRY.ran})" if _REGISTRY.ran else f"{verdict} - {_REGISTRY.error}"
-        lines.append(f"apicurio: {line.splitlines()[0]}")
-    if _S3.ran or _S3.error:
-        verdict = "FAILED" if _in_ci() else "skipped"
-        line = f"ran ({_S3.ran})" if _S3.ran else f"{verdict} - {_S3.error}"
-        lines.append(f"seaweedfs: {line.splitlines()[0]}")
-    if _POSTGRES.ran or _POSTGRES.error:
-        verdict = "FAILED" if _in_ci() else "skipped"
-        line = f"ran ({_POSTGRES.ran})" if _POSTGRES.ran else f"{verdict} - {_POSTGRES.error}"
-        lines.append(f"postgresql: {line.splitlines()[0]}")
+    lines += [line for slot in _SERVERS if (line := slot.summary()) is not None]
     if not lines:
         return
     terminalreporter.section("brokers")
