@@ -29,17 +29,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 from stream_trainer.laptop.embedded import (
     BrokerStartError,
     free_port,
     register_for_exit,
-    unregister_for_exit,
 )
-from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
-from stream_trainer.testing.host import file_lock
+from stream_trainer.processes import pdeathsig_preexec, tail_file
+from stream_trainer.testing.host import ServerProcess, file_lock
 from stream_trainer.testing.kafka_broker import cache_root
 
 __all__ = ["MLFLOW_REQUIREMENT", "MlflowServer", "MlflowUnavailable", "install", "main"]
@@ -111,7 +109,7 @@ def install(*, timeout: float = 1200.0) -> Path:
     return venv
 
 
-class MlflowServer:
+class MlflowServer(ServerProcess):
     """One ``mlflow server`` on ``127.0.0.1:<port>``: SQLite backend, artifacts proxied.
 
     ``start()`` installs MLflow if needed, launches the server and returns once
@@ -219,34 +217,6 @@ class MlflowServer:
             f"(last: {last})",
             self.log_tail(),
         )
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (SIGKILL after ``timeout`` s) the server's process group; data kept."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process_group(proc, timeout)
-        unregister_for_exit(self)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def close(self) -> None:
-        """Stop and delete the work folder (database, artifacts, log)."""
-        self.stop()
-        if self._work_dir is not None:
-            shutil.rmtree(self._work_dir, ignore_errors=True)
-            self._work_dir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,17 +32,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 from stream_trainer.laptop.embedded import (
     BrokerStartError,
     free_port,
     register_for_exit,
-    unregister_for_exit,
 )
-from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
-from stream_trainer.testing.host import file_lock, java_executable
+from stream_trainer.processes import pdeathsig_preexec, tail_file
+from stream_trainer.testing.host import ServerProcess, file_lock, java_executable
 from stream_trainer.testing.kafka_broker import cache_root
 
 __all__ = [
@@ -164,7 +162,7 @@ def build(*, timeout: float = 1200.0) -> Path:
     return app
 
 
-class SchemaRegistry:
+class SchemaRegistry(ServerProcess):
     """One Apicurio Registry process on ``127.0.0.1:<port>``, in memory.
 
     ``start()`` builds if needed, launches the JVM and returns once
@@ -286,34 +284,6 @@ class SchemaRegistry:
             f"(last: {last})",
             self.log_tail(),
         )
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (SIGKILL after ``timeout`` s); the schemas are gone (memory only)."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process_group(proc, timeout)
-        unregister_for_exit(self)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def close(self) -> None:
-        """Stop and delete the work folder (its log)."""
-        self.stop()
-        if self._work_dir is not None:
-            shutil.rmtree(self._work_dir, ignore_errors=True)
-            self._work_dir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 import obstore
@@ -48,10 +47,9 @@ from stream_trainer.laptop.embedded import (
     BrokerStartError,
     free_port,
     register_for_exit,
-    unregister_for_exit,
 )
-from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
-from stream_trainer.testing.host import file_lock
+from stream_trainer.processes import pdeathsig_preexec, tail_file
+from stream_trainer.testing.host import ServerProcess, file_lock
 from stream_trainer.testing.kafka_broker import cache_root
 
 __all__ = [
@@ -166,7 +164,7 @@ def build(version: str = SEAWEEDFS_VERSION, *, timeout: float = 2400.0) -> Path:
     return binary
 
 
-class SeaweedFS:
+class SeaweedFS(ServerProcess):
     """One ``weed server -s3`` on ``127.0.0.1`` with signed S3 requests.
 
     ``endpoint_url`` is the S3 API (``http://127.0.0.1:<port>``); ``admin`` and ``reader``
@@ -362,34 +360,6 @@ class SeaweedFS:
         store = self.store(bucket)
         obstore.put(store, ".bucket-created", b"")
         obstore.delete(store, ".bucket-created")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (SIGKILL after ``timeout`` s); data and ports are kept for ``start()``."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process_group(proc, timeout)
-        unregister_for_exit(self)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def close(self) -> None:
-        """Stop and delete the data folder (every object) and the log."""
-        self.stop()
-        if self._work_dir is not None:
-            shutil.rmtree(self._work_dir, ignore_errors=True)
-            self._work_dir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
