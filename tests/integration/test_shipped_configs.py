@@ -62,6 +62,14 @@ PLAN: dict[str, tuple[int, dict[str, str]]] = {
             "STREAM_TRAINER_REGISTRY__PUBLISH_EVERY_SECONDS": "2",
         },
     ),
+    # Four candidates learning side by side; the leader is published.
+    "per-record-selection": (
+        600,
+        {
+            "STREAM_TRAINER_KAFKA__SECURITY_PROTOCOL": "PLAINTEXT",
+            "STREAM_TRAINER_REGISTRY__PUBLISH_EVERY_SECONDS": "2",
+        },
+    ),
     "mini-batch": (1200, {"STREAM_TRAINER_REGISTRY__PUBLISH_EVERY_RECORDS": "1000"}),
     "full-batch": (600, {"STREAM_TRAINER_TRAINING__FULL_BATCH__RETRAIN_EVERY_RECORDS": "200"}),
 }
