@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 DEMO_VENV  := .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.installed
 KAFKA  := $(BIN)/python -m stream_trainer.testing.kafka_broker
+# Prefix of the builds that are not fatal here (their fixtures retry, then fail under CI=true
+# and skip elsewhere). .ci/run passes OPTIONAL= to run them in the background and fail fast.
+OPTIONAL ?= -
 
 .PHONY: venv demo-venv kafka-jars registry-jars kube-tools mlflow-venv s3-server test lint demo kafka-start kafka-stop kafka-status
 
@@ -41,24 +44,27 @@ registry-jars: venv
 # cold on 2 cores), outside pytest's per-test timeout. A failure here is not fatal:
 # tests/kube then fails under CI=true and skips elsewhere, with the reason.
 kube-tools: venv
-	-$(BIN)/python -m tests.kube.kube_env build
+	$(OPTIONAL)$(BIN)/python -m tests.kube.kube_env build
 
 # MLflow (the export tests' tracking server) from PyPI into its own venv,
 # ~/.cache/stream-trainer/mlflow-venv (once; ~1-2 min cold), outside pytest's per-test
 # timeout and outside the project's venv and image. Not fatal here: the `mlflow_server`
 # fixture retries the install, then fails under CI=true and skips elsewhere, with the reason.
 mlflow-venv: venv
-	-$(BIN)/python -m stream_trainer.testing.mlflow_server install
+	$(OPTIONAL)$(BIN)/python -m stream_trainer.testing.mlflow_server install
 
 # SeaweedFS (the object-storage tests' S3 server) built from the Go module proxy into
 # ~/.cache/stream-trainer/seaweedfs (once; ~6-10 min cold on 2 cores), outside pytest's
 # per-test timeout. Not fatal here: the `s3_server` fixture builds it too if this failed,
 # then fails under CI=true and skips elsewhere, with the reason.
 s3-server: venv
-	-$(BIN)/python -m stream_trainer.testing.seaweedfs build
+	$(OPTIONAL)$(BIN)/python -m stream_trainer.testing.seaweedfs build
 
+# Every run's log ends with its 30 slowest tests (setup, call and teardown timed apart),
+# so CI time can be tracked from the log alone. Extra arguments: `make test PYTEST_ARGS=...`.
+PYTEST_DURATIONS ?= --durations=30 --durations-min=1.0
 test: venv kafka-jars registry-jars kube-tools mlflow-venv s3-server
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_DURATIONS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -5,7 +5,8 @@ Fixtures
 ``kafka_broker``  (session) Apache Kafka 4.x KRaft single node (:class:`BrokerHandle`).
 ``tansu_broker``  (session) embedded Tansu, memory only (:class:`BrokerHandle`).
 ``broker``        (function, params ``kafka``/``tansu``) one of the two; test ids read
-                  ``test_x[kafka]`` and ``test_x[tansu]``.
+                  ``test_x[kafka]`` and ``test_x[tansu]``. ``@KAFKA_ONLY`` narrows a
+                  ``broker`` test to ``kafka`` (see its comment for when).
 ``make_topic``    factory ``make_topic(partitions=1, *, prefix="t", config=None) -> str``
                   creating a uniquely named topic on ``broker`` and waiting until visible.
 ``unique_topic``  a fresh 1-partition topic name on ``broker``.
@@ -186,6 +187,14 @@ def broker(request: pytest.FixtureRequest) -> BrokerHandle:
     """Each real broker in turn (ids ``kafka`` / ``tansu``)."""
     handle: BrokerHandle = request.getfixturevalue(f"{request.param}_broker")
     return handle
+
+
+# For a ``broker`` test whose assertions are about the service, not the broker (learning,
+# drift, versions, the registry): each broker costs it tens of seconds, and what both
+# brokers must do (produce, consume, commit, groups, the callbacks) is proven by the tests
+# that still run on both. Apache Kafka because it is the reference for group and
+# transaction semantics. The test ids stay ``test_x[kafka]``.
+KAFKA_ONLY = pytest.mark.parametrize("broker", ["kafka"], indirect=True)
 
 
 class _ServerSlot(Generic[_Server]):
