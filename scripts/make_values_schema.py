@@ -125,9 +125,38 @@ schema = {
         "replicaCount": {
             "type": "integer",
             "minimum": 0,
-            "maximum": 1,
-            "description": "1 (running) or 0 (paused). One release trains one model: a second replica would split the input partitions between two learners and contend for the same checkpoints. Install another release per model instead.",
+            "description": "1 (running) or 0 (paused). One release trains one model; 2 or more are hot standbys (one trains, the others take over) and need config.checkpoint.dir and config.registry.root both on an object store: the chart fails to render otherwise.",
         },
+        "standby": obj(
+            {
+                "spreadAcrossNodes": {
+                    "type": "boolean",
+                    "description": "with replicaCount > 1 and no topologySpreadConstraints: one pod per node",
+                }
+            }
+        ),
+        "podDisruptionBudget": obj(
+            {
+                "enabled": {
+                    "type": "boolean",
+                    "description": "render a PodDisruptionBudget when replicaCount > 1",
+                },
+                "maxUnavailable": {
+                    "type": ["integer", "string"],
+                    "minimum": 0,
+                    "pattern": "^[0-9]+%$",
+                    "description": "pods a voluntary disruption may take at once",
+                },
+                "minAvailable": {
+                    "type": ["integer", "string", "null"],
+                    "minimum": 0,
+                    "pattern": "^[0-9]+%$",
+                    "description": "used instead of maxUnavailable when set",
+                },
+            },
+            # minAvailable: null is dropped by Helm's merge, so it is never required.
+            required=["enabled", "maxUnavailable"],
+        ),
         "workload": obj(
             {
                 "kind": {

@@ -71,6 +71,16 @@ def _case_values(case: str) -> dict[str, Any]:
     return loaded
 
 
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 @pytest.fixture(scope="module")
 def chart() -> Iterator[helm.Chart]:
     with helm.Chart.load(CHART_DIR) as loaded:
@@ -372,17 +382,19 @@ def test_probes_point_at_real_endpoints_on_the_config_port(rendered: Rendered) -
     assert port["name"] == "http"
     assert port["containerPort"] == rendered.config["http"]["port"]
     assert rendered.config["http"]["enabled"] is True
+    # With hot standbys (replicaCount > 1) ready means up: a standby's /readyz is 503.
+    ready = "/healthz" if rendered.values["replicaCount"] > 1 else "/readyz"
     expected = {
         "startupProbe": "/healthz",
         "livenessProbe": "/healthz",
-        "readinessProbe": "/readyz",
+        "readinessProbe": ready,
     }
     for probe, path in expected.items():
         assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     service = next(s for s in rendered.of_kind("Service") if "clusterIP" not in s["spec"])
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     command = rendered.test_pod["spec"]["containers"][0]["command"]
-    assert command[-1].endswith(f":{service['spec']['ports'][0]['port']}/readyz")
+    assert command[-1].endswith(f":{service['spec']['ports'][0]['port']}{ready}")
     assert command[:2] == ["python", "-c"]
 
 
@@ -395,7 +407,7 @@ def test_the_workload_runs_the_service_with_its_config_file(rendered: Rendered) 
     assert rendered.container["args"] == ["run", "--config", "/etc/stream-trainer/config.yaml"]
     mount = next(m for m in rendered.container["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/etc/stream-trainer/config.yaml"
-    assert rendered.workload["spec"]["replicas"] == 1
+    assert rendered.workload["spec"]["replicas"] == rendered.values["replicaCount"]
 
 
 # -- workload kinds and storage ----------------------------------------------------------
@@ -428,6 +440,161 @@ def test_existing_claim_creates_no_claim(chart: helm.Chart) -> None:
     assert r.of_kind("PersistentVolumeClaim") == []
     data = next(v for v in r.pod_spec["volumes"] if v["name"] == "data")
     assert data["persistentVolumeClaim"]["claimName"] == "stream-trainer-data"
+
+
+def _data_volume(r: Rendered) -> list[dict[str, Any]]:
+    mounts = [m for m in r.container["volumeMounts"] if m["name"] == "data"]
+    return [v for v in r.pod_spec["volumes"] if v["name"] == "data"] + mounts
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet"])
+def test_registry_and_checkpoints_in_object_storage_need_no_volume(
+    chart: helm.Chart, kind: str
+) -> None:
+    values = _case_values("object-store-values.yaml")
+    values["workload"] = {"kind": kind}
+    r = Rendered(chart, values)
+    assert r.of_kind("PersistentVolumeClaim") == []
+    assert "volumeClaimTemplates" not in r.workload["spec"]
+    assert _data_volume(r) == []
+    tmp = next(v for v in r.pod_spec["volumes"] if v["name"] == "tmp")
+    assert "emptyDir" in tmp  # the one writable folder the pod keeps
+    assert r.config["registry"]["root"] == "s3://models/prod"
+    assert r.config["checkpoint"]["dir"] == "s3://models/prod-checkpoints"
+    account = r.one("ServiceAccount")
+    assert account["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/stream-trainer"
+    }
+    assert r.pod_spec["serviceAccountName"] == account["metadata"]["name"]
+    assert "object storage" in r.notes
+    for doc in r.docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("registry", "checkpoints"),
+    [
+        ("gs://models/prod", "gs://models/ckpt"),
+        ("az://models/prod", "az://models/ckpt"),
+    ],
+)
+def test_gs_and_az_locations_need_no_volume_either(
+    chart: helm.Chart, registry: str, checkpoints: str
+) -> None:
+    values = {"config": {"registry": {"root": registry}, "checkpoint": {"dir": checkpoints}}}
+    r = Rendered(chart, values)
+    assert r.of_kind("PersistentVolumeClaim") == []
+    assert _data_volume(r) == []
+
+
+def test_only_one_location_in_object_storage_keeps_the_volume(chart: helm.Chart) -> None:
+    r = Rendered(chart, {"config": {"registry": {"root": "s3://models/prod"}}})
+    assert len(r.of_kind("PersistentVolumeClaim")) == 1
+    assert len(_data_volume(r)) == 2  # the volume and its mount
+
+
+# -- hot standby ------------------------------------------------------------------------
+
+
+def _spread(r: Rendered) -> list[dict[str, Any]]:
+    spread: list[dict[str, Any]] = r.pod_spec.get("topologySpreadConstraints", [])
+    return spread
+
+
+def _readiness_path(r: Rendered) -> str:
+    path: str = r.container["readinessProbe"]["httpGet"]["path"]
+    return path
+
+
+def test_one_pod_keeps_recreate_readyz_and_no_budget(chart: helm.Chart) -> None:
+    for case in ("default", "object-store-values.yaml"):
+        r = Rendered(chart, _case_values(case))
+        assert r.workload["spec"]["replicas"] == 1
+        assert r.workload["spec"]["strategy"] == {"type": "Recreate"}
+        assert _readiness_path(r) == "/readyz"
+        assert r.of_kind("PodDisruptionBudget") == []
+        assert _spread(r) == []
+        assert r.test_pod["spec"]["containers"][0]["command"][-1].endswith("/readyz")
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet"])
+def test_standbys_with_both_stores_remote(chart: helm.Chart, kind: str) -> None:
+    values = _merge(_case_values("standby-values.yaml"), {"workload": {"kind": kind}})
+    r = Rendered(chart, values)
+    assert r.workload["kind"] == kind
+    assert r.workload["spec"]["replicas"] == 2
+    # Nothing on the pod's disk: no claim, no claim template, no data volume.
+    assert r.of_kind("PersistentVolumeClaim") == []
+    assert "volumeClaimTemplates" not in r.workload["spec"]
+    assert _data_volume(r) == []
+    if kind == "Deployment":
+        # One pod at a time, never a third: a rollout always leaves a member that can train.
+        assert r.workload["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        }
+    else:
+        assert r.workload["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    # A standby is up but answers 503 on /readyz forever: ready = /healthz, so neither the
+    # rollout nor the budget waits on it; the helm test follows (the Service reaches both).
+    assert _readiness_path(r) == "/healthz"
+    assert r.test_pod["spec"]["containers"][0]["command"][-1].endswith("/healthz")
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"] == r.workload["spec"]["selector"]
+    (spread,) = _spread(r)
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+    assert spread["maxSkew"] == 1
+    assert spread["labelSelector"] == r.workload["spec"]["selector"]
+    assert "hot standbys" in r.notes
+    # No fixed static member id: each pod's defaults to its own name (distinct per pod).
+    assert "group_instance_id" not in r.config["kafka"]
+    for doc in r.docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_standby_budget_spread_and_overrides(chart: helm.Chart) -> None:
+    base = _case_values("standby-values.yaml")
+    own = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"app": "x"}},
+        }
+    ]
+    r = Rendered(
+        chart,
+        _merge(
+            base,
+            {
+                "replicaCount": 3,
+                "topologySpreadConstraints": own,
+                "podDisruptionBudget": {"minAvailable": "50%"},
+            },
+        ),
+    )
+    assert r.workload["spec"]["replicas"] == 3
+    assert _spread(r) == own  # the user's constraints replace the default
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == "50%"
+    assert "maxUnavailable" not in pdb["spec"]
+
+    off = Rendered(
+        chart,
+        _merge(
+            base,
+            {"standby": {"spreadAcrossNodes": False}, "podDisruptionBudget": {"enabled": False}},
+        ),
+    )
+    assert _spread(off) == []
+    assert off.of_kind("PodDisruptionBudget") == []
+    assert off.workload["spec"]["replicas"] == 2
 
 
 # -- monitoring --------------------------------------------------------------------------
@@ -487,7 +654,11 @@ def test_monitoring_objects_when_enabled(chart: helm.Chart) -> None:
 
 
 INVALID = [
-    pytest.param({"replicaCount": 2}, "replicaCount", id="two-replicas"),
+    pytest.param({"replicaCount": -1}, "replicaCount", id="negative-replicas"),
+    pytest.param(
+        {"podDisruptionBudget": {"maxUnavailable": "half"}}, "maxUnavailable", id="bad-pdb-budget"
+    ),
+    pytest.param({"standby": {"spreadAcrossNodes": "yes"}}, "spreadAcrossNodes", id="bad-spread"),
     pytest.param({"config": {"training": {"mode": "bogus"}}}, "mode", id="bad-mode"),
     pytest.param({"replicas": 1}, "replicas", id="unknown-top-level-key"),
     pytest.param({"workload": {"kind": "DaemonSet"}}, "kind", id="bad-workload-kind"),
@@ -532,6 +703,27 @@ def test_invalid_values_are_rejected_by_the_schema(
             "terminationGracePeriodSeconds (20) must exceed config.shutdown.timeout_s",
         ),
         ({"config": {"checkpoint": {"dir": "/var/ckpt"}}}, "must be below persistence.mountPath"),
+        (
+            {"replicaCount": 2},
+            "replicaCount 2 needs config.checkpoint.dir and config.registry.root both on an "
+            "object store",
+        ),
+        (
+            # Only the registry remote: the checkpoint folder is still on the pod's volume.
+            {"replicaCount": 3, "config": {"registry": {"root": "s3://models/prod"}}},
+            "replicaCount 3 needs config.checkpoint.dir and config.registry.root both",
+        ),
+        (
+            {"replicaCount": 2, "workload": {"kind": "StatefulSet"}},
+            "replicaCount 2 needs config.checkpoint.dir and config.registry.root both",
+        ),
+        (
+            _merge(
+                yaml.safe_load((CHART_DIR / "ci" / "standby-values.yaml").read_text("utf-8")),
+                {"config": {"kafka": {"group_instance_id": "trainer-0"}}},
+            ),
+            "config.kafka.group_instance_id (trainer-0) must be unset when replicaCount > 1",
+        ),
     ],
 )
 def test_cross_field_rules_fail_the_render(
@@ -730,13 +922,3 @@ def test_search_jobs_config_field_is_the_charts(chart: helm.Chart) -> None:
     values = {"config": {"training": {"full_batch": {"search": {"jobs": {"enabled": True}}}}}}
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(values)
-
-
-def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -49,6 +49,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
 }
 
 
@@ -80,8 +81,17 @@ def expected_kinds(case: str) -> dict[str, int]:
     kinds = {"ConfigMap": 1, "Service": 1, "ServiceAccount": 1, workload: 1}
     if workload == "StatefulSet":
         kinds["Service"] += 1  # its governing headless Service
-    if workload == "Deployment" and not _get(values, "persistence.existingClaim", ""):
+    # Registry and checkpoints both in object storage: no claim (nothing on the pod's disk).
+    remote = all(
+        str(_get(values, field, "")).startswith(("s3://", "gs://", "az://"))
+        for field in ("config.registry.root", "config.checkpoint.dir")
+    )
+    claim = not _get(values, "persistence.existingClaim", "") and not remote
+    if workload == "Deployment" and claim:
         kinds["PersistentVolumeClaim"] = 1
+    # Hot standbys (replicaCount > 1, both stores remote): their disruption budget.
+    if _get(values, "replicaCount", 1) > 1 and _get(values, "podDisruptionBudget.enabled", True):
+        kinds["PodDisruptionBudget"] = 1
     if _get(values, "metrics.serviceMonitor.enabled", False):
         kinds["ServiceMonitor"] = 1
     if _get(values, "metrics.prometheusRule.enabled", False):
@@ -297,6 +307,13 @@ def test_install_then_uninstall(kube: ApiServer, crds: None, case: str) -> None:
     assert dry_run_pod(kube, namespace, hooks[0]) == []
 
     workload = workload_of(kube, namespace)
+    replicas = _get(_values(case), "replicaCount", 1)
+    assert workload["spec"]["replicas"] == replicas
+    if replicas > 1:
+        # Hot standbys as the API server stored them: one pod at a time, a budget of one.
+        assert workload["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+        budget = kube.request("GET", _path("PodDisruptionBudget", namespace, FULLNAME)).body
+        assert budget["spec"]["maxUnavailable"] == 1
     if workload["kind"] == "StatefulSet":
         # Its claims are the controller's, not helm's: the API server keeps the chart's
         # retention policy, so they outlive the StatefulSet too (none exist here).
@@ -347,7 +364,17 @@ def test_upgrade_through_every_values_file_then_rollback_then_uninstall(
     kept_claim = False
     for case in VALUES_FILES:
         started = time.monotonic()
-        upgraded = kube.helm("upgrade", RELEASE, str(CHART_DIR), "-n", namespace, *helm_args(case))
+        # --history-max 0: helm keeps 10 revisions by default, fewer than this chain has.
+        upgraded = kube.helm(
+            "upgrade",
+            RELEASE,
+            str(CHART_DIR),
+            "-n",
+            namespace,
+            "--history-max",
+            "0",
+            *helm_args(case),
+        )
         timings.append(f"upgrade -> {case} {time.monotonic() - started:.2f} s")
         assert_no_warnings(upgraded.stderr)
         expected = expected_kinds(case)
@@ -383,3 +410,39 @@ def test_upgrade_through_every_values_file_then_rollback_then_uninstall(
     # Through every revision the checkpoint claim was the same object (kept, re-adopted).
     assert kube.request("GET", claim_path).body["metadata"]["uid"] == claim_uid
     print(f"\nkube upgrade chain: {'; '.join(timings)}", file=sys.stderr)
+
+
+def test_one_pod_to_standbys_and_back(kube: ApiServer, crds: None) -> None:
+    """Scaling a remote-store release out to standbys and back in is an ordinary upgrade:
+    the API server takes the strategy change both ways (Recreate <-> RollingUpdate with
+    maxSurge 0; a Recreate Deployment must not keep a rollingUpdate block) and the budget
+    comes and goes with the standbys."""
+    namespace = make_namespace(kube, "st-standby-scale")
+    make_prerequisites(kube, namespace, "standby-values.yaml")
+    one_pod = ["-f", str(CHART_DIR / "ci" / "object-store-values.yaml")]
+    budget = _path("PodDisruptionBudget", namespace, FULLNAME)
+
+    kube.helm("install", RELEASE, str(CHART_DIR), "-n", namespace, *one_pod)
+    assert workload_of(kube, namespace)["spec"]["strategy"] == {"type": "Recreate"}
+    assert not kube.exists(budget)
+
+    out = kube.helm(
+        "upgrade", RELEASE, str(CHART_DIR), "-n", namespace, *helm_args("standby-values.yaml")
+    )
+    assert_no_warnings(out.stderr)
+    spec = workload_of(kube, namespace)["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    assert kube.exists(budget)
+
+    out = kube.helm("upgrade", RELEASE, str(CHART_DIR), "-n", namespace, *one_pod)
+    assert_no_warnings(out.stderr)
+    spec = workload_of(kube, namespace)["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert not kube.exists(budget)
+    kube.helm("uninstall", RELEASE, "-n", namespace)
+    assert live_kinds(kube, namespace) == {}

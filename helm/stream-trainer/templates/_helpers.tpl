@@ -131,8 +131,8 @@ Cross-field rules the schema cannot express fail the render with a clear message
 {{- end }}
 {{- $mount := trimSuffix "/" .Values.persistence.mountPath }}
 {{- range $field, $path := dict "checkpoint.dir" $checkpoint.dir "registry.root" $cfg.registry.root }}
-{{- /* An s3:// location is not on the pod's filesystem. */ -}}
-{{- if and (not (hasPrefix "s3://" (toString $path))) (not (hasPrefix (printf "%s/" $mount) (toString $path))) }}
+{{- /* An object-store location is not on the pod's filesystem. */ -}}
+{{- if and (not (include "stream-trainer.isStoreUrl" $path)) (not (hasPrefix (printf "%s/" $mount) (toString $path))) }}
 {{- fail (printf "config.%s (%s) must be below persistence.mountPath (%s): the root filesystem is read-only" $field $path $mount) }}
 {{- end }}
 {{- end }}
@@ -190,5 +190,41 @@ storageClassName of a created claim: "" = cluster default (omitted), "-" = no cl
 storageClassName: ""
 {{- else if $class }}
 storageClassName: {{ $class | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the location is an object-store URL (s3://, gs://, az://), else empty.
+*/}}
+{{- define "stream-trainer.isStoreUrl" -}}
+{{- if regexMatch "^(s3|gs|az)://" (toString .) }}true{{- end }}
+{{- end }}
+
+{{/*
+"true" when the pod needs the data volume: unless both config.registry.root and
+config.checkpoint.dir are object-store URLs (then nothing is kept on the pod's disk, no
+claim is created and the pod can start on any node at once).
+*/}}
+{{- define "stream-trainer.needsDataVolume" -}}
+{{- $cfg := .Values.config }}
+{{- if not (and (include "stream-trainer.isStoreUrl" $cfg.registry.root) (include "stream-trainer.isStoreUrl" $cfg.checkpoint.dir)) }}true{{- end }}
+{{- end }}
+
+{{/*
+"true" when the release runs hot standbys (replicaCount > 1). Only valid with both stores
+remote: with a checkpoint folder on a volume a second pod could never take over (it would
+stand by forever on a claim it cannot share), so the render fails. A fixed
+kafka.group_instance_id would give every replica the same static member id (they would
+fence each other), so it must be left to the service's per-pod default.
+*/}}
+{{- define "stream-trainer.standby" -}}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- if include "stream-trainer.needsDataVolume" . }}
+{{- fail (printf "replicaCount %v needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): with a local checkpoint folder the extra pods could never take over and would only stand by idle (docs/kubernetes.md, Hot standby)" .Values.replicaCount) }}
+{{- end }}
+{{- with .Values.config.kafka.group_instance_id }}
+{{- fail (printf "config.kafka.group_instance_id (%s) must be unset when replicaCount > 1: every pod needs its own static member id (the service defaults it to <pod name>-<digest>)" .) }}
+{{- end }}
+{{- true }}
 {{- end }}
 {{- end }}

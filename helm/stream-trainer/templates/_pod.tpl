@@ -114,11 +114,14 @@ spec:
         timeoutSeconds: {{ .timeoutSeconds }}
       {{- end }}
       {{- end }}
+      {{- $standby := include "stream-trainer.standby" . }}
       {{- with .Values.probes.readiness }}
       {{- if .enabled }}
       readinessProbe:
         httpGet:
-          path: /readyz
+          # With standbys, ready = up (training or standing by): /readyz answers 503 on a
+          # standby forever, which would stall every rollout and disruption budget.
+          path: {{ ternary "/healthz" "/readyz" (not (empty $standby)) }}
           port: http
         periodSeconds: {{ .periodSeconds }}
         failureThreshold: {{ .failureThreshold }}
@@ -138,8 +141,10 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        {{- if include "stream-trainer.needsDataVolume" . }}
         - name: data
           mountPath: {{ .Values.persistence.mountPath }}
+        {{- end }}
         {{- if and $ck.existingSecret (eq $ck.as "file") }}
         - name: checkpoint-key
           mountPath: {{ include "stream-trainer.checkpointKeyDir" . }}
@@ -173,7 +178,9 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: {{ .Values.tmpSizeLimit }}
-    {{- if not .Values.persistence.enabled }}
+    {{- if not (include "stream-trainer.needsDataVolume" .) }}
+    {{- /* Registry and checkpoints on the object store: no data volume at all. */}}
+    {{- else if not .Values.persistence.enabled }}
     - name: data
       emptyDir: {}
     {{- else if .Values.persistence.existingClaim }}
@@ -244,8 +251,17 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .Values.topologySpreadConstraints }}
+  {{- if .Values.topologySpreadConstraints }}
   topologySpreadConstraints:
-    {{- toYaml . | nindent 4 }}
+    {{- toYaml .Values.topologySpreadConstraints | nindent 4 }}
+  {{- else if and (include "stream-trainer.standby" .) .Values.standby.spreadAcrossNodes }}
+  # A standby on the writer's node would die with it: one pod per node.
+  topologySpreadConstraints:
+    - maxSkew: 1
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: DoNotSchedule
+      labelSelector:
+        matchLabels:
+          {{- include "stream-trainer.selectorLabels" . | nindent 10 }}
   {{- end }}
 {{- end }}
