@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_trainer import __version__
 from stream_trainer.checkpoint import (
+    CheckpointError,
     CheckpointLocked,
     CheckpointManifest,
     CheckpointStore,
@@ -53,6 +55,14 @@ from stream_trainer.lease import (
 from stream_trainer.logs import configure_logging, register_secret
 from stream_trainer.metrics import LagTracker, Metrics, build_metrics
 from stream_trainer.mlflow_export import MlflowError, MlflowExporter
+from stream_trainer.objectstore import (
+    ObjectStore,
+    ObjectStoreError,
+    RequestObserver,
+    is_store_url,
+    is_transient,
+    open_store,
+)
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import open_registry
@@ -60,6 +70,8 @@ from stream_trainer.selection import build_selection
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
 from stream_trainer.state import RecordWindow, TrainingState
+from stream_trainer.store_checkpoint import LEASE as CHECKPOINT_LEASE
+from stream_trainer.store_checkpoint import ObjectCheckpointStore
 from stream_trainer.store_lease import LeaseHeld, StoreLease, StoreLeaseError
 from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
@@ -73,6 +85,8 @@ KAFKA_PROBE_TIMEOUT_S = 1.0
 KAFKA_RETRY_MAX_S = 1.0
 # While the reason stays the same, "still waiting" is logged this often.
 KAFKA_WAIT_LOG_EVERY_S = 30.0
+# Backoff between probes of an unreachable registry store at start.
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.5, 5.0
 
 
 class StartupError(StreamTrainerError):
@@ -132,7 +146,32 @@ def validate_restored(settings: Settings) -> Any:
     return _validate
 
 
-def restore_state(settings: Settings, store: CheckpointStore) -> tuple[TrainingState, bool]:
+Checkpoints = CheckpointStore | ObjectCheckpointStore
+
+
+def open_checkpoints(
+    settings: Settings,
+    on_quarantine: Callable[[Any, str], None] | None = None,
+    crash: Callable[[str], None] | None = None,
+    observe: RequestObserver | None = None,
+) -> Checkpoints:
+    """The checkpoint store of ``checkpoint.dir``: a folder, or an object-store URL (its
+    writer must set ``lease`` before writing) whose requests are told to ``observe``. No
+    I/O beyond reading credential files."""
+    cfg = settings.checkpoint
+    kwargs: dict[str, Any] = {
+        "key": cfg.key(),
+        "allow_unsigned": cfg.allow_unsigned,
+        "keep_last": cfg.keep_last,
+        "on_quarantine": on_quarantine,
+        "crash": crash,
+    }
+    if isinstance(cfg.dir, str):
+        return ObjectCheckpointStore(open_store(cfg.dir, settings.object_store, observe), **kwargs)
+    return CheckpointStore(cfg.dir, **kwargs)
+
+
+def restore_state(settings: Settings, store: Checkpoints) -> tuple[TrainingState, bool]:
     """The newest checkpoint that verifies, or a fresh state when there never was one.
 
     Raises StartupError when checkpoints exist but every one failed verification: starting
@@ -144,7 +183,7 @@ def restore_state(settings: Settings, store: CheckpointStore) -> tuple[TrainingS
         if existed:
             raise StartupError(
                 f"every checkpoint in {settings.checkpoint.dir} failed verification and was "
-                "quarantined (see the quarantine/ folder and the logs); to start a fresh model "
+                "quarantined (see quarantine/ there and the logs); to start a fresh model "
                 "on purpose, use a new checkpoint.dir and consumer group"
             )
         return new_state(settings), False
@@ -232,6 +271,88 @@ def wait_for_kafka(
         delay = min(delay * 2, KAFKA_RETRY_MAX_S)
 
 
+def wait_for_stores(
+    settings: Settings,
+    stop: threading.Event,
+    on_waiting: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """:func:`wait_for_store` for ``checkpoint.dir`` and ``registry.root`` in turn; True
+    once every object store among them answers, False if ``stop`` was set meanwhile."""
+    return all(
+        wait_for_store(settings, field, str(where), probe, stop, on_waiting, clock)
+        for field, where, probe in (
+            ("checkpoint.dir", settings.checkpoint.dir, "LATEST"),
+            ("registry.root", settings.registry.root, f"{settings.model.name}/HIGH_WATER_MARK"),
+        )
+        if is_store_url(str(where))
+    )
+
+
+def wait_for_store(
+    settings: Settings,
+    field: str,
+    url: str,
+    probe: str,
+    stop: threading.Event,
+    on_waiting: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Check the object store at ``url`` (the value of setting ``field``) answers a LIST of
+    ``probe``: the bucket, the credentials and LIST permission; True once it does, False
+    if ``stop`` was set meanwhile.
+
+    Raises StartupError naming ``field`` / the ``object_store`` field and the cause when
+    the store refuses (no such bucket, bad credentials: at once) or stays unreachable
+    (network error, timeout, 5xx) for ``object_store.startup_wait_seconds`` (plus at most
+    one request's ``timeout_seconds``); ``on_waiting`` gets the readiness reason meanwhile.
+    """
+    cfg = settings.object_store
+    try:
+        store = open_store(url, cfg)
+    except ObjectStoreError as error:
+        raise StartupError(
+            f"{field} {url}: the store cannot be opened: {error} (check {field} "
+            "and object_store: endpoint_url, ca_file, the *_file credentials)"
+        ) from None
+    started = clock()
+    delay = STORE_RETRY_FIRST_S
+    last_reason: str | None = None
+    while True:
+        try:
+            # LIST, not GET: a missing bucket must not look like a missing key, and the
+            # read-only permission a serving identity has is enough.
+            store.list(probe)
+        except ObjectStoreError as error:
+            waited = clock() - started
+            if not is_transient(error):
+                raise StartupError(
+                    f"{field} {url}: {error} (check the bucket in {field} and "
+                    "object_store: credentials, region, endpoint_url)"
+                ) from None
+            if waited >= cfg.startup_wait_seconds:
+                raise StartupError(
+                    f"{field} {url}: store unreachable for {waited:.0f} s "
+                    f"(object_store.startup_wait_seconds {cfg.startup_wait_seconds:g}); "
+                    f"object_store.endpoint_url {cfg.endpoint_url or '(default)'}: {error}"
+                ) from None
+            reason = f"waiting for the object store of {field} {url}: {error}"
+            on_waiting(reason)
+            if reason != last_reason:
+                log.warning("%s; retrying for %.0f s", reason, cfg.startup_wait_seconds - waited)
+                last_reason = reason
+            if stop.wait(min(delay, cfg.startup_wait_seconds - waited)):
+                return False
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
+            continue
+        if last_reason is not None:
+            log.info(
+                "object store reachable",
+                extra={"field": field, "waited_s": round(clock() - started, 1)},
+            )
+        return True
+
+
 def run_service(
     settings: Settings,
     install_signals: bool = True,
@@ -252,9 +373,11 @@ def run_service(
     registry = CollectorRegistry()
     metrics = build_metrics(registry, version=__version__)
     metrics.state.state("starting")
-    owns_lock = lock is None
-    if lock is None:
-        lock = DirectoryLock(settings.checkpoint.dir)
+    # A folder has one writer by its lock; an object store's writer holds its lease,
+    # taken once this member is the active one.
+    owns_lock = lock is None and isinstance(settings.checkpoint.dir, Path)
+    if owns_lock:
+        lock = DirectoryLock(Path(settings.checkpoint.dir))
         try:
             lock.acquire()
         except CheckpointLocked as error:
@@ -290,11 +413,21 @@ def run_service(
     control: ControlChannel | None = None
     lease: KafkaLease | None = None
     store_lease: StoreLease | None = None
+    checkpoint_lease: StoreLease | None = None
     wire: WireDecoder | None = None
     exporter: MlflowExporter | None = None
     consumer_config = settings.kafka.consumer_config()
     consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
     try:
+
+        def _waiting_for_store(reason: str) -> None:
+            starting["reason"] = reason
+            heartbeat.beat()  # waiting for the store is progress, not a stall
+
+        # Before anything heavy: a wrong bucket or key fails the start in seconds.
+        if not wait_for_stores(settings, startup_stop.event, _waiting_for_store):
+            log.info("stopped while waiting for the object stores")
+            return 0
         metrics.state.state("restoring")
         # First, so the decode worker's interpreter starts while the checkpoint loads.
         if settings.record.format != "json":
@@ -310,19 +443,22 @@ def run_service(
             )
         )
         trainer = build_trainer(settings, crash)  # a full-batch fit worker starts here too
-        store = CheckpointStore(
-            settings.checkpoint.dir,
-            key=settings.checkpoint.key(),
-            allow_unsigned=settings.checkpoint.allow_unsigned,
-            keep_last=settings.checkpoint.keep_last,
-            on_quarantine=lambda path, reason: metrics.checkpoints_quarantined.labels(
+        store = open_checkpoints(
+            settings,
+            on_quarantine=lambda _where, reason: metrics.checkpoints_quarantined.labels(
                 reason=reason
             ).inc(),
             crash=crash.reached,
+            observe=metrics.observe_object_store,
         )
         if settings.checkpoint.key() is None:
             log.warning("running without a checkpoint key: checkpoints are unsigned")
-        state, restored = restore_state(settings, store)
+        if isinstance(store, ObjectCheckpointStore):
+            # Shared with the other members: read only, for the lineage and the control
+            # offsets; restored for writing once this member holds the leases.
+            state, restored = _peek_state(settings, store)
+        else:
+            state, restored = restore_state(settings, store)
         if not restored or not getattr(state, "lineage", None):
             # A new model's history is this member's: the same after a crash before its
             # first checkpoint, different for any other member (or a pre-lineage checkpoint).
@@ -355,13 +491,23 @@ def run_service(
             log.info("stopped while waiting for the Kafka cluster")
             return 0
         standby = StandbyWait(startup_stop.event)
+        lineage = _lineage_source(store, state)
         lease = _become_active(
-            settings, consumer_config, state.lineage, standby, heartbeat, starting, metrics
+            settings, consumer_config, lineage, standby, heartbeat, starting, metrics
         )
         if lease is None:
             log.info("stopped while standing by")
             return 0
         metrics.state.state("restoring")
+        if isinstance(store, ObjectCheckpointStore):
+            checkpoint_lease = _hold_store_lease(
+                settings, store.store, CHECKPOINT_LEASE, "checkpoint", startup_stop.event, _waiting
+            )
+            if checkpoint_lease is None:
+                log.info("stopped while waiting for the checkpoints' lease")
+                return 0
+            store.lease = checkpoint_lease
+            state, restored = _restore_shared(settings, store, state, consumer_config, control)
         registry_store = open_registry(
             settings.registry.root,
             settings.model.name,
@@ -369,12 +515,21 @@ def run_service(
             settings.registry.keep_last,
             settings.object_store,
             crash=crash.reached,
+            observe=metrics.observe_object_store,
         )
         if isinstance(registry_store, StoreRegistry):
-            store_lease = _hold_store_lease(settings, registry_store, startup_stop.event, _waiting)
+            store_lease = _hold_store_lease(
+                settings,
+                registry_store.store,
+                f"{settings.model.name}/LEASE",
+                "registry",
+                startup_stop.event,
+                _waiting,
+            )
             if store_lease is None:
                 log.info("stopped while waiting for the registry's lease")
                 return 0
+            registry_store.lease = store_lease
         events = VersionEventPublisher(producer, settings.topics.versions, settings.model.name)
         if settings.registry.mlflow.enabled:
             for secret in settings.registry.mlflow.secrets():
@@ -452,8 +607,9 @@ def run_service(
     finally:
         if lease is not None:  # after the source: a standby starts from our last commit
             lease.close()
-        if store_lease is not None:
-            store_lease.release()  # a successor need not wait for it to expire
+        for held in (store_lease, checkpoint_lease):
+            if held is not None:
+                held.release()  # a successor need not wait for it to expire
         if control is not None and "service" not in service_ref:
             control.close()  # else the service closed it
         if isinstance(trainer, FullBatchTrainer):
@@ -468,42 +624,88 @@ def run_service(
             producer.flush(5.0)
         if http is not None:
             http.stop()
-        if owns_lock:
+        if owns_lock and lock is not None:
             lock.release()
+
+
+def _peek_state(settings: Settings, store: ObjectCheckpointStore) -> tuple[TrainingState, bool]:
+    """The newest readable shared checkpoint's state, read only (nothing quarantined), or a
+    fresh state; what a member needs before it may write: the lineage it claims."""
+    try:
+        loaded = store.read_latest()
+    except CheckpointError as error:
+        raise StartupError(str(error)) from None
+    if loaded is None or not isinstance(loaded.state, TrainingState):
+        return new_state(settings), False
+    return loaded.state, True
+
+
+def _restore_shared(
+    settings: Settings,
+    store: ObjectCheckpointStore,
+    peeked: TrainingState,
+    consumer_config: dict[str, Any],
+    control: ControlChannel | None,
+) -> tuple[TrainingState, bool]:
+    """Restore for writing from the shared store, under its lease: the peeked state may be
+    stale (another member wrote while this one stood by). The control channel moves to the
+    restored state's command offsets, so no command is applied twice."""
+    try:
+        state, restored = restore_state(settings, store)
+    except CheckpointError as error:
+        raise StartupError(str(error)) from None
+    if not restored or not getattr(state, "lineage", None):
+        state.lineage = peeked.lineage or str(consumer_config["group.instance.id"])
+    offsets = getattr(state, "control_offsets", None)
+    if control is not None and offsets:
+        control.seek(offsets)
+    return state, restored
 
 
 def _hold_store_lease(
     settings: Settings,
-    registry: StoreRegistry,
+    store: ObjectStore,
+    key: str,
+    what: str,
     stop: threading.Event,
     waiting: Callable[[str], None],
 ) -> StoreLease | None:
-    """Take the registry's lease object (``<model>/LEASE``) and fence the registry with it;
+    """Take the lease object ``key`` of ``store`` (the registry's or the checkpoints');
     None if stopped meanwhile.
 
     This member already holds the Kafka lease, so another holder is a writer that lost it
     (a zombie) or one that crashed: wait until its lease expires, then take it over with a
-    higher token, which fences the old writer's publishes. The holder name is this host and
-    checkpoint folder, so a restarted container of the same pod takes it back at once.
+    higher token, which fences the old writer's writes. The holder name is the member's
+    ``group.instance.id`` (by default the host name, i.e. the pod name, and a digest of
+    checkpoint.dir), so a restarted container of the same pod takes it back at once.
     """
-    holder = f"{socket.gethostname()}:{settings.checkpoint.dir}"
-    lease = StoreLease(
-        registry.store,
-        f"{settings.model.name}/LEASE",
-        holder,
-        ttl_s=settings.object_store.lease_seconds,
-    )
+    holder = settings.group_instance_id(socket.gethostname())
+    lease = StoreLease(store, key, holder, ttl_s=settings.object_store.lease_seconds)
+    unreachable_since: float | None = None
     while not stop.is_set():
         try:
             token = lease.acquire()
         except LeaseHeld as held:
-            waiting(f"registry lease: {held}")
+            waiting(f"{what} lease: {held}")
             stop.wait(1.0)
             continue
         except StoreLeaseError as error:
-            raise StartupError(f"registry lease: {error}") from None
-        registry.lease = lease
-        log.info("registry lease held", extra={"token": token, "holder": holder})
+            # A store that blinks (it answered the start-up check a moment ago) is waited
+            # for as at the check; retrying is safe: a lease whose write was applied but
+            # whose answer was lost is ours (same holder) at the next attempt.
+            cause = error.__cause__
+            now = time.monotonic()
+            unreachable_since = unreachable_since if unreachable_since is not None else now
+            bound = settings.object_store.startup_wait_seconds
+            if not (isinstance(cause, ObjectStoreError) and is_transient(cause)) or (
+                now - unreachable_since >= bound
+            ):
+                raise StartupError(f"{what} lease: {error}") from None
+            waiting(f"{what} lease: store unavailable: {error}")
+            log.warning("%s lease: store unavailable, retrying: %s", what, error)
+            stop.wait(1.0)
+            continue
+        log.info(f"{what} lease held", extra={"token": token, "holder": holder})
         return lease
     return None
 
@@ -542,10 +744,32 @@ def _acquire_lease(
     return None
 
 
+def _lineage_source(store: Checkpoints, state: TrainingState) -> Callable[[], str]:
+    """The lineage this member claims, asked at every check of the claim: fixed for a
+    folder; for a shared store, that of its newest checkpoint (another member may have
+    written the first one since this member started), else the one known so far."""
+    if not isinstance(store, ObjectCheckpointStore):
+        return lambda: state.lineage
+
+    # Read again even at the first check: it comes after the wait for the Kafka lease,
+    # which for a standby may be long after the read at start.
+    def newest() -> str:
+        try:
+            loaded = store.read_latest()
+        except (CheckpointError, ObjectStoreError) as error:
+            log.warning("shared checkpoints unreadable, lineage kept: %s", error)
+            return state.lineage
+        if loaded is not None and getattr(loaded.state, "lineage", None):
+            state.lineage = loaded.state.lineage
+        return state.lineage
+
+    return newest
+
+
 def _become_active(
     settings: Settings,
     consumer_config: dict[str, Any],
-    lineage: str,
+    lineage_of: Callable[[], str],
     standby: StandbyWait,
     heartbeat: Heartbeat,
     not_ready: dict[str, str],
@@ -565,6 +789,7 @@ def _become_active(
         lease = _acquire_lease(settings, lease_config, standby, heartbeat, not_ready, metrics)
         if lease is None:
             return None
+        lineage = lineage_of()
         try:
             claim = read_claim(client, topic)
             if claim is None:

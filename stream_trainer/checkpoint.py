@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 
 import stream_trainer
 from stream_trainer.errors import StreamTrainerError
@@ -114,6 +114,11 @@ class CheckpointLocked(CheckpointError):
     """Another process holds the checkpoint directory."""
 
 
+class CheckpointFenced(CheckpointError):
+    """Another writer took the checkpoints over (an object store's lease or pointer): this
+    one must stop, committing nothing more."""
+
+
 @dataclass(frozen=True)
 class CheckpointManifest:
     """What a checkpoint holds, readable without unpickling. Offsets are NEXT offsets."""
@@ -155,20 +160,24 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+# Where a checkpoint is: a Path in a folder, a URL on an object store.
+Location = TypeVar("Location", Path, str)
+
+
 @dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A verified, unpickled and validated checkpoint."""
+class LoadedCheckpoint(Generic[Location]):
+    """A verified, unpickled and validated checkpoint (``path``: a URL on an object store)."""
 
     manifest: CheckpointManifest
     state: Any
-    path: Path
+    path: Location
 
 
 @dataclass(frozen=True)
-class WriteResult:
+class WriteResult(Generic[Location]):
     """A durable checkpoint: its final path, size, write duration and sequence."""
 
-    path: Path
+    path: Location  # a URL on an object store
     size_bytes: int
     duration_s: float
     sequence: int
@@ -222,9 +231,25 @@ def _library_mismatch(recorded: dict[str, str]) -> str | None:
     return ", ".join(problems) if problems else None
 
 
-def _sequence_of(path: Path) -> int | None:
-    match = _NAME.match(path.name)
+def sequence_of_name(name: str) -> int | None:
+    """The sequence in a checkpoint's file or object name (``ckpt-<sequence>.ckpt``)."""
+    match = _NAME.match(name)
     return int(match.group(1)) if match else None
+
+
+def quarantined_sequence(name: str) -> int | None:
+    """The sequence kept in a quarantined checkpoint's name (never reused)."""
+    match = _QUARANTINED_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_name(sequence: int) -> str:
+    """The file or object name of checkpoint ``sequence``."""
+    return f"ckpt-{sequence:012d}.ckpt"
+
+
+def _sequence_of(path: Path) -> int | None:
+    return sequence_of_name(path.name)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -242,26 +267,28 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-class CheckpointStore:
-    """Signed checkpoints in one directory: write atomically, load the newest good one.
+class CheckpointCodec:
+    """The checkpoint format and its checks, shared by every store: manifests, signing,
+    verification (never unpickling before the HMAC and sha256 verify) and loading.
 
     ``key`` None means unsigned mode, which needs ``allow_unsigned``. With a key, unsigned
-    files are refused unless ``allow_unsigned`` (a migration aid, not for production).
-    ``on_quarantine(path_in_quarantine, reason)`` is called for every quarantined file.
+    checkpoints are refused unless ``allow_unsigned`` (a migration aid, not for
+    production). ``on_quarantine(location_in_quarantine, reason)`` is called for every
+    quarantined checkpoint. ``location`` names the store in messages.
     """
 
     def __init__(
         self,
-        directory: Path,
+        location: str,
         key: bytes | None,
         allow_unsigned: bool,
         keep_last: int,
-        on_quarantine: Callable[[Path, str], None] | None = None,
+        on_quarantine: Callable[[Any, str], None] | None = None,
         crash: Callable[[str], None] | None = None,
     ) -> None:
         if key is None and not allow_unsigned:
             raise CheckpointError(
-                f"no HMAC key for checkpoint directory {directory}: set "
+                f"no HMAC key for checkpoints in {location}: set "
                 "STREAM_TRAINER_CHECKPOINT__HMAC_KEY (or checkpoint.hmac_key_file), or "
                 "checkpoint.allow_unsigned: true (not for production)"
             )
@@ -269,7 +296,6 @@ class CheckpointStore:
             raise CheckpointError("the checkpoint HMAC key is empty")
         if keep_last < 1:
             raise ValueError("keep_last must be at least 1")
-        self.directory = Path(directory)
         self._key = key
         self._allow_unsigned = allow_unsigned
         self._keep_last = keep_last
@@ -277,8 +303,6 @@ class CheckpointStore:
         self._crash = crash or (lambda _point: None)  # fault-injection tests only
         self._write_lock = threading.Lock()
         self._last_sequence: int | None = None  # scanned lazily: no I/O in the constructor
-
-    # ------------------------------------------------------------------ writing
 
     def serialize(self, state: Any) -> bytes:
         """Pickle ``state`` (protocol 5).
@@ -288,59 +312,7 @@ class CheckpointStore:
         """
         return pickle.dumps(state, protocol=5)
 
-    def write(self, payload: bytes, manifest_fields: dict[str, Any]) -> WriteResult:
-        """Write ``payload`` durably as the next checkpoint, then prune to ``keep_last``.
-
-        ``manifest_fields`` holds offsets, model_version, config_hash, records_learnt,
-        metrics, extra (and optionally created_at, library_versions); the store assigns the
-        sequence and the payload fields. Non-finite floats become null. On any OSError
-        (disk full, EFBIG, EIO) the temp file is removed, previous checkpoints are left
-        untouched and CheckpointError is raised.
-        """
-        started = time.monotonic()
-        fields = self._manifest_fields(payload, manifest_fields)
-        with self._write_lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            sequence = self._next_sequence()
-            fields["sequence"] = sequence
-            header = self._encode_header(fields)
-            final = self.directory / f"ckpt-{sequence:012d}.ckpt"
-            temp = self.directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    _write_all(fd, header)
-                    half = len(payload) // 2
-                    _write_all(fd, memoryview(payload)[:half])
-                    self._crash("mid_checkpoint_write")
-                    _write_all(fd, memoryview(payload)[half:])
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(temp, final)
-                self._crash("after_rename")
-            except OSError as error:
-                with contextlib.suppress(OSError):
-                    temp.unlink()
-                raise CheckpointError(
-                    f"checkpoint {final.name} could not be written in {self.directory}: "
-                    f"{error}; previous checkpoints are untouched"
-                ) from error
-            # The sequence is used even if the directory fsync fails: the file exists.
-            self._last_sequence = sequence
-            try:
-                _fsync_directory(self.directory)
-            except OSError as error:
-                raise CheckpointError(
-                    f"checkpoint {final.name} was renamed but the directory fsync failed: {error}"
-                ) from error
-            self._prune(keep=final)
-        return WriteResult(
-            path=final,
-            size_bytes=len(header) + len(payload),
-            duration_s=time.monotonic() - started,
-            sequence=sequence,
-        )
+    # ------------------------------------------------------------------ encoding
 
     def _manifest_fields(self, payload: bytes, given: dict[str, Any]) -> dict[str, Any]:
         unknown = set(given) - _CALLER_FIELDS - _OPTIONAL_CALLER_FIELDS
@@ -370,87 +342,44 @@ class CheckpointStore:
         manifest = _canonical({**fields, "hmac": signature})
         return MAGIC + _LENGTH.pack(len(manifest)) + manifest
 
-    def _next_sequence(self) -> int:
-        if self._last_sequence is None:
-            found = [s for s in map(_sequence_of, self._all_files()) if s is not None]
-            quarantine = self.directory / QUARANTINE_DIR
-            if quarantine.is_dir():
-                found += [
-                    int(m.group(1))
-                    for m in (_QUARANTINED_NAME.match(p.name) for p in quarantine.iterdir())
-                    if m
-                ]
-            self._last_sequence = max(found, default=0)
-        return self._last_sequence + 1
+    # ------------------------------------------------------------------ verification
 
-    def _prune(self, keep: Path) -> None:
-        """Delete all but the newest ``keep_last``; ``keep`` (just written) always stays."""
-        files = self.list()
-        for old in files[: max(0, len(files) - self._keep_last)]:
-            if old == keep:
-                continue
-            try:
-                old.unlink()
-            except OSError as error:  # pruning is housekeeping; the write succeeded
-                log.warning("could not prune checkpoint %s: %s", old, error)
-
-    # ------------------------------------------------------------------ reading
-
-    def _all_files(self) -> list[Path]:
-        try:
-            return list(self.directory.iterdir())
-        except FileNotFoundError:
-            return []
-
-    def list(self) -> list[Path]:
-        """Checkpoint files, oldest first (temp files and the quarantine are ignored)."""
-        numbered = [(s, p) for p in self._all_files() if (s := _sequence_of(p)) is not None]
-        return [p for _, p in sorted(numbered)]
-
-    def remove_temp_files(self) -> int:
-        """Delete leftover temp files of crashed writes; writer only (hold the lock)."""
-        removed = 0
-        for path in self._all_files():
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
-        return removed
-
-    def _verify(self, path: Path, keep_payload: bool) -> tuple[CheckpointManifest, bytes | None]:
-        """Check format, signature, sequence and payload checksum; never unpickles.
+    def _verify_stream(
+        self, file: BinaryIO, name: str, keep_payload: bool
+    ) -> tuple[CheckpointManifest, bytes | None]:
+        """Check format, signature, sequence (against ``name``) and payload checksum of the
+        checkpoint read from ``file``; never unpickles.
 
         Raises _Rejected (quarantine), _PolicyRefusal (configuration) or OSError.
         """
-        with path.open("rb") as file:
-            head = file.read(_HEADER_SIZE)
-            if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
-                if MAGIC.startswith(head):
-                    raise _Rejected(TRUNCATED, f"{len(head)} bytes, shorter than the header")
-                raise _Rejected(BAD_MAGIC, "not a stream-trainer checkpoint (bad magic bytes)")
-            if len(head) < _HEADER_SIZE:
-                raise _Rejected(TRUNCATED, "file ends inside the header")
-            (length,) = _LENGTH.unpack(head[len(MAGIC) :])
-            if length > _MAX_MANIFEST_BYTES:
-                raise _Rejected(BAD_MANIFEST, f"manifest length {length} is implausible")
-            raw = file.read(length)
-            if len(raw) < length:
-                raise _Rejected(TRUNCATED, "file ends inside the manifest")
-            fields = self._authenticated_fields(raw)
-            manifest = self._manifest_from(fields)
-            if manifest.sequence != _sequence_of(path):
-                raise _Rejected(
-                    SEQUENCE_MISMATCH,
-                    f"manifest sequence {manifest.sequence} does not match the file name",
-                )
-            digest = hashlib.sha256()
-            chunks = bytearray() if keep_payload else None
-            size = 0
-            while chunk := file.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if chunks is not None:
-                    chunks += chunk
+        head = file.read(_HEADER_SIZE)
+        if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
+            if MAGIC.startswith(head):
+                raise _Rejected(TRUNCATED, f"{len(head)} bytes, shorter than the header")
+            raise _Rejected(BAD_MAGIC, "not a stream-trainer checkpoint (bad magic bytes)")
+        if len(head) < _HEADER_SIZE:
+            raise _Rejected(TRUNCATED, "file ends inside the header")
+        (length,) = _LENGTH.unpack(head[len(MAGIC) :])
+        if length > _MAX_MANIFEST_BYTES:
+            raise _Rejected(BAD_MANIFEST, f"manifest length {length} is implausible")
+        raw = file.read(length)
+        if len(raw) < length:
+            raise _Rejected(TRUNCATED, "file ends inside the manifest")
+        fields = self._authenticated_fields(raw)
+        manifest = self._manifest_from(fields)
+        if manifest.sequence != sequence_of_name(name):
+            raise _Rejected(
+                SEQUENCE_MISMATCH,
+                f"manifest sequence {manifest.sequence} does not match the file name",
+            )
+        digest = hashlib.sha256()
+        chunks = bytearray() if keep_payload else None
+        size = 0
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if chunks is not None:
+                chunks += chunk
         if size < manifest.payload_size:
             raise _Rejected(TRUNCATED, f"payload has {size} of {manifest.payload_size} bytes")
         if size > manifest.payload_size:
@@ -506,22 +435,193 @@ class CheckpointStore:
             raise _Rejected(BAD_MANIFEST, f"unknown serializer {fields['serializer']!r}")
         return CheckpointManifest(**fields)
 
-    def _refusal(self, path: Path, refusal: _PolicyRefusal) -> CheckpointError:
+    def _refusal(self, location: object, refusal: _PolicyRefusal) -> CheckpointError:
         if refusal.reason == UNSIGNED_NOT_ALLOWED:
             return CheckpointError(
-                f"checkpoint {path} is unsigned and unsigned checkpoints are not allowed; "
+                f"checkpoint {location} is unsigned and unsigned checkpoints are not allowed; "
                 "refusing to unpickle it. Set checkpoint.allow_unsigned: true to accept "
                 "unsigned checkpoints (not for production), or move the file away."
             )
         return CheckpointError(
-            f"checkpoint {path} is signed but no HMAC key is configured, so it cannot be "
+            f"checkpoint {location} is signed but no HMAC key is configured, so it cannot be "
             "verified and will not be unpickled; set STREAM_TRAINER_CHECKPOINT__HMAC_KEY "
             "(or checkpoint.hmac_key_file) to the key that signed it"
         )
 
+    def _load_stream(
+        self,
+        file: BinaryIO,
+        name: str,
+        validate: Callable[[Any, CheckpointManifest], None] | None,
+    ) -> tuple[CheckpointManifest, Any]:
+        """Verify, then unpickle and validate; raises _Rejected for an unusable checkpoint."""
+        manifest, payload = self._verify_stream(file, name, keep_payload=True)
+        assert payload is not None
+        mismatch = _library_mismatch(manifest.library_versions)
+        if mismatch:
+            raise _Rejected(LIBRARY_MISMATCH, f"written with {mismatch}")
+        try:
+            # The payload's sha256 is in the manifest, whose HMAC was verified above (or
+            # unsigned mode was explicitly allowed): only authenticated bytes reach pickle.
+            state = pickle.loads(payload)  # noqa: S301 - authenticated by _verify_stream
+        except Exception as error:  # unpickling can raise anything; the file is unusable
+            raise _Rejected(UNPICKLE_FAILED, f"{type(error).__name__}: {error}") from None
+        if validate is not None:
+            try:
+                validate(state, manifest)
+            except Exception as error:  # the caller's check: any failure means unusable
+                raise _Rejected(VALIDATION_FAILED, f"{type(error).__name__}: {error}") from None
+        return manifest, state
+
+    def _inspect_stream(self, file: BinaryIO, name: str, result: dict[str, Any]) -> None:
+        """Fill ``result`` (see ``inspect``) from the checkpoint in ``file``."""
+        try:
+            result["manifest"] = _read_manifest_json(file)
+            file.seek(0)
+            manifest, _ = self._verify_stream(file, name, keep_payload=False)
+            mismatch = _library_mismatch(manifest.library_versions)
+            if mismatch:
+                raise _Rejected(LIBRARY_MISMATCH, f"written with {mismatch}")
+        except _Rejected as rejected:
+            result.update(verification=rejected.reason, detail=rejected.detail)
+
+
+class CheckpointStore(CheckpointCodec):
+    """Signed checkpoints in one directory: write atomically, load the newest good one.
+
+    See :class:`CheckpointCodec` for ``key``, ``allow_unsigned`` and ``on_quarantine``
+    (called with the quarantined file's path).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        key: bytes | None,
+        allow_unsigned: bool,
+        keep_last: int,
+        on_quarantine: Callable[[Any, str], None] | None = None,
+        crash: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(
+            f"directory {directory}", key, allow_unsigned, keep_last, on_quarantine, crash
+        )
+        self.directory = Path(directory)
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoints are, for messages."""
+        return str(self.directory)
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, payload: bytes, manifest_fields: dict[str, Any]) -> WriteResult[Path]:
+        """Write ``payload`` durably as the next checkpoint, then prune to ``keep_last``.
+
+        ``manifest_fields`` holds offsets, model_version, config_hash, records_learnt,
+        metrics, extra (and optionally created_at, library_versions); the store assigns the
+        sequence and the payload fields. Non-finite floats become null. On any OSError
+        (disk full, EFBIG, EIO) the temp file is removed, previous checkpoints are left
+        untouched and CheckpointError is raised.
+        """
+        started = time.monotonic()
+        fields = self._manifest_fields(payload, manifest_fields)
+        with self._write_lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            sequence = self._next_sequence()
+            fields["sequence"] = sequence
+            header = self._encode_header(fields)
+            final = self.directory / checkpoint_name(sequence)
+            temp = self.directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, header)
+                    half = len(payload) // 2
+                    _write_all(fd, memoryview(payload)[:half])
+                    self._crash("mid_checkpoint_write")
+                    _write_all(fd, memoryview(payload)[half:])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(temp, final)
+                self._crash("after_rename")
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+                raise CheckpointError(
+                    f"checkpoint {final.name} could not be written in {self.directory}: "
+                    f"{error}; previous checkpoints are untouched"
+                ) from error
+            # The sequence is used even if the directory fsync fails: the file exists.
+            self._last_sequence = sequence
+            try:
+                _fsync_directory(self.directory)
+            except OSError as error:
+                raise CheckpointError(
+                    f"checkpoint {final.name} was renamed but the directory fsync failed: {error}"
+                ) from error
+            self._prune(keep=final)
+        return WriteResult(
+            path=final,
+            size_bytes=len(header) + len(payload),
+            duration_s=time.monotonic() - started,
+            sequence=sequence,
+        )
+
+    def _next_sequence(self) -> int:
+        if self._last_sequence is None:
+            found = [s for s in map(_sequence_of, self._all_files()) if s is not None]
+            quarantine = self.directory / QUARANTINE_DIR
+            if quarantine.is_dir():
+                found += [
+                    s
+                    for s in map(quarantined_sequence, (p.name for p in quarantine.iterdir()))
+                    if s is not None
+                ]
+            self._last_sequence = max(found, default=0)
+        return self._last_sequence + 1
+
+    def _prune(self, keep: Path) -> None:
+        """Delete all but the newest ``keep_last``; ``keep`` (just written) always stays."""
+        files = self.list()
+        for old in files[: max(0, len(files) - self._keep_last)]:
+            if old == keep:
+                continue
+            try:
+                old.unlink()
+            except OSError as error:  # pruning is housekeeping; the write succeeded
+                log.warning("could not prune checkpoint %s: %s", old, error)
+
+    # ------------------------------------------------------------------ reading
+
+    def _all_files(self) -> list[Path]:
+        try:
+            return list(self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+
+    def list(self) -> list[Path]:
+        """Checkpoint files, oldest first (temp files and the quarantine are ignored)."""
+        numbered = [(s, p) for p in self._all_files() if (s := _sequence_of(p)) is not None]
+        return [p for _, p in sorted(numbered)]
+
+    def remove_temp_files(self) -> int:
+        """Delete leftover temp files of crashed writes; writer only (hold the lock)."""
+        removed = 0
+        for path in self._all_files():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def _verify(self, path: Path, keep_payload: bool) -> tuple[CheckpointManifest, bytes | None]:
+        with path.open("rb") as file:
+            return self._verify_stream(file, path.name, keep_payload)
+
     def load_latest(
         self, validate: Callable[[Any, CheckpointManifest], None] | None = None
-    ) -> LoadedCheckpoint | None:
+    ) -> LoadedCheckpoint[Path] | None:
         """The newest checkpoint that verifies, unpickles and validates, or None.
 
         Writer only (hold the lock): removes temp files and quarantines every newer file
@@ -545,7 +645,7 @@ class CheckpointStore:
             return loaded
         return None
 
-    def read_latest(self) -> LoadedCheckpoint | None:
+    def read_latest(self) -> LoadedCheckpoint[Path] | None:
         """The newest checkpoint that verifies and unpickles, or None; read-only (for a
         reader beside a running service: nothing is removed or quarantined, a failing file
         is skipped). Raises CheckpointError as :meth:`load_latest` does on policy refusals."""
@@ -560,23 +660,9 @@ class CheckpointStore:
 
     def _load(
         self, path: Path, validate: Callable[[Any, CheckpointManifest], None] | None
-    ) -> LoadedCheckpoint:
-        manifest, payload = self._verify(path, keep_payload=True)
-        assert payload is not None
-        mismatch = _library_mismatch(manifest.library_versions)
-        if mismatch:
-            raise _Rejected(LIBRARY_MISMATCH, f"written with {mismatch}")
-        try:
-            # The payload's sha256 is in the manifest, whose HMAC was verified above (or
-            # unsigned mode was explicitly allowed): only authenticated bytes reach pickle.
-            state = pickle.loads(payload)  # noqa: S301 - authenticated by _verify first
-        except Exception as error:  # unpickling can raise anything; the file is unusable
-            raise _Rejected(UNPICKLE_FAILED, f"{type(error).__name__}: {error}") from None
-        if validate is not None:
-            try:
-                validate(state, manifest)
-            except Exception as error:  # the caller's check: any failure means unusable
-                raise _Rejected(VALIDATION_FAILED, f"{type(error).__name__}: {error}") from None
+    ) -> LoadedCheckpoint[Path]:
+        with path.open("rb") as file:
+            manifest, state = self._load_stream(file, path.name, validate)
         return LoadedCheckpoint(manifest=manifest, state=state, path=path)
 
     def _quarantine(self, path: Path, reason: str, detail: str) -> Path:
@@ -616,13 +702,8 @@ class CheckpointStore:
         result: dict[str, Any] = {"path": str(path), "verification": "ok", "detail": ""}
         try:
             result["size_bytes"] = path.stat().st_size
-            result["manifest"] = _read_manifest_json(path)
-            manifest, _ = self._verify(path, keep_payload=False)
-            mismatch = _library_mismatch(manifest.library_versions)
-            if mismatch:
-                raise _Rejected(LIBRARY_MISMATCH, f"written with {mismatch}")
-        except _Rejected as rejected:
-            result.update(verification=rejected.reason, detail=rejected.detail)
+            with path.open("rb") as file:
+                self._inspect_stream(file, path.name, result)
         except OSError as error:
             result.update(verification="unreadable", detail=str(error))
         return result
@@ -641,19 +722,18 @@ class CheckpointStore:
         return None
 
 
-def _read_manifest_json(path: Path) -> dict[str, Any] | None:
+def _read_manifest_json(file: BinaryIO) -> dict[str, Any] | None:
     """The manifest JSON as stored (minus the hmac), or None if unreadable; no checks."""
-    with path.open("rb") as file:
-        head = file.read(_HEADER_SIZE)
-        if len(head) < _HEADER_SIZE or head[: len(MAGIC)] != MAGIC:
-            return None
-        (length,) = _LENGTH.unpack(head[len(MAGIC) :])
-        if length > _MAX_MANIFEST_BYTES:
-            return None
-        try:
-            fields = json.loads(file.read(length))
-        except (UnicodeDecodeError, ValueError):
-            return None
+    head = file.read(_HEADER_SIZE)
+    if len(head) < _HEADER_SIZE or head[: len(MAGIC)] != MAGIC:
+        return None
+    (length,) = _LENGTH.unpack(head[len(MAGIC) :])
+    if length > _MAX_MANIFEST_BYTES:
+        return None
+    try:
+        fields = json.loads(file.read(length))
+    except (UnicodeDecodeError, ValueError):
+        return None
     if not isinstance(fields, dict):
         return None
     fields.pop("hmac", None)
@@ -725,7 +805,13 @@ class DirectoryLock:
 
 
 class _Writes(Protocol):
-    def write(self, payload: bytes, manifest_fields: dict[str, Any]) -> WriteResult: ...
+    def write(self, payload: bytes, manifest_fields: dict[str, Any]) -> WriteResult[Any]: ...
+
+
+class CheckpointWriter(_Writes, Protocol):
+    """What the poll loop needs of a checkpoint store (a folder's or an object store's)."""
+
+    def serialize(self, state: Any) -> bytes: ...
 
 
 class BackgroundWriter:
@@ -742,7 +828,7 @@ class BackgroundWriter:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="checkpoint-writer"
         )
-        self._in_flight: concurrent.futures.Future[WriteResult] | None = None
+        self._in_flight: concurrent.futures.Future[WriteResult[Any]] | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -754,7 +840,7 @@ class BackgroundWriter:
 
     def submit(
         self, payload: bytes, manifest_fields: dict[str, Any]
-    ) -> concurrent.futures.Future[WriteResult] | None:
+    ) -> concurrent.futures.Future[WriteResult[Any]] | None:
         """Start writing ``payload``; None if a write is already in flight.
 
         ``payload`` must already be serialized (``CheckpointStore.serialize`` on the

@@ -23,6 +23,8 @@ _RUN_SIGNALS: ShutdownSignals | None = None
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # `control --wait`: the service refused the command; no ack came within the wait.
 EXIT_REFUSED, EXIT_NO_ANSWER = 3, 4
+# How long CLI commands retry a registry store's transient read errors.
+CLI_STORE_RETRY_S = 30.0
 DEFAULT_CONTROL_WAIT_S = 30.0
 DEFAULT_INPUT_PARTITIONS = 3  # stream_trainer.topics's, without importing confluent_kafka
 
@@ -60,13 +62,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals.install()
     # The single-writer lock comes before the heavy imports, so a second process on the
     # same checkpoint directory fails in milliseconds, not after loading River/sklearn.
-    lock = DirectoryLock(settings.checkpoint.dir)
+    # (An object store's writer holds a lease instead, taken once the member is active.)
+    where = settings.checkpoint.dir
+    lock = DirectoryLock(where) if isinstance(where, Path) else None
     try:
-        lock.acquire()
+        if lock is not None:
+            lock.acquire()
     except CheckpointLocked as error:
         print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
         return EXIT_FAILURE
     from stream_trainer.app import StartupError, run_service  # noqa: PLC0415
+    from stream_trainer.checkpoint import CheckpointFenced  # noqa: PLC0415
     from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
 
     try:
@@ -75,8 +81,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (StartupError, IncompatibleLearner) as error:
         print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    except CheckpointFenced as error:
+        print(f"stream-trainer: stopped, fenced off: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
@@ -162,47 +172,69 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
     """Show checkpoint manifests and their verification, never unpickling anything."""
-    from stream_trainer.checkpoint import CheckpointStore  # noqa: PLC0415
+    from stream_trainer.checkpoint import CheckpointError, CheckpointStore  # noqa: PLC0415
+    from stream_trainer.config import ObjectStoreSettings  # noqa: PLC0415
+    from stream_trainer.objectstore import (  # noqa: PLC0415
+        ObjectStoreError,
+        is_store_url,
+        open_store,
+    )
+    from stream_trainer.store_checkpoint import ObjectCheckpointStore  # noqa: PLC0415
 
     key: bytes | None = None
     unsigned = True
-    directory: Path | None = None
+    where: str | Path | None = None
+    object_store = ObjectStoreSettings()
     if args.config is not None or args.path is None:
         settings = _settings(args)
         key, unsigned = settings.checkpoint.key(), settings.checkpoint.allow_unsigned
-        directory = settings.checkpoint.dir
-    paths: list[Path] = []
+        where, object_store = settings.checkpoint.dir, settings.object_store
     if args.path is not None:
-        if args.path.is_file():
-            directory, paths = args.path.parent, [args.path]
-        else:
-            directory = args.path
-    assert directory is not None
+        where = args.path if is_store_url(args.path) else Path(args.path)
+    assert where is not None
     # Without a key nothing can be verified, but manifests can still be shown.
-    store = CheckpointStore(
-        directory, key=key, allow_unsigned=unsigned or key is None, keep_last=1_000_000
-    )
-    if not paths:
-        paths = store.list()[-1:] if not args.all else store.list()
-    if not paths:
-        print(f"no checkpoints in {directory}", file=sys.stderr)
+    allow_unsigned = unsigned or key is None
+    results: list[dict[str, Any]]
+    if isinstance(where, str):
+        prefix, _, last = where.rstrip("/").rpartition("/")
+        names: list[str] | None = [last] if last.endswith(".ckpt") else None
+        try:
+            remote = ObjectCheckpointStore(
+                open_store(prefix if names else where, object_store),
+                key=key,
+                allow_unsigned=allow_unsigned,
+                keep_last=1_000_000,
+            )
+            results = [remote.inspect(name) for name in names or remote.names(args.all)]
+        except (ObjectStoreError, CheckpointError) as error:
+            print(f"stream-trainer: {error}", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        paths: list[Path] = []
+        if where.is_file():
+            where, paths = where.parent, [where]
+        store = CheckpointStore(where, key=key, allow_unsigned=allow_unsigned, keep_last=1_000_000)
+        if not paths:
+            paths = store.list()[-1:] if not args.all else store.list()
+        results = [store.inspect(path) for path in paths]
+    if not results:
+        print(f"no checkpoints in {where}", file=sys.stderr)
         return EXIT_FAILURE
-    _print_json([store.inspect(path) for path in paths])
+    _print_json(results)
     return EXIT_OK
 
 
 def cmd_search_show(args: argparse.Namespace) -> int:
     """Print the last hyperparameter search recorded in the newest checkpoint."""
-    from stream_trainer.checkpoint import CheckpointError, CheckpointStore  # noqa: PLC0415
+    from stream_trainer.app import open_checkpoints  # noqa: PLC0415
+    from stream_trainer.checkpoint import CheckpointError  # noqa: PLC0415
+    from stream_trainer.objectstore import ObjectStoreError  # noqa: PLC0415
 
     settings = _settings(args)
     cfg = settings.checkpoint
-    store = CheckpointStore(
-        cfg.dir, key=cfg.key(), allow_unsigned=cfg.allow_unsigned, keep_last=1_000_000
-    )
     try:
-        loaded = store.read_latest()
-    except CheckpointError as error:
+        loaded = open_checkpoints(settings).read_latest()
+    except (CheckpointError, ObjectStoreError) as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
     if loaded is None:
@@ -263,6 +295,8 @@ def _registry(settings: Settings) -> Any:
         settings.checkpoint.key(),
         settings.registry.keep_last,
         settings.object_store,
+        # A store that blinks (a restart, a 503) should not fail `versions list` at once.
+        read_retry_s=CLI_STORE_RETRY_S,
     )
 
 
@@ -294,12 +328,13 @@ def _move_mlflow_alias(settings: Settings, registry: Any) -> None:
 
 def cmd_versions(args: argparse.Namespace) -> int:
     """List, show, promote or roll back model versions."""
+    from stream_trainer.objectstore import ObjectStoreError  # noqa: PLC0415
     from stream_trainer.registry import RegistryError  # noqa: PLC0415
     from stream_trainer.versions import VersionEventError  # noqa: PLC0415
 
     settings = _settings(args)
-    registry = _registry(settings)
     try:
+        registry = _registry(settings)
         if args.versions_command == "list":
             champion = registry.champion()
             rows = [
@@ -339,7 +374,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
             _announce_champion(settings, info, args.reason)
             print(f"rolled back: version {info.version} is now the champion")
             _move_mlflow_alias(settings, registry)
-    except (RegistryError, VersionEventError) as error:
+    except (RegistryError, VersionEventError, ObjectStoreError) as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -618,8 +653,10 @@ def _add_checkpoint(sub: Any) -> None:
     q.add_argument(
         "path",
         nargs="?",
-        type=Path,
-        help="a checkpoint file or directory (default: checkpoint.dir of the config)",
+        help=(
+            "a checkpoint file or directory, or an s3:// prefix or object (default: "
+            "checkpoint.dir of the config)"
+        ),
     )
     q.add_argument("--all", action="store_true", help="every checkpoint, not just the newest")
     q.set_defaults(func=cmd_checkpoint_inspect)

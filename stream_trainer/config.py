@@ -145,9 +145,24 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# An object-store location (``s3://bucket/prefix``); anything else is a local path. Tried
-# first (left to right), so a URL never becomes Path("s3:/bucket"), which drops a slash.
-StoreUrl = Annotated[str, StringConstraints(pattern=r"^s3://[^/?#]+(/[^?#]*)?$")]
+# An object-store location (``s3://``, ``gs://`` or ``az://`` + ``bucket/prefix``); anything
+# else is a local path. Tried first (left to right), so a URL never becomes
+# Path("s3:/bucket"), which drops a slash.
+STORE_SCHEMES = ("s3://", "gs://", "az://")
+
+
+def known_store_scheme(value: Any) -> Any:
+    """``value`` unchanged, unless it is a URL of a store we do not speak (ValueError):
+    Path("hdfs://b") would quietly become the relative folder "hdfs:/b"."""
+    if isinstance(value, str) and "://" in value and not value.startswith(STORE_SCHEMES):
+        raise ValueError(
+            f"unsupported URL {value!r}: use a folder, s3://bucket/prefix, "
+            "gs://bucket/prefix or az://container/prefix"
+        )
+    return value
+
+
+StoreUrl = Annotated[str, StringConstraints(pattern=r"^(s3|gs|az)://[^/?#@:]+(/[^?#]*)?$")]
 
 
 def _read_secret(value: SecretStr | None, file: Path | None) -> str | None:
@@ -1274,14 +1289,17 @@ class DeadLetterSettings(StrictModel):
 
 
 class ObjectStoreSettings(StrictModel):
-    """How to reach the object store of ``s3://`` locations (registry.root)."""
+    """How to reach the object store of ``s3://`` / ``gs://`` / ``az://`` locations
+    (registry.root). For gs:// and az:// only endpoint_url, ca_file and timeout_seconds
+    apply: their credentials come from the environment / workload identity."""
 
     endpoint_url: str | None = Field(
         default=None,
         description=(
             "S3 API endpoint of an S3-compatible server (MinIO, Ceph, SeaweedFS), e.g. "
-            "https://minio.storage:9000; null: AWS S3 of the region. http:// is allowed "
-            "only when written here"
+            "https://minio.storage:9000; null: AWS S3 of the region. For gs:// / az:// "
+            "an emulator's or sovereign cloud's base URL. http:// is allowed only when "
+            "written here"
         ),
     )
     region: str | None = Field(
@@ -1323,12 +1341,22 @@ class ObjectStoreSettings(StrictModel):
             "store then fails, not hangs)"
         ),
     )
+    startup_wait_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "at start, how long a registry store that cannot be reached (network error, "
+            "timeout, 5xx) is retried before the start fails; a refusal (bad credentials, "
+            "no such bucket) fails the start at once"
+        ),
+    )
 
     lease_seconds: float = Field(
         default=60.0,
         gt=0,
         description=(
-            "how long the writer's lease on an s3:// registry lasts without a publish; a "
+            "how long the writer's lease on an s3:// registry or checkpoint.dir lasts without "
+            "a publish or checkpoint; a "
             "member that took the Kafka lease over from a crashed or cut-off writer waits at "
             "most this long, then fences it. Must exceed the writers' clock skew"
         ),
@@ -1346,12 +1374,21 @@ class ObjectStoreSettings(StrictModel):
 class CheckpointSettings(StrictModel):
     """Signed, atomic checkpoints: the source of truth for offsets."""
 
-    dir: Path = Field(
+    dir: StoreUrl | Path = Field(
+        union_mode="left_to_right",
         description=(
-            "folder of this member's checkpoints (and quarantine/); locked by one process; "
-            "must survive restarts (on Kubernetes, the PVC)"
-        )
+            "folder of this member's checkpoints (and quarantine/), locked by one process "
+            "and surviving restarts (on Kubernetes, the PVC); or s3://bucket/prefix, written "
+            "by the one holder of its lease object, so any pod can take over (gs:// and "
+            "az:// too; see object_store and docs/object-storage.md)"
+        ),
     )
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _known_scheme(cls, value: Any) -> Any:
+        return known_store_scheme(value)
+
     every_records: int | None = Field(
         default=100_000,
         ge=1,
@@ -1425,7 +1462,8 @@ class GateSettings(StrictModel):
         default=True,
         description=(
             "compare each candidate with the champion before it replaces it; false: "
-            "every publish and every retrain's candidate wins"
+            "every publish and every retrain's candidate wins unless its parameters are "
+            "not finite (NaN / inf)"
         ),
     )
     margin: float = Field(
@@ -1583,8 +1621,9 @@ class RegistrySettings(StrictModel):
     root: StoreUrl | Path = Field(
         union_mode="left_to_right",
         description=(
-            "where versions are published (<root>/<model>/versions/<n>/): a folder, or "
-            "s3://bucket/prefix (see object_store and docs/object-storage.md); serving "
+            "where versions are published (<root>/<model>/versions/<n>/): a folder, "
+            "s3://bucket/prefix, gs://bucket/prefix or az://container/prefix (see "
+            "object_store and docs/object-storage.md); serving "
             "readers load from it, so share it with them"
         ),
     )
@@ -1616,10 +1655,7 @@ class RegistrySettings(StrictModel):
     @field_validator("root", mode="before")
     @classmethod
     def _known_scheme(cls, value: Any) -> Any:
-        # Path("gs://b") would quietly become the relative folder "gs:/b".
-        if isinstance(value, str) and "://" in value and not value.lower().startswith("s3://"):
-            raise ValueError(f"unsupported URL {value!r}: use a folder or s3://bucket/prefix")
-        return value
+        return known_store_scheme(value)
 
 
 class HttpSettings(StrictModel):
@@ -1807,7 +1843,8 @@ class Settings(BaseSettings):
         across restarts of one member, distinct for two members on one host."""
         if self.kafka.group_instance_id is not None:
             return self.kafka.group_instance_id
-        folder = str(self.checkpoint.dir.resolve()).encode()
+        where = self.checkpoint.dir
+        folder = (str(where.resolve()) if isinstance(where, Path) else where).encode()
         return f"{hostname}-{hashlib.sha256(folder).hexdigest()[:10]}"
 
     def config_hash(self) -> str:

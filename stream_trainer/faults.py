@@ -27,6 +27,7 @@ CRASH_ENV = "STREAM_TRAINER_CRASH_AT"
 POINTS = (
     "after_learn",
     "mid_checkpoint_write",
+    "before_checkpoint_visible",
     "after_rename",
     "after_checkpoint",
     "before_version_visible",

@@ -120,7 +120,7 @@ class StoreLease:
             if record.holder != self.holder and record.expires_at > now:
                 raise LeaseHeld(
                     f"{self._store.url_of(self._key)}: held by {record.holder!r} for another "
-                    f"{record.expires_at - now:.0f} s (token {record.token})"
+                    f"{record.expires_at - now:.1f} s (token {record.token})"
                 )
         token = (current[0].token if current else 0) + 1
         record = LeaseRecord(self.holder, token, now + self._ttl_s)

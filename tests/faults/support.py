@@ -20,19 +20,32 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_trainer.checkpoint import CheckpointStore, LoadedCheckpoint
+from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
 from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
+from stream_trainer.objectstore import is_store_url, open_store
 from stream_trainer.state import TrainingState
+from stream_trainer.store_checkpoint import ObjectCheckpointStore
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 
 LEARNT = "stream_trainer_records_learnt_total"
 ASSIGNED = "stream_trainer_assigned_partitions"
 
 
-def store_of(config: Mapping[str, Any]) -> CheckpointStore:
-    """A store on the service's checkpoint directory with the test key (reads only
-    unless the service is stopped: ``load_latest`` may quarantine)."""
+def store_of(config: Mapping[str, Any]) -> CheckpointStore | ObjectCheckpointStore:
+    """A store on the service's checkpoint directory (or object-store prefix: this process
+    needs the store's credentials in its environment) with the test key (reads only unless
+    the service is stopped: ``load_latest`` may quarantine)."""
+    where = str(config["checkpoint"]["dir"])
+    if is_store_url(where):
+        store = open_store(where, ObjectStoreSettings(**config.get("object_store", {})))
+        return ObjectCheckpointStore(store, HMAC_KEY.encode(), allow_unsigned=False, keep_last=1000)
+    return folder_store_of(config)
+
+
+def folder_store_of(config: Mapping[str, Any]) -> CheckpointStore:
+    """:func:`store_of` for a service whose checkpoint.dir is a folder."""
     return CheckpointStore(
         Path(config["checkpoint"]["dir"]),
         key=HMAC_KEY.encode(),
@@ -128,7 +141,7 @@ def wait_checkpointed(
     wait_for(done, timeout, f"a checkpoint covering {dict(ends)}", interval=0.1)
 
 
-def load_final(config: Mapping[str, Any]) -> LoadedCheckpoint:
+def load_final(config: Mapping[str, Any]) -> LoadedCheckpoint[Any]:
     """The newest good checkpoint; only call while no service holds the directory."""
     loaded = store_of(config).load_latest()
     assert loaded is not None, "no checkpoint verifies"

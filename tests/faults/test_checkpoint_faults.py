@@ -20,11 +20,11 @@ from tests.faults.support import (
     committed_offsets,
     end_offsets,
     fault_config,
+    folder_store_of,
     judge,
     load_final,
     manifest_offsets,
     produce_records,
-    store_of,
     topic_of,
     wait_checkpointed,
     wait_exit,
@@ -174,7 +174,7 @@ def test_bad_checkpoints_are_quarantined(broker: BrokerHandle, tmp_path: Path) -
         pickle.dumps(_Payload(f"touch {marker}"), protocol=5),
         fields,
     )
-    assert store_of(config).list()[-1] == tampered
+    assert folder_store_of(config).list()[-1] == tampered
 
     produce_records(config, 1000, 1, seed=5)
     ends = end_offsets(broker.bootstrap_servers, topic_of(config))
@@ -232,7 +232,7 @@ def test_lost_newest_checkpoint_is_relearnt_from_the_previous_one(
         first.__exit__()
     group = config["kafka"]["group_id"]
     assert committed_offsets(kafka_broker.bootstrap_servers, group, list(ends)) == ends
-    for newest in reversed(store_of(config).list()):  # every checkpoint at the end offsets
+    for newest in reversed(folder_store_of(config).list()):  # every checkpoint at the end offsets
         if manifest_offsets(config) != ends:
             break
         data = bytearray(newest.read_bytes())
@@ -271,7 +271,7 @@ def test_disk_full_during_checkpoint(kafka_broker: BrokerHandle, tmp_path: Path)
     try:
         wait_checkpointed(config, ends, service)
         size = int(service.wait_metric("stream_trainer_checkpoint_size_bytes", 1))
-        before = store_of(config).latest_manifest()
+        before = folder_store_of(config).latest_manifest()
         assert before is not None
         limit = size // 2
         assert service.log_path.stat().st_size < limit // 2, "the log would hit the limit too"
@@ -283,14 +283,15 @@ def test_disk_full_during_checkpoint(kafka_broker: BrokerHandle, tmp_path: Path)
         service.wait_metric(LEARNT, 6000, 60)
         failures = service.wait_metric("stream_trainer_checkpoint_failures_total", 2, 30)
         committed = committed_offsets(bootstrap, group, list(full_ends))
-        latest = store_of(config).latest_manifest()
+        latest = folder_store_of(config).latest_manifest()
         assert latest is not None and latest.sequence == before.sequence
         assert all(committed[k] <= v for k, v in manifest_offsets(config).items())
         leftovers = [
             p.name for p in Path(config["checkpoint"]["dir"]).iterdir() if p.name.endswith(".tmp")
         ]
         verdicts = {
-            p.name: store_of(config).inspect(p)["verification"] for p in store_of(config).list()
+            p.name: folder_store_of(config).inspect(p)["verification"]
+            for p in folder_store_of(config).list()
         }
         assert service.alive()
         # Space comes back: the next checkpoint succeeds and covers everything.

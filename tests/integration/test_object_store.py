@@ -27,12 +27,14 @@ from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
 from stream_trainer.objectstore import (
     ObjectExists,
+    ObjectNotFound,
     ObjectStoreError,
     PreconditionFailed,
     S3ObjectStore,
     open_store,
 )
 from stream_trainer.registry import METADATA_FILE, RegistryError, open_registry
+from stream_trainer.store_checkpoint import ObjectCheckpointStore
 from stream_trainer.store_lease import LeaseLost, StoreLease
 from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
@@ -116,6 +118,39 @@ def test_store_repr_and_errors_never_show_the_secret(
     with pytest.raises(ObjectStoreError) as caught:
         store.get("../bad\x00key")
     assert secret not in str(caught.value)
+
+
+def test_every_request_is_observed_and_only_store_failures_count_as_failed(
+    s3_server: SeaweedFS, s3_url: str, tmp_path: Path
+) -> None:
+    seen: list[tuple[str, float, bool]] = []
+
+    def observe(operation: str, seconds: float, failed: bool) -> None:
+        seen.append((operation, seconds, failed))
+
+    admin = settings_for(s3_server, tmp_path, s3_server.admin)
+    store = open_store(s3_url, admin, observe)
+    etag = store.put("k", b"v")
+    with pytest.raises(ObjectExists):
+        store.put_if_absent("k", b"again")
+    store.put_if_match("k", b"v2", etag)
+    with pytest.raises(ObjectNotFound):
+        store.get("missing")
+    store.list("")
+    store.delete("k")
+    reader = open_store(s3_url, settings_for(s3_server, tmp_path, s3_server.reader), observe)
+    with pytest.raises(ObjectStoreError):
+        reader.put("k", b"refused")
+    assert [(op, failed) for op, _, failed in seen] == [
+        ("put", False),
+        ("put_if_absent", False),  # refused: an answer, not a failure
+        ("put_if_match", False),
+        ("get", False),  # missing: an answer too
+        ("list", False),
+        ("delete", False),
+        ("put", True),  # the read-only identity: the store failed it
+    ]
+    assert all(0 < seconds < 30 for _, seconds, _ in seen)
 
 
 # -- the registry on the store --------------------------------------------------------
@@ -303,17 +338,8 @@ def test_a_reader_sharing_only_the_bucket_and_topic_loads_the_champion(
     assert json.loads(example.stdout.strip().splitlines()[-1]) == {"version": 2, "prediction": 2}
 
 
-def test_cli_versions_lists_and_shows_an_s3_registry_with_read_only_keys(
-    s3_server: SeaweedFS,
-    s3_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    registry = registry_on(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
-    registry.publish(b"one", {"parent_version": None}, promote=True)
-    registry.publish(b"two", {"parent_version": 1}, promote=False)
-
+def cli_config(tmp_path: Path, server: SeaweedFS, registry_root: str, checkpoint_dir: str) -> Path:
+    """A config file for the CLI against ``server`` (keys from the environment)."""
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -327,16 +353,31 @@ def test_cli_versions_lists_and_shows_an_s3_registry_with_read_only_keys(
                     "learner": {"path": "river.linear_model.LogisticRegression"},
                 },
                 "training": {"mode": "per_record"},
-                "checkpoint": {"dir": str(tmp_path / "checkpoints")},
-                "registry": {"root": s3_url},
+                "checkpoint": {"dir": checkpoint_dir},
+                "registry": {"root": registry_root},
                 "object_store": {
-                    "endpoint_url": s3_server.endpoint_url,
-                    "region": s3_server.region,
+                    "endpoint_url": server.endpoint_url,
+                    "region": server.region,
                     "path_style": True,
                 },
             }
         )
     )
+    return config
+
+
+def test_cli_versions_lists_and_shows_an_s3_registry_with_read_only_keys(
+    s3_server: SeaweedFS,
+    s3_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = registry_on(s3_url, settings_for(s3_server, tmp_path, s3_server.admin))
+    registry.publish(b"one", {"parent_version": None}, promote=True)
+    registry.publish(b"two", {"parent_version": 1}, promote=False)
+
+    config = cli_config(tmp_path, s3_server, s3_url, str(tmp_path / "checkpoints"))
     monkeypatch.setenv("STREAM_TRAINER_CHECKPOINT__HMAC_KEY", KEY.decode())
     for name, value in s3_server.reader.env().items():
         monkeypatch.setenv(name, value)
@@ -504,3 +545,47 @@ def test_the_service_publishes_versions_to_s3_across_a_restart(
             f"{s3_url}/{config['model']['name']}/versions/{event['version']:08d}/model.pkl"
         )
         assert event["metadata"]["artifact_sha256"]
+
+
+def test_cli_checkpoint_inspect_reads_an_s3_prefix_with_read_only_keys(
+    s3_server: SeaweedFS,
+    s3_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"{s3_url}/checkpoints"
+    writer = ObjectCheckpointStore(
+        open_store(url, settings_for(s3_server, tmp_path, s3_server.admin)), KEY, False, 10
+    )
+    writer.load_latest()
+    for n in (1, 2):
+        writer.write(
+            writer.serialize({"n": n}),
+            {
+                "offsets": {"in:0": 100 * n},
+                "model_version": None,
+                "config_hash": "c" * 64,
+                "records_learnt": 100 * n,
+                "metrics": {},
+                "extra": {},
+            },
+        )
+    config = cli_config(tmp_path, s3_server, s3_url, url)
+    monkeypatch.setenv("STREAM_TRAINER_CHECKPOINT__HMAC_KEY", KEY.decode())
+    for name, value in s3_server.reader.env().items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["checkpoint", "inspect", "--config", str(config), "--all"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["manifest"]["sequence"], row["verification"]) for row in rows] == [
+        (1, "ok"),
+        (2, "ok"),
+    ]
+    assert rows[1]["path"] == f"{url}/ckpt-000000000002.ckpt"
+    assert rows[1]["manifest"]["offsets"] == {"in:0": 200}
+    one = f"{url}/ckpt-000000000001.ckpt"
+    assert main(["checkpoint", "inspect", "--config", str(config), one]) == 0
+    assert [row["path"] for row in json.loads(capsys.readouterr().out)] == [one]
+    # The read-only identity cannot have changed anything: both are still there.
+    assert len(writer.list()) == 2

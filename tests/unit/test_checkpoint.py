@@ -66,7 +66,7 @@ def store(directory: Path, key: bytes | None = KEY, **kwargs: Any) -> Checkpoint
     return CheckpointStore(directory, key, **kwargs)
 
 
-def write_state(s: CheckpointStore, state: Any, n: int = 0, **overrides: Any) -> WriteResult:
+def write_state(s: CheckpointStore, state: Any, n: int = 0, **overrides: Any) -> WriteResult[Path]:
     return s.write(s.serialize(state), fields(n, **overrides))
 
 
@@ -475,7 +475,7 @@ class _BlockingStore:
         self.release = threading.Event()
         self.calls = 0
 
-    def write(self, payload: bytes, manifest_fields: dict[str, Any]) -> WriteResult:
+    def write(self, payload: bytes, manifest_fields: dict[str, Any]) -> WriteResult[Path]:
         self.calls += 1
         self.started.set()
         assert self.release.wait(timeout=30)
