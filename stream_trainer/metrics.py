@@ -69,6 +69,16 @@ STATES: tuple[str, ...] = (
     "stopping",
 )
 METRIC_SCOPES: tuple[str, ...] = ("window", "total")
+# Requests of the object store (stream_trainer.objectstore.OPERATIONS, not imported: metrics
+# stay free of obstore). Only these values ever label a series: never a key or a URL.
+OBJECT_STORE_OPERATIONS: tuple[str, ...] = (
+    "get",
+    "put",
+    "put_if_absent",
+    "put_if_match",
+    "list",
+    "delete",
+)
 
 # Sub-millisecond resolution: a River learn_one is ~10-100 us; a big batch seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -80,6 +90,10 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 CHECKPOINT_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+# A request on a nearby store takes ~1-5 ms; a slow or distant one up to its timeout.
+OBJECT_STORE_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 RETRAIN_BUCKETS: tuple[float, ...] = (
     0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
@@ -163,6 +177,12 @@ class Metrics:
     model_info: Info
     # stream_trainer_versions_published_total
     versions_published: Counter
+    # stream_trainer_publish_duration_seconds (histogram: gate, upload, version event)
+    publish_duration: Histogram
+    # stream_trainer_object_store_request_seconds{operation} (histogram, every request)
+    object_store_request: Histogram
+    # stream_trainer_object_store_request_failures_total{operation}
+    object_store_failures: Counter
     # stream_trainer_versions_rejected_total
     versions_rejected: Counter
     # stream_trainer_partitions_halted (by the bad-record breaker)
@@ -189,6 +209,17 @@ class Metrics:
         """Record the current champion version (numeric gauge and ``_info``)."""
         self.model_version.set(version)
         self.model_info.info({"version": str(version), "learner": learner, "mode": mode})
+
+    def observe_object_store(self, operation: str, seconds: float, failed: bool) -> None:
+        """One object-store request (a :data:`stream_trainer.objectstore.RequestObserver`):
+        its duration and, when the store failed it, a failure. A refused conditional write
+        or a missing key is an answer, not a failure. ``operation`` must be one of
+        :data:`OBJECT_STORE_OPERATIONS` (ValueError otherwise: no unbounded label)."""
+        if operation not in OBJECT_STORE_OPERATIONS:
+            raise ValueError(f"unknown object-store operation {operation!r}")
+        self.object_store_request.labels(operation=operation).observe(seconds)
+        if failed:
+            self.object_store_failures.labels(operation=operation).inc()
 
 
 def _package_version() -> str:
@@ -383,6 +414,27 @@ def build_metrics(
         ),
         model_info=Info(f"{p}_model", "The current champion model.", **r),
         versions_published=Counter(f"{p}_versions_published", "Model versions published.", **r),
+        publish_duration=Histogram(
+            f"{p}_publish_duration_seconds",
+            "Time to publish a version on the poll thread: the gate, the registry upload and "
+            "the version event (the checkpoint before it is in checkpoint_duration).",
+            buckets=CHECKPOINT_BUCKETS,
+            **r,
+        ),
+        object_store_request=Histogram(
+            f"{p}_object_store_request_seconds",
+            "Object-store (s3://) requests of the registry, by operation (failed ones included).",
+            ["operation"],
+            buckets=OBJECT_STORE_BUCKETS,
+            **r,
+        ),
+        object_store_failures=Counter(
+            f"{p}_object_store_request_failures",
+            "Object-store requests the store failed (network, permissions, server errors), by "
+            "operation; a refused conditional write or a missing key is not a failure.",
+            ["operation"],
+            **r,
+        ),
         versions_rejected=Counter(
             f"{p}_versions_rejected", "Candidate versions rejected by the promotion gate.", **r
         ),
@@ -418,6 +470,8 @@ def build_metrics(
         metrics.retrains.labels(trigger=trigger)
     for trial_state in SEARCH_TRIAL_STATES:
         metrics.search_trials.labels(state=trial_state)
+    for operation in OBJECT_STORE_OPERATIONS:
+        metrics.object_store_failures.labels(operation=operation)
     metrics.build_info.info(
         {"version": version or _package_version(), "python": platform.python_version()}
     )

@@ -26,15 +26,17 @@ from stream_trainer.learners import ModelAdapter
 from stream_trainer.metrics import Metrics
 from stream_trainer.registry import Registry, RegistryError, RegistryUnavailable, VersionInfo
 from stream_trainer.state import TrainingState
-from stream_trainer.versions import PromotionGate, PublishPolicy, VersionEventPublisher
+from stream_trainer.versions import (
+    PromotionGate,
+    PublishPolicy,
+    VersionEventPublisher,
+    gate_metric,
+)
 
 if TYPE_CHECKING:
     from stream_trainer.trainers import RetrainOutcome
 
 log = logging.getLogger(__name__)
-
-# Metrics that need probabilities cannot be recomputed from stored predictions.
-_PROBABILISTIC = ("log_loss", "roc_auc")
 
 
 class ModelPublisher:
@@ -66,10 +68,7 @@ class ModelPublisher:
             clock=clock,
         )
         self._gate = PromotionGate(cfg.gate)
-        self._metric = next(
-            (m for m in settings.evaluation_metrics() if m not in _PROBABILISTIC),
-            settings.evaluation_metrics()[0],
-        )
+        self._metric = gate_metric(settings.evaluation_metrics())
         self._champion_cache: tuple[int, ModelAdapter] | None = None
         # Why the last publish() returned None: the gate's reason when it rejected the
         # candidate, else None (skipped: nothing new). Read by `control publish` acks.
@@ -249,7 +248,15 @@ class ModelPublisher:
 
     def publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
         """Gate the current model and publish it as a version; None when rejected, or
-        skipped because nothing was learnt since the last version (logged)."""
+        skipped because nothing was learnt since the last version (logged). Every call's
+        duration, raising ones included, goes to ``publish_duration_seconds``."""
+        started = time.perf_counter()
+        try:
+            return self._publish(state, trigger)
+        finally:
+            self._metrics.publish_duration.observe(time.perf_counter() - started)
+
+    def _publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
         self.last_rejection = None
         unchanged = self._unchanged_since(state)
         if unchanged is not None:
@@ -261,15 +268,16 @@ class ModelPublisher:
             )
             return None
         champion_score, candidate_score, champion_version = self._scores(state, trigger)
-        accepted, reason = (
-            (
-                True,
-                "gated at retrain" if trigger == "retrain" else "no scored records to compare on",
-            )
-            if candidate_score is None
-            else (self._gate.decide(champion_score, candidate_score))
+        verdict = self._gate.decide(
+            champion_score, candidate_score, state.model.parameters_finite()
         )
+        accepted, reason = verdict.accepted, verdict.reason
+        if trigger == "retrain" and verdict.code == "nothing_to_compare":
+            # Not a missing comparison: the retrain's candidate passed the same gate on its
+            # holdout (FullBatchTrainer._finish) before it replaced the model.
+            reason = "gated at retrain"
         metadata = self._metadata(state, trigger, champion_score, candidate_score, champion_version)
+        metadata["gate"].update(accepted=accepted, code=verdict.code, reason=reason)
         self._policy.mark_published()
         state.records_since_publish = 0
         if not accepted:
@@ -280,7 +288,9 @@ class ModelPublisher:
             )
             self._metrics.versions_rejected.inc()
             self.last_rejection = reason
-            log.warning("candidate rejected by the gate", extra={"reason": reason})
+            log.warning(
+                "candidate rejected by the gate", extra={"reason": reason, "code": verdict.code}
+            )
             return None
         artifact = pickle.dumps(state.model, protocol=5)
         info = self._registry.publish(artifact, metadata, promote=True)
@@ -311,6 +321,7 @@ class ModelPublisher:
         )
         metadata["learner"] = outcome.candidate.describe()
         metadata["search"] = outcome.search
+        metadata["gate"].update(accepted=False, code=outcome.code, reason=outcome.reason)
         self._metrics.versions_rejected.inc()
         try:
             self._registry.record_rejection(

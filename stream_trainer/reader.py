@@ -2,8 +2,9 @@
 
 Follows the versions topic (see :mod:`stream_trainer.versions` for the event format),
 loads the newest champion after verifying its sha256 and HMAC, and swaps it in for
-concurrent ``predict_*`` calls. A version that fails to load is counted in ``failures``
-and the previous model keeps serving.
+concurrent ``predict_*`` calls. A transient object-store error while loading is retried
+with bounded exponential backoff (each retry counted in ``store_retries``); a version that
+still fails to load is counted in ``failures`` and the previous model keeps serving.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from confluent_kafka import (
 
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.objectstore import (
+    URL_SCHEMES,
     ObjectStore,
+    ObjectStoreError,
+    RetryingStore,
     is_store_url,
     open_store,
     split_object_url,
@@ -54,12 +58,18 @@ class ModelReader:
     The topic is read from the beginning with ``assign()`` (no group join, nothing
     committed). Events up to the end of the topic at start are scanned first and only the
     newest champion is loaded; later events are applied as they arrive. The artifact is
-    located by the event's ``artifact_uri`` (``file://`` or ``s3://``; the latter reached
-    with ``store_settings``, and only GET is needed) or, with ``registry_root`` (the
-    registry volume mounted at another path, or another URL of the same bucket), under
+    located by the event's ``artifact_uri`` (``file://``, ``s3://``, ``gs://`` or
+    ``az://``; a store reached with ``store_settings``, and only GET is needed) or, with
+    ``registry_root`` (the registry volume mounted at another path, or another URL of the
+    same bucket), under
     ``registry_root/<model>/versions/<v>/``.
     Nothing is unpickled before sha256 and, with ``key``, the HMAC verify; with a key an
     unsigned artifact is refused.
+
+    A transient store error (unreachable, timeout, 5xx) is retried, waiting
+    ``store_retry_first_s`` and doubling up to 10 s, for at most ``store_retry_s`` in all;
+    each retry adds one to ``store_retries`` and logs a warning. A missing artifact or a
+    refusal (bad credentials, no such bucket) fails the load at once.
     """
 
     def __init__(
@@ -72,6 +82,8 @@ class ModelReader:
         *,
         poll_timeout_s: float = 0.2,
         store_settings: ObjectStoreSettings | None = None,
+        store_retry_s: float = 120.0,
+        store_retry_first_s: float = 0.5,
     ) -> None:
         conf = dict(consumer_config)
         conf.setdefault("group.id", f"stream-trainer-reader-{uuid.uuid4().hex}")
@@ -83,6 +95,9 @@ class ModelReader:
         self._registry_root = registry_root
         self._store_settings = store_settings
         self._stores: dict[str, ObjectStore] = {}
+        self._store_retry_s = store_retry_s
+        self._store_retry_first_s = store_retry_first_s
+        self._loading: int | None = None  # the version being loaded, for retry logs
         self._poll_timeout_s = poll_timeout_s
         # (version, model) replaced by one assignment: predict calls read it once, so
         # they see the old or the new model, never a mix.
@@ -92,6 +107,7 @@ class ModelReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0
+        self.store_retries = 0
         self.error: BaseException | None = None
 
     # -- serving -----------------------------------------------------------------------
@@ -254,8 +270,32 @@ class ModelReader:
 
     def _store(self, url: str) -> ObjectStore:
         if url not in self._stores:
-            self._stores[url] = open_store(url, self._store_settings)
+            self._stores[url] = RetryingStore(
+                open_store(url, self._store_settings),
+                retry_for_s=self._store_retry_s,
+                first_delay_s=self._store_retry_first_s,
+                on_retry=self._on_store_retry,
+                stop=self._stop,
+            )
         return self._stores[url]
+
+    def _on_store_retry(self, error: ObjectStoreError, delay: float) -> None:
+        with self._changed:
+            self.store_retries += 1
+            self._changed.notify_all()
+        log.warning(
+            "model %s version %s: object store unavailable, retry %d in %.1f s: %s",
+            self._model_name,
+            self._loading,
+            self.store_retries,
+            delay,
+            error,
+        )
+
+    def wait_for_store_retries(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` store retries happened (True) or ``timeout`` passed."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.store_retries >= count, timeout)
 
     def _read_artifact(self, event: dict[str, Any], version: int, metadata: Any) -> bytes:
         """The artifact's bytes, from ``registry_root`` when given, else the event's URI."""
@@ -267,13 +307,14 @@ class ModelReader:
                 return self._store(str(root)).get(key).data
             return Path(root).joinpath(*key.split("/")).read_bytes()
         uri = str(event.get("artifact_uri", ""))
-        if uri.startswith("s3://"):
+        if uri.partition("://")[0].lower() in URL_SCHEMES:
             store_url, key = split_object_url(uri)
             return self._store(store_url).get(key).data
         return artifact_path_from_uri(uri).read_bytes()
 
     def _load(self, event: dict[str, Any]) -> bool:
         version: int = event["version"]
+        self._loading = version
         try:
             metadata = event.get("metadata") or {}
             artifact = self._read_artifact(event, version, metadata)

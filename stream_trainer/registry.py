@@ -586,13 +586,26 @@ def open_registry(
     keep_last: int,
     store_settings: ObjectStoreSettings | None = None,
     crash: Callable[[str], None] | None = None,
+    read_retry_s: float | None = None,
+    observe: Callable[[str, float, bool], None] | None = None,
 ) -> Registry:
     """The registry at ``root``: :class:`ModelRegistry` for a folder, a
-    :class:`stream_trainer.store_registry.StoreRegistry` for ``s3://bucket/prefix``."""
-    from stream_trainer.objectstore import is_store_url, open_store  # noqa: PLC0415
+    :class:`stream_trainer.store_registry.StoreRegistry` for an object-store URL
+    (``s3://``, ``gs://``, ``az://``) whose requests are told to ``observe`` (an
+    :data:`stream_trainer.objectstore.RequestObserver`). With ``read_retry_s`` the store's
+    reads are retried on transient errors for at most that long (:class:`RetryingStore`);
+    writes never are."""
+    from stream_trainer.objectstore import (  # noqa: PLC0415
+        ObjectStore,
+        RetryingStore,
+        is_store_url,
+        open_store,
+    )
     from stream_trainer.store_registry import StoreRegistry  # noqa: PLC0415
 
     if not is_store_url(root):
         return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash)
-    store = open_store(root, store_settings)
+    store: ObjectStore = open_store(root, store_settings, observe)
+    if read_retry_s is not None:
+        store = RetryingStore(store, retry_for_s=read_retry_s)
     return StoreRegistry(store, model_name, key, keep_last, crash=crash)

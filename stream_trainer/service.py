@@ -23,7 +23,8 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from stream_trainer.checkpoint import (
     BackgroundWriter,
     CheckpointError,
-    CheckpointStore,
+    CheckpointFenced,
+    CheckpointWriter,
     WriteResult,
 )
 from stream_trainer.config import Settings
@@ -80,7 +81,7 @@ class _PendingUnit:
 class _InFlight:
     """An asynchronous checkpoint write and the offsets it will make committable."""
 
-    future: Future[WriteResult]
+    future: Future[WriteResult[Any]]
     offsets: dict[TopicPartitionKey, int]
     started: float
 
@@ -112,7 +113,7 @@ class Service:
         make_source: Callable[[Service], KafkaSource],
         decoder: RecordDecoder,
         trainer: Trainer,
-        store: CheckpointStore,
+        store: CheckpointWriter,
         dead_letters: DeadLetterPublisher,
         publisher: ModelPublisher,
         metrics: Metrics,
@@ -659,6 +660,9 @@ class Service:
         self._in_flight = None
         try:
             result = flight.future.result()
+        except CheckpointFenced:
+            self._metrics.checkpoint_failures.inc()
+            raise  # another member writes this model now: stop, committing nothing
         except CheckpointError as error:
             self._metrics.checkpoint_failures.inc()
             self._records_since_checkpoint += 1  # try again at the next due time
@@ -672,7 +676,7 @@ class Service:
 
     def _checkpoint_done(
         self,
-        result: WriteResult,
+        result: WriteResult[Any],
         offsets: Mapping[TopicPartitionKey, int],
         wait_commit: bool = True,
     ) -> None:
@@ -715,6 +719,9 @@ class Service:
             return False
         try:
             result = self._store.write(payload, fields)
+        except CheckpointFenced:
+            self._metrics.checkpoint_failures.inc()
+            raise  # another member writes this model now: stop, committing nothing
         except CheckpointError as error:
             self._metrics.checkpoint_failures.inc()
             log.error("checkpoint failed", extra={"reason": str(error), "trigger": reason})

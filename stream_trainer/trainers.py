@@ -27,6 +27,7 @@ from stream_trainer.memory import release_free_memory
 from stream_trainer.records import DecodedBatch
 from stream_trainer.search import SearchFailed, SearchSpec, run_search, search_spec
 from stream_trainer.state import RecordWindow, TrainingState
+from stream_trainer.versions import Verdict, gate_metric, judge
 
 if TYPE_CHECKING:
     from stream_trainer.search_jobs import JobSearch
@@ -281,6 +282,8 @@ class RetrainOutcome:
     reason: str
     # The hyperparameter search that made the candidate (SearchSummary.as_dict), if any.
     search: dict[str, Any] | None = None
+    # The gate's Verdict.code (versions.GATE_CODES); None for outcomes built elsewhere.
+    code: str | None = None
 
 
 # A finished retrain off the poll thread: the candidate, its seconds, the search summary.
@@ -331,7 +334,8 @@ class FullBatchTrainer:
         self._cfg = settings.training.full_batch
         self._gate = settings.registry.gate
         self._task = settings.model.task
-        self._metric = settings.evaluation_metrics()[0]
+        # The same metric as the publish path's gate (one gate, one metric).
+        self._metric = gate_metric(settings.evaluation_metrics())
         self._labels = settings.record.labels
         self._search = search_spec(settings)
         # Trials as a Kubernetes Job instead of in the fit worker (stream_trainer/search_jobs).
@@ -520,6 +524,34 @@ class FullBatchTrainer:
         candidate.fit(X, y, weights)
         return candidate, time.perf_counter() - started
 
+    def holdout_scores(
+        self,
+        champion: ModelAdapter,
+        candidate: ModelAdapter,
+        X_hold: np.ndarray,
+        y_hold: np.ndarray,
+    ) -> tuple[float | None, float]:
+        """(champion, candidate) scores on the held-out rows, higher is better. The champion
+        is None when there is no holdout or it was never fitted; the candidate NaN when
+        there is no holdout (or the metric is undefined on it)."""
+        if not len(y_hold):
+            return None, math.nan
+        champion_score: float | None = None
+        if champion.is_fitted():
+            champion_score = evaluate_holdout(
+                champion, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels
+            )
+        candidate_score = evaluate_holdout(
+            candidate, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels
+        )
+        return champion_score, candidate_score
+
+    def verdict(
+        self, champion_score: float | None, candidate_score: float, candidate_finite: bool
+    ) -> Verdict:
+        """The retrain's gate: :func:`stream_trainer.versions.judge`, the publish path's rule."""
+        return judge(self._gate, champion_score, candidate_score, candidate_finite)
+
     def _finish(self, state: TrainingState) -> RetrainOutcome:
         assert self._running is not None
         future, meta = self._running, self._running_meta
@@ -529,39 +561,16 @@ class FullBatchTrainer:
         candidate, fit_seconds, search = future.result()
         state.retrain_running = None  # judged below: done, whatever the verdict
         X_hold, y_hold = meta["holdout"]
-        champion_score: float | None = None
-        if len(y_hold) and state.model.is_fitted():
-            champion_score = evaluate_holdout(
-                state.model,
-                X_hold,
-                y_hold,
-                task=self._task,
-                metric=self._metric,
-                labels=self._labels,
-            )
-        candidate_score = (
-            evaluate_holdout(
-                candidate, X_hold, y_hold, task=self._task, metric=self._metric, labels=self._labels
-            )
-            if len(y_hold)
-            else math.nan
+        champion_score, candidate_score = self.holdout_scores(
+            state.model, candidate, X_hold, y_hold
         )
-        accepted = candidate.parameters_finite() and (
-            champion_score is None
-            or math.isnan(candidate_score)
-            or candidate_score >= champion_score - self._gate.margin
-            or not self._gate.enabled
-        )
-        reason = (
-            "no champion yet"
-            if champion_score is None
-            else f"candidate {candidate_score:.4f} vs champion {champion_score:.4f} "
-            f"(margin {self._gate.margin})"
-        )
+        verdict = self.verdict(champion_score, candidate_score, candidate.parameters_finite())
+        accepted, reason = verdict.accepted, verdict.reason
         if search is not None:
             search["gate"] = {
                 "accepted": accepted,
                 "reason": reason,
+                "code": verdict.code,
                 "trigger": meta["trigger"],
                 "metric": self._metric,
                 "champion_score": champion_score,
@@ -580,6 +589,7 @@ class FullBatchTrainer:
                 "trigger": meta["trigger"],
                 "accepted": accepted,
                 "reason": reason,
+                "code": verdict.code,
                 "seconds": round(fit_seconds, 3),
             },
         )
@@ -593,6 +603,7 @@ class FullBatchTrainer:
             trained_on=meta["trained_on"],
             reason=reason,
             search=search,
+            code=verdict.code,
         )
 
     def close(self) -> None:

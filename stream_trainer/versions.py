@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from stream_trainer.config import GateSettings
 from stream_trainer.errors import StreamTrainerError
@@ -68,32 +68,101 @@ class PublishPolicy:
         self._last = self._clock()
 
 
+# Probabilistic metrics cannot be recomputed from the stored predictions the publish path
+# judges the candidate by, so the gate prefers a metric that can be scored on both paths.
+_PROBABILISTIC = frozenset({"log_loss", "roc_auc"})
+
+# Verdict.code values: a small fixed set, safe as a metric label or a log field to group by.
+GATE_CODES = frozenset(
+    {
+        "candidate_not_finite",
+        "disabled",
+        "nothing_to_compare",
+        "candidate_undefined",
+        "champion_undefined",
+        "within_margin",
+        "worse_than_margin",
+    }
+)
+
+
+def gate_metric(metrics: Sequence[str]) -> str:
+    """The metric both gate paths compare on: the first of ``metrics`` (the configured
+    ``evaluation.metrics`` or the task's defaults) that is not probabilistic (``log_loss``,
+    ``roc_auc``), else the first. Its direction comes from ``PrequentialEvaluator.score``:
+    scores are oriented higher-is-better (mae, rmse, log_loss are negated)."""
+    if not metrics:
+        raise ValueError("the gate needs at least one metric")
+    return next((m for m in metrics if m not in _PROBABILISTIC), metrics[0])
+
+
+class Verdict(NamedTuple):
+    """A gate decision: ``code`` is one of :data:`GATE_CODES`; ``reason`` is the readable
+    explanation with the scores (for logs, the decision log and control acks)."""
+
+    accepted: bool
+    code: str
+    reason: str
+
+
+def _undefined(score: float | None) -> bool:
+    return score is None or math.isnan(score)
+
+
+def _fmt(score: float | None) -> str:
+    return "none" if score is None else f"{score:.6g}"
+
+
+def judge(
+    settings: GateSettings,
+    champion_score: float | None,
+    candidate_score: float | None,
+    candidate_finite: bool = True,
+) -> Verdict:
+    """The one promotion rule, for periodic publishes and full retrains alike.
+
+    Scores are higher-is-better (losses negated); None or NaN means undefined (no champion,
+    no records to score on, a metric undefined on them). In order:
+
+    1. candidate parameters not finite: reject, even with the gate disabled;
+    2. gate disabled: accept;
+    3. candidate and champion both undefined (includes: no champion yet and nothing to
+       score on): accept, there is nothing to compare on;
+    4. candidate undefined, champion defined: reject;
+    5. champion undefined (no champion yet, or its score is NaN): accept;
+    6. accept iff ``candidate >= champion - margin`` (infinities compare as numbers).
+    """
+    scores = f"candidate {_fmt(candidate_score)} vs champion {_fmt(champion_score)}"
+    if not candidate_finite:
+        return Verdict(False, "candidate_not_finite", "candidate has non-finite parameters")
+    if not settings.enabled:
+        return Verdict(True, "disabled", f"gate disabled ({scores})")
+    if _undefined(candidate_score) and _undefined(champion_score):
+        return Verdict(True, "nothing_to_compare", f"no scores to compare on ({scores})")
+    if candidate_score is None or math.isnan(candidate_score):
+        return Verdict(False, "candidate_undefined", f"candidate has no score ({scores})")
+    if champion_score is None or math.isnan(champion_score):
+        return Verdict(True, "champion_undefined", f"champion has no score ({scores})")
+    margin = settings.margin
+    if candidate_score >= champion_score - margin:
+        return Verdict(True, "within_margin", f"{scores}: >= champion - margin {margin:g}")
+    return Verdict(False, "worse_than_margin", f"{scores}: < champion - margin {margin:g}")
+
+
 class PromotionGate:
-    """Champion / challenger: scores are higher-is-better (negate losses before calling)."""
+    """Champion / challenger on ``registry.gate``: see :func:`judge` for the rule."""
 
     def __init__(self, settings: GateSettings) -> None:
         self._settings = settings
 
-    def decide(self, champion_score: float | None, candidate_score: float) -> tuple[bool, str]:
-        """(accept, reason). Accept when the gate is disabled, there is no champion (or it
-        has no finite score), or ``candidate >= champion - margin``. A non-finite candidate
-        score is rejected."""
-        if not self._settings.enabled:
-            return True, "gate disabled"
-        if not math.isfinite(candidate_score):
-            return False, f"candidate score {candidate_score} is not finite"
-        if champion_score is None or not math.isfinite(champion_score):
-            return True, "no champion score to compare with"
-        floor = champion_score - self._settings.margin
-        if candidate_score >= floor:
-            return True, (
-                f"candidate {candidate_score:.6g} >= champion {champion_score:.6g} "
-                f"- margin {self._settings.margin:g}"
-            )
-        return False, (
-            f"candidate {candidate_score:.6g} < champion {champion_score:.6g} "
-            f"- margin {self._settings.margin:g}"
-        )
+    def decide(
+        self,
+        champion_score: float | None,
+        candidate_score: float | None,
+        candidate_finite: bool = True,
+    ) -> Verdict:
+        """:func:`judge` with this gate's settings."""
+        return judge(self._settings, champion_score, candidate_score, candidate_finite)
 
 
 def _canonical(event: dict[str, Any]) -> bytes:

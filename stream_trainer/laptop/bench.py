@@ -31,15 +31,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from stream_trainer.laptop.benchmarks import profiling
 from stream_trainer.laptop.benchmarks import report as rep
 from stream_trainer.laptop.benchmarks import search as bench_search
+from stream_trainer.laptop.benchmarks import store as bench_store
 from stream_trainer.laptop.benchmarks.service_run import (
     ServiceFailed,
     ServiceRun,
@@ -67,6 +69,9 @@ from stream_trainer.laptop.benchmarks.workload import (
 )
 from stream_trainer.laptop.datasets import DATASETS, Dataset, get_dataset
 from stream_trainer.wire import RegistryWaitInterrupted
+
+if TYPE_CHECKING:
+    from stream_trainer.testing.seaweedfs import SeaweedFS
 
 # How often the service's /metrics is sampled. Each scrape renders every metric on the
 # service's GIL (~3.4 ms); at 4 Hz that alone cost the per-record loop ~2 %, where
@@ -162,6 +167,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=12,
         help="trials per search with --search (default 12)",
     )
+    parser.add_argument(
+        "--store",
+        choices=bench_store.STORES,
+        default="disk",
+        help="s3: each repeat also runs the service with its registry on a local SeaweedFS "
+        "(S3 API; `make s3-server` builds it once) and reports checkpoint and publish cost "
+        "as shares of run time on disk and on S3, with upload p50 / p99 (default disk)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--workdir",
@@ -249,6 +262,58 @@ def run_decode_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def _s3_service_run(
+    args: argparse.Namespace,
+    server: SeaweedFS,
+    base: dict[str, Any],
+    record: dict[str, Any],
+    paths: Callable[[int], Paths],
+    repeat: int,
+    mode: str,
+    hmac_key: str,
+) -> ServiceRun:
+    """The service once more, on its own topics, group and folder, with the registry and
+    the checkpoints on ``server``: see :mod:`~stream_trainer.laptop.benchmarks.store`."""
+    from stream_trainer.laptop.embedded import create_topics  # noqa: PLC0415
+
+    p = paths(repeat + args.repeats)  # names no disk run uses
+    p.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    create_topics(p.bootstrap, {p.dead_letter: 1, p.versions: 1, p.control: 1}, timeout=30.0)
+    registry_url = None if args.value_format == "json" else args.schema_registry
+    config = bench_store.merge(
+        service_config(base, record, p, mode, schema_registry_url=registry_url),
+        bench_store.s3_config(server, f"run-{repeat}-{p.group_id}"),
+    )
+    timeout_s = 120.0 + args.records / 1000.0
+    return run_service_process(
+        config,
+        p.checkpoint_dir.parent,
+        args.records,
+        env={HMAC_ENV: hmac_key, **server.admin.env()},  # keys as a pod's Secret gives them
+        port=p.http_port,
+        timeout_s=timeout_s,
+        interval_s=SAMPLE_INTERVAL_S[mode],
+    )
+
+
+def _s3_progress_run(
+    args: argparse.Namespace,
+    server: SeaweedFS,
+    base: dict[str, Any],
+    record: dict[str, Any],
+    paths: Callable[[int], Paths],
+    repeat: int,
+    mode: str,
+    hmac_key: str,
+    runs: list[ServiceRun],
+    tag: str,
+) -> None:
+    """:func:`_s3_service_run` appended to ``runs``, with its progress lines."""
+    _progress(f"{tag}: service on S3")
+    runs.append(_s3_service_run(args, server, base, record, paths, repeat, mode, hmac_key))
+    _progress(f"{tag}: service on S3 {runs[-1].rate():,.0f} records/s")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the report on stdout (progress on stderr)."""
     if args.decode_only:
@@ -316,6 +381,14 @@ def run_bench(args: argparse.Namespace) -> int:
             _progress("starting the embedded broker")
             broker = stack.enter_context(EmbeddedBroker(startup_timeout=30.0))
             bootstrap, broker_name = broker.bootstrap_servers, "embedded Tansu (memory)"
+        s3_server = None
+        if args.store == "s3":
+            _progress("starting SeaweedFS (S3 API)")
+            try:
+                s3_server = bench_store.start_s3(stack)
+            except bench_store.StoreUnavailable as error:
+                print(f"stream-trainer: {error}", file=sys.stderr)
+                return 2
         if args.workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="stream-trainer-bench-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -367,6 +440,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "naive": [],
         }
         service_runs: list[ServiceRun] = []
+        s3_runs: list[ServiceRun] = []
         try:
             for repeat in range(args.repeats):
                 tag = f"repeat {repeat + 1}/{args.repeats}"
@@ -392,6 +466,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 # the learner alone ran 9.5k-15k records/s within one hour.
                 _progress(f"{tag}: learner ceiling (before the service)")
                 ceiling_before = learner_ceiling(data, settings)
+                # With --store s3 the S3 run goes first in odd repeats: on a noisy machine
+                # always running it second would bias the comparison with the disk run.
+                s3_first = repeat % 2 == 1
+                if s3_server is not None and s3_first:
+                    _s3_progress_run(
+                        args, s3_server, base, record, paths, repeat, mode, hmac_key, s3_runs, tag
+                    )
                 _progress(f"{tag}: service")
                 p = paths(repeat)
                 p.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -413,6 +494,10 @@ def run_bench(args: argparse.Namespace) -> int:
                     )
                 )
                 _progress(f"{tag}: service {service_runs[-1].rate():,.0f} records/s")
+                if s3_server is not None and not s3_first:
+                    _s3_progress_run(
+                        args, s3_server, base, record, paths, repeat, mode, hmac_key, s3_runs, tag
+                    )
                 if args.profile is not None and service_runs[-1].profile is None:
                     _progress(f"{tag}: learnt every record before py-spy attached: no profile")
                 _progress(f"{tag}: learner ceiling (after the service)")
@@ -527,6 +612,16 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     if search_figures is not None:
         report["search"] = search_figures
-    report["targets"] = rep.targets(mode, ratios, service, search_figures)
-    _print_report(args, report, rep.table(report))
+    store_lines: list[str] = []
+    if s3_server is not None:
+        report["store"] = bench_store.section(service_runs, s3_runs, s3_server.endpoint_url)
+        store_lines = bench_store.table_lines(report["store"])
+    report["targets"] = rep.targets(
+        mode,
+        ratios,
+        service,
+        search_figures,
+        bench_store.targets(report["store"]) if "store" in report else None,
+    )
+    _print_report(args, report, rep.table(report, store_lines))
     return 0

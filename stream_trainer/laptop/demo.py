@@ -987,7 +987,7 @@ def _summarise(
     """Write the curve and ``summary.json``; return the summary."""
     snap = run.final
     metric = settings.evaluation_metrics()[0]
-    checkpoints = sorted(settings.checkpoint.dir.glob("ckpt-*.ckpt"))
+    checkpoints = sorted(Path(settings.checkpoint.dir).glob("ckpt-*.ckpt"))  # a folder here
     versions = _version_markers(Path(settings.registry.root))  # the demo's is a folder
     curve = plot_learning_curve(
         output_dir / "learning-curve.png",

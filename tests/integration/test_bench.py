@@ -15,8 +15,11 @@ import pytest
 import yaml
 
 from stream_trainer.cli import main
+from stream_trainer.laptop.benchmarks.store import BUCKET
+from stream_trainer.laptop.benchmarks.workload import default_config
 from stream_trainer.laptop.datasets import TRANSACTIONS_FEATURES
 from stream_trainer.testing.schema_registry import SchemaRegistry
+from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.conftest import BrokerHandle
 
 pytestmark = pytest.mark.integration
@@ -180,6 +183,66 @@ def test_bench_transactions_as_avro_through_the_registry(
     assert service_yaml["schema_registry"]["url"] == schema_registry.url
 
 
+def test_bench_store_s3_reports_checkpoint_and_publish_shares_on_both_stores(
+    s3_server: SeaweedFS,
+    tansu_broker: BrokerHandle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # s3_server makes sure the cached weed binary exists; the bench starts its own server
+    # from it, as a user's `bench --store s3` does. Publishing every 1000 records gives
+    # each run uploads within 3000 records (the built-in config publishes every 250k).
+    config = default_config("per_record")
+    config["registry"] = {"publish_every_records": 1000, "publish_every_seconds": 300.0}
+    config_path = tmp_path / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    report = _bench(
+        capsys,
+        "--bootstrap-servers",
+        tansu_broker.bootstrap_servers,
+        "--features",
+        "5",
+        "--config",
+        str(config_path),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--store",
+        "s3",
+    )
+    _check(
+        report,
+        "per_record",
+        extra_targets={"checkpoint_publish_share_disk", "checkpoint_publish_share_s3"},
+    )
+    store = report["store"]
+    assert store["on_s3"] == ["registry", "checkpoints"]
+    for name in ("disk", "s3"):
+        assert _positive(store[name]["records_per_s"]["median"]), name
+        costs = {key: figures["median"] for key, figures in store[name]["costs"].items()}
+        for share in ("checkpoint_share", "publish_share", "object_store_share"):
+            assert 0 <= costs[share] <= 1, (name, share, costs)
+        assert costs["checkpoint_publish_share"] == pytest.approx(
+            costs["checkpoint_share"] + costs["publish_share"]
+        )
+        assert costs["publishes"] >= 1, (name, costs)  # publish_duration_seconds observed
+        assert costs["publish_share"] > 0, (name, costs)
+        assert report["targets"][f"checkpoint_publish_share_{name}"]["target"] == "<= 0.05"
+    disk = {key: figures["median"] for key, figures in store["disk"]["costs"].items()}
+    s3 = {key: figures["median"] for key, figures in store["s3"]["costs"].items()}
+    # On disk the registry is a folder: no object-store request, no upload quantile.
+    assert disk["object_store_requests"] == 0 and disk["upload_p50_s"] is None, disk
+    # On S3 every publish uploaded (artifact, metadata, lease renewal...), and nothing failed.
+    assert s3["uploads"] >= s3["publishes"] >= 1, s3
+    assert s3["object_store_share"] > 0 and s3["object_store_failures"] == 0, s3
+    assert math.isfinite(s3["upload_p99_s"]) and s3["upload_p99_s"] >= s3["upload_p50_s"] > 0
+    assert s3["upload_p99_s"] < 30, s3  # within the histogram's finite buckets
+    assert _positive(store["s3_vs_disk_rate"]["median"])
+    # The s3 run's service really had its registry on the bucket.
+    s3_yaml = yaml.safe_load((tmp_path / "work" / "run-1" / "service.yaml").read_text())
+    assert s3_yaml["registry"]["root"].startswith(f"s3://{BUCKET}/")
+    assert s3_yaml["checkpoint"]["dir"].startswith(f"s3://{BUCKET}/")
+
+
 def test_bench_decode_only_rates_every_path_against_numeric_json(
     schema_registry: SchemaRegistry, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -225,6 +288,7 @@ def _check(
     features: int = 5,
     dataset: str = "linear5",
     value_format: str = "json",
+    extra_targets: frozenset[str] | set[str] = frozenset(),
 ) -> None:
 
     assert set(report) >= {
@@ -282,4 +346,6 @@ def _check(
         "mini_batch": {"service_vs_ingest_ceiling", "service_vs_naive"},
         "full_batch": {"ingest_during_retrain_vs_without", "revokes_or_losses"},
     }[mode]
-    assert set(report["targets"]) == expected | {"rss_growth_pct"}, report["targets"]
+    assert set(report["targets"]) == expected | {"rss_growth_pct"} | extra_targets, report[
+        "targets"
+    ]

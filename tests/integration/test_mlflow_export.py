@@ -29,6 +29,7 @@ from stream_trainer.mlflow_export import (
 )
 from stream_trainer.registry import ModelRegistry
 from stream_trainer.testing.mlflow_server import MlflowServer, venv_home
+from tests.conftest import KAFKA_ONLY
 from tests.harness import HMAC_KEY, ServiceProcess, service_config, unique, wait_for
 
 pytestmark = pytest.mark.integration
@@ -190,6 +191,8 @@ def _mlflow_config(tmp_path: Path, broker: Any, url: str) -> dict[str, Any]:
     )
 
 
+# The export to MLflow: the broker only delivers the records (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_published_versions_appear_in_mlflow_and_the_cli_moves_the_alias(
     broker: Any, mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -256,6 +259,7 @@ def test_published_versions_appear_in_mlflow_and_the_cli_moves_the_alias(
     assert view.alias() == exported[ours[0]]["version"], result.stdout + result.stderr
 
 
+@KAFKA_ONLY
 def test_mlflow_down_at_publish_training_goes_on_and_the_version_appears_later(
     broker: Any, mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:

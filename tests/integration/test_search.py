@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from stream_trainer.registry import ModelRegistry
-from tests.conftest import BrokerHandle
+from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, wait_for
 from tests.integration.test_training import (
     LEARNT,
@@ -34,7 +34,8 @@ from tests.integration.test_training import (
     wait_exact,
 )
 
-pytestmark = pytest.mark.integration
+# The search's results and its worker limits: the broker only delivers (see KAFKA_ONLY).
+pytestmark = [pytest.mark.integration, KAFKA_ONLY]
 
 PUBLISHED = "stream_trainer_versions_published_total"
 BEST = "stream_trainer_search_best_score"

@@ -34,7 +34,7 @@ from stream_trainer.reader import ModelReader
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import ModelRegistry
 from stream_trainer.trainers import build_trainer
-from tests.conftest import BrokerHandle
+from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.faults.support import (
     end_offsets,
     fingerprint_difference,
@@ -130,6 +130,9 @@ def _gauge(name: str, candidate: str) -> str:
     return f'stream_trainer_selection_{name}{{candidate="{candidate}"}}'
 
 
+# Selection quality against an offline oracle: the broker only delivers (see KAFKA_ONLY);
+# the kill -9 test below runs on both.
+@KAFKA_ONLY
 @pytest.mark.parametrize("mode", sorted(SCENARIOS))
 def test_selection_on_a_drift_stream_is_near_the_best_candidate_in_hindsight(
     mode: str, broker: BrokerHandle, tmp_path: Path

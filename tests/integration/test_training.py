@@ -25,7 +25,7 @@ from stream_trainer.deadletter import HEADER_NAMES
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import poison_values, produce
 from stream_trainer.state import TrainingState
-from tests.conftest import BrokerHandle
+from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 
 pytestmark = pytest.mark.integration
@@ -172,6 +172,8 @@ def test_per_record_river_logistic_regression_learns_phishing(
     assert state.model.parameters_finite()
 
 
+# Learning quality; mini_batch on Tansu runs in tests/integration/test_demo.py (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_mini_batch_sklearn_sgd_learns_phishing(broker: BrokerHandle, tmp_path: Path) -> None:
     bootstrap = broker.bootstrap_servers
     config = service_config(
@@ -213,6 +215,8 @@ def test_mini_batch_sklearn_sgd_learns_phishing(broker: BrokerHandle, tmp_path: 
     assert final_checkpoint(config).records_learnt == 1250
 
 
+# Learning quality and the retrain trigger: the broker only delivers (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_full_batch_tree_ensemble_retrained_by_count_learns_bananas(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:
@@ -265,6 +269,8 @@ def test_full_batch_tree_ensemble_retrained_by_count_learns_bananas(
     assert state.model.is_fitted()
 
 
+# Learning quality: the broker only delivers (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_regression_mae_well_below_mean_predictor(broker: BrokerHandle, tmp_path: Path) -> None:
     bootstrap = broker.bootstrap_servers
     dataset = get_dataset("trump-approval")
@@ -307,6 +313,8 @@ def test_regression_mae_well_below_mean_predictor(broker: BrokerHandle, tmp_path
 # -- 5: drift -----------------------------------------------------------------------------
 
 
+# Drift detection and recovery: the broker only delivers (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_abrupt_drift_detected_and_retrain_recovers(broker: BrokerHandle, tmp_path: Path) -> None:
     bootstrap = broker.bootstrap_servers
     change, total, chunk, bound = 5000, 9000, 250, 1500
@@ -508,6 +516,9 @@ def test_invalid_flood_halts_only_its_partition(broker: BrokerHandle, tmp_path: 
 # -- 7: a retrain longer than max.poll.interval.ms -----------------------------------------
 
 
+# Group membership under max.poll.interval.ms: Apache Kafka's group semantics are the
+# reference (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_retrain_longer_than_max_poll_interval_keeps_membership(
     broker: BrokerHandle, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""Records without a prediction are not scored (River's convention), against each broker.
+"""Records without a prediction are not scored (River's convention), on a real broker.
 
 In mini_batch an unfitted scikit-learn model has no prediction for the first unit; those
 records used to be scored as errors (accuracy 0.0 in the window, since-start accuracy held
@@ -20,7 +20,7 @@ from stream_trainer.config import settings_from_mapping
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
 from stream_trainer.learners import build_model
-from tests.conftest import BrokerHandle
+from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, service_config, wait_for
 
 pytestmark = pytest.mark.integration
@@ -50,6 +50,8 @@ def replayed_predictions(config: dict[str, object]) -> tuple[np.ndarray, np.ndar
     return y, predictions
 
 
+# Scoring against an offline oracle: the broker only delivers (see KAFKA_ONLY).
+@KAFKA_ONLY
 def test_mini_batch_first_unit_is_not_scored(broker: BrokerHandle, tmp_path: Path) -> None:
     bootstrap = broker.bootstrap_servers
     config = service_config(

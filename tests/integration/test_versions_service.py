@@ -13,9 +13,13 @@ import pytest
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
 from stream_trainer.registry import ModelRegistry
+from tests.conftest import KAFKA_ONLY
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 
-pytestmark = pytest.mark.integration
+# What these tests assert is the service's versioning (numbers, lineage, gate, registry,
+# events); the versions topic's produce and read are broker-neutral (test_brokers.py,
+# test_reader.py run on both). Apache Kafka only: ~20 s a test saved on Tansu.
+pytestmark = [pytest.mark.integration, KAFKA_ONLY]
 
 PHISHING = get_dataset("phishing")
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from stream_trainer.ledger import TopicPartitionKey
 from stream_trainer.metrics import (
     DEAD_LETTER_REASONS,
+    OBJECT_STORE_OPERATIONS,
     LagTracker,
     StatsOffsets,
     build_metrics,
@@ -277,3 +278,31 @@ def test_reason_codes_match_their_modules() -> None:
 
     assert records.REASONS == DEAD_LETTER_REASONS
     assert {checkpoint.BAD_SIGNATURE, checkpoint.PAYLOAD_CHECKSUM} <= set(QUARANTINE_REASONS)
+
+
+def test_object_store_requests_are_labelled_by_operation_only() -> None:
+    registry = CollectorRegistry()
+    metrics = build_metrics(registry)
+    for operation in OBJECT_STORE_OPERATIONS:
+        failures = "stream_trainer_object_store_request_failures_total"
+        assert value(registry, failures, operation=operation) == 0
+    metrics.observe_object_store("put", 0.003, failed=False)
+    metrics.observe_object_store("put", 0.2, failed=True)
+    count = "stream_trainer_object_store_request_seconds_count"
+    assert value(registry, count, operation="put") == 2
+    assert value(registry, "stream_trainer_object_store_request_seconds_sum", operation="put") == (
+        pytest.approx(0.203)
+    )
+    assert (
+        value(registry, "stream_trainer_object_store_request_failures_total", operation="put") == 1
+    )
+    # A key or URL never becomes a label value.
+    with pytest.raises(ValueError, match="operation"):
+        metrics.observe_object_store("s3://bucket/m/LEASE", 0.1, failed=False)
+    assert value(registry, count, operation="s3://bucket/m/LEASE") is None
+
+
+def test_object_store_operations_are_the_stores_own() -> None:
+    from stream_trainer.objectstore import OPERATIONS
+
+    assert OBJECT_STORE_OPERATIONS == OPERATIONS

@@ -91,6 +91,9 @@ def test_local_list_get_delete(tmp_path: Path) -> None:
     [
         ("s3://bucket", ("s3", "bucket", "")),
         ("s3://bucket/a/b/", ("s3", "bucket", "a/b")),
+        ("gs://bucket/a/b", ("gs", "bucket", "a/b")),
+        ("GS://bucket", ("gs", "bucket", "")),
+        ("az://container/models/prod/", ("az", "container", "models/prod")),
     ],
 )
 def test_store_urls_parse(url: str, parts: tuple[str, str, str]) -> None:
@@ -98,7 +101,18 @@ def test_store_urls_parse(url: str, parts: tuple[str, str, str]) -> None:
     assert parse_store_url(url) == parts
 
 
-@pytest.mark.parametrize("url", ["gs://b/x", "s3:///x", "s3://b/x?versionId=1", "http://b/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "hdfs://b/x",
+        "s3:///x",
+        "s3://b/x?versionId=1",
+        "http://b/x",
+        "gs://user:secret@b/x",  # credentials never come from a URL
+        "az://c:443/x",
+        "abfs://c/x",
+    ],
+)
 def test_unsupported_store_urls_are_refused(url: str) -> None:
     with pytest.raises(ObjectStoreError):
         parse_store_url(url)
@@ -113,11 +127,13 @@ def test_object_urls_split_into_store_and_key() -> None:
         split_object_url("s3://b")
 
 
-def test_registry_root_takes_s3_urls_and_paths_and_refuses_other_schemes() -> None:
+def test_registry_root_takes_store_urls_and_paths_and_refuses_other_schemes() -> None:
     assert RegistrySettings(root="s3://bucket/prefix").root == "s3://bucket/prefix"
+    assert RegistrySettings(root="gs://bucket/prefix").root == "gs://bucket/prefix"
+    assert RegistrySettings(root="az://container/p").root == "az://container/p"
     assert RegistrySettings(root="var/registry").root == Path("var/registry")
     with pytest.raises(ValueError, match="unsupported URL"):
-        RegistrySettings(root="gs://bucket/prefix")
+        RegistrySettings(root="hdfs://bucket/prefix")
 
 
 def test_relative_paths_resolve_but_urls_stay_as_written(tmp_path: Path) -> None:

@@ -63,10 +63,11 @@ def test_gate_accepts_without_champion_and_within_margin() -> None:
 
 def test_gate_rejects_worse_than_margin_and_nan() -> None:
     gate = PromotionGate(GateSettings(margin=0.05))
-    accepted, reason = gate.decide(0.80, 0.74)
-    assert accepted is False and "0.74" in reason
+    accepted, code, reason = gate.decide(0.80, 0.74)
+    assert accepted is False and code == "worse_than_margin" and "0.74" in reason
     assert gate.decide(0.80, float("nan"))[0] is False
-    assert PromotionGate(GateSettings(enabled=False)).decide(0.9, 0.1) == (True, "gate disabled")
+    disabled = PromotionGate(GateSettings(enabled=False)).decide(0.9, 0.1)
+    assert disabled.accepted is True and disabled.reason.startswith("gate disabled")
 
 
 def test_version_event_is_canonical_and_repeatable() -> None:

@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import statistics
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,11 @@ def targets(
     ratios: dict[str, float],
     service: dict[str, Any],
     search: dict[str, Any] | None = None,
+    extra: dict[str, tuple[float, str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Issue 9's targets for ``mode`` (and issue 23's with ``search``): each with its
-    measured value and whether it is met."""
+    """Issue 9's targets for ``mode`` (and issue 23's with ``search``, and ``extra``'s
+    ``name: (value, ">=" or "<=", bound)``): each with its measured value and whether it is
+    met."""
     checks: dict[str, tuple[float, str, float]] = {}
     if mode == "per_record":
         checks["service_vs_learner_ceiling"] = (ratios["service_vs_learner_ceiling"], ">=", 0.85)
@@ -115,6 +118,7 @@ def targets(
         "<=",
         5.0,
     )
+    checks.update(extra or {})
     out: dict[str, Any] = {}
     for name, (value, op, bound) in checks.items():
         met = None if math.isnan(value) else (value >= bound if op == ">=" else value <= bound)
@@ -126,12 +130,12 @@ def _fmt_rate(s: dict[str, Any]) -> str:
     return f"{s['median']:>12,.0f} {s['min']:>12,.0f} {s['max']:>12,.0f}"
 
 
-def _num(value: float, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+def num(value: float, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
     return "n/a" if math.isnan(value) else f"{value * scale:.{digits}f}{unit}"
 
 
-def table(report: dict[str, Any]) -> str:
-    """The report as readable text."""
+def table(report: dict[str, Any], extra_lines: Sequence[str] = ()) -> str:
+    """The report as readable text; ``extra_lines`` (a section's own) go before the targets."""
     w = report["workload"]
     m = report["machine"]
     lines = [
@@ -150,61 +154,61 @@ def table(report: dict[str, Any]) -> str:
     for name, value in report["ratios"].items():
         each = paired.get(name)
         per_repeat = (
-            f"{_num(each['median'], digits=2)} [{_num(each['min'], digits=2)}-"
-            f"{_num(each['max'], digits=2)}]"
+            f"{num(each['median'], digits=2)} [{num(each['min'], digits=2)}-"
+            f"{num(each['max'], digits=2)}]"
             if each
             else ""
         )
-        lines.append(f"{name:<30} {_num(value, digits=2):>10} {per_repeat:>30}")
+        lines.append(f"{name:<30} {num(value, digits=2):>10} {per_repeat:>30}")
     svc = report["service"]
     cp = svc["checkpoint"]
     lines += [
         "",
-        f"service start-up to first learnt record: {_num(svc['startup_s']['median'], ' s', 1, 1)}",
+        f"service start-up to first learnt record: {num(svc['startup_s']['median'], ' s', 1, 1)}",
         f"checkpoints: {cp['count']['median']:.0f} per run, p50 "
-        f"{_num(cp['p50_s']['median'], ' ms', 1000, 1)}, p99 "
-        f"{_num(cp['p99_s']['median'], ' ms', 1000, 1)}, size "
-        f"{_num(cp['size_bytes']['median'], ' kB', 1e-3, 1)}; after stop "
+        f"{num(cp['p50_s']['median'], ' ms', 1000, 1)}, p99 "
+        f"{num(cp['p99_s']['median'], ' ms', 1000, 1)}, size "
+        f"{num(cp['size_bytes']['median'], ' kB', 1e-3, 1)}; after stop "
         f"{cp['files_after_stop']['median']:.0f} file(s), newest "
-        f"{_num(cp['newest_file_bytes']['median'], ' kB', 1e-3, 1)}",
-        f"RSS: peak {_num(svc['rss']['peak_bytes']['median'], ' MB', 1e-6, 0)}, growth after "
-        f"warm-up {_num(svc['rss']['growth_pct']['median'], ' %', 1, 1)} (warm-up ended at "
-        f"{_num(svc['rss']['warm_learnt']['median'], ' records', 1, 0)})",
+        f"{num(cp['newest_file_bytes']['median'], ' kB', 1e-3, 1)}",
+        f"RSS: peak {num(svc['rss']['peak_bytes']['median'], ' MB', 1e-6, 0)}, growth after "
+        f"warm-up {num(svc['rss']['growth_pct']['median'], ' %', 1, 1)} (warm-up ended at "
+        f"{num(svc['rss']['warm_learnt']['median'], ' records', 1, 0)})",
     ]
     shares = svc.get("time_shares", {})
     if shares:
         lines.append(
             "service time shares: "
-            + ", ".join(f"{k} {_num(v['median'], ' %', 100, 0)}" for k, v in shares.items())
+            + ", ".join(f"{k} {num(v['median'], ' %', 100, 0)}" for k, v in shares.items())
         )
     loop = svc.get("learn_loop")
     if loop:
         lines.append(
             f"service's learn loop (predict + learn calls): "
-            f"{_num(loop['records_per_s']['median'], ' rec/s', 1, 0)}, "
-            f"{_num(loop['vs_learner_ceiling']['median'], digits=2)} of the learner ceiling "
-            f"[{_num(loop['vs_learner_ceiling']['min'], digits=2)}-"
-            f"{_num(loop['vs_learner_ceiling']['max'], digits=2)}]: the learner's own speed "
+            f"{num(loop['records_per_s']['median'], ' rec/s', 1, 0)}, "
+            f"{num(loop['vs_learner_ceiling']['median'], digits=2)} of the learner ceiling "
+            f"[{num(loop['vs_learner_ceiling']['min'], digits=2)}-"
+            f"{num(loop['vs_learner_ceiling']['max'], digits=2)}]: the learner's own speed "
             "inside the service (service / learner ceiling = this x the loop's share of wall time)"
         )
     profile = svc.get("profile")
     if profile:
-        learner = _num(profile["learner_share"], " %", 100, 1)
+        learner = num(profile["learner_share"], " %", 100, 1)
         lines.append(
             f"service poll thread ({profile['sampler']}; {profile['loop_samples']:,} samples "
             f"in the loop; the learner's own work {learner}):"
         )
         lines += [
-            f"  {name:<48} {_num(share, ' %', 100, 1):>8}"
+            f"  {name:<48} {num(share, ' %', 100, 1):>8}"
             for name, share in profile["shares"].items()
         ]
     if "full_batch" in svc:
         fb = svc["full_batch"]
         lines.append(
-            f"full_batch ingestion: {_num(fb['rate_during_retrain']['median'], ' rec/s', 1, 0)} "
-            f"during retrains vs {_num(fb['rate_without_retrain']['median'], ' rec/s', 1, 0)} "
-            f"without, both after the first fit (ratio {_num(fb['ratio']['median'], digits=2)}; "
-            f"before any model {_num(fb['rate_before_first_model']['median'], ' rec/s', 1, 0)}), "
+            f"full_batch ingestion: {num(fb['rate_during_retrain']['median'], ' rec/s', 1, 0)} "
+            f"during retrains vs {num(fb['rate_without_retrain']['median'], ' rec/s', 1, 0)} "
+            f"without, both after the first fit (ratio {num(fb['ratio']['median'], digits=2)}; "
+            f"before any model {num(fb['rate_before_first_model']['median'], ' rec/s', 1, 0)}), "
             f"{fb['retrains']['median']:.0f} retrains, "
             f"{fb['revokes_or_losses']['median']:.0f} revokes/losses"
         )
@@ -213,22 +217,23 @@ def table(report: dict[str, Any]) -> str:
         per_minute = search["trials_per_minute"]
         lines.append(
             f"search ({search['trials_per_search']} trials on {search['window_records']:,} "
-            f"records): 1 worker {_num(per_minute['1']['median'], ' trials/min', 1, 1)}, "
+            f"records): 1 worker {num(per_minute['1']['median'], ' trials/min', 1, 1)}, "
             f"{search['workers']} workers "
-            f"{_num(per_minute[str(search['workers'])]['median'], ' trials/min', 1, 1)}; "
-            f"speedup {_num(search['speedup']['median'], digits=2)} "
-            f"[{_num(search['speedup']['min'], digits=2)}-"
-            f"{_num(search['speedup']['max'], digits=2)}] against a CPU ceiling of "
-            f"{_num(search['cpu_speedup_ceiling']['median'], digits=2)} (N processes of pure "
+            f"{num(per_minute[str(search['workers'])]['median'], ' trials/min', 1, 1)}; "
+            f"speedup {num(search['speedup']['median'], digits=2)} "
+            f"[{num(search['speedup']['min'], digits=2)}-"
+            f"{num(search['speedup']['max'], digits=2)}] against a CPU ceiling of "
+            f"{num(search['cpu_speedup_ceiling']['median'], digits=2)} (N processes of pure "
             f"CPU work, same moments); pool start-up "
-            f"{_num(search['pool_start_s'], ' s', 1, 1)} (once per idle minute); the "
+            f"{num(search['pool_start_s'], ' s', 1, 1)} (once per idle minute); the "
             "full_batch ingestion ratio above is during searches"
         )
+    lines += extra_lines
     lines.append("")
     lines.append("targets (issue 9):")
     for name, t in report["targets"].items():
         verdict = {True: "met", False: "NOT met", None: "unknown"}[t["met"]]
         lines.append(
-            f"  {name:<34} {_num(t['value'], digits=2):>8} (target {t['target']}): {verdict}"
+            f"  {name:<34} {num(t['value'], digits=2):>8} (target {t['target']}): {verdict}"
         )
     return "\n".join(lines)

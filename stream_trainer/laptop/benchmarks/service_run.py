@@ -17,6 +17,7 @@ from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.laptop.benchmarks.profiling import Profiler
 from stream_trainer.laptop.service_process import ServiceProcess, ServiceProcessError
+from stream_trainer.objectstore import is_store_url
 
 P = "stream_trainer"
 LEARNT = f"{P}_records_learnt_total"
@@ -115,8 +116,8 @@ class ServiceRun:
         return {
             "count": count,
             "mean_s": self.final.get(f"{name}_sum", 0.0) / count if count else math.nan,
-            "p50_s": _quantile(0.5, buckets),
-            "p99_s": _quantile(0.99, buckets),
+            "p50_s": quantile(0.5, buckets),
+            "p99_s": quantile(0.99, buckets),
             "size_bytes": self.final.get(f"{P}_checkpoint_size_bytes", math.nan),
             # After the graceful stop (which writes a final checkpoint): kept files.
             "files_after_stop": float(len(self.checkpoint_files)),
@@ -192,7 +193,9 @@ class ServiceRun:
         }
 
 
-def _quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """The ``q`` quantile of cumulative ``(le, count)`` buckets, interpolated within its
+    bucket like PromQL's ``histogram_quantile``; NaN without observations."""
     if not buckets or buckets[-1][1] <= 0:
         return math.nan
     rank = q * buckets[-1][1]
@@ -291,11 +294,15 @@ def run_service_process(
             run.exit_code = service.stop(STOP_TIMEOUT_S)
         except ServiceProcessError as error:
             raise ServiceFailed(str(error)) from None
-        # Listing reads file names only; no key is needed (nothing is verified or loaded).
-        store = CheckpointStore(
-            Path(config["checkpoint"]["dir"]), key=None, allow_unsigned=True, keep_last=1000
-        )
-        run.checkpoint_files = [path.stat().st_size for path in store.list()]
+        checkpoint_dir = config["checkpoint"]["dir"]
+        # Checkpoints on an object store (bench --store s3, once supported) are not listed
+        # here: that run's files_after_stop reads 0 and newest_file_bytes NaN.
+        if not is_store_url(checkpoint_dir):
+            # Listing reads file names only; no key is needed (nothing is verified or loaded).
+            store = CheckpointStore(
+                Path(checkpoint_dir), key=None, allow_unsigned=True, keep_last=1000
+            )
+            run.checkpoint_files = [path.stat().st_size for path in store.list()]
     finally:
         if profiler is not None:
             profiler.close()
