@@ -69,6 +69,7 @@ from stream_trainer.registry import open_registry
 from stream_trainer.selection import build_selection
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
+from stream_trainer.source import Source
 from stream_trainer.state import RecordWindow, TrainingState
 from stream_trainer.store_checkpoint import LEASE as CHECKPOINT_LEASE
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
@@ -549,7 +550,7 @@ def run_service(
         )
         publisher.reconcile(state)
 
-        def make_source(service: Service) -> KafkaSource:
+        def make_source(service: Service) -> Source:
             lag = LagTracker(
                 metrics,
                 read_committed=consumer_config.get("isolation.level") != "read_uncommitted",

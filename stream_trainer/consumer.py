@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -24,26 +24,12 @@ from confluent_kafka import (
 
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.ledger import TopicPartitionKey
+from stream_trainer.source import RebalanceListener, Record
+
+# RebalanceListener is re-exported: it lived here before stream_trainer.source existed.
+__all__ = ["KafkaSource", "RebalanceListener", "RetentionGap"]
 
 log = logging.getLogger(__name__)
-
-
-class RebalanceListener(Protocol):
-    """Hooks called on the poll thread, inside ``consume()``, during a rebalance."""
-
-    def start_offsets(
-        self, partitions: Sequence[TopicPartitionKey]
-    ) -> Mapping[TopicPartitionKey, int]:
-        """Where each newly assigned partition starts (absent: the group's committed offset)."""
-
-    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Called after the partitions are assigned and positioned."""
-
-    def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Must checkpoint and commit what is owned before returning."""
-
-    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Must commit nothing: the partitions already belong to another member."""
 
 
 class RetentionGap(StreamTrainerError):
@@ -66,7 +52,8 @@ def _key(tp: TopicPartition) -> TopicPartitionKey:
 
 
 class KafkaSource:
-    """A subscribed consumer that hands out message batches and commits on request."""
+    """A subscribed consumer that hands out message batches and commits on request: the
+    :class:`stream_trainer.source.Source` of a real Kafka group."""
 
     def __init__(
         self,
@@ -231,7 +218,7 @@ class KafkaSource:
         """Partitions currently assigned to this member."""
         return frozenset(self._owned)
 
-    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+    def consume(self, max_messages: int, timeout_s: float) -> list[Record]:
         """Up to ``max_messages`` records; error events are reported, never returned.
 
         Raises RetentionGap when an assignment needed offsets that retention removed, and
@@ -240,7 +227,7 @@ class KafkaSource:
         messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
         if self.retention_error is not None:
             raise self.retention_error
-        records = []
+        records: list[Message] = []
         for message in messages:
             error = message.error()
             if error is None:
@@ -249,7 +236,8 @@ class KafkaSource:
                 raise KafkaException(error)
             elif self._on_error is not None:
                 self._on_error(error)
-        return records
+        # An error-free consumed message always carries its topic, partition and offset.
+        return cast("list[Record]", records)
 
     def commit(
         self, offsets: Mapping[TopicPartitionKey, int], asynchronous: bool = False

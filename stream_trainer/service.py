@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException
 
 from stream_trainer.checkpoint import (
     BackgroundWriter,
@@ -28,7 +28,6 @@ from stream_trainer.checkpoint import (
     WriteResult,
 )
 from stream_trainer.config import Settings
-from stream_trainer.consumer import KafkaSource
 from stream_trainer.control import Ack, ControlChannel, Incoming, Outcome
 from stream_trainer.deadletter import DeadLetterError, DeadLetterPublisher
 from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
@@ -39,13 +38,9 @@ from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.memory import release_free_memory
 from stream_trainer.metrics import Metrics
 from stream_trainer.publisher import ModelPublisher
-from stream_trainer.records import (
-    DecodedBatch,
-    MessageLike,
-    RecordDecoder,
-    invalid_from_message,
-)
+from stream_trainer.records import DecodedBatch, RecordDecoder, invalid_from_message
 from stream_trainer.registry import RegistryUnavailable
+from stream_trainer.source import Record, Source
 from stream_trainer.state import TrainingState
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 from stream_trainer.wire import RegistryWaitInterrupted, SchemaRegistryUnavailable, WireDecoder
@@ -64,15 +59,15 @@ PREQUENTIAL_REFRESH_S = 1.0
 class _PendingUnit:
     """Messages consumed but not yet trained on (a mini-batch filling up)."""
 
-    messages: list[Message] = field(default_factory=list)
+    messages: list[Record] = field(default_factory=list)
     started: float = 0.0
 
-    def add(self, messages: Sequence[Message], now: float) -> None:
+    def add(self, messages: Sequence[Record], now: float) -> None:
         if not self.messages:
             self.started = now
         self.messages.extend(messages)
 
-    def take(self) -> list[Message]:
+    def take(self) -> list[Record]:
         messages, self.messages = self.messages, []
         return messages
 
@@ -110,7 +105,7 @@ class Service:
         self,
         settings: Settings,
         state: TrainingState,
-        make_source: Callable[[Service], KafkaSource],
+        make_source: Callable[[Service], Source],
         decoder: RecordDecoder,
         trainer: Trainer,
         store: CheckpointWriter,
@@ -133,7 +128,7 @@ class Service:
         self._decoder = decoder
         # Decodes the next unit (possibly in a worker process) while this one is learnt.
         self._unit_decoder = unit_decoder if unit_decoder is not None else InlineDecoder(decoder)
-        self._decoding: list[Message] | None = None  # the unit in the unit decoder
+        self._decoding: list[Record] | None = None  # the unit in the unit decoder
         self._trainer = trainer
         self._store = store
         self._writer = BackgroundWriter(store)
@@ -290,13 +285,13 @@ class Service:
             or now - self._pending.started >= self.settings.training.mini_batch.max_wait_s
         )
 
-    def _advance(self, unit: list[Message]) -> None:
+    def _advance(self, unit: list[Record]) -> None:
         """Hand ``unit`` to the decoder, then train on the unit decoded before it (if any):
         the two overlap when the decoder is a worker process."""
         self._ensure_schemas(unit)  # first: an interrupted wait leaves the decoder as it was
         previous = self._decoding
         batch = self._decoded() if previous is not None else None
-        self._unit_decoder.submit(cast("list[MessageLike]", unit))
+        self._unit_decoder.submit(unit)
         self._decoding = unit
         if previous is not None:
             self._process(previous, batch)
@@ -311,7 +306,7 @@ class Service:
         self._process(unit, self._decoded())
         self._crash.reached("after_learn")
 
-    def _ensure_schemas(self, unit: list[Message]) -> None:
+    def _ensure_schemas(self, unit: list[Record]) -> None:
         """Fetch the schemas of ``unit``'s new schema ids before it is decoded. While the
         registry is unreachable, slow or failing this waits and retries (counted, logged
         once per outage; the heartbeat keeps beating): a dependency that blinked must not
@@ -356,12 +351,11 @@ class Service:
         self._metrics.decode_wait.observe(time.perf_counter() - started)
         return batch
 
-    def _process(self, messages: list[Message], batch: DecodedBatch | None = None) -> None:
+    def _process(self, messages: list[Record], batch: DecodedBatch | None = None) -> None:
         """Dead-letter, train and account for one unit of messages (decoded here unless
         ``batch`` is its decoding already)."""
         state = self.state
-        # Error-free consumed messages always carry topic, partition and offset.
-        records = cast("list[MessageLike]", messages)
+        records = messages
         if batch is None:
             try:
                 self._ensure_schemas(messages)
@@ -731,7 +725,7 @@ class Service:
         self._checkpoint_done(result, offsets)
         return True
 
-    # -- rebalance hooks (called by KafkaSource on the poll thread) ------------------------
+    # -- rebalance hooks (called by the Source on the poll thread, inside consume) --------
 
     def start_offsets(
         self, partitions: Sequence[TopicPartitionKey]
