@@ -140,7 +140,7 @@ class InMemoryGroup:
     check, at that very moment, that a durable checkpoint covers the offsets.
     """
 
-    partitions: Mapping[str, int]
+    partitions: Mapping[str, int]  # the topics the members subscribe to, and their sizes
     on_commit: Callable[[str, Mapping[TopicPartitionKey, int]], None] | None = None
     log: dict[str, list[list[LogEntry]]] = field(init=False)
     committed: dict[TopicPartitionKey, int] = field(default_factory=dict)
@@ -173,15 +173,15 @@ class InMemoryGroup:
         return len(entries) - 1
 
     def end_offsets(self) -> dict[TopicPartitionKey, int]:
-        """The next offset of every partition (its high watermark)."""
+        """The next offset of every partition of the group's topics (its high watermark)."""
         return {
             (topic, p): len(entries)
-            for topic, lists in self.log.items()
-            for p, entries in enumerate(lists)
+            for topic in self.partitions
+            for p, entries in enumerate(self.log[topic])
         }
 
     def all_partitions(self) -> list[TopicPartitionKey]:
-        """Every partition of every topic, sorted."""
+        """Every partition of the group's topics (what it assigns), sorted."""
         return sorted(self.end_offsets())
 
     # -- membership -------------------------------------------------------------------------
@@ -422,3 +422,36 @@ class InMemorySource:
         self._callbacks()
         self._closed = True
         return True
+
+
+class InMemoryProducer:
+    """The part of ``confluent_kafka.Producer`` the dead-letter and version-event
+    publishers use, appending to an :class:`InMemoryGroup`'s log (a topic it does not
+    know gets one partition). Deliveries succeed and are reported by ``poll``/``flush``."""
+
+    def __init__(self, group: InMemoryGroup) -> None:
+        self._group = group
+        self._reports: list[Callable[[object, object], None]] = []
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
+        on_delivery: Callable[[object, object], None] | None = None,
+    ) -> None:
+        self._group.log.setdefault(topic, [[]])
+        self._group.append(topic, 0, value, key=key, headers=headers)
+        if on_delivery is not None:
+            self._reports.append(on_delivery)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        reports, self._reports = self._reports, []
+        for report in reports:
+            report(None, None)
+        return len(reports)
+
+    def flush(self, timeout: float = 0.0) -> int:
+        self.poll()
+        return 0
