@@ -22,6 +22,8 @@ from stream_trainer import __version__
 from stream_trainer.app import open_checkpoints, restore_state, validate_restored
 from stream_trainer.config import Settings, settings_from_mapping
 from stream_trainer.deadletter import DeadLetterPublisher
+from stream_trainer.errors import StreamTrainerError
+from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.metrics import build_metrics
@@ -69,7 +71,28 @@ def make_settings(
     )
 
 
-def build_service(settings: Settings, group: InMemoryGroup, member: str) -> Service:
+class Crashed(StreamTrainerError):
+    """The simulated kill -9 of :class:`CrashAt`."""
+
+
+class CrashAt(CrashPoints):
+    """Crashes at the ``nth`` arrival at ``point`` by raising, not by SIGKILLing this
+    process: the test then drops the service where it stood, with no shutdown at all."""
+
+    def __init__(self, point: str, nth: int = 1) -> None:
+        super().__init__(f"{point}:{nth}")  # checks the point's name
+        self._crash_point, self._left = point, nth
+
+    def reached(self, point: str) -> None:
+        if point == self._crash_point:
+            self._left -= 1
+            if self._left == 0:
+                raise Crashed(point)
+
+
+def build_service(
+    settings: Settings, group: InMemoryGroup, member: str, crash: CrashPoints = NO_CRASHES
+) -> Service:
     """A Service wired as app.run_service wires it, on ``group`` as ``member``."""
     metrics = build_metrics(CollectorRegistry())
     store = open_checkpoints(settings)
@@ -91,6 +114,7 @@ def build_service(settings: Settings, group: InMemoryGroup, member: str) -> Serv
         metrics=metrics,
         heartbeat=Heartbeat(metrics=metrics),
         reload_state=lambda: restore_state(settings, store)[0],
+        crash=crash,
         clock=lambda: 0.0,  # checkpoints by count only: no time in these tests
     )
 
@@ -372,3 +396,68 @@ def test_a_flood_of_bad_records_halts_its_partition_across_a_restart(tmp_path: P
     stop(second)
     assert group.violations == []
     assert group.committed == {**healthy, (T, 1): halted_at}
+
+
+def test_a_restart_commits_a_checkpoint_whose_commit_was_lost(tmp_path: Path) -> None:
+    """Twin of tests/faults/test_crash_recovery.py's: killed after its checkpoint is
+    durable, before that checkpoint's commit; the restart learns nothing again and commits
+    the checkpoint's offsets when it is assigned."""
+    settings = make_settings(tmp_path, every_records=1000)
+    group = InMemoryGroup({T: PARTITIONS}, on_commit=CoveredCommits(settings))
+    produce(group, 20)
+    ends = group.end_offsets()
+    first = build_service(settings, group, "a", crash=CrashAt("after_checkpoint"))
+    drive([first], learnt_all(first, ends))
+    with pytest.raises(Crashed):
+        first.checkpoint_now("test")
+    group.expire("a")  # its session ends
+    assert group.committed == {}
+    assert final_state(settings).offsets == ends
+    second = build_service(settings, group, "a2")
+    second.step()
+    assert group.committed == ends  # at the assignment, before anything is learnt
+    assert second.state.records_learnt == 60
+    drive([second], lambda: True)
+    stop(second)
+    assert group.violations == []
+    assert_learnt_once(final_state(settings), ends)
+
+
+def test_a_kill_inside_revoke_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """Twin of tests/faults/test_crash_recovery.py's: a member is killed inside its revoke
+    callback, before the revoke's checkpoint, holding records learnt since its last
+    checkpoint; the restarted service learns them again, once."""
+    settings = make_settings(tmp_path, every_records=1000)
+    group = InMemoryGroup({T: PARTITIONS}, on_commit=CoveredCommits(settings))
+    produce(group, 30)
+    victim = build_service(settings, group, "a", crash=CrashAt("in_revoke"))
+    drive([victim], learnt_all(victim, group.end_offsets()))
+    assert victim.checkpoint_now("test")
+    produce(group, 5)
+    drive([victim], learnt_all(victim, group.end_offsets()))
+    unsaved = victim.state.records_learnt - final_state(settings).records_learnt
+    joiner = group.join("b", _Idle())  # a rebalance: the victim must give a partition up
+    with pytest.raises(Crashed):
+        victim.step()
+    group.expire("a")
+    joiner.close(1.0)
+    produce(group, 5)
+    ends = group.end_offsets()
+    restarted = build_service(settings, group, "a2")
+    drive([restarted], learnt_all(restarted, ends))
+    stop(restarted)
+    assert unsaved == 15
+    assert group.violations == []
+    assert group.committed == ends
+    assert_learnt_once(final_state(settings), ends)
+
+
+class _Idle:
+    """A member that takes what it is given and reads nothing."""
+
+    def start_offsets(self, partitions: Sequence[TopicPartitionKey]) -> dict[Any, int]:
+        return {}
+
+    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
+    def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
+    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
