@@ -29,7 +29,9 @@ librdkafka's cooperative-sticky protocol, reduced to what a member sees:
   the partition leaves the member; ``seek`` of an owned partition moves its position (a
   paused one stays paused), of another raises :class:`InMemoryGroupError`.
 - Callbacks are never called with an empty list. The log has no retention (it starts at 0)
-  and a position past the end just waits for records (no ``auto.offset.reset``).
+  and a position past the end just waits for records (no ``auto.offset.reset``). Partitions
+  added to a topic (:meth:`InMemoryGroup.add_partitions`) are rebalanced at once: the
+  stale assignment a static member gets back from Kafka is not modelled.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class InMemoryGroup:
     _sources: dict[str, InMemorySource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.partitions = dict(self.partitions)
         self.log = {topic: [[] for _ in range(count)] for topic, count in self.partitions.items()}
 
     # -- the log ----------------------------------------------------------------------------
@@ -171,6 +174,15 @@ class InMemoryGroup:
         entries = self.log[topic][partition]
         entries.append(LogEntry(key, value, headers, timestamp_ms))
         return len(entries) - 1
+
+    def add_partitions(self, topic: str, count: int) -> None:
+        """Grow ``topic`` to ``count`` partitions and rebalance (the leader saw the count
+        change): the new partitions go to the members at their next ``consume()``."""
+        if count <= self.partitions[topic]:
+            raise InMemoryGroupError(f"{topic} has {self.partitions[topic]} partitions already")
+        self.log[topic].extend([] for _ in range(count - self.partitions[topic]))
+        self.partitions = {**self.partitions, topic: count}
+        self._rebalance()
 
     def end_offsets(self) -> dict[TopicPartitionKey, int]:
         """The next offset of every partition of the group's topics (its high watermark)."""

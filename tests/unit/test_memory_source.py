@@ -277,3 +277,20 @@ def test_misuse_is_refused() -> None:
     for action in (group.leave, group.expire):
         with pytest.raises(InMemoryGroupError, match="not a member"):
             action("z")
+
+
+def test_partitions_added_to_a_topic_are_assigned_at_the_next_consume() -> None:
+    group = _group(2, 1)
+    events: list[tuple[str, str, list[TopicPartitionKey]]] = []
+    a = group.join("a", Recorder("a", events))
+    b = group.join("b", Recorder("b", events))
+    for source in (a, b, a, b):
+        source.consume(100, 1.0)
+    group.add_partitions(T, 4)
+    group.append(T, 3, b"new")
+    records = [*a.consume(100, 1.0), *b.consume(100, 1.0)]
+    assert [(r.partition(), r.offset()) for r in records] == [(3, 0)]
+    assert a.owned | b.owned == frozenset(_ps(0, 1, 2, 3))
+    assert events[-2:] == [("a", "assign", _ps(2)), ("b", "assign", _ps(3))]
+    with pytest.raises(InMemoryGroupError, match="already"):
+        group.add_partitions(T, 3)

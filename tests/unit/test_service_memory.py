@@ -124,8 +124,9 @@ def uid(partition: int, offset: int) -> int:
 
 
 def produce(group: InMemoryGroup, per_partition: int) -> None:
-    """``per_partition`` valid records on every partition, each with a unique ``uid``."""
-    for p in range(PARTITIONS):
+    """``per_partition`` valid records on every partition of ``T``, each with a unique
+    ``uid``."""
+    for p in range(group.partitions[T]):
         for _ in range(per_partition):
             offset = len(group.log[T][p])
             x = {"uid": uid(p, offset), "f": (offset % 7) / 7.0}
@@ -461,3 +462,24 @@ class _Idle:
     def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
+
+
+def test_a_partition_added_while_the_member_was_down_is_learnt(tmp_path: Path) -> None:
+    """Counterpart of tests/faults/test_kafka_faults.py's (which is about the stale
+    assignment of a static member, not modelled here): the restarted service learns the
+    new partition from its first record, and the old ones from its checkpoint."""
+    settings = make_settings(tmp_path, every_records=10)
+    group = InMemoryGroup({T: 2}, on_commit=CoveredCommits(settings))
+    produce(group, 20)
+    first = build_service(settings, group, "a")
+    drive([first], learnt_all(first, group.end_offsets()))
+    stop(first)
+    group.add_partitions(T, 3)
+    produce(group, 5)
+    ends = group.end_offsets()
+    second = build_service(settings, group, "a2")
+    drive([second], learnt_all(second, ends))
+    stop(second)
+    assert group.violations == []
+    assert group.committed == ends
+    assert_learnt_once(final_state(settings), ends)
