@@ -1172,7 +1172,10 @@ class FullBatchSettings(StrictModel):
     retrain_every_seconds: float | None = Field(
         default=None,
         gt=0,
-        description="retrain every this many seconds; null: never by time",
+        description=(
+            "retrain every this many seconds if at least one record was learnt since the "
+            "last retrain (an unchanged window is not refitted); null: never by time"
+        ),
     )
     retrain_on_drift: bool = Field(
         default=True,
@@ -1398,7 +1401,8 @@ class CheckpointSettings(StrictModel):
         default=10.0,
         gt=0,
         description=(
-            "checkpoint at least this often, in seconds; null: never by time. Offsets are "
+            "checkpoint at least this often, in seconds, once a record was processed since "
+            "the last one; null: never by time. Offsets are "
             "committed only after a checkpoint, so it bounds how stale committed offsets are"
         ),
     )
@@ -1636,8 +1640,8 @@ class RegistrySettings(StrictModel):
         default=300.0,
         gt=0,
         description=(
-            "publish every this many seconds; null: never by time. A publish with nothing "
-            "new learnt is skipped"
+            "publish every this many seconds if at least one record was learnt since the "
+            "last version; null: never by time"
         ),
     )
     publish_after_retrain: bool = Field(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stream_trainer import __version__
+from stream_trainer.cadence import Cadence
 from stream_trainer.checkpoint import library_versions
 from stream_trainer.config import Settings
 from stream_trainer.evaluation import PrequentialEvaluator, evaluate_holdout
@@ -28,7 +29,6 @@ from stream_trainer.registry import Registry, RegistryError, RegistryUnavailable
 from stream_trainer.state import TrainingState
 from stream_trainer.versions import (
     PromotionGate,
-    PublishPolicy,
     VersionEventPublisher,
     gate_metric,
 )
@@ -49,7 +49,6 @@ class ModelPublisher:
         events: VersionEventPublisher | None,
         metrics: Metrics,
         crash: CrashPoints = NO_CRASHES,
-        clock: Any = time.monotonic,
         on_published: Callable[[], None] | None = None,
     ) -> None:
         """``on_published``: called after each published version (must not block: the
@@ -61,12 +60,9 @@ class ModelPublisher:
         self._metrics = metrics
         self._crash = crash
         self._on_published = on_published
-        self._policy = PublishPolicy(
-            cfg.publish_every_records,
-            cfg.publish_every_seconds,
-            cfg.publish_after_retrain,
-            clock=clock,
-        )
+        # Counts records learnt; the count is persisted as state.records_since_publish.
+        # The period starts at install (the service's clock), not here.
+        self._cadence = Cadence(cfg.publish_every_records, cfg.publish_every_seconds)
         self._gate = PromotionGate(cfg.gate)
         self._metric = gate_metric(settings.evaluation_metrics())
         self._champion_cache: tuple[int, ModelAdapter] | None = None
@@ -100,13 +96,30 @@ class ModelPublisher:
 
     # -- policy --------------------------------------------------------------------------
 
-    def due(self, state: TrainingState, wanted: str | None) -> str | None:
-        """The trigger of a publish that is due now, or None."""
+    def install(self, state: TrainingState, now: float) -> None:
+        """Take ``state``'s count of records learnt since its last version; the period
+        starts at ``now`` (a restored state does not publish the instant it lands)."""
+        self._cadence.restart(state.records_since_publish, now)
+
+    def observe(self, state: TrainingState, learnt: int) -> None:
+        """Count ``learnt`` records toward the next version (persisted in ``state``)."""
+        self._cadence.observe(learnt)
+        state.records_since_publish = self._cadence.count
+
+    def _restart(self, state: TrainingState, now: float) -> None:
+        """A version was published, rejected or skipped at ``now``: the next counts anew."""
+        self._cadence.reset(now)
+        state.records_since_publish = 0
+
+    def due(self, state: TrainingState, wanted: str | None, now: float) -> str | None:
+        """The trigger of a publish that is due at ``now``: ``wanted`` (manual, retrain)
+        first, then "records", then "time" (which needs at least one record learnt since
+        the last version); None when not due or no model is fitted yet."""
         if wanted is not None:
             return wanted
-        if state.records_since_publish == 0 or not state.model.is_fitted():
+        if not state.model.is_fitted():
             return None
-        return self._policy.due(state.records_since_publish, False, False)
+        return self._cadence.trigger(now)
 
     # -- publish -------------------------------------------------------------------------
 
@@ -246,22 +259,22 @@ class ModelPublisher:
         )
         return state.model_version if same else None
 
-    def publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
+    def publish(self, state: TrainingState, trigger: str, now: float) -> VersionInfo | None:
         """Gate the current model and publish it as a version; None when rejected, or
-        skipped because nothing was learnt since the last version (logged). Every call's
-        duration, raising ones included, goes to ``publish_duration_seconds``."""
+        skipped because nothing was learnt since the last version (logged). Either way the
+        publish period restarts at ``now`` (the service's clock). Every call's duration,
+        raising ones included, goes to ``publish_duration_seconds``."""
         started = time.perf_counter()
         try:
-            return self._publish(state, trigger)
+            return self._publish(state, trigger, now)
         finally:
             self._metrics.publish_duration.observe(time.perf_counter() - started)
 
-    def _publish(self, state: TrainingState, trigger: str) -> VersionInfo | None:
+    def _publish(self, state: TrainingState, trigger: str, now: float) -> VersionInfo | None:
         self.last_rejection = None
         unchanged = self._unchanged_since(state)
         if unchanged is not None:
-            self._policy.mark_published()
-            state.records_since_publish = 0
+            self._restart(state, now)
             log.info(
                 "publish skipped: nothing learnt since the last version",
                 extra={"model_version": unchanged, "trigger": trigger},
@@ -278,8 +291,7 @@ class ModelPublisher:
             reason = "gated at retrain"
         metadata = self._metadata(state, trigger, champion_score, candidate_score, champion_version)
         metadata["gate"].update(accepted=accepted, code=verdict.code, reason=reason)
-        self._policy.mark_published()
-        state.records_since_publish = 0
+        self._restart(state, now)
         if not accepted:
             self._registry.record_rejection(
                 metadata,

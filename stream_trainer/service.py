@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException
 
+from stream_trainer.cadence import Cadence
 from stream_trainer.checkpoint import (
     BackgroundWriter,
     CheckpointError,
@@ -146,8 +147,11 @@ class Service:
         # Offsets of the newest durable checkpoint (the restored state's at start): the only
         # positions that may be committed outside a checkpoint.
         self._durable: dict[TopicPartitionKey, int] = dict(state.offsets)
-        self._last_checkpoint = clock()
-        self._records_since_checkpoint = 0
+        now = clock()
+        # Counts records processed (dead-lettered included): a checkpoint also moves offsets.
+        self._checkpoint_cadence = Cadence(
+            settings.checkpoint.every_records, settings.checkpoint.every_seconds, since=now
+        )
         self._publish_wanted: str | None = None
         self._publish_retry_at = 0.0
         self._mode = settings.training.mode
@@ -157,7 +161,15 @@ class Service:
         self._prequential_at = -math.inf
         self.restored = False
         self._record_control_offsets()
+        self._install_cadences(now)
         self.source = make_source(self)
+
+    def _install_cadences(self, now: float) -> None:
+        """Start the publish and retrain periods at ``now`` (this install or a reload) with
+        the counts the state carries: a restored state does not fire the instant it lands."""
+        self._publisher.install(self.state, now)
+        if isinstance(self._trainer, FullBatchTrainer):
+            self._trainer.install(self.state, now)
 
     @property
     def _manual_pause(self) -> bool:
@@ -252,7 +264,7 @@ class Service:
         if self._checkpoint_due(now):
             self._start_checkpoint(now)
         trigger = (
-            self._publisher.due(self.state, self._publish_wanted)
+            self._publisher.due(self.state, self._publish_wanted, now)
             if now >= self._publish_retry_at
             else None
         )
@@ -260,7 +272,7 @@ class Service:
             self._publish_wanted = None
             self.checkpoint_now("publish")
             try:
-                self._publisher.publish(self.state, trigger)
+                self._publisher.publish(self.state, trigger, now)
             except RegistryUnavailable as error:
                 # An object store outage: training goes on, checkpoints are local, and the
                 # same trigger is tried again after a pause (the store's own timeout bounds
@@ -397,8 +409,8 @@ class Service:
             start = state.offsets.get(key, int(offsets[indexes[0]]))
             state.ledger.add(key, start, last + 1)
             state.offsets[key] = last + 1
-        state.records_since_publish += result.learnt
-        self._records_since_checkpoint += len(records)
+        self._publisher.observe(state, result.learnt)
+        self._checkpoint_cadence.observe(len(records))
         self._report_unit(len(records), result)
 
     def _trip_breaker(
@@ -528,7 +540,7 @@ class Service:
         if not self.checkpoint_now("control"):
             # Retried when the next periodic checkpoint is due, even with nothing consumed
             # (paused): the commands' effects must reach a checkpoint.
-            self._records_since_checkpoint += 1
+            self._checkpoint_cadence.observe(1)
         self._crash.reached("before_ack")
         self._send_owed_acks()
 
@@ -582,7 +594,7 @@ class Service:
             return "refused", "nothing learnt yet: there is no model to publish"
         self._publish_wanted = None
         self.checkpoint_now("publish")
-        info = self._publisher.publish(self.state, "manual")
+        info = self._publisher.publish(self.state, "manual", self._clock())
         self._update_model_metrics()
         if info is not None:
             return "done", f"published version {info.version}"
@@ -596,14 +608,7 @@ class Service:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _checkpoint_due(self, now: float) -> bool:
-        if self._in_flight is not None or self._records_since_checkpoint == 0:
-            return False
-        cfg = self.settings.checkpoint
-        by_count = (
-            cfg.every_records is not None and self._records_since_checkpoint >= cfg.every_records
-        )
-        by_time = cfg.every_seconds is not None and now - self._last_checkpoint >= cfg.every_seconds
-        return by_count or by_time
+        return self._in_flight is None and self._checkpoint_cadence.due(now)
 
     def _manifest_fields(self, reason: str) -> dict[str, Any]:
         state = self.state
@@ -631,7 +636,7 @@ class Service:
         """No checkpoint may cover a record whose dead letter is not durable: this one is
         held back (counted as a failure: alert) and retried, with the dead letters, when due."""
         self._metrics.checkpoint_failures.inc()
-        self._last_checkpoint = now
+        self._checkpoint_cadence.defer(now)
         log.error("dead letters not durable; checkpoint held back", extra={"reason": str(error)})
 
     def _start_checkpoint(self, now: float) -> None:
@@ -644,8 +649,7 @@ class Service:
         if future is None:
             return
         self._in_flight = _InFlight(future, offsets, now)
-        self._last_checkpoint = now
-        self._records_since_checkpoint = 0
+        self._checkpoint_cadence.reset(now)
 
     def _collect_checkpoint(self, wait: bool = False) -> None:
         flight = self._in_flight
@@ -659,7 +663,7 @@ class Service:
             raise  # another member writes this model now: stop, committing nothing
         except CheckpointError as error:
             self._metrics.checkpoint_failures.inc()
-            self._records_since_checkpoint += 1  # try again at the next due time
+            self._checkpoint_cadence.observe(1)  # try again at the next due time
             log.error(
                 "checkpoint failed; offsets stay at the previous one", extra={"reason": str(error)}
             )
@@ -720,8 +724,7 @@ class Service:
             self._metrics.checkpoint_failures.inc()
             log.error("checkpoint failed", extra={"reason": str(error), "trigger": reason})
             return False
-        self._last_checkpoint = started
-        self._records_since_checkpoint = 0
+        self._checkpoint_cadence.reset(started)
         self._checkpoint_done(result, offsets)
         return True
 
@@ -778,6 +781,7 @@ class Service:
         if self._reload_state is not None:
             self.state = self._reload_state()
             self._durable = dict(self.state.offsets)
+            self._install_cadences(self._clock())  # the reloaded state's counts
             if self._control is not None:
                 # Commands read since that checkpoint are read (and acted on) again.
                 self._control.seek(self.state.control_offsets or self._control.started_at)
@@ -829,7 +833,7 @@ class Service:
             self._trainer.close()
         self._flush_pending()
         self._refresh_prequential()
-        if self._records_since_checkpoint or self._in_flight is not None:
+        if self._checkpoint_cadence.count or self._in_flight is not None:
             self.checkpoint_now("shutdown")
         else:
             self._collect_checkpoint(wait=True)

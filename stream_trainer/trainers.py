@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from stream_trainer.cadence import Cadence
 from stream_trainer.config import Settings
 from stream_trainer.evaluation import evaluate_holdout
 from stream_trainer.faults import NO_CRASHES, CrashPoints
@@ -348,7 +349,14 @@ class FullBatchTrainer:
             )
         self._running: Future[FitResult] | None = None
         self._running_meta: dict[str, Any] = {}
-        self._last_retrain = time.monotonic()
+        # Counts records learnt (persisted as state.records_since_retrain). The period starts
+        # at install, on the service's clock: the trainer reads no clock of its own.
+        self._cadence = Cadence(self._cfg.retrain_every_records, self._cfg.retrain_every_seconds)
+
+    def install(self, state: TrainingState, now: float) -> None:
+        """Take ``state``'s count of records learnt since its last retrain; the period
+        starts at ``now`` (a restored state does not retrain by time the instant it lands)."""
+        self._cadence.restart(state.records_since_retrain, now)
 
     @property
     def retraining(self) -> bool:
@@ -378,14 +386,8 @@ class FullBatchTrainer:
             if state.retrain_wanted in (None, "count", "time"):
                 state.retrain_wanted = "drift"
         state.records_learnt += n
-        state.records_since_retrain += n
-        every = self._cfg.retrain_every_records
-        if (
-            every is not None
-            and state.records_since_retrain >= every
-            and state.retrain_wanted is None
-        ):
-            state.retrain_wanted = "count"
+        self._cadence.observe(n)
+        state.records_since_retrain = self._cadence.count
         return UnitResult(n, [], t1 - t0, 0.0, unscored)
 
     @staticmethod
@@ -400,19 +402,21 @@ class FullBatchTrainer:
         state.window = new
 
     def poll_retrain(self, state: TrainingState, now: float) -> RetrainOutcome | None:
-        """Start a due retrain or collect a finished one. Cheap; call every loop."""
+        """Start a due retrain or collect a finished one. Cheap; call every loop.
+
+        The cadence (``retrain_every_records`` / ``retrain_every_seconds``) queues trigger
+        "count" or "time" when nothing else is queued; "time" needs at least one record
+        learnt since the last retrain: a refit of an unchanged window is wasted CPU.
+        """
         assert state.window is not None
         if self._running is not None:
             if not self._running.done():
                 return None
             return self._finish(state)
-        every_s = self._cfg.retrain_every_seconds
-        if (
-            every_s is not None
-            and now - self._last_retrain >= every_s
-            and state.retrain_wanted is None
-        ):
-            state.retrain_wanted = "time"
+        if state.retrain_wanted is None:
+            fired = self._cadence.trigger(now)
+            if fired is not None:
+                state.retrain_wanted = "count" if fired == "records" else "time"
         # A retrain a stop or crash abandoned before the gate judged it comes first.
         trigger = state.retrain_running or state.retrain_wanted
         if trigger is None or state.window.size < self._cfg.min_records:
@@ -442,8 +446,8 @@ class FullBatchTrainer:
         if state.retrain_running is None:  # a resumed retrain keeps any newer trigger waiting
             state.retrain_wanted = None
         state.retrain_running = trigger
+        self._cadence.reset(now)
         state.records_since_retrain = 0
-        self._last_retrain = now
         log.info("full retrain started", extra={"trigger": trigger, "records": split})
 
     def _fit(

@@ -1,4 +1,5 @@
-"""When to publish a version, whether it becomes champion, and its event on Kafka.
+"""Whether a version becomes champion, and its event on Kafka (when to publish one:
+:mod:`stream_trainer.cadence`).
 
 Version event (the value; the key is the model name), canonical JSON::
 
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from stream_trainer.config import GateSettings
@@ -26,46 +26,6 @@ from stream_trainer.registry import Registry, VersionInfo, atomic_write, sent_ma
 
 class VersionEventError(StreamTrainerError):
     """A version event was not delivered (the caller retries; the marker is not written)."""
-
-
-class PublishPolicy:
-    """Decides when a version is due: every N records, every T seconds, after a retrain,
-    or on demand. The clock is injectable; the period starts at construction."""
-
-    def __init__(
-        self,
-        every_records: int | None,
-        every_seconds: float | None,
-        after_retrain: bool,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._every_records = every_records
-        self._every_seconds = every_seconds
-        self._after_retrain = after_retrain
-        self._clock = clock
-        self._last = clock()
-
-    def due(self, records_since_last: int, retrained: bool, requested: bool) -> str | None:
-        """The trigger that makes a version due now ("manual", "retrain", "records",
-        "time", in that precedence), or None. "time" needs at least one new record: a
-        version identical to the last one is not worth publishing."""
-        if requested:
-            return "manual"
-        if retrained and self._after_retrain:
-            return "retrain"
-        if self._every_records is not None and records_since_last >= self._every_records:
-            return "records"
-        if (
-            self._every_seconds is not None
-            and records_since_last > 0
-            and self._clock() - self._last >= self._every_seconds
-        ):
-            return "time"
-        return None
-
-    def mark_published(self) -> None:
-        """Restart the period (call after a version was published or rejected)."""
-        self._last = self._clock()
 
 
 # Probabilistic metrics cannot be recomputed from the stored predictions the publish path

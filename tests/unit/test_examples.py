@@ -36,7 +36,8 @@ def seconds_to_first_version(settings: Settings) -> float:
 
     A version is published after a durable checkpoint once its trigger is due; in
     full_batch the model exists only after the first retrain. Record-count triggers are
-    left out: a slow input may never reach them.
+    left out: a slow input may never reach them. Time triggers fire only once a record
+    arrived since the last action (the one cadence): the bound assumes input keeps coming.
     """
     registry = settings.registry
     checkpoint_s = settings.checkpoint.every_seconds

@@ -188,7 +188,7 @@ def test_publish_refuses_non_finite_parameters_even_with_the_gate_disabled() -> 
     registry = _RecordingRegistry()
     metrics = build_metrics(CollectorRegistry())
     publisher = ModelPublisher(settings, registry, None, metrics)  # type: ignore[arg-type]
-    assert publisher.publish(_state(model, 100), "manual") is None
+    assert publisher.publish(_state(model, 100), "manual", 0.0) is None
     [rejected] = registry.rejections
     assert rejected["gate"]["code"] == "candidate_not_finite"  # type: ignore[index]
     assert publisher.last_rejection == "candidate has non-finite parameters"

@@ -1,4 +1,5 @@
-"""PublishPolicy, PromotionGate, version events and the event publisher (fake producer)."""
+"""PromotionGate, version events and the event publisher (fake producer). When a version
+is due: tests/unit/test_cadence.py."""
 
 from __future__ import annotations
 
@@ -12,46 +13,10 @@ from stream_trainer.config import GateSettings
 from stream_trainer.registry import ModelRegistry, sent_marker
 from stream_trainer.versions import (
     PromotionGate,
-    PublishPolicy,
     VersionEventError,
     VersionEventPublisher,
     version_event,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_policy_records_trigger() -> None:
-    policy = PublishPolicy(every_records=10, every_seconds=None, after_retrain=False, clock=Clock())
-    assert policy.due(9, retrained=False, requested=False) is None
-    assert policy.due(10, retrained=False, requested=False) == "records"
-
-
-def test_policy_time_trigger_needs_new_records() -> None:
-    clock = Clock()
-    policy = PublishPolicy(every_records=None, every_seconds=60, after_retrain=False, clock=clock)
-    clock.now += 59
-    assert policy.due(5, retrained=False, requested=False) is None
-    clock.now += 1
-    assert policy.due(5, retrained=False, requested=False) == "time"
-    assert policy.due(0, retrained=False, requested=False) is None
-    policy.mark_published()
-    assert policy.due(5, retrained=False, requested=False) is None
-
-
-def test_policy_retrain_and_manual() -> None:
-    on = PublishPolicy(every_records=None, every_seconds=None, after_retrain=True, clock=Clock())
-    off = PublishPolicy(every_records=None, every_seconds=None, after_retrain=False, clock=Clock())
-    assert on.due(0, retrained=True, requested=False) == "retrain"
-    assert off.due(0, retrained=True, requested=False) is None
-    assert off.due(0, retrained=False, requested=True) == "manual"
-    assert on.due(100, retrained=True, requested=True) == "manual"
 
 
 def test_gate_accepts_without_champion_and_within_margin() -> None:
