@@ -455,11 +455,12 @@ class SlotStore(ObjectCodec):
         Each failing one is quarantined, a missing one skipped; the next write leaves
         them out of ``previous``. Owner only; raises CheckpointError on a policy refusal
         or a store error."""
-        names = self._current().named
-        loaded, passed = self._load_first(
-            [self._at(name) for name in names], validate, skip_missing=True
-        )
-        self._dropped.update(key.rsplit("/", 1)[-1] for key in passed)
+        with self._write_lock:  # it quarantines, and the next write reads _dropped
+            names = self._current().named
+            loaded, passed = self._load_first(
+                [self._at(name) for name in names], validate, skip_missing=True
+            )
+            self._dropped.update(key.rsplit("/", 1)[-1] for key in passed)
         if loaded is not None and passed:
             log.warning("slot %s: head %s unusable; restored %s", self.path, names[0], loaded.path)
         return loaded
