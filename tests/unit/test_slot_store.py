@@ -100,6 +100,30 @@ def test_a_claim_creates_the_manifest_then_raises_the_token_keeping_the_head(
     again = b.claim(seen)
     assert (again.token, again.owner, again.head) == (2, "member-b", first)
     assert again.offsets == {SLOT: 100} and again.sha256 == seen.manifest.sha256
+    inspected = b.inspect(f"{PATH}/{first}")
+    assert inspected["verification"] == "ok"
+    assert {k: inspected["manifest"][k] for k in ("scope", "scope_id", "token", "sequence")} == {
+        "scope": "partition",
+        "scope_id": SLOT,
+        "token": 1,
+        "sequence": 1,
+    }
+
+
+def test_unsigned_mode_writes_an_unsigned_manifest_that_a_keyed_member_refuses(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path)
+    unsigned = SlotStore(store, "partition", SLOT, "member-a", None, True, 3)
+    unsigned.claim()
+    put(unsigned, 1)
+    assert (manifest_json(store)["signed"], manifest_json(store)["hmac"]) == (False, None)
+    again = SlotStore(store, "partition", SLOT, "member-b", None, True, 3)
+    again.claim()
+    loaded = again.restore()
+    assert loaded is not None and loaded.state == {"n": 1}
+    with pytest.raises(CheckpointError, match="unsigned"):
+        slot(store, "member-c").claim()
 
 
 def test_a_claim_fences_the_previous_owner_and_its_upload_is_never_named(
