@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from stream_trainer.objectstore import open_store
-from stream_trainer.slot_store import SlotFenced, SlotManifest, SlotStore, object_name
+from stream_trainer.slot_store import (
+    ManifestRead,
+    SlotFenced,
+    SlotManifest,
+    SlotStore,
+    object_name,
+)
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.harness import settings_for
 
@@ -20,8 +26,16 @@ KEY = b"slot-store-s3-key"
 SLOT = "orders:0"
 
 
-def member(server: SeaweedFS, url: str, tmp_path: Path, name: str) -> SlotStore:
-    store = open_store(url, settings_for(server, tmp_path, server.admin))
+def member(
+    server: SeaweedFS, url: str, tmp_path: Path, name: str, swaps: list[str] | None = None
+) -> SlotStore:
+    """A member with its own client; ``swaps`` collects its conditional MANIFEST writes."""
+
+    def observe(operation: str, _seconds: float, _failed: bool) -> None:
+        if swaps is not None and operation == "put_if_match":
+            swaps.append(name)
+
+    store = open_store(url, settings_for(server, tmp_path, server.admin), observe)
     return SlotStore(store, "partition", SLOT, name, KEY, allow_unsigned=False, keep_last=3)
 
 
@@ -38,18 +52,20 @@ def write(owner: SlotStore, n: int) -> str:
 
 
 def race(racers: list[SlotStore]) -> dict[str, SlotManifest | Exception]:
-    """Each racer's claim, all started at once; what each got (a MANIFEST or an error)."""
+    """Each racer reads the MANIFEST, then all claim at once on the ETag they read, as the
+    assign callbacks of two members would; what each got (a MANIFEST or an error)."""
     claims: dict[str, SlotManifest | Exception] = {}
+    seen = [racer.read() for racer in racers]
     start = threading.Barrier(len(racers))
 
-    def claim(racer: SlotStore) -> None:
+    def claim(racer: SlotStore, read: ManifestRead) -> None:
         start.wait(timeout=30)
         try:
-            claims[racer.member_id] = racer.claim()
+            claims[racer.member_id] = racer.claim(read)
         except Exception as error:  # recorded: the test says which errors are allowed
             claims[racer.member_id] = error
 
-    threads = [threading.Thread(target=claim, args=(racer,)) for racer in racers]
+    threads = [threading.Thread(target=claim, args=pair) for pair in zip(racers, seen, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -64,23 +80,28 @@ def test_two_claimants_racing_one_owner_left_the_other_fenced(
     first.claim()
     head = write(first, 1)
     for round_ in range(5):
-        racers = [member(s3_server, s3_url, tmp_path, f"member-{round_}-{i}") for i in range(2)]
+        swaps: list[str] = []
+        racers = [
+            member(s3_server, s3_url, tmp_path, f"member-{round_}-{i}", swaps) for i in range(2)
+        ]
+        before = racers[0].read().manifest
+        assert before is not None
         claims = race(racers)
+        # Both CAS on the same ETag: the server refused one, whose claimant read again and
+        # claimed over the winner. So each got its own token, the later one owns the slot.
+        assert all(isinstance(c, SlotManifest) for c in claims.values()), claims
+        assert len(swaps) == 3, swaps
         won = {name: c for name, c in claims.items() if isinstance(c, SlotManifest)}
-        assert len(claims) == 2 and won, claims
-        assert all(isinstance(c, SlotFenced) for n, c in claims.items() if n not in won)
-        # Each successful claim got its own token, and the MANIFEST is the last one's.
         tokens = sorted(c.token for c in won.values())
-        assert len(set(tokens)) == len(tokens)
+        assert tokens == [before.token + 1, before.token + 2]
         stored = racers[0].read().manifest
         assert stored is not None and stored.token == tokens[-1]
         assert stored.head == head  # a claim never moves the head
         owner = next(r for r in racers if r.member_id == stored.owner)
         loser = next(r for r in racers if r is not owner)
 
-        if loser.member_id in won:  # claimed first, then claimed over: a zombie now
-            with pytest.raises(SlotFenced):
-                write(loser, 100 + round_)
+        with pytest.raises(SlotFenced):  # claimed first, then claimed over: a zombie now
+            write(loser, 100 + round_)
         with pytest.raises(SlotFenced):
             write(first, 200 + round_)  # every earlier owner is fenced too
         loaded = owner.restore()
