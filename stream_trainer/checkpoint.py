@@ -77,6 +77,7 @@ BAD_MANIFEST = "bad_manifest"
 BAD_SIGNATURE = "bad_signature"
 PAYLOAD_CHECKSUM = "payload_checksum"
 SEQUENCE_MISMATCH = "sequence_mismatch"
+SCOPE_MISMATCH = "scope_mismatch"
 LIBRARY_MISMATCH = "library_mismatch"
 UNPICKLE_FAILED = "unpickle_failed"
 VALIDATION_FAILED = "validation_failed"
@@ -136,6 +137,10 @@ class CheckpointManifest:
     payload_size: int
     serializer: str
     signed: bool
+    # Set only by a slot's checkpoints (stream_trainer.slot_store): which slot, whose claim.
+    scope: str | None = None
+    scope_id: str | None = None
+    token: int | None = None
 
 
 # Fields the caller supplies to ``write``; the store fills in the rest.
@@ -157,6 +162,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "payload_size": (int,),
     "serializer": (str,),
     "signed": (bool,),
+}
+# Fields only some manifests carry (absent, not null, in the others: old checkpoints and
+# their HMACs stay exactly as they were).
+_OPTIONAL_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "scope": (str,),
+    "scope_id": (str,),
+    "token": (int,),
 }
 
 
@@ -338,9 +350,14 @@ class CheckpointCodec:
         return fields
 
     def _encode_header(self, fields: dict[str, Any]) -> bytes:
-        signature = sign(self._key, _SIGNING_CONTEXT + _canonical(fields)) if self._key else None
-        manifest = _canonical({**fields, "hmac": signature})
+        manifest = self._signed_json(fields, _SIGNING_CONTEXT)
         return MAGIC + _LENGTH.pack(len(manifest)) + manifest
+
+    def _signed_json(self, fields: dict[str, Any], context: bytes) -> bytes:
+        """Canonical JSON of ``fields`` plus ``hmac`` (null in unsigned mode) over
+        ``context`` + the canonical JSON; ``fields`` must hold ``signed``."""
+        signature = sign(self._key, context + _canonical(fields)) if self._key else None
+        return _canonical({**fields, "hmac": signature})
 
     # ------------------------------------------------------------------ verification
 
@@ -365,13 +382,9 @@ class CheckpointCodec:
         raw = file.read(length)
         if len(raw) < length:
             raise _Rejected(TRUNCATED, "file ends inside the manifest")
-        fields = self._authenticated_fields(raw)
+        fields = self._authenticated_fields(raw, _SIGNING_CONTEXT)
         manifest = self._manifest_from(fields)
-        if manifest.sequence != sequence_of_name(name):
-            raise _Rejected(
-                SEQUENCE_MISMATCH,
-                f"manifest sequence {manifest.sequence} does not match the file name",
-            )
+        self._check_identity(manifest, name)
         digest = hashlib.sha256()
         chunks = bytearray() if keep_payload else None
         size = 0
@@ -388,7 +401,19 @@ class CheckpointCodec:
             raise _Rejected(PAYLOAD_CHECKSUM, "payload sha256 does not match the manifest")
         return manifest, (bytes(chunks) if chunks is not None else None)
 
-    def _authenticated_fields(self, raw: bytes) -> dict[str, Any]:
+    def _check_identity(self, manifest: CheckpointManifest, name: str) -> None:
+        """Raise _Rejected when ``manifest`` does not belong under ``name``: a file copied
+        or renamed over another one's name must not pass as it."""
+        if manifest.sequence != sequence_of_name(name):
+            raise _Rejected(
+                SEQUENCE_MISMATCH,
+                f"manifest sequence {manifest.sequence} does not match the file name",
+            )
+
+    def _authenticated_fields(self, raw: bytes, context: bytes) -> dict[str, Any]:
+        """The JSON object in ``raw`` minus its ``hmac``, after checking the HMAC over
+        ``context`` + its canonical JSON (or the unsigned policy). Raises _Rejected or
+        _PolicyRefusal."""
         try:
             fields = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as error:
@@ -410,7 +435,7 @@ class CheckpointCodec:
             signed_bytes = _canonical(fields)
         except ValueError as error:
             raise _Rejected(BAD_MANIFEST, f"manifest is not canonical JSON: {error}") from None
-        if not verify(self._key, _SIGNING_CONTEXT + signed_bytes, signature):
+        if not verify(self._key, context + signed_bytes, signature):
             raise _Rejected(
                 BAD_SIGNATURE, "manifest HMAC does not verify (tampered, or another key)"
             )
@@ -420,9 +445,11 @@ class CheckpointCodec:
 
     @staticmethod
     def _manifest_from(fields: dict[str, Any]) -> CheckpointManifest:
-        if set(fields) != set(_FIELD_TYPES):
+        if not set(_FIELD_TYPES) <= set(fields) <= set(_FIELD_TYPES) | set(_OPTIONAL_FIELD_TYPES):
             raise _Rejected(BAD_MANIFEST, f"manifest fields are {sorted(fields)}")
-        for name, types in _FIELD_TYPES.items():
+        for name, types in {**_FIELD_TYPES, **_OPTIONAL_FIELD_TYPES}.items():
+            if name not in fields:
+                continue
             value = fields[name]
             # bool is an int subclass: only "signed" may be one.
             if not isinstance(value, types) or (isinstance(value, bool) and name != "signed"):

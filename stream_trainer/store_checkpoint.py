@@ -83,7 +83,152 @@ class Pointer:
         ).encode()
 
 
-class ObjectCheckpointStore(CheckpointCodec):
+class CheckpointMissing(CheckpointError):
+    """A checkpoint object that should be there is not (deleted or quarantined meanwhile)."""
+
+
+class ObjectCodec(CheckpointCodec):
+    """What every checkpoint store on an object store shares: fetching, loading (verified
+    before unpickling), quarantining by copy + delete, inspecting. Object names are keys
+    relative to ``store``; a quarantined ``<name>`` goes to ``quarantine/<name>.<reason>``
+    (so ``partition/t/0/ckpt-….ckpt`` to ``quarantine/partition/t/0/ckpt-….ckpt.<reason>``).
+    """
+
+    store: ObjectStore  # set by the subclass's constructor
+
+    def _list(self, prefix: str) -> list[ObjectInfo]:
+        try:
+            return self.store.list(prefix)
+        except ObjectStoreError as error:
+            raise CheckpointError(f"checkpoints could not be listed: {error}") from error
+
+    def _fetch(self, name: str) -> bytes:
+        try:
+            return self.store.get(name).data
+        except ObjectNotFound as error:
+            raise CheckpointMissing(f"checkpoint {self.store.url_of(name)}: {error}") from error
+        except ObjectStoreError as error:
+            raise CheckpointError(f"checkpoint {self.store.url_of(name)}: {error}") from error
+
+    def _load(
+        self, name: str, validate: Callable[[Any, CheckpointManifest], None] | None
+    ) -> LoadedCheckpoint[str]:
+        manifest, state = self._load_stream(io.BytesIO(self._fetch(name)), name, validate)
+        return LoadedCheckpoint(manifest=manifest, state=state, path=self.store.url_of(name))
+
+    def _object_name(self, sequence: int) -> str:
+        """The key of checkpoint ``sequence``."""
+        raise NotImplementedError
+
+    def _next_sequence(self) -> int:
+        """The sequence the next upload tries."""
+        raise NotImplementedError
+
+    def _sequence_taken(self, sequence: int) -> None:
+        """Called when the upload of ``sequence`` found its key taken, before the next try."""
+
+    def _upload(self, payload: bytes, fields: dict[str, Any]) -> tuple[int, bytes]:
+        """Upload the checkpoint create-only under the next free sequence; returns it and
+        the header. A key found taken (an upload whose answer was lost, or one of a writer
+        this one fenced) is never overwritten: the next sequence is tried."""
+        for _ in range(3):
+            sequence = self._next_sequence()
+            # Used from here on even if the upload fails: its answer may have been lost.
+            self._last_sequence = sequence
+            fields["sequence"] = sequence
+            header = self._encode_header(fields)
+            name = self._object_name(sequence)
+            self._crash("mid_checkpoint_write")
+            try:
+                self.store.put_if_absent(name, header + payload)
+            except ObjectExists:
+                log.warning("checkpoint %s exists already; trying the next sequence", name)
+                self._sequence_taken(sequence)
+                continue
+            except ObjectStoreError as error:
+                raise CheckpointError(
+                    f"checkpoint {name} could not be uploaded: {error}; previous checkpoints "
+                    "are untouched"
+                ) from error
+            return sequence, header
+        raise CheckpointError(
+            f"checkpoint sequences under {self.store.url} keep being taken: another writer "
+            "is on them"
+        )
+
+    def _load_first(
+        self,
+        names: list[str],
+        validate: Callable[[Any, CheckpointManifest], None] | None,
+        skip_missing: bool = False,
+    ) -> tuple[LoadedCheckpoint[str] | None, list[str]]:
+        """The first of ``names`` that verifies, unpickles and validates (or None), and the
+        names passed over: each failing one quarantined first, a missing one skipped when
+        ``skip_missing`` (else CheckpointMissing). Raises CheckpointError on a policy
+        refusal (the configuration, not the object, is wrong) or a store error."""
+        passed: list[str] = []
+        for name in names:
+            try:
+                loaded = self._load(name, validate)
+            except _PolicyRefusal as refusal:
+                raise self._refusal(self.store.url_of(name), refusal) from None
+            except _Rejected as rejected:
+                self._quarantine(name, rejected.reason, rejected.detail)
+                passed.append(name)
+                continue
+            except CheckpointMissing:
+                if not skip_missing:
+                    raise
+                log.warning("checkpoint %s is gone; trying the previous one", name)
+                passed.append(name)
+                continue
+            log.info("checkpoint %s loaded (sequence %d)", loaded.path, loaded.manifest.sequence)
+            return loaded, passed
+        return None, passed
+
+    def _quarantine(self, name: str, reason: str, detail: str) -> str:
+        """Copy ``name`` to quarantine/<name>.<reason> (+ a .reason object), then delete it."""
+        try:
+            data = self.store.get(name).data
+            suffix = 0
+            while True:
+                target = f"{QUARANTINE_DIR}/{name}.{reason}" + (f".{suffix}" if suffix else "")
+                try:
+                    self.store.put_if_absent(target, data)
+                    break
+                except ObjectExists:
+                    suffix += 1
+            self.store.put(f"{target}.reason", f"{reason}: {detail}\n".encode())
+            self.store.delete(name)
+        except ObjectStoreError as error:
+            raise CheckpointError(
+                f"checkpoint {self.store.url_of(name)} failed verification ({reason}: "
+                f"{detail}) and could not be quarantined: {error}"
+            ) from error
+        location = self.store.url_of(target)
+        log.warning("checkpoint %s quarantined as %s: %s", name, reason, detail)
+        if self._on_quarantine is not None:
+            self._on_quarantine(location, reason)
+        return location
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        """As :meth:`CheckpointStore.inspect`, for the object ``name`` under the prefix."""
+        result: dict[str, Any] = {
+            "path": self.store.url_of(name),
+            "verification": "ok",
+            "detail": "",
+        }
+        try:
+            data = self.store.get(name).data
+        except ObjectStoreError as error:
+            result.update(verification="unreadable", detail=str(error))
+            return result
+        result["size_bytes"] = len(data)
+        self._inspect_stream(io.BytesIO(data), name, result)
+        return result
+
+
+class ObjectCheckpointStore(ObjectCodec):
     """Signed checkpoints under one object-store prefix; the interface of
     :class:`stream_trainer.checkpoint.CheckpointStore`, locations being URLs.
 
@@ -239,34 +384,12 @@ class ObjectCheckpointStore(CheckpointCodec):
             sequence=sequence,
         )
 
-    def _upload(self, payload: bytes, fields: dict[str, Any]) -> tuple[int, bytes]:
-        """Upload the checkpoint create-only under the next free sequence; returns it and
-        the header. A sequence found taken (an upload of a writer this one fenced, made
-        after the scan) is skipped: this writer renewed the lease just before."""
-        for _ in range(3):
-            sequence = self._next_sequence()
-            # Used from here on even if the upload fails: its answer may have been lost.
-            self._last_sequence = sequence
-            fields["sequence"] = sequence
-            header = self._encode_header(fields)
-            name = checkpoint_name(sequence)
-            self._crash("mid_checkpoint_write")
-            try:
-                self.store.put_if_absent(name, header + payload)
-            except ObjectExists:
-                log.warning("checkpoint %s exists already; rescanning sequences", name)
-                self._last_sequence = None
-                continue
-            except ObjectStoreError as error:
-                raise CheckpointError(
-                    f"checkpoint {name} could not be uploaded: {error}; previous checkpoints "
-                    "are untouched"
-                ) from error
-            return sequence, header
-        raise CheckpointError(
-            f"checkpoint sequences under {self.store.url} keep being taken: another writer "
-            "is on them"
-        )
+    def _object_name(self, sequence: int) -> str:
+        return checkpoint_name(sequence)
+
+    def _sequence_taken(self, sequence: int) -> None:
+        """An upload of a writer this one fenced, made after the scan: rescan."""
+        self._last_sequence = None
 
     def _next_sequence(self) -> int:
         if self._last_sequence is None:
@@ -299,12 +422,6 @@ class ObjectCheckpointStore(CheckpointCodec):
                 log.warning("could not prune checkpoint %d: %s", sequence, error)
 
     # ------------------------------------------------------------------ reading
-
-    def _list(self, prefix: str) -> list[ObjectInfo]:
-        try:
-            return self.store.list(prefix)
-        except ObjectStoreError as error:
-            raise CheckpointError(f"checkpoints could not be listed: {error}") from error
 
     def _listed(self) -> list[tuple[int, str]]:
         """(sequence, name) of every checkpoint object at the top level, oldest first."""
@@ -346,18 +463,6 @@ class ObjectCheckpointStore(CheckpointCodec):
                     log.warning("could not delete invisible checkpoint %s: %s", name, error)
         return removed
 
-    def _fetch(self, name: str) -> bytes:
-        try:
-            return self.store.get(name).data
-        except ObjectStoreError as error:
-            raise CheckpointError(f"checkpoint {self.store.url_of(name)}: {error}") from error
-
-    def _load(
-        self, name: str, validate: Callable[[Any, CheckpointManifest], None] | None
-    ) -> LoadedCheckpoint[str]:
-        manifest, state = self._load_stream(io.BytesIO(self._fetch(name)), name, validate)
-        return LoadedCheckpoint(manifest=manifest, state=state, path=self.store.url_of(name))
-
     def load_latest(
         self, validate: Callable[[Any, CheckpointManifest], None] | None = None
     ) -> LoadedCheckpoint[str] | None:
@@ -384,17 +489,10 @@ class ObjectCheckpointStore(CheckpointCodec):
     ) -> LoadedCheckpoint[str] | None:
         listed = self._listed()  # one LIST for both
         self._delete_invisible(pointer, listed)
-        for _, name in self._candidates(pointer, listed):
-            try:
-                loaded = self._load(name, validate)
-            except _PolicyRefusal as refusal:
-                raise self._refusal(self.store.url_of(name), refusal) from None
-            except _Rejected as rejected:
-                self._quarantine(name, rejected.reason, rejected.detail)
-                continue
-            log.info("checkpoint %s loaded (sequence %d)", loaded.path, loaded.manifest.sequence)
-            return loaded
-        return None
+        loaded, _ = self._load_first(
+            [name for _, name in self._candidates(pointer, listed)], validate
+        )
+        return loaded
 
     def read_latest(self) -> LoadedCheckpoint[str] | None:
         """The newest visible checkpoint that verifies and unpickles, or None; read-only
@@ -408,47 +506,6 @@ class ObjectCheckpointStore(CheckpointCodec):
             except _Rejected:
                 continue
         return None
-
-    def _quarantine(self, name: str, reason: str, detail: str) -> str:
-        """Copy ``name`` to quarantine/<name>.<reason> (+ a .reason object), then delete it."""
-        try:
-            data = self.store.get(name).data
-            suffix = 0
-            while True:
-                target = f"{QUARANTINE_DIR}/{name}.{reason}" + (f".{suffix}" if suffix else "")
-                try:
-                    self.store.put_if_absent(target, data)
-                    break
-                except ObjectExists:
-                    suffix += 1
-            self.store.put(f"{target}.reason", f"{reason}: {detail}\n".encode())
-            self.store.delete(name)
-        except ObjectStoreError as error:
-            raise CheckpointError(
-                f"checkpoint {self.store.url_of(name)} failed verification ({reason}: "
-                f"{detail}) and could not be quarantined: {error}"
-            ) from error
-        location = self.store.url_of(target)
-        log.warning("checkpoint %s quarantined as %s: %s", name, reason, detail)
-        if self._on_quarantine is not None:
-            self._on_quarantine(location, reason)
-        return location
-
-    def inspect(self, name: str) -> dict[str, Any]:
-        """As :meth:`CheckpointStore.inspect`, for the object ``name`` under the prefix."""
-        result: dict[str, Any] = {
-            "path": self.store.url_of(name),
-            "verification": "ok",
-            "detail": "",
-        }
-        try:
-            data = self.store.get(name).data
-        except ObjectStoreError as error:
-            result.update(verification="unreadable", detail=str(error))
-            return result
-        result["size_bytes"] = len(data)
-        self._inspect_stream(io.BytesIO(data), name, result)
-        return result
 
     def names(self, include_all: bool) -> list[str]:
         """Names of the newest visible checkpoint (or of all of them), oldest first."""

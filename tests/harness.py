@@ -15,9 +15,11 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
+from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.laptop import service_process
 from stream_trainer.laptop.datasets import Dataset, get_dataset
 from stream_trainer.laptop.embedded import create_topics, free_port
+from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
 
 HMAC_KEY = "test-checkpoint-key-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +190,18 @@ def read_topic(
         return out
     finally:
         consumer.close()
+
+
+def settings_for(server: SeaweedFS, tmp_path: Path, who: S3Identity) -> ObjectStoreSettings:
+    """Settings as a pod would have them: keys in mounted files, never in the config."""
+    key_id = tmp_path / f"{who.name}-key-id"
+    secret = tmp_path / f"{who.name}-secret"
+    key_id.write_text(who.access_key_id + "\n")
+    secret.write_text(who.secret_access_key + "\n")
+    return ObjectStoreSettings(
+        endpoint_url=server.endpoint_url,
+        region=server.region,
+        path_style=True,
+        access_key_id_file=key_id,
+        secret_access_key_file=secret,
+    )

@@ -37,10 +37,17 @@ from stream_trainer.registry import METADATA_FILE, RegistryError, open_registry
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
 from stream_trainer.store_lease import LeaseLost, StoreLease
 from stream_trainer.store_registry import StoreRegistry
-from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
+from stream_trainer.testing.seaweedfs import SeaweedFS
 from stream_trainer.versions import VersionEventPublisher
 from tests.conftest import BrokerHandle, new_topic
-from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
+from tests.harness import (
+    HMAC_KEY,
+    ServiceProcess,
+    read_topic,
+    service_config,
+    settings_for,
+    wait_for,
+)
 from tests.served_model import VersionModel
 
 pytestmark = pytest.mark.integration
@@ -48,21 +55,6 @@ pytestmark = pytest.mark.integration
 KEY = b"object-store-registry-key"
 MODEL = "m"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def settings_for(server: SeaweedFS, tmp_path: Path, who: S3Identity) -> ObjectStoreSettings:
-    """Settings as a pod would have them: keys in mounted files, never in the config."""
-    key_id = tmp_path / f"{who.name}-key-id"
-    secret = tmp_path / f"{who.name}-secret"
-    key_id.write_text(who.access_key_id + "\n")
-    secret.write_text(who.secret_access_key + "\n")
-    return ObjectStoreSettings(
-        endpoint_url=server.endpoint_url,
-        region=server.region,
-        path_style=True,
-        access_key_id_file=key_id,
-        secret_access_key_file=secret,
-    )
 
 
 def test_conditional_put_if_none_match_is_refused_for_an_existing_key(

@@ -17,7 +17,8 @@ from stream_trainer.registry import open_registry
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from stream_trainer.versions import VersionEventPublisher, version_event
 from tests.conftest import BrokerHandle, new_topic
-from tests.integration.test_object_store import KEY, MODEL, settings_for
+from tests.harness import settings_for
+from tests.integration.test_object_store import KEY, MODEL
 from tests.served_model import VersionModel
 
 pytestmark = pytest.mark.integration

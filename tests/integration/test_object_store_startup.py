@@ -17,8 +17,7 @@ import yaml
 from stream_trainer.laptop.embedded import free_port
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.conftest import BrokerHandle
-from tests.harness import HMAC_KEY, ServiceProcess, service_config
-from tests.integration.test_object_store import settings_for
+from tests.harness import HMAC_KEY, ServiceProcess, service_config, settings_for
 
 pytestmark = pytest.mark.integration
 
