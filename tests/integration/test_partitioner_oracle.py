@@ -73,9 +73,11 @@ def produce_and_read_back(
                 break
             for message in consumer.consume(500, timeout=0.5):
                 assert message.error() is None, message.error()
-                key = keys[int(message.value())]
+                value, partition = message.value(), message.partition()
+                assert value is not None and partition is not None
+                key = keys[int(value)]
                 assert message.key() == key or (key == b"" and not message.key())
-                placed.setdefault(key, set()).add(message.partition())
+                placed.setdefault(key, set()).add(partition)
                 seen += 1
         assert seen == 2 * len(keys)
     finally:
