@@ -133,6 +133,9 @@ class ModelReader:
             raise ValueError(f"scope must be {GLOBAL!r}, {PARTITION!r} or {KEY!r}, got {scope!r}")
         if max_models < 1:
             raise ValueError("max_models must be >= 1")
+        if scope != GLOBAL and (not model_name or "/" in model_name):
+            # Scoped event keys and slot folders are "<model>/<scope>/...".
+            raise ValueError(f"a scoped model's name must be non-empty without '/': {model_name!r}")
         conf = dict(consumer_config)
         conf.setdefault("group.id", f"stream-trainer-reader-{uuid.uuid4().hex}")
         conf.update({"enable.auto.commit": False, "enable.partition.eof": False})

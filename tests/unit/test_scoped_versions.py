@@ -238,3 +238,7 @@ def test_scoped_reader_skips_other_scopes_models_and_global_events(tmp_path: Pat
     assert scoped.slots() == {}
     with pytest.raises(ValueError, match="scope must be"):
         reader(tmp_path, "customer")
+    with pytest.raises(ValueError, match="without '/'"):
+        ModelReader({}, "versions", "a/b", None, scope="key")
+    with pytest.raises(ValueError, match="max_models"):
+        reader(tmp_path, "key", max_models=0)
