@@ -125,14 +125,16 @@ class PromotionGate:
         return judge(self._settings, champion_score, candidate_score, candidate_finite)
 
 
-def _canonical(event: dict[str, Any]) -> bytes:
+def canonical_event(event: dict[str, Any]) -> bytes:
+    """``event`` as canonical JSON (sorted keys, no spaces, no NaN): the same event always
+    gives the same bytes, so a repeat after a crash is byte-identical."""
     return json.dumps(event, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def version_event(metadata: dict[str, Any], artifact_uri: str) -> bytes:
     """The event value for a version: canonical JSON, so the same inputs always give the
     same bytes (repeats after a crash are byte-identical)."""
-    return _canonical(
+    return canonical_event(
         {
             "type": "version",
             "model_name": metadata["model_name"],
@@ -146,7 +148,7 @@ def version_event(metadata: dict[str, Any], artifact_uri: str) -> bytes:
 
 def champion_event(info: VersionInfo, reason: str) -> bytes:
     """The event value for a manual promote / rollback to ``info``."""
-    return _canonical(
+    return canonical_event(
         {
             "type": "champion",
             "model_name": info.metadata["model_name"],

@@ -11,3 +11,13 @@ class VersionModel:
 
     def predict_one(self, x: dict[str, float]) -> int:
         return self.version
+
+
+class ConstantModel:
+    """Every prediction is ``value``: tells apart the models of different slots."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def predict_one(self, x: dict[str, float]) -> str:
+        return self.value
