@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.objectstore import ObjectExists, ObjectStore, ObjectStoreError
+from stream_trainer.objectstore import ObjectExists, ObjectNotFound, ObjectStore, ObjectStoreError
 from stream_trainer.registry import RegistryUnavailable, _fsync_dir, _write_durable
 from stream_trainer.scoped_versions import SCOPES, Routing, ScopedEventError
 from stream_trainer.versions import canonical_event
@@ -103,3 +103,34 @@ def write_routing(
             "name, or the file removed once no reader depends on the old one"
         )
     return document
+
+
+def read_routing(root: Path | ObjectStore, model_name: str) -> tuple[str, Routing] | None:
+    """``(scope, routing)`` from ``<root>/<model_name>/ROUTING.json``, None when there is
+    none (a global model, or nothing published yet); what a tool acting on a slot (a
+    promote's ``scoped_champion`` event) needs. RoutingConflict when it is malformed,
+    RegistryUnavailable on a store error."""
+    if isinstance(root, Path):
+        path = root.absolute() / model_name / ROUTING_FILE
+        where = str(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+    else:
+        key = f"{model_name}/{ROUTING_FILE}"
+        where = root.url_of(key)
+        try:
+            data = root.get(key).data
+        except ObjectNotFound:
+            return None
+        except ObjectStoreError as error:
+            raise RegistryUnavailable(str(error)) from error
+    try:
+        stored = json.loads(data)
+        scope = stored["scope"]
+        if stored["model_name"] != model_name or scope not in SCOPES:
+            raise ValueError(f"model {stored['model_name']!r}, scope {scope!r}")
+        return scope, Routing.from_json(stored)
+    except (ValueError, KeyError, TypeError) as error:
+        raise RoutingConflict(f"{where} is not a routing of {model_name!r}: {error}") from None

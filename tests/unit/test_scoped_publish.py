@@ -22,7 +22,7 @@ from stream_trainer.metrics import build_metrics
 from stream_trainer.objectstore import LocalStore
 from stream_trainer.partitioner import scope_id_for_key
 from stream_trainer.registry import RegistryFenced, VersionInfo
-from stream_trainer.routing_file import ROUTING_FILE, RoutingConflict, write_routing
+from stream_trainer.routing_file import ROUTING_FILE, RoutingConflict, read_routing, write_routing
 from stream_trainer.scoped_publish import ScopedPublishing, SlotPublishing
 from stream_trainer.scoped_versions import Routing, scoped_version_event
 from stream_trainer.slot_fence import SlotFence
@@ -189,7 +189,16 @@ def test_routing_json_on_a_store_is_create_only_too(tmp_path: Path) -> None:
     stored = json.loads(store.get(f"{MODEL}/{ROUTING_FILE}").data)
     assert stored["partitioner"] == "murmur2"
     # Another model's routing is its own file.
-    assert write_routing(store, "other", "partition", crc)["partitioner"] == "crc32"
+    assert write_routing(store, "other", "key", crc)["partitioner"] == "crc32"
+    assert read_routing(store, MODEL) == ("partition", ROUTING)
+    assert read_routing(store, "other") == ("key", crc)
+    assert read_routing(store, "nothing-yet") is None
+    assert read_routing(tmp_path, MODEL) is None
+    write_routing(tmp_path, MODEL, "partition", crc)
+    assert read_routing(tmp_path, MODEL) == ("partition", crc)
+    store.put(f"broken/{ROUTING_FILE}", b'{"model_name": "broken", "scope": "global"}')
+    with pytest.raises(RoutingConflict, match="not a routing of 'broken'"):
+        read_routing(store, "broken")
 
 
 # -- the gate ----------------------------------------------------------------------------
