@@ -597,13 +597,15 @@ def open_registry(
     crash: Callable[[str], None] | None = None,
     read_retry_s: float | None = None,
     observe: Callable[[str, float, bool], None] | None = None,
+    folder: str | None = None,
 ) -> Registry:
     """The registry at ``root``: :class:`ModelRegistry` for a folder, a
     :class:`stream_trainer.store_registry.StoreRegistry` for an object-store URL
     (``s3://``, ``gs://``, ``az://``) whose requests are told to ``observe`` (an
     :data:`stream_trainer.objectstore.RequestObserver`). With ``read_retry_s`` the store's
     reads are retried on transient errors for at most that long (:class:`RetryingStore`);
-    writes never are."""
+    writes never are. ``folder``: where under ``root`` (default ``model_name``; a scoped
+    model's slot: ``scoped_versions.scope_prefix``)."""
     from stream_trainer.objectstore import (  # noqa: PLC0415
         ObjectStore,
         RetryingStore,
@@ -613,8 +615,8 @@ def open_registry(
     from stream_trainer.store_registry import StoreRegistry  # noqa: PLC0415
 
     if not is_store_url(root):
-        return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash)
+        return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash, folder=folder)
     store: ObjectStore = open_store(root, store_settings, observe)
     if read_retry_s is not None:
         store = RetryingStore(store, retry_for_s=read_retry_s)
-    return StoreRegistry(store, model_name, key, keep_last, crash=crash)
+    return StoreRegistry(store, model_name, key, keep_last, crash=crash, folder=folder)

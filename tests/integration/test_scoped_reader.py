@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.app import new_state
+from stream_trainer.cli import EXIT_OK, main
 from stream_trainer.config import Settings, settings_from_mapping
 from stream_trainer.metrics import build_metrics
 from stream_trainer.objectstore import ObjectStore, open_store
@@ -44,6 +46,7 @@ pytestmark = pytest.mark.integration
 
 SIGNING_KEY = b"scoped-reader-key"
 MODEL = "fraud"  # partition scope
+HMAC_ENV = "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"
 KEYED = "churn"  # key scope: one model has one scope (its ROUTING.json says which)
 PARTITIONS = 6
 WAIT_S = 30.0
@@ -58,18 +61,10 @@ def producer(broker: Any) -> Iterator[Producer]:
     producer.flush(10)
 
 
-def scoped(
-    root: Path | str,
-    versions: str,
-    scope: str,
-    routing: Routing,
-    producer: Producer,
-    model: str = MODEL,
-    store: ObjectStore | None = None,
-) -> ScopedPublishing:
-    """The trainer's publishing of ``model`` (scope ``scope``) under ``root``."""
-    data: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": "unused:9092", "group_id": "g"},
+def slot_config(root: Path | str, versions: str, model: str, bootstrap: str) -> dict[str, Any]:
+    """The trainer's config of ``model`` (HMAC key from the environment)."""
+    return {
+        "kafka": {"bootstrap_servers": bootstrap, "group_id": "g"},
         "topics": {"input": ["orders"], "dead_letter": "dlq", "versions": versions},
         "record": {"features": ["f"], "labels": None},
         "model": {
@@ -81,8 +76,20 @@ def scoped(
         "checkpoint": {"dir": "/tmp/unused"},
         "registry": {"root": str(root), "keep_last": 3},
     }
-    env = {"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": SIGNING_KEY.decode()}
-    settings: Settings = settings_from_mapping(data, env=env)
+
+
+def scoped(
+    root: Path | str,
+    versions: str,
+    scope: str,
+    routing: Routing,
+    producer: Producer,
+    model: str = MODEL,
+    store: ObjectStore | None = None,
+) -> ScopedPublishing:
+    """The trainer's publishing of ``model`` (scope ``scope``) under ``root``."""
+    data = slot_config(root, versions, model, "unused:9092")
+    settings: Settings = settings_from_mapping(data, env={HMAC_ENV: SIGNING_KEY.decode()})
     metrics = build_metrics(CollectorRegistry())
     return ScopedPublishing(settings, scope, routing, producer, metrics, store=store)
 
@@ -134,7 +141,11 @@ def new_reader(
 
 
 def test_readers_serve_each_key_its_slots_model_and_global_readers_ignore_slots(
-    broker: Any, make_topic: Callable[..., str], producer: Producer, tmp_path: Path
+    broker: Any,
+    make_topic: Callable[..., str],
+    producer: Producer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source = make_topic(PARTITIONS, prefix="orders")
     versions = make_topic(1, prefix="versions")
@@ -192,6 +203,20 @@ def test_readers_serve_each_key_its_slots_model_and_global_readers_ignore_slots(
         for key, partition in placed.items():
             expected = "p0-v2" if partition == 0 else f"p{partition}"
             assert by_partition.predict_one({}, key=key) == expected
+        assert unchanged.version == 1
+
+        # An operator rolls that slot back: the CLI announces a scoped_champion event
+        # with the routing from ROUTING.json, and the slot's keys get version 1 again.
+        config = tmp_path / "fraud.yaml"
+        config.write_text(
+            yaml.safe_dump(slot_config(tmp_path, versions, MODEL, broker.bootstrap_servers))
+        )
+        monkeypatch.setenv(HMAC_ENV, SIGNING_KEY.decode())
+        command = ["versions", "rollback", "--slot", p0, "--config", str(config)]
+        assert main(command) == EXIT_OK
+        assert by_partition.wait_for_slot(p0, 1, WAIT_S)
+        for key, partition in placed.items():
+            assert by_partition.predict_one({}, key=key) == f"p{partition}"
         assert unchanged.version == 1
     finally:
         for reader in readers:
