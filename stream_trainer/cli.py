@@ -286,9 +286,32 @@ def cmd_search_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _registry(settings: Settings) -> Any:
-    from stream_trainer.registry import open_registry  # noqa: PLC0415
+def _slot_routing(settings: Settings, slot: str) -> tuple[str, Any]:
+    """``(scope, routing)`` of a scoped model, from its ``ROUTING.json``; RegistryError
+    when there is none (a global model, or nothing published yet)."""
+    from stream_trainer.objectstore import is_store_url, open_store  # noqa: PLC0415
+    from stream_trainer.registry import RegistryError  # noqa: PLC0415
+    from stream_trainer.routing_file import ROUTING_FILE, read_routing  # noqa: PLC0415
 
+    root = settings.registry.root
+    where = open_store(root, settings.object_store) if is_store_url(root) else Path(root)
+    found = read_routing(where, settings.model.name)
+    if found is None:
+        raise RegistryError(
+            f"--slot {slot}: no {settings.model.name}/{ROUTING_FILE} under {root}: the model "
+            "is not scoped, or no slot of it was published yet"
+        )
+    return found
+
+
+def _registry(settings: Settings, slot: str | None = None) -> Any:
+    from stream_trainer.registry import open_registry  # noqa: PLC0415
+    from stream_trainer.scoped_versions import scope_prefix  # noqa: PLC0415
+
+    folder = None
+    if slot is not None:
+        scope, _ = _slot_routing(settings, slot)
+        folder = scope_prefix(settings.model.name, scope, slot)
     return open_registry(
         settings.registry.root,
         settings.model.name,
@@ -297,27 +320,33 @@ def _registry(settings: Settings) -> Any:
         settings.object_store,
         # A store that blinks (a restart, a 503) should not fail `versions list` at once.
         read_retry_s=CLI_STORE_RETRY_S,
+        folder=folder,
     )
 
 
-def _announce_champion(settings: Settings, info: Any, reason: str) -> None:
-    """Tell serving readers about a manual champion change (a champion event)."""
+def _announce_champion(settings: Settings, info: Any, reason: str, slot: str | None) -> None:
+    """Tell serving readers about a manual champion change (a champion event; of a slot:
+    a scoped_champion event with the model's routing)."""
     from confluent_kafka import Producer  # noqa: PLC0415
 
+    from stream_trainer.scoped_publish import ScopedEventPublisher  # noqa: PLC0415
     from stream_trainer.versions import VersionEventPublisher  # noqa: PLC0415
 
     producer = Producer(settings.kafka.producer_config())
-    VersionEventPublisher(producer, settings.topics.versions, settings.model.name).publish_champion(
-        info, reason
-    )
+    topic, model = settings.topics.versions, settings.model.name
+    events = VersionEventPublisher(producer, topic, model)
+    if slot is not None:
+        scope, routing = _slot_routing(settings, slot)
+        events = ScopedEventPublisher(producer, topic, model, scope, slot, routing)
+    events.publish_champion(info, reason)
 
 
-def _move_mlflow_alias(settings: Settings, registry: Any) -> None:
+def _move_mlflow_alias(settings: Settings, registry: Any, slot: str | None) -> None:
     """With registry.mlflow enabled, move MLflow's champion alias too. A failure is a
     warning, not an error: our registry changed, and the running service's exporter moves
     the alias on its next pass."""
-    if not settings.registry.mlflow.enabled:
-        return
+    if not settings.registry.mlflow.enabled or slot is not None:
+        return  # MLflow holds the global model only: a slot's champion is not its alias
     from stream_trainer.mlflow_export import MlflowError, move_champion_alias  # noqa: PLC0415
 
     try:
@@ -330,11 +359,14 @@ def cmd_versions(args: argparse.Namespace) -> int:
     """List, show, promote or roll back model versions."""
     from stream_trainer.objectstore import ObjectStoreError  # noqa: PLC0415
     from stream_trainer.registry import RegistryError  # noqa: PLC0415
+    from stream_trainer.routing_file import RoutingConflict  # noqa: PLC0415
+    from stream_trainer.scoped_versions import ScopedEventError  # noqa: PLC0415
     from stream_trainer.versions import VersionEventError  # noqa: PLC0415
 
     settings = _settings(args)
+    slot: str | None = args.slot
     try:
-        registry = _registry(settings)
+        registry = _registry(settings, slot)
         if args.versions_command == "list":
             champion = registry.champion()
             rows = [
@@ -366,15 +398,21 @@ def cmd_versions(args: argparse.Namespace) -> int:
             )
         elif args.versions_command == "promote":
             registry.promote(args.version, reason=args.reason)
-            _announce_champion(settings, registry.get(args.version), args.reason)
+            _announce_champion(settings, registry.get(args.version), args.reason, slot)
             print(f"version {args.version} is now the champion")
-            _move_mlflow_alias(settings, registry)
+            _move_mlflow_alias(settings, registry, slot)
         elif args.versions_command == "rollback":
             info = registry.rollback(reason=args.reason)
-            _announce_champion(settings, info, args.reason)
+            _announce_champion(settings, info, args.reason, slot)
             print(f"rolled back: version {info.version} is now the champion")
-            _move_mlflow_alias(settings, registry)
-    except (RegistryError, VersionEventError, ObjectStoreError) as error:
+            _move_mlflow_alias(settings, registry, slot)
+    except (
+        RegistryError,
+        VersionEventError,
+        ObjectStoreError,
+        RoutingConflict,
+        ScopedEventError,
+    ) as error:
         print(f"stream-trainer: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -759,6 +797,13 @@ def _add_versions(sub: Any) -> None:
             exits=("0  done", "1  no such version, or the registry refused the change"),
         )
         _add_config(q)
+        q.add_argument(
+            "--slot",
+            metavar="SCOPE_ID",
+            help="one slot of a partition- or key-scoped model (<topic>:<p>, or the key's "
+            "32-hex hash): its own versions and champion; a change is announced as a "
+            "scoped_champion event, scope and routing read from <root>/<model>/ROUTING.json",
+        )
         if name in ("show", "promote"):
             q.add_argument("version", type=int, help="version number (see `versions list`)")
         if name in ("promote", "rollback"):

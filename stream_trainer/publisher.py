@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,9 +50,12 @@ class ModelPublisher:
         metrics: Metrics,
         crash: CrashPoints = NO_CRASHES,
         on_published: Callable[[], None] | None = None,
+        stamp: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         """``on_published``: called after each published version (must not block: the
-        MLflow exporter's ``notify``)."""
+        MLflow exporter's ``notify``). ``stamp``: fields added to every version's and
+        refusal's metadata, asked at each publish (a scoped slot's ``scope``,
+        ``scope_id`` and current ``token``: :mod:`stream_trainer.scoped_publish`)."""
         cfg = settings.registry
         self._settings = settings
         self._registry = registry
@@ -60,6 +63,7 @@ class ModelPublisher:
         self._metrics = metrics
         self._crash = crash
         self._on_published = on_published
+        self._stamp = stamp
         # Counts records learnt; the count is persisted as state.records_since_publish.
         # The period starts at install (the service's clock), not here.
         self._cadence = Cadence(cfg.publish_every_records, cfg.publish_every_seconds)
@@ -214,7 +218,7 @@ class ModelPublisher:
         champion_version: int | None = None,
     ) -> dict[str, Any]:
         settings = self._settings
-        return {
+        metadata: dict[str, Any] = {
             "model_name": settings.model.name,
             "parent_version": state.model_version,
             "trigger": trigger,
@@ -243,6 +247,9 @@ class ModelPublisher:
             "library_versions": library_versions(),
             "service_version": __version__,
         }
+        if self._stamp is not None:
+            metadata.update(self._stamp())
+        return metadata
 
     def _unchanged_since(self, state: TrainingState) -> int | None:
         """The last version published from this state when the model has learnt nothing

@@ -54,6 +54,11 @@ class RegistryError(StreamTrainerError):
     """A registry operation failed: unknown version, integrity or signature failure."""
 
 
+class RegistryFenced(RegistryError):
+    """Refused because this writer no longer owns the model (its lease was taken over, or
+    its slot claimed by another member): it must stop publishing; nothing was changed."""
+
+
 class RegistryUnavailable(RegistryError):
     """The registry's object store could not be reached or answered an error: transient,
     nothing was made visible half-way; the caller may try again later."""
@@ -229,14 +234,18 @@ class ModelRegistry:
         key: bytes | None,
         keep_last: int,
         crash: Callable[[str], None] | None = None,
+        folder: str | None = None,
     ) -> None:
+        """``folder``: where under ``root`` the versions live (default ``model_name``; a
+        scoped model's slot passes ``scoped_versions.scope_prefix(...)``), while
+        ``model_name`` is what metadata and rejection records name."""
         self.crash = crash or (lambda _point: None)
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
         # Absolute: artifact URIs in version events are file URIs, which cannot be relative.
         self.root = Path(root).absolute()
         self.model_name = model_name
-        self.base = self.root / model_name
+        self.base = self.root / (folder or model_name)
         self.versions_dir = self.base / "versions"
         self.rejected_dir = self.base / "rejected"
         self.events_dir = self.base / "events-sent"
@@ -588,13 +597,15 @@ def open_registry(
     crash: Callable[[str], None] | None = None,
     read_retry_s: float | None = None,
     observe: Callable[[str, float, bool], None] | None = None,
+    folder: str | None = None,
 ) -> Registry:
     """The registry at ``root``: :class:`ModelRegistry` for a folder, a
     :class:`stream_trainer.store_registry.StoreRegistry` for an object-store URL
     (``s3://``, ``gs://``, ``az://``) whose requests are told to ``observe`` (an
     :data:`stream_trainer.objectstore.RequestObserver`). With ``read_retry_s`` the store's
     reads are retried on transient errors for at most that long (:class:`RetryingStore`);
-    writes never are."""
+    writes never are. ``folder``: where under ``root`` (default ``model_name``; a scoped
+    model's slot: ``scoped_versions.scope_prefix``)."""
     from stream_trainer.objectstore import (  # noqa: PLC0415
         ObjectStore,
         RetryingStore,
@@ -604,8 +615,8 @@ def open_registry(
     from stream_trainer.store_registry import StoreRegistry  # noqa: PLC0415
 
     if not is_store_url(root):
-        return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash)
+        return ModelRegistry(Path(root), model_name, key, keep_last, crash=crash, folder=folder)
     store: ObjectStore = open_store(root, store_settings, observe)
     if read_retry_s is not None:
         store = RetryingStore(store, retry_for_s=read_retry_s)
-    return StoreRegistry(store, model_name, key, keep_last, crash=crash)
+    return StoreRegistry(store, model_name, key, keep_last, crash=crash, folder=folder)

@@ -22,11 +22,13 @@ Contracts:
   writers, or a replay) is refused with RegistryError and changes nothing.
 - Version numbers come from a compare-and-swap on ``HIGH_WATER_MARK``: two writers racing
   get different numbers.
-- Fencing: a writer given a :class:`stream_trainer.store_lease.StoreLease` stamps its
+- Fencing: a writer given a :class:`Fence` (a :class:`stream_trainer.store_lease.StoreLease`,
+  or a slot's claim, :class:`stream_trainer.slot_fence.SlotFence`) stamps its
   token into ``HIGH_WATER_MARK``, ``CHAMPION`` and each version's metadata
   (``writer_token``), and is refused when either object carries a higher token: a stale
-  writer whose lease was taken over can neither reserve a number nor move the champion.
-  It re-checks the lease just before the visibility write. Manual promote / rollback
+  writer whose lease was taken over can neither reserve a number nor move the champion
+  (:class:`stream_trainer.registry.RegistryFenced`). It re-checks the fence just before
+  the visibility write. Manual promote / rollback
   (no lease) keep the stored token.
 - Reading needs only GET and LIST on the prefix.
 - Retention deletes ``metadata.json`` first (the version disappears at once), then the rest.
@@ -41,7 +43,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from stream_trainer.objectstore import (
     ObjectExists,
@@ -54,6 +56,7 @@ from stream_trainer.registry import (
     ARTIFACT_FILE,
     METADATA_FILE,
     RegistryError,
+    RegistryFenced,
     RegistryUnavailable,
     VersionInfo,
     _now,
@@ -62,10 +65,26 @@ from stream_trainer.registry import (
     verify_artifact,
 )
 from stream_trainer.signing import sha256_hex, sign
-from stream_trainer.store_lease import LeaseLost, StoreLease, StoreLeaseError
+from stream_trainer.store_lease import LeaseLost, StoreLeaseError
 
 _VERSION_KEY = re.compile(r"/versions/(\d{8})/" + re.escape(METADATA_FILE) + "$")
 _RESERVE_ATTEMPTS = 20
+
+
+class Fence(Protocol):
+    """What a writer's ownership must answer (:class:`stream_trainer.store_lease.StoreLease`
+    does): ``token`` (None until held), ``check()`` the token after confirming the
+    ownership is still this writer's, ``renew()`` before a publish. Both raise
+    :class:`stream_trainer.store_lease.LeaseLost` once another writer took over (the
+    registry refuses: RegistryFenced) and another StoreLeaseError when the store cannot
+    tell (RegistryUnavailable)."""
+
+    @property
+    def token(self) -> int | None: ...
+
+    def check(self) -> int: ...
+
+    def renew(self) -> None: ...
 
 
 def _dumps(value: Any) -> bytes:
@@ -84,9 +103,13 @@ class StoreRegistry:
         model_name: str,
         key: bytes | None,
         keep_last: int,
-        lease: StoreLease | None = None,
+        lease: Fence | None = None,
         crash: Callable[[str], None] | None = None,
+        folder: str | None = None,
     ):
+        """``folder``: the key prefix of the versions (default ``model_name``; a scoped
+        model's slot passes ``scoped_versions.scope_prefix(...)``); ``model_name`` is
+        what metadata and rejection records name."""
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
         self.store = store
@@ -95,7 +118,7 @@ class StoreRegistry:
         self.model_name = model_name
         self._key = key
         self._keep_last = keep_last
-        self._base = model_name
+        self._base = folder or model_name
 
     def __repr__(self) -> str:
         return f"StoreRegistry({self.store!r}, {self.model_name!r})"
@@ -234,11 +257,11 @@ class StoreRegistry:
         try:
             ours = self.lease.check()
         except LeaseLost as error:
-            raise RegistryError(f"fenced: {error}") from None
+            raise RegistryFenced(f"fenced: {error}") from None
         except StoreLeaseError as error:
             raise RegistryUnavailable(str(error)) from None
         if isinstance(stored_token, int) and stored_token > ours:
-            raise RegistryError(
+            raise RegistryFenced(
                 f"fenced: {what} carries token {stored_token}, newer than this writer's {ours}"
             )
         return ours
@@ -308,7 +331,7 @@ class StoreRegistry:
             try:
                 self.lease.renew()
             except LeaseLost as error:
-                raise RegistryError(f"fenced: {error}") from None
+                raise RegistryFenced(f"fenced: {error}") from None
             except StoreLeaseError as error:  # the store, not a takeover: try again later
                 raise RegistryUnavailable(str(error)) from None
         self.recover()

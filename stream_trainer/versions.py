@@ -176,6 +176,21 @@ class VersionEventPublisher:
         self._model_name = model_name
         self._timeout_s = timeout_s
 
+    # The three below are what a scoped model's events change
+    # (stream_trainer.scoped_publish.ScopedEventPublisher); delivery and markers stay here.
+
+    def event_key(self) -> bytes:
+        """The Kafka message key of this publisher's events: the model name."""
+        return self._model_name.encode()
+
+    def version_value(self, info: VersionInfo) -> bytes:
+        """The event value announcing ``info`` (:func:`version_event`)."""
+        return version_event(info.metadata, info.artifact_uri)
+
+    def champion_value(self, info: VersionInfo, reason: str) -> bytes:
+        """The event value of a manual promote / rollback (:func:`champion_event`)."""
+        return champion_event(info, reason)
+
     def _send(self, value: bytes) -> None:
         outcome: dict[str, Any] = {}
 
@@ -183,7 +198,7 @@ class VersionEventPublisher:
             outcome["error"] = error
 
         self._producer.produce(
-            self._topic, key=self._model_name.encode(), value=value, on_delivery=on_delivery
+            self._topic, key=self.event_key(), value=value, on_delivery=on_delivery
         )
         remaining = self._producer.flush(self._timeout_s)
         if "error" not in outcome:
@@ -199,7 +214,7 @@ class VersionEventPublisher:
         (without one: the marker beside a local registry's version folder).
 
         Raises VersionEventError when not delivered (nothing is marked)."""
-        self._send(version_event(info.metadata, info.artifact_uri))
+        self._send(self.version_value(info))
         if registry is not None:
             registry.mark_event_sent(info)
             return
@@ -209,7 +224,7 @@ class VersionEventPublisher:
 
     def publish_champion(self, info: VersionInfo, reason: str) -> None:
         """Announce a manual promote / rollback to ``info`` (after the registry changed)."""
-        self._send(champion_event(info, reason))
+        self._send(self.champion_value(info, reason))
 
     def republish_pending(self, registry: Registry) -> list[int]:
         """On start: finish an interrupted promotion (:meth:`ModelRegistry.recover`), then

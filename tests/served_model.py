@@ -21,3 +21,15 @@ class ConstantModel:
 
     def predict_one(self, x: dict[str, float]) -> str:
         return self.value
+
+    # Enough of the ModelAdapter protocol for ModelPublisher to publish it as a slot's
+    # model (tests/integration/test_scoped_reader.py): nothing learnt, nothing to check.
+
+    def is_fitted(self) -> bool:
+        return True
+
+    def parameters_finite(self) -> bool:
+        return True
+
+    def describe(self) -> dict[str, str]:
+        return {"path": "tests.served_model.ConstantModel", "value": self.value}

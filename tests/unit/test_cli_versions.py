@@ -12,6 +12,8 @@ import yaml
 
 from stream_trainer.cli import EXIT_FAILURE, EXIT_OK, main
 from stream_trainer.registry import ModelRegistry
+from stream_trainer.routing_file import write_routing
+from stream_trainer.scoped_versions import Routing, scope_prefix
 
 KEY = "cli-versions-test-key"
 
@@ -113,3 +115,54 @@ def test_rollback_refuses_a_damaged_previous_champion(
     assert "refusing to roll back to version 1" in captured.err and "sha256" in captured.err
     assert reg.champion().version == 2  # type: ignore[union-attr]
     assert [d["action"] for d in reg.decisions()] == ["promote", "promote"]
+
+
+# -- a slot of a scoped model (--slot) ------------------------------------------------------
+
+
+def scoped_slot(config: Path, scope_id: str, count: int) -> ModelRegistry:
+    """``count`` versions of slot ``scope_id`` of model m (partition scope), and m's
+    ROUTING.json, as the trainer's ScopedPublishing leaves them."""
+    root = config.parent / "registry"
+    write_routing(root, "m", "partition", Routing("kafka_key", "murmur2", 4, "orders"))
+    folder = scope_prefix("m", "partition", scope_id)
+    reg = ModelRegistry(root, "m", KEY.encode(), keep_last=10, folder=folder)
+    for n in range(1, count + 1):
+        reg.publish(f"slot-{n}".encode(), {"scope_id": scope_id}, promote=True)
+    return reg
+
+
+def test_slot_commands_act_on_the_slots_own_registry(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(config, 1)  # the model's global registry: not what --slot reads
+    scoped_slot(config, "orders:2", 3)
+    assert versions(config, "list", "--slot", "orders:2") == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["version"], r["champion"]) for r in rows] == [(1, False), (2, False), (3, True)]
+    assert versions(config, "show", "2", "--slot", "orders:2") == EXIT_OK
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["model_name"], shown["scope_id"]) == ("m", "orders:2")
+    assert shown["path"].endswith("/m/partition/orders/2/versions/00000002")
+
+
+def test_a_damaged_slot_version_is_refused_before_anything_is_announced(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg = scoped_slot(config, "orders:1", 2)
+    flip_byte(reg, 1)
+    # Refused by the registry before the event: no broker is reached (there is none).
+    assert versions(config, "rollback", "--slot", "orders:1") == EXIT_FAILURE
+    assert "refusing to roll back to version 1" in capsys.readouterr().err
+    assert reg.champion() is not None and reg.champion().version == 2  # type: ignore[union-attr]
+
+
+def test_slot_needs_a_scoped_model_and_a_scope_id_of_its_scope(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(config, 1)
+    assert versions(config, "list", "--slot", "orders:0") == EXIT_FAILURE
+    assert "no m/ROUTING.json" in capsys.readouterr().err
+    scoped_slot(config, "orders:0", 1)
+    assert versions(config, "list", "--slot", "not-a-partition") == EXIT_FAILURE
+    assert "partition scope id must be '<topic>:<p>'" in capsys.readouterr().err
