@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from river import base as river_base
 from sklearn.base import BaseEstimator, RegressorMixin
 
@@ -242,14 +242,34 @@ class CountingProducer:
         self.produced += count
 
 
-def _high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+# What a fresh topic answers until its partitions have leaders.
+_ELECTING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+    }
+)
+
+
+def _high_watermarks(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[int, int]:
+    """Every partition's high watermark; retried while a fresh topic's leaders are being
+    elected (a retriable error), up to ``timeout``."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "counting-probe"})
+    deadline = time.monotonic() + timeout
     try:
-        meta = consumer.list_topics(topic, timeout=10)
-        return {
-            p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-            for p in meta.topics[topic].partitions
-        }
+        while True:
+            try:
+                meta = consumer.list_topics(topic, timeout=10)
+                return {
+                    p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+                    for p in meta.topics[topic].partitions
+                }
+            except KafkaException as error:
+                if error.args[0].code() not in _ELECTING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # polling interval of a bounded wait for the leaders
     finally:
         consumer.close()
 
