@@ -48,7 +48,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import HMAC_KEY, ServiceProcess, deep_merge
+from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -269,3 +269,45 @@ def test_active_member_killed_the_standby_takes_over_once(
     assert verdict.produced == producer.produced
     assert (verdict.lost, verdict.twice, verdict.unexpected) == (0, 0, 0), verdict.examples
     assert (ledger.lost, ledger.twice) == (0, 0), ledger.holes
+
+
+def test_active_member_killed_before_its_commit_the_other_member_learns_nothing_of_it(
+    kafka_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Two members of one group, each with its own checkpoint folder: A is killed right
+    after a checkpoint, before that checkpoint's commit. B must not learn A's records from
+    the group's older committed offsets (it stands by, then finds the group claimed by A's
+    model); A restarts and learns on. The oracle sums both members' checkpointed
+    multisets, so a record learnt by both counts twice."""
+    config = counting_config(tmp_path / "a", kafka_broker, RIVER_PATH, "per_record")
+    other = deep_merge(
+        config,
+        {"checkpoint": {"dir": str(tmp_path / "b" / "checkpoints")}, "http": {"port": free_port()}},
+    )
+    producer = CountingProducer(kafka_broker.bootstrap_servers, topic_of(config), PARTITIONS)
+    producer.produce(6000)
+    checkpointed = kill_at(config, tmp_path, ["after_checkpoint:1"], ENV)
+    member_b = ServiceProcess(other, tmp_path, env=ENV, name="b").start()
+    try:
+        member_b.wait_metric(STANDBY, 1, 60)
+        # A's session ends; B gets the group, reads A's claim and gives it back.
+        wait_for(
+            lambda: "is trained by another model" in member_b.log_path.read_text(),
+            60,
+            "member b to refuse the group claimed by a's model",
+            interval=0.2,
+        )
+        producer.produce(3000)  # records for A to learn at once when it is back
+        finish(config, tmp_path, "a-again", ENV)
+        learnt_b = member_b.metric(LEARNT, -1)
+        assert member_b.stop() == 0, member_b.tail()
+    finally:
+        member_b.__exit__()
+    verdict = oracle(config, other)
+    print(
+        f"\n[two members, A killed before its commit] A checkpointed {checkpointed[0]} "
+        f"records before the kill; B learnt {learnt_b:.0f}; {verdict.line()}"
+    )
+    assert learnt_b == 0
+    assert verdict.produced == producer.produced
+    assert (verdict.lost, verdict.twice, verdict.unexpected) == (0, 0, 0), verdict.examples
