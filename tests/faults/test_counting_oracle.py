@@ -66,8 +66,9 @@ BASE: dict[str, Any] = {
 
 # Kills in order, each followed by a restart that learns on from the last checkpoint. Not
 # here: mid_retrain (full_batch replaces the model by a fit on a window, so the multiset
-# is the window's by design), in_revoke (needs a rebalance: the two-member test below) and
-# the control points (need commands; tests/faults/test_control_crash.py).
+# is the window's by design) and the control points (need commands, see
+# tests/faults/test_control_crash.py). in_revoke is reached by a SIGTERM: the member's
+# revoke runs as it leaves the group.
 KILLS = (
     "after_learn:5",
     "mid_checkpoint_write:2",
@@ -75,6 +76,7 @@ KILLS = (
     "after_checkpoint:2",
     "before_version_visible:1",
     "after_version_files:1",
+    "in_revoke:1",
 )
 # Tansu, short form: the checkpoint points only (the broker's part is the same).
 TANSU_KILLS = ("after_learn:3", "after_checkpoint:2")
@@ -157,6 +159,11 @@ def kill_at(
             config, tmp_path, env={**env, CRASH_ENV: spec}, name=f"kill{number}"
         ).start()
         try:
+            if spec.startswith("in_revoke"):
+                # The revoke runs when the member leaves the group: ask it to stop.
+                service.wait_metric(LEARNT, 500, 60)
+                assert service.proc is not None
+                service.proc.terminate()
             code = wait_exit(service, 90, f"crash at {spec}")
         finally:
             service.__exit__()
