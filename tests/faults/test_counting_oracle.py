@@ -318,3 +318,29 @@ def test_active_member_killed_before_its_commit_the_other_member_learns_nothing_
     assert learnt_b == 0
     assert verdict.produced == producer.produced
     assert (verdict.lost, verdict.twice, verdict.unexpected) == (0, 0, 0), verdict.examples
+
+
+def test_the_oracle_sees_records_learnt_by_two_models(
+    kafka_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Negative control: two services in different groups each learn the whole topic into
+    their own checkpoints; read together, every record is twice and none lost. So a
+    duplicate across members' checkpoints cannot hide from the sum."""
+    config = counting_config(tmp_path / "a", kafka_broker, RIVER_PATH, "per_record")
+    other = deep_merge(
+        config,
+        {
+            "kafka": {"group_id": f"{config['kafka']['group_id']}-b"},
+            "checkpoint": {"dir": str(tmp_path / "b" / "checkpoints")},
+            "http": {"port": free_port()},
+        },
+    )
+    producer = CountingProducer(kafka_broker.bootstrap_servers, topic_of(config), PARTITIONS)
+    producer.produce(3000)
+    finish(config, tmp_path, "a", ENV)
+    finish(other, tmp_path, "b", ENV)
+    alone, both = oracle(config), oracle(config, other)
+    print(f"\n[negative control] one model: {alone.line()}; two models: {both.line()}")
+    assert (alone.lost, alone.twice) == (0, 0)
+    assert (both.lost, both.twice, both.extra) == (0, 3000, 3000)
+    assert both.twice_by_partition == dict.fromkeys(range(PARTITIONS), 1000)
