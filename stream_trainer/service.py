@@ -43,6 +43,7 @@ from stream_trainer.records import DecodedBatch, RecordDecoder, invalid_from_mes
 from stream_trainer.registry import RegistryUnavailable
 from stream_trainer.source import Record, Source
 from stream_trainer.state import TrainingState
+from stream_trainer.store_lease import LeaseKeeper, LeaseLost
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 from stream_trainer.wire import RegistryWaitInterrupted, SchemaRegistryUnavailable, WireDecoder
 
@@ -121,10 +122,12 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         lease: KafkaLease | None = None,
         wire: WireDecoder | None = None,
+        store_leases: LeaseKeeper | None = None,
     ) -> None:
         self.settings = settings
         self._wire = wire  # Avro / JSON Schema: the schemas the decoder reads values with
         self._lease = lease
+        self._store_leases = store_leases
         self.state = state
         self._decoder = decoder
         # Decodes the next unit (possibly in a worker process) while this one is learnt.
@@ -235,6 +238,12 @@ class Service:
             # session) stops nothing: the claim on the lease topic keeps any other model
             # off this group, and the lease comes back when the broker does.
             self._lease.poll(0.0)
+        if self._store_leases is not None:
+            try:
+                self._store_leases.tick()
+            except LeaseLost as error:
+                # Another member writes this model now: stop, committing nothing.
+                raise CheckpointFenced(str(error)) from None
         if self._control is not None:
             self._commands(self._control.poll())
         if messages:
