@@ -226,8 +226,11 @@ class KafkaSource:
                 # (a fetch would reset them past the gap). Raising inside a callback is
                 # swallowed by librdkafka, so consume() reports it.
                 held = gaps
-        consumer.incremental_assign(new)
+        consumer.incremental_assign(new)  # it clears pauses: pause after it
         if held:
+            # A first fetch may still race the pause and reset the position to the log
+            # start ("offset out of range"); harmless: nothing is delivered while paused,
+            # and a held partition is never resumed, only revoked (positioned anew).
             consumer.pause([tp for tp in new if _key(tp) in held])
         self._owned.update(keys)
         self._paused.difference_update(keys)
