@@ -222,8 +222,8 @@ class KafkaSource:
                 if self._on_gap is not None:
                     self._on_gap(gap)
             else:
-                # Only these partitions: assigned at the offset they need but never fetched
-                # (a fetch would reset them past the gap). Raising inside a callback is
+                # Only these partitions: owned at the offset they need, held paused so
+                # nothing past the gap is delivered. Raising inside a callback is
                 # swallowed by librdkafka, so consume() reports it.
                 held = gaps
         consumer.incremental_assign(new)  # it clears pauses: pause after it
