@@ -771,16 +771,25 @@ class Service:
         )
 
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Finish the unit in progress, checkpoint and commit before giving them up."""
+        """Finish the unit in progress, checkpoint and commit before giving them up.
+
+        Only ``partitions`` go (cooperative rebalancing); the one global state is still
+        checkpointed whole, which is right for it and commits every owned partition.
+        """
         self._metrics.rebalances.labels(kind="revoke").inc()
         self._crash.reached("in_revoke")
         self._flush_pending()
         self.checkpoint_now("revoke")
-        self._metrics.assigned_partitions.set(0)
+        self._metrics.assigned_partitions.set(len(self.source.owned - set(partitions)))
         log.info("partitions revoked", extra={"partitions": [partition_key(k) for k in partitions]})
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Commit nothing; drop what was learnt since the last checkpoint."""
+        """Commit nothing; drop what was learnt since the last checkpoint.
+
+        A lost ends the whole group assignment (classic and KIP-848 protocols alike), so
+        the one global state is reloaded; a partition still owned would be moved back to
+        the reloaded offsets so the ledger never claims records the state lacks.
+        """
         self._metrics.rebalances.labels(kind="lost").inc()
         self._pending.take()
         if self._decoding is not None:  # keep the decoder in step; learn none of it
@@ -795,7 +804,10 @@ class Service:
                 # Commands read since that checkpoint are read (and acted on) again.
                 self._control.seek(self.state.control_offsets or self._control.started_at)
                 self._record_control_offsets()
-        self._metrics.assigned_partitions.set(0)
+            for key in sorted(self.source.owned):
+                if key in self.state.offsets:
+                    self.source.seek(key, self.state.offsets[key])
+        self._metrics.assigned_partitions.set(len(self.source.owned))
         log.warning("partitions lost", extra={"partitions": [partition_key(k) for k in partitions]})
 
     def on_kafka_error(self, error: KafkaError) -> None:
