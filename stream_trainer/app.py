@@ -73,7 +73,7 @@ from stream_trainer.source import Source
 from stream_trainer.state import RecordWindow, TrainingState
 from stream_trainer.store_checkpoint import LEASE as CHECKPOINT_LEASE
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
-from stream_trainer.store_lease import LeaseHeld, StoreLease, StoreLeaseError
+from stream_trainer.store_lease import LeaseHeld, LeaseKeeper, StoreLease, StoreLeaseError
 from stream_trainer.store_registry import StoreRegistry
 from stream_trainer.trainers import FullBatchTrainer, Trainer, build_trainer
 from stream_trainer.versions import VersionEventPublisher
@@ -593,6 +593,7 @@ def run_service(
             crash=crash,
             lease=lease,
             wire=wire,
+            store_leases=_lease_keeper(checkpoint_lease, store_lease),
         )
         service_ref["service"] = service
         if signals is not None:
@@ -661,6 +662,18 @@ def _restore_shared(
     if control is not None and offsets:
         control.seek(offsets)
     return state, restored
+
+
+def _lease_keeper(
+    checkpoint_lease: StoreLease | None, registry_lease: StoreLease | None
+) -> LeaseKeeper | None:
+    """Renews the store leases this writer holds from its poll loop (None: holds none)."""
+    held = {
+        what: lease
+        for what, lease in (("checkpoints", checkpoint_lease), ("registry", registry_lease))
+        if lease is not None
+    }
+    return LeaseKeeper(held) if held else None
 
 
 def _hold_store_lease(

@@ -51,9 +51,40 @@ def _key(tp: TopicPartition) -> TopicPartitionKey:
     return tp.topic, tp.partition
 
 
+COOPERATIVE = "cooperative-sticky"
+
+
+def cooperative_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the cooperative-sticky assignor of the classic protocol.
+
+    KafkaSource's callbacks call ``incremental_assign`` / ``incremental_unassign``, which
+    librdkafka refuses (``_STATE``) under an eager assignor, so another strategy in
+    ``kafka.extra`` is overridden. ``group.protocol=consumer`` (KIP-848) has no client-side
+    assignor (librdkafka refuses the property there) and is always incremental.
+    """
+    conf = dict(config)
+    if str(conf.get("group.protocol", "classic")) == "consumer":
+        conf.pop("partition.assignment.strategy", None)
+        return conf
+    wanted = conf.get("partition.assignment.strategy")
+    if wanted not in (None, COOPERATIVE):
+        log.warning(
+            "partition.assignment.strategy overridden: the consumer rebalances incrementally",
+            extra={"configured": wanted, "used": COOPERATIVE},
+        )
+    conf["partition.assignment.strategy"] = COOPERATIVE
+    return conf
+
+
 class KafkaSource:
     """A subscribed consumer that hands out message batches and commits on request: the
-    :class:`stream_trainer.source.Source` of a real Kafka group."""
+    :class:`stream_trainer.source.Source` of a real Kafka group.
+
+    Rebalances are cooperative (incremental): a callback names only the partitions that
+    move, and the owned set is a union updated by them. A partition that does not move
+    keeps being fetched, its pause and start position untouched. A callback with an empty
+    list (every member gets one at every rebalance) changes nothing.
+    """
 
     def __init__(
         self,
@@ -74,7 +105,7 @@ class KafkaSource:
         self._on_error = on_error
         self._accept_gap = accept_retention_gap
         self._on_gap = on_retention_gap
-        conf = dict(config)
+        conf = cooperative_config(config)
         conf["error_cb"] = self._error
         if on_stats is not None:
             conf["stats_cb"] = on_stats
@@ -83,11 +114,19 @@ class KafkaSource:
         # polled resets confluent_kafka's per-thread call state, and the next callback that
         # poll serves (a log line, an error) then aborts the process (CallState_get assert).
         self._partitions_at_start = self._read_partitions() if sole_member else {}
+        # Mirrors librdkafka's assignment: added right after incremental_assign, removed
+        # with incremental_unassign.
         self._owned: set[TopicPartitionKey] = set()
+        # Owned partitions the group did not assign (taken by _complete).
+        self._taken: set[TopicPartitionKey] = set()
         self._paused: set[TopicPartitionKey] = set()
-        # Explicit start offset of each assigned partition (absent: the log's beginning).
+        # Owned partitions held paused because retention removed offsets they need.
+        self._gaps: dict[TopicPartitionKey, tuple[int, int]] = {}
+        self._unreported: dict[TopicPartitionKey, tuple[int, int]] = {}
+        # Records consume() took in the call that found a gap: returned by the next call.
+        self._held_back: list[Message] = []
+        # Explicit start offset of each owned partition (absent: the log's beginning).
         self.start_positions: dict[TopicPartitionKey, int] = {}
-        self.retention_error: RetentionGap | None = None
         self._consumer.subscribe(
             list(topics), on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
         )
@@ -116,15 +155,15 @@ class KafkaSource:
         }
 
     def _complete(self, partitions: list[TopicPartition]) -> None:
-        """Add the partitions of the subscribed topics the assignment lacks.
+        """Add the partitions of the subscribed topics neither owned nor being assigned.
 
         A static member that rejoins gets its cached assignment back without a rebalance,
         so partitions added to a topic while it was down stay unassigned (Kafka rebalances
         only when the leader sees the count change, and a restarted leader never saw the
-        old count). The sole active member owns them all, so it takes them itself; the
-        next rebalance assigns them properly.
+        old count). The sole active member owns them all, so it takes them itself; when a
+        later rebalance assigns one properly it is already owned and stays as it is.
         """
-        assigned = {_key(tp) for tp in partitions}
+        assigned = self._owned | {_key(tp) for tp in partitions}
         missing = [
             TopicPartition(topic, partition)
             for topic, numbers in self._partitions_at_start.items()
@@ -138,12 +177,56 @@ class KafkaSource:
                 extra={"partitions": [f"{tp.topic}:{tp.partition}" for tp in missing]},
             )
             partitions.extend(missing)
+            self._taken.update(_key(tp) for tp in missing)
 
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Only what is added. A partition already owned was taken by _complete before the
+        # group assigned it: it is positioned and fetching; assigning it again is _CONFLICT.
+        self._taken.difference_update(_key(tp) for tp in partitions)
+        new = [tp for tp in partitions if _key(tp) not in self._owned]
+        if not new:
+            consumer.incremental_assign([])
+            return
         if self._sole_member:
-            self._complete(partitions)
-        keys = [_key(tp) for tp in partitions]
-        wanted = dict(self._listener.start_offsets(keys))
+            self._complete(new)
+        keys = [_key(tp) for tp in new]
+        gaps = self._position(consumer, new)
+        held: dict[TopicPartitionKey, tuple[int, int]] = {}
+        if gaps:
+            gap = RetentionGap(gaps)
+            if self._accept_gap:
+                log.warning("accepting retention gap", extra={"reason": str(gap)})
+                for tp in new:
+                    if _key(tp) in gaps:
+                        # Start at the log start explicitly: auto.offset.reset=latest would
+                        # otherwise skip every retained record too.
+                        tp.offset = gaps[_key(tp)][1]
+                if self._on_gap is not None:
+                    self._on_gap(gap)
+            else:
+                # Only these partitions: owned at the offset they need, held paused so
+                # nothing past the gap is delivered. Raising inside a callback is
+                # swallowed by librdkafka, so consume() reports it.
+                held = gaps
+        consumer.incremental_assign(new)  # it clears pauses: pause after it
+        if held:
+            # A first fetch may still race the pause and reset the position to the log
+            # start ("offset out of range"); harmless: nothing is delivered while paused,
+            # and a held partition is never resumed, only revoked (positioned anew).
+            consumer.pause([tp for tp in new if _key(tp) in held])
+        self._owned.update(keys)
+        self._paused.difference_update(keys)
+        self._paused.update(held)
+        self._gaps.update(held)
+        self._unreported.update(held)
+        self.start_positions.update({_key(tp): tp.offset for tp in new if tp.offset >= 0})
+        self._listener.on_assigned(keys)
+
+    def _position(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> dict[TopicPartitionKey, tuple[int, int]]:
+        """Set each partition's start offset (the start rule); return the retention gaps."""
+        wanted = dict(self._listener.start_offsets([_key(tp) for tp in partitions]))
         committed = {}
         try:
             committed = {_key(tp): tp.offset for tp in consumer.committed(partitions, timeout=10.0)}
@@ -175,41 +258,47 @@ class KafkaSource:
                 low, _high = consumer.get_watermark_offsets(tp, timeout=10.0, cached=False)
                 if tp.offset < low:
                     gaps[key] = (tp.offset, low)
-        if gaps:
-            gap = RetentionGap(gaps)
-            if not self._accept_gap:
-                # Raising inside a callback is swallowed by librdkafka: remember it, assign
-                # nothing, and let the poll loop raise it.
-                self.retention_error = gap
-                consumer.assign([])
-                return
-            log.warning("accepting retention gap", extra={"reason": str(gap)})
-            for tp in partitions:
-                if _key(tp) in gaps:
-                    # Start at the log start explicitly: auto.offset.reset=latest would
-                    # otherwise skip every retained record too.
-                    tp.offset = gaps[_key(tp)][1]
-            if self._on_gap is not None:
-                self._on_gap(gap)
-        consumer.assign(partitions)
-        self.start_positions = {_key(tp): tp.offset for tp in partitions if tp.offset >= 0}
-        self._owned = set(keys)
-        self._paused.clear()
-        self._listener.on_assigned(keys)
+        return gaps
+
+    def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
+        """Drop the bookkeeping of partitions no longer owned (only theirs)."""
+        self._owned.difference_update(keys)
+        self._taken.difference_update(keys)
+        self._paused.difference_update(keys)
+        for key in keys:
+            self.start_positions.pop(key, None)
+            self._gaps.pop(key, None)
+            self._unreported.pop(key, None)
+
+    def _unassign(self, consumer: Consumer, keys: Sequence[TopicPartitionKey]) -> None:
+        """incremental_unassign ``keys``: only ever owned ones (librdkafka refuses others)."""
+        consumer.incremental_unassign([TopicPartition(t, p) for t, p in keys])
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        keys = [_key(tp) for tp in partitions]
+        keys = [key for key in map(_key, partitions) if key in self._owned]
+        if not keys:
+            consumer.incremental_unassign([])
+            return
         try:
+            # Still owned here, so the listener's commit covers them.
             self._listener.on_revoked(keys)
         finally:
-            self._owned.difference_update(keys)
-            consumer.unassign()
+            self._forget(keys)
+            self._unassign(consumer, keys)
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        keys = [_key(tp) for tp in partitions]
-        self._owned.difference_update(keys)
-        self._listener.on_lost(keys)
-        consumer.unassign()
+        # The group's assignment is gone; the partitions _complete took go with it (the
+        # next assignment takes them again if the group still lacks them).
+        lost = {key for key in map(_key, partitions) if key in self._owned} | self._taken
+        keys = sorted(lost)
+        if not keys:
+            consumer.incremental_unassign([])
+            return
+        self._forget(keys)  # before the listener: nothing of theirs may be committed
+        try:
+            self._listener.on_lost(keys)
+        finally:
+            self._unassign(consumer, keys)
 
     # -- the poll thread's API ------------------------------------------------------------
 
@@ -221,12 +310,19 @@ class KafkaSource:
     def consume(self, max_messages: int, timeout_s: float) -> list[Record]:
         """Up to ``max_messages`` records; error events are reported, never returned.
 
-        Raises RetentionGap when an assignment needed offsets that retention removed, and
-        KafkaException on a fatal client error.
+        Raises RetentionGap once for the partitions of an assignment that need offsets
+        retention removed (they stay owned and paused, the others are fetched); the records
+        that call took are returned by the next one. Raises KafkaException on a fatal
+        client error.
         """
-        messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
-        if self.retention_error is not None:
-            raise self.retention_error
+        if self._held_back:
+            messages, self._held_back = self._held_back, []
+        else:
+            messages = self._consumer.consume(num_messages=max_messages, timeout=timeout_s)
+        if self._unreported:
+            gap, self._unreported = RetentionGap(self._unreported), {}
+            self._held_back = messages
+            raise gap
         records: list[Message] = []
         for message in messages:
             error = message.error()
@@ -267,8 +363,9 @@ class KafkaSource:
             self._paused.update(todo)
 
     def resume(self, keys: Sequence[TopicPartitionKey]) -> None:
-        """Fetch these partitions again."""
-        todo = [k for k in keys if k in self._paused]
+        """Fetch these partitions again, except those held by a retention gap (a fetch
+        would silently reset them past the gap)."""
+        todo = [k for k in keys if k in self._paused and k not in self._gaps]
         if todo:
             self._consumer.resume([TopicPartition(t, p) for t, p in todo])
             self._paused.difference_update(todo)
@@ -278,6 +375,11 @@ class KafkaSource:
         self._consumer.seek(TopicPartition(key[0], key[1], offset))
 
     # -- lag (read by metrics.LagTracker from the statistics callback) ---------------------
+
+    @property
+    def retention_gaps(self) -> Mapping[TopicPartitionKey, tuple[int, int]]:
+        """Owned partitions held paused by a retention gap: ``(needed offset, log start)``."""
+        return dict(self._gaps)
 
     @property
     def paused(self) -> frozenset[TopicPartitionKey]:

@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -49,6 +50,15 @@ from stream_trainer.features import FeatureContract
 ALLOWED_PREFIXES = ("river.", "sklearn.")
 
 Family = Literal["river", "sklearn"]
+
+# Test-only learners (stream_trainer/testing), by config path and adapter family. They are
+# admitted only when the process runs with TESTING_ENV=1, so a production config naming one
+# fails at start: like STREAM_TRAINER_CRASH_AT, the switch is inert unless set.
+TESTING_ENV = "STREAM_TRAINER_TESTING_LEARNERS"
+TESTING_LEARNERS: dict[str, Family] = {
+    "stream_trainer.testing.counting.CountingLearner": "river",
+    "stream_trainer.testing.counting.CountingBatchLearner": "sklearn",
+}
 _PROBA_METRICS = ("log_loss", "roc_auc")
 
 
@@ -203,12 +213,29 @@ def _field(index: int | None) -> str:
 
 
 def _family(path: str) -> Family:
+    if path in TESTING_LEARNERS:
+        return TESTING_LEARNERS[path]
     return "river" if path.startswith("river.") else "sklearn"
+
+
+def _testing_learner(path: str, field: str) -> type:
+    """The test-only learner class at ``path`` when TESTING_ENV is set; raises naming
+    ``field`` otherwise."""
+    if os.environ.get(TESTING_ENV) != "1":
+        raise IncompatibleLearner(
+            f"{field}.path: {path!r} is a test-only learner; it is admitted only when "
+            f"{TESTING_ENV}=1 is set (never in production)"
+        )
+    module_name, _, name = path.rpartition(".")
+    cls: type = getattr(importlib.import_module(module_name), name)
+    return cls
 
 
 def _resolve(spec: EstimatorSpec, field: str) -> type:
     """Import ``spec.path`` and check it is a River or scikit-learn estimator class."""
     path = spec.path
+    if path in TESTING_LEARNERS:
+        return _testing_learner(path, field)
     module_name, _, name = path.rpartition(".")
     if not path.startswith(ALLOWED_PREFIXES) or not module_name or name.startswith("_"):
         raise IncompatibleLearner(

@@ -20,7 +20,7 @@ import numpy as np
 from confluent_kafka import KafkaError
 
 from stream_trainer.cadence import Cadence
-from stream_trainer.checkpoint import BackgroundWriter, CheckpointWriter
+from stream_trainer.checkpoint import BackgroundWriter, CheckpointFenced, CheckpointWriter
 from stream_trainer.checkpointer import Checkpointer, Snapshot
 from stream_trainer.config import Settings
 from stream_trainer.control import Ack, ControlChannel, Incoming, Outcome
@@ -36,6 +36,7 @@ from stream_trainer.records import DecodedBatch, RecordDecoder, invalid_from_mes
 from stream_trainer.registry import RegistryUnavailable
 from stream_trainer.source import Record, Source
 from stream_trainer.state import TrainingState
+from stream_trainer.store_lease import LeaseKeeper, LeaseLost
 from stream_trainer.trainers import FullBatchTrainer, Trainer, UnitResult
 from stream_trainer.wire import RegistryWaitInterrupted, SchemaRegistryUnavailable, WireDecoder
 
@@ -105,10 +106,12 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         lease: KafkaLease | None = None,
         wire: WireDecoder | None = None,
+        store_leases: LeaseKeeper | None = None,
     ) -> None:
         self.settings = settings
         self._wire = wire  # Avro / JSON Schema: the schemas the decoder reads values with
         self._lease = lease
+        self._store_leases = store_leases
         self.state = state
         self._decoder = decoder
         # Decodes the next unit (possibly in a worker process) while this one is learnt.
@@ -230,6 +233,12 @@ class Service:
             # session) stops nothing: the claim on the lease topic keeps any other model
             # off this group, and the lease comes back when the broker does.
             self._lease.poll(0.0)
+        if self._store_leases is not None:
+            try:
+                self._store_leases.tick()
+            except LeaseLost as error:
+                # Another member writes this model now: stop, committing nothing.
+                raise CheckpointFenced(str(error)) from None
         if self._control is not None:
             self._commands(self._control.poll())
         if messages:
@@ -659,16 +668,25 @@ class Service:
         )
 
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Finish the unit in progress, checkpoint and commit before giving them up."""
+        """Finish the unit in progress, checkpoint and commit before giving them up.
+
+        Only ``partitions`` go (cooperative rebalancing); the one global state is still
+        checkpointed whole, which is right for it and commits every owned partition.
+        """
         self._metrics.rebalances.labels(kind="revoke").inc()
         self._crash.reached("in_revoke")
         self._flush_pending()
         self.checkpoint_now("revoke")
-        self._metrics.assigned_partitions.set(0)
+        self._metrics.assigned_partitions.set(len(self.source.owned - set(partitions)))
         log.info("partitions revoked", extra={"partitions": [partition_key(k) for k in partitions]})
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Commit nothing; drop what was learnt since the last checkpoint."""
+        """Commit nothing; drop what was learnt since the last checkpoint.
+
+        A lost ends the whole group assignment (classic and KIP-848 protocols alike), so
+        the one global state is reloaded; a partition still owned would be moved back to
+        the reloaded offsets so the ledger never claims records the state lacks.
+        """
         self._metrics.rebalances.labels(kind="lost").inc()
         self._pending.take()
         if self._decoding is not None:  # keep the decoder in step; learn none of it
@@ -683,7 +701,10 @@ class Service:
                 # Commands read since that checkpoint are read (and acted on) again.
                 self._control.seek(self.state.control_offsets or self._control.started_at)
                 self._record_control_offsets()
-        self._metrics.assigned_partitions.set(0)
+            for key in sorted(self.source.owned):
+                if key in self.state.offsets:
+                    self.source.seek(key, self.state.offsets[key])
+        self._metrics.assigned_partitions.set(len(self.source.owned))
         log.warning("partitions lost", extra={"partitions": [partition_key(k) for k in partitions]})
 
     def on_kafka_error(self, error: KafkaError) -> None:

@@ -39,7 +39,11 @@ class Record(Protocol):
 
 
 class RebalanceListener(Protocol):
-    """Hooks called on the poll thread, inside ``consume()``, during a rebalance."""
+    """Hooks called on the poll thread, inside ``consume()``, during a rebalance.
+
+    Each names only the partitions that move (cooperative rebalancing), never an empty
+    list; partitions not named stay owned and fetching throughout.
+    """
 
     def start_offsets(
         self, partitions: Sequence[TopicPartitionKey]
@@ -47,13 +51,14 @@ class RebalanceListener(Protocol):
         """Where each newly assigned partition starts (absent: the group's committed offset)."""
 
     def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Called after the partitions are assigned and positioned."""
+        """Called after the partitions are added to the owned set and positioned."""
 
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Must checkpoint and commit what is owned before returning."""
+        """Must checkpoint and commit ``partitions`` before returning (still owned here)."""
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Must commit nothing: the partitions already belong to another member."""
+        """Must commit nothing: the partitions, already out of the owned set, belong to
+        another member."""
 
 
 class Source(Protocol):

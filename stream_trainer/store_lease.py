@@ -9,7 +9,8 @@ conditional writes:
   is refused and sees :class:`LeaseHeld`.
 - ``renew`` moves ``expires_at`` on, conditional on the ETag of our own last write: if
   anyone took the lease over meanwhile, it raises :class:`LeaseLost` and the holder must
-  stop writing.
+  stop writing. :class:`LeaseKeeper` renews every ``ttl/3`` from the poll loop, so a writer
+  keeps its lease while the topic is idle (no checkpoint or publish renews it then).
 - The token only grows. Writes that matter carry it (the registry's high-water mark and
   champion pointer), and a writer whose token is lower than the one stored there is
   refused: a stale writer that paused past its expiry cannot publish (fencing).
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ from stream_trainer.objectstore import (
     ObjectStoreError,
     PreconditionFailed,
 )
+
+log = logging.getLogger(__name__)
 
 
 class StoreLeaseError(StreamTrainerError):
@@ -94,6 +99,13 @@ class StoreLease:
         self._clock = clock
         self._etag: str | None = None
         self.token: int | None = None
+        # The poll loop (LeaseKeeper) and the checkpoint writer thread both renew.
+        self._lock = threading.RLock()
+
+    @property
+    def ttl_s(self) -> float:
+        """Seconds a renewal keeps the lease valid."""
+        return self._ttl_s
 
     def __repr__(self) -> str:
         return f"StoreLease({self._store.url_of(self._key)!r}, holder={self.holder!r})"
@@ -139,7 +151,13 @@ class StoreLease:
         return token
 
     def renew(self) -> None:
-        """Extend the lease by ``ttl_s`` from now; raises LeaseLost if it was taken over."""
+        """Extend the lease by ``ttl_s`` from now; raises LeaseLost if it was taken over.
+
+        Thread-safe: the poll loop and the checkpoint writer thread may both renew."""
+        with self._lock:
+            self._renew()
+
+    def _renew(self) -> None:
         if self.token is None or self._etag is None:
             raise LeaseLost("the lease was never acquired")
         record = LeaseRecord(self.holder, self.token, self._clock() + self._ttl_s)
@@ -171,6 +189,10 @@ class StoreLease:
 
     def release(self) -> None:
         """Let it expire now (the token stays, so it keeps growing); best effort."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
         if self.token is None or self._etag is None:
             return
         record = LeaseRecord(self.holder, self.token, 0.0)
@@ -178,3 +200,41 @@ class StoreLease:
         with contextlib.suppress(PreconditionFailed, ObjectStoreError):
             self._store.put_if_match(self._key, record.encode(), self._etag)
         self._etag, self.token = None, None
+
+
+class LeaseKeeper:
+    """Renews held leases every ``ttl/3`` from the poll loop.
+
+    Checkpoints and publishes renew their lease as they write, but an idle writer (a quiet
+    topic: the cadence needs a record) writes nothing, and its lease would lapse: a standby
+    would take it over and the writer's next write be fenced. Renewing from the poll loop,
+    not from a thread of its own, means a writer whose loop is stuck longer than the TTL
+    does lose it. ``tick`` raises :class:`LeaseLost` when a lease was taken over; a store
+    error is logged and retried ``ttl/10`` later (the lease survives outages shorter than
+    the time it has left)."""
+
+    def __init__(
+        self, leases: dict[str, StoreLease], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._leases = dict(leases)
+        self._clock = clock
+        start = clock()
+        self._due = {what: start + lease.ttl_s / 3 for what, lease in self._leases.items()}
+
+    def tick(self) -> None:
+        """Renew each lease whose turn it is; raises LeaseLost (naming it) if taken over."""
+        now = self._clock()
+        for what, lease in self._leases.items():
+            if now < self._due[what]:
+                continue
+            try:
+                lease.renew()
+            except LeaseLost as error:
+                raise LeaseLost(f"{what} lease: {error}") from None
+            except StoreLeaseError as error:
+                log.warning(
+                    "lease renewal failed; retrying", extra={"lease": what, "reason": str(error)}
+                )
+                self._due[what] = now + lease.ttl_s / 10
+                continue
+            self._due[what] = now + lease.ttl_s / 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,11 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_trainer.config import ObjectStoreSettings
+from stream_trainer.consumer import KafkaSource
 from stream_trainer.laptop import service_process
 from stream_trainer.laptop.datasets import Dataset, get_dataset
 from stream_trainer.laptop.embedded import create_topics, free_port
+from stream_trainer.ledger import TopicPartitionKey
 from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
 
 HMAC_KEY = "test-checkpoint-key-0123456789"
@@ -205,3 +207,65 @@ def settings_for(server: SeaweedFS, tmp_path: Path, who: S3Identity) -> ObjectSt
         access_key_id_file=key_id,
         secret_access_key_file=secret,
     )
+
+
+class _NoCommits:
+    """RebalanceListener of :class:`ForeignMember`: starts at the group's offsets, commits
+    nothing, so what it reads leaves no trace in the group."""
+
+    def start_offsets(
+        self, partitions: Sequence[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, int]:
+        return {}
+
+    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        pass
+
+    def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        pass
+
+    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        pass
+
+
+class ForeignMember:
+    """A cooperative consumer (not a stream-trainer) joining ``group`` to make it rebalance:
+    the service gives up the partitions that move to it. Used as a context manager; it
+    takes part in the group only while :meth:`pump` / :meth:`pump_until` poll it."""
+
+    def __init__(self, bootstrap: str, group: str, topics: Sequence[str]) -> None:
+        self.source = KafkaSource(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 500,
+            },
+            topics,
+            _NoCommits(),
+        )
+
+    @property
+    def owned(self) -> frozenset[TopicPartitionKey]:
+        return self.source.owned
+
+    def pump(self) -> None:
+        """One bounded poll (serves the group protocol; records read are dropped)."""
+        self.source.consume(100, 0.1)
+
+    def pump_until(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Poll until ``predicate`` holds; fail naming ``what`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            self.pump()
+        return value
+
+    def __enter__(self) -> ForeignMember:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self.source.close(30.0), "the foreign member did not close"

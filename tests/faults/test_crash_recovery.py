@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewPartitions
 
 from stream_trainer.faults import CRASH_ENV
 from tests.conftest import BrokerHandle
@@ -39,7 +37,7 @@ from tests.faults.support import (
     wait_checkpointed,
     wait_exit,
 )
-from tests.harness import ServiceProcess, deep_merge, wait_for
+from tests.harness import ForeignMember, ServiceProcess, deep_merge, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -198,29 +196,24 @@ def test_restart_commits_a_checkpoint_whose_commit_was_lost(
 
 
 def test_kill_inside_revoke(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
-    """The input topic grows a partition, so the group rebalances and the member's revoke
-    callback runs; it is killed there, before the revoke checkpoint. The ~500 records it
-    learnt since its last checkpoint are relearnt after its restart, once."""
+    """A foreign cooperative member joins the group, so the member's revoke callback runs
+    for the partition that moves; it is killed there, before the revoke checkpoint. The
+    ~500 records it learnt since its last checkpoint are relearnt after its restart, once.
+
+    (Growing the topic no longer revokes anything: a cooperative rebalance only adds.)"""
     bootstrap = kafka_broker.bootstrap_servers
-    # Checkpoints only every 2000 records: the victim holds ~500 unsaved records at revoke;
-    # metadata every second, so the new partition is seen at once.
+    # Checkpoints only every 2000 records: the victim holds ~500 unsaved records at revoke.
     config = _config(
-        tmp_path,
-        kafka_broker,
-        1,
-        {
-            "checkpoint": {"every_records": 2000, "every_seconds": 600},
-            "kafka": {"extra": {"topic.metadata.refresh.interval.ms": 1000}},
-        },
+        tmp_path, kafka_broker, 2, {"checkpoint": {"every_records": 2000, "every_seconds": 600}}
     )
     topic = topic_of(config)
-    produce_records(config, RECORDS + 500, 1)
+    produce_records(config, RECORDS + 500, 2)
     victim = ServiceProcess(config, tmp_path, env={CRASH_ENV: "in_revoke:1"}, name="a").start()
     try:
         victim.wait_metric(LEARNT, RECORDS + 500, 60)
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        admin.create_partitions([NewPartitions(topic, 2)])[topic].result(timeout=30)
-        code = wait_exit(victim, 60, "kill inside revoke")
+        with ForeignMember(bootstrap, config["kafka"]["group_id"], [topic]) as foreign:
+            foreign.pump_until(lambda: not victim.alive(), 60, "a kill inside revoke")
+        code = wait_exit(victim, 10, "kill inside revoke")
     finally:
         victim.__exit__()
     assert code == -9, victim.tail()

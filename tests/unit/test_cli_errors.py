@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from stream_trainer.checkpoint import CheckpointStore
+from stream_trainer.learners import TESTING_ENV
+from stream_trainer.testing.counting import FEATURES, RIVER_PATH
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,3 +166,22 @@ def test_checkpoint_inspect_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> 
         os.close(write_end)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_run_refuses_the_counting_learner_without_its_switch(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test-only learner in a config fails ``run`` at start, naming the field; the
+    switch admits it (validate-config builds the model the same way)."""
+    monkeypatch.delenv(TESTING_ENV, raising=False)
+    data = yaml.safe_load(config.read_text())
+    data["record"] = {"features": list(FEATURES)}
+    data["model"].update(task="regression", learner={"path": RIVER_PATH})
+    config.write_text(yaml.safe_dump(data))
+    refused = run_cli("run", "--config", str(config))
+    assert refused.returncode == 1, refused.stderr
+    assert_one_line(refused.stderr)
+    assert "cannot start: model.learner.path:" in refused.stderr
+    assert f"{TESTING_ENV}=1" in refused.stderr
+    admitted = run_cli("validate-config", "--config", str(config), env={TESTING_ENV: "1"})
+    assert admitted.returncode == 0, admitted.stderr

@@ -9,7 +9,13 @@ import pytest
 
 from stream_trainer.objectstore import LocalStore, ObjectStoreError
 from stream_trainer.registry import RegistryError
-from stream_trainer.store_lease import LeaseHeld, LeaseLost, StoreLease, StoreLeaseError
+from stream_trainer.store_lease import (
+    LeaseHeld,
+    LeaseKeeper,
+    LeaseLost,
+    StoreLease,
+    StoreLeaseError,
+)
 from stream_trainer.store_registry import StoreRegistry
 
 
@@ -146,3 +152,65 @@ def test_a_renewal_applied_but_unanswered_does_not_lose_the_lease(tmp_path: Path
     clock.now += 10
     lease.renew()  # the ETag it knew is stale, but the lease is still its own
     assert lease.check() == 1
+
+
+def test_the_keeper_renews_an_idle_writers_lease_every_third_of_its_ttl(tmp_path: Path) -> None:
+    """A writer with nothing to checkpoint or publish keeps its lease: without the keeper
+    a standby would take it over after one TTL and the writer's next write be fenced."""
+    store, clock = LocalStore(tmp_path), Clock()
+    writer = StoreLease(store, "LEASE", "node-a", ttl_s=30, clock=clock)
+    writer.acquire()
+    keeper = LeaseKeeper({"checkpoints": writer}, clock=clock)
+    standby = StoreLease(store, "LEASE", "node-b", ttl_s=30, clock=clock)
+    for _ in range(12):  # two minutes of an idle loop, ticking every 10 s
+        clock.now += 10
+        keeper.tick()
+        with pytest.raises(LeaseHeld):
+            standby.acquire()
+    assert writer.check() == 1
+
+
+def test_the_keeper_renews_only_when_due(tmp_path: Path) -> None:
+    store, clock = LocalStore(tmp_path), Clock()
+    writer = StoreLease(store, "LEASE", "node-a", ttl_s=30, clock=clock)
+    writer.acquire()
+    etag_after_acquire = store.get("LEASE").etag
+    keeper = LeaseKeeper({"checkpoints": writer}, clock=clock)
+    clock.now += 9.9
+    keeper.tick()
+    assert store.get("LEASE").etag == etag_after_acquire  # no PUT before ttl/3
+    clock.now += 0.1
+    keeper.tick()
+    assert store.get("LEASE").etag != etag_after_acquire
+
+
+def test_the_keeper_names_a_lease_taken_over(tmp_path: Path) -> None:
+    store, clock = LocalStore(tmp_path), Clock()
+    writer = StoreLease(store, "LEASE", "node-a", ttl_s=30, clock=clock)
+    writer.acquire()
+    keeper = LeaseKeeper({"registry": writer}, clock=clock)
+    clock.now += 31  # the loop stalled past the TTL: a standby takes over
+    StoreLease(store, "LEASE", "node-b", ttl_s=30, clock=clock).acquire()
+    with pytest.raises(LeaseLost, match="registry lease"):
+        keeper.tick()
+
+
+def test_the_keeper_rides_out_a_store_error_and_retries_sooner(tmp_path: Path) -> None:
+    store, clock = LocalStore(tmp_path), Clock()
+    writer = StoreLease(store, "LEASE", "node-a", ttl_s=30, clock=clock)
+    writer.acquire()
+    keeper = LeaseKeeper({"checkpoints": writer}, clock=clock)
+    real = store.put_if_match
+
+    def unreachable(key: str, data: bytes, etag: str) -> str:
+        raise ObjectStoreError("connection refused")
+
+    store.put_if_match = unreachable  # type: ignore[method-assign]
+    clock.now += 10
+    keeper.tick()  # logged, not raised
+    store.put_if_match = real  # type: ignore[method-assign]
+    before = store.get("LEASE").etag
+    clock.now += 3  # ttl/10 later, not ttl/3
+    keeper.tick()
+    assert store.get("LEASE").etag != before
+    assert writer.check() == 1
