@@ -692,7 +692,7 @@ class Service:
         if self._decoding is not None:  # keep the decoder in step; learn none of it
             self._decoding = None
             self._unit_decoder.result()
-        self._checkpointer.forget()  # the partitions are not owned: nothing to commit
+        self._checkpointer.forget()  # lost: commit nothing, not even a write that lands
         if self._reload_state is not None:
             self.state = self._reload_state()
             self._checkpointer.restart(self.state.offsets)
