@@ -12,31 +12,24 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError
 
 from stream_trainer.cadence import Cadence
-from stream_trainer.checkpoint import (
-    BackgroundWriter,
-    CheckpointError,
-    CheckpointFenced,
-    CheckpointWriter,
-    WriteResult,
-)
+from stream_trainer.checkpoint import BackgroundWriter, CheckpointFenced, CheckpointWriter
+from stream_trainer.checkpointer import Checkpointer, Snapshot
 from stream_trainer.config import Settings
 from stream_trainer.control import Ack, ControlChannel, Incoming, Outcome
-from stream_trainer.deadletter import DeadLetterError, DeadLetterPublisher
+from stream_trainer.deadletter import DeadLetterPublisher
 from stream_trainer.decode_worker import InlineDecoder, UnitDecoder
 from stream_trainer.faults import NO_CRASHES, CrashPoints
 from stream_trainer.http import Heartbeat
 from stream_trainer.lease import KafkaLease
 from stream_trainer.ledger import TopicPartitionKey, partition_key
-from stream_trainer.memory import release_free_memory
 from stream_trainer.metrics import Metrics
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import DecodedBatch, RecordDecoder, invalid_from_message
@@ -72,15 +65,6 @@ class _PendingUnit:
     def take(self) -> list[Record]:
         messages, self.messages = self.messages, []
         return messages
-
-
-@dataclass
-class _InFlight:
-    """An asynchronous checkpoint write and the offsets it will make committable."""
-
-    future: Future[WriteResult[Any]]
-    offsets: dict[TopicPartitionKey, int]
-    started: float
 
 
 def _group_by_partition(batch: DecodedBatch) -> dict[TopicPartitionKey, np.ndarray]:
@@ -135,7 +119,6 @@ class Service:
         self._decoding: list[Record] | None = None  # the unit in the unit decoder
         self._trainer = trainer
         self._store = store
-        self._writer = BackgroundWriter(store)
         self._dlq = dead_letters
         self._publisher = publisher
         self._metrics = metrics
@@ -146,14 +129,21 @@ class Service:
         self._clock = clock
         self._stop = threading.Event()
         self._pending = _PendingUnit()
-        self._in_flight: _InFlight | None = None
-        # Offsets of the newest durable checkpoint (the restored state's at start): the only
-        # positions that may be committed outside a checkpoint.
-        self._durable: dict[TopicPartitionKey, int] = dict(state.offsets)
         now = clock()
-        # Counts records processed (dead-lettered included): a checkpoint also moves offsets.
-        self._checkpoint_cadence = Cadence(
-            settings.checkpoint.every_records, settings.checkpoint.every_seconds, since=now
+        # Every checkpoint and every commit: it counts records processed (dead-lettered
+        # included, a checkpoint also moves their offsets); the restored state's offsets
+        # are the durable ones.
+        self._checkpointer = Checkpointer(
+            store,
+            self._snapshot,
+            lambda: self.source,
+            Cadence(
+                settings.checkpoint.every_records, settings.checkpoint.every_seconds, since=now
+            ),
+            metrics,
+            durable=state.offsets,
+            clock=clock,
+            crash=crash,
         )
         self._publish_wanted: str | None = None
         self._publish_retry_at = 0.0
@@ -166,6 +156,11 @@ class Service:
         self._record_control_offsets()
         self._install_cadences(now)
         self.source = make_source(self)
+
+    @property
+    def _writer(self) -> BackgroundWriter:
+        """The checkpointer's background writer (a test freezes a kill -9 by closing it)."""
+        return self._checkpointer.writer
 
     def _install_cadences(self, now: float) -> None:
         """Start the publish and retrain periods at ``now`` (this install or a reload) with
@@ -269,9 +264,7 @@ class Service:
                         self._publish_wanted = "retrain"
                 else:
                     self._publisher.record_rejection(self.state, outcome)
-        self._collect_checkpoint()
-        if self._checkpoint_due(now):
-            self._start_checkpoint(now)
+        self._checkpointer.tick(now)
         trigger = (
             self._publisher.due(self.state, self._publish_wanted, now)
             if now >= self._publish_retry_at
@@ -419,7 +412,7 @@ class Service:
             state.ledger.add(key, start, last + 1)
             state.offsets[key] = last + 1
         self._publisher.observe(state, result.learnt)
-        self._checkpoint_cadence.observe(len(records))
+        self._checkpointer.observe(len(records))
         self._report_unit(len(records), result)
 
     def _trip_breaker(
@@ -549,7 +542,7 @@ class Service:
         if not self.checkpoint_now("control"):
             # Retried when the next periodic checkpoint is due, even with nothing consumed
             # (paused): the commands' effects must reach a checkpoint.
-            self._checkpoint_cadence.observe(1)
+            self._checkpointer.observe(1)
         self._crash.reached("before_ack")
         self._send_owed_acks()
 
@@ -616,9 +609,6 @@ class Service:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _checkpoint_due(self, now: float) -> bool:
-        return self._in_flight is None and self._checkpoint_cadence.due(now)
-
     def _manifest_fields(self, reason: str) -> dict[str, Any]:
         state = self.state
         return {
@@ -635,107 +625,16 @@ class Service:
             },
         }
 
-    def _snapshot(self, reason: str) -> tuple[bytes, dict[str, Any], dict[TopicPartitionKey, int]]:
+    def _snapshot(self, reason: str) -> Snapshot:
+        """The state serialized for the checkpointer, on this thread."""
         # Dead letters must be durable before the offsets that skip their records are.
         self._dlq.flush(self.settings.shutdown.timeout_s)
         payload = self._store.serialize(self.state)
-        return payload, self._manifest_fields(reason), dict(self.state.offsets)
-
-    def _dead_letters_not_durable(self, error: DeadLetterError, now: float) -> None:
-        """No checkpoint may cover a record whose dead letter is not durable: this one is
-        held back (counted as a failure: alert) and retried, with the dead letters, when due."""
-        self._metrics.checkpoint_failures.inc()
-        self._checkpoint_cadence.defer(now)
-        log.error("dead letters not durable; checkpoint held back", extra={"reason": str(error)})
-
-    def _start_checkpoint(self, now: float) -> None:
-        try:
-            payload, fields, offsets = self._snapshot("periodic")
-        except DeadLetterError as error:
-            self._dead_letters_not_durable(error, now)
-            return
-        future = self._writer.submit(payload, fields)
-        if future is None:
-            return
-        self._in_flight = _InFlight(future, offsets, now)
-        self._checkpoint_cadence.reset(now)
-
-    def _collect_checkpoint(self, wait: bool = False) -> None:
-        flight = self._in_flight
-        if flight is None or (not wait and not flight.future.done()):
-            return
-        self._in_flight = None
-        try:
-            result = flight.future.result()
-        except CheckpointFenced:
-            self._metrics.checkpoint_failures.inc()
-            raise  # another member writes this model now: stop, committing nothing
-        except CheckpointError as error:
-            self._metrics.checkpoint_failures.inc()
-            self._checkpoint_cadence.observe(1)  # try again at the next due time
-            log.error(
-                "checkpoint failed; offsets stay at the previous one", extra={"reason": str(error)}
-            )
-            return
-        # Periodic: commit asynchronously, so an unreachable broker never blocks the loop.
-        self._checkpoint_done(result, flight.offsets, wait_commit=False)
-        release_free_memory()
-
-    def _checkpoint_done(
-        self,
-        result: WriteResult[Any],
-        offsets: Mapping[TopicPartitionKey, int],
-        wait_commit: bool = True,
-    ) -> None:
-        m = self._metrics
-        m.checkpoint_duration.observe(result.duration_s)
-        m.checkpoint_size.set(result.size_bytes)
-        m.checkpoint_last_success.set(time.time())
-        self._durable = dict(offsets)
-        self._crash.reached("after_checkpoint")
-        committed = self._commit(offsets, wait=wait_commit)
-        log.debug(
-            "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}
-        )
-
-    def _commit(
-        self, offsets: Mapping[TopicPartitionKey, int], wait: bool
-    ) -> dict[TopicPartitionKey, int]:
-        """Commit durable ``offsets`` of owned partitions; a failure is counted, not raised."""
-        try:
-            return self.source.commit(offsets, asynchronous=not wait)
-        except KafkaException as error:
-            # Commits only feed lag monitoring; the checkpoint is already durable. A broker
-            # outage must not stop training: the next checkpoint commits again.
-            code = error.args[0].name() if error.args else "unknown"
-            self._metrics.kafka_errors.labels(code=code).inc()
-            log.warning(
-                "offset commit failed; the next checkpoint commits again",
-                extra={"reason": str(error)},
-            )
-            return {}
+        return Snapshot(payload, self._manifest_fields(reason), dict(self.state.offsets))
 
     def checkpoint_now(self, reason: str) -> bool:
         """Write a checkpoint synchronously and commit its offsets; False if it failed."""
-        self._collect_checkpoint(wait=True)
-        started = self._clock()
-        try:
-            payload, fields, offsets = self._snapshot(reason)
-        except DeadLetterError as error:
-            self._dead_letters_not_durable(error, started)
-            return False
-        try:
-            result = self._store.write(payload, fields)
-        except CheckpointFenced:
-            self._metrics.checkpoint_failures.inc()
-            raise  # another member writes this model now: stop, committing nothing
-        except CheckpointError as error:
-            self._metrics.checkpoint_failures.inc()
-            log.error("checkpoint failed", extra={"reason": str(error), "trigger": reason})
-            return False
-        self._checkpoint_cadence.reset(started)
-        self._checkpoint_done(result, offsets)
-        return True
+        return self._checkpointer.now(reason)
 
     # -- rebalance hooks (called by the Source on the poll thread, inside consume) --------
 
@@ -749,7 +648,7 @@ class Service:
         """Count, and re-pause partitions the breaker halted before a restart."""
         self._metrics.rebalances.labels(kind="assign").inc()
         self._metrics.assigned_partitions.set(len(self.source.owned))
-        resumed: dict[TopicPartitionKey, int] = {}
+        starts: dict[TopicPartitionKey, int] = {}
         for key in partitions:
             # Where the consumer really starts (the group may be ahead of the checkpoint, or
             # retention may have moved the log start): the ledger's next range starts here,
@@ -757,12 +656,10 @@ class Service:
             start = self.source.start_positions.get(key)
             if start is not None:
                 self.state.offsets[key] = start
-                if self._durable.get(key) == start:
-                    resumed[key] = start
+                starts[key] = start
         # A checkpoint whose asynchronous commit died with the previous process (kill -9)
         # is ahead of the group: commit it now, or lag reads wrong until the next checkpoint.
-        if resumed:
-            self._commit(resumed, wait=False)
+        self._checkpointer.resumed(starts)
         halted = [k for k in partitions if k in self.state.halted]
         if halted or self._manual_pause:
             self.source.pause(sorted(self.source.owned) if self._manual_pause else halted)
@@ -795,10 +692,10 @@ class Service:
         if self._decoding is not None:  # keep the decoder in step; learn none of it
             self._decoding = None
             self._unit_decoder.result()
-        self._collect_checkpoint(wait=True)
+        self._checkpointer.forget()  # lost: commit nothing, not even a write that lands
         if self._reload_state is not None:
             self.state = self._reload_state()
-            self._durable = dict(self.state.offsets)
+            self._checkpointer.restart(self.state.offsets)
             self._install_cadences(self._clock())  # the reloaded state's counts
             if self._control is not None:
                 # Commands read since that checkpoint are read (and acted on) again.
@@ -854,11 +751,11 @@ class Service:
             self._trainer.close()
         self._flush_pending()
         self._refresh_prequential()
-        if self._checkpoint_cadence.count or self._in_flight is not None:
+        if self._checkpointer.unsaved:
             self.checkpoint_now("shutdown")
         else:
-            self._collect_checkpoint(wait=True)
-        self._writer.close(self.settings.shutdown.timeout_s)
+            self._checkpointer.wait()
+        self._checkpointer.close(self.settings.shutdown.timeout_s)
         self._unit_decoder.close()
         if self._control is not None:
             self._control.close()
