@@ -262,40 +262,6 @@ def run_decode_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def _s3_service_run(
-    args: argparse.Namespace,
-    server: SeaweedFS,
-    base: dict[str, Any],
-    record: dict[str, Any],
-    paths: Callable[[int], Paths],
-    repeat: int,
-    mode: str,
-    hmac_key: str,
-) -> ServiceRun:
-    """The service once more, on its own topics, group and folder, with the registry and
-    the checkpoints on ``server``: see :mod:`~stream_trainer.laptop.benchmarks.store`."""
-    from stream_trainer.laptop.embedded import create_topics  # noqa: PLC0415
-
-    p = paths(repeat + args.repeats)  # names no disk run uses
-    p.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    create_topics(p.bootstrap, {p.dead_letter: 1, p.versions: 1, p.control: 1}, timeout=30.0)
-    registry_url = None if args.value_format == "json" else args.schema_registry
-    config = bench_store.merge(
-        service_config(base, record, p, mode, schema_registry_url=registry_url),
-        bench_store.s3_config(server, f"run-{repeat}-{p.group_id}"),
-    )
-    timeout_s = 120.0 + args.records / 1000.0
-    return run_service_process(
-        config,
-        p.checkpoint_dir.parent,
-        args.records,
-        env={HMAC_ENV: hmac_key, **server.admin.env()},  # keys as a pod's Secret gives them
-        port=p.http_port,
-        timeout_s=timeout_s,
-        interval_s=SAMPLE_INTERVAL_S[mode],
-    )
-
-
 def _s3_progress_run(
     args: argparse.Namespace,
     server: SeaweedFS,
@@ -308,10 +274,32 @@ def _s3_progress_run(
     runs: list[ServiceRun],
     tag: str,
 ) -> None:
-    """:func:`_s3_service_run` appended to ``runs``, with its progress lines."""
+    """The service once more, on its own topics, group and folder, with the registry and
+    the checkpoints on ``server`` (see :mod:`~stream_trainer.laptop.benchmarks.store`);
+    appended to ``runs``, with its progress lines."""
+    from stream_trainer.laptop.embedded import create_topics  # noqa: PLC0415
+
     _progress(f"{tag}: service on S3")
-    runs.append(_s3_service_run(args, server, base, record, paths, repeat, mode, hmac_key))
-    _progress(f"{tag}: service on S3 {runs[-1].rate():,.0f} records/s")
+    p = paths(repeat + args.repeats)  # names no disk run uses
+    p.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    create_topics(p.bootstrap, {p.dead_letter: 1, p.versions: 1, p.control: 1}, timeout=30.0)
+    registry_url = None if args.value_format == "json" else args.schema_registry
+    config = bench_store.merge(
+        service_config(base, record, p, mode, schema_registry_url=registry_url),
+        bench_store.s3_config(server, f"run-{repeat}-{p.group_id}"),
+    )
+    timeout_s = 120.0 + args.records / 1000.0
+    run = run_service_process(
+        config,
+        p.checkpoint_dir.parent,
+        args.records,
+        env={HMAC_ENV: hmac_key, **server.admin.env()},  # keys as a pod's Secret gives them
+        port=p.http_port,
+        timeout_s=timeout_s,
+        interval_s=SAMPLE_INTERVAL_S[mode],
+    )
+    runs.append(run)
+    _progress(f"{tag}: service on S3 {run.rate():,.0f} records/s")
 
 
 def run_bench(args: argparse.Namespace) -> int:
