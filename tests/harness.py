@@ -209,8 +209,8 @@ def settings_for(server: SeaweedFS, tmp_path: Path, who: S3Identity) -> ObjectSt
     )
 
 
-class _NoCommits:
-    """RebalanceListener of :class:`ForeignMember`: starts at the group's offsets, commits
+class NoCommits:
+    """A RebalanceListener (e.g. :class:`ForeignMember`'s): starts at the group's offsets, commits
     nothing, so what it reads leaves no trace in the group."""
 
     def start_offsets(
@@ -244,7 +244,7 @@ class ForeignMember:
                 "heartbeat.interval.ms": 500,
             },
             topics,
-            _NoCommits(),
+            NoCommits(),
         )
 
     @property

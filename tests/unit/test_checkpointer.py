@@ -5,7 +5,7 @@ lost one."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.metrics import build_metrics
 from stream_trainer.source import Source
 from stream_trainer.testing.memory_source import InMemoryGroup, InMemorySource
+from tests.harness import NoCommits
 
 T = "in"
 P0: TopicPartitionKey = (T, 0)
@@ -60,22 +61,8 @@ class GatedStore:
         return {(T, int(k.rsplit(":", 1)[1])): v for k, v in manifest.offsets.items()}
 
 
-class Listener:
+class Listener(NoCommits):
     """Assignment only: the Checkpointer is what these tests look at."""
-
-    def start_offsets(
-        self, partitions: Sequence[TopicPartitionKey]
-    ) -> dict[TopicPartitionKey, int]:
-        return {}
-
-    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        pass
-
-    def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        pass
-
-    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        pass
 
     def on_kafka_error(self, error: KafkaError) -> None:
         pass
