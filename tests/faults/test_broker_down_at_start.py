@@ -14,10 +14,15 @@ from typing import Any
 
 import pytest
 
+from stream_trainer.checkpoint import sequence_of_name
+from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics, free_port
+from stream_trainer.objectstore import open_store
+from stream_trainer.store_checkpoint import POINTER
+from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.conftest import _in_ci
 from tests.faults.support import LEARNT, produce_records, wait_exit
-from tests.harness import ServiceProcess, service_config, wait_for
+from tests.harness import ServiceProcess, deep_merge, service_config, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -137,3 +142,56 @@ def test_sigterm_while_waiting_for_the_broker_exits_0(tmp_path: Path) -> None:
     print(f"\n[SIGTERM while waiting for the broker] exit {code} after {took:.2f} s")
     assert code == 0, service.tail()
     assert took < 5.0
+
+
+def test_broker_down_at_start_with_both_stores_on_s3(
+    tmp_path: Path, s3_server: SeaweedFS, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pod's path with no volume: the stores answer, Kafka does not. The service waits
+    for Kafka before it takes the stores' leases, then trains and checkpoints into the
+    bucket."""
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    config = deep_merge(
+        _config(tmp_path, bootstrap),
+        {
+            "checkpoint": {"dir": f"{s3_url}/checkpoints", "every_records": 100},
+            "registry": {"root": f"{s3_url}/models"},
+            "object_store": {
+                "endpoint_url": s3_server.endpoint_url,
+                "region": s3_server.region,
+                "path_style": True,
+            },
+        },
+    )
+    env = s3_server.admin.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # the oracle below reads the bucket too
+    topics = config["topics"]
+    service = ServiceProcess(config, tmp_path, env=env).start()
+    try:
+        wait_for(lambda: _readyz_says(service, f"{WAITING} {bootstrap}"), 60, "/readyz: waiting")
+        broker = _broker_on(port)
+        try:
+            create_topics(
+                bootstrap,
+                {
+                    topics["input"][0]: 1,
+                    topics["dead_letter"]: 1,
+                    topics["versions"]: 1,
+                    topics["control"]: 1,
+                },
+            )
+            produce_records(config, 500, 1)
+            service.wait_metric(LEARNT, 500, 60)
+            assert service.stop() == 0, service.tail()
+        finally:
+            broker.stop()
+    finally:
+        service.__exit__()
+    store = open_store(config["checkpoint"]["dir"], ObjectStoreSettings(**config["object_store"]))
+    pointer = json.loads(store.get(POINTER).data)
+    print(f"\n[broker down at start, stores on S3] newest checkpoint {pointer}")
+    assert pointer["token"] == 1  # one writer, the lease taken once
+    assert pointer["sequence"] >= 1
+    assert sequence_of_name(pointer["object"]) == pointer["sequence"]
