@@ -801,6 +801,16 @@ class ModelSettings(StrictModel):
         le=1 << 20,
         description="columns per category feature when it is hashed (scikit-learn only)",
     )
+    scope: Literal["global", "partition"] = Field(
+        default="global",
+        description=(
+            "how many models: global = one model, one writer (other replicas are hot "
+            "standbys); partition = one model per input partition, each member trains the "
+            "partitions the group assigns it and hands a partition's state over when it "
+            "moves (docs/scale-out.md). partition needs training.mode per_record or "
+            "mini_batch and no topics.control"
+        ),
+    )
 
 
 class MiniBatchSettings(StrictModel):
@@ -1716,6 +1726,19 @@ class ShutdownSettings(StrictModel):
     )
 
 
+class RoutingSettings(StrictModel):
+    """How a serving system finds the model of a key (scoped models; docs/scale-out.md)."""
+
+    partitioner: Literal["murmur2", "crc32"] = Field(
+        default="murmur2",
+        description=(
+            "the producers' partitioner, published with every scoped version so readers "
+            "route a key to its partition's model: murmur2 = Java clients' default and "
+            "librdkafka's murmur2_random; crc32 = librdkafka's default consistent_random"
+        ),
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -1743,6 +1766,7 @@ class Settings(BaseSettings):
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -1786,12 +1810,29 @@ class Settings(BaseSettings):
                         f"{steps} step(s)"
                     )
         self._check_selection()
+        self._check_scope()
         if self.record.format != "json" and self.schema_registry.url is None:
             raise ValueError(
                 f"record.format {self.record.format} needs schema_registry.url (the schemas "
                 "of Confluent wire-format values live there)"
             )
         return self
+
+    def _check_scope(self) -> None:
+        if self.model.scope == "global":
+            return
+        if self.training.mode == "full_batch":
+            raise ValueError(
+                "model.scope: partition scope trains per_record or mini_batch (full_batch "
+                "retrains per partition are not built: one fit worker would serve every "
+                "partition in turn)"
+            )
+        if self.topics.control:
+            raise ValueError(
+                "topics.control: control commands are not supported with model.scope "
+                "partition yet (each member would act on its own partitions only); set it "
+                "to null"
+            )
 
     def _check_selection(self) -> None:
         selection = self.training.selection
