@@ -5,7 +5,8 @@ producer (:class:`CountingProducer`) writes each record's partition, offset and 
 into the numeric features :data:`FEATURES` (in that order), and the learner counts the
 tuples. After a run, :func:`learnt_counts` reads the newest checkpoint through the
 checkpoint store's own verified read path (folder or object store; never the offset
-ledger) and :func:`judge_counts` compares against what the topic holds:
+ledger), :func:`learnt_counts_by_slot` every partition slot's head (``model.scope:
+partition``), and :func:`judge_counts` compares against what the topic holds:
 **lost** = produced - learnt, **twice** = tuples counted more than once. Both must be 0.
 
 Two learners, one per adapter family, so both training paths are covered:
@@ -37,10 +38,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from river import base as river_base
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from stream_trainer.checkpoint import CheckpointStore
+from stream_trainer.checkpoint import CheckpointError, CheckpointStore
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.objectstore import is_store_url, open_store
+from stream_trainer.objectstore import ObjectStore, ObjectStoreError, is_store_url, open_store
+from stream_trainer.slot_store import MANIFEST, SlotStore
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
 
 FEATURES = ("partition", "offset", "key")
@@ -138,6 +140,94 @@ def learnt_counts(
         store = CheckpointStore(Path(where), key=key, allow_unsigned=False, keep_last=1_000_000)
     loaded = store.read_latest()
     return Counter() if loaded is None else counts_of(loaded.state.model)
+
+
+# Who reads the slots: never an owner (read-only, nothing claimed).
+ORACLE_MEMBER = "counting-oracle"
+
+
+@dataclass(frozen=True)
+class SlotCounts:
+    """One partition slot as its MANIFEST and head checkpoint show it: ``token`` and
+    ``owner`` of the last claim, ``offsets`` ({"topic:p": next offset}) of the head, and
+    ``learnt``, the head's multiset (empty when the slot has no head yet)."""
+
+    scope_id: str
+    token: int
+    owner: str
+    offsets: dict[str, int]
+    learnt: Counter[Sample]
+
+    def misplaced(self) -> int:
+        """Learnt tuples of another partition than the slot's own (must be 0: a slot
+        learns only its own partition's records)."""
+        own = int(self.scope_id.rpartition(":")[2])
+        return sum(n for sample, n in self.learnt.items() if sample[0] != own)
+
+
+def slot_ids(store: ObjectStore) -> list[str]:
+    """Scope ids ("topic:p") of the partition slots with a MANIFEST under ``store``'s
+    ``partition/`` folder (one LIST), sorted by topic then partition number."""
+    found: list[tuple[str, int]] = []
+    for info in store.list("partition/"):
+        parts = info.key.split("/")
+        if len(parts) == 4 and parts[3] == MANIFEST and parts[2].isdigit():
+            found.append((parts[1], int(parts[2])))
+    return [f"{topic}:{partition}" for topic, partition in sorted(found)]
+
+
+def read_slots(
+    location: str | Path, key: bytes, object_store: ObjectStoreSettings | None = None
+) -> dict[str, SlotCounts]:
+    """Every partition slot under ``location`` (``checkpoint.dir``: a folder shared by
+    members, or an object-store URL whose credentials this process has), by scope id.
+
+    Each MANIFEST is read with :meth:`SlotStore.read` and its head decoded with
+    :meth:`SlotStore.read_head`: signatures and checksums verified before anything is
+    unpickled, nothing claimed, quarantined or deleted, so it is safe beside running
+    members. Raises CountingError when the store cannot be listed, a MANIFEST or head
+    does not verify, or a head holds no counting learner."""
+    store = open_store(str(location), object_store or ObjectStoreSettings())
+    try:
+        ids = slot_ids(store)
+    except ObjectStoreError as error:
+        raise CountingError(f"{store.url}: the slots could not be listed: {error}") from error
+    slots: dict[str, SlotCounts] = {}
+    for scope_id in ids:
+        slot = SlotStore(
+            store, "partition", scope_id, ORACLE_MEMBER, key, allow_unsigned=False, keep_last=1
+        )
+        try:
+            read = slot.read()
+            loaded = slot.read_head(read)
+        except CheckpointError as error:
+            raise CountingError(f"slot {scope_id}: {error}") from error
+        manifest = read.manifest
+        if manifest is None:  # removed since the LIST: nothing to count
+            continue
+        learnt = Counter[Sample]() if loaded is None else counts_of(loaded.state.model)
+        slots[scope_id] = SlotCounts(
+            scope_id, manifest.token, manifest.owner, dict(manifest.offsets), learnt
+        )
+    return slots
+
+
+def learnt_counts_by_slot(
+    location: str | Path, key: bytes, object_store: ObjectStoreSettings | None = None
+) -> dict[str, Counter[Sample]]:
+    """What each partition slot's head learnt, by scope id ("topic:p"); see
+    :func:`read_slots`. Sum them with :func:`combined_counts` for :func:`judge_counts`."""
+    return {
+        scope_id: slot.learnt for scope_id, slot in read_slots(location, key, object_store).items()
+    }
+
+
+def combined_counts(counts: Iterable[Counter[Sample]]) -> Counter[Sample]:
+    """The sum of several multisets (slots, members): a tuple in two of them counts twice."""
+    total: Counter[Sample] = Counter()
+    for one in counts:
+        total.update(one)
+    return total
 
 
 @dataclass(frozen=True)
