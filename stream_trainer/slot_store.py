@@ -60,7 +60,6 @@ from stream_trainer.checkpoint import (
     CheckpointManifest,
     LoadedCheckpoint,
     WriteResult,
-    _PolicyRefusal,
     _Rejected,
 )
 from stream_trainer.objectstore import (
@@ -70,7 +69,7 @@ from stream_trainer.objectstore import (
     ObjectStoreError,
     PreconditionFailed,
 )
-from stream_trainer.store_checkpoint import CheckpointMissing, ObjectCodec
+from stream_trainer.store_checkpoint import ObjectCodec
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +202,10 @@ class SlotStore(ObjectCodec):
     """The checkpoints of one slot (``scope``, ``scope_id``) under ``store``, the model's
     root, for the member ``member_id``; see the module docstring.
 
-    :meth:`read` and :meth:`read_head` are read-only. :meth:`claim` makes this member the
-    owner; :meth:`write`, :meth:`restore` and :meth:`retain` need the claim and raise
-    :class:`SlotFenced` once another member claimed the slot. A writer that is fenced
-    stays so (claim again to own the slot anew).
+    :meth:`read` is read-only. :meth:`claim` makes this member the owner; :meth:`write`,
+    :meth:`restore` and :meth:`retain` need the claim and raise :class:`SlotFenced` once
+    another member claimed the slot. A writer that is fenced stays so (claim again to
+    own the slot anew).
     """
 
     def __init__(
@@ -272,40 +271,6 @@ class SlotStore(ObjectCodec):
                 f"{self.store.url_of(key)} belongs to {manifest.scope} {manifest.scope_id!r}"
             )
         return ManifestRead(manifest, found.etag)
-
-    def read_head(self, seen: ManifestRead | None = None) -> LoadedCheckpoint[str] | None:
-        """The head the MANIFEST names (``seen``, else read now), verified as a restore
-        verifies it (HMAC, sha256, scope and name, and the payload sha256 the MANIFEST
-        recorded) and unpickled, without claiming: nothing is quarantined, deleted or
-        written, so it is safe beside the slot's owner (an oracle, an inspection). None
-        when the slot has no head. Raises CheckpointError when the head does not verify,
-        or is gone after :data:`CLAIM_RETRIES` fresh reads (the owner's retention may
-        delete a head it has just replaced)."""
-        read = seen if seen is not None else self.read()
-        for attempt in range(1 + CLAIM_RETRIES):
-            manifest = read.manifest
-            if manifest is None or manifest.head is None:
-                return None
-            name = self._at(manifest.head)
-            try:
-                loaded = self._load(name, None)
-            except _PolicyRefusal as refusal:
-                raise self._refusal(self.store.url_of(name), refusal) from None
-            except _Rejected as rejected:
-                raise CheckpointError(
-                    f"{self.store.url_of(name)} does not verify ({rejected})"
-                ) from None
-            except CheckpointMissing:
-                if seen is not None or attempt == CLAIM_RETRIES:
-                    raise
-                read = self.read()  # replaced meanwhile: the new head is named there
-                continue
-            if manifest.sha256 is not None and loaded.manifest.payload_sha256 != manifest.sha256:
-                raise CheckpointError(
-                    f"{self.store.url_of(name)}: payload sha256 differs from the MANIFEST's"
-                )
-            return loaded
-        return None  # unreachable: the last attempt returns or raises
 
     def _swap(self, target: SlotManifest, etag: str | None) -> str:
         """Write ``target`` if the MANIFEST's ETag is still ``etag`` (absent when None);
@@ -481,6 +446,20 @@ class SlotStore(ObjectCodec):
         expected = self._head_sha.get(base)
         if expected is not None and expected != manifest.payload_sha256:
             raise _Rejected(PAYLOAD_CHECKSUM, "payload sha256 differs from the MANIFEST's")
+
+    def read_head(self) -> LoadedCheckpoint[str] | None:
+        """The MANIFEST's head checkpoint, verified and unpickled, or None when the slot
+        has none; read-only (no claim, nothing quarantined): safe beside its owner, for
+        inspection and test oracles. Raises CheckpointError when it does not verify."""
+        manifest = self.read().manifest
+        if manifest is None or manifest.head is None:
+            return None
+        try:
+            return self._load(self._at(manifest.head), None)
+        except _Rejected as rejected:
+            raise CheckpointError(
+                f"{self.store.url_of(self._at(manifest.head))}: {rejected}"
+            ) from None
 
     def restore(
         self, validate: Callable[[Any, CheckpointManifest], None] | None = None

@@ -182,11 +182,11 @@ def read_slots(
     """Every partition slot under ``location`` (``checkpoint.dir``: a folder shared by
     members, or an object-store URL whose credentials this process has), by scope id.
 
-    Each MANIFEST is read with :meth:`SlotStore.read` and its head decoded with
-    :meth:`SlotStore.read_head`: signatures and checksums verified before anything is
-    unpickled, nothing claimed, quarantined or deleted, so it is safe beside running
-    members. Raises CountingError when the store cannot be listed, a MANIFEST or head
-    does not verify, or a head holds no counting learner."""
+    Each MANIFEST is read with :meth:`SlotStore.read` (token, owner) and its head
+    decoded with :meth:`SlotStore.read_head` (offsets, counts): signatures and checksums
+    verified before anything is unpickled, nothing claimed, quarantined or deleted, so it
+    is safe beside running members. Raises CountingError when the store cannot be
+    listed, a MANIFEST or head does not verify, or a head holds no counting learner."""
     store = open_store(str(location), object_store or ObjectStoreSettings())
     try:
         ids = slot_ids(store)
@@ -198,17 +198,17 @@ def read_slots(
             store, "partition", scope_id, ORACLE_MEMBER, key, allow_unsigned=False, keep_last=1
         )
         try:
-            read = slot.read()
-            loaded = slot.read_head(read)
+            manifest = slot.read().manifest
+            loaded = slot.read_head()
         except CheckpointError as error:
             raise CountingError(f"slot {scope_id}: {error}") from error
-        manifest = read.manifest
         if manifest is None:  # removed since the LIST: nothing to count
             continue
+        # Offsets from the head itself, so they pair with its counts even if the owner
+        # moved the MANIFEST between the two reads.
+        offsets = {} if loaded is None else dict(loaded.manifest.offsets)
         learnt = Counter[Sample]() if loaded is None else counts_of(loaded.state.model)
-        slots[scope_id] = SlotCounts(
-            scope_id, manifest.token, manifest.owner, dict(manifest.offsets), learnt
-        )
+        slots[scope_id] = SlotCounts(scope_id, manifest.token, manifest.owner, offsets, learnt)
     return slots
 
 
