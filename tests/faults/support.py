@@ -11,8 +11,10 @@ Waiting is always a bounded poll on an observable fact (a metric, a manifest, an
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partiti
 from stream_trainer.objectstore import is_store_url, open_store
 from stream_trainer.state import TrainingState
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
+from stream_trainer.testing.counting import CountingProducer
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 
 LEARNT = "stream_trainer_records_learnt_total"
@@ -202,6 +205,29 @@ def wait_exit(service: ServiceProcess, timeout: float, what: str) -> int:
         raise AssertionError(
             f"{what}: still running after {timeout} s:\n{service.tail()}"
         ) from None
+
+
+@contextmanager
+def trickle(producer: CountingProducer, batch: int = 300, period: float = 0.3) -> Iterator[None]:
+    """A producer running throughout the block: ``batch`` records every ``period`` s."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while not stop.wait(period):
+                producer.produce(batch)
+        except BaseException as error:  # reported by the test, not lost in the thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="counting-producer")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
 
 
 def recovery_seconds(service: ServiceProcess, started: float, timeout: float = 60.0) -> float:

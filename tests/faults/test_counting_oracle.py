@@ -10,11 +10,9 @@ The ledger's verdict is printed beside it: the two oracles must agree.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from tests.faults.support import (
     load_final,
     manifest_offsets,
     topic_of,
+    trickle,
     wait_checkpointed,
     wait_exit,
 )
@@ -96,29 +95,6 @@ def counting_config(
         "training": {"mode": mode},
     }
     return fault_config(tmp_path, broker, PARTITIONS, BASE, counting, *overrides)
-
-
-@contextmanager
-def trickle(producer: CountingProducer, batch: int = 300, period: float = 0.3) -> Iterator[None]:
-    """A producer running throughout the block: ``batch`` records every ``period`` s."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            while not stop.wait(period):
-                producer.produce(batch)
-        except BaseException as error:  # reported by the test, not lost in the thread
-            errors.append(error)
-
-    thread = threading.Thread(target=run, name="counting-producer")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
 
 
 def oracle(config: Mapping[str, Any], *more: Mapping[str, Any]) -> CountVerdict:
