@@ -370,7 +370,8 @@ def judge(
     print(
         f"[{label}] {verdict.line()}; commits checked {commits} ({synchronous} synchronous), "
         f"unowned {len(violations)}; hand-overs {assigned - PARTITIONS} (assigned {assigned}, "
-        f"revoked {revoked}, lost {lost}); kill -9 {group.kills}; {elapsed:.0f} s"
+        f"revoked {revoked}, lost {lost}; slot claims {sum(s.token for s in slots.values())}); "
+        f"kill -9 {group.kills}; {elapsed:.0f} s"
     )
     assert verdict.produced == producer.produced
     assert (verdict.lost, verdict.twice, verdict.unexpected) == (0, 0, 0), verdict.examples
