@@ -43,6 +43,8 @@ from stream_trainer.errors import StreamTrainerError
 from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator
 from stream_trainer.faults import CRASH_ENV, CrashPoints
 from stream_trainer.http import HealthServer, Heartbeat
+from stream_trainer.key_service import KeyedSlots, KeyService, new_keyed_state, validate_keyed
+from stream_trainer.keyed_state import KeyStateObjects
 from stream_trainer.learners import build_model
 from stream_trainer.lease import (
     KafkaLease,
@@ -448,7 +450,7 @@ def run_service(
         if settings.record.format != "json":
             wire = WireDecoder(settings.schema_registry)
         decoder = RecordDecoder(settings.record, settings.model.task, wire)
-        if settings.model.scope == "partition":
+        if settings.model.scope in ("partition", "key"):
             producer = Producer(settings.kafka.producer_config())
             reachable = wait_for_kafka(
                 cluster_probe(producer, None),
@@ -681,9 +683,13 @@ def _partition_service(
     found = metadata.topics.get(topic)
     if found is None or found.error is not None or not found.partitions:
         raise StartupError(f"topics.input: {topic} cannot be read ({found and found.error})")
-    routing = Routing(KAFKA_KEY, settings.routing.partitioner, len(found.partitions), topic)
+    key_scope = settings.model.scope == "key"
+    source = KAFKA_KEY
+    if key_scope and settings.model.key.source == "field":
+        source = f"field:{settings.model.key.field}"
+    routing = Routing(source, settings.routing.partitioner, len(found.partitions), topic)
     publishing = ScopedPublishing(
-        settings, PARTITION_SCOPE, routing, producer, metrics, crash=crash
+        settings, settings.model.scope, routing, producer, metrics, crash=crash
     )
     ckpt = settings.checkpoint
     checkpoints = open_store(ckpt.dir, settings.object_store, metrics.observe_object_store)
@@ -707,6 +713,23 @@ def _partition_service(
         )
 
     def make_slots(service: PartitionService) -> PartitionSlots:
+        def source() -> Source:
+            return cast("Source", service.commits)
+
+        if isinstance(service, KeyService):
+            return KeyedSlots(
+                settings,
+                open_slot,
+                new_keyed_state(settings),
+                validate_keyed(settings),
+                publishing,
+                service.snapshot,
+                source,
+                metrics,
+                fenced_registry=publishing.store is not None,
+                crash=crash,
+                on_close=service.forget_slot,
+            )
         return PartitionSlots(
             settings,
             open_slot,
@@ -714,7 +737,7 @@ def _partition_service(
             validate_restored(settings),
             publishing,
             service.snapshot,
-            lambda: cast("Source", service.commits),
+            source,
             metrics,
             fenced_registry=publishing.store is not None,
             crash=crash,
@@ -737,7 +760,7 @@ def _partition_service(
         lag.attach(source, service.next_offsets)
         return source
 
-    return PartitionService(
+    args = (
         settings,
         make_slots,
         make_source,
@@ -752,9 +775,20 @@ def _partition_service(
         ),
         metrics,
         heartbeat,
-        wire=wire,
-        crash=crash,
     )
+    if key_scope:
+        return KeyService(
+            *args,
+            wire=wire,
+            crash=crash,
+            objects=KeyStateObjects(
+                checkpoints, ckpt.key(), ckpt.allow_unsigned, settings.config_hash()
+            ),
+            publishing=publishing,
+            new_state=lambda: new_state(settings),
+            fenced_registry=publishing.store is not None,
+        )
+    return PartitionService(*args, wire=wire, crash=crash)
 
 
 def _peek_state(settings: Settings, store: ObjectCheckpointStore) -> tuple[TrainingState, bool]:

@@ -764,6 +764,36 @@ class EstimatorSpec(StrictModel):
         return value
 
 
+class KeySettings(StrictModel):
+    """``model.scope: key``: what a record's key is, and how many key models stay in memory."""
+
+    source: Literal["kafka_key", "field"] = Field(
+        default="kafka_key",
+        description=(
+            "where a record's key comes from: kafka_key = the Kafka message key; field = "
+            "the top-level record field model.key.field (a string or an integer; "
+            "record.format json). Either way the producers must partition by that key, "
+            "so each key's records are in one partition. A record without a key is "
+            "dead-lettered (reason no_model_key)"
+        ),
+    )
+    field: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the record field holding the key (model.key.source: field)",
+    )
+    max_live_models: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "key models one member holds in memory; beyond it the least recently used are "
+            "written to the checkpoint store (<checkpoint.dir>/key/<hash>/) and loaded "
+            "again when their key comes back"
+        ),
+    )
+
+
 class ModelSettings(StrictModel):
     """What is trained: task, learner and optional preprocessing pipeline."""
 
@@ -801,16 +831,18 @@ class ModelSettings(StrictModel):
         le=1 << 20,
         description="columns per category feature when it is hashed (scikit-learn only)",
     )
-    scope: Literal["global", "partition"] = Field(
+    scope: Literal["global", "partition", "key"] = Field(
         default="global",
         description=(
             "how many models: global = one model, one writer (other replicas are hot "
             "standbys); partition = one model per input partition, each member trains the "
             "partitions the group assigns it and hands a partition's state over when it "
-            "moves (docs/scale-out.md). partition needs training.mode per_record or "
+            "moves (docs/scale-out.md); key = one model per record key (model.key), held "
+            "in its partition's slot. partition and key need training.mode per_record or "
             "mini_batch and no topics.control"
         ),
     )
+    key: KeySettings = Field(default_factory=KeySettings)
 
 
 class MiniBatchSettings(StrictModel):
@@ -1823,21 +1855,30 @@ class Settings(BaseSettings):
             return
         if self.training.mode == "full_batch":
             raise ValueError(
-                "model.scope: partition scope trains per_record or mini_batch (full_batch "
-                "retrains per partition are not built: one fit worker would serve every "
-                "partition in turn)"
+                f"model.scope: {self.model.scope} scope trains per_record or mini_batch "
+                "(full_batch retrains per partition or key are not built: one fit worker "
+                "would serve every one in turn)"
             )
         if len(self.topics.input) != 1:
             raise ValueError(
-                "topics.input: partition scope reads one topic (a model per partition of it; "
-                "readers route keys by its partition count)"
+                f"topics.input: {self.model.scope} scope reads one topic (models per "
+                "partition of it; readers route keys by its partition count)"
             )
         if self.topics.control:
             raise ValueError(
-                "topics.control: control commands are not supported with model.scope "
-                "partition yet (each member would act on its own partitions only); set it "
-                "to null"
+                f"topics.control: control commands are not supported with model.scope "
+                f"{self.model.scope} yet (each member would act on its own partitions "
+                "only); set it to null"
             )
+        key = self.model.key
+        if self.model.scope == "key" and key.source == "field":
+            if key.field is None:
+                raise ValueError("model.key.field: model.key.source field needs the field name")
+            if self.record.format != "json":
+                raise ValueError(
+                    "model.key.source: field reads the key from a JSON value; with "
+                    f"record.format {self.record.format} use kafka_key"
+                )
 
     def _check_selection(self) -> None:
         selection = self.training.selection

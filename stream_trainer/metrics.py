@@ -139,6 +139,12 @@ class Metrics:
     slot_restore_duration: Histogram
     # stream_trainer_slot_records_learnt_total{topic,partition} (partition scope)
     slot_records_learnt: Counter
+    # stream_trainer_key_models_live (key scope: key models this member holds in memory)
+    key_models_live: Gauge
+    # stream_trainer_key_models_loaded_total (key scope: evicted key states read back)
+    key_models_loaded: Counter
+    # stream_trainer_key_models_evicted_total (key scope: key states written out, dropped)
+    key_models_evicted: Counter
     # stream_trainer_kafka_errors_total{code} (KafkaError.name(), e.g. _TRANSPORT)
     kafka_errors: Counter
     # stream_trainer_poll_heartbeat_timestamp_seconds (unix time of the last poll)
@@ -339,6 +345,21 @@ def build_metrics(
             f"{p}_slot_records_learnt",
             "Records learnt per input partition (partition scope).",
             ["topic", "partition"],
+            **r,
+        ),
+        key_models_live=Gauge(
+            f"{p}_key_models_live",
+            "Key models this member holds in memory (key scope; never labelled by key).",
+            **r,
+        ),
+        key_models_loaded=Counter(
+            f"{p}_key_models_loaded",
+            "Evicted key models read back from the checkpoint store (key scope).",
+            **r,
+        ),
+        key_models_evicted=Counter(
+            f"{p}_key_models_evicted",
+            "Key models written to the checkpoint store and dropped from memory (key scope).",
             **r,
         ),
         kafka_errors=Counter(

@@ -38,10 +38,10 @@ from stream_trainer.http import Heartbeat
 from stream_trainer.ledger import TopicPartitionKey, partition_key
 from stream_trainer.metrics import Metrics
 from stream_trainer.partition_slots import PartitionSlot, PartitionSlots
-from stream_trainer.records import RecordDecoder, invalid_from_message
+from stream_trainer.records import DecodedBatch, RecordDecoder, invalid_from_message
 from stream_trainer.registry import RegistryFenced, RegistryUnavailable
 from stream_trainer.source import Record, Source
-from stream_trainer.trainers import Trainer
+from stream_trainer.trainers import Trainer, UnitResult
 from stream_trainer.wire import RegistryWaitInterrupted, WireDecoder
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,9 @@ class PartitionService:
                 extra={"partition": slot.scope_id, "reason": reason, "offset": records[0].offset()},
             )
             return
-        result = self._trainer.learn(state, batch)
+        result = self._train(slot, records, batch)
+        if result is None:
+            return
         invalid = list(batch.invalid)
         invalid.extend(
             invalid_from_message(
@@ -245,7 +247,6 @@ class PartitionService:
         start = state.offsets.get(key, first)
         state.ledger.add(key, start, last + 1)
         state.offsets[key] = last + 1
-        slot.publisher.observe(state, result.learnt)
         slot.checkpointer.observe(len(records))
         self._crash.reached("after_learn")
         m = self._metrics
@@ -256,6 +257,17 @@ class PartitionService:
         m.batch_size.observe(len(records))
         if result.learn_seconds:
             m.learn_duration.observe(result.learn_seconds)
+
+    def _train(
+        self, slot: PartitionSlot, records: list[Record], batch: DecodedBatch
+    ) -> UnitResult | None:
+        """Learn ``batch`` (decoded from ``records``) in ``slot``'s state and count it
+        toward the slot's next version. Key scope overrides it (:mod:`key_service`): it
+        may add to ``batch.invalid`` (dead-lettered by the caller) and returns None when
+        the partition halted with nothing of the unit learnt."""
+        result = self._trainer.learn(slot.state, batch)
+        slot.publisher.observe(slot.state, result.learnt)
+        return result
 
     def _ensure_schemas(self, records: list[Record]) -> None:
         """Wait for the schemas of ``records`` (Avro / JSON Schema) while the registry is

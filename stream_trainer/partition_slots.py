@@ -134,8 +134,7 @@ class PartitionSlots:
             clock=self._clock,
             crash=self._crash,
         )
-        fence = SlotFence(store) if self._fenced_registry else None
-        publisher = self._publishing.slot(scope_id, fence).publisher
+        publisher = self._publisher(scope_id, store)
         slot = PartitionSlot(
             key, scope_id, store, state, checkpointer, publisher, loaded is not None
         )
@@ -156,6 +155,12 @@ class PartitionSlots:
             },
         )
         return slot
+
+    def _publisher(self, scope_id: str, store: SlotStore) -> ModelPublisher:
+        """The publisher of slot ``scope_id``, fenced by its claim on an object-store
+        registry (key scope overrides it: there each key publishes, not the slot)."""
+        fence = SlotFence(store) if self._fenced_registry else None
+        return self._publishing.slot(scope_id, fence).publisher
 
     def close(self, key: TopicPartitionKey) -> PartitionSlot | None:
         """Stop holding ``key``'s slot (its writer thread stopped); the caller has

@@ -58,6 +58,7 @@ REASONS: Final[tuple[str, ...]] = (
     "bad_weight",
     "decoder_error",
     "learner_error",
+    "no_model_key",
     *WIRE_REASONS,
 )
 

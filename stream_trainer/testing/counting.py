@@ -42,6 +42,7 @@ from stream_trainer.checkpoint import CheckpointError, CheckpointStore
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.objectstore import ObjectStore, ObjectStoreError, is_store_url, open_store
+from stream_trainer.partitioner import murmur2_partition
 from stream_trainer.slot_store import MANIFEST, SlotStore
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
 
@@ -287,9 +288,19 @@ class CountingProducer:
     back with the broker's real offsets, so a wrong prediction shows up as lost."""
 
     def __init__(
-        self, bootstrap: str, topic: str, partitions: int, keys: int = 1000, seed: int = 0
+        self,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        keys: int = 1000,
+        seed: int = 0,
+        *,
+        by_key: bool = False,
     ) -> None:
+        """``by_key``: each record goes to its key's partition (murmur2, as the Java
+        client's default partitioner), as ``model.scope: key`` needs; else round-robin."""
         self._topic, self._partitions, self._keys = topic, partitions, keys
+        self._by_key = by_key
         self._rng = random.Random(seed)
         self._next = _high_watermarks(bootstrap, topic)
         self._producer = Producer(
@@ -299,7 +310,8 @@ class CountingProducer:
         self.produced = 0
 
     def produce(self, count: int, timeout: float = 60.0) -> None:
-        """``count`` records round-robin over the partitions; returns once all are acked.
+        """``count`` records round-robin over the partitions (or each in its key's
+        partition); returns once all are acked.
         Raises CountingError if any delivery failed or ``timeout`` passed."""
         failures: list[str] = []
 
@@ -308,11 +320,14 @@ class CountingProducer:
                 failures.append(str(error))
 
         for _ in range(count):
-            partition = self._turn % self._partitions
+            key = self._rng.randrange(self._keys)
+            if self._by_key:
+                partition = murmur2_partition(str(key).encode(), self._partitions)
+            else:
+                partition = self._turn % self._partitions
             self._turn += 1
             offset = self._next.get(partition, 0)
             self._next[partition] = offset + 1
-            key = self._rng.randrange(self._keys)
             while True:
                 try:
                     self._producer.produce(
