@@ -1,0 +1,292 @@
+"""Key scope's state: KeyedState, eviction to create-only signed objects, reload, the
+no-key dead letter and a partition hand-over (a new owner restores the keys), on a
+LocalStore with the counting learner. The poll loop runs for real; only the Kafka source
+and the dead-letter producer are stand-ins (the Kafka paths: tests/integration)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import cast
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from stream_trainer.app import new_state
+from stream_trainer.config import Settings, settings_from_mapping
+from stream_trainer.deadletter import DeadLetterPublisher
+from stream_trainer.http import Heartbeat
+from stream_trainer.key_service import (
+    KEY_HALTED,
+    NO_MODEL_KEY,
+    KeyedSlots,
+    KeyService,
+    keyed,
+    new_keyed_state,
+    validate_keyed,
+)
+from stream_trainer.keyed_state import KeyedState, KeyStateError, KeyStateObjects
+from stream_trainer.learners import TESTING_ENV
+from stream_trainer.ledger import TopicPartitionKey
+from stream_trainer.metrics import Metrics, build_metrics
+from stream_trainer.objectstore import LocalStore
+from stream_trainer.partition_service import PartitionService
+from stream_trainer.partitioner import scope_id_for_key
+from stream_trainer.records import InvalidRecord, RecordDecoder
+from stream_trainer.scoped_publish import ScopedPublishing
+from stream_trainer.scoped_versions import KAFKA_KEY, Routing
+from stream_trainer.slot_store import SlotStore
+from stream_trainer.source import Source
+from stream_trainer.testing.counting import FEATURES, RIVER_PATH, Sample, counts_of
+from stream_trainer.trainers import build_trainer
+
+TOPIC = "orders"
+TP: TopicPartitionKey = (TOPIC, 0)
+KEY = b"unit-test-key"
+
+
+class Message:
+    """A consumed record as confluent_kafka gives it."""
+
+    def __init__(self, offset: int, key_id: int | None) -> None:
+        self._offset, self._key_id = offset, key_id
+        features = {"partition": 0, "offset": offset, "key": key_id or 0}
+        self._value = json.dumps({"x": features, "y": 1.0}).encode()
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return None if self._key_id is None else str(self._key_id).encode()
+
+    def value(self) -> bytes:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return 0, 0
+
+    def error(self) -> None:
+        return None
+
+
+class FakeSource:
+    """Owns partition 0 of TOPIC; hands out what ``feed`` queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[Message] = []
+        self.owned: frozenset[TopicPartitionKey] = frozenset({TP})
+        self.paused: set[TopicPartitionKey] = set()
+        self.start_positions: dict[TopicPartitionKey, int] = {TP: 0}
+        self.committed: dict[TopicPartitionKey, int] = {}
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        out, self.queued = self.queued, []
+        return [] if TP in self.paused else out
+
+    def commit(
+        self, offsets: Mapping[TopicPartitionKey, int], asynchronous: bool = False
+    ) -> dict[TopicPartitionKey, int]:
+        self.committed.update(offsets)
+        return dict(offsets)
+
+    def pause(self, keys: Sequence[TopicPartitionKey]) -> None:
+        self.paused.update(keys)
+
+    def resume(self, keys: Sequence[TopicPartitionKey]) -> None:
+        self.paused.difference_update(keys)
+
+    def seek(self, key: TopicPartitionKey, offset: int) -> None:
+        pass
+
+    def close(self, timeout_s: float) -> bool:
+        return True
+
+
+class DeadLetters:
+    """Collects what would be dead-lettered."""
+
+    def __init__(self) -> None:
+        self.records: list[InvalidRecord] = []
+
+    def publish(self, records: Sequence[InvalidRecord]) -> None:
+        self.records.extend(records)
+
+    def flush(self, timeout_s: float) -> int:
+        return 0
+
+
+def settings(tmp_path: Path, max_live: int) -> Settings:
+    return settings_from_mapping(
+        {
+            "kafka": {"bootstrap_servers": "unused:9092", "group_id": "g"},
+            "topics": {"input": [TOPIC], "dead_letter": "dlq", "versions": "v", "control": None},
+            "record": {"features": list(FEATURES), "labels": None},
+            "model": {
+                "name": "m",
+                "task": "regression",
+                "learner": {"path": RIVER_PATH},
+                "scope": "key",
+                "key": {"max_live_models": max_live},
+            },
+            "training": {"mode": "per_record"},
+            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_records": 1_000_000},
+            "registry": {"root": str(tmp_path / "registry"), "publish_every_records": 3},
+        },
+        env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": KEY.decode()},
+    )
+
+
+def build(tmp_path: Path, cfg: Settings, member: str) -> tuple[KeyService, FakeSource, Metrics]:
+    store = LocalStore(tmp_path / "ckpt")
+    metrics = build_metrics(CollectorRegistry())
+    source = FakeSource()
+    routing = Routing(KAFKA_KEY, "murmur2", 1, TOPIC)
+    publishing = ScopedPublishing(cfg, "key", routing, None, metrics)
+
+    def open_slot(scope_id: str) -> SlotStore:
+        return SlotStore(store, "partition", scope_id, member, KEY, False, 3)
+
+    def make_slots(service: PartitionService) -> KeyedSlots:
+        assert isinstance(service, KeyService)
+        return KeyedSlots(
+            cfg,
+            open_slot,
+            new_keyed_state(cfg),
+            validate_keyed(cfg),
+            publishing,
+            service.snapshot,
+            lambda: cast("Source", service.commits),
+            metrics,
+            fenced_registry=False,
+            on_close=service.forget_slot,
+        )
+
+    service = KeyService(
+        cfg,
+        make_slots,
+        lambda _service: cast("Source", source),
+        RecordDecoder(cfg.record, cfg.model.task),
+        build_trainer(cfg),
+        cast("DeadLetterPublisher", DeadLetters()),
+        metrics,
+        Heartbeat(metrics=metrics),
+        objects=KeyStateObjects(store, KEY, False, cfg.config_hash()),
+        publishing=publishing,
+        new_state=lambda: new_state(cfg),
+        fenced_registry=False,
+    )
+    # The consumer starts where the restored checkpoint says (the log start without one).
+    source.start_positions = {TP: service.start_offsets([TP]).get(TP, 0)}
+    service.on_assigned([TP])
+    return service, source, metrics
+
+
+def all_counts(state: KeyedState, objects: KeyStateObjects) -> dict[str, Counter[Sample]]:
+    """Every key's counts: live, or read from the object the state names."""
+    out = {h: counts_of(s.model) for h, s in state.live.items()}
+    for key_hash, name in state.evicted.items():
+        out[key_hash] = counts_of(objects.read(key_hash, name).model)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _testing_learners(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TESTING_ENV, "1")
+
+
+def test_keys_evict_to_named_objects_load_back_and_survive_a_hand_over(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, max_live=2)
+    service, source, metrics = build(tmp_path, cfg, "a")
+    key_ids = [0, 1, 2, 3, 4, 0, 1, None, 2, 4]
+    source.queued = [Message(offset, k) for offset, k in enumerate(key_ids)]
+    service.step()
+    state = keyed(service.slots.slots[TP])
+    assert len(state.live) == 2 and len(state.evicted) == 3
+    assert state.offsets[TP] == len(key_ids)
+    for key_hash, name in state.evicted.items():
+        assert name.startswith(f"key/{key_hash}/state-p0-t1-")
+        assert (tmp_path / "ckpt" / name).is_file()
+        assert str(KEY) not in name
+    # The record without a key is dead-lettered, not learnt.
+    dlq = cast("DeadLetters", service._dlq)
+    assert [(r.offset, r.reason) for r in dlq.records] == [(7, NO_MODEL_KEY)]
+    assert state.records_learnt == 9 and state.records_dead_lettered == 1
+
+    # Key 0 was evicted: its next record loads it back (create-only name kept on disk).
+    evicted_before = metrics.key_models_evicted._value.get()
+    loaded_before = metrics.key_models_loaded._value.get()
+    zero = scope_id_for_key(b"0")
+    assert zero in state.evicted
+    source.queued = [Message(10, 0)]
+    service.step()
+    assert zero in state.live and zero not in state.evicted
+    assert metrics.key_models_loaded._value.get() == loaded_before + 1
+    assert metrics.key_models_evicted._value.get() > evicted_before
+    assert metrics.key_models_live._value.get() == 2
+
+    objects = KeyStateObjects(LocalStore(tmp_path / "ckpt"), KEY, False, cfg.config_hash())
+    expected = {
+        scope_id_for_key(str(k).encode()): Counter(
+            (0, o, k) for o, kk in enumerate([*key_ids, 0]) if kk == k
+        )
+        for k in range(5)
+    }
+    assert all_counts(state, objects) == expected
+
+    # Hand-over: revoke checkpoints and commits; the next owner restores every key.
+    service.on_revoked([TP])
+    assert source.committed == {TP: 11}
+    other, _source, _metrics = build(tmp_path, cfg, "b")
+    restored = keyed(other.slots.slots[TP])
+    assert restored.offsets[TP] == 11
+    assert all_counts(restored, objects) == expected
+    # Each key published its own versions under key/<hash>/ (cadence: 3 records).
+    registry = tmp_path / "registry" / "m" / "key"
+    assert any(registry.rglob("metadata.json"))
+
+
+def test_an_unreadable_evicted_key_halts_its_partition_with_nothing_learnt(
+    tmp_path: Path,
+) -> None:
+    cfg = settings(tmp_path, max_live=1)
+    service, source, _metrics = build(tmp_path, cfg, "a")
+    source.queued = [Message(0, 1), Message(1, 2)]
+    service.step()
+    state = keyed(service.slots.slots[TP])
+    one = scope_id_for_key(b"1")
+    path = tmp_path / "ckpt" / state.evicted[one]
+    path.write_bytes(path.read_bytes()[:-1] + b"!")  # tampered payload
+    learnt = state.records_learnt
+    source.queued = [Message(2, 2), Message(3, 1)]
+    service.step()
+    assert state.halted == {TP: KEY_HALTED}
+    assert state.records_learnt == learnt and state.offsets[TP] == 2
+    assert TP in source.paused
+
+
+def test_key_objects_are_create_only_and_verified(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, max_live=1)
+    store = LocalStore(tmp_path / "ckpt")
+    objects = KeyStateObjects(store, KEY, False, cfg.config_hash())
+    key_hash = scope_id_for_key(b"k")
+    state = new_state(cfg)
+    first = objects.write(key_hash, 0, 1, 1, state)
+    # Sequence 1 is taken: never overwritten, the next one is used.
+    second = objects.write(key_hash, 0, 1, 1, state)
+    assert first != second and second.endswith("-000000000002.ckpt")
+    assert objects.read(key_hash, first).records_learnt == 0
+    with pytest.raises(KeyStateError):
+        objects.read(scope_id_for_key(b"other"), first)  # another key's name
+    other_key = KeyStateObjects(store, b"another-key", False, cfg.config_hash())
+    with pytest.raises(KeyStateError):
+        other_key.read(key_hash, first)  # signature does not verify
+    with pytest.raises(KeyStateError):
+        objects.read(key_hash, f"key/{key_hash}/state-p0-t1-000000000009.ckpt")  # missing
