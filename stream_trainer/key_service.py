@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 NO_MODEL_KEY = "no_model_key"
 KEY_HALTED = "key_state_unreadable"
+# Least seconds between two scans of one slot's keys for a due publish.
+PUBLISH_SCAN_S = 0.25
 
 # (partition, key hash): one key model of this member.
 LiveKey = tuple[TopicPartitionKey, str]
@@ -159,6 +161,7 @@ class KeyService(PartitionService):
         self._lru: OrderedDict[LiveKey, None] = OrderedDict()
         self._publishers: dict[LiveKey, KeyPublisher] = {}
         self._tracked: set[TopicPartitionKey] = set()  # slots whose live keys are in _lru
+        self._next_scan: dict[TopicPartitionKey, float] = {}
         super().__init__(*args, **kwargs)
 
     # -- slots -----------------------------------------------------------------------------
@@ -166,6 +169,7 @@ class KeyService(PartitionService):
     def forget_slot(self, slot: PartitionSlot) -> None:
         """``slot`` is no longer held: its keys leave memory with it (revoke, lost, fence)."""
         self._tracked.discard(slot.key)
+        self._next_scan.pop(slot.key, None)
         for live in [live for live in self._lru if live[0] == slot.key]:
             del self._lru[live]
             self._publishers.pop(live, None)
@@ -243,6 +247,7 @@ class KeyService(PartitionService):
         for key_hash in hashes:
             if key_hash in state.live:
                 continue
+            self._heartbeat.beat()  # a unit of many evicted keys is many reads: progress
             name = state.evicted.get(key_hash)
             if name is None:
                 state.live[key_hash] = self._new_key_state()
@@ -297,6 +302,11 @@ class KeyService(PartitionService):
     def _publish_if_due(self, slot: PartitionSlot, now: float) -> None:
         """Publish each of ``slot``'s live keys that is due, its partition checkpointed
         first (a version never holds records its partition's checkpoint could lose)."""
+        # Scanning every live key costs O(keys): at most every PUBLISH_SCAN_S per slot (a
+        # version due on its record count waits that long at most).
+        if now < self._next_scan.get(slot.key, 0.0):
+            return
+        self._next_scan[slot.key] = now + PUBLISH_SCAN_S
         state = keyed(slot)
         due: list[tuple[str, KeyPublisher, str]] = []
         for key_hash, key_state in state.live.items():

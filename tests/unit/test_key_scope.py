@@ -9,13 +9,13 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.app import new_state
-from stream_trainer.config import Settings, settings_from_mapping
+from stream_trainer.config import ConfigError, Settings, settings_from_mapping
 from stream_trainer.deadletter import DeadLetterPublisher
 from stream_trainer.http import Heartbeat
 from stream_trainer.key_service import (
@@ -123,31 +123,53 @@ class DeadLetters:
         return 0
 
 
-def settings(tmp_path: Path, max_live: int) -> Settings:
-    return settings_from_mapping(
-        {
-            "kafka": {"bootstrap_servers": "unused:9092", "group_id": "g"},
-            "topics": {"input": [TOPIC], "dead_letter": "dlq", "versions": "v", "control": None},
-            "record": {"features": list(FEATURES), "labels": None},
-            "model": {
-                "name": "m",
-                "task": "regression",
-                "learner": {"path": RIVER_PATH},
-                "scope": "key",
-                "key": {"max_live_models": max_live},
-            },
-            "training": {"mode": "per_record"},
-            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_records": 1_000_000},
-            "registry": {"root": str(tmp_path / "registry"), "publish_every_records": 3},
+class Clock:
+    """The service's monotonic clock, moved by the test: one second per step."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def step(service: KeyService) -> None:
+    """One poll-loop iteration, a second after the previous one."""
+    clock = service._clock
+    assert isinstance(clock, Clock)
+    clock.now += 1.0
+    service.step()
+
+
+def settings(tmp_path: Path, max_live: int, **model: Any) -> Settings:
+    data = config_data(tmp_path, max_live)
+    data["model"].update(model)
+    return settings_from_mapping(data, env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": KEY.decode()})
+
+
+def config_data(tmp_path: Path, max_live: int) -> dict[str, Any]:
+    return {
+        "kafka": {"bootstrap_servers": "unused:9092", "group_id": "g"},
+        "topics": {"input": [TOPIC], "dead_letter": "dlq", "versions": "v", "control": None},
+        "record": {"features": list(FEATURES), "labels": None},
+        "model": {
+            "name": "m",
+            "task": "regression",
+            "learner": {"path": RIVER_PATH},
+            "scope": "key",
+            "key": {"max_live_models": max_live},
         },
-        env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": KEY.decode()},
-    )
+        "training": {"mode": "per_record"},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_records": 1_000_000},
+        "registry": {"root": str(tmp_path / "registry"), "publish_every_records": 3},
+    }
 
 
 def build(tmp_path: Path, cfg: Settings, member: str) -> tuple[KeyService, FakeSource, Metrics]:
     store = LocalStore(tmp_path / "ckpt")
     metrics = build_metrics(CollectorRegistry())
     source = FakeSource()
+    clock = Clock()
     routing = Routing(KAFKA_KEY, "murmur2", 1, TOPIC)
     publishing = ScopedPublishing(cfg, "key", routing, None, metrics)
 
@@ -166,6 +188,7 @@ def build(tmp_path: Path, cfg: Settings, member: str) -> tuple[KeyService, FakeS
             lambda: cast("Source", service.commits),
             metrics,
             fenced_registry=False,
+            clock=clock,
             on_close=service.forget_slot,
         )
 
@@ -182,6 +205,7 @@ def build(tmp_path: Path, cfg: Settings, member: str) -> tuple[KeyService, FakeS
         publishing=publishing,
         new_state=lambda: new_state(cfg),
         fenced_registry=False,
+        clock=clock,
     )
     # The consumer starts where the restored checkpoint says (the log start without one).
     source.start_positions = {TP: service.start_offsets([TP]).get(TP, 0)}
@@ -207,7 +231,7 @@ def test_keys_evict_to_named_objects_load_back_and_survive_a_hand_over(tmp_path:
     service, source, metrics = build(tmp_path, cfg, "a")
     key_ids = [0, 1, 2, 3, 4, 0, 1, None, 2, 4]
     source.queued = [Message(offset, k) for offset, k in enumerate(key_ids)]
-    service.step()
+    step(service)
     state = keyed(service.slots.slots[TP])
     assert len(state.live) == 2 and len(state.evicted) == 3
     assert state.offsets[TP] == len(key_ids)
@@ -226,7 +250,7 @@ def test_keys_evict_to_named_objects_load_back_and_survive_a_hand_over(tmp_path:
     zero = scope_id_for_key(b"0")
     assert zero in state.evicted
     source.queued = [Message(10, 0)]
-    service.step()
+    step(service)
     assert zero in state.live and zero not in state.evicted
     assert metrics.key_models_loaded._value.get() == loaded_before + 1
     assert metrics.key_models_evicted._value.get() > evicted_before
@@ -259,14 +283,14 @@ def test_an_unreadable_evicted_key_halts_its_partition_with_nothing_learnt(
     cfg = settings(tmp_path, max_live=1)
     service, source, _metrics = build(tmp_path, cfg, "a")
     source.queued = [Message(0, 1), Message(1, 2)]
-    service.step()
+    step(service)
     state = keyed(service.slots.slots[TP])
     one = scope_id_for_key(b"1")
     path = tmp_path / "ckpt" / state.evicted[one]
     path.write_bytes(path.read_bytes()[:-1] + b"!")  # tampered payload
     learnt = state.records_learnt
     source.queued = [Message(2, 2), Message(3, 1)]
-    service.step()
+    step(service)
     assert state.halted == {TP: KEY_HALTED}
     assert state.records_learnt == learnt and state.offsets[TP] == 2
     assert TP in source.paused
@@ -290,3 +314,27 @@ def test_key_objects_are_create_only_and_verified(tmp_path: Path) -> None:
         other_key.read(key_hash, first)  # signature does not verify
     with pytest.raises(KeyStateError):
         objects.read(key_hash, f"key/{key_hash}/state-p0-t1-000000000009.ckpt")  # missing
+
+
+def config_error(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping(data, env={"STREAM_TRAINER_CHECKPOINT__HMAC_KEY": "k"})
+    return str(info.value)
+
+
+def test_key_scope_configuration_is_validated(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, 5, key={"source": "field", "field": "customer", "max_live_models": 5})
+    assert (cfg.model.key.source, cfg.model.key.field) == ("field", "customer")
+    assert settings(tmp_path, 5).model.key.max_live_models == 5
+    data = config_data(tmp_path, 5)
+    data["model"]["key"] = {"source": "field"}
+    assert "model.key.field" in config_error(data)
+    data = config_data(tmp_path, 5)
+    data["training"] = {"mode": "full_batch"}
+    assert "key scope trains per_record or mini_batch" in config_error(data)
+    data = config_data(tmp_path, 5)
+    data["topics"]["control"] = "ctl"
+    assert "model.scope key" in config_error(data)
+    data = config_data(tmp_path, 5)
+    data["model"]["key"] = {"max_live_models": 0}
+    assert "max_live_models" in config_error(data)
