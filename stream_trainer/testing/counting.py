@@ -6,7 +6,8 @@ into the numeric features :data:`FEATURES` (in that order), and the learner coun
 tuples. After a run, :func:`learnt_counts` reads the newest checkpoint through the
 checkpoint store's own verified read path (folder or object store; never the offset
 ledger), :func:`learnt_counts_by_slot` every partition slot's head (``model.scope:
-partition``), and :func:`judge_counts` compares against what the topic holds:
+partition``; in key scope the sum of its key models, :func:`keyed_counts`), and
+:func:`judge_counts` compares against what the topic holds:
 **lost** = produced - learnt, **twice** = tuples counted more than once. Both must be 0.
 
 Two learners, one per adapter family, so both training paths are covered:
@@ -41,8 +42,9 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from stream_trainer.checkpoint import CheckpointError, CheckpointStore
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.keyed_state import KeyedState, KeyStateError, KeyStateObjects
 from stream_trainer.objectstore import ObjectStore, ObjectStoreError, is_store_url, open_store
-from stream_trainer.partitioner import murmur2_partition
+from stream_trainer.partitioner import murmur2_partition, scope_id_for_key
 from stream_trainer.slot_store import MANIFEST, SlotStore
 from stream_trainer.store_checkpoint import ObjectCheckpointStore
 
@@ -158,6 +160,10 @@ class SlotCounts:
     owner: str
     offsets: dict[str, int]
     learnt: Counter[Sample]
+    # Key scope: key models in the head (live or named evicted objects), and learnt tuples
+    # whose key id is not their model's key (must be 0).
+    keys: int = 0
+    mixed_keys: int = 0
 
     def misplaced(self) -> int:
         """Learnt tuples of another partition than the slot's own (must be 0: a slot
@@ -208,9 +214,43 @@ def read_slots(
         # Offsets from the head itself, so they pair with its counts even if the owner
         # moved the MANIFEST between the two reads.
         offsets = {} if loaded is None else dict(loaded.manifest.offsets)
-        learnt = Counter[Sample]() if loaded is None else counts_of(loaded.state.model)
-        slots[scope_id] = SlotCounts(scope_id, manifest.token, manifest.owner, offsets, learnt)
+        keys = mixed = 0
+        if loaded is None:
+            learnt = Counter[Sample]()
+        elif isinstance(loaded.state, KeyedState):
+            objects = KeyStateObjects(store, key, False, loaded.manifest.config_hash)
+            learnt, keys, mixed = keyed_counts(loaded.state, objects, scope_id)
+        else:
+            learnt = counts_of(loaded.state.model)
+        slots[scope_id] = SlotCounts(
+            scope_id, manifest.token, manifest.owner, offsets, learnt, keys, mixed
+        )
     return slots
+
+
+def keyed_counts(
+    state: KeyedState, objects: KeyStateObjects, scope_id: str
+) -> tuple[Counter[Sample], int, int]:
+    """A key-scope slot's head: the sum of its key models' multisets (live ones, and the
+    evicted objects it names, verified), how many key models, and how many learnt tuples
+    carry another key id than their model's key (the key id's decimal text is the Kafka
+    key). Raises CountingError when a named object does not verify."""
+    total: Counter[Sample] = Counter()
+    mixed = 0
+    for key_hash in sorted(state.keys()):
+        if key_hash in state.live:
+            model = state.live[key_hash].model
+        else:
+            try:
+                model = objects.read(key_hash, state.evicted[key_hash]).model
+            except KeyStateError as error:
+                raise CountingError(f"slot {scope_id}: {error}") from error
+        learnt = counts_of(model)
+        mixed += sum(
+            n for s, n in learnt.items() if scope_id_for_key(str(s[2]).encode()) != key_hash
+        )
+        total.update(learnt)
+    return total, len(state.keys()), mixed
 
 
 def learnt_counts_by_slot(

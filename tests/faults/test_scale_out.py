@@ -313,10 +313,15 @@ def run_scenario(
     env: Mapping[str, str],
     rounds: Callable[[Group, random.Random], None],
     batch: int,
+    keys: int | None = None,
 ) -> None:
+    """``keys``: key scope's producer, each record in its key's partition, ``keys`` keys."""
     seed = seed_of(label)
     bootstrap, topic = config["kafka"]["bootstrap_servers"], topic_of(config)
-    producer = CountingProducer(bootstrap, topic, PARTITIONS, seed=seed)
+    if keys is None:
+        producer = CountingProducer(bootstrap, topic, PARTITIONS, seed=seed)
+    else:
+        producer = CountingProducer(bootstrap, topic, PARTITIONS, keys, seed, by_key=True)
     producer.produce(3000)
     group = Group(config, tmp_path, {TESTING_ENV: "1", **env})
     began = time.monotonic()
@@ -367,6 +372,11 @@ def judge(
             f"misplaced {slot.misplaced() if slot else 0}, claims {slot.token if slot else 0}, "
             f"slot offset {slot.offsets if slot else {}}, committed {committed[(topic, p)]}"
         )
+    if any(s.keys for s in slots.values()):
+        print(
+            f"[{label}] key models {sum(s.keys for s in slots.values())}, "
+            f"tuples in another key's model {sum(s.mixed_keys for s in slots.values())}"
+        )
     print(
         f"[{label}] {verdict.line()}; commits checked {commits} ({synchronous} synchronous), "
         f"unowned {len(violations)}; hand-overs {assigned - PARTITIONS} (assigned {assigned}, "
@@ -375,7 +385,7 @@ def judge(
     )
     assert verdict.produced == producer.produced
     assert (verdict.lost, verdict.twice, verdict.unexpected) == (0, 0, 0), verdict.examples
-    assert all(slot.misplaced() == 0 for slot in slots.values())
+    assert all(slot.misplaced() == 0 and slot.mixed_keys == 0 for slot in slots.values())
     assert {k: v for s in slots.values() for k, v in s.offsets.items()} == dict(ends)
     assert {f"{t}:{p}": o for (t, p), o in committed.items()} == dict(ends)
     assert violations == [], violations[:10]
@@ -411,3 +421,17 @@ def test_members_on_a_shared_folder_store(kafka_broker: BrokerHandle, tmp_path: 
     """Short form on a folder the members share (flock CAS): a kill -9 and a join."""
     config = scale_out_config(tmp_path, kafka_broker, "per_record")
     run_scenario("folder per_record", config, tmp_path, {}, short_rounds, batch=200)
+
+
+KEY_SCOPE = {"model": {"scope": "key", "key": {"max_live_models": 10}}}
+
+
+def test_key_scope_through_the_same_rounds_on_a_shared_folder(
+    kafka_broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """Key scope (a model per key: 50 keys, room for 10 per member, so keys are evicted
+    and loaded back throughout) through the full rounds, hand-over crash points included.
+    Every key model (live in a slot's head, or the evicted object it names) must hold
+    its own key's records only, and all of them together every record once."""
+    config = scale_out_config(tmp_path, kafka_broker, "per_record", KEY_SCOPE)
+    run_scenario("folder key per_record", config, tmp_path, {}, full_rounds, batch=200, keys=50)
