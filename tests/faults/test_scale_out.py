@@ -86,6 +86,9 @@ BASE: dict[str, Any] = {
     "kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500},
 }
 
+# Key scope: a model per key, room for 10 per member (50 keys: evictions and reloads).
+KEY_SCOPE: dict[str, Any] = {"model": {"scope": "key", "key": {"max_live_models": 10}}}
+
 
 @dataclass
 class Member:
@@ -393,9 +396,13 @@ def judge(
     assert assigned > PARTITIONS and revoked > 0
 
 
-@pytest.mark.parametrize("mode", ["per_record", "mini_batch"])
+@pytest.mark.parametrize(
+    ("mode", "scope"),
+    [("per_record", "partition"), ("mini_batch", "partition"), ("mini_batch", "key")],
+)
 def test_members_join_leave_and_crash_mid_handover_on_seaweedfs(
     mode: str,
+    scope: str,
     kafka_broker: BrokerHandle,
     s3_server: SeaweedFS,
     s3_url: str,
@@ -413,17 +420,17 @@ def test_members_join_leave_and_crash_mid_handover_on_seaweedfs(
             "path_style": True,
         },
     }
-    config = scale_out_config(tmp_path, kafka_broker, mode, store)
-    run_scenario(f"s3 {mode}", config, tmp_path, s3_env, full_rounds, batch=200)
+    keyed = KEY_SCOPE if scope == "key" else {}
+    config = scale_out_config(tmp_path, kafka_broker, mode, store, keyed)
+    keys = 50 if scope == "key" else None
+    label = f"s3 {mode}" + (" key" if keys else "")
+    run_scenario(label, config, tmp_path, s3_env, full_rounds, batch=200, keys=keys)
 
 
 def test_members_on_a_shared_folder_store(kafka_broker: BrokerHandle, tmp_path: Path) -> None:
     """Short form on a folder the members share (flock CAS): a kill -9 and a join."""
     config = scale_out_config(tmp_path, kafka_broker, "per_record")
     run_scenario("folder per_record", config, tmp_path, {}, short_rounds, batch=200)
-
-
-KEY_SCOPE = {"model": {"scope": "key", "key": {"max_live_models": 10}}}
 
 
 def test_key_scope_through_the_same_rounds_on_a_shared_folder(
