@@ -174,7 +174,7 @@ def _autoscaled(values: dict[str, Any]) -> bool:
 def _ready_is_up(values: dict[str, Any]) -> bool:
     """Readiness on /healthz: several pods, or partition members that roll by surge."""
     several = values["replicaCount"] > 1 or _autoscaled(values)
-    return several or (_scope(values) == "partition" and _remote_stores(values))
+    return several or (_scope(values) in ("partition", "key") and _remote_stores(values))
 
 
 def _secret_env(values: dict[str, Any]) -> dict[str, str]:
@@ -681,6 +681,24 @@ def test_partition_scope_with_three_members(chart: helm.Chart, kind: str) -> Non
     _validate_builtin(r)
 
 
+def test_key_scope_scales_like_partition_scope(chart: helm.Chart) -> None:
+    # Key scope's unit of ownership is the partition slot: the same members, surge roll,
+    # autoscaling and volume rules; its own notes.
+    values = _merge(_case_values(PARTITION), {"config": {"model": {"scope": "key"}}})
+    r = Rendered(chart, values)
+    assert r.workload["spec"]["replicas"] == 3
+    assert r.workload["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert _readiness_path(r) == "/healthz"
+    assert "Key scope" in r.notes and "hot standbys" not in r.notes
+    settings = settings_from_mapping(r.config, env=_secret_env(r.values))
+    assert settings.model.scope == "key"
+    scaled = Rendered(
+        chart, _merge(_scaled("hpa", partitions=6), {"config": {"model": {"scope": "key"}}})
+    )
+    assert len(scaled.of_kind("HorizontalPodAutoscaler")) == 1
+    _validate_builtin(r)
+
+
 def test_partition_scope_rolling_needs_no_volume(chart: helm.Chart) -> None:
     # One member on a volume: Recreate (the volume is ReadWriteOnce) and /readyz, as today.
     on_volume = Rendered(chart, {"config": {"model": {"scope": "partition"}}})
@@ -846,13 +864,13 @@ AUTOSCALING_FAILS = [
     ),
     pytest.param(
         _merge(_scaled("keda", partitions=6), {"config": {"model": {"scope": "global"}}}),
-        "autoscaling.keda needs config.model.scope partition (it is global): with global "
+        "autoscaling.keda needs config.model.scope partition or key (it is global): with global "
         "scope one pod trains and the others stand by, so more replicas add no throughput",
         id="keda-global-scope",
     ),
     pytest.param(
         _merge(_scaled("hpa", partitions=6), {"config": {"model": {"scope": "global"}}}),
-        "autoscaling.hpa needs config.model.scope partition (it is global)",
+        "autoscaling.hpa needs config.model.scope partition or key (it is global)",
         id="hpa-global-scope",
     ),
     pytest.param(
@@ -908,8 +926,8 @@ AUTOSCALING_FAILS = [
     pytest.param(
         {"replicaCount": 3, "config": {"model": {"scope": "partition"}}},
         "replicaCount 3 needs config.checkpoint.dir and config.registry.root both on an object "
-        "store (s3://, gs://, az://): with model.scope partition a partition's checkpoints "
-        "move with it",
+        "store (s3://, gs://, az://): with model.scope partition (or key) a partition's "
+        "checkpoints move with it",
         id="partition-replicas-volume",
     ),
     pytest.param(

@@ -211,8 +211,9 @@ claim is created and the pod can start on any node at once).
 {{- end }}
 
 {{/*
-config.model.scope: "global" (one model, one writer) or "partition" (one model per input
-partition, members share the partitions the group assigns them).
+config.model.scope: "global" (one model, one writer), "partition" (one model per input
+partition, members share the partitions the group assigns them) or "key" (one model per
+key, held in its partition's slot: members scale exactly as with "partition").
 */}}
 {{- define "stream-trainer.scope" -}}
 {{- $model := .Values.config.model | default dict }}
@@ -250,8 +251,8 @@ must meet fails the render here, with the reason:
 {{- end }}
 {{- if $kind }}
 {{- $scope := include "stream-trainer.scope" . }}
-{{- if ne $scope "partition" }}
-{{- fail (printf "autoscaling.%s needs config.model.scope partition (it is %s): with global scope one pod trains and the others stand by, so more replicas add no throughput" $kind $scope) }}
+{{- if not (has $scope (list "partition" "key")) }}
+{{- fail (printf "autoscaling.%s needs config.model.scope partition or key (it is %s): with global scope one pod trains and the others stand by, so more replicas add no throughput" $kind $scope) }}
 {{- end }}
 {{- if include "stream-trainer.needsDataVolume" . }}
 {{- fail (printf "autoscaling.%s needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): a partition's checkpoints must be readable by whichever pod the group gives it, and a pod with a volume cannot be added or removed at will" $kind) }}
@@ -298,8 +299,8 @@ would fence each other), so it must be left to the service's per-pod default.
 {{- $autoscaler := include "stream-trainer.autoscaler" . }}
 {{- if or (gt (int .Values.replicaCount) 1) $autoscaler }}
 {{- if include "stream-trainer.needsDataVolume" . }}
-{{- if eq (include "stream-trainer.scope" .) "partition" }}
-{{- fail (printf "replicaCount %v needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): with model.scope partition a partition's checkpoints move with it to another pod, which a local checkpoint folder cannot do (docs/kubernetes.md, Partition scope)" .Values.replicaCount) }}
+{{- if has (include "stream-trainer.scope" .) (list "partition" "key") }}
+{{- fail (printf "replicaCount %v needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): with model.scope partition (or key) a partition's checkpoints move with it to another pod, which a local checkpoint folder cannot do (docs/kubernetes.md, Partition scope)" .Values.replicaCount) }}
 {{- end }}
 {{- fail (printf "replicaCount %v needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): with a local checkpoint folder the extra pods could never take over and would only stand by idle (docs/kubernetes.md, Hot standby)" .Values.replicaCount) }}
 {{- end }}
@@ -323,7 +324,7 @@ group before an old one leaves, so the partitions it is handed are trained witho
 (cooperative hand-over).
 */}}
 {{- define "stream-trainer.surge" -}}
-{{- if and (eq (include "stream-trainer.scope" .) "partition") (not (include "stream-trainer.needsDataVolume" .)) }}true{{- end }}
+{{- if and (has (include "stream-trainer.scope" .) (list "partition" "key")) (not (include "stream-trainer.needsDataVolume" .)) }}true{{- end }}
 {{- end }}
 
 {{/*
