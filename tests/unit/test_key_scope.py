@@ -22,6 +22,7 @@ from stream_trainer.key_service import (
     KEY_HALTED,
     NO_MODEL_KEY,
     KeyedSlots,
+    KeyReader,
     KeyService,
     keyed,
     new_keyed_state,
@@ -74,6 +75,9 @@ class Message:
         return 0, 0
 
     def error(self) -> None:
+        return None
+
+    def headers(self) -> None:
         return None
 
 
@@ -338,3 +342,28 @@ def test_key_scope_configuration_is_validated(tmp_path: Path) -> None:
     data = config_data(tmp_path, 5)
     data["model"]["key"] = {"max_live_models": 0}
     assert "max_live_models" in config_error(data)
+
+
+class Valued(Message):
+    """A record whose value is ``value`` and whose Kafka key is ``kafka_key``."""
+
+    def __init__(self, value: bytes, kafka_key: bytes | None = None) -> None:
+        super().__init__(0, None)
+        self._value, self._kafka_key = value, kafka_key
+
+    def key(self) -> bytes | None:
+        return self._kafka_key
+
+
+def test_the_key_is_the_kafka_key_or_a_string_or_integer_field() -> None:
+    by_kafka = KeyReader("kafka_key", None)
+    assert by_kafka(Valued(b"{}", b"alice")) == scope_id_for_key(b"alice")
+    assert by_kafka(Valued(b"{}", None)) is None
+    by_field = KeyReader("field", "customer")
+    # The field's canonical bytes: a string's UTF-8, an integer's decimal text.
+    assert by_field(Valued(b'{"customer": "alice"}', b"x")) == scope_id_for_key(b"alice")
+    assert by_field(Valued(b'{"customer": 42}')) == scope_id_for_key(b"42")
+    for refused in (b'{"customer": true}', b'{"customer": 1.5}', b'{"other": 1}', b"[1]", b"{"):
+        assert by_field(Valued(refused)) is None, refused
+    # The routing readers follow names the same field.
+    assert Routing("field:customer", "murmur2", 6, TOPIC).key_source == "field:customer"
