@@ -63,7 +63,12 @@ def counting_learners(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TESTING_ENV, "1")
 
 
-def make_settings(tmp_path: Path, every_records: int, mode: str = "per_record") -> Settings:
+def make_settings(
+    tmp_path: Path,
+    every_records: int,
+    mode: str = "per_record",
+    publish_every_records: int | None = None,
+) -> Settings:
     return settings_from_mapping(
         {
             "kafka": {
@@ -88,7 +93,7 @@ def make_settings(tmp_path: Path, every_records: int, mode: str = "per_record") 
             },
             "registry": {
                 "root": str(tmp_path / "registry"),
-                "publish_every_records": None,
+                "publish_every_records": publish_every_records,
                 "publish_every_seconds": None,
             },
         },
@@ -449,7 +454,7 @@ def settled_owners(cluster: Cluster) -> dict[TopicPartitionKey, tuple[str, Parti
 def test_one_member_learns_every_record_once_each_slot_holding_its_partition(
     tmp_path: Path,
 ) -> None:
-    settings = make_settings(tmp_path, every_records=10)
+    settings = make_settings(tmp_path, every_records=10, publish_every_records=12)
     cluster = Cluster(settings, LocalStore(tmp_path / "checkpoints"))
     produce(cluster.group, 25)
     a = cluster.add("a")
@@ -472,6 +477,20 @@ def test_one_member_learns_every_record_once_each_slot_holding_its_partition(
         assert state.offsets == {key: end}
         assert state.records_learnt == end
         assert state.ledger.as_json() == {partition_key(key): [[0, end]]}
+    # Each slot publishes its own versions, under its own registry folder, as its own key.
+    routing = Routing(KAFKA_KEY, settings.routing.partitioner, PARTITIONS, T)
+    publishing = ScopedPublishing(
+        settings, SCOPE, routing, None, build_metrics(CollectorRegistry())
+    )
+    for key, end in ends.items():
+        champion = publishing.registry(partition_key(key)).champion()
+        assert champion is not None and champion.version >= 2
+        assert champion.metadata["scope_id"] == partition_key(key)
+        [[start, learnt]] = champion.metadata["offsets_total"][partition_key(key)]
+        assert start == 0 and 24 <= learnt <= end
+        assert set(champion.metadata["offsets_total"]) == {partition_key(key)}
+    event_keys = {entry.key for entry in cluster.group.log[settings.topics.versions][0]}
+    assert event_keys == {f"m/partition/{partition_key(k)}".encode() for k in ends}
 
 
 # -- 2. three members, five rounds ---------------------------------------------------------
@@ -491,7 +510,7 @@ def test_members_join_leave_expire_and_crash_without_losing_or_repeating(
     stops. Partitions that stayed with their member were never revoked nor lost, and their
     slot never left training."""
     rng = random.Random(seed)
-    settings = make_settings(tmp_path, every_records=5, mode=mode)
+    settings = make_settings(tmp_path, every_records=5, mode=mode, publish_every_records=9)
     # A unit of 4 records, or what came within 1 s: a short tail waits a few rounds.
     cluster = Cluster(settings, LocalStore(tmp_path / "checkpoints"), seconds_per_round=0.25)
     group = cluster.group
