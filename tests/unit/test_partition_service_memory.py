@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import random
 import threading
 from collections import Counter
@@ -61,6 +62,13 @@ KEYS = 5  # key ids 0..4, the third counted feature
 @pytest.fixture(autouse=True)
 def counting_learners(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TESTING_ENV, "1")
+
+
+@pytest.fixture(autouse=True)
+def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill -9 here drops a Python object, never the page cache: fsync guards against
+    nothing these tests simulate, and on a shared disk it is most of their time."""
+    monkeypatch.setattr(os, "fsync", lambda _fd: None)
 
 
 def make_settings(
