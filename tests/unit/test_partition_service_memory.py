@@ -644,6 +644,7 @@ def test_a_slot_claimed_behind_its_members_back_is_dropped_and_its_partition_pau
     others = {k: e for k, e in ends.items() if k != fenced}
     cluster.drive(lambda: fenced not in a.service.slots and cluster.learnt_all(others))
     assert a.metric("stream_trainer_slots_fenced_total") == 1
+    assert a.metric("stream_trainer_checkpoint_failures_total") == 1  # its refused write
     assert a.metric("stream_trainer_slots", state="fenced") == 1
     assert fenced in a.source.owned and fenced in a.source.paused
     assert a.source.paused == frozenset([fenced])  # the others are not touched
