@@ -21,6 +21,16 @@ the bucket and the versions topic.
 Started before the service has published anything, it waits for a first version up to
 ``--wait-s`` (default 15 minutes: longer than the shipped configs take to publish one,
 whose time triggers are 10 minutes at most), saying every minute what it waits for.
+
+``--scope partition`` serves a ``model.scope: partition`` model (configs/partition-scope.yaml):
+one champion per partition slot of the input topic. Each stdin line is then
+``{"key": "<string>", "features": {...}}``: the record key as the producers send it (its
+UTF-8 bytes are hashed with the model's published ``routing.partitioner``, so the key is
+routed to the partition, and model, it was produced to) and the features as above. Each
+output line is ``{"key": ..., "slot": "<topic>:<p>", "version": N, "prediction": ...}``; a
+key whose slot has no champion yet gets ``"version": null, "prediction": null`` and an
+``"error"``, and serving goes on. The wait is for a first champion of any slot, then for
+the events already on the topic, so a key without a model means there is none yet.
 """
 
 from __future__ import annotations
@@ -32,16 +42,18 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.objectstore import is_store_url
-from stream_trainer.reader import ModelReader
+from stream_trainer.reader import ModelReader, NoModelForKey
 
 KEY_ENV_VARS = ("STREAM_TRAINER_REGISTRY_KEY", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY")
 # Above the longest time to a first version of configs/*.yaml (publish or retrain time
 # trigger + checkpoint interval); tests/unit/test_examples.py keeps the two in step.
 DEFAULT_WAIT_S = 900.0
 PROGRESS_EVERY_S = 60.0
+SCOPED_LINE = '{"key": "<string>", "features": {...}}'
 
 
 def wait_for_first_version(reader: ModelReader, wait_s: float, what: str) -> bool:
@@ -60,8 +72,46 @@ def wait_for_first_version(reader: ModelReader, wait_s: float, what: str) -> boo
             return True
 
 
+def predict_keyed(reader: ModelReader, line: str) -> dict[str, Any]:
+    """The output object for one ``--scope partition`` input line (see the module
+    docstring): the key's slot, that slot's version and its prediction, or an ``error``
+    when the slot has no champion. ValueError for a line that is not ``SCOPED_LINE``."""
+    request = json.loads(line)
+    if (
+        not isinstance(request, dict)
+        or not isinstance(request.get("key"), str)
+        or not isinstance(request.get("features"), dict)
+    ):
+        raise ValueError(f"expected one JSON object per line, {SCOPED_LINE}: {line.strip()}")
+    key = request["key"].encode("utf-8")
+    out: dict[str, Any] = {"key": request["key"], "slot": None, "version": None}
+    try:
+        out["slot"] = reader.slot_for_key(key)
+        prediction = reader.predict_record(request["features"], key=key)
+    except NoModelForKey as missing:
+        return {**out, "prediction": None, "error": str(missing)}
+    # The version of the model just used: the one loaded for the slot.
+    out["version"] = reader.loaded().get(out["slot"])
+    return {**out, "prediction": prediction}
+
+
+def serve_keyed(reader: ModelReader, wait_s: float) -> int:
+    """Serve ``SCOPED_LINE`` lines from stdin once the events already on the topic are
+    read (up to ``wait_s``): before that, a key without a model may only be unread."""
+    if not reader.wait_until_caught_up(wait_s):
+        print("versions topic not read to its end yet: some slots may be missing", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(predict_keyed(reader, line), default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"stdin, one JSON object per line: the features (--scope global), or "
+        f"{SCOPED_LINE} (--scope partition: the key picks its partition's model)",
+    )
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--topic", required=True, help="the service's topics.versions")
     parser.add_argument("--model", required=True, help="the service's model.name")
@@ -75,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3-region", default=None)
     parser.add_argument("--s3-path-style", action="store_true")
     parser.add_argument("--allow-unsigned", action="store_true")
+    parser.add_argument(
+        "--scope",
+        choices=("global", "partition"),
+        default="global",
+        help="the service's model.scope (default global): partition reads "
+        f"{SCOPED_LINE} lines and prints each key's slot and its version",
+    )
     parser.add_argument(
         "--wait-s",
         type=float,
@@ -100,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         store_settings=ObjectStoreSettings(
             endpoint_url=args.s3_endpoint, region=args.s3_region, path_style=args.s3_path_style
         ),
+        scope=args.scope,
     )
     reader.start()
     try:
         what = f"model {args.model} on topic {args.topic}"
+        if args.scope != "global":
+            what += f" (a champion of any {args.scope} slot)"
+        started = time.monotonic()
         if not wait_for_first_version(reader, args.wait_s, what):
             print(
                 f"no champion of {args.model} within {args.wait_s:.0f}s: is the service "
@@ -111,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        if args.scope != "global":
+            return serve_keyed(reader, max(0.0, args.wait_s - (time.monotonic() - started)))
         for line in sys.stdin:
             if line.strip():
                 prediction = reader.predict_record(json.loads(line))

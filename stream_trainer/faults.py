@@ -15,6 +15,8 @@ nothing here does I/O at import. The points:
 - ``in_revoke``: inside the revoke callback, before its checkpoint;
 - ``mid_handover``: partition scope, in the revoke callback: the revoked slot's
   checkpoint is durable, its offset not committed;
+- ``after_claim``: partition scope, in the assign callback: the new owner claimed the
+  slot (the previous owner is fenced), nothing restored or read yet;
 - ``after_command``: control commands are acted on, their checkpoint not written;
 - ``before_ack``: that checkpoint is durable, the acks not sent.
 """
@@ -37,6 +39,7 @@ POINTS = (
     "mid_retrain",
     "in_revoke",
     "mid_handover",
+    "after_claim",
     "after_command",
     "before_ack",
 )

@@ -472,7 +472,8 @@ class PartitionService:
 
     def _retry_unavailable(self, now: float) -> None:
         """Claim again the slots the store could not give at assign; on success seek the
-        partition to the slot's offset and resume it."""
+        partition to the slot's offset, apply the start rule as :meth:`on_assigned` does
+        (a checkpoint the group is behind is committed at once) and resume it."""
         for key, at in list(self._unavailable.items()):
             if now < at or key not in self.source.owned:
                 continue
@@ -485,6 +486,7 @@ class PartitionService:
             if offset is not None:
                 self.source.seek(key, offset)
                 slot.state.offsets[key] = offset
+                slot.checkpointer.resumed({key: offset})
             self.source.resume([key])
             log.info("partition slot claimed after a retry", extra={"partition": slot.scope_id})
 

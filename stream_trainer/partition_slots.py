@@ -109,6 +109,7 @@ class PartitionSlots:
         scope_id = partition_key(key)
         store = self._open_store(scope_id)
         store.claim()
+        self._crash.reached("after_claim")
         loaded = store.restore(self._validate)
         if loaded is not None:
             state: TrainingState = loaded.state

@@ -297,7 +297,8 @@ def full_rounds(group: Group, rng: random.Random) -> None:
 
 
 def short_rounds(group: Group, rng: random.Random) -> None:
-    """Three members at once; a random kill -9; a join."""
+    """Three members at once; a random kill -9; a join that dies after its first claim;
+    a join."""
     for _ in range(3):
         group.start()
     group.wait_settled("three members start")
@@ -305,6 +306,11 @@ def short_rounds(group: Group, rng: random.Random) -> None:
     time.sleep(rng.uniform(0.0, 2.0))  # the random moment itself, not a synchronisation
     group.kill(victim)
     group.wait_settled(f"{victim.name} killed")
+    # A new owner that dies right after claiming a slot, before restoring it: the next
+    # owner claims it over and restores what the previous owner had checkpointed.
+    claim_crash = group.start("after_claim:1")
+    group.expect_crash(claim_crash, "claiming its first slot")
+    group.wait_settled(f"{claim_crash.name} crashed after a claim")
     group.start()
     group.wait_settled("a member joins")
 

@@ -6,10 +6,12 @@ import importlib.util
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from stream_trainer.config import Settings, load_settings
+from stream_trainer.reader import NoModelForKey
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -93,3 +95,41 @@ def test_reader_gives_up_after_its_wait() -> None:
     reader = FakeReader(None)
     assert not module.wait_for_first_version(reader, 0.05, "model m")
     assert len(reader.timeouts) == 1 and reader.timeouts[0] <= 0.05
+
+
+class FakeScopedReader:
+    """Two slots: keys starting with "a" have a champion (version 7), others none."""
+
+    def slot_for_key(self, key: bytes | None, topic: str | None = None) -> str:
+        assert key is not None
+        return "orders:0" if key.startswith(b"a") else "orders:1"
+
+    def predict_record(self, features: dict[str, Any], *, key: bytes | None = None) -> Any:
+        assert key is not None
+        if not key.startswith(b"a"):
+            raise NoModelForKey("model m: no champion for slot orders:1")
+        return (True, features["x"])
+
+    def loaded(self) -> dict[str, int]:
+        return {"orders:0": 7}
+
+
+def test_keyed_line_names_its_slot_and_version() -> None:
+    module = serve_reader()
+    out = module.predict_keyed(FakeScopedReader(), '{"key": "ab", "features": {"x": 0.5}}\n')
+    assert out == {"key": "ab", "slot": "orders:0", "version": 7, "prediction": (True, 0.5)}
+
+
+def test_keyed_line_without_a_champion_says_so_and_serving_goes_on() -> None:
+    module = serve_reader()
+    out = module.predict_keyed(FakeScopedReader(), '{"key": "b", "features": {"x": 1}}')
+    assert (out["slot"], out["version"], out["prediction"]) == ("orders:1", None, None)
+    assert "no champion for slot orders:1" in out["error"]
+
+
+@pytest.mark.parametrize(
+    "line", ['{"x": 1}', '{"key": 5, "features": {}}', '{"key": "a", "features": [1]}', "[]"]
+)
+def test_keyed_line_of_another_shape_is_refused_with_the_expected_one(line: str) -> None:
+    with pytest.raises(ValueError, match="features"):
+        serve_reader().predict_keyed(FakeScopedReader(), line)

@@ -35,6 +35,8 @@ EXPECTED_ALERTS = frozenset(
         "StreamTrainerCheckpointFailures",
         "StreamTrainerDeadLetterRateHigh",
         "StreamTrainerPartitionHalted",
+        "StreamTrainerSlotUnavailable",
+        "StreamTrainerSlotFenced",
         "StreamTrainerDriftDetected",
         "StreamTrainerModelQualityLow",
         "StreamTrainerVersionsRejected",
@@ -155,7 +157,7 @@ def variable_queries() -> list[str]:
 def test_promtool_check_rules(promtool: str) -> None:
     result = run([promtool, "check", "rules", str(RULES)])
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    assert b"SUCCESS: 12 rules found" in result.stdout
+    assert b"SUCCESS: 14 rules found" in result.stdout
 
 
 def test_promtool_test_rules(promtool: str) -> None:
@@ -296,11 +298,12 @@ def test_runbook_halted_partition_says_resume_not_restart() -> None:
     (rule,) = (r for r in rules() if r.get("alert") == "StreamTrainerPartitionHalted")
     description = " ".join(rule["annotations"]["description"].split())
     assert "stream-trainer control resume" in description
-    assert "a restart does not clear" in description
+    assert "global scope: a restart does not clear a halt" in description
     section = RUNBOOK.read_text("utf-8").split("## StreamTrainerPartitionHalted", 1)[1]
     section = " ".join(section.split("\n## ", 1)[0].split())
     assert "stream-trainer control resume" in section
-    assert "A restart does not clear it" in section
+    assert "In global scope a restart does not clear it" in section
+    assert "restart the member that owns the partition" in section
 
 
 def test_every_alert_has_firing_and_quiet_promtool_cases() -> None:
