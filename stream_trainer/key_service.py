@@ -16,7 +16,8 @@ record's effect on its key's model is exactly once. This module adds, per unit:
   the least recently used ones are written create-only and dropped from memory;
 - **publish per key**: each key has its own publisher (registry folder ``key/<hash>/``,
   cadence counted per key, fenced by its partition slot's claim); a key due to publish
-  has its partition checkpointed first, as partition scope does.
+  has its partition checkpointed first, as partition scope does. A key due on its record
+  count is published in the same poll iteration, before it may be evicted.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ class KeyService(PartitionService):
         self._publishers: dict[LiveKey, KeyPublisher] = {}
         self._tracked: set[TopicPartitionKey] = set()  # slots whose live keys are in _lru
         self._next_scan: dict[TopicPartitionKey, float] = {}
+        # Live keys whose record count made a version due: published this step, not evicted.
+        self._due: set[LiveKey] = set()
         super().__init__(*args, **kwargs)
 
     # -- slots -----------------------------------------------------------------------------
@@ -170,6 +173,7 @@ class KeyService(PartitionService):
         """``slot`` is no longer held: its keys leave memory with it (revoke, lost, fence)."""
         self._tracked.discard(slot.key)
         self._next_scan.pop(slot.key, None)
+        self._due = {live for live in self._due if live[0] != slot.key}
         for live in [live for live in self._lru if live[0] == slot.key]:
             del self._lru[live]
             self._publishers.pop(live, None)
@@ -222,6 +226,7 @@ class KeyService(PartitionService):
                 extra={"partition": slot.scope_id, "reason": str(error)},
             )
             return None
+        now = self._clock()
         learnt = unscored = 0
         refused: list[Refusal] = []
         seconds = 0.0
@@ -232,10 +237,11 @@ class KeyService(PartitionService):
             unscored += result.unscored
             refused.extend(result.refused)
             seconds += result.learn_seconds
-            self._key_publisher(slot, key_hash, key_state).publisher.observe(
-                key_state, result.learnt
-            )
+            publisher = self._key_publisher(slot, key_hash, key_state).publisher
+            publisher.observe(key_state, result.learnt)
             live = (slot.key, key_hash)
+            if publisher.due(key_state, None, now) is not None:
+                self._due.add(live)
             self._lru[live] = None
             self._lru.move_to_end(live)
         state.records_learnt += learnt
@@ -259,9 +265,17 @@ class KeyService(PartitionService):
             self._lru[(slot.key, key_hash)] = None
 
     def _evict_over_bound(self) -> None:
-        """Write out and drop the least recently used key models beyond the bound."""
-        while len(self._lru) > self._max_live:
-            partition, key_hash = next(iter(self._lru))
+        """Write out and drop the least recently used key models beyond the bound. Keys
+        due to publish stay until this step's publish pass (a version due on its record
+        count is never put off by an eviction); the bound is exceeded by those meanwhile."""
+        excess = len(self._lru) - self._max_live
+        victims: list[LiveKey] = []
+        for live in self._lru:
+            if len(victims) >= excess:
+                break
+            if live not in self._due:
+                victims.append(live)
+        for partition, key_hash in victims:
             slot = self.slots.get(partition)
             if slot is None:  # not held any more
                 del self._lru[(partition, key_hash)]
@@ -276,7 +290,7 @@ class KeyService(PartitionService):
             except KeyStateError as error:
                 # Kept in memory (over the bound) rather than lost; tried again next unit.
                 log.warning("key state could not be evicted", extra={"reason": str(error)})
-                return
+                break
             state.evicted[key_hash] = name
             del state.live[key_hash]
             del self._lru[(partition, key_hash)]
@@ -302,16 +316,19 @@ class KeyService(PartitionService):
     def _publish_if_due(self, slot: PartitionSlot, now: float) -> None:
         """Publish each of ``slot``'s live keys that is due, its partition checkpointed
         first (a version never holds records its partition's checkpoint could lose)."""
-        # Scanning every live key costs O(keys): at most every PUBLISH_SCAN_S per slot (a
-        # version due on its record count waits that long at most).
-        if now < self._next_scan.get(slot.key, 0.0):
-            return
-        self._next_scan[slot.key] = now + PUBLISH_SCAN_S
+        # Keys that learnt past their record count are known (_due); scanning every live
+        # key (for the time trigger, retries) costs O(keys): at most every PUBLISH_SCAN_S.
         state = keyed(slot)
+        hashes = [h for p, h in self._due if p == slot.key] if self._due else []
+        if now >= self._next_scan.get(slot.key, 0.0):
+            self._next_scan[slot.key] = now + PUBLISH_SCAN_S
+            hashes = list(state.live)
         due: list[tuple[str, KeyPublisher, str]] = []
-        for key_hash, key_state in state.live.items():
+        for key_hash in hashes:
+            self._due.discard((slot.key, key_hash))
+            key_state = state.live.get(key_hash)
             found = self._publishers.get((slot.key, key_hash))
-            if found is None or now < found.retry_at:
+            if key_state is None or found is None or now < found.retry_at:
                 continue
             trigger = found.publisher.due(key_state, found.wanted, now)
             if trigger is not None:

@@ -166,7 +166,8 @@ def test_two_members_train_one_model_per_key_with_eviction(
             learnt = counts_of(reader._model(key=key))
             assert learnt and {sample[2] for sample in learnt} == {key_id}
             served += 1
-        assert served > KEYS // 2, f"only {served} keys served"
+        # ~120 records per key, a version due every 40 (published before any eviction).
+        assert served == KEYS, f"only {served} keys served"
     finally:
         reader.stop()
     assert reader.error is None and reader.failures == 0
