@@ -264,7 +264,13 @@ class KeyService(PartitionService):
                 self._metrics.key_models_loaded.inc()
             self._lru[(slot.key, key_hash)] = None
 
-    def _evict_over_bound(self) -> None:
+    def step(self) -> None:
+        """Partition scope's iteration, then the bound restored: keys kept over it while
+        due to publish were published in it (the live gauge is set here, once per step)."""
+        super().step()
+        self._evict_over_bound(report=True)
+
+    def _evict_over_bound(self, report: bool = False) -> None:
         """Write out and drop the least recently used key models beyond the bound. Keys
         due to publish stay until this step's publish pass (a version due on its record
         count is never put off by an eviction); the bound is exceeded by those meanwhile."""
@@ -296,7 +302,8 @@ class KeyService(PartitionService):
             del self._lru[(partition, key_hash)]
             self._publishers.pop((partition, key_hash), None)
             self._metrics.key_models_evicted.inc()
-        self._metrics.key_models_live.set(len(self._lru))
+        if report:
+            self._metrics.key_models_live.set(len(self._lru))
 
     # -- publishing ------------------------------------------------------------------------
 

