@@ -24,6 +24,7 @@ ingestion, and trials per minute with 1 and N workers are measured on the decode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import secrets
@@ -201,6 +202,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds of each steady --members window (throughput; half as long before a "
         "join or leave: the steady-state gaps); default 10",
     )
+    parser.add_argument(
+        "--members-records",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pre-fill a topic of its own with N records for the --members runs (default: "
+        "they read the bench's topic of --records); the run stops if they learn them all "
+        "before the last phase",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--workdir",
@@ -333,13 +343,15 @@ def _scale_out_repeat(
     counts: list[int],
     config: dict[str, Any],
     p: Paths,
+    total: int,
     hmac_key: str,
     cpu_ceilings: list[float],
     tag: str,
 ) -> dict[str, Any]:
     """One repeat of ``--members``: the members on their own group, folder, registry and
-    topics (``p``), the machine's 2-process CPU ceiling right before and after (its mean
-    appended to ``cpu_ceilings``); :func:`scale_out.analyse`'s figures."""
+    topics (``p``; the input holds ``total`` records), the machine's 2-process CPU ceiling
+    right before and after (their mean appended to ``cpu_ceilings``);
+    :func:`scale_out.analyse`'s figures."""
     from stream_trainer.laptop.embedded import create_topics, free_port  # noqa: PLC0415
 
     run_dir = p.checkpoint_dir.parent
@@ -367,7 +379,7 @@ def _scale_out_repeat(
     run = scale_out.ScaleOutRun(
         start_member,
         [(p.input_topic, partition) for partition in range(args.partitions)],
-        args.records,
+        total,
         window_s=args.members_window,
         settle_timeout_s=scale_out.SETTLE_TIMEOUT_S,
         progress=lambda text: _progress(f"{tag}: {text}"),
@@ -409,7 +421,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.partitions is None:
         args.partitions = 1 if counts is None else scale_out.PARTITIONS
     if counts is not None and (
-        args.scope is None or args.search or args.members_window <= 0 or len(counts) < 2
+        args.scope is None
+        or args.search
+        or args.members_window <= 0
+        or len(counts) < 2
+        or (args.members_records is not None and args.members_records < 1)
     ):
         print(
             "stream-trainer: bench --members needs at least two counts, --scope partition, "
@@ -496,6 +512,24 @@ def run_bench(args: argparse.Namespace) -> int:
             registry_config=None if args.schema_registry is None else {"url": args.schema_registry},
         )
         produce_s = time.perf_counter() - began
+        members_topic, members_total = topic, args.records
+        if counts is not None and args.members_records is not None:
+            # The members' own topic: they need tens of seconds of records, and the naive
+            # script (~10k records/s) would otherwise read all of them each repeat too.
+            members_topic, members_total = unique("bench-members"), args.members_records
+            create_topics(bootstrap, {members_topic: args.partitions}, timeout=30.0)
+            _progress(f"producing {members_total:,} records to {members_topic}")
+            produce(
+                {"bootstrap.servers": bootstrap},
+                members_topic,
+                dataset,
+                members_total,
+                partitions=args.partitions,
+                value_format=args.value_format,
+                registry_config=None
+                if args.schema_registry is None
+                else {"url": args.schema_registry},
+            )
 
         def paths(repeat: int) -> Paths:
             run_dir = workdir / f"run-{repeat}"
@@ -601,7 +635,10 @@ def run_bench(args: argparse.Namespace) -> int:
                             service_config(
                                 base, record, paths(repeat), mode, schema_registry_url=registry_url
                             ),
-                            paths(repeat + 2 * args.repeats),
+                            dataclasses.replace(
+                                paths(repeat + 2 * args.repeats), input_topic=members_topic
+                            ),
+                            members_total,
                             hmac_key,
                             cpu_ceilings,
                             tag,
@@ -728,6 +765,7 @@ def run_bench(args: argparse.Namespace) -> int:
             counts,
             {name: median[name] for name in ("ingest_ceiling", "learner_ceiling")},
         )
+        report["scale_out"]["records"] = members_total
         store_lines = [*store_lines, *scale_out.table_lines(report["scale_out"])]
         extra_targets = {**extra_targets, **scale_out.targets(report["scale_out"])}
     report["targets"] = rep.targets(mode, ratios, service, search_figures, extra_targets)

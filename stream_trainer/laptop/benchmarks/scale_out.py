@@ -53,7 +53,7 @@ ASSIGNED = f"{P}_assigned_partitions"
 SLOT_LEARNT = f"{P}_slot_records_learnt_total"
 FAST_INTERVAL_S = 0.05  # /metrics while members join or leave (each render ~3 ms of GIL)
 SLOW_INTERVAL_S = 1.0  # in steady windows: throughput only (see bench.SAMPLE_INTERVAL_S)
-SETTLE_S = 2.0  # after every partition is learning again, before a change ends
+SETTLE_S = 2.0  # after every partition is learning again (at most a window)
 SCOPES = ("partition",)
 PARTITIONS = 6  # the input topic's partitions with --members (unless --partitions)
 # A join on Tansu takes ~10 s to rebalance (docs/design/scale-out.md 4.1), plus start-up.
@@ -224,7 +224,7 @@ class ScaleOutRun:
         if learnt >= self.total:
             raise ScaleOutFailed(
                 f"the members learnt all {self.total:,} records before the last phase: "
-                "raise --records (or lower --members-window)"
+                "raise --members-records (or lower --members-window)"
             )
 
     def _sample_for(self, seconds: float, interval: float) -> None:
@@ -265,7 +265,7 @@ class ScaleOutRun:
                 )
             self._sample_for(0.0, FAST_INTERVAL_S)
             time.sleep(FAST_INTERVAL_S)
-        self._sample_for(SETTLE_S, FAST_INTERVAL_S)
+        self._sample_for(min(SETTLE_S, self.window_s), FAST_INTERVAL_S)
 
     def _window(self) -> None:
         live = self._live()
