@@ -97,6 +97,7 @@ def test_a_join_reports_the_unmoved_pause_and_the_hand_over() -> None:
     change = so.Change("join", 1, 2, (5.0, 10.0), (10.0, 15.0))
     out = so.analyse_change(change, {"m1": _samples(m1), "m2": _samples(m2)}, events, unit_s=0.1)
     assert list(out["unmoved_longest_gap_s"]) == ["t:0"]
+    assert out["owner_unmoved_gap_s"] == {"m1": pytest.approx(0.6)}
     assert math.isclose(out["worst_unmoved_gap_s"], 0.6)  # rises at 11.0, then 11.6
     assert math.isclose(out["worst_baseline_gap_s"], 0.1)
     assert math.isclose(out["excess_gap_units"], 5.0)
@@ -139,6 +140,9 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
                     "handover_s": {"t:1": 1.0},
                     "worst_unmoved_gap_s": 0.2,
                     "worst_baseline_gap_s": 0.1,
+                    "worst_partition_gap_s": 1.2,
+                    "worst_partition_baseline_gap_s": 1.1,
+                    "worst_loop_gap_s": 0.2,
                     "worst_unmoved_gap_units": 4.0,
                     "excess_gap_units": excess,
                     "worst_handover_s": 1.0,
@@ -164,3 +168,24 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
     )
     assert targets["join_1to2_unmoved_pause_units"] == (2.0, "<=", 1.0)  # the worst repeat
     assert any("join 1->2" in line for line in so.table_lines(section))
+
+
+def test_an_owners_unmoved_partitions_together_rise_at_every_unit_despite_bursts() -> None:
+    # Fetch-sized bursts: p0 learns in the first half of each second, p1 in the second.
+    samples = [
+        so.Sample(
+            t / 10,
+            0.0,
+            0.0,
+            2.0,
+            {
+                (T, 0): 5.0 * (t // 10) + min(t % 10, 5),
+                (T, 1): 5.0 * (t // 10) + max(0, t % 10 - 5),
+            },
+        )
+        for t in range(0, 41)
+    ]
+    alone = so.longest_gap([(s.t, s.slots[(T, 0)]) for s in samples if 0.0 <= s.t <= 4.0], 0.0, 4.0)
+    together = so.longest_gap(so.summed(samples, [(T, 0), (T, 1)], 0.0, 4.0), 0.0, 4.0)
+    assert alone == pytest.approx(0.6)
+    assert together == pytest.approx(0.1)  # a rise at every sample
