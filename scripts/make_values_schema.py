@@ -125,8 +125,64 @@ schema = {
         "replicaCount": {
             "type": "integer",
             "minimum": 0,
-            "description": "1 (running) or 0 (paused). One release trains one model; 2 or more are hot standbys (one trains, the others take over) and need config.checkpoint.dir and config.registry.root both on an object store: the chart fails to render otherwise.",
+            "description": "1 (running) or 0 (paused); 2 or more need config.checkpoint.dir and config.registry.root both on an object store (the chart fails to render otherwise): hot standbys with config.model.scope global, members sharing the partitions with scope partition. Ignored when autoscaling is on.",
         },
+        "autoscaling": obj(
+            {
+                "partitions": {
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "description": "input partitions (all input topics): required with keda or hpa, whose maximum may not exceed it",
+                },
+                "scaleDownStabilizationWindowSeconds": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": 3600,
+                    "description": "seconds the lag must stay low before members are removed",
+                },
+                "keda": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "minReplicaCount": {"type": "integer", "minimum": 0},
+                        "maxReplicaCount": {"type": ["integer", "null"], "minimum": 1},
+                        "lagThreshold": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "target lag per member (records, committed offsets)",
+                        },
+                        "activationLagThreshold": {"type": "integer", "minimum": 0},
+                        "pollingInterval": {"type": "integer", "minimum": 1},
+                    },
+                    # maxReplicaCount: null is dropped by Helm's merge, so it is never required.
+                    required=[
+                        "enabled",
+                        "minReplicaCount",
+                        "lagThreshold",
+                        "activationLagThreshold",
+                        "pollingInterval",
+                    ],
+                    description="a KEDA ScaledObject with the kafka trigger (needs KEDA's CRDs)",
+                ),
+                "hpa": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        # HPA refuses 0 unless the cluster enables HPAScaleToZero.
+                        "minReplicas": {"type": "integer", "minimum": 1},
+                        "maxReplicas": {"type": ["integer", "null"], "minimum": 1},
+                        "targetAverageValue": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "target lag per member (records)",
+                        },
+                        "metricSelector": labels,
+                    },
+                    required=["enabled", "minReplicas", "targetAverageValue", "metricSelector"],
+                    description="an autoscaling/v2 HPA on the External metric stream_trainer_consumer_lag_records (prometheus-adapter)",
+                ),
+            },
+            required=["scaleDownStabilizationWindowSeconds", "keda", "hpa"],
+            description="members that follow the lag: model.scope partition, both stores remote; keda and hpa are mutually exclusive (the chart fails to render otherwise)",
+        ),
         "standby": obj(
             {
                 "spreadAcrossNodes": {

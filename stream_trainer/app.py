@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from confluent_kafka import KafkaException, Producer
@@ -63,12 +63,18 @@ from stream_trainer.objectstore import (
     is_transient,
     open_store,
 )
+from stream_trainer.partition_service import PartitionService
+from stream_trainer.partition_slots import SCOPE as PARTITION_SCOPE
+from stream_trainer.partition_slots import PartitionSlots
 from stream_trainer.publisher import ModelPublisher
 from stream_trainer.records import RecordDecoder
 from stream_trainer.registry import open_registry
+from stream_trainer.scoped_publish import ScopedPublishing
+from stream_trainer.scoped_versions import KAFKA_KEY, Routing
 from stream_trainer.selection import build_selection
 from stream_trainer.service import Service
 from stream_trainer.signals import ShutdownSignals
+from stream_trainer.slot_store import SlotStore
 from stream_trainer.source import Source
 from stream_trainer.state import RecordWindow, TrainingState
 from stream_trainer.store_checkpoint import LEASE as CHECKPOINT_LEASE
@@ -376,7 +382,12 @@ def run_service(
     metrics.state.state("starting")
     # A folder has one writer by its lock; an object store's writer holds its lease,
     # taken once this member is the active one.
-    owns_lock = lock is None and isinstance(settings.checkpoint.dir, Path)
+    # Partition scope: members share the folder's slots, each claimed by its MANIFEST.
+    owns_lock = (
+        lock is None
+        and isinstance(settings.checkpoint.dir, Path)
+        and settings.model.scope == "global"
+    )
     if owns_lock:
         lock = DirectoryLock(Path(settings.checkpoint.dir))
         try:
@@ -386,7 +397,7 @@ def run_service(
             raise StartupError(str(error)) from None
     crash = CrashPoints(os.environ.get(CRASH_ENV))
     heartbeat = Heartbeat(metrics=metrics)
-    service_ref: dict[str, Service] = {}
+    service_ref: dict[str, Service | PartitionService] = {}
     starting = {"reason": "starting"}  # readiness reason until the service exists
     startup_stop = _StartupStop()
     if signals is not None:
@@ -418,7 +429,10 @@ def run_service(
     wire: WireDecoder | None = None
     exporter: MlflowExporter | None = None
     consumer_config = settings.kafka.consumer_config()
-    consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
+    if settings.model.scope == "global" or settings.kafka.group_instance_id is not None:
+        # Partition scope on a Deployment: dynamic members, whose LeaveGroup at a stop hands
+        # their partitions over at once (a static one holds them a session timeout).
+        consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
     try:
 
         def _waiting_for_store(reason: str) -> None:
@@ -434,6 +448,26 @@ def run_service(
         if settings.record.format != "json":
             wire = WireDecoder(settings.schema_registry)
         decoder = RecordDecoder(settings.record, settings.model.task, wire)
+        if settings.model.scope == "partition":
+            producer = Producer(settings.kafka.producer_config())
+            reachable = wait_for_kafka(
+                cluster_probe(producer, None),
+                settings.kafka.bootstrap_servers,
+                startup_stop.event,
+                _waiting_for_store,
+            )
+            if not reachable:
+                log.info("stopped while waiting for the Kafka cluster")
+                return 0
+            partitioned = _partition_service(
+                settings, producer, decoder, wire, metrics, heartbeat, crash, consumer_config
+            )
+            service_ref["service"] = partitioned
+            if signals is not None:
+                signals.attach(partitioned)
+            gc.collect()
+            gc.freeze()
+            return partitioned.run()
         # A worker process could not share the schemas the poll loop fetches: wire formats
         # decode inline.
         unit_decoder = (
@@ -628,6 +662,99 @@ def run_service(
             http.stop()
         if owns_lock and lock is not None:
             lock.release()
+
+
+def _partition_service(
+    settings: Settings,
+    producer: Producer,
+    decoder: RecordDecoder,
+    wire: WireDecoder | None,
+    metrics: Metrics,
+    heartbeat: Heartbeat,
+    crash: CrashPoints,
+    consumer_config: dict[str, Any],
+) -> PartitionService:
+    """The poll loop of ``model.scope: partition`` and its state manager: slots in the
+    shared checkpoint store, versions under each slot's registry folder (docs/scale-out.md)."""
+    topic = settings.topics.input[0]
+    metadata = producer.list_topics(topic, timeout=10.0)
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        raise StartupError(f"topics.input: {topic} cannot be read ({found and found.error})")
+    routing = Routing(KAFKA_KEY, settings.routing.partitioner, len(found.partitions), topic)
+    publishing = ScopedPublishing(
+        settings, PARTITION_SCOPE, routing, producer, metrics, crash=crash
+    )
+    ckpt = settings.checkpoint
+    checkpoints = open_store(ckpt.dir, settings.object_store, metrics.observe_object_store)
+    member = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+    if ckpt.key() is None:
+        log.warning("running without a checkpoint key: checkpoints are unsigned")
+
+    def open_slot(scope_id: str) -> SlotStore:
+        return SlotStore(
+            checkpoints,
+            PARTITION_SCOPE,
+            scope_id,
+            member,
+            ckpt.key(),
+            ckpt.allow_unsigned,
+            ckpt.keep_last,
+            on_quarantine=lambda _where, reason: metrics.checkpoints_quarantined.labels(
+                reason=reason
+            ).inc(),
+            crash=crash.reached,
+        )
+
+    def make_slots(service: PartitionService) -> PartitionSlots:
+        return PartitionSlots(
+            settings,
+            open_slot,
+            lambda: new_state(settings),
+            validate_restored(settings),
+            publishing,
+            service.snapshot,
+            lambda: cast("Source", service.commits),
+            metrics,
+            fenced_registry=publishing.store is not None,
+            crash=crash,
+        )
+
+    def make_source(service: PartitionService) -> Source:
+        lag = LagTracker(
+            metrics,
+            read_committed=consumer_config.get("isolation.level") != "read_uncommitted",
+        )
+        source = KafkaSource(
+            consumer_config,
+            settings.topics.input,
+            service,
+            on_error=service.on_kafka_error,
+            on_stats=lag.on_stats,
+            accept_retention_gap=settings.checkpoint.accept_retention_gap,
+            on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
+        )
+        lag.attach(source, service.next_offsets)
+        return source
+
+    return PartitionService(
+        settings,
+        make_slots,
+        make_source,
+        decoder,
+        build_trainer(settings, crash),
+        DeadLetterPublisher(
+            producer,
+            settings.topics.dead_letter,
+            settings.kafka.group_id,
+            __version__,
+            int(settings.kafka.extra.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)),
+        ),
+        metrics,
+        heartbeat,
+        wire=wire,
+        crash=crash,
+    )
 
 
 def _peek_state(settings: Settings, store: ObjectCheckpointStore) -> tuple[TrainingState, bool]:

@@ -130,9 +130,11 @@ class Checkpointer:
         if self._in_flight is None and self._cadence.due(now):
             self._start(now)
 
-    def now(self, reason: str) -> bool:
+    def now(self, reason: str, before_commit: str | None = None) -> bool:
         """Write a checkpoint synchronously (after the one in flight, collected and
-        committed) and commit its offsets synchronously; False if it failed (counted)."""
+        committed) and commit its offsets synchronously; False if it failed (counted).
+        ``before_commit``: a crash point reached between the write and the commit (the
+        hand-over's ``mid_handover``)."""
         self._collect(wait=True)
         started = self._clock()
         try:
@@ -150,7 +152,7 @@ class Checkpointer:
             log.error("checkpoint failed", extra={"reason": str(error), "trigger": reason})
             return False
         self._cadence.reset(started)
-        self._done(result, snap.offsets, wait_commit=True)
+        self._done(result, snap.offsets, wait_commit=True, before_commit=before_commit)
         return True
 
     def resumed(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
@@ -234,6 +236,7 @@ class Checkpointer:
         offsets: Mapping[TopicPartitionKey, int],
         wait_commit: bool,
         commit: bool = True,
+        before_commit: str | None = None,
     ) -> None:
         m = self._metrics
         m.checkpoint_duration.observe(result.duration_s)
@@ -241,6 +244,8 @@ class Checkpointer:
         m.checkpoint_last_success.set(time.time())
         self._durable = dict(offsets)
         self._crash.reached("after_checkpoint")
+        if before_commit is not None:
+            self._crash.reached(before_commit)
         committed = self._commit(offsets, wait=wait_commit) if commit else {}
         log.debug(
             "checkpoint durable", extra={"sequence": result.sequence, "committed": len(committed)}

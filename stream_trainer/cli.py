@@ -64,7 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # same checkpoint directory fails in milliseconds, not after loading River/sklearn.
     # (An object store's writer holds a lease instead, taken once the member is active.)
     where = settings.checkpoint.dir
-    lock = DirectoryLock(where) if isinstance(where, Path) else None
+    # Partition scope: members share the folder; each slot is claimed by its MANIFEST.
+    shared = settings.model.scope != "global"
+    lock = DirectoryLock(where) if isinstance(where, Path) and not shared else None
     try:
         if lock is not None:
             lock.acquire()

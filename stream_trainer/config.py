@@ -1827,6 +1827,11 @@ class Settings(BaseSettings):
                 "retrains per partition are not built: one fit worker would serve every "
                 "partition in turn)"
             )
+        if len(self.topics.input) != 1:
+            raise ValueError(
+                "topics.input: partition scope reads one topic (a model per partition of it; "
+                "readers route keys by its partition count)"
+            )
         if self.topics.control:
             raise ValueError(
                 "topics.control: control commands are not supported with model.scope "

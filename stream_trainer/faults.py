@@ -13,6 +13,8 @@ nothing here does I/O at import. The points:
 - ``after_version_files``: a version's files are durable, its event not sent;
 - ``mid_retrain``: a full retrain is running;
 - ``in_revoke``: inside the revoke callback, before its checkpoint;
+- ``mid_handover``: partition scope, in the revoke callback: the revoked slot's
+  checkpoint is durable, its offset not committed;
 - ``after_command``: control commands are acted on, their checkpoint not written;
 - ``before_ack``: that checkpoint is durable, the acks not sent.
 """
@@ -34,6 +36,7 @@ POINTS = (
     "after_version_files",
     "mid_retrain",
     "in_revoke",
+    "mid_handover",
     "after_command",
     "before_ack",
 )

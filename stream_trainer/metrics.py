@@ -131,6 +131,14 @@ class Metrics:
     assigned_partitions: Gauge
     # stream_trainer_rebalances_total{kind=assign|revoke|lost}
     rebalances: Counter
+    # stream_trainer_slots{state=restoring|training|unavailable|fenced} (partition scope)
+    slots: Gauge
+    # stream_trainer_slots_fenced_total (partition scope: a slot claimed over by another member)
+    slots_fenced: Counter
+    # stream_trainer_slot_restore_duration_seconds (histogram, partition scope: claim + restore)
+    slot_restore_duration: Histogram
+    # stream_trainer_slot_records_learnt_total{topic,partition} (partition scope)
+    slot_records_learnt: Counter
     # stream_trainer_kafka_errors_total{code} (KafkaError.name(), e.g. _TRANSPORT)
     kafka_errors: Counter
     # stream_trainer_poll_heartbeat_timestamp_seconds (unix time of the last poll)
@@ -308,6 +316,30 @@ def build_metrics(
         ),
         rebalances=Counter(
             f"{p}_rebalances", "Consumer group rebalance callbacks, by kind.", ["kind"], **r
+        ),
+        slots=Gauge(
+            f"{p}_slots",
+            "Partition-scope slots this member holds, by state (restoring, training, "
+            "unavailable: the store could not be read at assign, fenced: claimed over).",
+            ["state"],
+            **r,
+        ),
+        slots_fenced=Counter(
+            f"{p}_slots_fenced",
+            "Partition slots another member claimed while this one still held them.",
+            **r,
+        ),
+        slot_restore_duration=Histogram(
+            f"{p}_slot_restore_duration_seconds",
+            "Claim and restore of one partition slot at assign (the hand-over's cost).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            **r,
+        ),
+        slot_records_learnt=Counter(
+            f"{p}_slot_records_learnt",
+            "Records learnt per input partition (partition scope).",
+            ["topic", "partition"],
+            **r,
         ),
         kafka_errors=Counter(
             f"{p}_kafka_errors", "Kafka client errors, by error code name.", ["code"], **r

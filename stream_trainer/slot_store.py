@@ -447,6 +447,20 @@ class SlotStore(ObjectCodec):
         if expected is not None and expected != manifest.payload_sha256:
             raise _Rejected(PAYLOAD_CHECKSUM, "payload sha256 differs from the MANIFEST's")
 
+    def read_head(self) -> LoadedCheckpoint[str] | None:
+        """The MANIFEST's head checkpoint, verified and unpickled, or None when the slot
+        has none; read-only (no claim, nothing quarantined): safe beside its owner, for
+        inspection and test oracles. Raises CheckpointError when it does not verify."""
+        manifest = self.read().manifest
+        if manifest is None or manifest.head is None:
+            return None
+        try:
+            return self._load(self._at(manifest.head), None)
+        except _Rejected as rejected:
+            raise CheckpointError(
+                f"{self.store.url_of(self._at(manifest.head))}: {rejected}"
+            ) from None
+
     def restore(
         self, validate: Callable[[Any, CheckpointManifest], None] | None = None
     ) -> LoadedCheckpoint[str] | None:

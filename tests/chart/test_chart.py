@@ -31,8 +31,9 @@ CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "stream-trainer"
 KUBE_VERSION = "1.30.0"
 RELEASE = "fraud"
 NAMESPACE = "ml"
-# Custom resources unknown to kubernetes-validate: asserted on directly.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# Custom resources unknown to kubernetes-validate: asserted on directly (and stored by a
+# real API server with their CRDs in tests/kube).
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
 STAND_IN = "stand-in"  # what a Secret would inject; only its presence matters
 SECRET_ENV = {
     "STREAM_TRAINER_KAFKA__SASL_PASSWORD",
@@ -151,6 +152,29 @@ class Rendered:
         pods = [d for d in self.of_kind("Pod") if d["metadata"]["annotations"]["helm.sh/hook"]]
         assert len(pods) == 1
         return pods[0]
+
+
+def _remote_stores(values: dict[str, Any]) -> bool:
+    config = values["config"]
+    return all(
+        str(where).startswith(("s3://", "gs://", "az://"))
+        for where in (config["registry"]["root"], config["checkpoint"]["dir"])
+    )
+
+
+def _scope(values: dict[str, Any]) -> str:
+    return str(values["config"]["model"].get("scope", "global"))
+
+
+def _autoscaled(values: dict[str, Any]) -> bool:
+    scaling = values["autoscaling"]
+    return bool(scaling["keda"]["enabled"] or scaling["hpa"]["enabled"])
+
+
+def _ready_is_up(values: dict[str, Any]) -> bool:
+    """Readiness on /healthz: several pods, or partition members that roll by surge."""
+    several = values["replicaCount"] > 1 or _autoscaled(values)
+    return several or (_scope(values) == "partition" and _remote_stores(values))
 
 
 def _secret_env(values: dict[str, Any]) -> dict[str, str]:
@@ -382,8 +406,9 @@ def test_probes_point_at_real_endpoints_on_the_config_port(rendered: Rendered) -
     assert port["name"] == "http"
     assert port["containerPort"] == rendered.config["http"]["port"]
     assert rendered.config["http"]["enabled"] is True
-    # With hot standbys (replicaCount > 1) ready means up: a standby's /readyz is 503.
-    ready = "/healthz" if rendered.values["replicaCount"] > 1 else "/readyz"
+    # With several members ready means up: a standby's /readyz is 503, and a partition
+    # member's assignment is the group's doing.
+    ready = "/healthz" if _ready_is_up(rendered.values) else "/readyz"
     expected = {
         "startupProbe": "/healthz",
         "livenessProbe": "/healthz",
@@ -407,7 +432,11 @@ def test_the_workload_runs_the_service_with_its_config_file(rendered: Rendered) 
     assert rendered.container["args"] == ["run", "--config", "/etc/stream-trainer/config.yaml"]
     mount = next(m for m in rendered.container["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/etc/stream-trainer/config.yaml"
-    assert rendered.workload["spec"]["replicas"] == rendered.values["replicaCount"]
+    if _autoscaled(rendered.values):
+        # The autoscaler owns the count: an upgrade must not reset it.
+        assert "replicas" not in rendered.workload["spec"]
+    else:
+        assert rendered.workload["spec"]["replicas"] == rendered.values["replicaCount"]
 
 
 # -- workload kinds and storage ----------------------------------------------------------
@@ -597,6 +626,312 @@ def test_standby_budget_spread_and_overrides(chart: helm.Chart) -> None:
     assert off.workload["spec"]["replicas"] == 2
 
 
+# -- partition scope and autoscaling ---------------------------------------------------
+
+PARTITION = "partition-values.yaml"
+KEDA = "keda-values.yaml"
+HPA = "hpa-values.yaml"
+
+
+def _validate_builtin(r: Rendered) -> None:
+    for doc in r.docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def _target(r: Rendered) -> dict[str, str]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": r.workload["kind"],
+        "name": r.workload["metadata"]["name"],
+    }
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet"])
+def test_partition_scope_with_three_members(chart: helm.Chart, kind: str) -> None:
+    r = Rendered(chart, _merge(_case_values(PARTITION), {"workload": {"kind": kind}}))
+    assert r.workload["spec"]["replicas"] == 3
+    assert r.of_kind("PersistentVolumeClaim") == []
+    assert "volumeClaimTemplates" not in r.workload["spec"]
+    assert _data_volume(r) == []
+    if kind == "Deployment":
+        # A new pod joins before an old one leaves: partitions are handed over, never
+        # left without a member.
+        assert r.workload["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        }
+    # A member holding no partition (a surge pod, more members than partitions) is up.
+    assert _readiness_path(r) == "/healthz"
+    assert r.test_pod["spec"]["containers"][0]["command"][-1].endswith("/healthz")
+    pdb = r.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == r.workload["spec"]["selector"]
+    (spread,) = _spread(r)
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert "group_instance_id" not in r.config["kafka"]
+    settings = settings_from_mapping(r.config, env=_secret_env(r.values))
+    assert settings.model.scope == "partition"
+    # The pod outlives its shutdown bound: the revoke checkpoints fit in the grace period.
+    assert r.pod_spec["terminationGracePeriodSeconds"] == math.ceil(
+        settings.shutdown.timeout_s
+    ) + int(r.values["terminationGraceMarginSeconds"])
+    assert "Partition scope" in r.notes and "hot standbys" not in r.notes
+    assert r.of_kind("ScaledObject") == r.of_kind("HorizontalPodAutoscaler") == []
+    _validate_builtin(r)
+
+
+def test_partition_scope_rolling_needs_no_volume(chart: helm.Chart) -> None:
+    # One member on a volume: Recreate (the volume is ReadWriteOnce) and /readyz, as today.
+    on_volume = Rendered(chart, {"config": {"model": {"scope": "partition"}}})
+    assert on_volume.workload["spec"]["strategy"] == {"type": "Recreate"}
+    assert _readiness_path(on_volume) == "/readyz"
+    assert on_volume.of_kind("PodDisruptionBudget") == []
+    # One member, both stores remote: still a surge roll (the new pod joins first).
+    values = _merge(_case_values(PARTITION), {"replicaCount": 1})
+    remote = Rendered(chart, values)
+    assert remote.workload["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 1,
+        "maxUnavailable": 0,
+    }
+    assert _readiness_path(remote) == "/healthz"
+    assert remote.of_kind("PodDisruptionBudget") == []
+
+
+def test_keda_scales_the_members_on_the_groups_lag(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values(KEDA))
+    scaled = r.one("ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == _target(r)
+    assert "replicas" not in r.workload["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 8)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == {
+        "scaleDown": {"stabilizationWindowSeconds": 300}
+    }
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    config = r.config
+    assert trigger["metadata"] == {
+        "bootstrapServers": config["kafka"]["bootstrap_servers"],
+        "consumerGroup": config["kafka"]["group_id"],
+        "topic": config["topics"]["input"][0],
+        "lagThreshold": "200000",
+        "activationLagThreshold": "1000",
+        "allowIdleConsumers": "false",
+        "offsetResetPolicy": "earliest",
+    }
+    # Every metadata value is a string (KEDA's CRD: a map of strings).
+    assert all(isinstance(v, str) for v in trigger["metadata"].values())
+    # SASL_SSL: KEDA authenticates like the pod, from the pod's own Secrets.
+    auth = r.one("TriggerAuthentication")
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    secret_refs = {
+        ref["parameter"]: (ref["name"], ref["key"]) for ref in auth["spec"]["secretTargetRef"]
+    }
+    secrets = r.values["secrets"]
+    assert secret_refs == {
+        "password": (secrets["kafkaSasl"]["existingSecret"], secrets["kafkaSasl"]["key"]),
+        "ca": (secrets["kafkaTls"]["existingSecret"], "ca.crt"),
+        "cert": (secrets["kafkaTls"]["existingSecret"], "user.crt"),
+        "key": (secrets["kafkaTls"]["existingSecret"], "user.key"),
+    }
+    pod_secrets = {v["secret"]["secretName"] for v in r.pod_spec["volumes"] if "secret" in v}
+    assert {name for name, _ in secret_refs.values()} <= pod_secrets
+    plain = next(c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("keda-kafka"))
+    refs = {ref["parameter"]: ref for ref in auth["spec"]["configMapTargetRef"]}
+    assert {p: plain["data"][ref["key"]] for p, ref in refs.items()} == {
+        "tls": "enable",
+        "sasl": "scram_sha512",
+        "username": "stream-trainer",
+    }
+    assert all(ref["name"] == plain["metadata"]["name"] for ref in refs.values())
+    # Members come and go: the budget, /healthz readiness and the surge roll apply.
+    assert r.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert _readiness_path(r) == "/healthz"
+    assert r.workload["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
+    assert r.of_kind("HorizontalPodAutoscaler") == []
+    assert "KEDA scales the members between 2 and 8" in r.notes
+    _validate_builtin(r)
+
+
+def test_keda_defaults_plaintext_and_maximum(chart: helm.Chart) -> None:
+    values = _merge(
+        _case_values(PARTITION),
+        {"autoscaling": {"partitions": 6, "keda": {"enabled": True}}},
+    )
+    r = Rendered(chart, values)
+    spec = r.one("ScaledObject")["spec"]
+    # maxReplicaCount defaults to the partition count; PLAINTEXT needs no authentication.
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 6)
+    assert "authenticationRef" not in spec["triggers"][0]
+    assert r.of_kind("TriggerAuthentication") == []
+    assert len(r.of_kind("ConfigMap")) == 1
+    assert spec["triggers"][0]["metadata"]["lagThreshold"] == "100000"
+    windowed = Rendered(
+        chart, _merge(values, {"autoscaling": {"scaleDownStabilizationWindowSeconds": 900}})
+    )
+    behavior = windowed.one("ScaledObject")["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
+    assert behavior["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 900
+    # TLS without SASL: tls only, the CA from the pod's TLS Secret.
+    tls = Rendered(
+        chart,
+        _merge(
+            values,
+            {
+                "config": {"kafka": {"security_protocol": "SSL"}},
+                "secrets": {"kafkaTls": {"existingSecret": "kafka-ca"}},
+            },
+        ),
+    )
+    auth = tls.one("TriggerAuthentication")["spec"]
+    assert [ref["parameter"] for ref in auth["configMapTargetRef"]] == ["tls"]
+    assert auth["secretTargetRef"] == [{"parameter": "ca", "name": "kafka-ca", "key": "ca.crt"}]
+
+
+def test_hpa_scales_the_members_on_their_own_lag(chart: helm.Chart) -> None:
+    r = Rendered(chart, _case_values(HPA))
+    hpa = r.one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == _target(r)
+    assert "replicas" not in r.workload["spec"]
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (1, 6)  # max = the partitions
+    (metric,) = spec["metrics"]
+    assert metric == {
+        "type": "External",
+        "external": {
+            "metric": {
+                "name": "stream_trainer_consumer_lag_records",
+                "selector": {"matchLabels": {"service": r.one("Service")["metadata"]["name"]}},
+            },
+            "target": {"type": "AverageValue", "averageValue": "50000"},
+        },
+    }
+    assert spec["behavior"] == {"scaleDown": {"stabilizationWindowSeconds": 300}}
+    assert r.of_kind("ScaledObject") == r.of_kind("TriggerAuthentication") == []
+    assert r.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    own = Rendered(
+        chart,
+        _merge(
+            _case_values(HPA),
+            {"autoscaling": {"hpa": {"metricSelector": {"job": "trainer"}, "maxReplicas": 4}}},
+        ),
+    ).one("HorizontalPodAutoscaler")["spec"]
+    assert own["metrics"][0]["external"]["metric"]["selector"] == {
+        "matchLabels": {"job": "trainer"}
+    }
+    assert own["maxReplicas"] == 4
+    _validate_builtin(r)  # the HPA is built in: kubernetes-validate checks it strictly
+
+
+_PARTITION_REMOTE = {
+    "config": {
+        "model": {"scope": "partition"},
+        "registry": {"root": "s3://models/prod"},
+        "checkpoint": {"dir": "s3://models/prod-checkpoints"},
+    }
+}
+
+
+def _scaled(kind: str, **scaling: Any) -> dict[str, Any]:
+    return _merge(_PARTITION_REMOTE, {"autoscaling": {kind: {"enabled": True}, **scaling}})
+
+
+AUTOSCALING_FAILS = [
+    pytest.param(
+        _merge(_scaled("keda", partitions=6), {"autoscaling": {"hpa": {"enabled": True}}}),
+        "autoscaling.keda and autoscaling.hpa are mutually exclusive",
+        id="keda-and-hpa",
+    ),
+    pytest.param(
+        _merge(_scaled("keda", partitions=6), {"config": {"model": {"scope": "global"}}}),
+        "autoscaling.keda needs config.model.scope partition (it is global): with global "
+        "scope one pod trains and the others stand by, so more replicas add no throughput",
+        id="keda-global-scope",
+    ),
+    pytest.param(
+        _merge(_scaled("hpa", partitions=6), {"config": {"model": {"scope": "global"}}}),
+        "autoscaling.hpa needs config.model.scope partition (it is global)",
+        id="hpa-global-scope",
+    ),
+    pytest.param(
+        _merge(_scaled("keda", partitions=6), {"config": {"checkpoint": {"dir": "/data/ckpt"}}}),
+        "autoscaling.keda needs config.checkpoint.dir and config.registry.root both on an "
+        "object store",
+        id="keda-volume",
+    ),
+    pytest.param(
+        _merge(_scaled("hpa", partitions=6), {"config": {"registry": {"root": "/data/reg"}}}),
+        "autoscaling.hpa needs config.checkpoint.dir and config.registry.root both on an "
+        "object store",
+        id="hpa-volume",
+    ),
+    pytest.param(
+        _scaled("keda"),
+        "autoscaling.partitions must state the input partition count when autoscaling.keda "
+        "is enabled",
+        id="keda-no-partitions",
+    ),
+    pytest.param(
+        _scaled("hpa"),
+        "autoscaling.partitions must state the input partition count when autoscaling.hpa",
+        id="hpa-no-partitions",
+    ),
+    pytest.param(
+        _scaled("keda", partitions=4, keda={"enabled": True, "maxReplicaCount": 5}),
+        "autoscaling.keda.maxReplicaCount (5) exceeds autoscaling.partitions (4): a member "
+        "beyond the partition count is assigned no partition and trains nothing",
+        id="keda-max-above-partitions",
+    ),
+    pytest.param(
+        _scaled("hpa", partitions=4, hpa={"enabled": True, "maxReplicas": 9}),
+        "autoscaling.hpa.maxReplicas (9) exceeds autoscaling.partitions (4)",
+        id="hpa-max-above-partitions",
+    ),
+    pytest.param(
+        _scaled("hpa", partitions=4, hpa={"enabled": True, "minReplicas": 5}),
+        "the minimum replicas of autoscaling.hpa (5) exceed its maximum (4)",
+        id="hpa-min-above-max",
+    ),
+    pytest.param(
+        _merge(_scaled("keda", partitions=4), {"config": {"topics": {"input": ["a", "b"]}}}),
+        "autoscaling.keda needs exactly one input topic (config.topics.input has 2: a, b)",
+        id="keda-two-topics",
+    ),
+    pytest.param(
+        _merge(_scaled("keda", partitions=4), {"config": {"kafka": {"group_instance_id": "m"}}}),
+        "config.kafka.group_instance_id (m) must be unset when replicaCount > 1 or "
+        "autoscaling is on",
+        id="keda-static-member-id",
+    ),
+    pytest.param(
+        {"replicaCount": 3, "config": {"model": {"scope": "partition"}}},
+        "replicaCount 3 needs config.checkpoint.dir and config.registry.root both on an object "
+        "store (s3://, gs://, az://): with model.scope partition a partition's checkpoints "
+        "move with it",
+        id="partition-replicas-volume",
+    ),
+    pytest.param(
+        {
+            "replicaCount": 2,
+            "config": {"model": {"scope": "partition"}, "registry": {"root": "s3://m/p"}},
+        },
+        "replicaCount 2 needs config.checkpoint.dir and config.registry.root both",
+        id="partition-replicas-one-store-remote",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), AUTOSCALING_FAILS)
+def test_partition_and_autoscaling_rules_fail_the_render(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    chart.validate_schema(values)  # the values are well-formed: the template refuses them
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
 # -- monitoring --------------------------------------------------------------------------
 
 
@@ -671,6 +1006,13 @@ INVALID = [
         id="literal-secret-env",
     ),
     pytest.param({"config": {"http": {"enabled": False}}}, "enabled", id="http-disabled"),
+    pytest.param({"config": {"model": {"scope": "topic"}}}, "scope", id="bad-scope"),
+    pytest.param({"autoscaling": {"partitions": 0}}, "partitions", id="zero-partitions"),
+    pytest.param(
+        {"autoscaling": {"keda": {"lagThreshold": "lots"}}}, "lagThreshold", id="bad-lag-threshold"
+    ),
+    pytest.param({"autoscaling": {"hpa": {"minReplicas": 0}}}, "minReplicas", id="hpa-min-zero"),
+    pytest.param({"autoscaling": {"keda": {"cooldown": 5}}}, "cooldown", id="unknown-keda-key"),
     pytest.param(
         {"config": {"kafka": {"security_protocol": "SASL_SSL"}}},
         "existingSecret",

@@ -26,6 +26,8 @@ from tests.kube.kube_env import ApiError, ApiServer
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "stream-trainer"
+# Stand-ins for KEDA's CRDs (a typed subset of upstream's schema: see the file's comment).
+KEDA_CRDS = Path(__file__).resolve().parent / "keda-crds.yaml"
 VALUES_FILES = sorted(p.name for p in (CHART_DIR / "ci").glob("*-values.yaml"))
 CASES = ["default", *VALUES_FILES]
 RELEASE = "st"
@@ -50,6 +52,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
+    "TriggerAuthentication": ("/apis/keda.sh/v1alpha1", "triggerauthentications"),
 }
 
 
@@ -89,9 +94,20 @@ def expected_kinds(case: str) -> dict[str, int]:
     claim = not _get(values, "persistence.existingClaim", "") and not remote
     if workload == "Deployment" and claim:
         kinds["PersistentVolumeClaim"] = 1
-    # Hot standbys (replicaCount > 1, both stores remote): their disruption budget.
-    if _get(values, "replicaCount", 1) > 1 and _get(values, "podDisruptionBudget.enabled", True):
+    # Several pods (standbys or partition members, both stores remote): their budget.
+    keda = _get(values, "autoscaling.keda.enabled", False)
+    hpa = _get(values, "autoscaling.hpa.enabled", False)
+    several = _get(values, "replicaCount", 1) > 1 or keda or hpa
+    if several and _get(values, "podDisruptionBudget.enabled", True):
         kinds["PodDisruptionBudget"] = 1
+    if keda:
+        kinds["ScaledObject"] = 1
+        if _get(values, "config.kafka.security_protocol", "PLAINTEXT") != "PLAINTEXT":
+            # KEDA authenticates like the pod: its non-secret parameters in a ConfigMap.
+            kinds["TriggerAuthentication"] = 1
+            kinds["ConfigMap"] += 1
+    if hpa:
+        kinds["HorizontalPodAutoscaler"] = 1
     if _get(values, "metrics.serviceMonitor.enabled", False):
         kinds["ServiceMonitor"] = 1
     if _get(values, "metrics.prometheusRule.enabled", False):
@@ -239,14 +255,48 @@ def manifest_objects(kube: ApiServer, namespace: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
+def _crd_documents(kube: ApiServer) -> list[dict[str, Any]]:
+    prometheus = [yaml.safe_load(path.read_text()) for path in kube.tools.crds]
+    keda = [doc for doc in yaml.safe_load_all(KEDA_CRDS.read_text()) if doc]
+    return prometheus + keda
+
+
+def assert_autoscaler_stored(
+    kube: ApiServer, namespace: str, values: dict[str, Any], workload: dict[str, Any]
+) -> None:
+    """The ScaledObject or HPA the API server holds targets the workload, within the
+    partitions, and a TriggerAuthentication names only Secrets that exist."""
+    target = {"apiVersion": "apps/v1", "kind": workload["kind"], "name": FULLNAME}
+    partitions = _get(values, "autoscaling.partitions", 0)
+    if _get(values, "autoscaling.keda.enabled", False):
+        spec = kube.request("GET", _path("ScaledObject", namespace, FULLNAME)).body["spec"]
+        assert spec["scaleTargetRef"] == target
+        assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "kafka"
+        assert trigger["metadata"]["allowIdleConsumers"] == "false"
+        if ref := trigger.get("authenticationRef"):
+            auth = kube.request("GET", _path("TriggerAuthentication", namespace, ref["name"]))
+            for secret in auth.body["spec"].get("secretTargetRef", []):
+                assert kube.exists(_path("Secret", namespace, secret["name"])), secret
+    else:
+        spec = kube.request("GET", _path("HorizontalPodAutoscaler", namespace, FULLNAME)).body
+        assert spec["spec"]["scaleTargetRef"] == target
+        assert spec["spec"]["maxReplicas"] <= partitions
+        (metric,) = spec["spec"]["metrics"]
+        assert metric["external"]["metric"]["name"] == "stream_trainer_consumer_lag_records"
+
+
 @pytest.fixture(scope="module")
 def crds(kube: ApiServer) -> Iterator[None]:
-    """The Prometheus Operator CRDs the ServiceMonitor and PrometheusRule need, Established."""
-    for path in kube.tools.crds:
-        kube.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-                     yaml.safe_load(path.read_text()))  # fmt: skip
-    for path in kube.tools.crds:
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+    """The CRDs the chart's custom resources need, Established: the Prometheus Operator's
+    (ServiceMonitor, PrometheusRule) and KEDA's stand-ins (ScaledObject,
+    TriggerAuthentication). Created unless there (test_search_jobs.py may run first)."""
+    documents = _crd_documents(kube)
+    for document in documents:
+        _create(kube, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", document)
+    for document in documents:
+        name = document["metadata"]["name"]
         deadline = time.monotonic() + 30
         while True:
             crd = kube.request(
@@ -307,13 +357,24 @@ def test_install_then_uninstall(kube: ApiServer, crds: None, case: str) -> None:
     assert dry_run_pod(kube, namespace, hooks[0]) == []
 
     workload = workload_of(kube, namespace)
-    replicas = _get(_values(case), "replicaCount", 1)
+    values = _values(case)
+    partition = _get(values, "config.model.scope", "global") == "partition"
+    autoscaled = "ScaledObject" in expected or "HorizontalPodAutoscaler" in expected
+    # With an autoscaler the chart leaves replicas out: the API server's default (1) until
+    # the autoscaler (none runs here) sets it.
+    replicas = 1 if autoscaled else _get(values, "replicaCount", 1)
     assert workload["spec"]["replicas"] == replicas
-    if replicas > 1:
-        # Hot standbys as the API server stored them: one pod at a time, a budget of one.
+    if partition and workload["kind"] == "Deployment":
+        # Members as the API server stored them: a new one joins before an old one leaves.
+        assert workload["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    elif replicas > 1 and workload["kind"] == "Deployment":
+        # Hot standbys: one pod at a time, never an extra one.
         assert workload["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    if "PodDisruptionBudget" in expected:
         budget = kube.request("GET", _path("PodDisruptionBudget", namespace, FULLNAME)).body
         assert budget["spec"]["maxUnavailable"] == 1
+    if autoscaled:
+        assert_autoscaler_stored(kube, namespace, values, workload)
     if workload["kind"] == "StatefulSet":
         # Its claims are the controller's, not helm's: the API server keeps the chart's
         # retention policy, so they outlive the StatefulSet too (none exist here).
@@ -446,3 +507,60 @@ def test_one_pod_to_standbys_and_back(kube: ApiServer, crds: None) -> None:
     assert not kube.exists(budget)
     kube.helm("uninstall", RELEASE, "-n", namespace)
     assert live_kinds(kube, namespace) == {}
+
+
+def test_partition_members_to_keda_to_hpa_and_back(kube: ApiServer, crds: None) -> None:
+    """Partition scope as ordinary upgrades: three members, then KEDA (ScaledObject and
+    TriggerAuthentication stored, replicas left to it), then the HPA instead (KEDA's objects
+    go), then fixed members again; every step without an API-server warning. The control:
+    the KEDA CRD's schema refuses what KEDA would (a number in a trigger's metadata, a field
+    upstream does not have), so the stored ScaledObject passed a real check."""
+    namespace = make_namespace(kube, "st-partition-scale")
+    for case in ("partition-values.yaml", "keda-values.yaml", "hpa-values.yaml"):
+        make_prerequisites(kube, namespace, case)
+    steps: list[str] = []
+    stored: dict[str, Any] = {}
+    kube.helm(
+        "install", RELEASE, str(CHART_DIR), "-n", namespace, *helm_args("partition-values.yaml")
+    )
+    for case in ("keda-values.yaml", "hpa-values.yaml", "partition-values.yaml"):
+        started = time.monotonic()
+        out = kube.helm("upgrade", RELEASE, str(CHART_DIR), "-n", namespace, *helm_args(case))
+        steps.append(f"-> {case} {time.monotonic() - started:.2f} s")
+        assert_no_warnings(out.stderr)
+        assert live_kinds(kube, namespace) == expected_kinds(case), case
+        assert_pod_template_is_restricted(kube, namespace)
+        if case == "keda-values.yaml":
+            assert_autoscaler_stored(kube, namespace, _values(case), workload_of(kube, namespace))
+            stored = kube.request("GET", _path("ScaledObject", namespace, FULLNAME)).body
+    spec = workload_of(kube, namespace)["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+    # Control: the ScaledObject the chart rendered, altered the way a template slip would.
+    base = {k: stored[k] for k in ("apiVersion", "kind", "spec")}
+    base["metadata"] = {"name": "control"}
+    numeric = json.loads(json.dumps(base))
+    numeric["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 5
+    unknown = json.loads(json.dumps(base))
+    unknown["spec"]["maxReplicas"] = 5  # the HPA's name, not KEDA's
+    for bad, says in ((numeric, "lagThreshold"), (unknown, "maxReplicas")):
+        with pytest.raises(ApiError) as refused:
+            kube.request(
+                "POST",
+                _path("ScaledObject", namespace),
+                bad,
+                params={"dryRun": "All", "fieldValidation": "Strict"},
+            )
+        assert refused.value.status in (400, 422), refused.value.body
+        assert says in refused.value.body
+    accepted = kube.request(
+        "POST",
+        _path("ScaledObject", namespace),
+        base,
+        params={"dryRun": "All", "fieldValidation": "Strict"},
+    )
+    assert accepted.status == 201 and accepted.warnings == []
+    kube.helm("uninstall", RELEASE, "-n", namespace)
+    assert live_kinds(kube, namespace) == {}
+    print(f"\nkube partition scale: {'; '.join(steps)}", file=sys.stderr)

@@ -211,20 +211,127 @@ claim is created and the pod can start on any node at once).
 {{- end }}
 
 {{/*
-"true" when the release runs hot standbys (replicaCount > 1). Only valid with both stores
-remote: with a checkpoint folder on a volume a second pod could never take over (it would
-stand by forever on a claim it cannot share), so the render fails. A fixed
-kafka.group_instance_id would give every replica the same static member id (they would
-fence each other), so it must be left to the service's per-pod default.
+config.model.scope: "global" (one model, one writer) or "partition" (one model per input
+partition, members share the partitions the group assigns them).
 */}}
-{{- define "stream-trainer.standby" -}}
-{{- if gt (int .Values.replicaCount) 1 }}
+{{- define "stream-trainer.scope" -}}
+{{- $model := .Values.config.model | default dict }}
+{{- get $model "scope" | default "global" }}
+{{- end }}
+
+{{/*
+The autoscaler the values ask for: "keda", "hpa" or empty. Every rule an autoscaled release
+must meet fails the render here, with the reason:
+- not both (two autoscalers would fight over the workload's replicas);
+- model.scope partition (with global scope one pod trains and the others stand by: more
+  pods add no throughput);
+- both stores on an object store (a pod with a volume cannot come and go: see
+  stream-trainer.multiPod);
+- autoscaling.partitions stated, the maximum within it (a member beyond the partition count
+  is assigned nothing and trains nothing), the minimum within the maximum;
+- KEDA: exactly one input topic (its kafka trigger reads the lag of one topic).
+*/}}
+{{- define "stream-trainer.autoscaler" -}}
+{{- $a := .Values.autoscaling }}
+{{- if and $a.keda.enabled $a.hpa.enabled }}
+{{- fail "autoscaling.keda and autoscaling.hpa are mutually exclusive: two autoscalers would fight over the workload's replicas (enable one)" }}
+{{- end }}
+{{- $kind := "" }}
+{{- $min := 0 }}
+{{- $max := 0 }}
+{{- if $a.keda.enabled }}
+{{- $kind = "keda" }}
+{{- $min = int $a.keda.minReplicaCount }}
+{{- $max = $a.keda.maxReplicaCount }}
+{{- else if $a.hpa.enabled }}
+{{- $kind = "hpa" }}
+{{- $min = int $a.hpa.minReplicas }}
+{{- $max = $a.hpa.maxReplicas }}
+{{- end }}
+{{- if $kind }}
+{{- $scope := include "stream-trainer.scope" . }}
+{{- if ne $scope "partition" }}
+{{- fail (printf "autoscaling.%s needs config.model.scope partition (it is %s): with global scope one pod trains and the others stand by, so more replicas add no throughput" $kind $scope) }}
+{{- end }}
 {{- if include "stream-trainer.needsDataVolume" . }}
+{{- fail (printf "autoscaling.%s needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): a partition's checkpoints must be readable by whichever pod the group gives it, and a pod with a volume cannot be added or removed at will" $kind) }}
+{{- end }}
+{{- if kindIs "invalid" $a.partitions }}
+{{- fail (printf "autoscaling.partitions must state the input partition count when autoscaling.%s is enabled: the maximum replicas may not exceed it (a member beyond it is assigned nothing)" $kind) }}
+{{- end }}
+{{- $partitions := int $a.partitions }}
+{{- $maxName := ternary "autoscaling.keda.maxReplicaCount" "autoscaling.hpa.maxReplicas" (eq $kind "keda") }}
+{{- $max = kindIs "invalid" $max | ternary $partitions (int $max) }}
+{{- if gt $max $partitions }}
+{{- fail (printf "%s (%d) exceeds autoscaling.partitions (%d): a member beyond the partition count is assigned no partition and trains nothing" $maxName $max $partitions) }}
+{{- end }}
+{{- if gt $min $max }}
+{{- fail (printf "the minimum replicas of autoscaling.%s (%d) exceed its maximum (%d)" $kind $min $max) }}
+{{- end }}
+{{- if eq $kind "keda" }}
+{{- $topics := .Values.config.topics.input }}
+{{- if ne (len $topics) 1 }}
+{{- fail (printf "autoscaling.keda needs exactly one input topic (config.topics.input has %d: %s): its kafka trigger reads the lag of one topic; autoscaling.hpa sums the lag of every input topic" (len $topics) (join ", " $topics)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $kind }}
+{{- end }}
+
+{{/*
+The autoscaler's maximum replicas: its own value, or autoscaling.partitions when unset.
+*/}}
+{{- define "stream-trainer.autoscalerMax" -}}
+{{- $a := .Values.autoscaling }}
+{{- $max := ternary $a.keda.maxReplicaCount $a.hpa.maxReplicas (eq (include "stream-trainer.autoscaler" .) "keda") }}
+{{- kindIs "invalid" $max | ternary $a.partitions $max | int }}
+{{- end }}
+
+{{/*
+"true" when the release may run more than one pod (replicaCount > 1 or an autoscaler). Only
+valid with both stores remote: with a checkpoint folder on a volume a second pod could never
+take over a writer (global scope) nor a partition (partition scope), so the render fails. A
+fixed kafka.group_instance_id would give every replica the same static member id (they
+would fence each other), so it must be left to the service's per-pod default.
+*/}}
+{{- define "stream-trainer.multiPod" -}}
+{{- $autoscaler := include "stream-trainer.autoscaler" . }}
+{{- if or (gt (int .Values.replicaCount) 1) $autoscaler }}
+{{- if include "stream-trainer.needsDataVolume" . }}
+{{- if eq (include "stream-trainer.scope" .) "partition" }}
+{{- fail (printf "replicaCount %v needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): with model.scope partition a partition's checkpoints move with it to another pod, which a local checkpoint folder cannot do (docs/kubernetes.md, Partition scope)" .Values.replicaCount) }}
+{{- end }}
 {{- fail (printf "replicaCount %v needs config.checkpoint.dir and config.registry.root both on an object store (s3://, gs://, az://): with a local checkpoint folder the extra pods could never take over and would only stand by idle (docs/kubernetes.md, Hot standby)" .Values.replicaCount) }}
 {{- end }}
 {{- with .Values.config.kafka.group_instance_id }}
-{{- fail (printf "config.kafka.group_instance_id (%s) must be unset when replicaCount > 1: every pod needs its own static member id (the service defaults it to <pod name>-<digest>)" .) }}
+{{- fail (printf "config.kafka.group_instance_id (%s) must be unset when replicaCount > 1 or autoscaling is on: every pod needs its own member id (the service defaults it per pod)" .) }}
 {{- end }}
 {{- true }}
 {{- end }}
+{{- end }}
+
+{{/*
+"true" when the release runs hot standbys: several pods of a global-scope model.
+*/}}
+{{- define "stream-trainer.standby" -}}
+{{- if and (include "stream-trainer.multiPod" .) (eq (include "stream-trainer.scope" .) "global") }}true{{- end }}
+{{- end }}
+
+{{/*
+"true" when a Deployment rolls by surge: partition scope with no volume. A new pod joins the
+group before an old one leaves, so the partitions it is handed are trained without a gap
+(cooperative hand-over).
+*/}}
+{{- define "stream-trainer.surge" -}}
+{{- if and (eq (include "stream-trainer.scope" .) "partition") (not (include "stream-trainer.needsDataVolume" .)) }}true{{- end }}
+{{- end }}
+
+{{/*
+"true" when readiness means up (/healthz), not trained (/readyz): with standbys (a standby's
+/readyz is 503 forever) and whenever members share partitions (a member's assignment depends
+on the group, not on the pod: a surge pod or a member beyond the partition count may hold
+none). Rollouts, budgets and the helm test then wait for pods that run, not for assignments.
+*/}}
+{{- define "stream-trainer.readyIsUp" -}}
+{{- if or (include "stream-trainer.multiPod" .) (include "stream-trainer.surge" .) }}true{{- end }}
 {{- end }}

@@ -114,14 +114,15 @@ spec:
         timeoutSeconds: {{ .timeoutSeconds }}
       {{- end }}
       {{- end }}
-      {{- $standby := include "stream-trainer.standby" . }}
+      {{- $up := include "stream-trainer.readyIsUp" . }}
       {{- with .Values.probes.readiness }}
       {{- if .enabled }}
       readinessProbe:
         httpGet:
-          # With standbys, ready = up (training or standing by): /readyz answers 503 on a
-          # standby forever, which would stall every rollout and disruption budget.
-          path: {{ ternary "/healthz" "/readyz" (not (empty $standby)) }}
+          # With several members, ready = up (training, standing by, or holding no
+          # partition): /readyz answers 503 on a standby forever and a member's assignment
+          # is the group's doing, which would stall every rollout and disruption budget.
+          path: {{ ternary "/healthz" "/readyz" (not (empty $up)) }}
           port: http
         periodSeconds: {{ .periodSeconds }}
         failureThreshold: {{ .failureThreshold }}
@@ -254,8 +255,9 @@ spec:
   {{- if .Values.topologySpreadConstraints }}
   topologySpreadConstraints:
     {{- toYaml .Values.topologySpreadConstraints | nindent 4 }}
-  {{- else if and (include "stream-trainer.standby" .) .Values.standby.spreadAcrossNodes }}
-  # A standby on the writer's node would die with it: one pod per node.
+  {{- else if and (include "stream-trainer.multiPod" .) .Values.standby.spreadAcrossNodes }}
+  # Spread over nodes: a standby on the writer's node would die with it; members of
+  # partition scope on one node would all rebalance at once when it goes.
   topologySpreadConstraints:
     - maxSkew: 1
       topologyKey: kubernetes.io/hostname
