@@ -192,8 +192,11 @@ def test_bench_members_report_scaling_and_the_rebalance_pause(
         assert change["moved_partitions"] == 3, change
         assert change["unmoved_partitions"] == 3, change
         assert _positive(change["handover_s"]["median"]), change
+        # The revoke callback lasts from its counter's rise to its log line: >= 0.
+        assert change["worst_revoke_s"]["median"] >= 0, change
         assert _positive(change["worst_unmoved_gap_s"]["median"]), change
         assert _positive(change["worst_baseline_gap_s"]["median"]), change
+        assert change["worst_loop_gap_s"]["median"] > 0, change
     member_yaml = yaml.safe_load((tmp_path / "run-2" / "member-2.yaml").read_text())
     assert member_yaml["model"]["scope"] == "partition"
     assert member_yaml["topics"]["control"] is None

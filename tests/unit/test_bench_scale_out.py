@@ -146,6 +146,7 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
                     "worst_unmoved_gap_units": 4.0,
                     "excess_gap_units": excess,
                     "worst_handover_s": 1.0,
+                    "worst_revoke_s": 0.1,
                 }
             ],
         }
@@ -189,3 +190,17 @@ def test_an_owners_unmoved_partitions_together_rise_at_every_unit_despite_bursts
     together = so.longest_gap(so.summed(samples, [(T, 0), (T, 1)], 0.0, 4.0), 0.0, 4.0)
     assert alone == pytest.approx(0.6)
     assert together == pytest.approx(0.1)  # a rise at every sample
+
+
+def test_a_revoke_starts_where_its_counter_rose_never_after_its_log_line() -> None:
+    def at(*points: tuple[float, float]) -> list[so.Sample]:
+        return [so.Sample(t, 0.0, 0.0, 0.0, {}, revokes) for t, revokes in points]
+
+    slow = at((10.0, 0), (10.5, 0), (10.6, 1), (10.7, 1), (11.2, 1))
+    assert so.revoke_started(slow, 11.0, 10.0) == 10.6
+    # Shorter than a sample period: the counter shows it only after the log line.
+    quick = at((10.0, 0), (10.95, 0), (11.04, 1))
+    assert so.revoke_started(quick, 11.0, 10.0) == 11.0
+    # An earlier revoke (before the change) and no rise since: the log line.
+    assert so.revoke_started(at((9.0, 0), (9.5, 1), (10.5, 1)), 11.0, 10.0) == 11.0
+    assert so.revoke_started(slow, None, 10.0) is None

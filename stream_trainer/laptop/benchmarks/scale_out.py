@@ -24,9 +24,11 @@ Figures per change (join or leave):
   a single partition's records arrive in fetch-sized bursts, so its gaps are many units
   long even in steady state, while an owner learns some unmoved partition at nearly every
   unit unless its poll thread stops;
-* moved partitions: hand-over = the old owner's "partitions revoked" log line to the first
-  sample in which the new owner's counter for it has risen (from its value when the new
-  owner logged "partitions assigned", 0 if it had none).
+* moved partitions: hand-over = the start of the old owner's revoke callback (its
+  ``stream_trainer_rebalances_total{kind="revoke"}`` rising, bounded by its "partitions
+  revoked" log line, written at the callback's end) to the first sample in which the new
+  owner's counter for it has risen (from its value when the new owner logged "partitions
+  assigned", 0 if it had none); the callback's own length is reported beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ P = "stream_trainer"
 LEARNT = f"{P}_records_learnt_total"
 BATCHES = f"{P}_batches_total"
 ASSIGNED = f"{P}_assigned_partitions"
+REVOKES = f'{P}_rebalances_total{{kind="revoke"}}'
 SLOT_LEARNT = f"{P}_slot_records_learnt_total"
 FAST_INTERVAL_S = 0.05  # /metrics while members join or leave (each render ~3 ms of GIL)
 SLOW_INTERVAL_S = 1.0  # in steady windows: throughput only (see bench.SAMPLE_INTERVAL_S)
@@ -105,6 +108,7 @@ class Sample:
     batches: float
     assigned: float
     slots: dict[PartitionKey, float]  # records learnt per partition (its slot counters)
+    revokes: float = 0.0  # revoke callbacks begun (counted on entry)
 
 
 def _sample(metrics: dict[str, float], partitions: Sequence[PartitionKey]) -> Sample:
@@ -124,6 +128,7 @@ def _sample(metrics: dict[str, float], partitions: Sequence[PartitionKey]) -> Sa
         metrics.get(BATCHES, 0.0),
         metrics.get(ASSIGNED, 0.0),
         slots,
+        metrics.get(REVOKES, 0.0),
     )
 
 
@@ -388,6 +393,22 @@ def summed(
     ]
 
 
+def revoke_started(samples: Sequence[Sample], logged: float | None, since: float) -> float | None:
+    """When the revoke callback that logged "partitions revoked" at ``logged`` began: the
+    last rise of the member's revoke counter after ``since`` and up to a sample past the
+    log line (a callback shorter than the sampling period shows only after it), never later
+    than the log line; the log line itself without such a rise; None without a log line."""
+    if logged is None:
+        return None
+    inside = [x for x in samples if x.t >= since]
+    rose = [
+        b.t
+        for a, b in itertools.pairwise(inside)
+        if b.revokes > a.revokes and b.t <= logged + 2 * FAST_INTERVAL_S
+    ]
+    return min(rose[-1], logged) if rose else logged
+
+
 def owners(
     events: dict[str, list[tuple[float, str, list[PartitionKey]]]], at: float
 ) -> dict[PartitionKey, str]:
@@ -434,6 +455,7 @@ def analyse_change(
     unmoved: dict[str, float] = {}
     baseline: dict[str, float] = {}
     handover: dict[str, float] = {}
+    revoke_s: dict[str, float] = {}
     for key in sorted(set(before) | set(after)):
         label = f"{key[0]}:{key[1]}"
         old, new = before.get(key), after.get(key)
@@ -442,7 +464,9 @@ def analyse_change(
             lo, hi = change.baseline
             baseline[label] = longest_gap(series(old, key, lo, hi), lo, hi)
         elif old is not None and new is not None and new != old:
-            revoked_at = revokes.get((old, key))
+            revoked_at = revoke_started(samples.get(old, []), revokes.get((old, key)), start)
+            if revoked_at is not None:
+                revoke_s[label] = revokes[(old, key)] - revoked_at
             assigned_at = max(
                 (
                     t
@@ -490,6 +514,8 @@ def analyse_change(
         "unmoved_longest_gap_s": unmoved,
         "baseline_longest_gap_s": baseline,
         "handover_s": handover,
+        "revoke_s": revoke_s,
+        "worst_revoke_s": max(revoke_s.values(), default=math.nan),
         "owner_unmoved_gap_s": owner_gap,
         "owner_loop_gap_s": loop_gap,
         "worst_loop_gap_s": max(loop_gap.values(), default=math.nan),
@@ -557,6 +583,7 @@ def summarize(
                         "worst_unmoved_gap_units",
                         "excess_gap_units",
                         "worst_handover_s",
+                        "worst_revoke_s",
                     )
                 },
                 "unmoved_partitions": len(first["unmoved_longest_gap_s"]),
@@ -629,7 +656,8 @@ def table_lines(section: dict[str, Any]) -> list[str]:
             f"{rep.num(change['excess_gap_units']['median'], ' units', 1, 1)}; the owner's "
             f"loop {rep.num(change['worst_loop_gap_s']['median'], ' s', 1, 2)}), hand-over "
             f"median {rep.num(change['handover_s']['median'], ' s', 1, 2)}, worst "
-            f"{rep.num(change['worst_handover_s']['max'], ' s', 1, 2)}"
+            f"{rep.num(change['worst_handover_s']['max'], ' s', 1, 2)} (of which the revoke "
+            f"callback {rep.num(change['worst_revoke_s']['median'], ' s', 1, 2)})"
         )
     return lines
 
