@@ -130,6 +130,9 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
         return {
             "records_per_s": {"1": r1, "2": r2},
             "efficiency": {"2": r2 / (2 * r1)},
+            "cores_used": {"1": 1.0, "2": 1.5},
+            "records_per_cpu_s": {"1": r1, "2": r2 / 1.5},
+            "per_cpu_s_ratio": {"2": r2 / 1.5 / r1},
             "median_unit_s": 0.05,
             "changes": [
                 {
@@ -161,6 +164,9 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
     # per repeat 0.9, 0.8, 0.833: the median of the repeats, not of the medians
     assert math.isclose(section["efficiency"]["2"]["median"], 200 / 240)
     assert section["vs_ceilings"]["1"]["learner_ceiling"] == 1.0
+    # Per CPU second: 1.2, 1.07, 1.11 -> the second member's records cost no more CPU.
+    assert math.isclose(section["per_cpu_s_ratio"]["2"]["median"], 200 / 1.5 / 120)
+    assert section["cores_used"]["2"]["median"] == 1.5
     targets = so.targets(section)
     assert targets["scaling_efficiency_2_members"] == (
         section["efficiency"]["2"]["median"],

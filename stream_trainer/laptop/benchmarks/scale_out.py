@@ -57,6 +57,7 @@ LEARNT = f"{P}_records_learnt_total"
 BATCHES = f"{P}_batches_total"
 ASSIGNED = f"{P}_assigned_partitions"
 REVOKES = f'{P}_rebalances_total{{kind="revoke"}}'
+CPU = "process_cpu_seconds_total"  # prometheus_client's process collector (Linux)
 SLOT_LEARNT = f"{P}_slot_records_learnt_total"
 FAST_INTERVAL_S = 0.05  # /metrics while members join or leave (each render ~3 ms of GIL)
 SLOW_INTERVAL_S = 1.0  # in steady windows: throughput only (see bench.SAMPLE_INTERVAL_S)
@@ -109,6 +110,7 @@ class Sample:
     assigned: float
     slots: dict[PartitionKey, float]  # records learnt per partition (its slot counters)
     revokes: float = 0.0  # revoke callbacks begun (counted on entry)
+    cpu_s: float = math.nan  # the process's CPU seconds, user + system
 
 
 def _sample(metrics: dict[str, float], partitions: Sequence[PartitionKey]) -> Sample:
@@ -129,6 +131,7 @@ def _sample(metrics: dict[str, float], partitions: Sequence[PartitionKey]) -> Sa
         metrics.get(ASSIGNED, 0.0),
         slots,
         metrics.get(REVOKES, 0.0),
+        metrics.get(CPU, math.nan),
     )
 
 
@@ -179,6 +182,7 @@ class Window:
     end: float
     rate: float
     unit_s: dict[str, float]  # per member: median loop seconds per unit
+    cores: float = math.nan  # the members' CPU seconds per second, together
 
 
 @dataclass
@@ -286,11 +290,12 @@ class ScaleOutRun:
         first = {m.name: len(m.samples) for m in live}
         self._sample_for(self.window_s, SLOW_INTERVAL_S)
         end = time.time()
-        learnt = 0.0
+        learnt = cpu = 0.0
         unit_s: dict[str, float] = {}
         for m in live:
             inside = m.samples[first[m.name] :]
             learnt += inside[-1].learnt - inside[0].learnt
+            cpu += inside[-1].cpu_s - inside[0].cpu_s
             per_unit = [
                 (b.t - a.t) / (b.batches - a.batches)
                 for a, b in itertools.pairwise(inside)
@@ -299,8 +304,9 @@ class ScaleOutRun:
             unit_s[m.name] = statistics.median(per_unit) if per_unit else math.nan
         span = max(m.samples[-1].t for m in live) - min(m.samples[first[m.name]].t for m in live)
         rate = learnt / span if span > 0 else math.nan
-        self.windows.append(Window(len(live), start, end, rate, unit_s))
-        self._progress(f"{len(live)} member(s): {rate:,.0f} records/s")
+        cores = cpu / span if span > 0 else math.nan
+        self.windows.append(Window(len(live), start, end, rate, unit_s, cores))
+        self._progress(f"{len(live)} member(s): {rate:,.0f} records/s on {cores:.2f} cores")
 
     # -- the walk --------------------------------------------------------------------------
 
@@ -538,6 +544,8 @@ def analyse(run: ScaleOutRun, counts: Sequence[int]) -> dict[str, Any]:
     """One repeat's figures: throughput per count, efficiency, and each change."""
     by_count = {w.members: w for w in run.windows}
     rates = {str(c): by_count[c].rate if c in by_count else math.nan for c in counts}
+    cores = {str(c): by_count[c].cores if c in by_count else math.nan for c in counts}
+    per_core = {k: rep.ratio(rates[k], cores[k]) for k in rates}
     base = counts[0]
     efficiency = {str(c): rep.ratio(rates[str(c)] * base, c * rates[str(base)]) for c in counts[1:]}
     events = {m.name: m.log_events() for m in run.members}
@@ -547,6 +555,14 @@ def analyse(run: ScaleOutRun, counts: Sequence[int]) -> dict[str, Any]:
     return {
         "records_per_s": rates,
         "efficiency": efficiency,
+        # The CPU the members got in each window: on a shared machine a second member may
+        # not get a second core, and records per CPU second tell that from a service that
+        # does not scale.
+        "cores_used": cores,
+        "records_per_cpu_s": per_core,
+        "per_cpu_s_ratio": {
+            str(c): rep.ratio(per_core[str(c)], per_core[str(base)]) for c in counts[1:]
+        },
         "median_unit_s": unit_s,
         "changes": [analyse_change(c, samples, events, unit_s) for c in run.changes],
     }
@@ -596,6 +612,17 @@ def summarize(
         "scope": "partition",
         "records_per_s": rates,
         "efficiency": {k: rep.spread([r["efficiency"][k] for r in repeats]) for k in keys[1:]},
+        "cores_used": {
+            k: rep.spread([r.get("cores_used", {}).get(k, math.nan) for r in repeats]) for k in keys
+        },
+        "records_per_cpu_s": {
+            k: rep.spread([r.get("records_per_cpu_s", {}).get(k, math.nan) for r in repeats])
+            for k in keys
+        },
+        "per_cpu_s_ratio": {
+            k: rep.spread([r.get("per_cpu_s_ratio", {}).get(k, math.nan) for r in repeats])
+            for k in keys[1:]
+        },
         "vs_ceilings": {
             k: {name: rep.ratio(rates[k]["median"], value) for name, value in ceilings.items()}
             for k in keys
@@ -630,16 +657,21 @@ def table_lines(section: dict[str, Any]) -> list[str]:
         f"{rep.num(cpu['median'], digits=2)} cores free for 2 processes "
         f"[{rep.num(cpu['min'], digits=2)}-{rep.num(cpu['max'], digits=2)}]):",
         f"  {'members':<8} {'records/s med':>14} {'min':>10} {'max':>10} {'efficiency':>11} "
-        f"{'/ ingest':>9} {'/ learner':>10}",
+        f"{'/ ingest':>9} {'/ learner':>10} {'cores used':>11} {'rec/CPU-s':>10} "
+        f"{'ratio':>6}",
     ]
     for k, rate in section["records_per_s"].items():
         eff = section["efficiency"].get(k)
+        per_cpu = section["per_cpu_s_ratio"].get(k)
         ratios = section["vs_ceilings"][k]
         lines.append(
             f"  {k:<8} {rate['median']:>14,.0f} {rate['min']:>10,.0f} {rate['max']:>10,.0f} "
             f"{rep.num(eff['median'], digits=2) if eff else '-':>11} "
             f"{rep.num(ratios.get('ingest_ceiling', math.nan), digits=2):>9} "
-            f"{rep.num(ratios.get('learner_ceiling', math.nan), digits=2):>10}"
+            f"{rep.num(ratios.get('learner_ceiling', math.nan), digits=2):>10} "
+            f"{rep.num(section['cores_used'][k]['median'], digits=2):>11} "
+            f"{rep.num(section['records_per_cpu_s'][k]['median'], digits=0):>10} "
+            f"{rep.num(per_cpu['median'], digits=2) if per_cpu else '-':>6}"
         )
     lines.append(
         f"  median unit (loop seconds per unit): {rep.num(unit, ' ms', 1000, 1)}; "
