@@ -142,6 +142,7 @@ class Member:
     name: str
     process: ServiceProcess
     samples: list[Sample] = field(default_factory=list)
+    stopping: bool = False  # sent SIGTERM: sampled until it exits, no longer counted live
     stopped: bool = False
 
     def log_events(self) -> list[tuple[float, str, list[PartitionKey]]]:
@@ -222,10 +223,12 @@ class ScaleOutRun:
     # -- sampling --------------------------------------------------------------------------
 
     def _live(self) -> list[Member]:
-        return [m for m in self.members if not m.stopped]
+        return [m for m in self.members if not (m.stopped or m.stopping)]
 
     def _scrape_all(self) -> None:
-        for member in self._live():
+        for member in (m for m in self.members if not m.stopped):
+            if member.stopping and not member.process.alive():
+                continue
             if not member.process.alive():
                 raise ScaleOutFailed(
                     f"member {member.name} exited ({member.process.returncode}):\n"
@@ -346,20 +349,21 @@ class ScaleOutRun:
         )
 
     def _stop(self, member: Member) -> None:
-        """SIGTERM (graceful: revoke, checkpoint, commit, leave), sampling the others
-        meanwhile."""
+        """SIGTERM (graceful: revoke, checkpoint, commit, leave), sampling it (its revoke)
+        and the others meanwhile."""
         process = member.process
         proc = process.proc
         assert proc is not None
         proc.send_signal(15)
         deadline = time.time() + STOP_TIMEOUT_S
-        member.stopped = True
+        member.stopping = True
         while proc.poll() is None:
             if time.time() > deadline:
                 process.kill()
                 raise ScaleOutFailed(f"member {member.name} did not stop:\n{process.tail(20)}")
             self._sample_for(0.0, FAST_INTERVAL_S)
             time.sleep(FAST_INTERVAL_S)
+        member.stopped = True
 
     def close(self) -> None:
         """Stop every member still running (graceful, then killed)."""
