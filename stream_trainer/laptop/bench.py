@@ -24,6 +24,7 @@ ingestion, and trials per minute with 1 and N workers are measured on the decode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import secrets
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from stream_trainer.laptop.benchmarks import profiling
+from stream_trainer.laptop.benchmarks import profiling, scale_out
 from stream_trainer.laptop.benchmarks import report as rep
 from stream_trainer.laptop.benchmarks import search as bench_search
 from stream_trainer.laptop.benchmarks import store as bench_store
@@ -68,6 +69,7 @@ from stream_trainer.laptop.benchmarks.workload import (
     workload_dataset,
 )
 from stream_trainer.laptop.datasets import DATASETS, Dataset, get_dataset
+from stream_trainer.laptop.service_process import ServiceProcess
 from stream_trainer.wire import RegistryWaitInterrupted
 
 if TYPE_CHECKING:
@@ -134,7 +136,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "each as a ratio of the all-numeric path; no broker, no service",
     )
     parser.add_argument(
-        "--partitions", type=int, default=1, help="input topic partitions (default 1)"
+        "--partitions",
+        type=int,
+        default=None,
+        help="input topic partitions (default 1; 6 with --members)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs per stage; medians are reported (default 3)"
@@ -174,6 +179,37 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="s3: each repeat also runs the service with its registry on a local SeaweedFS "
         "(S3 API; `make s3-server` builds it once) and reports checkpoint and publish cost "
         "as shares of run time on disk and on S3, with upload p50 / p99 (default disk)",
+    )
+    parser.add_argument(
+        "--members",
+        default=None,
+        metavar="1,2",
+        help="also run N service processes of one group (each count in turn, joining, then "
+        "leaving again) in --scope, and report throughput per count, scaling efficiency, "
+        "the pause of partitions a rebalance did not move and the hand-over of those it did",
+    )
+    parser.add_argument(
+        "--scope",
+        choices=scale_out.SCOPES,
+        default=None,
+        help="model.scope of the --members runs (partition: one model per input partition)",
+    )
+    parser.add_argument(
+        "--members-window",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds of each steady --members window (throughput; half as long before a "
+        "join or leave: the steady-state gaps); default 10",
+    )
+    parser.add_argument(
+        "--members-records",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pre-fill a topic of its own with N records for the --members runs (default: "
+        "they read the bench's topic of --records); the run stops if they learn them all "
+        "before the last phase",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -302,6 +338,61 @@ def _s3_progress_run(
     _progress(f"{tag}: service on S3 {run.rate():,.0f} records/s")
 
 
+def _scale_out_repeat(
+    args: argparse.Namespace,
+    counts: list[int],
+    config: dict[str, Any],
+    p: Paths,
+    total: int,
+    hmac_key: str,
+    cpu_ceilings: list[float],
+    tag: str,
+) -> dict[str, Any]:
+    """One repeat of ``--members``: the members on their own group, folder, registry and
+    topics (``p``; the input holds ``total`` records), the machine's 2-process CPU ceiling
+    right before and after (their mean appended to ``cpu_ceilings``);
+    :func:`scale_out.analyse`'s figures."""
+    from stream_trainer.laptop.embedded import create_topics, free_port  # noqa: PLC0415
+
+    run_dir = p.checkpoint_dir.parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+    create_topics(p.bootstrap, {p.dead_letter: 1, p.versions: 1}, timeout=30.0)
+    shared = service_config(config, config["record"], p)  # this run's names, same settings
+
+    def start_member(index: int) -> ServiceProcess:
+        port = free_port()
+        path = scale_out.write_member_config(
+            scale_out.member_config(shared, port),
+            run_dir / f"member-{index + 1}.yaml",
+        )
+        return ServiceProcess(
+            path,
+            port=port,
+            log_path=run_dir / f"member-{index + 1}.log",
+            workdir=run_dir,
+            env={HMAC_ENV: hmac_key},
+        ).start()
+
+    _progress(f"{tag}: CPU ceiling (before the members)")
+    cpu_before = bench_search.cpu_speedup(2)
+    _progress(f"{tag}: members {','.join(map(str, counts))} ({args.scope} scope)")
+    run = scale_out.ScaleOutRun(
+        start_member,
+        [(p.input_topic, partition) for partition in range(args.partitions)],
+        total,
+        window_s=args.members_window,
+        settle_timeout_s=scale_out.SETTLE_TIMEOUT_S,
+        progress=lambda text: _progress(f"{tag}: {text}"),
+    )
+    try:
+        run.run(counts)
+    finally:
+        run.close()
+    cpu_ceilings.append((cpu_before + bench_search.cpu_speedup(2)) / 2)
+    _progress(f"{tag}: CPU ceiling {cpu_ceilings[-1]:.2f} cores for 2 processes")
+    return scale_out.analyse(run, counts)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark; prints the report on stdout (progress on stderr)."""
     if args.decode_only:
@@ -319,6 +410,26 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.value_format != "json" and args.schema_registry is None:
         print(
             f"stream-trainer: bench --format {args.value_format} needs --schema-registry URL",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        counts = None if args.members is None else scale_out.parse_members(args.members)
+    except ValueError as error:
+        print(f"stream-trainer: bench {error}", file=sys.stderr)
+        return 2
+    if args.partitions is None:
+        args.partitions = 1 if counts is None else scale_out.PARTITIONS
+    if counts is not None and (
+        args.scope is None
+        or args.search
+        or args.members_window <= 0
+        or len(counts) < 2
+        or (args.members_records is not None and args.members_records < 1)
+    ):
+        print(
+            "stream-trainer: bench --members needs at least two counts, --scope partition, "
+            "a positive --members-window and no --search",
             file=sys.stderr,
         )
         return 2
@@ -344,6 +455,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"stream-trainer: bench without --bootstrap-servers {missing}", file=sys.stderr)
         return 1
     base, mode = _base_config(args)
+    if counts is not None and mode == "full_batch":
+        print("stream-trainer: bench --members runs per_record or mini_batch", file=sys.stderr)
+        return 2
     if args.search:
         if args.mode not in (None, "full_batch") or args.search_workers < 1:
             print(
@@ -398,6 +512,24 @@ def run_bench(args: argparse.Namespace) -> int:
             registry_config=None if args.schema_registry is None else {"url": args.schema_registry},
         )
         produce_s = time.perf_counter() - began
+        members_topic, members_total = topic, args.records
+        if counts is not None and args.members_records is not None:
+            # The members' own topic: they need tens of seconds of records, and the naive
+            # script (~10k records/s) would otherwise read all of them each repeat too.
+            members_topic, members_total = unique("bench-members"), args.members_records
+            create_topics(bootstrap, {members_topic: args.partitions}, timeout=30.0)
+            _progress(f"producing {members_total:,} records to {members_topic}")
+            produce(
+                {"bootstrap.servers": bootstrap},
+                members_topic,
+                dataset,
+                members_total,
+                partitions=args.partitions,
+                value_format=args.value_format,
+                registry_config=None
+                if args.schema_registry is None
+                else {"url": args.schema_registry},
+            )
 
         def paths(repeat: int) -> Paths:
             run_dir = workdir / f"run-{repeat}"
@@ -429,6 +561,8 @@ def run_bench(args: argparse.Namespace) -> int:
         }
         service_runs: list[ServiceRun] = []
         s3_runs: list[ServiceRun] = []
+        scale_repeats: list[dict[str, Any]] = []
+        cpu_ceilings: list[float] = []
         try:
             for repeat in range(args.repeats):
                 tag = f"repeat {repeat + 1}/{args.repeats}"
@@ -492,6 +626,24 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["learner_ceiling"].append(
                     bracketing(ceiling_before, learner_ceiling(data, settings))
                 )
+                if counts is not None:
+                    # After the learner ceiling's second run, which brackets the service only.
+                    scale_repeats.append(
+                        _scale_out_repeat(
+                            args,
+                            counts,
+                            service_config(
+                                base, record, paths(repeat), mode, schema_registry_url=registry_url
+                            ),
+                            dataclasses.replace(
+                                paths(repeat + 2 * args.repeats), input_topic=members_topic
+                            ),
+                            members_total,
+                            hmac_key,
+                            cpu_ceilings,
+                            tag,
+                        )
+                    )
             search_figures = (
                 bench_search.trials_per_minute(
                     data,
@@ -507,6 +659,7 @@ def run_bench(args: argparse.Namespace) -> int:
         except (
             StageTimeout,
             ServiceFailed,
+            scale_out.ScaleOutFailed,
             TimeoutError,
             RegistryWaitInterrupted,
             profiling.ProfilerError,
@@ -604,12 +757,17 @@ def run_bench(args: argparse.Namespace) -> int:
     if s3_server is not None:
         report["store"] = bench_store.section(service_runs, s3_runs, s3_server.endpoint_url)
         store_lines = bench_store.table_lines(report["store"])
-    report["targets"] = rep.targets(
-        mode,
-        ratios,
-        service,
-        search_figures,
-        bench_store.targets(report["store"]) if "store" in report else None,
-    )
+    extra_targets = bench_store.targets(report["store"]) if "store" in report else {}
+    if counts is not None:
+        report["scale_out"] = scale_out.summarize(
+            scale_repeats,
+            cpu_ceilings,
+            counts,
+            {name: median[name] for name in ("ingest_ceiling", "learner_ceiling")},
+        )
+        report["scale_out"]["records"] = members_total
+        store_lines = [*store_lines, *scale_out.table_lines(report["scale_out"])]
+        extra_targets = {**extra_targets, **scale_out.targets(report["scale_out"])}
+    report["targets"] = rep.targets(mode, ratios, service, search_figures, extra_targets)
     _print_report(args, report, rep.table(report, store_lines))
     return 0

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from stream_trainer.cli import main
+from stream_trainer.laptop.benchmarks import scale_out
 from stream_trainer.laptop.benchmarks.store import BUCKET
 from stream_trainer.laptop.benchmarks.workload import default_config
 from stream_trainer.laptop.datasets import TRANSACTIONS_FEATURES
@@ -137,6 +138,69 @@ def test_bench_profile_names_where_the_poll_thread_spends_its_time(
     assert profile["shares"]["river (learner library)"] > 0
     assert 0 < profile["learner_share"] < 1
     assert sum(profile["shares"].values()) == pytest.approx(1.0)
+
+
+def test_bench_members_report_scaling_and_the_rebalance_pause(
+    kafka_broker: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Apache Kafka: its cooperative rebalance takes ~1 s (Tansu's ~10 s would need millions
+    # of records). The members read a topic of their own, long enough for a member starting,
+    # a join, two 1-second windows and a leave at per_record's pace.
+    report = _bench(
+        capsys,
+        "--bootstrap-servers",
+        kafka_broker.bootstrap_servers,
+        "--mode",
+        "per_record",
+        "--features",
+        "5",
+        "--members",
+        "1,2",
+        "--scope",
+        "partition",
+        "--members-window",
+        "1",
+        "--members-records",
+        "1500000",
+        "--workdir",
+        str(tmp_path),
+    )
+    targets = {
+        "scaling_efficiency_2_members",
+        "join_1to2_unmoved_pause_units",
+        "leave_2to1_unmoved_pause_units",
+    }
+    _check(report, "per_record", partitions=6, extra_targets=targets)
+    section = report["scale_out"]
+    print(json.dumps({k: v for k, v in section.items() if k != "per_repeat"}, indent=2))
+    assert section["members"] == [1, 2] and section["records"] == 1_500_000
+    for count in ("1", "2"):
+        assert _positive(section["records_per_s"][count]["median"]), section
+        assert _positive(section["vs_ceilings"][count]["learner_ceiling"]), section
+    assert _positive(section["efficiency"]["2"]["median"])
+    assert _positive(section["cpu_ceiling"]["median"])
+    assert _positive(section["median_unit_s"]["median"])
+    join, leave = section["changes"]
+    assert (join["kind"], join["members"], leave["kind"], leave["members"]) == (
+        "join",
+        [1, 2],
+        "leave",
+        [2, 1],
+    )
+    for change in (join, leave):
+        # cooperative-sticky moves half of the six partitions and leaves the rest alone.
+        assert change["moved_partitions"] == 3, change
+        assert change["unmoved_partitions"] == 3, change
+        assert _positive(change["handover_s"]["median"]), change
+        # The revoke callback lasts from its counter's rise to its log line: >= 0.
+        assert change["worst_revoke_s"]["median"] >= 0, change
+        assert _positive(change["worst_unmoved_gap_s"]["median"]), change
+        assert _positive(change["worst_baseline_gap_s"]["median"]), change
+        assert change["worst_loop_gap_s"]["median"] > 0, change
+    member_yaml = yaml.safe_load((tmp_path / "run-2" / "member-2.yaml").read_text())
+    assert member_yaml["model"]["scope"] == "partition"
+    assert member_yaml["topics"]["control"] is None
+    assert any("scale-out (scope partition" in line for line in scale_out.table_lines(section))
 
 
 def test_bench_transactions_runs_the_typed_contract(
@@ -288,6 +352,7 @@ def _check(
     features: int = 5,
     dataset: str = "linear5",
     value_format: str = "json",
+    partitions: int = 1,
     extra_targets: frozenset[str] | set[str] = frozenset(),
 ) -> None:
 
@@ -308,7 +373,7 @@ def _check(
         "features": features,
         "dataset": dataset,
         "format": value_format,
-        "partitions": 1,
+        "partitions": partitions,
     }
     for stage in ("ingest_ceiling", "learner_ceiling", "naive", "service"):
         rate = report["stages"][stage]["records_per_s"]
