@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.objectstore import is_store_url
-from stream_trainer.reader import ModelReader, NoModelForKey
+from stream_trainer.publishing.reader import ModelReader, NoModelForKey
+from stream_trainer.state.objectstore import is_store_url
 
 KEY_ENV_VARS = ("STREAM_TRAINER_REGISTRY_KEY", "STREAM_TRAINER_CHECKPOINT__HMAC_KEY")
 # Above the longest time to a first version of configs/*.yaml (publish or retrain time

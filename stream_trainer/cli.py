@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stream_trainer import __version__
-from stream_trainer.signals import ShutdownSignals
+from stream_trainer.operations.signals import ShutdownSignals
 
 if TYPE_CHECKING:
     from stream_trainer.config import Settings
@@ -26,7 +26,9 @@ EXIT_REFUSED, EXIT_NO_ANSWER = 3, 4
 # How long CLI commands retry a registry store's transient read errors.
 CLI_STORE_RETRY_S = 30.0
 DEFAULT_CONTROL_WAIT_S = 30.0
-DEFAULT_INPUT_PARTITIONS = 3  # stream_trainer.topics's, without importing confluent_kafka
+DEFAULT_INPUT_PARTITIONS = (
+    3  # stream_trainer.operations.topics's, without importing confluent_kafka
+)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def _print_json(data: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
-    from stream_trainer.checkpoint import CheckpointLocked, DirectoryLock  # noqa: PLC0415
+    from stream_trainer.state.checkpoint import CheckpointLocked, DirectoryLock  # noqa: PLC0415
 
     settings = _settings(args)
     signals = _RUN_SIGNALS or ShutdownSignals(settings.shutdown.timeout_s)
@@ -73,9 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except CheckpointLocked as error:
         print(f"stream-trainer: cannot start: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    from stream_trainer.app import StartupError, run_service  # noqa: PLC0415
-    from stream_trainer.checkpoint import CheckpointFenced  # noqa: PLC0415
-    from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
+    from stream_trainer.operations.app import StartupError, run_service  # noqa: PLC0415
+    from stream_trainer.state.checkpoint import CheckpointFenced  # noqa: PLC0415
+    from stream_trainer.training.learners import IncompatibleLearner, build_model  # noqa: PLC0415
 
     try:
         build_model(settings)  # incompatible learner choices fail before anything starts
@@ -93,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
     """Print the effective config as JSON (secrets masked); exit 1 when invalid."""
-    from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
+    from stream_trainer.training.learners import IncompatibleLearner, build_model  # noqa: PLC0415
 
     settings = _settings(args)
     try:
@@ -114,7 +116,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         SchemaRegistrationError,
         produce,
     )
-    from stream_trainer.topics import (  # noqa: PLC0415
+    from stream_trainer.operations.topics import (  # noqa: PLC0415
         TopicError,
         TopicSpec,
         admin_client,
@@ -174,14 +176,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
     """Show checkpoint manifests and their verification, never unpickling anything."""
-    from stream_trainer.checkpoint import CheckpointError, CheckpointStore  # noqa: PLC0415
     from stream_trainer.config import ObjectStoreSettings  # noqa: PLC0415
-    from stream_trainer.objectstore import (  # noqa: PLC0415
+    from stream_trainer.state.checkpoint import CheckpointError, CheckpointStore  # noqa: PLC0415
+    from stream_trainer.state.objectstore import (  # noqa: PLC0415
         ObjectStoreError,
         is_store_url,
         open_store,
     )
-    from stream_trainer.store_checkpoint import ObjectCheckpointStore  # noqa: PLC0415
+    from stream_trainer.state.store_checkpoint import ObjectCheckpointStore  # noqa: PLC0415
 
     key: bytes | None = None
     unsigned = True
@@ -228,9 +230,9 @@ def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
 
 def cmd_search_show(args: argparse.Namespace) -> int:
     """Print the last hyperparameter search recorded in the newest checkpoint."""
-    from stream_trainer.app import open_checkpoints  # noqa: PLC0415
-    from stream_trainer.checkpoint import CheckpointError  # noqa: PLC0415
-    from stream_trainer.objectstore import ObjectStoreError  # noqa: PLC0415
+    from stream_trainer.operations.app import open_checkpoints  # noqa: PLC0415
+    from stream_trainer.state.checkpoint import CheckpointError  # noqa: PLC0415
+    from stream_trainer.state.objectstore import ObjectStoreError  # noqa: PLC0415
 
     settings = _settings(args)
     cfg = settings.checkpoint
@@ -257,9 +259,9 @@ def cmd_search_show(args: argparse.Namespace) -> int:
 def cmd_search_worker(args: argparse.Namespace) -> int:
     """Run trials of a shared study (one Kubernetes Job pod) until its budget is used."""
     from stream_trainer.config import ConfigError  # noqa: PLC0415
-    from stream_trainer.logs import configure_logging, register_secret  # noqa: PLC0415
-    from stream_trainer.search_snapshot import SnapshotError  # noqa: PLC0415
-    from stream_trainer.search_study import (  # noqa: PLC0415
+    from stream_trainer.operations.logs import configure_logging, register_secret  # noqa: PLC0415
+    from stream_trainer.training.search.snapshot import SnapshotError  # noqa: PLC0415
+    from stream_trainer.training.search.study import (  # noqa: PLC0415
         JOB_INDEX_ENV,
         StudyError,
         database_url,
@@ -291,9 +293,9 @@ def cmd_search_worker(args: argparse.Namespace) -> int:
 def _slot_routing(settings: Settings, slot: str) -> tuple[str, Any]:
     """``(scope, routing)`` of a scoped model, from its ``ROUTING.json``; RegistryError
     when there is none (a global model, or nothing published yet)."""
-    from stream_trainer.objectstore import is_store_url, open_store  # noqa: PLC0415
-    from stream_trainer.registry import RegistryError  # noqa: PLC0415
-    from stream_trainer.routing_file import ROUTING_FILE, read_routing  # noqa: PLC0415
+    from stream_trainer.publishing.registry import RegistryError  # noqa: PLC0415
+    from stream_trainer.publishing.routing_file import ROUTING_FILE, read_routing  # noqa: PLC0415
+    from stream_trainer.state.objectstore import is_store_url, open_store  # noqa: PLC0415
 
     root = settings.registry.root
     where = open_store(root, settings.object_store) if is_store_url(root) else Path(root)
@@ -307,8 +309,8 @@ def _slot_routing(settings: Settings, slot: str) -> tuple[str, Any]:
 
 
 def _registry(settings: Settings, slot: str | None = None) -> Any:
-    from stream_trainer.registry import open_registry  # noqa: PLC0415
-    from stream_trainer.scoped_versions import scope_prefix  # noqa: PLC0415
+    from stream_trainer.publishing.registry import open_registry  # noqa: PLC0415
+    from stream_trainer.publishing.scoped_versions import scope_prefix  # noqa: PLC0415
 
     folder = None
     if slot is not None:
@@ -331,8 +333,8 @@ def _announce_champion(settings: Settings, info: Any, reason: str, slot: str | N
     a scoped_champion event with the model's routing)."""
     from confluent_kafka import Producer  # noqa: PLC0415
 
-    from stream_trainer.scoped_publish import ScopedEventPublisher  # noqa: PLC0415
-    from stream_trainer.versions import VersionEventPublisher  # noqa: PLC0415
+    from stream_trainer.publishing.events import VersionEventPublisher  # noqa: PLC0415
+    from stream_trainer.publishing.scoped_publish import ScopedEventPublisher  # noqa: PLC0415
 
     producer = Producer(settings.kafka.producer_config())
     topic, model = settings.topics.versions, settings.model.name
@@ -349,7 +351,7 @@ def _move_mlflow_alias(settings: Settings, registry: Any, slot: str | None) -> N
     the alias on its next pass."""
     if not settings.registry.mlflow.enabled or slot is not None:
         return  # MLflow holds the global model only: a slot's champion is not its alias
-    from stream_trainer.mlflow_export import MlflowError, move_champion_alias  # noqa: PLC0415
+    from stream_trainer.publishing.mlflow_export import MlflowError, move_champion_alias  # noqa: PLC0415
 
     try:
         print(move_champion_alias(settings, registry))
@@ -359,11 +361,11 @@ def _move_mlflow_alias(settings: Settings, registry: Any, slot: str | None) -> N
 
 def cmd_versions(args: argparse.Namespace) -> int:
     """List, show, promote or roll back model versions."""
-    from stream_trainer.objectstore import ObjectStoreError  # noqa: PLC0415
-    from stream_trainer.registry import RegistryError  # noqa: PLC0415
-    from stream_trainer.routing_file import RoutingConflict  # noqa: PLC0415
-    from stream_trainer.scoped_versions import ScopedEventError  # noqa: PLC0415
-    from stream_trainer.versions import VersionEventError  # noqa: PLC0415
+    from stream_trainer.publishing.events import VersionEventError  # noqa: PLC0415
+    from stream_trainer.publishing.registry import RegistryError  # noqa: PLC0415
+    from stream_trainer.publishing.routing_file import RoutingConflict  # noqa: PLC0415
+    from stream_trainer.publishing.scoped_versions import ScopedEventError  # noqa: PLC0415
+    from stream_trainer.state.objectstore import ObjectStoreError  # noqa: PLC0415
 
     settings = _settings(args)
     slot: str | None = args.slot
@@ -423,8 +425,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace) -> int:
     """Queue a manual request for the model's service on the control topic; with --wait,
     wait for the service's ack."""
-    from stream_trainer.control import ControlError, send_command, wait_for_ack  # noqa: PLC0415
-    from stream_trainer.topics import quiet_logger  # noqa: PLC0415
+    from stream_trainer.operations.control import ControlError, send_command, wait_for_ack  # noqa: PLC0415
+    from stream_trainer.operations.topics import quiet_logger  # noqa: PLC0415
 
     settings = _settings(args)
     topic, model = settings.topics.control, settings.model.name
@@ -478,7 +480,7 @@ def _wait_seconds(value: str) -> float:
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
     """Create the topics the config names; report the ones that exist."""
-    from stream_trainer.topics import (  # noqa: PLC0415
+    from stream_trainer.operations.topics import (  # noqa: PLC0415
         TopicError,
         admin_client,
         ensure_topics,

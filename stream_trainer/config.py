@@ -43,7 +43,7 @@ from pydantic_settings import (
 )
 
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.logs import librdkafka_logger
+from stream_trainer.operations.logs import librdkafka_logger
 
 CONFIG_ENV_VAR = "STREAM_TRAINER_CONFIG"
 ENV_PREFIX = "STREAM_TRAINER_"

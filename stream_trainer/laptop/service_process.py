@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.processes import tail_file
+from stream_trainer.operations.processes import tail_file
 
 __all__ = ["ServiceProcess", "ServiceProcessError", "parse_samples", "sample_key", "scrape"]
 
@@ -82,7 +82,7 @@ class ServiceProcess:
     ``env`` is added to this process's environment. ``port`` is the service's HTTP port
     (``http.port`` in the config), on ``host``. ``new_session`` puts the child in its own
     session (a terminal's Ctrl-C then reaches only the parent); ``preexec_fn`` runs in the
-    child before exec (e.g. :func:`stream_trainer.processes.pdeathsig_preexec`, or an
+    child before exec (e.g. :func:`stream_trainer.operations.processes.pdeathsig_preexec`, or an
     rlimit). The log file is appended to, so a restarted service keeps one log.
     """
 

@@ -18,7 +18,7 @@ Two learners, one per adapter family, so both training paths are covered:
   ``mini_batch`` through the scikit-learn adapter.
 
 Config paths are :data:`RIVER_PATH` / :data:`SKLEARN_PATH` with ``model.task: regression``
-and no preprocessing. :func:`stream_trainer.learners.build_model` admits them only when the
+and no preprocessing. :func:`stream_trainer.training.learners.build_model` admits them only when the
 process runs with ``STREAM_TRAINER_TESTING_LEARNERS=1`` (``learners.TESTING_ENV``); without
 it a config naming one fails at start, naming ``model.learner.path``.
 """
@@ -39,14 +39,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from river import base as river_base
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from stream_trainer.checkpoint import CheckpointError, CheckpointStore
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.keyed_state import KeyedState, KeyStateError, KeyStateObjects
-from stream_trainer.objectstore import ObjectStore, ObjectStoreError, is_store_url, open_store
-from stream_trainer.partitioner import murmur2_partition, scope_id_for_key
-from stream_trainer.slot_store import MANIFEST, SlotStore
-from stream_trainer.store_checkpoint import ObjectCheckpointStore
+from stream_trainer.publishing.partitioner import murmur2_partition, scope_id_for_key
+from stream_trainer.state.checkpoint import CheckpointError, CheckpointStore
+from stream_trainer.state.keyed_state import KeyedState, KeyStateError, KeyStateObjects
+from stream_trainer.state.objectstore import ObjectStore, ObjectStoreError, is_store_url, open_store
+from stream_trainer.state.slot_store import MANIFEST, SlotStore
+from stream_trainer.state.store_checkpoint import ObjectCheckpointStore
 
 FEATURES = ("partition", "offset", "key")
 RIVER_PATH = "stream_trainer.testing.counting.CountingLearner"

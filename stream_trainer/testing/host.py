@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from stream_trainer.laptop.embedded import unregister_for_exit
-from stream_trainer.processes import stop_process_group
+from stream_trainer.operations.processes import stop_process_group
 
 
 def java_executable() -> str | None:

@@ -41,7 +41,7 @@ from stream_trainer.laptop.embedded import (
     unregister_for_exit,
     wait_for_broker,
 )
-from stream_trainer.processes import pdeathsig_preexec, stop_process_group, tail_file
+from stream_trainer.operations.processes import pdeathsig_preexec, stop_process_group, tail_file
 from stream_trainer.testing.host import file_lock, java_executable
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 :class:`InMemoryGroup` holds the log (topic → partition → list of entries), the committed
 offsets, the members and a sticky, balanced assignment; :class:`InMemorySource` is one
-member's :class:`stream_trainer.source.Source`. Tests drive the group: :meth:`~InMemoryGroup.join`,
+member's :class:`stream_trainer.ingest.source.Source`. Tests drive the group:
+:meth:`~InMemoryGroup.join`,
 :meth:`~InMemoryGroup.leave`, :meth:`~InMemoryGroup.expire`, :meth:`~InMemoryGroup.append`,
 and each member's ``consume()`` (or a service's ``step()``).
 
@@ -40,8 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.ledger import TopicPartitionKey
-from stream_trainer.source import RebalanceListener, Record
+from stream_trainer.ingest.source import RebalanceListener, Record
+from stream_trainer.state.ledger import TopicPartitionKey
 
 # confluent_kafka.TIMESTAMP_CREATE_TIME: the producer's time.
 TIMESTAMP_CREATE_TIME = 1
@@ -81,7 +82,7 @@ class Commit:
 
 
 class MemoryRecord:
-    """A consumed record (the :class:`stream_trainer.source.Record` protocol)."""
+    """A consumed record (the :class:`stream_trainer.ingest.source.Record` protocol)."""
 
     __slots__ = ("_entry", "_offset", "_partition", "_topic")
 
@@ -293,7 +294,7 @@ class InMemoryGroup:
 
 
 class InMemorySource:
-    """One member of an :class:`InMemoryGroup`: a :class:`stream_trainer.source.Source`.
+    """One member of an :class:`InMemoryGroup`: a :class:`stream_trainer.ingest.source.Source`.
 
     Made by :meth:`InMemoryGroup.join`; see the module doc for the semantics.
     """

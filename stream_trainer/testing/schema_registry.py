@@ -39,7 +39,7 @@ from stream_trainer.laptop.embedded import (
     free_port,
     register_for_exit,
 )
-from stream_trainer.processes import pdeathsig_preexec, tail_file
+from stream_trainer.operations.processes import pdeathsig_preexec, tail_file
 from stream_trainer.testing.host import ServerProcess, file_lock, java_executable
 from stream_trainer.testing.kafka_broker import cache_root
 

@@ -1,6 +1,6 @@
 """Shared pieces of the fault-injection suite: the exactly-once oracle and run helpers.
 
-The oracle is the :class:`~stream_trainer.ledger.OffsetLedger` inside the checkpointed
+The oracle is the :class:`~stream_trainer.state.ledger.OffsetLedger` inside the checkpointed
 training state: it is written in the same pickle as the model, so whatever a crash takes
 back from the model it takes back from the ledger too. A record learnt twice is an
 overlap, a record skipped is a hole in ``[0, end)``.
@@ -21,14 +21,14 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from stream_trainer.checkpoint import CheckpointStore, LoadedCheckpoint
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
-from stream_trainer.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
-from stream_trainer.objectstore import is_store_url, open_store
-from stream_trainer.state import TrainingState
-from stream_trainer.store_checkpoint import ObjectCheckpointStore
+from stream_trainer.state.checkpoint import CheckpointStore, LoadedCheckpoint
+from stream_trainer.state.ledger import OffsetLedger, TopicPartitionKey, parse_partition_key
+from stream_trainer.state.objectstore import is_store_url, open_store
+from stream_trainer.state.store_checkpoint import ObjectCheckpointStore
+from stream_trainer.state.training_state import TrainingState
 from stream_trainer.testing.counting import CountingProducer
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, unique, wait_for
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.checkpoint import sequence_of_name
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.laptop.embedded import EmbeddedBroker, create_topics, free_port
-from stream_trainer.objectstore import open_store
-from stream_trainer.store_checkpoint import POINTER
+from stream_trainer.state.checkpoint import sequence_of_name
+from stream_trainer.state.objectstore import open_store
+from stream_trainer.state.store_checkpoint import POINTER
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.conftest import _in_ci
 from tests.faults.support import LEARNT, produce_records, wait_exit

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.checkpoint import QUARANTINE_DIR, CheckpointStore
 from stream_trainer.laptop.embedded import free_port
-from stream_trainer.state import TrainingState
+from stream_trainer.state.checkpoint import QUARANTINE_DIR, CheckpointStore
+from stream_trainer.state.training_state import TrainingState
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,

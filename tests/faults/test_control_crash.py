@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.control import send_command
-from stream_trainer.faults import CRASH_ENV
+from stream_trainer.operations.control import send_command
+from stream_trainer.operations.faults import CRASH_ENV
 from tests.conftest import BrokerHandle
 from tests.harness import ServiceProcess, service_config, wait_for
 from tests.integration.test_control import (

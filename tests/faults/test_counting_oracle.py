@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.faults import CRASH_ENV, POINTS
 from stream_trainer.laptop.embedded import free_port
-from stream_trainer.learners import TESTING_ENV
+from stream_trainer.operations.faults import CRASH_ENV, POINTS
 from stream_trainer.testing.counting import (
     FEATURES,
     RIVER_PATH,
@@ -33,6 +32,7 @@ from stream_trainer.testing.counting import (
     produced_samples,
 )
 from stream_trainer.testing.seaweedfs import SeaweedFS
+from stream_trainer.training.learners import TESTING_ENV
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     ASSIGNED,

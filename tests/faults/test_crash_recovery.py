@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.faults import CRASH_ENV
+from stream_trainer.operations.faults import CRASH_ENV
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     ASSIGNED,

@@ -12,8 +12,8 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewPartitions
 
-from stream_trainer.faults import CRASH_ENV
 from stream_trainer.laptop.embedded import free_port
+from stream_trainer.operations.faults import CRASH_ENV
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,

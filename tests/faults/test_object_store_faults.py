@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.faults import CRASH_ENV
-from stream_trainer.objectstore import open_store
-from stream_trainer.registry import open_registry
+from stream_trainer.operations.faults import CRASH_ENV
+from stream_trainer.publishing.registry import open_registry
+from stream_trainer.state.objectstore import open_store
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.conftest import BrokerHandle
 from tests.faults.support import (

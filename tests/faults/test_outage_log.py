@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.logs import REPEAT_INTERVAL_S
+from stream_trainer.operations.logs import REPEAT_INTERVAL_S
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,

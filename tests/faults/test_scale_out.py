@@ -36,11 +36,10 @@ from typing import Any
 import pytest
 
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.faults import CRASH_ENV
 from stream_trainer.laptop.embedded import free_port
-from stream_trainer.learners import TESTING_ENV
-from stream_trainer.objectstore import open_store
-from stream_trainer.slot_store import SlotStore
+from stream_trainer.operations.faults import CRASH_ENV
+from stream_trainer.state.objectstore import open_store
+from stream_trainer.state.slot_store import SlotStore
 from stream_trainer.testing.counting import (
     FEATURES,
     ORACLE_MEMBER,
@@ -54,6 +53,7 @@ from stream_trainer.testing.counting import (
     slot_ids,
 )
 from stream_trainer.testing.seaweedfs import SeaweedFS
+from stream_trainer.training.learners import TESTING_ENV
 from tests.conftest import BrokerHandle
 from tests.faults.ownership import MemberLog
 from tests.faults.support import (

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.publishing.registry import ModelRegistry
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     ASSIGNED,

@@ -21,10 +21,10 @@ import fastavro
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
+from stream_trainer.ingest.wire import frame
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import avro_schema, produce
 from stream_trainer.testing.schema_registry import SchemaRegistry
-from stream_trainer.wire import frame
 from tests.conftest import BrokerHandle
 from tests.harness import ServiceProcess, read_topic, service_config
 from tests.integration.test_training import (

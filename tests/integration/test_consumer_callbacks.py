@@ -26,8 +26,8 @@ pytestmark = pytest.mark.integration
 CHILD = textwrap.dedent(
     """
     import logging, sys
-    from stream_trainer.consumer import KafkaSource
-    from stream_trainer.logs import librdkafka_logger
+    from stream_trainer.ingest.kafka_source import KafkaSource
+    from stream_trainer.operations.logs import librdkafka_logger
 
     logging.basicConfig(level=logging.DEBUG, handlers=[logging.NullHandler()])
     bootstrap, topic, group = sys.argv[1:4]

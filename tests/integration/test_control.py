@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from stream_trainer.control import Command, encode_command
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
+from stream_trainer.operations.control import Command, encode_command
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 

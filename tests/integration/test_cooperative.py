@@ -27,9 +27,9 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from stream_trainer.consumer import KafkaSource, RetentionGap
+from stream_trainer.ingest.kafka_source import KafkaSource, RetentionGap
 from stream_trainer.laptop.embedded import create_topics, free_port
-from stream_trainer.ledger import TopicPartitionKey
+from stream_trainer.state.ledger import TopicPartitionKey
 from tests.conftest import BrokerHandle
 from tests.faults.support import (
     LEARNT,

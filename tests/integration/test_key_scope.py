@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.keyed_state import KeyedState, KeyStateObjects
-from stream_trainer.learners import TESTING_ENV
-from stream_trainer.objectstore import LocalStore
-from stream_trainer.partitioner import scope_id_for_key
-from stream_trainer.reader import ModelReader
-from stream_trainer.slot_store import SlotStore
+from stream_trainer.publishing.partitioner import scope_id_for_key
+from stream_trainer.publishing.reader import ModelReader
+from stream_trainer.state.keyed_state import KeyedState, KeyStateObjects
+from stream_trainer.state.objectstore import LocalStore
+from stream_trainer.state.slot_store import SlotStore
 from stream_trainer.testing.counting import (
     FEATURES,
     RIVER_PATH,
@@ -31,6 +30,7 @@ from stream_trainer.testing.counting import (
     judge_counts,
     produced_samples,
 )
+from stream_trainer.training.learners import TESTING_ENV
 from tests.conftest import BrokerHandle
 from tests.faults.support import end_offsets, fault_config, topic_of
 from tests.harness import HMAC_KEY, ServiceProcess, wait_for

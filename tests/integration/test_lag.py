@@ -16,9 +16,9 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_trainer.control import send_command
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import poison_values
+from stream_trainer.operations.control import send_command
 from tests.conftest import BrokerHandle
 from tests.harness import ServiceProcess, service_config, unique, wait_for
 

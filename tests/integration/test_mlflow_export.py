@@ -18,7 +18,7 @@ from stream_trainer.config import MlflowSettings
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.embedded import free_port
 from stream_trainer.laptop.produce import produce
-from stream_trainer.mlflow_export import (
+from stream_trainer.publishing.mlflow_export import (
     ALIAS,
     VERSION_TAG,
     MlflowClient,
@@ -27,7 +27,7 @@ from stream_trainer.mlflow_export import (
     MlflowMirror,
     MlflowTarget,
 )
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.publishing.registry import ModelRegistry
 from stream_trainer.testing.mlflow_server import MlflowServer, venv_home
 from tests.conftest import KAFKA_ONLY
 from tests.harness import HMAC_KEY, ServiceProcess, service_config, unique, wait_for

@@ -25,7 +25,10 @@ from stream_trainer.cli import main
 from stream_trainer.config import ObjectStoreSettings
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
-from stream_trainer.objectstore import (
+from stream_trainer.publishing.events import VersionEventPublisher
+from stream_trainer.publishing.registry import METADATA_FILE, RegistryError, open_registry
+from stream_trainer.publishing.store_registry import StoreRegistry
+from stream_trainer.state.objectstore import (
     ObjectExists,
     ObjectNotFound,
     ObjectStoreError,
@@ -33,12 +36,9 @@ from stream_trainer.objectstore import (
     S3ObjectStore,
     open_store,
 )
-from stream_trainer.registry import METADATA_FILE, RegistryError, open_registry
-from stream_trainer.store_checkpoint import ObjectCheckpointStore
-from stream_trainer.store_lease import LeaseLost, StoreLease
-from stream_trainer.store_registry import StoreRegistry
+from stream_trainer.state.store_checkpoint import ObjectCheckpointStore
+from stream_trainer.state.store_lease import LeaseLost, StoreLease
 from stream_trainer.testing.seaweedfs import SeaweedFS
-from stream_trainer.versions import VersionEventPublisher
 from tests.conftest import BrokerHandle, new_topic
 from tests.harness import (
     HMAC_KEY,
@@ -239,7 +239,7 @@ SERVE = textwrap.dedent(
     """
     import json, sys
     from stream_trainer.config import ObjectStoreSettings
-    from stream_trainer.reader import ModelReader
+    from stream_trainer.publishing.reader import ModelReader
 
     bootstrap, topic, endpoint, region, key = sys.argv[1:6]
     settings = ObjectStoreSettings(endpoint_url=endpoint, region=region, path_style=True)
@@ -393,8 +393,8 @@ SECOND_NODE = textwrap.dedent(
     """
     import sys
     from stream_trainer.config import ObjectStoreSettings
-    from stream_trainer.objectstore import open_store
-    from stream_trainer.store_lease import LeaseHeld, StoreLease
+    from stream_trainer.state.objectstore import open_store
+    from stream_trainer.state.store_lease import LeaseHeld, StoreLease
 
     url, endpoint, region = sys.argv[1:4]
     store = open_store(url, ObjectStoreSettings(endpoint_url=endpoint, region=region,

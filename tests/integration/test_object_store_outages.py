@@ -12,10 +12,10 @@ import pytest
 from confluent_kafka import Producer
 
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.reader import ModelReader
-from stream_trainer.registry import open_registry
+from stream_trainer.publishing.events import VersionEventPublisher, version_event
+from stream_trainer.publishing.reader import ModelReader
+from stream_trainer.publishing.registry import open_registry
 from stream_trainer.testing.seaweedfs import SeaweedFS
-from stream_trainer.versions import VersionEventPublisher, version_event
 from tests.conftest import BrokerHandle, new_topic
 from tests.harness import settings_for
 from tests.integration.test_object_store import KEY, MODEL

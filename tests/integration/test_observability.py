@@ -33,10 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stream_trainer import app as app_module
-from stream_trainer import logs
 from stream_trainer.config import settings_from_mapping
-from stream_trainer.control import send_command
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.embedded import (
     EmbeddedBroker,
@@ -46,7 +43,10 @@ from stream_trainer.laptop.embedded import (
     tail_file,
 )
 from stream_trainer.laptop.produce import produce
-from stream_trainer.service import Service
+from stream_trainer.operations import app as app_module
+from stream_trainer.operations import logs
+from stream_trainer.operations.control import send_command
+from stream_trainer.operations.service import Service
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ROOT, ServiceProcess, service_config, wait_for
 

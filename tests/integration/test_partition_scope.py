@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.learners import TESTING_ENV
-from stream_trainer.ledger import TopicPartitionKey
-from stream_trainer.objectstore import LocalStore
-from stream_trainer.slot_store import SlotStore
+from stream_trainer.state.ledger import TopicPartitionKey
+from stream_trainer.state.objectstore import LocalStore
+from stream_trainer.state.slot_store import SlotStore
 from stream_trainer.testing.counting import (
     FEATURES,
     RIVER_PATH,
@@ -28,6 +27,7 @@ from stream_trainer.testing.counting import (
     judge_counts,
     produced_samples,
 )
+from stream_trainer.training.learners import TESTING_ENV
 from tests.conftest import BrokerHandle
 from tests.faults.support import end_offsets, fault_config, topic_of
 from tests.harness import HMAC_KEY, ServiceProcess, wait_for

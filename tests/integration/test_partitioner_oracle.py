@@ -2,7 +2,7 @@
 
 Records are produced with ``partitioner=murmur2`` (the Java client's placement) and
 ``partitioner=consistent`` (CRC-32) to 6-partition topics, read back, and every key's
-partition must be the one :mod:`stream_trainer.partitioner` computes.
+partition must be the one :mod:`stream_trainer.publishing.partitioner` computes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from stream_trainer.partitioner import (
+from stream_trainer.publishing.partitioner import (
     crc32_partition,
     key_bytes_from_field,
     murmur2_partition,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from stream_trainer.reader import ModelReader
-from stream_trainer.registry import ModelRegistry, VersionInfo, sent_marker
-from stream_trainer.versions import VersionEventPublisher
+from stream_trainer.publishing.events import VersionEventPublisher
+from stream_trainer.publishing.reader import ModelReader
+from stream_trainer.publishing.registry import ModelRegistry, VersionInfo, sent_marker
 
 pytestmark = pytest.mark.integration
 

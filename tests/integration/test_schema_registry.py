@@ -1,7 +1,7 @@
 """The wire decoder against a real Schema Registry (Apicurio 2.4.2, Confluent API).
 
 Values are written by confluent-kafka's own serializers (what producers in the field use)
-and read by :class:`stream_trainer.wire.WireDecoder`. The outage tests put a pausable TCP
+and read by :class:`stream_trainer.ingest.wire.WireDecoder`. The outage tests put a pausable TCP
 proxy between the decoder and the registry rather than stopping the registry: Apicurio
 keeps schemas in memory, so a restart would turn every id into a 404 and test a different
 thing (an unknown schema), not an outage.
@@ -25,10 +25,7 @@ from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from stream_trainer.config import SchemaRegistrySettings
-from stream_trainer.laptop.datasets import get_dataset
-from stream_trainer.laptop.produce import ValueFormat, produce
-from stream_trainer.testing.schema_registry import SchemaRegistry
-from stream_trainer.wire import (
+from stream_trainer.ingest.wire import (
     JSON_SCHEMA_INVALID,
     MALFORMED_AVRO,
     UNKNOWN_SCHEMA,
@@ -39,6 +36,9 @@ from stream_trainer.wire import (
     frame,
     schema_ids,
 )
+from stream_trainer.laptop.datasets import get_dataset
+from stream_trainer.laptop.produce import ValueFormat, produce
+from stream_trainer.testing.schema_registry import SchemaRegistry
 from tests.conftest import BrokerHandle
 from tests.harness import read_topic
 from tests.tcp_proxy import Mode, TcpProxy

@@ -1,5 +1,5 @@
 """ModelReader serving partition- and key-scoped models from a real versions topic,
-published by the trainer's own path (stream_trainer.scoped_publish).
+published by the trainer's own path (stream_trainer.publishing.scoped_publish).
 
 Each slot's champion is published by a slot ModelPublisher into the design's 6.1 layout (a
 folder, or SeaweedFS under a slot fence), its scoped event sent by ScopedEventPublisher,
@@ -22,22 +22,22 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.app import new_state
 from stream_trainer.cli import EXIT_OK, main
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.metrics import build_metrics
-from stream_trainer.objectstore import ObjectStore, open_store
-from stream_trainer.partitioner import scope_id_for_key
-from stream_trainer.reader import ModelReader, NoModelForKey
-from stream_trainer.registry import ModelRegistry, RegistryFenced, VersionInfo
-from stream_trainer.routing_file import ROUTING_FILE
-from stream_trainer.scoped_publish import ScopedPublishing
-from stream_trainer.scoped_versions import Routing, partition_scope_id
-from stream_trainer.slot_fence import SlotFence
-from stream_trainer.slot_store import SlotStore
-from stream_trainer.store_registry import Fence
+from stream_trainer.operations.app import new_state
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.publishing.events import VersionEventPublisher
+from stream_trainer.publishing.partitioner import scope_id_for_key
+from stream_trainer.publishing.reader import ModelReader, NoModelForKey
+from stream_trainer.publishing.registry import ModelRegistry, RegistryFenced, VersionInfo
+from stream_trainer.publishing.routing_file import ROUTING_FILE
+from stream_trainer.publishing.scoped_publish import ScopedPublishing
+from stream_trainer.publishing.scoped_versions import Routing, partition_scope_id
+from stream_trainer.publishing.store_registry import Fence
+from stream_trainer.state.objectstore import ObjectStore, open_store
+from stream_trainer.state.slot_fence import SlotFence
+from stream_trainer.state.slot_store import SlotStore
 from stream_trainer.testing.seaweedfs import SeaweedFS
-from stream_trainer.versions import VersionEventPublisher
 from tests.conftest import KAFKA_ONLY
 from tests.harness import settings_for
 from tests.served_model import ConstantModel, VersionModel

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.publishing.registry import ModelRegistry
 from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, deep_merge, service_config, wait_for
 from tests.integration.test_training import (

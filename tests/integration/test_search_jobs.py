@@ -2,7 +2,8 @@
 pods (command, arguments, environment), sharing one Optuna study in a real PostgreSQL.
 
 The Job is the one the service would create: the chart's rendered template made into one
-search's Job by :func:`stream_trainer.kube_jobs.job_manifest`. Locally, a pod's mounts become
+search's Job by :func:`stream_trainer.training.search.kube_jobs.job_manifest`. Locally, a pod's
+mounts become
 files in a temporary folder (the config file, the checkpoint key and database URL Secrets,
 the snapshot claim) and ``JOB_COMPLETION_INDEX`` is set as Kubernetes sets it in an Indexed
 Job; the image's entry point ``stream-trainer`` is ``python -m stream_trainer``.
@@ -24,12 +25,12 @@ import pytest
 import yaml
 
 from stream_trainer.config import settings_from_mapping
-from stream_trainer.kube_jobs import job_manifest
-from stream_trainer.learners import build_model
-from stream_trainer.search import SearchFailed, search_spec, validation_start
-from stream_trainer.search_jobs import JobSearch, JobSearchCancelled
-from stream_trainer.search_snapshot import Snapshot, write_snapshot
-from stream_trainer.search_study import (
+from stream_trainer.training.learners import build_model
+from stream_trainer.training.search.jobs import JobSearch, JobSearchCancelled
+from stream_trainer.training.search.kube_jobs import job_manifest
+from stream_trainer.training.search.search import SearchFailed, search_spec, validation_start
+from stream_trainer.training.search.snapshot import Snapshot, write_snapshot
+from stream_trainer.training.search.study import (
     ATTR_BUDGET,
     budget_used,
     create_study,

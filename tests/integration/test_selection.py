@@ -25,15 +25,15 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.app import new_state
 from stream_trainer.config import settings_from_mapping
-from stream_trainer.faults import CRASH_ENV
+from stream_trainer.ingest.records import RecordDecoder
 from stream_trainer.laptop.datasets import TRANSACTIONS_DRIFT_AT, get_dataset
 from stream_trainer.laptop.produce import produce
-from stream_trainer.reader import ModelReader
-from stream_trainer.records import RecordDecoder
-from stream_trainer.registry import ModelRegistry
-from stream_trainer.trainers import build_trainer
+from stream_trainer.operations.app import new_state
+from stream_trainer.operations.faults import CRASH_ENV
+from stream_trainer.publishing.reader import ModelReader
+from stream_trainer.publishing.registry import ModelRegistry
+from stream_trainer.training.trainers import build_trainer
 from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.faults.support import (
     end_offsets,

@@ -44,12 +44,12 @@ from confluent_kafka import Producer
 from stream_trainer.config import Settings, load_settings
 from stream_trainer.laptop import service_process
 from stream_trainer.laptop.embedded import free_port
-from stream_trainer.objectstore import is_store_url, open_store
-from stream_trainer.partitioner import partition_for
-from stream_trainer.registry import open_registry
-from stream_trainer.scoped_versions import scope_prefix
-from stream_trainer.slot_store import SlotStore
-from stream_trainer.store_checkpoint import ObjectCheckpointStore
+from stream_trainer.publishing.partitioner import partition_for
+from stream_trainer.publishing.registry import open_registry
+from stream_trainer.publishing.scoped_versions import scope_prefix
+from stream_trainer.state.objectstore import is_store_url, open_store
+from stream_trainer.state.slot_store import SlotStore
+from stream_trainer.state.store_checkpoint import ObjectCheckpointStore
 from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, unique, wait_for

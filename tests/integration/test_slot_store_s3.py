@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.objectstore import open_store
-from stream_trainer.slot_store import (
+from stream_trainer.state.objectstore import open_store
+from stream_trainer.state.slot_store import (
     ManifestRead,
     SlotFenced,
     SlotManifest,

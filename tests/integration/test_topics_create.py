@@ -15,7 +15,7 @@ import yaml
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 
-from stream_trainer.topics import DEAD_LETTER_RETENTION_MS
+from stream_trainer.operations.topics import DEAD_LETTER_RETENTION_MS
 from tests.conftest import BrokerHandle, new_topic
 
 pytestmark = pytest.mark.integration

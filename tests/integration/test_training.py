@@ -19,12 +19,12 @@ import pytest
 from confluent_kafka import Producer
 
 from stream_trainer import __version__
-from stream_trainer.checkpoint import CheckpointStore
-from stream_trainer.control import send_command
-from stream_trainer.deadletter import HEADER_NAMES
+from stream_trainer.ingest.deadletter import HEADER_NAMES
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import poison_values, produce
-from stream_trainer.state import TrainingState
+from stream_trainer.operations.control import send_command
+from stream_trainer.state.checkpoint import CheckpointStore
+from stream_trainer.state.training_state import TrainingState
 from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 

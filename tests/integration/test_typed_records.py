@@ -25,7 +25,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from stream_trainer.laptop.datasets import DEVICES, MERCHANT_CATEGORIES, get_dataset
 from stream_trainer.laptop.produce import avro_schema
-from stream_trainer.learners import ModelAdapter
+from stream_trainer.training.learners import ModelAdapter
 from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import ServiceProcess, read_topic, service_config
 from tests.integration.test_avro_service import avro_values, register

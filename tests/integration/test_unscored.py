@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score
 from stream_trainer.config import settings_from_mapping
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
-from stream_trainer.learners import build_model
+from stream_trainer.training.learners import build_model
 from tests.conftest import KAFKA_ONLY, BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, service_config, wait_for
 

@@ -12,7 +12,7 @@ import pytest
 
 from stream_trainer.laptop.datasets import get_dataset
 from stream_trainer.laptop.produce import produce
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.publishing.registry import ModelRegistry
 from tests.conftest import KAFKA_ONLY
 from tests.harness import HMAC_KEY, ServiceProcess, read_topic, service_config, wait_for
 

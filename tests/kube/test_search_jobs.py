@@ -1,7 +1,7 @@
 """Search Jobs against a real kube-apiserver (RBAC on, Pod Security ``restricted``).
 
 The chart is installed with ``search.jobs`` (ci/search-jobs-values.yaml). The service's own
-client (:class:`stream_trainer.kube_jobs.KubeApi`), authenticated as the chart's
+client (:class:`stream_trainer.training.search.kube_jobs.KubeApi`), authenticated as the chart's
 ServiceAccount with a token from the TokenRequest API (what the kubelet mounts in the pod),
 creates the Job made from the installed template, reads and deletes it; the same token is
 refused everything else. No kubelet: the Job's pods never run here
@@ -23,8 +23,14 @@ import httpx2
 import pytest
 import yaml
 
-from stream_trainer.kube_jobs import RUNNING, STUDY_LABEL, KubeApi, job_manifest, job_state
-from stream_trainer.registry import ModelRegistry
+from stream_trainer.publishing.registry import ModelRegistry
+from stream_trainer.training.search.kube_jobs import (
+    RUNNING,
+    STUDY_LABEL,
+    KubeApi,
+    job_manifest,
+    job_state,
+)
 from tests.conftest import BrokerHandle
 from tests.harness import HMAC_KEY, ServiceProcess, service_config, wait_for
 from tests.integration.test_training import encoded_rows, produce_values, stop_cleanly

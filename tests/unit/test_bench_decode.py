@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_trainer.features import FeatureContract
+from stream_trainer.ingest.features import FeatureContract
 from stream_trainer.laptop.benchmarks import decode, stages
 from stream_trainer.laptop.benchmarks.workload import (
     InMemory,
@@ -176,7 +176,7 @@ def test_learner_ceiling_feeds_river_the_service_s_dicts_of_a_typed_contract(
     (typed,) = decode.build_paths(TRANSACTIONS, 50, paths=["typed_json"])
     batch = typed.decoder.decode([_Message(v) for v in typed.values])
     recorder = _Recorder()
-    monkeypatch.setattr("stream_trainer.learners.build_model", lambda _settings: recorder)
+    monkeypatch.setattr("stream_trainer.training.learners.build_model", lambda _settings: recorder)
     run = stages.learner_ceiling(InMemory(batch.X, batch.y), settings)
     assert run.records == 50
     # The service's dicts: missing values left out, categories as River tokens.

@@ -1,4 +1,4 @@
-"""The one "every N records / T seconds" rule (stream_trainer.cadence) and its two owners
+"""The one "every N records / T seconds" rule (stream_trainer.operations.cadence) and its two owners
 that persist their count in the state: the publisher and the full-batch trainer. Pure
 logic with an explicit clock: no broker, no registry, no sleeps."""
 
@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.app import new_state
-from stream_trainer.cadence import Cadence
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.metrics import build_metrics
-from stream_trainer.publisher import ModelPublisher
-from stream_trainer.state import TrainingState
-from stream_trainer.trainers import FullBatchTrainer
+from stream_trainer.operations.app import new_state
+from stream_trainer.operations.cadence import Cadence
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.publishing.publisher import ModelPublisher
+from stream_trainer.state.training_state import TrainingState
+from stream_trainer.training.trainers import FullBatchTrainer
 from tests.unit.test_trainers_unscored import FEATURES, batch, separable
 
 T0 = 1_000.0  # an arbitrary clock origin: the cadence must not assume the clock starts at 0

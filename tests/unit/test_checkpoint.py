@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from stream_trainer import checkpoint as ck
-from stream_trainer.checkpoint import (
+from stream_trainer.publishing.signing import sign
+from stream_trainer.state import checkpoint as ck
+from stream_trainer.state.checkpoint import (
     BackgroundWriter,
     CheckpointError,
     CheckpointLocked,
@@ -31,7 +32,6 @@ from stream_trainer.checkpoint import (
     DirectoryLock,
     WriteResult,
 )
-from stream_trainer.signing import sign
 
 KEY = b"test-key-0123456789abcdef"
 OTHER_KEY = b"another-key-fedcba9876543210"
@@ -331,7 +331,7 @@ def test_disk_full_via_rlimit_fsize_in_subprocess(tmp_path: Path) -> None:
         f"""
         import resource, signal, sys
         from pathlib import Path
-        from stream_trainer.checkpoint import CheckpointStore, CheckpointError
+        from stream_trainer.state.checkpoint import CheckpointStore, CheckpointError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
         s = CheckpointStore(Path({str(tmp_path)!r}), {KEY!r}, False, 5)
@@ -399,7 +399,7 @@ def test_directory_lock_second_process_fails_fast_naming_pid(tmp_path: Path) -> 
         f"""
         import sys, time
         from pathlib import Path
-        from stream_trainer.checkpoint import DirectoryLock, CheckpointLocked
+        from stream_trainer.state.checkpoint import DirectoryLock, CheckpointLocked
         t = time.monotonic()
         try:
             DirectoryLock(Path({str(tmp_path)!r})).acquire()
@@ -435,7 +435,7 @@ def test_directory_lock_released_when_holder_is_killed(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from stream_trainer.checkpoint import "
+            "import sys; from pathlib import Path; from stream_trainer.state.checkpoint import "
             f"DirectoryLock; DirectoryLock(Path({str(tmp_path)!r})).acquire(); "
             "print('held', flush=True); sys.stdin.read()",
         ],

@@ -13,19 +13,19 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.cadence import Cadence
-from stream_trainer.checkpoint import (
+from stream_trainer.ingest.deadletter import DeadLetterError
+from stream_trainer.ingest.source import Source
+from stream_trainer.operations.cadence import Cadence
+from stream_trainer.operations.faults import CrashPoints
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.state.checkpoint import (
     CheckpointError,
     CheckpointFenced,
     CheckpointStore,
     WriteResult,
 )
-from stream_trainer.checkpointer import Checkpointer, Snapshot
-from stream_trainer.deadletter import DeadLetterError
-from stream_trainer.faults import CrashPoints
-from stream_trainer.ledger import TopicPartitionKey, partition_key
-from stream_trainer.metrics import build_metrics
-from stream_trainer.source import Source
+from stream_trainer.state.checkpointer import Checkpointer, Snapshot
+from stream_trainer.state.ledger import TopicPartitionKey, partition_key
 from stream_trainer.testing.memory_source import InMemoryGroup, InMemorySource
 from tests.harness import NoCommits
 

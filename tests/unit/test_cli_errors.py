@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from stream_trainer.checkpoint import CheckpointStore
-from stream_trainer.learners import TESTING_ENV
+from stream_trainer.state.checkpoint import CheckpointStore
 from stream_trainer.testing.counting import FEATURES, RIVER_PATH
+from stream_trainer.training.learners import TESTING_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from stream_trainer.cli import EXIT_FAILURE, EXIT_OK, main
-from stream_trainer.registry import ModelRegistry
-from stream_trainer.routing_file import write_routing
-from stream_trainer.scoped_versions import Routing, scope_prefix
+from stream_trainer.publishing.registry import ModelRegistry
+from stream_trainer.publishing.routing_file import write_routing
+from stream_trainer.publishing.scoped_versions import Routing, scope_prefix
 
 KEY = "cli-versions-test-key"
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from stream_trainer.config import ConfigError, load_settings, settings_from_mapping
-from stream_trainer.learners import build_model
+from stream_trainer.training.learners import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

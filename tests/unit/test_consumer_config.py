@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from stream_trainer.config import KafkaSettings
-from stream_trainer.consumer import COOPERATIVE, cooperative_config
+from stream_trainer.ingest.kafka_source import COOPERATIVE, cooperative_config
 
 
 def test_the_service_consumer_gets_the_cooperative_assignor() -> None:
@@ -24,7 +24,7 @@ def test_an_eager_assignor_in_extra_is_overridden_with_a_warning(
         bootstrap_servers="b:9092", group_id="g", extra={"partition.assignment.strategy": "range"}
     )
     assert settings.consumer_config()["partition.assignment.strategy"] == "range"
-    with caplog.at_level(logging.WARNING, logger="stream_trainer.consumer"):
+    with caplog.at_level(logging.WARNING, logger="stream_trainer.ingest.kafka_source"):
         conf = cooperative_config(settings.consumer_config())
     assert conf["partition.assignment.strategy"] == COOPERATIVE
     [record] = [r for r in caplog.records if "overridden" in r.getMessage()]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.app import new_state
 from stream_trainer.config import load_settings
-from stream_trainer.control import (
+from stream_trainer.operations.app import new_state
+from stream_trainer.operations.control import (
     Ack,
     Command,
     ControlChannel,

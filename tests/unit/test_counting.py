@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_trainer.app import new_state
-from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.learners import TESTING_ENV, IncompatibleLearner, build_model
+from stream_trainer.operations.app import new_state
+from stream_trainer.state.checkpoint import CheckpointStore
 from stream_trainer.testing.counting import (
     FEATURES,
     RIVER_PATH,
@@ -24,6 +23,7 @@ from stream_trainer.testing.counting import (
     judge_counts,
     learnt_counts,
 )
+from stream_trainer.training.learners import TESTING_ENV, IncompatibleLearner, build_model
 
 KEY = b"k" * 32
 

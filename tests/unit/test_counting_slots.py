@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.app import new_state
-from stream_trainer.learners import TESTING_ENV
-from stream_trainer.objectstore import LocalStore
-from stream_trainer.slot_store import MANIFEST, SlotStore
-from stream_trainer.state import TrainingState
+from stream_trainer.operations.app import new_state
+from stream_trainer.state.objectstore import LocalStore
+from stream_trainer.state.slot_store import MANIFEST, SlotStore
+from stream_trainer.state.training_state import TrainingState
 from stream_trainer.testing.counting import (
     RIVER_PATH,
     CountingError,
@@ -24,6 +23,7 @@ from stream_trainer.testing.counting import (
     read_slots,
     slot_ids,
 )
+from stream_trainer.training.learners import TESTING_ENV
 from tests.unit.test_counting import KEY, settings
 
 

@@ -11,8 +11,8 @@ import pytest
 from confluent_kafka import KafkaError
 
 from stream_trainer.config import DeadLetterSettings
-from stream_trainer.deadletter import BadRecordBreaker, DeadLetterError, DeadLetterPublisher
-from stream_trainer.records import InvalidRecord
+from stream_trainer.ingest.deadletter import BadRecordBreaker, DeadLetterError, DeadLetterPublisher
+from stream_trainer.ingest.records import InvalidRecord
 
 
 class FakeProducer:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from stream_trainer.config import RecordSettings
-from stream_trainer.decode_worker import (
+from stream_trainer.ingest.decode_worker import (
     DecodeWorkerError,
     InlineDecoder,
     WorkerDecoder,
     build_unit_decoder,
 )
-from stream_trainer.records import DecodedBatch, RecordDecoder
+from stream_trainer.ingest.records import DecodedBatch, RecordDecoder
 from tests.unit.test_records import FEATURES, POISON, messages, ok
 
 SETTINGS = RecordSettings(features=FEATURES, labels=[0, 1], max_bytes=400)

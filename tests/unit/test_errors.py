@@ -8,7 +8,7 @@ import pkgutil
 
 import stream_trainer
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.learners import IncompatibleLearner
+from stream_trainer.training.learners import IncompatibleLearner
 
 
 def defined_exceptions() -> dict[str, type[BaseException]]:
@@ -31,7 +31,7 @@ def defined_exceptions() -> dict[str, type[BaseException]]:
 def test_every_exception_of_the_package_is_a_stream_trainer_error() -> None:
     found = defined_exceptions()
     print(f"{len(found)} exception classes: {', '.join(sorted(found))}")
-    assert "stream_trainer.lease.LeaseError" in found  # the walk reaches the modules
+    assert "stream_trainer.state.kafka_lease.LeaseError" in found  # the walk reaches the modules
     outside = sorted(name for name, cls in found.items() if not issubclass(cls, StreamTrainerError))
     assert not outside, f"not StreamTrainerError subclasses: {outside}"
 

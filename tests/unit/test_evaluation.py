@@ -13,7 +13,7 @@ from river import drift
 from sklearn import metrics as skm
 
 from stream_trainer.config import DriftSettings
-from stream_trainer.evaluation import DriftMonitor, PrequentialEvaluator, evaluate_holdout
+from stream_trainer.training.evaluation import DriftMonitor, PrequentialEvaluator, evaluate_holdout
 
 BINARY = ["no", "yes"]
 MULTI = [0, 1, 2, 3]

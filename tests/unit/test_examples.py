@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from stream_trainer.config import Settings, load_settings
-from stream_trainer.reader import NoModelForKey
+from stream_trainer.publishing.reader import NoModelForKey
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_trainer.fit_worker import FitWorker, FitWorkerError, lower_session_priority
-from stream_trainer.learners import build_model
+from stream_trainer.training.fit_worker import FitWorker, FitWorkerError, lower_session_priority
+from stream_trainer.training.learners import build_model
 from tests.unit.test_learners import make_settings
 
 FOREST = "sklearn.ensemble.RandomForestClassifier"

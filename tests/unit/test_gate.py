@@ -11,12 +11,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.config import GateSettings
-from stream_trainer.evaluation import PrequentialEvaluator
-from stream_trainer.learners import build_model
-from stream_trainer.metrics import build_metrics
-from stream_trainer.publisher import ModelPublisher
-from stream_trainer.trainers import FullBatchTrainer
-from stream_trainer.versions import GATE_CODES, PromotionGate, gate_metric, judge
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.publishing.events import GATE_CODES, PromotionGate, gate_metric, judge
+from stream_trainer.publishing.publisher import ModelPublisher
+from stream_trainer.training.evaluation import PrequentialEvaluator
+from stream_trainer.training.learners import build_model
+from stream_trainer.training.trainers import FullBatchTrainer
 from tests.unit.test_search import _state
 from tests.unit.test_trainers_unscored import make_settings
 

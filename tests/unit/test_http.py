@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.http import METRICS_CONTENT_TYPE, HealthServer, Heartbeat
-from stream_trainer.metrics import build_metrics
+from stream_trainer.operations.http import METRICS_CONTENT_TYPE, HealthServer, Heartbeat
+from stream_trainer.operations.metrics import build_metrics
 
 
 class FakeClock:

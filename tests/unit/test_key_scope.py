@@ -14,11 +14,13 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.app import new_state
 from stream_trainer.config import ConfigError, Settings, settings_from_mapping
-from stream_trainer.deadletter import DeadLetterPublisher
-from stream_trainer.http import Heartbeat
-from stream_trainer.key_service import (
+from stream_trainer.ingest.deadletter import DeadLetterPublisher
+from stream_trainer.ingest.records import InvalidRecord, RecordDecoder
+from stream_trainer.ingest.source import Source
+from stream_trainer.operations.app import new_state
+from stream_trainer.operations.http import Heartbeat
+from stream_trainer.operations.key_service import (
     KEY_HALTED,
     NO_MODEL_KEY,
     KeyedSlots,
@@ -28,20 +30,18 @@ from stream_trainer.key_service import (
     new_keyed_state,
     validate_keyed,
 )
-from stream_trainer.keyed_state import KeyedState, KeyStateError, KeyStateObjects
-from stream_trainer.learners import TESTING_ENV
-from stream_trainer.ledger import TopicPartitionKey
-from stream_trainer.metrics import Metrics, build_metrics
-from stream_trainer.objectstore import LocalStore
-from stream_trainer.partition_service import PartitionService
-from stream_trainer.partitioner import scope_id_for_key
-from stream_trainer.records import InvalidRecord, RecordDecoder
-from stream_trainer.scoped_publish import ScopedPublishing
-from stream_trainer.scoped_versions import KAFKA_KEY, Routing
-from stream_trainer.slot_store import SlotStore
-from stream_trainer.source import Source
+from stream_trainer.operations.metrics import Metrics, build_metrics
+from stream_trainer.operations.partition_service import PartitionService
+from stream_trainer.publishing.partitioner import scope_id_for_key
+from stream_trainer.publishing.scoped_publish import ScopedPublishing
+from stream_trainer.publishing.scoped_versions import KAFKA_KEY, Routing
+from stream_trainer.state.keyed_state import KeyedState, KeyStateError, KeyStateObjects
+from stream_trainer.state.ledger import TopicPartitionKey
+from stream_trainer.state.objectstore import LocalStore
+from stream_trainer.state.slot_store import SlotStore
 from stream_trainer.testing.counting import FEATURES, RIVER_PATH, Sample, counts_of
-from stream_trainer.trainers import build_trainer
+from stream_trainer.training.learners import TESTING_ENV
+from stream_trainer.training.trainers import build_trainer
 
 TOPIC = "orders"
 TP: TopicPartitionKey = (TOPIC, 0)

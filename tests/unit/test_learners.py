@@ -13,7 +13,7 @@ from river import datasets
 
 from stream_trainer.config import Settings, load_settings, settings_from_mapping
 from stream_trainer.laptop.datasets import get_dataset
-from stream_trainer.learners import (
+from stream_trainer.training.learners import (
     IncompatibleLearner,
     ModelAdapter,
     RiverAdapter,

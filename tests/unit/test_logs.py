@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stream_trainer import logs
+from stream_trainer.operations import logs
 
 
 @pytest.fixture

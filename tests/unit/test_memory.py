@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from stream_trainer.laptop.benchmarks.service_run import process_memory
-from stream_trainer.memory import release_free_memory
+from stream_trainer.operations.memory import release_free_memory
 
 
 def _rss_bytes() -> float:

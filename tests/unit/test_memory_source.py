@@ -6,10 +6,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from stream_trainer.consumer import KafkaSource
-from stream_trainer.consumer import RebalanceListener as ReExported
-from stream_trainer.ledger import TopicPartitionKey
-from stream_trainer.source import RebalanceListener, Source
+from stream_trainer.ingest.kafka_source import KafkaSource
+from stream_trainer.ingest.kafka_source import RebalanceListener as ReExported
+from stream_trainer.ingest.source import RebalanceListener, Source
+from stream_trainer.state.ledger import TopicPartitionKey
 from stream_trainer.testing.memory_source import (
     InMemoryGroup,
     InMemoryGroupError,

@@ -7,8 +7,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from stream_trainer.ledger import TopicPartitionKey
-from stream_trainer.metrics import (
+from stream_trainer.operations.metrics import (
     DEAD_LETTER_REASONS,
     OBJECT_STORE_OPERATIONS,
     LagTracker,
@@ -16,6 +15,7 @@ from stream_trainer.metrics import (
     build_metrics,
     parse_partition_offsets,
 )
+from stream_trainer.state.ledger import TopicPartitionKey
 
 # Trimmed from a real librdkafka statistics payload (consumer).
 STATS = {
@@ -273,8 +273,9 @@ def test_lag_ignores_statistics_before_attach() -> None:
 
 
 def test_reason_codes_match_their_modules() -> None:
-    from stream_trainer import checkpoint, records
-    from stream_trainer.metrics import QUARANTINE_REASONS
+    from stream_trainer.ingest import records
+    from stream_trainer.operations.metrics import QUARANTINE_REASONS
+    from stream_trainer.state import checkpoint
 
     assert records.REASONS == DEAD_LETTER_REASONS
     assert {checkpoint.BAD_SIGNATURE, checkpoint.PAYLOAD_CHECKSUM} <= set(QUARANTINE_REASONS)
@@ -303,6 +304,6 @@ def test_object_store_requests_are_labelled_by_operation_only() -> None:
 
 
 def test_object_store_operations_are_the_stores_own() -> None:
-    from stream_trainer.objectstore import OPERATIONS
+    from stream_trainer.state.objectstore import OPERATIONS
 
     assert OBJECT_STORE_OPERATIONS == OPERATIONS

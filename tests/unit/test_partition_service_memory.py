@@ -32,27 +32,27 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from stream_trainer import __version__
-from stream_trainer.app import new_state, validate_restored
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.deadletter import DeadLetterPublisher
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.faults import CrashPoints
-from stream_trainer.http import Heartbeat
-from stream_trainer.learners import TESTING_ENV
-from stream_trainer.ledger import TopicPartitionKey, partition_key
-from stream_trainer.metrics import build_metrics
-from stream_trainer.objectstore import LocalStore, ObjectStoreError, StoredObject
-from stream_trainer.partition_service import RETRY_UNAVAILABLE_S, PartitionService
-from stream_trainer.partition_slots import SCOPE, PartitionSlot, PartitionSlots
-from stream_trainer.records import RecordDecoder
-from stream_trainer.scoped_publish import ScopedPublishing
-from stream_trainer.scoped_versions import KAFKA_KEY, Routing
-from stream_trainer.slot_store import SlotStore, parse_object_name
-from stream_trainer.source import Source
-from stream_trainer.state import TrainingState
+from stream_trainer.ingest.deadletter import DeadLetterPublisher
+from stream_trainer.ingest.records import RecordDecoder
+from stream_trainer.ingest.source import Source
+from stream_trainer.operations.app import new_state, validate_restored
+from stream_trainer.operations.faults import CrashPoints
+from stream_trainer.operations.http import Heartbeat
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.operations.partition_service import RETRY_UNAVAILABLE_S, PartitionService
+from stream_trainer.publishing.scoped_publish import ScopedPublishing
+from stream_trainer.publishing.scoped_versions import KAFKA_KEY, Routing
+from stream_trainer.state.ledger import TopicPartitionKey, partition_key
+from stream_trainer.state.manager import SCOPE, PartitionSlot, PartitionSlots
+from stream_trainer.state.objectstore import LocalStore, ObjectStoreError, StoredObject
+from stream_trainer.state.slot_store import SlotStore, parse_object_name
+from stream_trainer.state.training_state import TrainingState
 from stream_trainer.testing.counting import RIVER_PATH, Sample, counts_of, judge_counts
 from stream_trainer.testing.memory_source import InMemoryGroup, InMemoryProducer, InMemorySource
-from stream_trainer.trainers import build_trainer
+from stream_trainer.training.learners import TESTING_ENV
+from stream_trainer.training.trainers import build_trainer
 
 T = "in"
 PARTITIONS = 6

@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.partitioner import (
+from stream_trainer.publishing.partitioner import (
     KeyFieldError,
     PartitionerError,
     crc32_partition,

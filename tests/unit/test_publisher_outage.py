@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.learners import build_model
-from stream_trainer.metrics import build_metrics
-from stream_trainer.publisher import ModelPublisher
-from stream_trainer.registry import RegistryUnavailable
-from stream_trainer.trainers import RetrainOutcome
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.publishing.publisher import ModelPublisher
+from stream_trainer.publishing.registry import RegistryUnavailable
+from stream_trainer.training.learners import build_model
+from stream_trainer.training.trainers import RetrainOutcome
 from tests.unit.test_search import _state, make_settings
 
 
@@ -48,7 +48,7 @@ def test_a_refusal_recorded_during_a_store_outage_is_logged_not_fatal(
         trained_on=100,
         reason="candidate 0.6000 vs champion 0.9000 (margin 0.0)",
     )
-    with caplog.at_level(logging.WARNING, logger="stream_trainer.publisher"):
+    with caplog.at_level(logging.WARNING, logger="stream_trainer.publishing.publisher"):
         publisher.record_rejection(state, outcome)  # must not raise
     assert registry.calls == 1
     assert metrics.versions_rejected._value.get() == 1  # counted all the same

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stream_trainer.config import RecordSettings
-from stream_trainer.records import REASONS, DecodedBatch, RecordDecoder
+from stream_trainer.ingest.records import REASONS, DecodedBatch, RecordDecoder
 
 FEATURES = ["b", "a", "c"]  # deliberately not sorted: columns must follow this order
 

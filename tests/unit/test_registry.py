@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.registry import ModelRegistry, RegistryError, VersionInfo
+from stream_trainer.publishing.registry import ModelRegistry, RegistryError, VersionInfo
 
 KEY = b"registry-test-key"
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from stream_trainer.metrics import build_metrics
-from stream_trainer.mlflow_export import MlflowMetrics
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.publishing.mlflow_export import MlflowMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm/stream-trainer/files/prometheus-rules.yaml"

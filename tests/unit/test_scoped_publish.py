@@ -1,4 +1,4 @@
-"""Publishing a scoped model's slots (stream_trainer.scoped_publish): the 6.1 layout, the
+"""Publishing a scoped model's slots (stream_trainer.publishing.scoped_publish): the 6.1 layout, the
 metadata, ROUTING.json written once, the one gate, per-slot sent-markers, the slot fence.
 
 Registries are real (a folder, or LocalStore, which honours the same conditional writes as
@@ -16,19 +16,24 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.app import new_state
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.metrics import build_metrics
-from stream_trainer.objectstore import LocalStore
-from stream_trainer.partitioner import scope_id_for_key
-from stream_trainer.registry import RegistryFenced, VersionInfo
-from stream_trainer.routing_file import ROUTING_FILE, RoutingConflict, read_routing, write_routing
-from stream_trainer.scoped_publish import ScopedPublishing, SlotPublishing
-from stream_trainer.scoped_versions import Routing, scoped_version_event
-from stream_trainer.slot_fence import SlotFence
-from stream_trainer.slot_store import SlotStore
-from stream_trainer.state import TrainingState
-from stream_trainer.store_registry import StoreRegistry
+from stream_trainer.operations.app import new_state
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.publishing.partitioner import scope_id_for_key
+from stream_trainer.publishing.registry import RegistryFenced, VersionInfo
+from stream_trainer.publishing.routing_file import (
+    ROUTING_FILE,
+    RoutingConflict,
+    read_routing,
+    write_routing,
+)
+from stream_trainer.publishing.scoped_publish import ScopedPublishing, SlotPublishing
+from stream_trainer.publishing.scoped_versions import Routing, scoped_version_event
+from stream_trainer.publishing.store_registry import StoreRegistry
+from stream_trainer.state.objectstore import LocalStore
+from stream_trainer.state.slot_fence import SlotFence
+from stream_trainer.state.slot_store import SlotStore
+from stream_trainer.state.training_state import TrainingState
 from tests.unit.test_trainers_unscored import FEATURES, separable
 
 MODEL = "fraud"

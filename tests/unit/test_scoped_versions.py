@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.partitioner import crc32_partition, murmur2_partition, scope_id_for_key
-from stream_trainer.reader import ModelReader, NoModelForKey, RoutingError
-from stream_trainer.registry import ModelRegistry, VersionInfo
-from stream_trainer.scoped_versions import (
+from stream_trainer.publishing.events import version_event
+from stream_trainer.publishing.partitioner import (
+    crc32_partition,
+    murmur2_partition,
+    scope_id_for_key,
+)
+from stream_trainer.publishing.reader import ModelReader, NoModelForKey, RoutingError
+from stream_trainer.publishing.registry import ModelRegistry, VersionInfo
+from stream_trainer.publishing.scoped_versions import (
     Routing,
     ScopedEventError,
     partition_scope_id,
@@ -21,7 +26,6 @@ from stream_trainer.scoped_versions import (
     scoped_event_key,
     scoped_version_event,
 )
-from stream_trainer.versions import version_event
 from tests.served_model import ConstantModel
 
 SIGNING_KEY = b"unit-signing-key"

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import yaml
 
-from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.cli import main
 from stream_trainer.config import (
     ConfigError,
@@ -25,13 +24,15 @@ from stream_trainer.config import (
     Settings,
     settings_from_mapping,
 )
-from stream_trainer.deadletter import BadRecordBreaker
-from stream_trainer.evaluation import PrequentialEvaluator
-from stream_trainer.fit_worker import FitWorker, FitWorkerError
-from stream_trainer.learners import IncompatibleLearner, ModelAdapter, build_model
-from stream_trainer.memory import data_limit, peak_memory_mb, reset_peak_memory
-from stream_trainer.metrics import SEARCH_TRIAL_STATES
-from stream_trainer.search import (
+from stream_trainer.ingest.deadletter import BadRecordBreaker
+from stream_trainer.operations.memory import data_limit, peak_memory_mb, reset_peak_memory
+from stream_trainer.operations.metrics import SEARCH_TRIAL_STATES
+from stream_trainer.state.checkpoint import CheckpointStore
+from stream_trainer.state.training_state import RecordWindow, TrainingState
+from stream_trainer.training.evaluation import PrequentialEvaluator
+from stream_trainer.training.fit_worker import FitWorker, FitWorkerError
+from stream_trainer.training.learners import IncompatibleLearner, ModelAdapter, build_model
+from stream_trainer.training.search.search import (
     COMPLETE,
     FAILED,
     TRIAL_STATES,
@@ -42,8 +43,7 @@ from stream_trainer.search import (
     validation_start,
     warm_start_params,
 )
-from stream_trainer.state import RecordWindow, TrainingState
-from stream_trainer.trainers import FullBatchTrainer
+from stream_trainer.training.trainers import FullBatchTrainer
 from tests.trial_adapters import DiesOnDepth, FailsOnDepth
 
 FEATURES = ["f0", "f1"]
@@ -480,7 +480,7 @@ class _FailingJobSearch:
 def test_a_failed_search_job_falls_back_to_the_fit_worker_instead_of_failing_the_retrain(
     tmp_path: Path,
 ) -> None:
-    from stream_trainer.kube_jobs import KubeApiError
+    from stream_trainer.training.search.kube_jobs import KubeApiError
 
     settings = make_settings(trials=4, checkpoint_dir=str(tmp_path))
     state = _state(build_model(settings), 2000)
@@ -499,7 +499,7 @@ def test_a_failed_search_job_falls_back_to_the_fit_worker_instead_of_failing_the
 
 
 def test_a_stop_during_a_search_job_is_not_a_fallback(tmp_path: Path) -> None:
-    from stream_trainer.search_jobs import JobSearchCancelled
+    from stream_trainer.training.search.jobs import JobSearchCancelled
 
     settings = make_settings(trials=4, checkpoint_dir=str(tmp_path))
     state = _state(build_model(settings), 2000)

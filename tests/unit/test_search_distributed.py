@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_trainer.kube_jobs import (
+from stream_trainer.operations.logs import clear_secrets, redact_text
+from stream_trainer.training.learners import build_model
+from stream_trainer.training.search.kube_jobs import (
     FAILED,
     MAX_NAME,
     RUNNING,
@@ -23,17 +25,15 @@ from stream_trainer.kube_jobs import (
     job_name,
     job_state,
 )
-from stream_trainer.learners import build_model
-from stream_trainer.logs import clear_secrets, redact_text
-from stream_trainer.search import search_spec
-from stream_trainer.search_snapshot import (
+from stream_trainer.training.search.search import search_spec
+from stream_trainer.training.search.snapshot import (
     MAGIC,
     Snapshot,
     SnapshotError,
     read_snapshot,
     write_snapshot,
 )
-from stream_trainer.search_study import (
+from stream_trainer.training.search.study import (
     DATABASE_URL_ENV,
     DATABASE_URL_FILE_ENV,
     StudyError,

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from stream_trainer.app import new_state
 from stream_trainer.config import ConfigError, Settings, settings_from_mapping
-from stream_trainer.learners import IncompatibleLearner, build_model
-from stream_trainer.records import DecodedBatch
-from stream_trainer.selection import OnlineSelection, check_interval, selection_spec
-from stream_trainer.trainers import SelectionTrainer, build_trainer
+from stream_trainer.ingest.records import DecodedBatch
+from stream_trainer.operations.app import new_state
+from stream_trainer.training.learners import IncompatibleLearner, build_model
+from stream_trainer.training.selection import OnlineSelection, check_interval, selection_spec
+from stream_trainer.training.trainers import SelectionTrainer, build_trainer
 
 FEATURES = ["f0", "f1"]
 LR = "river.linear_model.LogisticRegression"

@@ -19,21 +19,21 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from stream_trainer import __version__
-from stream_trainer.app import open_checkpoints, restore_state, validate_restored
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.deadletter import DeadLetterPublisher
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.faults import NO_CRASHES, CrashPoints
-from stream_trainer.http import Heartbeat
-from stream_trainer.ledger import TopicPartitionKey, partition_key
-from stream_trainer.metrics import build_metrics
-from stream_trainer.publisher import ModelPublisher
-from stream_trainer.records import RecordDecoder
-from stream_trainer.registry import open_registry
-from stream_trainer.service import Service
-from stream_trainer.state import TrainingState
+from stream_trainer.ingest.deadletter import DeadLetterPublisher
+from stream_trainer.ingest.records import RecordDecoder
+from stream_trainer.operations.app import open_checkpoints, restore_state, validate_restored
+from stream_trainer.operations.faults import NO_CRASHES, CrashPoints
+from stream_trainer.operations.http import Heartbeat
+from stream_trainer.operations.metrics import build_metrics
+from stream_trainer.operations.service import Service
+from stream_trainer.publishing.publisher import ModelPublisher
+from stream_trainer.publishing.registry import open_registry
+from stream_trainer.state.ledger import TopicPartitionKey, partition_key
+from stream_trainer.state.training_state import TrainingState
 from stream_trainer.testing.memory_source import InMemoryGroup, InMemoryProducer, InMemorySource
-from stream_trainer.trainers import build_trainer
+from stream_trainer.training.trainers import build_trainer
 
 T = "in"
 PARTITIONS = 3

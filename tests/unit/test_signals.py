@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from stream_trainer.signals import ShutdownSignals
+from stream_trainer.operations.signals import ShutdownSignals
 
 
 class _Target:

@@ -1,4 +1,4 @@
-"""A slot's checkpoints on an object store (stream_trainer.slot_store), on a folder:
+"""A slot's checkpoints on an object store (stream_trainer.state.slot_store), on a folder:
 LocalStore honours the same conditional writes as S3; the race on a real server is in
 tests/integration/test_slot_store_s3.py. And the start rule of design 4.4."""
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.checkpoint import CheckpointError, CheckpointFenced
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.objectstore import LocalStore, ObjectStoreError, PreconditionFailed
-from stream_trainer.slot_start import OFFSET_BEGINNING, Start, start_offset
-from stream_trainer.slot_store import (
+from stream_trainer.state.checkpoint import CheckpointError, CheckpointFenced
+from stream_trainer.state.objectstore import LocalStore, ObjectStoreError, PreconditionFailed
+from stream_trainer.state.slot_start import OFFSET_BEGINNING, Start, start_offset
+from stream_trainer.state.slot_store import (
     CLAIM_RETRIES,
     MANIFEST,
     SlotFenced,

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from stream_trainer.app import wait_for_kafka
+from stream_trainer.operations.app import wait_for_kafka
 
 BOOTSTRAP = "broker:9092"
 
@@ -44,7 +44,7 @@ def test_waits_through_every_failure_and_logs_each_reason_once(
     missing = "control topic c does not exist (create it, or unset topics.control)"
     probe = _Probe([down, down, down, missing, missing, None])
     reasons: list[str] = []
-    with caplog.at_level(logging.INFO, logger="stream_trainer.app"):
+    with caplog.at_level(logging.INFO, logger="stream_trainer.operations.app"):
         assert wait_for_kafka(probe, BOOTSTRAP, threading.Event(), reasons.append, _Clock())
     assert probe.attempts == 6
     assert reasons == [
@@ -61,7 +61,7 @@ def test_waits_through_every_failure_and_logs_each_reason_once(
 
 def test_a_long_wait_is_logged_again_every_30_s(caplog: pytest.LogCaptureFixture) -> None:
     probe = _Probe(["no broker answered"] * 13 + [None])  # 5 s apart: 65 s of waiting
-    with caplog.at_level(logging.WARNING, logger="stream_trainer.app"):
+    with caplog.at_level(logging.WARNING, logger="stream_trainer.operations.app"):
         assert wait_for_kafka(probe, BOOTSTRAP, threading.Event(), lambda _r: None, _Clock())
     assert len(caplog.records) == 3  # at 5 s, 35 s and 65 s
 

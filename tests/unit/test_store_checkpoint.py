@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from stream_trainer.checkpoint import CheckpointError, CheckpointFenced, checkpoint_name
-from stream_trainer.objectstore import LocalStore, ObjectNotFound, ObjectStoreError
-from stream_trainer.store_checkpoint import POINTER, ObjectCheckpointStore
-from stream_trainer.store_lease import StoreLease
+from stream_trainer.state.checkpoint import CheckpointError, CheckpointFenced, checkpoint_name
+from stream_trainer.state.objectstore import LocalStore, ObjectNotFound, ObjectStoreError
+from stream_trainer.state.store_checkpoint import POINTER, ObjectCheckpointStore
+from stream_trainer.state.store_lease import StoreLease
 
 KEY = b"test-key-0123456789abcdef"
 

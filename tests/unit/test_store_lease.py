@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from stream_trainer.objectstore import LocalStore, ObjectStoreError
-from stream_trainer.registry import RegistryError
-from stream_trainer.store_lease import (
+from stream_trainer.publishing.registry import RegistryError
+from stream_trainer.publishing.store_registry import StoreRegistry
+from stream_trainer.state.objectstore import LocalStore, ObjectStoreError
+from stream_trainer.state.store_lease import (
     LeaseHeld,
     LeaseKeeper,
     LeaseLost,
     StoreLease,
     StoreLeaseError,
 )
-from stream_trainer.store_registry import StoreRegistry
 
 
 class Clock:

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_trainer.app import new_state
 from stream_trainer.config import Settings, settings_from_mapping
-from stream_trainer.records import DecodedBatch
-from stream_trainer.trainers import FullBatchTrainer, MiniBatchTrainer, PerRecordTrainer
+from stream_trainer.ingest.records import DecodedBatch
+from stream_trainer.operations.app import new_state
+from stream_trainer.training.trainers import FullBatchTrainer, MiniBatchTrainer, PerRecordTrainer
 
 FEATURES = ["f0", "f1"]
 

@@ -13,10 +13,10 @@ import pytest
 from river import compose, linear_model, preprocessing
 
 from stream_trainer.config import RecordSettings, settings_from_mapping
-from stream_trainer.features import OTHER, FeatureContract, FeatureValueError, category_code
+from stream_trainer.ingest.features import OTHER, FeatureContract, FeatureValueError, category_code
+from stream_trainer.ingest.records import DecodedBatch, RecordDecoder
 from stream_trainer.laptop.datasets import TRANSACTIONS_FEATURES, get_dataset
-from stream_trainer.learners import IncompatibleLearner, SklearnAdapter, build_model
-from stream_trainer.records import DecodedBatch, RecordDecoder
+from stream_trainer.training.learners import IncompatibleLearner, SklearnAdapter, build_model
 
 LABELS = [False, True]
 

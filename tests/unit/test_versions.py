@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from stream_trainer.config import GateSettings
-from stream_trainer.registry import ModelRegistry, sent_marker
-from stream_trainer.versions import (
+from stream_trainer.publishing.events import (
     PromotionGate,
     VersionEventError,
     VersionEventPublisher,
     version_event,
 )
+from stream_trainer.publishing.registry import ModelRegistry, sent_marker
 
 
 def test_gate_accepts_without_champion_and_within_margin() -> None:

@@ -21,7 +21,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from stream_trainer.config import SchemaRegistrySettings
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.wire import (
+from stream_trainer.ingest.wire import (
     BAD_FRAME,
     JSON_SCHEMA_INVALID,
     MALFORMED_AVRO,
@@ -253,7 +253,7 @@ def test_ensure_retries_outages_and_reports_each(monkeypatch: pytest.MonkeyPatch
 def test_backoff_doubles_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
     monkeypatch.setattr(WireDecoder, "_wait", staticmethod(lambda s, _stop: waits.append(s)))
-    monkeypatch.setattr("stream_trainer.wire.random.uniform", lambda _a, _b: 1.0)
+    monkeypatch.setattr("stream_trainer.ingest.wire.random.uniform", lambda _a, _b: 1.0)
     decoder = WireDecoder(
         SchemaRegistrySettings(
             url="http://127.0.0.1:1", retry_backoff_initial_s=0.5, retry_backoff_max_s=3.0

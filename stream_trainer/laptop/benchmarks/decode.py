@@ -33,12 +33,12 @@ import msgspec
 
 from stream_trainer.config import RecordSettings, SchemaRegistrySettings
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.features import FeatureContract
+from stream_trainer.ingest.features import FeatureContract
+from stream_trainer.ingest.records import RecordDecoder
+from stream_trainer.ingest.wire import WireDecoder, frame
 from stream_trainer.laptop.benchmarks import report as rep
 from stream_trainer.laptop.datasets import Dataset, Row
 from stream_trainer.laptop.produce import avro_schema, json_schema
-from stream_trainer.records import RecordDecoder
-from stream_trainer.wire import WireDecoder, frame
 
 UNIT = 1000  # values per decode_values call, as the service decodes a unit
 BASELINE = "numeric_json"

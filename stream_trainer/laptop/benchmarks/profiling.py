@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.processes import tail_file
+from stream_trainer.operations.processes import tail_file
 
 SAMPLE_RATE_HZ = 100
 POLL_THREAD = "MainThread"  # app.py runs the poll loop on the main thread

@@ -1,6 +1,7 @@
 """``bench --search``: hyperparameter search trials per minute with 1 and N workers.
 
-The search the service runs (:func:`stream_trainer.search.run_search`) on the newest window of
+The search the service runs (:func:`stream_trainer.training.search.search.run_search`) on the
+newest window of
 the decoded workload, with the bench's full_batch model, in this process: once with
 ``workers: 1`` (trials one after the other in the searching process, the default) and once
 with N workers (joblib's loky pool), alternating within each repeat so a noisy minute
@@ -25,12 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from stream_trainer import trial_pool
 from stream_trainer.config import Settings
 from stream_trainer.laptop.benchmarks import report as rep
 from stream_trainer.laptop.benchmarks.workload import InMemory
-from stream_trainer.learners import build_model
-from stream_trainer.search import run_search, search_spec
+from stream_trainer.training.learners import build_model
+from stream_trainer.training.search import trial_pool
+from stream_trainer.training.search.search import run_search, search_spec
 
 # The searched space of the bench's RandomForest: trials of comparable cost (depth and
 # leaf size move a fit's time by a few times, not by orders).

@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from stream_trainer.checkpoint import CheckpointStore
 from stream_trainer.errors import StreamTrainerError
 from stream_trainer.laptop.benchmarks.profiling import Profiler
 from stream_trainer.laptop.service_process import ServiceProcess, ServiceProcessError
-from stream_trainer.objectstore import is_store_url
+from stream_trainer.state.checkpoint import CheckpointStore
+from stream_trainer.state.objectstore import is_store_url
 
 P = "stream_trainer"
 LEARNT = f"{P}_records_learnt_total"

@@ -22,17 +22,17 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_trainer.config import Settings
-from stream_trainer.decode_worker import InlineDecoder, UnitDecoder, build_unit_decoder
 from stream_trainer.errors import StreamTrainerError
-from stream_trainer.features import FeatureContract
+from stream_trainer.ingest.decode_worker import InlineDecoder, UnitDecoder, build_unit_decoder
+from stream_trainer.ingest.features import FeatureContract
+from stream_trainer.ingest.records import DecodedBatch
+from stream_trainer.ingest.wire import WireDecoder
 from stream_trainer.laptop.benchmarks.workload import (
     InMemory,
     ensure_schemas,
     record_decoder,
     unique,
 )
-from stream_trainer.records import DecodedBatch
-from stream_trainer.wire import WireDecoder
 
 UNIT = 1000  # records per consume batch / mini-batch, as in the service defaults
 
@@ -141,7 +141,7 @@ def learner_ceiling(data: InMemory, settings: Settings) -> StageRun:
     1000 on a model fitted on the first window (the poll loop only predicts; the fit runs
     beside it and is reported as ``fit_s``).
     """
-    from stream_trainer.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
+    from stream_trainer.training.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
 
     model = build_model(settings)
     mode = settings.training.mode
@@ -212,7 +212,7 @@ def naive_script(
     1000; full_batch: ``predict_many`` per 1000 and a blocking ``fit`` on the window every
     ``retrain_every_records``.
     """
-    from stream_trainer.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
+    from stream_trainer.training.learners import build_model  # noqa: PLC0415 - keeps the CLI fast
 
     model = build_model(settings)
     mode = settings.training.mode

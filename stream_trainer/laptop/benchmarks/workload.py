@@ -22,9 +22,9 @@ import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_trainer.config import Settings, settings_from_mapping
+from stream_trainer.ingest.records import RecordDecoder
+from stream_trainer.ingest.wire import RegistryWaitInterrupted, WireDecoder
 from stream_trainer.laptop.datasets import Dataset, Row
-from stream_trainer.records import RecordDecoder
-from stream_trainer.wire import RegistryWaitInterrupted, WireDecoder
 
 MODES = ("per_record", "mini_batch", "full_batch")
 HMAC_ENV = "STREAM_TRAINER_CHECKPOINT__HMAC_KEY"

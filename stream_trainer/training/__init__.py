@@ -1,0 +1,3 @@
+"""Models learn: learners, trainers, evaluation, online selection, full retrains.
+
+Imports nothing: see docs/design/scale-out.md 9.1."""
