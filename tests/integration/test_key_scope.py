@@ -10,12 +10,14 @@ A reader in key scope then serves a key its own published model.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from stream_trainer.laptop.embedded import free_port
 from stream_trainer.publishing.partitioner import scope_id_for_key
 from stream_trainer.publishing.reader import ModelReader
 from stream_trainer.state.keyed_state import KeyedState, KeyStateObjects
@@ -100,26 +102,26 @@ def test_two_members_train_one_model_per_key_with_eviction(
     bootstrap = config["kafka"]["bootstrap_servers"]
     producer = CountingProducer(bootstrap, topic, PARTITIONS, keys=KEYS, by_key=True)
     producer.produce(3000)
-    first = ServiceProcess(config, tmp_path, ENV, name="a")
-    first.start()
-    checkpoints = Path(config["checkpoint"]["dir"])
-    wait_for(lambda: len(slot_offsets(checkpoints, topic)) == PARTITIONS, 60, "six slots")
-    second_config = {**config, "http": {"host": "127.0.0.1", "port": config["http"]["port"] + 1}}
-    second = ServiceProcess(second_config, tmp_path, ENV, name="b")
-    second.start()
-    wait_for(
-        lambda: second.metrics().get("stream_trainer_assigned_partitions", 0) > 0,
-        60,
-        "the second member owns partitions",
-    )
-    producer.produce(3000)
-    ends = end_offsets(bootstrap, topic)
-    wait_for(lambda: slot_offsets(checkpoints, topic) == ends, 90, "every slot at the end")
-    loaded_a = first.metrics().get("stream_trainer_key_models_loaded_total", 0)
-    evicted_a = first.metrics().get("stream_trainer_key_models_evicted_total", 0)
-    live_b = second.metrics().get("stream_trainer_key_models_live", 0)
-    assert first.stop() == 0
-    assert second.stop() == 0
+    # A failing wait must not leave members running.
+    with contextlib.ExitStack() as members:
+        first = members.enter_context(ServiceProcess(config, tmp_path, ENV, name="a"))
+        checkpoints = Path(config["checkpoint"]["dir"])
+        wait_for(lambda: len(slot_offsets(checkpoints, topic)) == PARTITIONS, 60, "six slots")
+        second_config = {**config, "http": {"host": "127.0.0.1", "port": free_port()}}
+        second = members.enter_context(ServiceProcess(second_config, tmp_path, ENV, name="b"))
+        wait_for(
+            lambda: second.metrics().get("stream_trainer_assigned_partitions", 0) > 0,
+            60,
+            "the second member owns partitions",
+        )
+        producer.produce(3000)
+        ends = end_offsets(bootstrap, topic)
+        wait_for(lambda: slot_offsets(checkpoints, topic) == ends, 90, "every slot at the end")
+        loaded_a = first.metrics().get("stream_trainer_key_models_loaded_total", 0)
+        evicted_a = first.metrics().get("stream_trainer_key_models_evicted_total", 0)
+        live_b = second.metrics().get("stream_trainer_key_models_live", 0)
+        assert first.stop() == 0
+        assert second.stop() == 0
 
     models, from_objects = key_models(checkpoints, topic)
     total: Counter[Sample] = Counter()

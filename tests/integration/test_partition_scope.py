@@ -9,6 +9,7 @@ only partitions it owned at the time (its own log lines say which).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from stream_trainer.laptop.embedded import free_port
 from stream_trainer.state.ledger import TopicPartitionKey
 from stream_trainer.state.objectstore import LocalStore
 from stream_trainer.state.slot_store import SlotStore
@@ -114,24 +116,24 @@ def test_two_members_train_one_model_per_partition(
     bootstrap = config["kafka"]["bootstrap_servers"]
     producer = CountingProducer(bootstrap, topic, PARTITIONS)
     producer.produce(3000)
-    first = ServiceProcess(config, tmp_path, ENV, name="a")
-    first.start()
-    checkpoints = Path(config["checkpoint"]["dir"])
-    ends = end_offsets(bootstrap, topic)
-    wait_for(lambda: len(slot_offsets(checkpoints, topic)) == PARTITIONS, 60, "six slots")
-    second_config = {**config, "http": {"host": "127.0.0.1", "port": config["http"]["port"] + 1}}
-    second = ServiceProcess(second_config, tmp_path, ENV, name="b")
-    second.start()
-    wait_for(
-        lambda: second.metrics().get("stream_trainer_assigned_partitions", 0) > 0,
-        60,
-        "the second member owns partitions",
-    )
-    producer.produce(3000)
-    ends = end_offsets(bootstrap, topic)
-    wait_for(lambda: slot_offsets(checkpoints, topic) == ends, 90, "every slot at the end")
-    assert first.stop() == 0
-    assert second.stop() == 0
+    # A failing wait must not leave members running.
+    with contextlib.ExitStack() as members:
+        first = members.enter_context(ServiceProcess(config, tmp_path, ENV, name="a"))
+        checkpoints = Path(config["checkpoint"]["dir"])
+        ends = end_offsets(bootstrap, topic)
+        wait_for(lambda: len(slot_offsets(checkpoints, topic)) == PARTITIONS, 60, "six slots")
+        second_config = {**config, "http": {"host": "127.0.0.1", "port": free_port()}}
+        second = members.enter_context(ServiceProcess(second_config, tmp_path, ENV, name="b"))
+        wait_for(
+            lambda: second.metrics().get("stream_trainer_assigned_partitions", 0) > 0,
+            60,
+            "the second member owns partitions",
+        )
+        producer.produce(3000)
+        ends = end_offsets(bootstrap, topic)
+        wait_for(lambda: slot_offsets(checkpoints, topic) == ends, 90, "every slot at the end")
+        assert first.stop() == 0
+        assert second.stop() == 0
     per_slot = slot_counts(checkpoints, topic)
     for p, learnt in per_slot.items():
         assert {sample[0] for sample in learnt} <= {p}, f"slot {p} learnt another partition"
