@@ -13,12 +13,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import CollectorRegistry
 
 from stream_trainer import __version__
@@ -32,7 +32,7 @@ from stream_trainer.ingest.deadletter import (
 from stream_trainer.ingest.decode_worker import InlineDecoder, UnitDecoder, build_unit_decoder
 from stream_trainer.ingest.kafka_source import KafkaSource, RetentionGap
 from stream_trainer.ingest.records import RecordDecoder
-from stream_trainer.ingest.source import Source
+from stream_trainer.ingest.source import RebalanceListener, Source
 from stream_trainer.ingest.wire import WireDecoder
 from stream_trainer.operations.control import ControlChannel
 from stream_trainer.operations.delivery import NotDelivered
@@ -72,6 +72,7 @@ from stream_trainer.state.kafka_lease import (
     write_claim,
 )
 from stream_trainer.state.keyed_state import KeyStateObjects
+from stream_trainer.state.ledger import TopicPartitionKey
 from stream_trainer.state.manager import SCOPE as PARTITION_SCOPE
 from stream_trainer.state.manager import PartitionSlots
 from stream_trainer.state.objectstore import (
@@ -592,23 +593,16 @@ def run_service(
         publisher.reconcile(state)
 
         def make_source(service: Service) -> Source:
-            lag = LagTracker(
-                metrics,
-                read_committed=consumer_config.get("isolation.level") != "read_uncommitted",
-            )
-            source = KafkaSource(
+            # The service's next offsets, read on the poll thread that moves them.
+            return kafka_source(
+                settings,
                 consumer_config,
-                settings.topics.input,
+                metrics,
                 service,
-                on_error=service.on_kafka_error,
-                on_stats=lag.on_stats,
-                accept_retention_gap=settings.checkpoint.accept_retention_gap,
-                on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
+                service.on_kafka_error,
+                lambda: service.state.offsets,
                 sole_member=True,  # it holds the lease
             )
-            # The service's next offsets, read on the poll thread that moves them.
-            lag.attach(source, lambda: service.state.offsets)
-            return source
 
         service = Service(
             settings,
@@ -617,14 +611,7 @@ def run_service(
             decoder=decoder,
             trainer=trainer,
             store=store,
-            dead_letters=DeadLetterPublisher(
-                producer,
-                settings.topics.dead_letter,
-                settings.kafka.group_id,
-                __version__,
-                # The producer's own limit: a bigger dead letter is cut to fit it.
-                int(settings.kafka.extra.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)),
-            ),
+            dead_letters=dead_letter_publisher(settings, producer),
             publisher=publisher,
             metrics=metrics,
             heartbeat=heartbeat,
@@ -669,6 +656,48 @@ def run_service(
             http.stop()
         if owns_lock and lock is not None:
             lock.release()
+
+
+def kafka_source(
+    settings: Settings,
+    consumer_config: dict[str, Any],
+    metrics: Metrics,
+    listener: RebalanceListener,
+    on_error: Callable[[KafkaError], None],
+    positions: Callable[[], Mapping[TopicPartitionKey, int]],
+    *,
+    sole_member: bool = False,
+) -> KafkaSource:
+    """The input topics' consumer for ``listener`` (a service's rebalance hooks), with the
+    lag gauges fed from ``positions`` (the service's next offsets, read on the poll
+    thread that moves them)."""
+    lag = LagTracker(
+        metrics, read_committed=consumer_config.get("isolation.level") != "read_uncommitted"
+    )
+    source = KafkaSource(
+        consumer_config,
+        settings.topics.input,
+        listener,
+        on_error=on_error,
+        on_stats=lag.on_stats,
+        accept_retention_gap=settings.checkpoint.accept_retention_gap,
+        on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
+        sole_member=sole_member,
+    )
+    lag.attach(source, positions)
+    return source
+
+
+def dead_letter_publisher(settings: Settings, producer: Producer) -> DeadLetterPublisher:
+    """The dead-letter topic's publisher on ``producer``."""
+    return DeadLetterPublisher(
+        producer,
+        settings.topics.dead_letter,
+        settings.kafka.group_id,
+        __version__,
+        # The producer's own limit: a bigger dead letter is cut to fit it.
+        int(settings.kafka.extra.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)),
+    )
 
 
 def _partition_service(
@@ -749,21 +778,14 @@ def _partition_service(
         )
 
     def make_source(service: PartitionService) -> Source:
-        lag = LagTracker(
-            metrics,
-            read_committed=consumer_config.get("isolation.level") != "read_uncommitted",
-        )
-        source = KafkaSource(
+        return kafka_source(
+            settings,
             consumer_config,
-            settings.topics.input,
+            metrics,
             service,
-            on_error=service.on_kafka_error,
-            on_stats=lag.on_stats,
-            accept_retention_gap=settings.checkpoint.accept_retention_gap,
-            on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
+            service.on_kafka_error,
+            service.next_offsets,
         )
-        lag.attach(source, service.next_offsets)
-        return source
 
     args = (
         settings,
@@ -771,13 +793,7 @@ def _partition_service(
         make_source,
         decoder,
         build_trainer(settings, crash),
-        DeadLetterPublisher(
-            producer,
-            settings.topics.dead_letter,
-            settings.kafka.group_id,
-            __version__,
-            int(settings.kafka.extra.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)),
-        ),
+        dead_letter_publisher(settings, producer),
         metrics,
         heartbeat,
     )
