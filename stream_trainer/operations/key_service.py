@@ -224,7 +224,7 @@ class KeyService(PartitionService):
         except KeyStateError as error:
             state.halted[slot.key] = KEY_HALTED
             self.source.pause([slot.key])
-            self._metrics.partitions_halted.inc()
+            self._report_slots()
             log.error(
                 "partition halted: an evicted key state could not be read",
                 extra={"partition": slot.scope_id, "reason": str(error)},

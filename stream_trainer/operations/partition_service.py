@@ -31,12 +31,13 @@ from confluent_kafka import KafkaError
 
 from stream_trainer.config import Settings
 from stream_trainer.ingest.deadletter import DeadLetterPublisher
-from stream_trainer.ingest.records import DecodedBatch, RecordDecoder, invalid_from_message
+from stream_trainer.ingest.records import DecodedBatch, RecordDecoder
 from stream_trainer.ingest.source import Record, Source
 from stream_trainer.ingest.wire import RegistryWaitInterrupted, WireDecoder
 from stream_trainer.operations.faults import NO_CRASHES, CrashPoints
 from stream_trainer.operations.http import Heartbeat
 from stream_trainer.operations.metrics import Metrics
+from stream_trainer.operations.unit_dead_letters import dead_letter_unit
 from stream_trainer.publishing.registry import RegistryFenced, RegistryUnavailable
 from stream_trainer.state.checkpoint import CheckpointError, CheckpointFenced
 from stream_trainer.state.checkpointer import Snapshot
@@ -222,7 +223,7 @@ class PartitionService:
             # or dead-lettered; its owner's restart reads it again from the checkpoint.
             state.halted[key] = reason
             self.source.pause([key])
-            self._metrics.partitions_halted.inc()
+            self._report_slots()
             log.error(
                 "partition halted by the bad-record breaker",
                 extra={"partition": slot.scope_id, "reason": reason, "offset": records[0].offset()},
@@ -231,18 +232,7 @@ class PartitionService:
         result = self._train(slot, records, batch)
         if result is None:
             return
-        invalid = list(batch.invalid)
-        invalid.extend(
-            invalid_from_message(
-                records[r.message_index], "learn", "learner_error", r.error_class, r.message
-            )
-            for r in result.refused
-        )
-        if invalid:
-            self._dlq.publish(invalid)
-            state.records_dead_lettered += len(invalid)
-            for bad in invalid:
-                self._metrics.records_dead_lettered.labels(reason=bad.reason).inc()
+        dead_letter_unit(self._dlq, self._metrics, state, records, batch, result.refused)
         first, last = records[0].offset(), records[-1].offset()
         start = state.offsets.get(key, first)
         state.ledger.add(key, start, last + 1)
@@ -495,6 +485,10 @@ class PartitionService:
         g.labels(state="training").set(len(self.slots.slots))
         g.labels(state="unavailable").set(len(self._unavailable))
         g.labels(state="fenced").set(len(self._fenced))
+        # Derived from the slots held, so a halted partition that moves away stops counting.
+        self._metrics.partitions_halted.set(
+            sum(slot.key in slot.state.halted for slot in self.slots.slots.values())
+        )
 
     # -- stop ------------------------------------------------------------------------------
 

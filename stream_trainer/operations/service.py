@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError
 from stream_trainer.config import Settings
 from stream_trainer.ingest.deadletter import DeadLetterPublisher
 from stream_trainer.ingest.decode_worker import InlineDecoder, UnitDecoder
-from stream_trainer.ingest.records import DecodedBatch, RecordDecoder, invalid_from_message
+from stream_trainer.ingest.records import DecodedBatch, RecordDecoder
 from stream_trainer.ingest.source import Record, Source
 from stream_trainer.ingest.wire import (
     RegistryWaitInterrupted,
@@ -34,6 +34,7 @@ from stream_trainer.operations.control import Ack, ControlChannel, Incoming, Out
 from stream_trainer.operations.faults import NO_CRASHES, CrashPoints
 from stream_trainer.operations.http import Heartbeat
 from stream_trainer.operations.metrics import Metrics
+from stream_trainer.operations.unit_dead_letters import dead_letter_unit
 from stream_trainer.publishing.publisher import ModelPublisher
 from stream_trainer.publishing.registry import RegistryUnavailable
 from stream_trainer.state.checkpoint import BackgroundWriter, CheckpointFenced, CheckpointWriter
@@ -397,18 +398,7 @@ class Service:
             by_partition = _group_by_partition(batch)
 
         result = self._trainer.learn(state, batch)
-        invalid = list(batch.invalid)
-        invalid.extend(
-            invalid_from_message(
-                records[r.message_index], "learn", "learner_error", r.error_class, r.message
-            )
-            for r in result.refused
-        )
-        if invalid:
-            self._dlq.publish(invalid)
-            state.records_dead_lettered += len(invalid)
-            for record in invalid:
-                self._metrics.records_dead_lettered.labels(reason=record.reason).inc()
+        dead_letter_unit(self._dlq, self._metrics, state, records, batch, result.refused)
         offsets = batch.message_offsets
         for key, indexes in by_partition.items():
             last = int(offsets[indexes[-1]])
