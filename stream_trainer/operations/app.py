@@ -226,10 +226,14 @@ class _StartupStop:
 
 
 def cluster_probe(
-    producer: Producer, control: ControlChannel | None, timeout_s: float = KAFKA_PROBE_TIMEOUT_S
+    producer: Producer,
+    control: ControlChannel | None,
+    timeout_s: float = KAFKA_PROBE_TIMEOUT_S,
+    input_topic: str | None = None,
 ) -> Callable[[], str | None]:
-    """One attempt to reach the cluster (and the control topic, if any): None when both
-    answer, else why not."""
+    """One attempt to reach the cluster (and the control topic, if any; and
+    ``input_topic``, whose partition count a scoped model needs before it starts): None
+    when all answer, else why not."""
 
     def probe() -> str | None:
         try:
@@ -239,6 +243,13 @@ def cluster_probe(
             return f"no broker answered ({detail})"
         if not metadata.brokers:
             return "the cluster's metadata lists no brokers"
+        if input_topic is not None:
+            found = metadata.topics.get(input_topic)
+            if found is None or found.error is not None or not found.partitions:
+                return (
+                    f"input topic {input_topic} does not exist (create it: stream-trainer "
+                    "topics create)"
+                )
         return None if control is None else control.connect(timeout_s)
 
     return probe
@@ -459,7 +470,8 @@ def run_service(
         if settings.model.scope in ("partition", "key"):
             producer = Producer(settings.kafka.producer_config())
             reachable = wait_for_kafka(
-                cluster_probe(producer, None),
+                # Waited for, not a start-up error: a pod must not crash-loop until it exists.
+                cluster_probe(producer, None, input_topic=settings.topics.input[0]),
                 settings.kafka.bootstrap_servers,
                 startup_stop.event,
                 _waiting_for_store,

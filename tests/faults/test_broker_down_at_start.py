@@ -195,3 +195,34 @@ def test_broker_down_at_start_with_both_stores_on_s3(
     assert pointer["token"] == 1  # one writer, the lease taken once
     assert pointer["sequence"] >= 1
     assert sequence_of_name(pointer["object"]) == pointer["sequence"]
+
+
+def test_partition_scope_waits_for_the_broker_and_its_input_topic(tmp_path: Path) -> None:
+    """A partition-scope member needs the input topic's partition count before it starts:
+    with the broker down, then up without the topic, it waits (ready says why), never
+    exits; once the topic exists it trains every partition."""
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    config = deep_merge(
+        _config(tmp_path, bootstrap),
+        {"model": {"scope": "partition"}, "topics": {"control": None}},
+    )
+    topics = config["topics"]
+    service = ServiceProcess(config, tmp_path).start()
+    try:
+        wait_for(lambda: _readyz_says(service, f"{WAITING} {bootstrap}"), 60, "/readyz: waiting")
+        broker = _broker_on(port)
+        try:
+            missing = f"input topic {topics['input'][0]} does not exist"
+            wait_for(lambda: _readyz_says(service, missing), 30, "/readyz: input topic missing")
+            create_topics(
+                bootstrap, {topics["input"][0]: 2, topics["dead_letter"]: 1, topics["versions"]: 1}
+            )
+            produce_records(config, 400, 2)
+            service.wait_metric(LEARNT, 400, 90)
+            assert service.metric('stream_trainer_slots{state="training"}') == 2
+            assert service.stop() == 0, service.tail()
+        finally:
+            broker.stop()
+    finally:
+        service.__exit__()
