@@ -10,7 +10,6 @@ only partitions it owned at the time (its own log lines say which).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ from stream_trainer.testing.counting import (
     FEATURES,
     RIVER_PATH,
     CountingProducer,
-    counts_of,
     judge_counts,
     produced_samples,
+    read_slots,
 )
 from stream_trainer.training.learners import TESTING_ENV
 from tests.conftest import BrokerHandle
+from tests.faults.ownership import MemberLog
 from tests.faults.support import end_offsets, fault_config, topic_of
 from tests.harness import HMAC_KEY, ServiceProcess, wait_for
 
@@ -74,37 +74,20 @@ def slot_offsets(checkpoints: Path, topic: str) -> dict[TopicPartitionKey, int]:
 
 
 def slot_counts(checkpoints: Path, topic: str) -> dict[int, Counter[Any]]:
-    """What each slot's head checkpoint learnt, HMAC verified."""
-    store = LocalStore(checkpoints)
+    """What each slot's head checkpoint learnt, HMAC verified (the oracle's reader)."""
+    slots = read_slots(checkpoints, HMAC_KEY.encode())
     out: dict[int, Counter[Any]] = {}
     for p in range(PARTITIONS):
-        slot = SlotStore(store, "partition", f"{topic}:{p}", "reader", HMAC_KEY.encode(), False, 5)
-        manifest = slot.read().manifest
-        assert manifest is not None and manifest.head is not None, f"partition {p}: no slot"
-        loaded = slot.read_head()
-        assert loaded is not None
-        out[p] = counts_of(loaded.state.model)
+        slot = slots.get(f"{topic}:{p}")
+        assert slot is not None and slot.offsets, f"partition {p}: no slot"
+        out[p] = slot.learnt
     return out
 
 
 def commits_outside_ownership(log_path: Path) -> list[str]:
-    """Commits this member made for partitions its own log says it did not own."""
-    owned: set[str] = set()
-    bad: list[str] = []
-    for line in log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        message = entry.get("event")
-        if message == "partitions assigned":
-            owned.update(entry["partitions"])
-        elif message in ("partitions revoked", "partitions lost"):
-            # Logged as the callback gives them up (a revoke's own commit comes before).
-            owned.difference_update(entry["partitions"])
-        elif message == "offsets committed":
-            bad.extend(p for p in entry["offsets"] if p not in owned)
-    return bad
+    """Commits this member made for partitions its own log says it did not own (the
+    fault suite's replay of assigned / revoked / lost / committed lines)."""
+    return MemberLog(log_path.stem, log_path).refresh().violations
 
 
 @pytest.mark.parametrize("mode", ["per_record", "mini_batch"])
