@@ -67,8 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (An object store's writer holds a lease instead, taken once the member is active.)
     where = settings.checkpoint.dir
     # Partition scope: members share the folder; each slot is claimed by its MANIFEST.
-    shared = settings.model.scope != "global"
-    lock = DirectoryLock(where) if isinstance(where, Path) and not shared else None
+    lock = DirectoryLock(where) if isinstance(where, Path) and not settings.model.scoped else None
     try:
         if lock is not None:
             lock.acquire()

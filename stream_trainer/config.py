@@ -844,6 +844,12 @@ class ModelSettings(StrictModel):
     )
     key: KeySettings = Field(default_factory=KeySettings)
 
+    @property
+    def scoped(self) -> bool:
+        """One model per partition or per key: every member trains, each owning slots of
+        the shared checkpoint store (no folder lock, no lease, dynamic membership)."""
+        return self.scope != "global"
+
 
 class MiniBatchSettings(StrictModel):
     """``mini_batch`` mode: a unit is ``size`` records or whatever arrived in ``max_wait_s``."""
@@ -1851,7 +1857,7 @@ class Settings(BaseSettings):
         return self
 
     def _check_scope(self) -> None:
-        if self.model.scope == "global":
+        if not self.model.scoped:
             return
         if self.training.mode == "full_batch":
             raise ValueError(

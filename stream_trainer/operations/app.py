@@ -403,9 +403,7 @@ def run_service(
     # taken once this member is the active one.
     # Partition scope: members share the folder's slots, each claimed by its MANIFEST.
     owns_lock = (
-        lock is None
-        and isinstance(settings.checkpoint.dir, Path)
-        and settings.model.scope == "global"
+        lock is None and isinstance(settings.checkpoint.dir, Path) and not settings.model.scoped
     )
     if owns_lock:
         lock = DirectoryLock(Path(settings.checkpoint.dir))
@@ -448,7 +446,7 @@ def run_service(
     wire: WireDecoder | None = None
     exporter: MlflowExporter | None = None
     consumer_config = settings.kafka.consumer_config()
-    if settings.model.scope == "global" or settings.kafka.group_instance_id is not None:
+    if not settings.model.scoped or settings.kafka.group_instance_id is not None:
         # Partition scope on a Deployment: dynamic members, whose LeaveGroup at a stop hands
         # their partitions over at once (a static one holds them a session timeout).
         consumer_config["group.instance.id"] = settings.group_instance_id(socket.gethostname())
@@ -467,7 +465,7 @@ def run_service(
         if settings.record.format != "json":
             wire = WireDecoder(settings.schema_registry)
         decoder = RecordDecoder(settings.record, settings.model.task, wire)
-        if settings.model.scope in ("partition", "key"):
+        if settings.model.scoped:
             producer = Producer(settings.kafka.producer_config())
             reachable = wait_for_kafka(
                 # Waited for, not a start-up error: a pod must not crash-loop until it exists.
