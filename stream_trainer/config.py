@@ -850,6 +850,14 @@ class ModelSettings(StrictModel):
         the shared checkpoint store (no folder lock, no lease, dynamic membership)."""
         return self.scope != "global"
 
+    @property
+    def key_field(self) -> str | None:
+        """The record field the model key is read from (scope key, source field), else
+        None: the decoder treats it as a known field, never an unknown feature."""
+        if self.scope == "key" and self.key.source == "field":
+            return self.key.field
+        return None
+
 
 class MiniBatchSettings(StrictModel):
     """``mini_batch`` mode: a unit is ``size`` records or whatever arrived in ``max_wait_s``."""
