@@ -364,7 +364,9 @@ class RecordDecoder:
                 meta_fields.append((attr, Any, None))
                 meta_names[attr] = name
         for n, name in enumerate(self._known):
-            meta_fields.append((f"known{n}", Any, None))
+            # Raw: the service reads the value itself; parsing it here would refuse what it
+            # accepts in the nested layout (an integer beyond a float's range, say).
+            meta_fields.append((f"known{n}", msgspec.Raw, msgspec.Raw()))
             meta_names[f"known{n}"] = name
         return msgspec.defstruct(
             "FlatRecord",

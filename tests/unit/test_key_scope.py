@@ -402,6 +402,9 @@ def test_the_key_field_is_a_known_field_of_the_flat_layout() -> None:
     decoded = keyed_decoder.decode_values([value, b'{"a": 1, "y": 0, "b": 2}'])
     assert decoded.valid_index.tolist() == [0] and decoded.X.tolist() == [[1.5]]
     assert [(i, r.reason) for i, r in decoded.rejects] == [(1, "unknown_feature")]
+    # Its value is the key reader's to judge: not parsed (a 400-digit integer is a key).
+    big = b'{"a": 1, "y": 0, "customer": 1' + b"0" * 400 + b"}"
+    assert keyed_decoder.decode_values([big]).valid_index.tolist() == [0]
     # A key field that is also a feature stays a feature.
     both = RecordDecoder(record, "regression", known_fields=("a",)).decode_values(
         [b'{"a": 2, "y": 0}']
