@@ -780,7 +780,10 @@ class KeySettings(StrictModel):
     field: str | None = Field(
         default=None,
         min_length=1,
-        description="the record field holding the key (model.key.source: field)",
+        description=(
+            "the top-level record field holding the key (model.key.source: field); a dot is "
+            "part of the name, not a path into a nested object"
+        ),
     )
     max_live_models: int = Field(
         default=10_000,
