@@ -780,7 +780,10 @@ class KeySettings(StrictModel):
     field: str | None = Field(
         default=None,
         min_length=1,
-        description="the record field holding the key (model.key.source: field)",
+        description=(
+            "the top-level record field holding the key (model.key.source: field); a dot is "
+            "part of the name, not a path into a nested object"
+        ),
     )
     max_live_models: int = Field(
         default=10_000,
@@ -849,6 +852,14 @@ class ModelSettings(StrictModel):
         """One model per partition or per key: every member trains, each owning slots of
         the shared checkpoint store (no folder lock, no lease, dynamic membership)."""
         return self.scope != "global"
+
+    @property
+    def key_field(self) -> str | None:
+        """The record field the model key is read from (scope key, source field), else
+        None: the decoder treats it as a known field, never an unknown feature."""
+        if self.scope == "key" and self.key.source == "field":
+            return self.key.field
+        return None
 
 
 class MiniBatchSettings(StrictModel):

@@ -273,7 +273,15 @@ class RecordDecoder:
     feature named like the label field, or a classification task without labels).
     """
 
-    def __init__(self, record: RecordSettings, task: str, wire: WireDecoder | None = None) -> None:
+    def __init__(
+        self,
+        record: RecordSettings,
+        task: str,
+        wire: WireDecoder | None = None,
+        known_fields: Sequence[str] = (),
+    ) -> None:
+        """``known_fields``: more top-level fields the service reads itself (the model key
+        field, ``model.key.field``): never an unknown feature, their values not checked."""
         if (record.format == "json") != (wire is None):
             raise ValueError(
                 f"record.format {record.format!r}: a wire decoder is needed exactly when not json"
@@ -306,6 +314,11 @@ class RecordDecoder:
             raise ValueError(
                 f"features_field {record.features_field!r} clashes with a metadata field"
             )
+        # A known field may also be a feature (a numeric id learnt from and keyed by).
+        self._known = tuple(
+            name for name in known_fields if name not in self._reserved | self._feature_set
+        )
+        self._reserved |= frozenset(self._known)
         self._typed: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self._record_type(labels))
         self._generic = msgspec.json.Decoder()
 
@@ -350,6 +363,11 @@ class RecordDecoder:
             if name is not None:
                 meta_fields.append((attr, Any, None))
                 meta_names[attr] = name
+        for n, name in enumerate(self._known):
+            # Raw: the service reads the value itself; parsing it here would refuse what it
+            # accepts in the nested layout (an integer beyond a float's range, say).
+            meta_fields.append((f"known{n}", msgspec.Raw, msgspec.Raw()))
+            meta_names[f"known{n}"] = name
         return msgspec.defstruct(
             "FlatRecord",
             [*feature_fields, *meta_fields],

@@ -464,7 +464,10 @@ def run_service(
         # First, so the decode worker's interpreter starts while the checkpoint loads.
         if settings.record.format != "json":
             wire = WireDecoder(settings.schema_registry)
-        decoder = RecordDecoder(settings.record, settings.model.task, wire)
+        key_field = settings.model.key_field
+        decoder = RecordDecoder(
+            settings.record, settings.model.task, wire, () if key_field is None else (key_field,)
+        )
         if settings.model.scoped:
             producer = Producer(settings.kafka.producer_config())
             reachable = wait_for_kafka(

@@ -7,7 +7,8 @@ record's effect on its key's model is exactly once. This module adds, per unit:
 
 - **split by key**: each valid record's key (the Kafka message key, or
   ``model.key.field``) is hashed (:func:`partitioner.scope_id_for_key`); a record without
-  one is dead-lettered (``no_model_key``); each key's rows learn in the key's own
+  one is dead-lettered (``no_model_key``, the message saying why: null, missing, of
+  another type, not valid Unicode); each key's rows learn in the key's own
   :class:`TrainingState` through the configured trainer (per_record / mini_batch);
 - **load before learn**: every key of the unit that was evicted is read back (verified)
   before any key learns, so a store failure halts the partition with nothing of the unit
@@ -32,7 +33,9 @@ from typing import Any, cast
 import numpy as np
 
 from stream_trainer.config import Settings
+from stream_trainer.errors import StreamTrainerError
 from stream_trainer.ingest.deadletter import BadRecordBreaker
+from stream_trainer.ingest.features import json_type
 from stream_trainer.ingest.records import DecodedBatch, invalid_from_message
 from stream_trainer.ingest.source import Record
 from stream_trainer.operations.partition_service import PUBLISH_RETRY_S, PartitionService
@@ -71,26 +74,55 @@ def keyed(slot: PartitionSlot) -> KeyedState:
     return state
 
 
+class NoModelKey(StreamTrainerError):
+    """A record has no usable model key; the message says why, never the key's value."""
+
+
 class KeyReader:
-    """A record's key hash (None: it has none) from the Kafka key or a JSON field."""
+    """A record's key hash, from the Kafka key or the top-level JSON field ``field``."""
 
     def __init__(self, source: str, field: str | None) -> None:
         self._field = field if source == "field" else None
 
     def __call__(self, record: Record) -> str | None:
+        """The key hash, or None when the record has none (:meth:`read` says why)."""
+        try:
+            return self.read(record)
+        except NoModelKey:
+            return None
+
+    def read(self, record: Record) -> str:
+        """The key hash of ``record``. Raises NoModelKey naming why it has none: Kafka key
+        null; field missing, null, not a string or an integer, or a string that is not
+        valid Unicode. The field is one top-level name: a dot in it is no path."""
         if self._field is None:
             raw = record.key()
-            return None if raw is None else scope_id_for_key(raw)
+            if raw is None:
+                raise NoModelKey("the record's Kafka key is null (model.key.source: kafka_key)")
+            return scope_id_for_key(raw)
+        where = f"model.key.field {self._field!r}"
         try:
             value = json.loads(record.value() or b"")
-        except ValueError:
-            return None
+        except ValueError as error:  # the decoder accepted it: e.g. an int too long for str
+            raise NoModelKey(f"{where}: the value could not be read: {error}") from None
         if not isinstance(value, dict) or self._field not in value:
-            return None
+            raise NoModelKey(f"{where} is missing")
+        found = value[self._field]
+        if found is None:
+            raise NoModelKey(f"{where} is null")
         try:
-            return scope_id_for_key(key_bytes_from_field(value[self._field]))
+            return scope_id_for_key(key_bytes_from_field(found))
         except KeyFieldError:
-            return None
+            if isinstance(found, str):
+                raise NoModelKey(
+                    f"{where} is a string with an unpaired surrogate escape (not valid Unicode)"
+                ) from None
+            kind = (
+                "a non-integer number (decimal point or exponent)"
+                if isinstance(found, float)
+                else json_type(found)
+            )
+            raise NoModelKey(f"{where} is {kind}, not a string or an integer") from None
 
 
 class NoSlotPublisher(ModelPublisher):
@@ -203,22 +235,18 @@ class KeyService(PartitionService):
         if slot.key in state.halted:
             return None  # not learnt, offsets not moved: read again after a restart
         self._ensure_tracked(slot, state)
-        keys = [self._key_of(records[int(i)]) for i in batch.valid_index]
         rows_of: dict[str, list[int]] = {}
-        for row, key_hash in enumerate(keys):
-            if key_hash is None:
-                index = int(batch.valid_index[row])
+        for row, index in enumerate(batch.valid_index.tolist()):
+            try:
+                key_hash = self._key_of.read(records[index])
+            except NoModelKey as missing:
                 batch.invalid.append(
                     invalid_from_message(
-                        records[index],
-                        "learn",
-                        NO_MODEL_KEY,
-                        "NoModelKey",
-                        "the record has no model key (model.key)",
+                        records[index], "learn", NO_MODEL_KEY, "NoModelKey", str(missing)
                     )
                 )
-            else:
-                rows_of.setdefault(key_hash, []).append(row)
+                continue
+            rows_of.setdefault(key_hash, []).append(row)
         try:
             self._load_missing(slot, state, list(rows_of))
         except KeyStateError as error:

@@ -112,11 +112,20 @@ def scope_id_for_key(key: bytes) -> str:
 
 def key_bytes_from_field(value: object) -> bytes:
     """The canonical key bytes of a record field: a str's UTF-8, an int's decimal text.
+    A str with an unpaired surrogate (JSON ``"\\ud800"``) has no UTF-8: KeyFieldError.
 
     Anything else (bool, float, bytes, None, containers) is refused with KeyFieldError:
     ``1.0`` vs ``1`` or ``True`` vs ``1`` would make two producers disagree silently."""
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON's "\ud800" escape decodes to a lone surrogate, which has no UTF-8: a
+            # producer in another language cannot have meant (or hashed) such a key.
+            raise KeyFieldError(
+                "a key field string must be valid Unicode, got one with an unpaired "
+                "surrogate escape"
+            ) from None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value).encode("ascii")
     raise KeyFieldError(

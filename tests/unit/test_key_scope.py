@@ -6,6 +6,7 @@ and the dead-letter producer are stand-ins (the Kafka paths: tests/integration).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.config import ConfigError, Settings, settings_from_mapping
+from stream_trainer.config import ConfigError, RecordSettings, Settings, settings_from_mapping
 from stream_trainer.ingest.deadletter import DeadLetterPublisher
 from stream_trainer.ingest.records import InvalidRecord, RecordDecoder
 from stream_trainer.ingest.source import Source
@@ -26,6 +27,7 @@ from stream_trainer.operations.key_service import (
     KeyedSlots,
     KeyReader,
     KeyService,
+    NoModelKey,
     keyed,
     new_keyed_state,
     validate_keyed,
@@ -367,3 +369,51 @@ def test_the_key_is_the_kafka_key_or_a_string_or_integer_field() -> None:
         assert by_field(Valued(refused)) is None, refused
     # The routing readers follow names the same field.
     assert Routing("field:customer", "murmur2", 6, TOPIC).key_source == "field:customer"
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (b'{"other": 1}', "model.key.field 'customer' is missing"),
+        (b'{"customer": null}', "model.key.field 'customer' is null"),
+        (b'{"customer": {"id": 7}}', "is an object, not a string or an integer"),
+        (b'{"customer": [7]}', "is an array, not a string or an integer"),
+        (b'{"customer": 7.0}', "is a non-integer number (decimal point or exponent)"),
+        (b'{"customer": true}', "is a boolean, not a string or an integer"),
+        (b'{"customer": "\\ud800"}', "unpaired surrogate escape"),
+        (b'{"customer.id": 7}', "is missing"),  # one top-level name, not a path
+    ],
+)
+def test_a_record_without_a_usable_key_field_says_why(value: bytes, why: str) -> None:
+    with pytest.raises(NoModelKey, match=re.escape(why)) as raised:
+        KeyReader("field", "customer").read(Valued(value))
+    assert "7" not in str(raised.value)  # the value is not echoed (keys are often ids)
+    with pytest.raises(NoModelKey, match="Kafka key is null"):
+        KeyReader("kafka_key", None).read(Valued(b"{}", None))
+
+
+def test_the_key_field_is_a_known_field_of_the_flat_layout() -> None:
+    record = RecordSettings(features=["a"], labels=None, features_field=None)
+    value = b'{"a": 1.5, "y": 0.0, "customer": {"any": "shape"}}'
+    # Without it, unknown_features: reject dead-letters every record for the key field.
+    plain = RecordDecoder(record, "regression").decode_values([value])
+    assert [r.reason for _, r in plain.rejects] == ["unknown_feature"]
+    keyed_decoder = RecordDecoder(record, "regression", known_fields=("customer",))
+    decoded = keyed_decoder.decode_values([value, b'{"a": 1, "y": 0, "b": 2}'])
+    assert decoded.valid_index.tolist() == [0] and decoded.X.tolist() == [[1.5]]
+    assert [(i, r.reason) for i, r in decoded.rejects] == [(1, "unknown_feature")]
+    # Its value is the key reader's to judge: not parsed (a 400-digit integer is a key).
+    big = b'{"a": 1, "y": 0, "customer": 1' + b"0" * 400 + b"}"
+    assert keyed_decoder.decode_values([big]).valid_index.tolist() == [0]
+    # A key field that is also a feature stays a feature.
+    both = RecordDecoder(record, "regression", known_fields=("a",)).decode_values(
+        [b'{"a": 2, "y": 0}']
+    )
+    assert both.X.tolist() == [[2.0]]
+
+
+def test_the_decoder_knows_the_key_field_only_in_key_scope_by_field(tmp_path: Path) -> None:
+    assert settings(tmp_path, 5).model.key_field is None  # the Kafka key
+    by_field = {"source": "field", "field": "customer"}
+    assert settings(tmp_path, 5, key=by_field).model.key_field == "customer"
+    assert settings(tmp_path, 5, key=by_field, scope="partition").model.key_field is None

@@ -93,3 +93,6 @@ def test_key_bytes_from_field() -> None:
         with pytest.raises(KeyFieldError, match="a key field must be a string or an integer"):
             key_bytes_from_field(bad)
     assert issubclass(KeyFieldError, StreamTrainerError)
+    # JSON "\ud800" parses to a lone surrogate: no UTF-8, so no key (not UnicodeEncodeError).
+    with pytest.raises(KeyFieldError, match="unpaired surrogate"):
+        key_bytes_from_field("\ud800")
