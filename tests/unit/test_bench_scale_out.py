@@ -104,6 +104,32 @@ def test_a_join_reports_the_unmoved_pause_and_the_hand_over() -> None:
     assert math.isclose(out["handover_s"]["t:1"], 1.5)  # revoke 11.0 -> first rise 12.5
 
 
+def test_the_longer_steady_state_after_a_change_is_the_yardstick() -> None:
+    # m1 owns p0 throughout; after the change its p0 rises every 0.4 s (its loop now also
+    # serves partitions it was given), before it rose every 0.1 s; during the change one
+    # gap of 0.6 s. Against the state before that is 5 units; against the one after, 2.
+    m1: dict[float, dict[tuple[str, int], float]] = {}
+    value = 0.0
+    for step in range(50, 201):
+        t = round(step / 10, 1)
+        if t <= 11.0 or (t >= 11.6 and step % 4 == 0):
+            value += 10
+        m1[t] = {(T, 0): value}
+    events = {"m1": [(1.0, "assigned", [(T, 0)])]}
+    change = so.Change("leave", 2, 1, (5.0, 10.0), (10.0, 15.0), (15.0, 20.0))
+    out = so.analyse_change(change, {"m1": _samples(m1)}, events, unit_s=0.1)
+    assert math.isclose(out["worst_baseline_gap_s"], 0.1)
+    assert math.isclose(out["worst_after_gap_s"], 0.4)
+    assert math.isclose(out["worst_steady_gap_s"], 0.4)
+    assert math.isclose(out["worst_unmoved_gap_s"], 0.6)  # 11.0 -> 11.6
+    assert math.isclose(out["excess_gap_units"], 2.0)
+    # Without a window after it, the one before is the yardstick.
+    out = so.analyse_change(
+        so.Change("leave", 2, 1, (5.0, 10.0), (10.0, 15.0)), {"m1": _samples(m1)}, events, 0.1
+    )
+    assert math.isclose(out["excess_gap_units"], 5.0)
+
+
 def test_log_events_are_parsed_from_the_members_json_lines(tmp_path: Path) -> None:
     log = tmp_path / "m.log"
     lines = [
