@@ -17,9 +17,18 @@ Every test that uses one of these fixtures (directly or through another fixture)
 ``xdist_group(HOST_GROUP)``, so ``--dist loadgroup`` runs them all, in order, on ONE worker.
 Selected by fixture rather than by folder, so a new test elsewhere that asks for ``images``
 is grouped too. Serial runs (``-n 0``, or no xdist) ignore the mark.
+
+pytest-xdist 3.8 tells its scheduler a test's group by appending ``@<group>`` to the nodeid
+on the worker, through ``item._nodeid``; pytest 9.2 keeps the nodeid in ``item._id``
+instead, so the append is lost and the groups are silently ignored (pytest-xdist issue
+#1386). :func:`pytest_collection_modifyitems_group_suffix` redoes it where it was lost, and
+does nothing where xdist's own append worked.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -35,3 +44,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HOST_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group(HOST_GROUP))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_group_suffix(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """On a ``--dist loadgroup`` worker, after xdist's hook: give each grouped test the
+    ``@<group>`` nodeid suffix xdist's scheduler groups by, where xdist's append was lost."""
+    if not config.getoption("loadgroup", default=False):
+        return  # not an xdist worker of a loadgroup run
+    for item in items:
+        names = sorted(
+            {_group_name(mark.args, mark.kwargs) for mark in item.iter_markers("xdist_group")}
+        )
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            _set_nodeid(item, item.nodeid + suffix)
+
+
+def _group_name(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The group an ``xdist_group`` mark names, as xdist reads it."""
+    return str(args[0] if args else kwargs.get("name", "default"))
+
+
+def _set_nodeid(item: pytest.Item, nodeid: str) -> None:
+    """Replace the item's nodeid: pytest >= 9.2 keeps it structured in ``_id``."""
+    current = getattr(item, "_id", None)
+    if current is not None and not isinstance(current, str):
+        item._id = type(current).parse(nodeid)  # type: ignore[attr-defined]
+    else:
+        item._nodeid = nodeid  # type: ignore[attr-defined]
