@@ -63,8 +63,13 @@ s3-server: venv
 # Every run's log ends with its 30 slowest tests (setup, call and teardown timed apart),
 # so CI time can be tracked from the log alone. Extra arguments: `make test PYTEST_ARGS=...`.
 PYTEST_DURATIONS ?= --durations=30 --durations-min=1.0
+# pytest-xdist workers: most tests wait on brokers, servers and timeouts, so 2 on 2 cores
+# nearly halve the wall time. `loadgroup` keeps the tests of a per-machine server (own
+# dockerd, kubelet node) on one worker (tests/parallel.py). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL ?= -n $(PYTEST_WORKERS) $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadgroup)
 test: venv kafka-jars registry-jars kube-tools mlflow-venv s3-server
-	$(BIN)/pytest $(PYTEST_DURATIONS) $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_PARALLEL) $(PYTEST_DURATIONS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -50,8 +50,9 @@ _Server = TypeVar("_Server")
 
 BROKER_NAMES = ("kafka", "tansu")
 
-# ``images`` (private dockerd + project image), shared by tests/container and tests/kube.
-pytest_plugins = ("tests.container.fixtures",)
+# ``images`` (private dockerd + project image), shared by tests/container and tests/kube;
+# tests.parallel: which tests share one pytest-xdist worker (the per-machine servers).
+pytest_plugins = ("tests.container.fixtures", "tests.parallel")
 
 
 def _in_ci() -> bool:
@@ -390,7 +391,11 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Backstop: no broker outlives the session, whatever happened to fixtures."""
+    """Backstop: no broker outlives the session, whatever happened to fixtures.
+
+    Under pytest-xdist this runs in each worker, whose servers are its own: the worker's
+    summary lines travel to the controller in ``workeroutput`` (see pytest_testnodedown).
+    """
     for name in BROKER_NAMES:
         if name in _POOL.ran:
             _REPORT.append(
@@ -405,12 +410,35 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _POOL.close_all()
     for slot in _SERVERS:
         slot.close()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["stream_trainer_servers"] = _summary_lines()
+
+
+def _summary_lines() -> list[str]:
+    """This process's brokers and servers: how each ran, or why not."""
+    lines = list(_REPORT) if _POOL.ran or _POOL.errors else []
+    return lines + [line for slot in _SERVERS if (line := slot.summary()) is not None]
+
+
+# Summary lines of the pytest-xdist workers, by worker id (the controller starts no server).
+_WORKER_LINES: dict[str, list[str]] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object | None) -> None:
+    """pytest-xdist controller: keep a finished worker's summary lines."""
+    lines = getattr(node, "workeroutput", {}).get("stream_trainer_servers")
+    if lines:
+        _WORKER_LINES[str(node.gateway.id)] = list(lines)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
-    """Say which brokers (and schema registry) the integration tests ran against."""
-    lines = list(_REPORT) if _POOL.ran or _POOL.errors else []
-    lines += [line for slot in _SERVERS if (line := slot.summary()) is not None]
+    """Say which brokers (and schema registry) the integration tests ran against; under
+    pytest-xdist, each worker's own, prefixed with its id (``gw0``)."""
+    lines = _summary_lines()
+    for worker in sorted(_WORKER_LINES):
+        lines += [f"[{worker}] {line}" for line in _WORKER_LINES[worker]]
     if not lines:
         return
     terminalreporter.section("brokers")
