@@ -141,7 +141,11 @@ def wait_checkpointed(
             )
         return covers(manifest_offsets(config), ends)
 
-    wait_for(done, timeout, f"a checkpoint covering {dict(ends)}", interval=0.1)
+    try:
+        wait_for(done, timeout, f"a checkpoint covering {dict(ends)}", interval=0.1)
+    except AssertionError as error:
+        # What the service was doing is the only clue to why it never got there.
+        raise AssertionError(f"{error}; its log ends:\n{service.tail(40)}") from None
 
 
 def load_final(config: Mapping[str, Any]) -> LoadedCheckpoint[Any]:
