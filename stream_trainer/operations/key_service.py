@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+import msgspec
 import numpy as np
 
 from stream_trainer.config import Settings
@@ -83,6 +84,13 @@ class KeyReader:
 
     def __init__(self, source: str, field: str | None) -> None:
         self._field = field if source == "field" else None
+        # Per record, on the hot path: msgspec skips every other field and hands over the
+        # key's JSON text, which json.loads then reads as it reads any value (big integers,
+        # escapes); ~4x cheaper than json.loads of the whole record.
+        only_key = msgspec.defstruct(
+            "KeyField", [("key", msgspec.Raw, msgspec.Raw())], rename={"key": field or "key"}
+        )
+        self._only_key: msgspec.json.Decoder[Any] = msgspec.json.Decoder(only_key)
 
     def __call__(self, record: Record) -> str | None:
         """The key hash, or None when the record has none (:meth:`read` says why)."""
@@ -90,6 +98,31 @@ class KeyReader:
             return self.read(record)
         except NoModelKey:
             return None
+
+    def _field_value(self, value: bytes, where: str) -> object:
+        """The key field's value in the JSON object ``value``; NoModelKey if it is absent
+        or unreadable."""
+        try:
+            text = bytes(self._only_key.decode(value).key)
+        except msgspec.ValidationError:  # not a JSON object
+            raise NoModelKey(f"{where} is missing") from None
+        except msgspec.DecodeError:
+            # msgspec is stricter than json (an unpaired surrogate escape): read the whole
+            # record as before, so what a record says of its key does not depend on it.
+            whole = self._loads(value, where)
+            if not isinstance(whole, dict) or self._field not in whole:
+                raise NoModelKey(f"{where} is missing") from None
+            return whole[self._field]
+        if not text:
+            raise NoModelKey(f"{where} is missing")
+        return self._loads(text, where)
+
+    @staticmethod
+    def _loads(text: bytes, where: str) -> object:
+        try:
+            return json.loads(text)
+        except ValueError as error:  # the decoder accepted it: e.g. an int too long for str
+            raise NoModelKey(f"{where}: the value could not be read: {error}") from None
 
     def read(self, record: Record) -> str:
         """The key hash of ``record``. Raises NoModelKey naming why it has none: Kafka key
@@ -101,13 +134,7 @@ class KeyReader:
                 raise NoModelKey("the record's Kafka key is null (model.key.source: kafka_key)")
             return scope_id_for_key(raw)
         where = f"model.key.field {self._field!r}"
-        try:
-            value = json.loads(record.value() or b"")
-        except ValueError as error:  # the decoder accepted it: e.g. an int too long for str
-            raise NoModelKey(f"{where}: the value could not be read: {error}") from None
-        if not isinstance(value, dict) or self._field not in value:
-            raise NoModelKey(f"{where} is missing")
-        found = value[self._field]
+        found = self._field_value(record.value() or b"", where)
         if found is None:
             raise NoModelKey(f"{where} is null")
         try:
