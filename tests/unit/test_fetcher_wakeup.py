@@ -10,28 +10,14 @@ The effect itself is measured by ``bench --members`` (the unmoved partitions' pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_END, KafkaError, KafkaException, TopicPartition
 
 from stream_trainer.ingest.kafka_source import WAKE_TIMEOUT_S, KafkaSource
-from stream_trainer.state.ledger import TopicPartitionKey
-
-
-class Listener:
-    def start_offsets(self, keys: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
-        return {}
-
-    def on_assigned(self, keys: Sequence[TopicPartitionKey]) -> None:
-        pass
-
-    def on_revoked(self, keys: Sequence[TopicPartitionKey]) -> None:
-        pass
-
-    def on_lost(self, keys: Sequence[TopicPartitionKey]) -> None:
-        pass
+from tests.harness import NoCommits
 
 
 class RecordingConsumer:
@@ -70,7 +56,7 @@ def source() -> Iterator[KafkaSource]:
     # Nothing polls it: the callbacks get the recording consumer. Its connection attempts
     # to the closed port are not logged (log_level 0).
     conf = {"bootstrap.servers": "127.0.0.1:9", "group.id": "wake-test", "log_level": 0}
-    source = KafkaSource(conf, ["t"], Listener())
+    source = KafkaSource(conf, ["t"], NoCommits())
     yield source
     source.close(timeout_s=2.0)
 
