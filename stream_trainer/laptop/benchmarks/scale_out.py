@@ -610,7 +610,7 @@ def summarize(
                 "kind": first["kind"],
                 "members": first["members"],
                 **{
-                    # .get: a figure that repeat lacks (an older report's) is unknown.
+                    # .get: a figure a repeat lacks (no window after its change) is unknown.
                     name: rep.spread([c.get(name, math.nan) for c in each])
                     for name in (
                         "seconds",
@@ -710,7 +710,7 @@ def table_lines(section: dict[str, Any]) -> list[str]:
             f"{rep.num(change['seconds']['median'], ' s', 1, 1)}): unmoved longest gap "
             f"{rep.num(change['worst_unmoved_gap_s']['median'], ' s', 1, 2)} (steady-state "
             f"{rep.num(change['worst_baseline_gap_s']['median'], ' s', 1, 2)} before, "
-            f"{rep.num(change.get('worst_after_gap_s', {}).get('median', math.nan), ' s', 1, 2)}"
+            f"{rep.num(change['worst_after_gap_s']['median'], ' s', 1, 2)}"
             " after; excess "
             f"{rep.num(change['excess_gap_units']['median'], ' units', 1, 1)}; the owner's "
             f"loop {rep.num(change['worst_loop_gap_s']['median'], ' s', 1, 2)}), hand-over "
