@@ -361,6 +361,13 @@ class ApiError(KubeEnvError):
         self.body = body
 
 
+def conditions(obj: Mapping[str, Any]) -> dict[str, str]:
+    """An object's status conditions as ``{type: status}``. A just-created object may carry
+    ``status: {conditions: null}`` (a CRD before the controller has looked at it): empty."""
+    status = obj.get("status") or {}
+    return {c["type"]: c["status"] for c in status.get("conditions") or []}
+
+
 @dataclass
 class Response:
     """A decoded API answer with the ``Warning`` headers it carried."""

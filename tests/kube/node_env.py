@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from tests.container.docker_env import DockerEnv
-from tests.kube.kube_env import ApiError, ApiServer, KubeEnvError, Tools, free_port
+from tests.kube.kube_env import (
+    ApiError,
+    ApiServer,
+    KubeEnvError,
+    Tools,
+    conditions,
+    free_port,
+)
 
 NODE_NAME = "stream-trainer-node"
 BRIDGE = "st-cni0"
@@ -437,8 +444,7 @@ class Node:
             node = self.api.request("GET", f"/api/v1/nodes/{NODE_NAME}").body
         except ApiError:
             return False
-        conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-        return conditions.get("Ready") == "True"
+        return conditions(node).get("Ready") == "True"
 
     # -- containerd ---------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube.kube_env import ApiError, ApiServer
+from tests.kube.kube_env import ApiError, ApiServer, conditions
 
 # The first test's setup may build kube-apiserver (~10 min cold) when `make kube-tools` did not.
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
@@ -302,12 +302,10 @@ def crds(kube: ApiServer) -> Iterator[None]:
             crd = kube.request(
                 "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
             ).body
-            conditions = {
-                c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])
-            }
-            if conditions.get("Established") == "True":
+            crd_conditions = conditions(crd)
+            if crd_conditions.get("Established") == "True":
                 break
-            assert time.monotonic() < deadline, f"CRD {name} not Established: {conditions}"
+            assert time.monotonic() < deadline, f"CRD {name} not Established: {crd_conditions}"
             time.sleep(0.2)
     yield
 

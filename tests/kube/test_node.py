@@ -44,7 +44,7 @@ from tests.faults.support import (
     produce_records,
 )
 from tests.harness import HMAC_KEY, read_topic, unique, wait_for
-from tests.kube.kube_env import ApiServer
+from tests.kube.kube_env import ApiServer, conditions
 from tests.kube.node_env import Node, host_address
 from tests.kube.test_helm_install import (
     CHART_DIR,
@@ -92,8 +92,8 @@ def _pods(kube: ApiServer, namespace: str) -> list[dict[str, Any]]:
 
 
 def _ready(pod: dict[str, Any]) -> bool:
-    conditions = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
-    return conditions.get("Ready") == "True" and pod["metadata"].get("deletionTimestamp") is None
+    ready = conditions(pod).get("Ready") == "True"
+    return ready and pod["metadata"].get("deletionTimestamp") is None
 
 
 def _ready_pod(kube: ApiServer, namespace: str, not_uid: str, timeout: float) -> dict[str, Any]:

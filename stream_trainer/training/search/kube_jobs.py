@@ -132,7 +132,7 @@ def job_state(job: dict[str, Any] | None) -> str:
     counts as failed: someone deleted it)."""
     if job is None:
         return FAILED
-    for condition in job.get("status", {}).get("conditions") or []:
+    for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("status") != "True":
             continue
         if condition.get("type") == "Complete":
