@@ -59,6 +59,14 @@ class _InFlight:
     started: float
 
 
+@dataclass(frozen=True)
+class Begun:
+    """A synchronous checkpoint whose write was started (:meth:`Checkpointer.begin`)."""
+
+    flight: _InFlight
+    reason: str
+
+
 class Checkpointer:
     """Checkpoints ``snapshot(reason)`` into ``store`` and commits the offsets it holds.
 
@@ -135,24 +143,50 @@ class Checkpointer:
         committed) and commit its offsets synchronously; False if it failed (counted).
         ``before_commit``: a crash point reached between the write and the commit (the
         hand-over's ``mid_handover``)."""
+        begun = self.begin(reason, background=False)
+        return begun is not None and self.finish(begun, before_commit)
+
+    def begin(self, reason: str, *, background: bool = True) -> Begun | None:
+        """The first half of :meth:`now`: collect the write in flight, serialize on this
+        thread and start writing (on the writer's thread; ``background=False``: here, done
+        when this returns). None if the snapshot was held back (counted). Several
+        checkpointers' writes run side by side this way (a revoke of many partitions);
+        :meth:`finish` each one, and call nothing else on it in between."""
         self._collect(wait=True)
         started = self._clock()
         try:
             snap = self._snapshot(reason)
         except DeadLetterError as error:
             self._dead_letters_not_durable(error, started)
-            return False
+            return None
+        future: Future[WriteResult[Any]] | None
+        if background:
+            future = self._writer.submit(snap.payload, snap.fields)
+            if future is None:  # cannot happen after the collect above: the writer is idle
+                raise RuntimeError("checkpoint writer busy after its write was collected")
+        else:
+            future = Future()
+            try:
+                future.set_result(self._store.write(snap.payload, snap.fields))
+            except CheckpointError as error:  # CheckpointFenced too: finish() sorts them
+                future.set_exception(error)
+        return Begun(_InFlight(future, snap.offsets, started), reason)
+
+    def finish(self, begun: Begun, before_commit: str | None = None) -> bool:
+        """Wait for :meth:`begin`'s write and commit its offsets synchronously; False if
+        the write failed (counted). CheckpointFenced propagates, committing nothing."""
+        flight = begun.flight
         try:
-            result = self._store.write(snap.payload, snap.fields)
+            result = flight.future.result()
         except CheckpointFenced:
             self._metrics.checkpoint_failures.inc()
             raise  # another member writes this model now: stop, committing nothing
         except CheckpointError as error:
             self._metrics.checkpoint_failures.inc()
-            log.error("checkpoint failed", extra={"reason": str(error), "trigger": reason})
+            log.error("checkpoint failed", extra={"reason": str(error), "trigger": begun.reason})
             return False
-        self._cadence.reset(started)
-        self._done(result, snap.offsets, wait_commit=True, before_commit=before_commit)
+        self._cadence.reset(flight.started)
+        self._done(result, flight.offsets, wait_commit=True, before_commit=before_commit)
         return True
 
     def resumed(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
