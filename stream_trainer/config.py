@@ -305,6 +305,17 @@ class KafkaSettings(StrictModel):
             "an idle loop sees a signal, a control command or a due checkpoint"
         ),
     )
+    read_ahead_records: int = Field(
+        default=20_000,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "partition and key scope: most records consumed and waiting to be learnt. The "
+            "learner runs on its own thread and keeps learning the partitions that stay "
+            "while a rebalance holds the consumer; this bounds that buffer's memory "
+            "(records times their size; exceeded by at most one poll)"
+        ),
+    )
     decode_worker: bool = Field(
         default=True,
         description=(

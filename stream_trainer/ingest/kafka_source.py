@@ -120,6 +120,10 @@ class KafkaSource:
         # Mirrors librdkafka's assignment: added right after incremental_assign, removed
         # with incremental_unassign.
         self._owned: set[TopicPartitionKey] = set()
+        # Held while a commit checks ownership and is made, and while partitions are
+        # forgotten: the learner thread commits too, and a lost partition must not be
+        # committed once the poll thread has let it go.
+        self._ownership = threading.Lock()
         # Owned partitions the group did not assign (taken by _complete).
         self._taken: set[TopicPartitionKey] = set()
         self._paused: set[TopicPartitionKey] = set()
@@ -288,7 +292,8 @@ class KafkaSource:
 
     def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
         """Drop the bookkeeping of partitions no longer owned (only theirs)."""
-        self._owned.difference_update(keys)
+        with self._ownership:
+            self._owned.difference_update(keys)
         self._taken.difference_update(keys)
         self._paused.difference_update(keys)
         for key in keys:
@@ -371,14 +376,15 @@ class KafkaSource:
 
         Returns what was committed. Never commits a partition this member does not own.
         """
-        owned = {key: offset for key, offset in offsets.items() if key in self._owned}
-        if not owned:
-            return {}
-        tps = [TopicPartition(t, p, o) for (t, p), o in owned.items()]
-        if asynchronous:
-            self._consumer.commit(offsets=tps, asynchronous=True)
-        else:
-            self._consumer.commit(offsets=tps, asynchronous=False)
+        with self._ownership:
+            owned = {key: offset for key, offset in offsets.items() if key in self._owned}
+            if not owned:
+                return {}
+            tps = [TopicPartition(t, p, o) for (t, p), o in owned.items()]
+            if asynchronous:
+                self._consumer.commit(offsets=tps, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=tps, asynchronous=False)
         return owned
 
     def pause(self, keys: Sequence[TopicPartitionKey]) -> None:

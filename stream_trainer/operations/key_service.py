@@ -181,7 +181,7 @@ class KeyPublisher:
 
 
 class KeyedSlots(PartitionSlots):
-    """Partition slots whose state is a KeyedState; closing one forgets its keys."""
+    """Partition slots whose state is a KeyedState; detaching one forgets its keys."""
 
     def __init__(
         self, *args: Any, on_close: Callable[[PartitionSlot], None], **kwargs: Any
@@ -192,8 +192,8 @@ class KeyedSlots(PartitionSlots):
     def _publisher(self, scope_id: str, store: SlotStore) -> ModelPublisher:
         return NoSlotPublisher()
 
-    def close(self, key: TopicPartitionKey) -> PartitionSlot | None:
-        slot = super().close(key)
+    def detach(self, key: TopicPartitionKey) -> PartitionSlot | None:
+        slot = super().detach(key)
         if slot is not None:
             self._on_close(slot)
         return slot
@@ -323,11 +323,14 @@ class KeyService(PartitionService):
                 self._metrics.key_models_loaded.inc()
             self._lru[(slot.key, key_hash)] = None
 
-    def step(self) -> None:
-        """Partition scope's iteration, then the bound restored: keys kept over it while
-        due to publish were published in it (the live gauge is set here, once per step)."""
-        super().step()
-        self._evict_over_bound(report=True)
+    def learn_step(self) -> bool:
+        """Partition scope's learner iteration, then the bound restored: keys kept over it
+        while due to publish were published in it (the live gauge is set here, once per
+        iteration)."""
+        learnt = super().learn_step()
+        with self._lock:
+            self._evict_over_bound(report=True)
+        return learnt
 
     def _evict_over_bound(self, report: bool = False) -> None:
         """Write out and drop the least recently used key models beyond the bound. Keys

@@ -12,10 +12,20 @@ it (cooperative-sticky: a rebalance names only the partitions that move). Per pa
 - **train**: its records alone, in its own state (per record, or per mini-batch of its
   own records); checkpoint, publish and commit on its own cadence; offsets are committed
   only after the checkpoint holding them is durable, and only while owned.
-- **revoke**: learn what was consumed for it, checkpoint it, commit synchronously, then
-  let it go. **lost**: drop it, write and commit nothing. Other partitions are untouched.
+- **revoke**: finish the unit being learnt, checkpoint it, commit synchronously, then
+  let it go (records consumed for it but not learnt are past that checkpoint: its next
+  owner reads them). **lost**: drop it, write and commit nothing. Other partitions are
+  untouched.
 
-Everything that mutates a state runs on this one thread.
+Two threads (docs/design/scale-out.md, 4.2). The **poll thread** (:meth:`run`'s caller)
+consumes, sorts records into their slots' pending units and runs the rebalance callbacks,
+which librdkafka calls inside ``consume``. The **learner thread** learns the units,
+checkpoints and publishes. Up to ``kafka.read_ahead_records`` records wait between them,
+so while a callback holds the consumer (librdkafka pauses every partition for it and
+fetches them again afterwards) the partitions that stay go on being learnt. They take
+turns on the slots under one lock, held by the learner for one unit at a time and by a
+callback only to take slots in or out: claims, restores, the revoke's checkpoint writes
+and commits run outside it, on slots the learner no longer (or not yet) holds.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,7 +51,7 @@ from stream_trainer.operations.metrics import Metrics
 from stream_trainer.operations.unit_dead_letters import dead_letter_unit
 from stream_trainer.publishing.registry import RegistryFenced, RegistryUnavailable
 from stream_trainer.state.checkpoint import CheckpointError, CheckpointFenced
-from stream_trainer.state.checkpointer import Snapshot
+from stream_trainer.state.checkpointer import Begun, Snapshot
 from stream_trainer.state.ledger import TopicPartitionKey, partition_key
 from stream_trainer.state.manager import PartitionSlot, PartitionSlots
 from stream_trainer.training.trainers import Trainer, UnitResult
@@ -51,6 +62,14 @@ log = logging.getLogger(__name__)
 RETRY_UNAVAILABLE_S = 5.0
 # Pause before a publish is tried again after the registry's store failed.
 PUBLISH_RETRY_S = 5.0
+# Slots restored side by side in one assign callback (each mostly waits on the store).
+RESTORE_THREADS = 8
+# The learner's wait when no unit is ready: bounds how late a mini-batch's max_wait_s, a
+# checkpoint or a publish due by time is seen.
+IDLE_WAIT_S = 0.02
+# The poll thread's wait for room in the read-ahead: it consumes at least this often, so a
+# rebalance is served while the learner is busy (the bound is soft by one poll's records).
+ROOM_WAIT_S = 0.5
 
 
 class LoggedCommits:
@@ -76,6 +95,54 @@ class LoggedCommits:
                 },
             )
         return committed
+
+
+class PollThreadCommits:
+    """Commits as the checkpointers make them, but only ever from the poll thread.
+
+    librdkafka blocks a commit made on another thread while a rebalance callback runs on
+    the poll thread, and that callback waits for the learner: the learner's commits are
+    queued (the newest offset per partition) and made, asynchronously, before the poll
+    thread's next poll. Those offsets' checkpoints are durable already; a partition that
+    is revoked or lost meanwhile drops its queued offset (:meth:`drop`). Until
+    :meth:`bind` names the poll thread (a test driving ``step``), every commit is made at
+    once.
+    """
+
+    def __init__(self, inner: LoggedCommits) -> None:
+        self._inner = inner
+        self._poll_thread: int | None = None
+        self._queued: dict[TopicPartitionKey, int] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def bind(self) -> None:
+        """The calling thread is the poll thread from now on."""
+        self._poll_thread = threading.get_ident()
+
+    def commit(
+        self, offsets: Mapping[TopicPartitionKey, int], asynchronous: bool = False
+    ) -> dict[TopicPartitionKey, int]:
+        if self._poll_thread is None or threading.get_ident() == self._poll_thread:
+            return self._inner.commit(offsets, asynchronous=asynchronous)
+        with self._lock:
+            for key, offset in offsets.items():
+                self._queued[key] = max(offset, self._queued.get(key, offset))
+        return dict(offsets)
+
+    def flush(self) -> None:
+        """Make the queued commits (the poll thread, outside any callback)."""
+        with self._lock:
+            queued, self._queued = self._queued, {}
+        if queued:
+            self._inner.commit(queued, asynchronous=True)
+
+    def drop(self, keys: Sequence[TopicPartitionKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._queued.pop(key, None)
 
 
 class PartitionService:
@@ -114,7 +181,17 @@ class PartitionService:
         # Owned partitions whose slot the store could not give yet: retry time.
         self._unavailable: dict[TopicPartitionKey, float] = {}
         self._fenced: set[TopicPartitionKey] = set()
-        self.commits = LoggedCommits(lambda: self.source)
+        # The learner and the callbacks take turns on the slots (module docstring); the
+        # condition wakes the learner (records) and the poll thread (room).
+        self._lock = threading.RLock()
+        self._turn = threading.Condition(self._lock)
+        self._read_ahead = settings.kafka.read_ahead_records
+        self._pending_records = 0  # in every slot's pending unit
+        # Partitions the learner wants paused (breaker, fence): paused by the poll thread,
+        # the one that drives the consumer.
+        self._pause_wanted: list[TopicPartitionKey] = []
+        self._learner_error: BaseException | None = None
+        self.commits = PollThreadCommits(LoggedCommits(lambda: self.source))
         self.slots = make_slots(self)
         self.source = make_source(self)
         self.started = False
@@ -138,60 +215,138 @@ class PartitionService:
         """The next offset each held slot learns (the lag gauges read it)."""
         return {
             key: slot.state.offsets[key]
-            for key, slot in self.slots.slots.items()
+            for key, slot in list(self.slots.slots.items())
             if key in slot.state.offsets
         }
 
     def run(self) -> int:
-        """The poll loop. Returns 0 after a graceful stop."""
+        """The poll loop, with the learner on its own thread. Returns 0 after a graceful
+        stop; an error of either thread ends both and is raised here."""
         self.started = True
         self._metrics.state.state("running")
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except RegistryWaitInterrupted:
-                break  # a stop ended the wait; the waiting records are not learnt
+        self.commits.bind()
+        learner = threading.Thread(target=self._learner, name="learner")
+        learner.start()
+        try:
+            while not self._stop.is_set():
+                self.poll_step(wait_for_room=True)
+        finally:
+            self._stop.set()
+            with self._turn:
+                self._turn.notify_all()
+            learner.join()
+        if self._learner_error is not None:
+            raise self._learner_error
         self._shutdown()
         return 0
 
     def step(self) -> None:
-        """One iteration: consume, learn the units that are ready, checkpoint and publish
-        the slots that are due, retry slots the store could not give."""
-        now = self._clock()
-        self._heartbeat.beat()
+        """One iteration of both threads' work on the calling thread (tests drive it):
+        consume, then learn the units that are ready, checkpoint and publish."""
+        self.poll_step(wait_for_room=False)
+        self.learn_step()
+
+    def poll_step(self, wait_for_room: bool) -> None:
+        """The poll thread's iteration: pause what the learner asked to, consume (the
+        rebalance callbacks run in it), sort the records into their slots, claim again the
+        slots the store could not give; then, with ``wait_for_room``, wait (bounded) until
+        the read-ahead has room."""
+        self._apply_pauses()
+        self.commits.flush()
         cfg = self.settings.kafka
         records = self.source.consume(cfg.consume_batch_size, cfg.consume_timeout_s)
+        now = self._clock()
         if records:
             self._metrics.records_consumed.inc(len(records))
-            self._distribute(records, now)
+            with self._turn:
+                self._distribute(records, now)
+                self._turn.notify_all()
         if self._unavailable:
             self._retry_unavailable(now)
-        for slot in list(self.slots.slots.values()):
-            if self._unit_ready(slot, now):
-                self._learn(slot, self._take(slot))
-        for key in list(self.slots.slots):
-            slot = self.slots.slots[key]
-            try:
-                slot.checkpointer.tick(now)
-            except CheckpointFenced as error:
-                self._fence(key, str(error))
-                continue
-            self._publish_if_due(slot, now)
-        self._report_slots()
+        if wait_for_room:
+            with self._turn:
+                self._turn.wait_for(self._room, timeout=ROOM_WAIT_S)
+
+    def _room(self) -> bool:
+        return self._pending_records < self._read_ahead or self._stop.is_set()
+
+    def _learner(self) -> None:
+        """The learner thread: learn until the stop; an error stops the poll thread too."""
+        try:
+            while not self._stop.is_set():
+                if self.learn_step():
+                    continue
+                with self._turn:
+                    if not self._stop.is_set():
+                        self._turn.wait(IDLE_WAIT_S)
+        except RegistryWaitInterrupted:
+            pass  # a stop ended the wait; the waiting records are not learnt
+        except BaseException as error:  # raised on the poll thread by run()
+            self._learner_error = error
+        finally:
+            self._stop.set()
+            with self._turn:
+                self._turn.notify_all()
+
+    def learn_step(self) -> bool:
+        """The learner's iteration: learn the units that are ready, then checkpoint and
+        publish the slots that are due, the lock taken per slot. True if it learnt."""
+        now = self._clock()
+        self._heartbeat.beat()
+        learnt = False
+        with self._lock:
+            keys = list(self.slots.slots)
+        for key in keys:
+            with self._turn:
+                slot = self.slots.get(key)
+                if slot is None or not self._unit_ready(slot, now):
+                    continue
+                records = self._take(slot)
+                self._turn.notify_all()  # room in the read-ahead
+                self._learn(slot, records)
+                learnt = True
+        for key in keys:
+            with self._lock:
+                slot = self.slots.get(key)
+                if slot is None:
+                    continue
+                try:
+                    slot.checkpointer.tick(now)
+                except CheckpointFenced as error:
+                    self._fence(key, str(error))
+                    continue
+                self._publish_if_due(slot, now)
+        with self._lock:
+            self._report_slots()
+        return learnt
+
+    def _apply_pauses(self) -> None:
+        with self._lock:
+            wanted, self._pause_wanted = self._pause_wanted, []
+        if wanted:
+            self.source.pause(wanted)
+
+    def _pause(self, key: TopicPartitionKey) -> None:
+        """Pause ``key`` from either thread: the poll thread does it before its next poll
+        (records consumed before that are dropped: no slot, or a halted one)."""
+        with self._lock:
+            self._pause_wanted.append(key)
 
     # -- units -----------------------------------------------------------------------------
 
     def _distribute(self, records: Sequence[Record], now: float) -> None:
         """Append each record to its partition's pending unit; records of a partition with
-        no slot (claim pending, fenced) are dropped: it is paused and sought back to its
-        slot's offset before it is fetched again."""
+        no slot (claim pending, fenced) or a halted one are dropped: it is paused, and
+        sought back to its slot's offset (or read again by a restart) before it is learnt."""
         for record in records:
-            slot = self.slots.get((record.topic(), record.partition()))
-            if slot is None:
+            key = (record.topic(), record.partition())
+            slot = self.slots.get(key)
+            if slot is None or key in slot.state.halted:
                 continue
             if not slot.pending:
                 slot.pending_since = now
             slot.pending.append(record)
+            self._pending_records += 1
 
     def _unit_ready(self, slot: PartitionSlot, now: float) -> bool:
         if not slot.pending:
@@ -203,9 +358,9 @@ class PartitionService:
             or now - slot.pending_since >= self.settings.training.mini_batch.max_wait_s
         )
 
-    @staticmethod
-    def _take(slot: PartitionSlot) -> list[Record]:
+    def _take(self, slot: PartitionSlot) -> list[Record]:
         records, slot.pending = slot.pending, []
+        self._pending_records -= len(records)
         return records
 
     def _learn(self, slot: PartitionSlot, records: list[Record]) -> None:
@@ -222,7 +377,8 @@ class PartitionService:
             # A flood of bad records: this partition stops here, nothing of the unit learnt
             # or dead-lettered; its owner's restart reads it again from the checkpoint.
             state.halted[key] = reason
-            self.source.pause([key])
+            self._take(slot)  # consumed after the halted unit: read again by a restart
+            self._pause(key)
             self._report_slots()
             log.error(
                 "partition halted by the bad-record breaker",
@@ -311,14 +467,28 @@ class PartitionService:
     ) -> bool:
         """Checkpoint ``slot`` synchronously and commit its offset synchronously (a slot
         that never read a record has nothing to write: its in-flight write is collected)."""
+        return self._finish_checkpoint(slot, self._begin_checkpoint(slot, reason), before_commit)
+
+    def _begin_checkpoint(self, slot: PartitionSlot, reason: str) -> Begun | bool:
+        """The first half of :meth:`_checkpoint_now`: the write started (serialized on this
+        thread); True when there is nothing to write, False when it was held back."""
         if slot.key not in slot.state.offsets or not slot.checkpointer.unsaved:
+            return True
+        return slot.checkpointer.begin(reason) or False
+
+    def _finish_checkpoint(
+        self, slot: PartitionSlot, begun: Begun | bool, before_commit: str | None = None
+    ) -> bool:
+        """The second half: wait for the write and commit it synchronously."""
+        if isinstance(begun, Begun):
+            return slot.checkpointer.finish(begun, before_commit=before_commit)
+        if begun:  # nothing new: the write in flight, if any, and the durable offsets
             slot.checkpointer.wait()
             durable = dict(slot.checkpointer.durable)
             if durable and before_commit is not None:
                 self._crash.reached(before_commit)
                 self.commits.commit(durable, asynchronous=False)
-            return True
-        return slot.checkpointer.now(reason, before_commit=before_commit)
+        return begun
 
     def _publish_if_due(self, slot: PartitionSlot, now: float) -> None:
         if now < slot.publish_retry_at:
@@ -345,9 +515,9 @@ class PartitionService:
         (nothing more written or committed) and pause the partition until Kafka revokes it."""
         slot = self.slots.close(key)
         if slot is not None:
-            slot.pending.clear()
+            self._take(slot)
         self._fenced.add(key)
-        self.source.pause([key])
+        self._pause(key)
         self._metrics.slots_fenced.inc()
         log.error(
             "partition slot fenced", extra={"partition": partition_key(key), "reason": reason}
@@ -359,21 +529,33 @@ class PartitionService:
         self, partitions: Sequence[TopicPartitionKey]
     ) -> dict[TopicPartitionKey, int]:
         """Claim and restore each new partition's slot; it starts at its checkpoint's
-        offset (absent: a fresh slot starts at the group's offset, or the log start)."""
-        starts: dict[TopicPartitionKey, int] = {}
-        for key in partitions:
-            self._fenced.discard(key)
-            if key in self.slots:
-                continue
-            slot = self._open(key)
-            if slot is not None and slot.checkpoint_offset is not None:
-                starts[key] = slot.checkpoint_offset
-        return starts
+        offset (absent: a fresh slot starts at the group's offset, or the log start).
+        Several are restored side by side, and without the lock: the learner goes on."""
+        with self._lock:
+            for key in partitions:
+                self._fenced.discard(key)
+            new = [key for key in partitions if key not in self.slots]
+        if len(new) > 1:
+            with ThreadPoolExecutor(min(len(new), RESTORE_THREADS), "slot-restore") as pool:
+                restored = list(pool.map(self._restore, new))
+        else:
+            restored = [self._restore(key) for key in new]
+        opened = [slot for slot in restored if slot is not None]
+        with self._lock:
+            for slot in opened:
+                self.slots.hold(slot)
+        return {
+            slot.key: slot.checkpoint_offset
+            for slot in opened
+            if slot.checkpoint_offset is not None
+        }
 
-    def _open(self, key: TopicPartitionKey) -> PartitionSlot | None:
+    def _restore(self, key: TopicPartitionKey) -> PartitionSlot | None:
+        """``key``'s slot claimed and restored, not held yet; None (and a retry planned)
+        when the store cannot give it."""
         self._heartbeat.beat()
         try:
-            slot = self.slots.open(key)
+            slot = self.slots.restore(key)
         except (CheckpointError, RegistryUnavailable) as error:
             # Store down or claimed over: the partition is held paused and tried again.
             self._unavailable[key] = self._clock() + RETRY_UNAVAILABLE_S
@@ -394,66 +576,83 @@ class PartitionService:
         log.info(
             "partitions assigned", extra={"partitions": [partition_key(k) for k in partitions]}
         )
-        for key in partitions:
-            slot = self.slots.get(key)
-            if slot is None:
-                self.source.pause([key])
-                continue
-            start = self.source.start_positions.get(key)
-            if start is not None:
-                slot.state.offsets[key] = start
-                slot.checkpointer.resumed({key: start})
+        with self._lock:
+            for key in partitions:
+                slot = self.slots.get(key)
+                if slot is None:
+                    self.source.pause([key])
+                    continue
+                start = self.source.start_positions.get(key)
+                if start is not None:
+                    slot.state.offsets[key] = start
+                    slot.checkpointer.resumed({key: start})
 
     def on_revoked(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        """Learn what was consumed for them, checkpoint them, commit synchronously, let
-        them go. The other partitions are not touched."""
+        """Finish the unit being learnt, checkpoint them, commit synchronously, let them
+        go. The other partitions are not touched: the learner goes on with them while the
+        revoked ones are written side by side."""
         self._metrics.rebalances.labels(kind="revoke").inc()
         self._crash.reached("in_revoke")
-        for key in partitions:
-            self._unavailable.pop(key, None)
-            self._fenced.discard(key)
-            slot = self.slots.get(key)
-            if slot is None:
-                continue
+        released = self._detach(partitions)
+        begun: list[tuple[PartitionSlot, Begun | bool]] = []
+        for slot in released:
             try:
-                self._flush(slot)
-                if not self._checkpoint_now(slot, "revoke", before_commit="mid_handover"):
+                begun.append((slot, self._begin_checkpoint(slot, "revoke")))
+            except CheckpointFenced as error:
+                self._revoked_fenced(slot, error)
+        for slot, started in begun:
+            try:
+                if not self._finish_checkpoint(slot, started, before_commit="mid_handover"):
                     log.warning(
                         "revoked partition's checkpoint failed; its next owner learns again "
                         "from the previous one",
                         extra={"partition": slot.scope_id},
                     )
             except CheckpointFenced as error:
-                self._metrics.slots_fenced.inc()
-                log.error(
-                    "partition slot fenced",
-                    extra={"partition": slot.scope_id, "reason": str(error)},
-                )
+                self._revoked_fenced(slot, error)
             finally:
-                self.slots.close(key)
+                self.slots.release(slot)
         self._metrics.assigned_partitions.set(len(self.source.owned - set(partitions)))
-        self._report_slots()
+        with self._lock:
+            self._report_slots()
         # Logged once they are checkpointed and committed: given up from here on.
         log.info("partitions revoked", extra={"partitions": [partition_key(k) for k in partitions]})
+
+    def _detach(self, partitions: Sequence[TopicPartitionKey]) -> list[PartitionSlot]:
+        """Take ``partitions``' slots from the learner (after the unit it is learning),
+        their pending records dropped: the caller writes or forgets, then releases them."""
+        detached = []
+        with self._lock:
+            self.commits.drop(partitions)
+            for key in partitions:
+                self._unavailable.pop(key, None)
+                self._fenced.discard(key)
+                slot = self.slots.detach(key)
+                if slot is not None:
+                    self._take(slot)
+                    detached.append(slot)
+            self._turn.notify_all()
+        return detached
+
+    def _revoked_fenced(self, slot: PartitionSlot, error: CheckpointFenced) -> None:
+        """A revoked slot was claimed over: nothing of it committed; let it go."""
+        self._metrics.slots_fenced.inc()
+        log.error("partition slot fenced", extra={"partition": slot.scope_id, "reason": str(error)})
+        self.slots.release(slot)
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
         """Drop them: nothing written, nothing committed, nothing else touched."""
         self._metrics.rebalances.labels(kind="lost").inc()
-        for key in partitions:
-            self._unavailable.pop(key, None)
-            self._fenced.discard(key)
-            slot = self.slots.get(key)
-            if slot is None:
-                continue
-            slot.pending.clear()
+        for slot in self._detach(partitions):
             try:
                 slot.checkpointer.forget()  # a write in flight may land; never committed
             except CheckpointFenced:
                 pass  # it was claimed over: lost anyway
             finally:
-                self.slots.close(key)
+                self.slots.release(slot)
         self._metrics.assigned_partitions.set(len(self.source.owned))
-        self._report_slots()
+        with self._lock:
+            self._report_slots()
         log.warning("partitions lost", extra={"partitions": [partition_key(k) for k in partitions]})
 
     def on_kafka_error(self, error: KafkaError) -> None:
@@ -467,16 +666,19 @@ class PartitionService:
         for key, at in list(self._unavailable.items()):
             if now < at or key not in self.source.owned:
                 continue
-            slot = self._open(key)
+            slot = self._restore(key)
             if slot is None:
                 continue
             offset = slot.checkpoint_offset
             if offset is None:
                 offset = self.source.start_positions.get(key)
+            with self._lock:
+                self.slots.hold(slot)
+                if offset is not None:
+                    slot.state.offsets[key] = offset
+                    slot.checkpointer.resumed({key: offset})
             if offset is not None:
                 self.source.seek(key, offset)
-                slot.state.offsets[key] = offset
-                slot.checkpointer.resumed({key: offset})
             self.source.resume([key])
             log.info("partition slot claimed after a retry", extra={"partition": slot.scope_id})
 
@@ -496,6 +698,7 @@ class PartitionService:
         """Learn what was consumed, checkpoint and commit every slot, close the consumer."""
         self._metrics.state.state("stopping")
         log.info("stopping: learning what was consumed, checkpointing every partition")
+        self.commits.flush()
         for key in list(self.slots.slots):
             slot = self.slots.slots[key]
             try:

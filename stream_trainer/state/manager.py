@@ -105,6 +105,13 @@ class PartitionSlots:
     def open(self, key: TopicPartitionKey) -> PartitionSlot:
         """Claim ``key``'s slot, restore it and hold it. Raises SlotFenced (another member
         keeps claiming it) or CheckpointError (the store failed): nothing is held then."""
+        slot = self.restore(key)
+        self.hold(slot)
+        return slot
+
+    def restore(self, key: TopicPartitionKey) -> PartitionSlot:
+        """Claim ``key``'s slot and restore it, not held yet (:meth:`hold`): the store's I/O
+        runs without the caller's lock. Raises as :meth:`open`."""
         started = time.perf_counter()
         scope_id = partition_key(key)
         store = self._open_store(scope_id)
@@ -142,7 +149,6 @@ class PartitionSlots:
         slot_ref.append(slot)
         publisher.reconcile(state)  # events a crash left unsent go out before new ones
         publisher.install(state, now)
-        self.slots[key] = slot
         elapsed = time.perf_counter() - started
         self._metrics.slot_restore_duration.observe(elapsed)
         log.info(
@@ -163,10 +169,23 @@ class PartitionSlots:
         fence = SlotFence(store) if self._fenced_registry else None
         return self._publishing.slot(scope_id, fence).publisher
 
+    def hold(self, slot: PartitionSlot) -> None:
+        """Hold a restored slot: the loop trains it from now on."""
+        self.slots[slot.key] = slot
+
+    def detach(self, key: TopicPartitionKey) -> PartitionSlot | None:
+        """Stop holding ``key``'s slot, which stays open: the caller checkpoints or forgets
+        it, then :meth:`release` s it, without the loop's lock."""
+        return self.slots.pop(key, None)
+
+    def release(self, slot: PartitionSlot) -> None:
+        """Stop a detached slot's writer thread."""
+        slot.checkpointer.close(self._settings.shutdown.timeout_s)
+
     def close(self, key: TopicPartitionKey) -> PartitionSlot | None:
         """Stop holding ``key``'s slot (its writer thread stopped); the caller has
         checkpointed or forgotten it first."""
-        slot = self.slots.pop(key, None)
+        slot = self.detach(key)
         if slot is not None:
-            slot.checkpointer.close(self._settings.shutdown.timeout_s)
+            self.release(slot)
         return slot

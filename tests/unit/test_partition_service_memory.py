@@ -22,6 +22,7 @@ import json
 import os
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,13 +77,14 @@ def make_settings(
     every_records: int,
     mode: str = "per_record",
     publish_every_records: int | None = None,
+    consume_batch_size: int = 7,
 ) -> Settings:
     return settings_from_mapping(
         {
             "kafka": {
                 "bootstrap_servers": "in-memory:9092",
                 "group_id": "g",
-                "consume_batch_size": 7,
+                "consume_batch_size": consume_batch_size,
             },
             "topics": {"input": [T], "dead_letter": "dlq", "versions": "v"},
             "record": {"features": ["partition", "offset", "key"]},
@@ -171,6 +173,43 @@ class GatedStore(LocalStore):
         if self.closed and key.endswith("/MANIFEST"):
             self.waiting.set()
             self.gate.wait(10.0)
+        return super().put_if_match(key, data, etag)
+
+
+class OverlapStore(LocalStore):
+    """A LocalStore that measures how many of its calls of one kind overlap: each such call
+    (``put_if_absent`` of a checkpoint object, or ``put_if_match`` of a MANIFEST: a claim
+    or a checkpoint's swap) waits until ``expected`` are in progress or ``hold_s`` passed, so
+    calls made one after another show as 1 and calls made side by side as ``expected``."""
+
+    def __init__(self, root: Path, method: str, expected: int, hold_s: float = 2.0) -> None:
+        super().__init__(root)
+        self.method, self.expected, self.hold_s = method, expected, hold_s
+        self.armed = False
+        self.most = 0
+        self._now = 0
+        self._changed = threading.Condition()
+
+    def _overlapping(self, call: Callable[[], str]) -> str:
+        with self._changed:
+            self._now += 1
+            self.most = max(self.most, self._now)
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self._now >= self.expected, timeout=self.hold_s)
+        try:
+            return call()
+        finally:
+            with self._changed:
+                self._now -= 1
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        if self.armed and self.method == "put_if_absent" and not key.endswith("/MANIFEST"):
+            return self._overlapping(lambda: LocalStore.put_if_absent(self, key, data))
+        return super().put_if_absent(key, data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        if self.armed and self.method == "put_if_match" and key.endswith("/MANIFEST"):
+            return self._overlapping(lambda: LocalStore.put_if_match(self, key, data, etag))
         return super().put_if_match(key, data, etag)
 
 
@@ -501,6 +540,38 @@ def test_one_member_learns_every_record_once_each_slot_holding_its_partition(
     assert event_keys == {f"m/partition/{partition_key(k)}".encode() for k in ends}
 
 
+def test_a_revoke_writes_its_partitions_side_by_side_and_an_assign_restores_them_so(
+    tmp_path: Path,
+) -> None:
+    """librdkafka holds every partition of the member while a rebalance callback runs, so
+    the partitions that stay wait for it: the revoke's checkpoint writes and the assign's
+    claims and restores of several partitions overlap instead of queueing."""
+    settings = make_settings(tmp_path, every_records=1000)
+    root = tmp_path / "checkpoints"
+    cluster = Cluster(settings, LocalStore(root))
+    half = PARTITIONS // 2
+    leaving = OverlapStore(root, "put_if_absent", expected=half)  # a's revoke: checkpoint uploads
+    joining = OverlapStore(root, "put_if_match", expected=half)  # b's claims
+    produce(cluster.group, 9)
+    cluster.add("a", store=leaving)
+    cluster.drive(cluster.learnt_all)
+    produce(cluster.group, 3)  # unsaved records in every slot: the revoke must write
+    cluster.drive(cluster.learnt_all)
+    leaving.armed = joining.armed = True
+    cluster.add("b", store=joining)
+    cluster.drive(cluster.learnt_all)
+    leaving.armed = joining.armed = False
+    moved = [e for e in cluster.events if e.kind == "revoked" and e.member == "a"]
+    print(f"\nrevoke writes overlapping: {leaving.most}, assign claims: {joining.most}")
+    assert [len(e.partitions) for e in moved] == [half]
+    assert leaving.most == half
+    assert joining.most == half
+    cluster.stop("b")
+    cluster.stop("a")
+    assert cluster.group.violations == [] and cluster.problems == []
+    cluster.judge()
+
+
 # -- 2. three members, five rounds ---------------------------------------------------------
 
 REVOKE_POINTS = ("in_revoke", "mid_handover")
@@ -782,5 +853,79 @@ def test_a_lost_members_write_that_lands_after_the_new_owners_claim_is_refused(
     cluster.stop("a")
     assert group.violations == []
     assert cluster.problems == []
+    assert group.committed == group.end_offsets()
+    cluster.judge()
+
+
+class LockedSource:
+    """A member's InMemorySource used under the test's lock: the in-memory group is not
+    thread-safe, and the member's poll thread runs beside the test's."""
+
+    def __init__(self, inner: Source, lock: threading.RLock) -> None:
+        self._inner, self._lock = inner, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
+def test_the_learner_keeps_learning_the_partitions_that_stay_while_a_revoke_writes(
+    tmp_path: Path,
+) -> None:
+    """``run()`` learns on its own thread: a member's revoke callback is held inside its
+    checkpoint write (the MANIFEST swap waits at a gate), and meanwhile the learner goes
+    on with the records of the partitions that stay, from the read-ahead. Afterwards every
+    record is learnt once, by one of the two members."""
+    # Polls of 3000 records: the read-ahead fills far faster than the learner empties it.
+    settings = make_settings(tmp_path, every_records=1_000_000, consume_batch_size=3000)
+    cluster = Cluster(settings, LocalStore(tmp_path / "checkpoints"))
+    group = cluster.group
+    group_lock = threading.RLock()  # commits are made inside a poll's callbacks
+    gated = GatedStore(tmp_path / "checkpoints")
+    a = cluster.add("a", store=gated)
+    produce(group, 5)
+    cluster.drive(cluster.learnt_all)
+    source = a.service.source
+    a.service.source = LockedSource(source, group_lock)  # type: ignore[assignment]
+    runner = threading.Thread(target=a.service.run, name="member-a")
+    runner.start()
+    try:
+        with group_lock:
+            produce(group, 3000)  # far more than the learner takes before the join
+        gated.closed = True
+        with group_lock:
+            b = cluster.add("b")
+            b.source.consume(1, 0.0)  # b joins: a's next poll revokes half its partitions
+        assert gated.waiting.wait(30.0), "a's revoke never reached its checkpoint write"
+        held = a.service.slots.slots
+        at_gate = {key: slot.state.offsets[key] for key, slot in list(held.items())}
+        assert len(at_gate) == PARTITIONS // 2  # the revoked ones are detached
+
+        def advanced() -> bool:
+            return all(slot.state.offsets[key] > at_gate[key] for key, slot in list(held.items()))
+
+        deadline = time.monotonic() + 30.0
+        while not advanced() and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling interval of a bounded wait
+        moved_on = {key: slot.state.offsets[key] - at_gate[key] for key, slot in held.items()}
+        print(f"\nlearnt by a's staying partitions while its revoke was held: {moved_on}")
+        assert advanced(), moved_on
+    finally:
+        gated.gate.set()
+        a.service.request_stop()
+        runner.join(60.0)
+    assert not runner.is_alive()
+    a.service.source = source
+    del cluster.members["a"]
+    cluster.drive(cluster.learnt_all)
+    cluster.stop("b")
+    assert group.violations == [] and cluster.problems == []
     assert group.committed == group.end_offsets()
     cluster.judge()
