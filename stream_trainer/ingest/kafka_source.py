@@ -99,10 +99,14 @@ class KafkaSource:
         accept_retention_gap: bool = False,
         on_retention_gap: Callable[[RetentionGap], None] | None = None,
         sole_member: bool = False,
+        on_commit_failed: Callable[[dict[TopicPartitionKey, int]], None] | None = None,
     ) -> None:
         """``sole_member``: this member is the group's only active one (it holds the lease),
-        so every partition of ``topics`` is its own (see :meth:`_complete`)."""
+        so every partition of ``topics`` is its own (see :meth:`_complete`).
+        ``on_commit_failed``: the offsets of an asynchronous commit the broker refused or
+        never answered (a rebalance in progress, an outage), on the poll thread."""
         self._listener = listener
+        self._on_commit_failed = on_commit_failed
         self._topics = list(topics)
         self._sole_member = sole_member
         self._on_error = on_error
@@ -112,6 +116,8 @@ class KafkaSource:
         conf["error_cb"] = self._error
         if on_stats is not None:
             conf["stats_cb"] = on_stats
+        if on_commit_failed is not None:
+            conf["on_commit"] = self._committed
         self._consumer = Consumer(conf)
         # Read here, never inside a rebalance callback: list_topics() on the consumer being
         # polled resets confluent_kafka's per-thread call state, and the next callback that
@@ -121,8 +127,8 @@ class KafkaSource:
         # with incremental_unassign.
         self._owned: set[TopicPartitionKey] = set()
         # Held while a commit checks ownership and is made, and while partitions are
-        # forgotten: the learner thread commits too, and a lost partition must not be
-        # committed once the poll thread has let it go.
+        # forgotten: a lost partition is never committed once this member let it go,
+        # whichever thread commits (close() runs its callbacks on its own thread).
         self._ownership = threading.Lock()
         # Owned partitions the group did not assign (taken by _complete).
         self._taken: set[TopicPartitionKey] = set()
@@ -147,6 +153,16 @@ class KafkaSource:
             log.error("fatal kafka error", extra={"code": error.name(), "reason": error.str()})
         else:
             log.warning("kafka error", extra={"code": error.name(), "reason": error.str()})
+
+    def _committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's answer to a commit (served inside consume): report what failed."""
+        failed = {
+            _key(tp): tp.offset
+            for tp in partitions
+            if (error is not None or tp.error is not None) and tp.offset >= 0
+        }
+        if failed and self._on_commit_failed is not None:
+            self._on_commit_failed(failed)
 
     def _read_partitions(self) -> dict[str, list[int]]:
         """The partitions of the subscribed topics now ({} when metadata cannot be read)."""

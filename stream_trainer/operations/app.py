@@ -680,6 +680,7 @@ def kafka_source(
     positions: Callable[[], Mapping[TopicPartitionKey, int]],
     *,
     sole_member: bool = False,
+    on_commit_failed: Callable[[dict[TopicPartitionKey, int]], None] | None = None,
 ) -> KafkaSource:
     """The input topics' consumer for ``listener`` (a service's rebalance hooks), with the
     lag gauges fed from ``positions`` (the service's next offsets, read on the poll
@@ -696,6 +697,7 @@ def kafka_source(
         accept_retention_gap=settings.checkpoint.accept_retention_gap,
         on_retention_gap=lambda _gap: metrics.retention_gap_accepted.inc(),
         sole_member=sole_member,
+        on_commit_failed=on_commit_failed,
     )
     lag.attach(source, positions)
     return source
@@ -798,6 +800,7 @@ def _partition_service(
             service,
             service.on_kafka_error,
             service.next_offsets,
+            on_commit_failed=service.commits.retry,
         )
 
     args = (

@@ -104,15 +104,19 @@ class PollThreadCommits:
     the poll thread, and that callback waits for the learner: the learner's commits are
     queued (the newest offset per partition) and made, asynchronously, before the poll
     thread's next poll. Those offsets' checkpoints are durable already; a partition that
-    is revoked or lost meanwhile drops its queued offset (:meth:`drop`). Until
-    :meth:`bind` names the poll thread (a test driving ``step``), every commit is made at
-    once.
+    is revoked or lost meanwhile drops its queued offset (:meth:`drop`). An asynchronous
+    commit the broker refused (a rebalance in progress, an outage) is queued again
+    (:meth:`retry`): an idle partition would otherwise keep a stale group offset, and
+    lag, until its next checkpoint. Until :meth:`bind` names the poll thread (a test
+    driving ``step``), every commit is made at once.
     """
 
     def __init__(self, inner: LoggedCommits) -> None:
         self._inner = inner
         self._poll_thread: int | None = None
         self._queued: dict[TopicPartitionKey, int] = {}
+        self._dropped: set[TopicPartitionKey] = set()  # revoked or lost, not assigned since
+        self._newest: dict[TopicPartitionKey, int] = {}  # the newest offset sent or queued
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -125,12 +129,14 @@ class PollThreadCommits:
     def commit(
         self, offsets: Mapping[TopicPartitionKey, int], asynchronous: bool = False
     ) -> dict[TopicPartitionKey, int]:
-        if self._poll_thread is None or threading.get_ident() == self._poll_thread:
-            return self._inner.commit(offsets, asynchronous=asynchronous)
         with self._lock:
             for key, offset in offsets.items():
-                self._queued[key] = max(offset, self._queued.get(key, offset))
-        return dict(offsets)
+                self._newest[key] = max(offset, self._newest.get(key, offset))
+            if self._poll_thread is not None and threading.get_ident() != self._poll_thread:
+                for key, offset in offsets.items():
+                    self._queued[key] = max(offset, self._queued.get(key, offset))
+                return dict(offsets)
+        return self._inner.commit(offsets, asynchronous=asynchronous)
 
     def flush(self) -> None:
         """Make the queued commits (the poll thread, outside any callback)."""
@@ -139,10 +145,31 @@ class PollThreadCommits:
         if queued:
             self._inner.commit(queued, asynchronous=True)
 
+    def retry(self, failed: Mapping[TopicPartitionKey, int]) -> None:
+        """An asynchronous commit of ``failed`` did not land: make it again at the next
+        flush (unless a newer offset is queued, or the partition was dropped since)."""
+        again: dict[TopicPartitionKey, int] = {}
+        with self._lock:
+            for key, offset in failed.items():
+                # Only the newest: an older offset made again would move the group back.
+                if key not in self._dropped and offset >= self._newest.get(key, offset):
+                    again[key] = self._queued[key] = max(offset, self._queued.get(key, offset))
+        if again:
+            log.info(
+                "offset commit refused; made again at the next poll",
+                extra={"offsets": {partition_key(k): v for k, v in sorted(again.items())}},
+            )
+
     def drop(self, keys: Sequence[TopicPartitionKey]) -> None:
         with self._lock:
             for key in keys:
                 self._queued.pop(key, None)
+                self._dropped.add(key)
+
+    def owned_again(self, keys: Sequence[TopicPartitionKey]) -> None:
+        """``keys`` were assigned (again): their failed commits may be retried."""
+        with self._lock:
+            self._dropped.difference_update(keys)
 
 
 class PartitionService:
@@ -531,6 +558,7 @@ class PartitionService:
         """Claim and restore each new partition's slot; it starts at its checkpoint's
         offset (absent: a fresh slot starts at the group's offset, or the log start).
         Several are restored side by side, and without the lock: the learner goes on."""
+        self.commits.owned_again(partitions)
         with self._lock:
             for key in partitions:
                 self._fenced.discard(key)

@@ -11,6 +11,7 @@ The effect itself is measured by ``bench --members`` (the unmoved partitions' pa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -102,3 +103,23 @@ def test_a_wake_up_the_broker_does_not_answer_is_harmless(source: KafkaSource) -
     source._assign(consumer, tps(0))  # type: ignore[arg-type]
     assert source.owned == {("t", 0)}
     assert len(wakes(consumer)) == 1
+
+
+def test_a_refused_asynchronous_commit_is_reported_with_its_offsets() -> None:
+    """librdkafka's commit answer (served inside consume): what failed goes to the hook,
+    so the partition service makes it again; what landed does not."""
+    conf = {"bootstrap.servers": "127.0.0.1:9", "group.id": "commit-test", "log_level": 0}
+    failed: list[dict[tuple[str, int], int]] = []
+    source = KafkaSource(conf, ["t"], NoCommits(), on_commit_failed=failed.append)
+    try:
+        source._committed(None, [TopicPartition("t", 0, 5)])
+        # What librdkafka hands back for a partition it could not commit (the error field
+        # of a TopicPartition cannot be set from Python).
+        refused: Any = SimpleNamespace(
+            topic="t", partition=1, offset=7, error=KafkaError(KafkaError.REBALANCE_IN_PROGRESS)
+        )
+        source._committed(None, [TopicPartition("t", 0, 6), refused])
+        source._committed(KafkaError(KafkaError._TRANSPORT), [TopicPartition("t", 2, 9)])
+    finally:
+        source.close(5.0)
+    assert failed == [{("t", 1): 7}, {("t", 2): 9}]

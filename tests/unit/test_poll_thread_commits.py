@@ -79,3 +79,22 @@ def test_a_revoked_or_lost_partitions_queued_commit_is_dropped() -> None:
     commits.drop([A])
     commits.flush()
     assert [c[0] for c in source.commits] == [{B: 3}]
+
+
+def test_a_refused_commit_is_made_again_unless_a_newer_one_was_made_or_it_left() -> None:
+    source = Recorded()
+    commits = commits_over(source)
+    commits.bind()
+    commits.commit({A: 5, B: 3}, asynchronous=True)
+    commits.commit({A: 8}, asynchronous=True)
+    commits.retry({A: 5, B: 3})  # the broker refused the first (a rebalance in progress)
+    commits.flush()
+    assert source.commits[-1][0] == {B: 3}  # A's 5 is older than the 8 made since
+    commits.drop([B])
+    commits.retry({B: 3})  # revoked since: never again
+    commits.flush()
+    assert len(source.commits) == 3
+    commits.owned_again([B])
+    commits.retry({B: 3})  # assigned again, and still its newest: made again
+    commits.flush()
+    assert source.commits[-1][0] == {B: 3}
