@@ -14,13 +14,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
+from stream_trainer.testing.kafka_broker import KafkaBroker
+from stream_trainer.testing.seaweedfs import SeaweedFS
 from tests.container.fixtures import Images
 from tests.kube.kube_env import ApiServer, BuildTimings, KubeEnvError, build
-from tests.kube.node_env import Node
+from tests.kube.node_env import Node, host_address
+
+S = TypeVar("S")
 
 
 def _in_ci() -> bool:
@@ -83,3 +88,41 @@ def node(kube: ApiServer, images: Images) -> Iterator[Node]:
         yield node
     finally:
         node.stop()
+
+
+def _reachable_from_pods(
+    what: str, make: Callable[[str], S], start: Callable[[S], object], close: Callable[[S], object]
+) -> Iterator[S]:
+    """``make(host_address())`` started, closed at the end: a server the node's pods reach
+    (their loopback is their own). Fails under CI, skips elsewhere, when it cannot start."""
+    server: S | None = None
+    try:
+        server = make(host_address())
+        start(server)
+    except Exception as error:  # any start failure: fail in CI, else skip
+        if server is not None:
+            close(server)
+        reason = f"{what} on the host's address unavailable: {error}"
+        if _in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield server
+    finally:
+        close(server)
+
+
+@pytest.fixture(scope="session")
+def pod_kafka() -> Iterator[KafkaBroker]:
+    """Apache Kafka on the host's primary address, for the pods of the node tests."""
+    yield from _reachable_from_pods(
+        "Kafka", lambda host: KafkaBroker(host=host), KafkaBroker.start, KafkaBroker.close
+    )
+
+
+@pytest.fixture(scope="session")
+def pod_s3() -> Iterator[SeaweedFS]:
+    """SeaweedFS (S3) on the host's primary address, for the pods of the node tests."""
+    yield from _reachable_from_pods(
+        "SeaweedFS", lambda host: SeaweedFS(host=host), SeaweedFS.start, SeaweedFS.close
+    )

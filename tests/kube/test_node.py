@@ -23,7 +23,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from tests.faults.support import (
 )
 from tests.harness import HMAC_KEY, read_topic, unique, wait_for
 from tests.kube.kube_env import ApiServer, conditions
-from tests.kube.node_env import Node, host_address
+from tests.kube.node_env import Node
 from tests.kube.test_helm_install import (
     CHART_DIR,
     FULLNAME,
@@ -61,26 +60,6 @@ PUBLISHED = "stream_trainer_versions_published_total"
 DATASET = "phishing"
 FIRST, SECOND = 900, 300  # records before the first pod, and after it is deleted
 UID = 10001  # the chart's runAsUser/fsGroup: a hostPath volume is not chowned for it
-
-
-@pytest.fixture(scope="module")
-def pod_kafka() -> Iterator[KafkaBroker]:
-    """Apache Kafka on the host's primary address (reachable from pods), module-scoped."""
-    broker: KafkaBroker | None = None
-    try:
-        broker = KafkaBroker(host=host_address())
-        broker.start()
-    except Exception as error:  # any start failure: fail in CI, else skip
-        if broker is not None:
-            broker.close()
-        reason = f"Kafka on the host's address unavailable: {error}"
-        if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    try:
-        yield broker
-    finally:
-        broker.close()
 
 
 def _pods(kube: ApiServer, namespace: str) -> list[dict[str, Any]]:
