@@ -205,6 +205,9 @@ class PartitionService:
         self._batch_target = (
             settings.training.mini_batch.size if settings.training.mode == "mini_batch" else 0
         )
+        # Records in one unit: a mini-batch, or per record what one poll takes. The read-ahead
+        # holds more: a unit is what the learner does while holding the lock.
+        self._unit_size = self._batch_target or settings.kafka.consume_batch_size
         # Owned partitions whose slot the store could not give yet: retry time.
         self._unavailable: dict[TopicPartitionKey, float] = {}
         self._fenced: set[TopicPartitionKey] = set()
@@ -328,7 +331,7 @@ class PartitionService:
                 slot = self.slots.get(key)
                 if slot is None or not self._unit_ready(slot, now):
                     continue
-                records = self._take(slot)
+                records = self._take(slot, self._unit_size, now)
                 self._turn.notify_all()  # room in the read-ahead
                 self._learn(slot, records)
                 learnt = True
@@ -385,8 +388,15 @@ class PartitionService:
             or now - slot.pending_since >= self.settings.training.mini_batch.max_wait_s
         )
 
-    def _take(self, slot: PartitionSlot) -> list[Record]:
-        records, slot.pending = slot.pending, []
+    def _take(
+        self, slot: PartitionSlot, limit: int | None = None, now: float = 0.0
+    ) -> list[Record]:
+        """``slot``'s pending records, the first ``limit`` of them (a unit), else all."""
+        if limit is None or len(slot.pending) <= limit:
+            records, slot.pending = slot.pending, []
+        else:
+            records, slot.pending = slot.pending[:limit], slot.pending[limit:]
+            slot.pending_since = now  # the rest's age restarts: their arrival is not kept
         self._pending_records -= len(records)
         return records
 
@@ -463,8 +473,9 @@ class PartitionService:
         )
 
     def _flush(self, slot: PartitionSlot) -> None:
-        """Learn everything consumed for ``slot``."""
-        self._learn(slot, self._take(slot))
+        """Learn everything consumed for ``slot``, a unit at a time."""
+        while slot.pending:
+            self._learn(slot, self._take(slot, self._unit_size, self._clock()))
 
     # -- checkpoints and publishing --------------------------------------------------------
 

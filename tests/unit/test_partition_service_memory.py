@@ -929,3 +929,19 @@ def test_the_learner_keeps_learning_the_partitions_that_stay_while_a_revoke_writ
     assert group.violations == [] and cluster.problems == []
     assert group.committed == group.end_offsets()
     cluster.judge()
+
+
+def test_a_unit_is_one_mini_batch_however_much_was_read_ahead(tmp_path: Path) -> None:
+    """One poll reads 8 records of every partition ahead; mini-batches of 4 stay 4."""
+    settings = make_settings(
+        tmp_path, every_records=1000, mode="mini_batch", consume_batch_size=100
+    )
+    cluster = Cluster(settings, LocalStore(tmp_path / "checkpoints"))
+    produce(cluster.group, 8)
+    a = cluster.add("a")
+    cluster.drive(cluster.learnt_all)
+    batches = a.metric("stream_trainer_batches_total")
+    learnt = a.metric("stream_trainer_batch_size_records_sum")
+    assert (batches, learnt) == (2 * PARTITIONS, 8 * PARTITIONS)
+    cluster.stop("a")
+    cluster.judge()
