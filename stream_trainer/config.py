@@ -313,7 +313,8 @@ class KafkaSettings(StrictModel):
             "partition and key scope: most records consumed and waiting to be learnt. The "
             "learner runs on its own thread and keeps learning the partitions that stay "
             "while a rebalance holds the consumer; this bounds that buffer's memory "
-            "(records times their size; exceeded by at most one poll)"
+            "(records times their size): up to twice it while a partition has nothing "
+            "waiting, plus one poll"
         ),
     )
     decode_worker: bool = Field(

@@ -298,7 +298,15 @@ class PartitionService:
                 self._turn.wait_for(self._room, timeout=ROOM_WAIT_S)
 
     def _room(self) -> bool:
-        return self._pending_records < self._read_ahead or self._stop.is_set()
+        """Room to poll: under the read-ahead bound, or under twice it while a held slot has
+        nothing pending. After an assign, the new partitions' backlogs fill librdkafka's
+        queue ahead of the staying partitions' records: read on to reach those rather than
+        let the staying ones starve until the backlog is learnt."""
+        if self._stop.is_set() or self._pending_records < self._read_ahead:
+            return True
+        return self._pending_records < 2 * self._read_ahead and any(
+            not slot.pending for slot in self.slots.slots.values()
+        )
 
     def _learner(self) -> None:
         """The learner thread: learn until the stop; an error stops the poll thread too."""
