@@ -909,7 +909,10 @@ def test_the_learner_keeps_learning_the_partitions_that_stay_while_a_revoke_writ
         assert len(at_gate) == PARTITIONS // 2  # the revoked ones are detached
 
         def advanced() -> bool:
-            return all(slot.state.offsets[key] > at_gate[key] for key, slot in list(held.items()))
+            # Those whose records were read ahead before the revoke go on being learnt (a
+            # poll takes 3000 records of one partition, so not necessarily all three).
+            learnt = sum(slot.state.offsets[key] - at_gate[key] for key, slot in held.items())
+            return learnt >= 3000
 
         deadline = time.monotonic() + 30.0
         while not advanced() and time.monotonic() < deadline:
