@@ -17,7 +17,7 @@ it (cooperative-sticky: a rebalance names only the partitions that move). Per pa
   owner reads them). **lost**: drop it, write and commit nothing. Other partitions are
   untouched.
 
-Two threads (docs/design/scale-out.md, 4.2). The **poll thread** (:meth:`run`'s caller)
+Two threads (docs/design/scale-out.md, 4.5). The **poll thread** (:meth:`run`'s caller)
 consumes, sorts records into their slots' pending units and runs the rebalance callbacks,
 which librdkafka calls inside ``consume``. The **learner thread** learns the units,
 checkpoints and publishes. Up to ``kafka.read_ahead_records`` records wait between them,
@@ -97,6 +97,14 @@ class LoggedCommits:
         return committed
 
 
+def _raise_to(
+    newest: dict[TopicPartitionKey, int], offsets: Mapping[TopicPartitionKey, int]
+) -> None:
+    """Each partition of ``offsets`` in ``newest`` at the larger of the two offsets."""
+    for key, offset in offsets.items():
+        newest[key] = max(offset, newest.get(key, offset))
+
+
 class PollThreadCommits:
     """Commits as the checkpointers make them, but only ever from the poll thread.
 
@@ -130,11 +138,9 @@ class PollThreadCommits:
         self, offsets: Mapping[TopicPartitionKey, int], asynchronous: bool = False
     ) -> dict[TopicPartitionKey, int]:
         with self._lock:
-            for key, offset in offsets.items():
-                self._newest[key] = max(offset, self._newest.get(key, offset))
+            _raise_to(self._newest, offsets)
             if self._poll_thread is not None and threading.get_ident() != self._poll_thread:
-                for key, offset in offsets.items():
-                    self._queued[key] = max(offset, self._queued.get(key, offset))
+                _raise_to(self._queued, offsets)
                 return dict(offsets)
         return self._inner.commit(offsets, asynchronous=asynchronous)
 
@@ -148,12 +154,14 @@ class PollThreadCommits:
     def retry(self, failed: Mapping[TopicPartitionKey, int]) -> None:
         """An asynchronous commit of ``failed`` did not land: make it again at the next
         flush (unless a newer offset is queued, or the partition was dropped since)."""
-        again: dict[TopicPartitionKey, int] = {}
         with self._lock:
-            for key, offset in failed.items():
-                # Only the newest: an older offset made again would move the group back.
-                if key not in self._dropped and offset >= self._newest.get(key, offset):
-                    again[key] = self._queued[key] = max(offset, self._queued.get(key, offset))
+            # Only the newest: an older offset made again would move the group back.
+            again = {
+                key: offset
+                for key, offset in failed.items()
+                if key not in self._dropped and offset >= self._newest.get(key, offset)
+            }
+            _raise_to(self._queued, again)
         if again:
             log.info(
                 "offset commit refused; made again at the next poll",
@@ -216,7 +224,6 @@ class PartitionService:
         self._lock = threading.RLock()
         self._turn = threading.Condition(self._lock)
         self._read_ahead = settings.kafka.read_ahead_records
-        self._pending_records = 0  # in every slot's pending unit
         # Partitions the learner wants paused (breaker, fence): paused by the poll thread,
         # the one that drives the consumer.
         self._pause_wanted: list[TopicPartitionKey] = []
@@ -302,11 +309,13 @@ class PartitionService:
         nothing pending. After an assign, the new partitions' backlogs fill librdkafka's
         queue ahead of the staying partitions' records: read on to reach those rather than
         let the staying ones starve until the backlog is learnt."""
-        if self._stop.is_set() or self._pending_records < self._read_ahead:
+        if self._stop.is_set():
             return True
-        return self._pending_records < 2 * self._read_ahead and any(
-            not slot.pending for slot in self.slots.slots.values()
-        )
+        held = self.slots.slots.values()
+        pending = sum(len(slot.pending) for slot in held)
+        if pending < self._read_ahead:
+            return True
+        return pending < 2 * self._read_ahead and any(not slot.pending for slot in held)
 
     def _learner(self) -> None:
         """The learner thread: learn until the stop; an error stops the poll thread too."""
@@ -384,7 +393,6 @@ class PartitionService:
             if not slot.pending:
                 slot.pending_since = now
             slot.pending.append(record)
-            self._pending_records += 1
 
     def _unit_ready(self, slot: PartitionSlot, now: float) -> bool:
         if not slot.pending:
@@ -396,16 +404,14 @@ class PartitionService:
             or now - slot.pending_since >= self.settings.training.mini_batch.max_wait_s
         )
 
-    def _take(
-        self, slot: PartitionSlot, limit: int | None = None, now: float = 0.0
-    ) -> list[Record]:
+    @staticmethod
+    def _take(slot: PartitionSlot, limit: int | None = None, now: float = 0.0) -> list[Record]:
         """``slot``'s pending records, the first ``limit`` of them (a unit), else all."""
         if limit is None or len(slot.pending) <= limit:
             records, slot.pending = slot.pending, []
         else:
             records, slot.pending = slot.pending[:limit], slot.pending[limit:]
             slot.pending_since = now  # the rest's age restarts: their arrival is not kept
-        self._pending_records -= len(records)
         return records
 
     def _learn(self, slot: PartitionSlot, records: list[Record]) -> None:
@@ -646,7 +652,8 @@ class PartitionService:
             try:
                 begun.append((slot, self._begin_checkpoint(slot, "revoke")))
             except CheckpointFenced as error:
-                self._revoked_fenced(slot, error)
+                self._count_fenced(slot, error)
+                self.slots.release(slot)
         for slot, started in begun:
             try:
                 if not self._finish_checkpoint(slot, started, before_commit="mid_handover"):
@@ -656,7 +663,7 @@ class PartitionService:
                         extra={"partition": slot.scope_id},
                     )
             except CheckpointFenced as error:
-                self._revoked_fenced(slot, error)
+                self._count_fenced(slot, error)
             finally:
                 self.slots.release(slot)
         self._metrics.assigned_partitions.set(len(self.source.owned - set(partitions)))
@@ -681,11 +688,11 @@ class PartitionService:
             self._turn.notify_all()
         return detached
 
-    def _revoked_fenced(self, slot: PartitionSlot, error: CheckpointFenced) -> None:
-        """A revoked slot was claimed over: nothing of it committed; let it go."""
+    def _count_fenced(self, slot: PartitionSlot, error: CheckpointFenced) -> None:
+        """A slot being given up (revoke, stop) was claimed over: nothing of it was
+        committed; counted and logged."""
         self._metrics.slots_fenced.inc()
         log.error("partition slot fenced", extra={"partition": slot.scope_id, "reason": str(error)})
-        self.slots.release(slot)
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
         """Drop them: nothing written, nothing committed, nothing else touched."""
@@ -754,11 +761,7 @@ class PartitionService:
             except RegistryWaitInterrupted:
                 log.warning("stopped while waiting for the schema registry; unit left unread")
             except CheckpointFenced as error:
-                self._metrics.slots_fenced.inc()
-                log.error(
-                    "partition slot fenced",
-                    extra={"partition": slot.scope_id, "reason": str(error)},
-                )
+                self._count_fenced(slot, error)
             self.slots.close(key)
         closed = self.source.close(timeout_s=max(1.0, self.settings.shutdown.timeout_s / 3))
         log.info("stopped", extra={"consumer_closed": closed})

@@ -1,12 +1,13 @@
 """Training state per input partition (``model.scope: partition``): the state manager.
 
-One :class:`PartitionSlot` per partition this member owns. :meth:`PartitionSlots.open`
+One :class:`PartitionSlot` per partition this member owns. :meth:`PartitionSlots.restore`
 claims the partition's slot in the shared checkpoint store (``slot_store.SlotStore``: a
 MANIFEST compare-and-swap that fences the previous owner), restores its newest checkpoint
 that verifies (or starts a fresh state) and builds the slot's checkpointer and publisher;
-:meth:`PartitionSlots.close` releases one. The poll loop (:mod:`partition_service`) decides
-when: on assign, revoke, lost and stop. Slots never share a state, a checkpointer or a
-registry folder, so a partition that moves takes nothing of the others with it.
+:meth:`PartitionSlots.hold` makes it held, :meth:`PartitionSlots.close` releases one. The
+poll loop (:mod:`partition_service`) decides when: on assign, revoke, lost and stop. Slots
+never share a state, a checkpointer or a registry folder, so a partition that moves takes
+nothing of the others with it.
 """
 
 from __future__ import annotations
@@ -102,16 +103,10 @@ class PartitionSlots:
     def get(self, key: TopicPartitionKey) -> PartitionSlot | None:
         return self.slots.get(key)
 
-    def open(self, key: TopicPartitionKey) -> PartitionSlot:
-        """Claim ``key``'s slot, restore it and hold it. Raises SlotFenced (another member
-        keeps claiming it) or CheckpointError (the store failed): nothing is held then."""
-        slot = self.restore(key)
-        self.hold(slot)
-        return slot
-
     def restore(self, key: TopicPartitionKey) -> PartitionSlot:
         """Claim ``key``'s slot and restore it, not held yet (:meth:`hold`): the store's I/O
-        runs without the caller's lock. Raises as :meth:`open`."""
+        runs without the caller's lock. Raises SlotFenced (another member keeps claiming
+        it) or CheckpointError (the store failed)."""
         started = time.perf_counter()
         scope_id = partition_key(key)
         store = self._open_store(scope_id)
