@@ -258,6 +258,14 @@ class KeyService(PartitionService):
     def _train(
         self, slot: PartitionSlot, records: list[Record], batch: DecodedBatch
     ) -> UnitResult | None:
+        # Under the lock, unlike partition scope's: the recency order and the eviction it
+        # drives span every held slot, and a callback takes slots out under the lock.
+        with self._lock:
+            return self._train_keys(slot, records, batch)
+
+    def _train_keys(
+        self, slot: PartitionSlot, records: list[Record], batch: DecodedBatch
+    ) -> UnitResult | None:
         state = keyed(slot)
         if slot.key in state.halted:
             return None  # not learnt, offsets not moved: read again after a restart
@@ -278,7 +286,7 @@ class KeyService(PartitionService):
             self._load_missing(slot, state, list(rows_of))
         except KeyStateError as error:
             state.halted[slot.key] = KEY_HALTED
-            self.source.pause([slot.key])
+            self._pause(slot.key)  # by the poll thread, the one that drives the consumer
             self._report_slots()
             log.error(
                 "partition halted: an evicted key state could not be read",

@@ -22,10 +22,13 @@ consumes, sorts records into their slots' pending units and runs the rebalance c
 which librdkafka calls inside ``consume``. The **learner thread** learns the units,
 checkpoints and publishes. Up to ``kafka.read_ahead_records`` records wait between them,
 so while a callback holds the consumer (librdkafka pauses every partition for it and
-fetches them again afterwards) the partitions that stay go on being learnt. They take
-turns on the slots under one lock, held by the learner for one unit at a time and by a
-callback only to take slots in or out: claims, restores, the revoke's checkpoint writes
-and commits run outside it, on slots the learner no longer (or not yet) holds.
+fetches them again afterwards) the partitions that stay go on being learnt. They share
+the slots under one lock, held only to move records and slots in and out, and for a
+slot's checkpoint and publish: a unit is learnt outside it (key scope's member-wide
+model bound keeps it), so the poll thread reads ahead while the learner learns. A callback
+waits for the unit being learnt only if it is of a partition that moves; claims,
+restores, the revoke's checkpoint writes and commits run outside the lock, on slots the
+learner no longer (or not yet) holds.
 """
 
 from __future__ import annotations
@@ -224,6 +227,9 @@ class PartitionService:
         self._lock = threading.RLock()
         self._turn = threading.Condition(self._lock)
         self._read_ahead = settings.kafka.read_ahead_records
+        # The partition whose unit the learner is learning, outside the lock: a callback
+        # that moves it waits for the unit to end (revoke: it is in the checkpoint).
+        self._learning: TopicPartitionKey | None = None
         # Partitions the learner wants paused (breaker, fence): paused by the poll thread,
         # the one that drives the consumer.
         self._pause_wanted: list[TopicPartitionKey] = []
@@ -349,9 +355,15 @@ class PartitionService:
                 if slot is None or not self._unit_ready(slot, now):
                     continue
                 records = self._take(slot, self._unit_size, now)
+                self._learning = key
                 self._turn.notify_all()  # room in the read-ahead
+            try:
                 self._learn(slot, records)
-                learnt = True
+            finally:
+                with self._turn:
+                    self._learning = None
+                    self._turn.notify_all()  # a callback waiting for this unit
+            learnt = True
         for key in keys:
             with self._lock:
                 slot = self.slots.get(key)
@@ -428,9 +440,10 @@ class PartitionService:
             # A flood of bad records: this partition stops here, nothing of the unit learnt
             # or dead-lettered; its owner's restart reads it again from the checkpoint.
             state.halted[key] = reason
-            self._take(slot)  # consumed after the halted unit: read again by a restart
+            with self._lock:
+                self._take(slot)  # consumed after the halted unit: read again by a restart
+                self._report_slots()
             self._pause(key)
-            self._report_slots()
             log.error(
                 "partition halted by the bad-record breaker",
                 extra={"partition": slot.scope_id, "reason": reason, "offset": records[0].offset()},
@@ -673,10 +686,13 @@ class PartitionService:
         log.info("partitions revoked", extra={"partitions": [partition_key(k) for k in partitions]})
 
     def _detach(self, partitions: Sequence[TopicPartitionKey]) -> list[PartitionSlot]:
-        """Take ``partitions``' slots from the learner (after the unit it is learning),
-        their pending records dropped: the caller writes or forgets, then releases them."""
+        """Take ``partitions``' slots from the learner (after the unit it is learning, if
+        it is one of theirs), their pending records dropped: the caller writes or forgets,
+        then releases them."""
         detached = []
-        with self._lock:
+        moving = set(partitions)
+        with self._turn:
+            self._turn.wait_for(lambda: self._learning not in moving)
             self.commits.drop(partitions)
             for key in partitions:
                 self._unavailable.pop(key, None)

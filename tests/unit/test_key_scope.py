@@ -299,6 +299,8 @@ def test_an_unreadable_evicted_key_halts_its_partition_with_nothing_learnt(
     step(service)
     assert state.halted == {TP: KEY_HALTED}
     assert state.records_learnt == learnt and state.offsets[TP] == 2
+    # The learner asks; the poll thread, the one that drives the consumer, pauses it.
+    service.poll_step(wait_for_room=False)
     assert TP in source.paused
 
 

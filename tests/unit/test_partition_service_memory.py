@@ -934,6 +934,69 @@ def test_the_learner_keeps_learning_the_partitions_that_stay_while_a_revoke_writ
     cluster.judge()
 
 
+def test_the_poll_thread_reads_ahead_while_the_learner_learns_a_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit is learnt outside the slots' lock: while the learner is held inside one, the
+    poll thread goes on sorting records into the slots' pending units (with the unit under
+    the lock, it waited for every unit to end and the read-ahead never filled). Afterwards
+    every record is learnt once."""
+    settings = make_settings(tmp_path, every_records=1_000_000, consume_batch_size=500)
+    cluster = Cluster(settings, LocalStore(tmp_path / "checkpoints"))
+    group = cluster.group
+    group_lock = threading.RLock()
+    a = cluster.add("a")
+    produce(group, 5)
+    cluster.drive(cluster.learnt_all)
+    service = a.service
+    inner = service._trainer.learn
+    entered, gate = threading.Event(), threading.Event()
+
+    def held_learn(state: Any, batch: Any) -> Any:
+        if not gate.is_set():
+            entered.set()
+            gate.wait(30.0)
+        return inner(state, batch)
+
+    monkeypatch.setattr(service._trainer, "learn", held_learn)
+    source = service.source
+    service.source = LockedSource(source, group_lock)  # type: ignore[assignment]
+    with group_lock:
+        produce(group, 2000)
+    runner = threading.Thread(target=service.run, name="member-a")
+    runner.start()
+
+    def pending() -> int:
+        with service._lock:
+            return sum(len(slot.pending) for slot in service.slots.slots.values())
+
+    try:
+        assert entered.wait(30.0), "the learner never took a unit"
+        at_entry = pending()
+        with group_lock:
+            produce(group, 1000)  # arrives while the learner is inside its unit
+        arrived = 1000 * PARTITIONS  # at_entry + arrived is under the read-ahead bound
+        deadline = time.monotonic() + 30.0
+        while pending() < at_entry + arrived and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling interval of a bounded wait
+        read = pending() - at_entry
+        print(f"\nread ahead while the learner was held inside a unit: {read} of {arrived}")
+        assert read == arrived
+    finally:
+        gate.set()
+        service.request_stop()
+        runner.join(60.0)
+    assert not runner.is_alive()
+    service.source = source
+    del cluster.members["a"]  # stopped: checkpointed and committed what it learnt
+    cluster.add("b")
+    cluster.drive(cluster.learnt_all)
+    cluster.stop("b")
+    assert group.violations == [] and cluster.problems == []
+    assert group.committed == group.end_offsets()
+    cluster.judge()
+
+
 def test_a_unit_is_one_mini_batch_however_much_was_read_ahead(tmp_path: Path) -> None:
     """One poll reads 8 records of every partition ahead; mini-batches of 4 stay 4."""
     settings = make_settings(
