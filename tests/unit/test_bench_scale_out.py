@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,7 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
             "records_per_s": {"1": r1, "2": r2},
             "efficiency": {"2": r2 / (2 * r1)},
             "cores_used": {"1": 1.0, "2": 1.5},
+            "machine_busy_cores": {"1": 1.3, "2": 1.9},
             "records_per_cpu_s": {"1": r1, "2": r2 / 1.5},
             "per_cpu_s_ratio": {"2": r2 / 1.5 / r1},
             "median_unit_s": 0.05,
@@ -200,7 +202,17 @@ def test_summary_takes_medians_and_targets_the_excess_pause() -> None:
         0.8,
     )
     assert targets["join_1to2_unmoved_pause_units"] == (2.0, "<=", 1.0)  # the worst repeat
-    assert any("join 1->2" in line for line in so.table_lines(section))
+    assert section["machine_busy_cores"]["2"]["median"] == 1.9
+    lines = so.table_lines(section)
+    assert any("join 1->2" in line for line in lines)
+    assert any(f"1.90 of {section['machine_cores']}" in line for line in lines)
+
+
+def test_the_machines_busy_seconds_leave_out_idle_and_iowait() -> None:
+    # user nice system idle iowait irq softirq steal (guest, guest_nice: inside user)
+    stat = "cpu  100 20 30 500 50 5 5 0 0 0\ncpu0 50 10 15 250 25 2 3 0 0 0\n"
+    assert so.machine_busy_s(stat) == (100 + 20 + 30 + 5 + 5) / os.sysconf("SC_CLK_TCK")
+    assert math.isnan(so.machine_busy_s("intr 1 2 3\n"))
 
 
 def test_an_owners_unmoved_partitions_together_rise_at_every_unit_despite_bursts() -> None:

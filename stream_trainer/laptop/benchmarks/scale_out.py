@@ -39,6 +39,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -186,6 +187,28 @@ class Window:
     rate: float
     unit_s: dict[str, float]  # per member: median loop seconds per unit
     cores: float = math.nan  # the members' CPU seconds per second, together
+    # The whole machine's busy CPU seconds per second (members, broker, everything): a
+    # second member can only scale while this is under the machine's cores.
+    machine_cores: float = math.nan
+
+
+def machine_busy_s(stat: str) -> float:
+    """CPU seconds the machine spent busy (not idle, not waiting on I/O) since boot, from
+    the text of ``/proc/stat``; NaN when its ``cpu`` line is missing."""
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(v) for v in fields[1:]]
+            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+            return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return math.nan
+
+
+def _machine_busy_now() -> float:
+    try:
+        return machine_busy_s(Path("/proc/stat").read_text(encoding="ascii"))
+    except OSError:  # not Linux: the figure is unknown
+        return math.nan
 
 
 @dataclass
@@ -295,9 +318,11 @@ class ScaleOutRun:
     def _window(self) -> None:
         live = self._live()
         start = time.time()
+        busy_before = _machine_busy_now()
         first = {m.name: len(m.samples) for m in live}
         self._sample_for(self.window_s, SLOW_INTERVAL_S)
         end = time.time()
+        machine = (_machine_busy_now() - busy_before) / (end - start)
         learnt = cpu = 0.0
         unit_s: dict[str, float] = {}
         for m in live:
@@ -313,8 +338,11 @@ class ScaleOutRun:
         span = max(m.samples[-1].t for m in live) - min(m.samples[first[m.name]].t for m in live)
         rate = learnt / span if span > 0 else math.nan
         cores = cpu / span if span > 0 else math.nan
-        self.windows.append(Window(len(live), start, end, rate, unit_s, cores))
-        self._progress(f"{len(live)} member(s): {rate:,.0f} records/s on {cores:.2f} cores")
+        self.windows.append(Window(len(live), start, end, rate, unit_s, cores, machine))
+        self._progress(
+            f"{len(live)} member(s): {rate:,.0f} records/s on {cores:.2f} cores "
+            f"(machine busy {machine:.2f} of {os.cpu_count()})"
+        )
 
     # -- the walk --------------------------------------------------------------------------
 
@@ -567,6 +595,7 @@ def analyse(run: ScaleOutRun, counts: Sequence[int]) -> dict[str, Any]:
     by_count = {w.members: w for w in run.windows}
     rates = {str(c): by_count[c].rate if c in by_count else math.nan for c in counts}
     cores = {str(c): by_count[c].cores if c in by_count else math.nan for c in counts}
+    machine = {str(c): by_count[c].machine_cores if c in by_count else math.nan for c in counts}
     per_core = {k: rep.ratio(rates[k], cores[k]) for k in rates}
     base = counts[0]
     efficiency = {str(c): rep.ratio(rates[str(c)] * base, c * rates[str(base)]) for c in counts[1:]}
@@ -581,6 +610,7 @@ def analyse(run: ScaleOutRun, counts: Sequence[int]) -> dict[str, Any]:
         # not get a second core, and records per CPU second tell that from a service that
         # does not scale.
         "cores_used": cores,
+        "machine_busy_cores": machine,
         "records_per_cpu_s": per_core,
         "per_cpu_s_ratio": {
             str(c): rep.ratio(per_core[str(c)], per_core[str(base)]) for c in counts[1:]
@@ -640,6 +670,11 @@ def summarize(
         "cores_used": {
             k: rep.spread([r.get("cores_used", {}).get(k, math.nan) for r in repeats]) for k in keys
         },
+        "machine_busy_cores": {
+            k: rep.spread([r.get("machine_busy_cores", {}).get(k, math.nan) for r in repeats])
+            for k in keys
+        },
+        "machine_cores": os.cpu_count() or math.nan,
         "records_per_cpu_s": {
             k: rep.spread([r.get("records_per_cpu_s", {}).get(k, math.nan) for r in repeats])
             for k in keys
@@ -683,8 +718,17 @@ def table_lines(section: dict[str, Any]) -> list[str]:
         f"[{rep.num(cpu['min'], digits=2)}-{rep.num(cpu['max'], digits=2)}]):",
         f"  {'members':<8} {'records/s med':>14} {'min':>10} {'max':>10} {'efficiency':>11} "
         f"{'/ ingest':>9} {'/ learner':>10} {'cores used':>11} {'rec/CPU-s':>10} "
-        f"{'ratio':>6}",
+        f"{'ratio':>6} {'machine busy':>13}",
     ]
+
+    def busy(k: str) -> str:
+        # .get: a report written before the machine's figure was measured
+        spread = section.get("machine_busy_cores", {}).get(k)
+        if spread is None:
+            return "-"
+        total = section.get("machine_cores", math.nan)
+        return f"{rep.num(spread['median'], digits=2)} of {rep.num(total, digits=0)}"
+
     for k, rate in section["records_per_s"].items():
         eff = section["efficiency"].get(k)
         per_cpu = section["per_cpu_s_ratio"].get(k)
@@ -696,7 +740,8 @@ def table_lines(section: dict[str, Any]) -> list[str]:
             f"{rep.num(ratios.get('learner_ceiling', math.nan), digits=2):>10} "
             f"{rep.num(section['cores_used'][k]['median'], digits=2):>11} "
             f"{rep.num(section['records_per_cpu_s'][k]['median'], digits=0):>10} "
-            f"{rep.num(per_cpu['median'], digits=2) if per_cpu else '-':>6}"
+            f"{rep.num(per_cpu['median'], digits=2) if per_cpu else '-':>6} "
+            f"{busy(k):>13}"
         )
     lines.append(
         f"  median unit (loop seconds per unit): {rep.num(unit, ' ms', 1000, 1)}; "
