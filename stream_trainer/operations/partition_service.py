@@ -467,6 +467,9 @@ class PartitionService:
         m.batch_size.observe(len(records))
         if result.learn_seconds:
             m.learn_duration.observe(result.learn_seconds)
+        # One line per unit at DEBUG: bench --members reads each partition's progress from
+        # it to the millisecond (its /metrics scrapes see only every 50 ms).
+        log.debug("unit learnt", extra={"partition": slot.scope_id, "records": result.learnt})
 
     def _train(
         self, slot: PartitionSlot, records: list[Record], batch: DecodedBatch

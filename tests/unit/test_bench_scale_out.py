@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +249,55 @@ def test_a_revoke_starts_where_its_counter_rose_never_after_its_log_line() -> No
     # An earlier revoke (before the change) and no rise since: the log line.
     assert so.revoke_started(at((9.0, 0), (9.5, 1), (10.5, 1)), 11.0, 10.0) == 11.0
     assert so.revoke_started(slow, None, 10.0) is None
+
+
+def _unit_line(t: float, partition: int, records: int) -> str:
+    stamp = datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds")
+    return json.dumps(
+        {
+            "ts": stamp.replace("+00:00", "Z"),
+            "level": "debug",
+            "event": "unit learnt",
+            "partition": f"{T}:{partition}",
+            "records": records,
+        }
+    )
+
+
+def test_the_unit_trace_counts_each_partitions_records_per_unit() -> None:
+    lines = [
+        _unit_line(100.000, 0, 500),
+        '{"ts": "x", "event": "offsets committed"}',
+        "not json",
+        _unit_line(100.031, 1, 200),
+        _unit_line(100.062, 0, 500),
+    ]
+    trace = so.unit_trace(lines)
+    assert [round(s.t, 3) for s in trace] == [100.0, 100.031, 100.062]
+    assert trace[-1].slots == {(T, 0): 1000.0, (T, 1): 200.0}
+    assert trace[-1].learnt == 1200.0 and trace[-1].batches == 3.0
+    assert trace[0].slots == {(T, 0): 500.0}  # each sample its own copy
+
+
+def test_a_stop_shorter_than_the_scrape_period_shows_in_the_unit_trace() -> None:
+    # m1 learns p0 every 10 ms from 5 s to 15 s, except for 40 ms at 11.00-11.04: scrapes
+    # every 50 ms see at most one missed rise; the trace sees the 40 ms + 10 ms gap.
+    units = [round(5 + i / 100, 2) for i in range(1001)]
+    units = [t for t in units if not 11.0 < t < 11.05]
+    trace = so.unit_trace([_unit_line(t, 0, 10) for t in units])
+    scraped: dict[float, dict[tuple[str, int], float]] = {}
+    for step in range(100, 301):
+        t = step / 20
+        scraped[t] = {(T, 0): 10.0 * sum(1 for u in units if u <= t)}
+    events = {"m1": [(1.0, "assigned", [(T, 0)])]}
+    change = so.Change("leave", 2, 1, (5.0, 10.0), (10.0, 15.0))
+    coarse = so.analyse_change(change, {"m1": _samples(scraped)}, events, unit_s=0.01)
+    fine = so.analyse_change(
+        change, {"m1": _samples(scraped)}, events, unit_s=0.01, traces={"m1": trace}
+    )
+    assert coarse["worst_unmoved_gap_s"] == pytest.approx(0.05)  # the scrape period
+    assert fine["worst_unmoved_gap_s"] == pytest.approx(0.05, abs=1e-3)  # 11.00 -> 11.05
+    assert fine["worst_baseline_gap_s"] == pytest.approx(0.01, abs=1e-3)
+    assert coarse["worst_baseline_gap_s"] == pytest.approx(0.05)
+    assert fine["excess_gap_units"] == pytest.approx(4.0, abs=0.2)
+    assert coarse["excess_gap_units"] == pytest.approx(0.0, abs=0.2)

@@ -7,11 +7,12 @@ once every partition is assigned and learnt by some member its throughput is mea
 a steady window; then members join up to the next count (measured the same way), and at the
 end they leave again in reverse order, down to the first count.
 
-Per-partition progress is the members' own
-``stream_trainer_slot_records_learnt_total{topic,partition}`` (records each member's slot of
-a partition has learnt; incremented per unit): while members join or leave, ``/metrics``
-is sampled every :data:`FAST_INTERVAL_S` (and for half a window before the change and half
-a window after it settled), so a gap is known to about that period; the steady states' own
+Per-partition progress is each member's "unit learnt" log lines (members run at DEBUG:
+one line per unit with its partition and records, millisecond timestamps), so a gap is
+known to the millisecond; a member that logged none falls back to its
+``stream_trainer_slot_records_learnt_total{topic,partition}``, sampled from ``/metrics``
+every :data:`FAST_INTERVAL_S` while members join or leave (and for half a window before the
+change and half a window after it settled), known to about that period. The steady states' own
 longest gaps, sampled the same way, are reported beside it, and the longer of the two is
 the yardstick: after a leave an owner's unmoved partitions share its loop with those it was
 given, so their sum's steady gaps are longer than before, and that is the new steady state,
@@ -63,6 +64,7 @@ REVOKES = f'{P}_rebalances_total{{kind="revoke"}}'
 CPU = "process_cpu_seconds_total"  # prometheus_client's process collector (Linux)
 SLOT_LEARNT = f"{P}_slot_records_learnt_total"
 FAST_INTERVAL_S = 0.05  # /metrics while members join or leave (each render ~3 ms of GIL)
+TRACE_RESOLUTION_S = 0.001  # the members' "unit learnt" log lines: millisecond timestamps
 SLOW_INTERVAL_S = 1.0  # in steady windows: throughput only (see bench.SAMPLE_INTERVAL_S)
 SETTLE_S = 2.0  # after every partition is learning again (at most a window)
 SCOPES = ("partition",)
@@ -96,6 +98,8 @@ def member_config(config: dict[str, Any], port: int) -> dict[str, Any]:
     scope), dynamic membership (no ``group_instance_id``), on its own port."""
     out = copy.deepcopy(config)
     out.setdefault("model", {})["scope"] = "partition"
+    # DEBUG: a "unit learnt" line per unit, each partition's progress to the millisecond.
+    out["logging"] = {**out.get("logging", {}), "level": "DEBUG", "format": "json"}
     out["topics"]["control"] = None
     kafka = out.setdefault("kafka", {})
     kafka.pop("group_instance_id", None)
@@ -148,6 +152,16 @@ class Member:
     stopping: bool = False  # sent SIGTERM: sampled until it exits, no longer counted live
     stopped: bool = False
 
+    def unit_trace(self) -> list[Sample]:
+        """Its progress from the "unit learnt" lines of its DEBUG log: a sample at each
+        unit (millisecond timestamps), with the records it learnt so far in each partition
+        (as its slot counters count them); empty without such lines."""
+        try:
+            text = self.process.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return unit_trace(text.splitlines())
+
     def log_events(self) -> list[tuple[float, str, list[PartitionKey]]]:
         """(time, "assigned" / "revoked" / "lost", partitions) from its JSON log."""
         events: list[tuple[float, str, list[PartitionKey]]] = []
@@ -175,6 +189,27 @@ class Member:
                 keys.append((topic, int(partition)))
             events.append((stamp, kind, keys))
         return events
+
+
+def unit_trace(lines: Sequence[str]) -> list[Sample]:
+    """See :meth:`Member.unit_trace`; ``lines`` are a member's log lines."""
+    learnt: dict[PartitionKey, float] = {}
+    samples: list[Sample] = []
+    for line in lines:
+        if '"unit learnt"' not in line or not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+            topic, _, partition = str(entry["partition"]).rpartition(":")
+            key = (topic, int(partition))
+            records = float(entry["records"])
+            stamp = datetime.fromisoformat(str(entry["ts"]).replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        learnt[key] = learnt.get(key, 0.0) + records
+        total = math.fsum(learnt.values())
+        samples.append(Sample(stamp, total, float(len(samples) + 1), math.nan, dict(learnt)))
+    return samples
 
 
 @dataclass
@@ -479,8 +514,13 @@ def analyse_change(
     samples: dict[str, list[Sample]],
     events: dict[str, list[tuple[float, str, list[PartitionKey]]]],
     unit_s: float,
+    traces: dict[str, list[Sample]] | None = None,
 ) -> dict[str, Any]:
-    """Pause of the unmoved partitions and hand-over of the moved ones during ``change``."""
+    """Pause of the unmoved partitions and hand-over of the moved ones during ``change``.
+    Progress is read from a member's unit trace (:func:`unit_trace`) where it has one,
+    else from its scrapes; the revoke counter from its scrapes."""
+    scrapes = samples
+    samples = {name: (traces or {}).get(name) or taken for name, taken in samples.items()}
     start, end = change.span
     before, after = owners(events, start), owners(events, end)
     revokes = {
@@ -509,7 +549,7 @@ def analyse_change(
             lo, hi = change.baseline
             baseline[label] = longest_gap(series(old, key, lo, hi), lo, hi)
         elif old is not None and new is not None and new != old:
-            revoked_at = revoke_started(samples.get(old, []), revokes.get((old, key)), start)
+            revoked_at = revoke_started(scrapes.get(old, []), revokes.get((old, key)), start)
             if revoked_at is not None:
                 revoke_s[label] = revokes[(old, key)] - revoked_at
             assigned_at = max(
@@ -601,6 +641,7 @@ def analyse(run: ScaleOutRun, counts: Sequence[int]) -> dict[str, Any]:
     efficiency = {str(c): rep.ratio(rates[str(c)] * base, c * rates[str(base)]) for c in counts[1:]}
     events = {m.name: m.log_events() for m in run.members}
     samples = {m.name: m.samples for m in run.members}
+    traces = {m.name: m.unit_trace() for m in run.members}
     units = [u for w in run.windows for u in w.unit_s.values() if not math.isnan(u)]
     unit_s = statistics.median(units) if units else math.nan
     return {
@@ -616,7 +657,10 @@ def analyse(run: ScaleOutRun, counts: Sequence[int]) -> dict[str, Any]:
             str(c): rep.ratio(per_core[str(c)], per_core[str(base)]) for c in counts[1:]
         },
         "median_unit_s": unit_s,
-        "changes": [analyse_change(c, samples, events, unit_s) for c in run.changes],
+        "changes": [analyse_change(c, samples, events, unit_s, traces) for c in run.changes],
+        # Where the gaps were read: every member's unit trace (to the millisecond), or
+        # the 50 ms scrapes of a member that logged none.
+        "unit_trace": all(traces.values()),
     }
 
 
@@ -690,7 +734,11 @@ def summarize(
         "cpu_ceiling": rep.spread(cpu_ceilings),
         "median_unit_s": rep.spread([r["median_unit_s"] for r in repeats]),
         "changes": changes,
-        "resolution_s": FAST_INTERVAL_S,
+        "resolution_s": (
+            TRACE_RESOLUTION_S
+            if repeats and all(r.get("unit_trace") for r in repeats)
+            else FAST_INTERVAL_S
+        ),
         "per_repeat": repeats,
     }
 
