@@ -975,13 +975,16 @@ def test_the_poll_thread_reads_ahead_while_the_learner_learns_a_unit(
         at_entry = pending()
         with group_lock:
             produce(group, 1000)  # arrives while the learner is inside its unit
-        arrived = 1000 * PARTITIONS  # at_entry + arrived is under the read-ahead bound
+        # Everything produced (12 000 + 6 000, one unit held) fits in the read-ahead. The
+        # poll thread may still have been reading the first 12 000 at entry: at least the
+        # 6 000 that arrived are read meanwhile, more if it was.
+        arrived = 1000 * PARTITIONS
         deadline = time.monotonic() + 30.0
         while pending() < at_entry + arrived and time.monotonic() < deadline:
             time.sleep(0.01)  # polling interval of a bounded wait
         read = pending() - at_entry
-        print(f"\nread ahead while the learner was held inside a unit: {read} of {arrived}")
-        assert read == arrived
+        print(f"\nread ahead while the learner was held inside a unit: {read} (>= {arrived})")
+        assert read >= arrived
     finally:
         gate.set()
         service.request_stop()
