@@ -156,20 +156,18 @@ class Member:
         """Its progress from the "unit learnt" lines of its DEBUG log: a sample at each
         unit (millisecond timestamps), with the records it learnt so far in each partition
         (as its slot counters count them); empty without such lines."""
+        return unit_trace(self._log_lines())
+
+    def _log_lines(self) -> list[str]:
         try:
-            text = self.process.log_path.read_text(errors="replace")
-        except OSError:
+            return self.process.log_path.read_text(errors="replace").splitlines()
+        except OSError:  # not written yet
             return []
-        return unit_trace(text.splitlines())
 
     def log_events(self) -> list[tuple[float, str, list[PartitionKey]]]:
         """(time, "assigned" / "revoked" / "lost", partitions) from its JSON log."""
         events: list[tuple[float, str, list[PartitionKey]]] = []
-        try:
-            lines = self.process.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return events
-        for line in lines:
+        for line in self._log_lines():
             if not line.startswith("{") or '"partitions' not in line:
                 continue
             try:
@@ -194,6 +192,7 @@ class Member:
 def unit_trace(lines: Sequence[str]) -> list[Sample]:
     """See :meth:`Member.unit_trace`; ``lines`` are a member's log lines."""
     learnt: dict[PartitionKey, float] = {}
+    total = 0.0
     samples: list[Sample] = []
     for line in lines:
         if '"unit learnt"' not in line or not line.startswith("{"):
@@ -207,7 +206,7 @@ def unit_trace(lines: Sequence[str]) -> list[Sample]:
         except (ValueError, KeyError, TypeError):
             continue
         learnt[key] = learnt.get(key, 0.0) + records
-        total = math.fsum(learnt.values())
+        total += records
         samples.append(Sample(stamp, total, float(len(samples) + 1), math.nan, dict(learnt)))
     return samples
 
@@ -519,8 +518,7 @@ def analyse_change(
     """Pause of the unmoved partitions and hand-over of the moved ones during ``change``.
     Progress is read from a member's unit trace (:func:`unit_trace`) where it has one,
     else from its scrapes; the revoke counter from its scrapes."""
-    scrapes = samples
-    samples = {name: (traces or {}).get(name) or taken for name, taken in samples.items()}
+    progress = {name: (traces or {}).get(name) or taken for name, taken in samples.items()}
     start, end = change.span
     before, after = owners(events, start), owners(events, end)
     revokes = {
@@ -534,7 +532,9 @@ def analyse_change(
 
     def series(name: str, key: PartitionKey, lo: float, hi: float) -> list[tuple[float, float]]:
         return [
-            (s.t, s.slots[key]) for s in samples.get(name, []) if lo <= s.t <= hi and key in s.slots
+            (s.t, s.slots[key])
+            for s in progress.get(name, [])
+            if lo <= s.t <= hi and key in s.slots
         ]
 
     unmoved: dict[str, float] = {}
@@ -549,7 +549,7 @@ def analyse_change(
             lo, hi = change.baseline
             baseline[label] = longest_gap(series(old, key, lo, hi), lo, hi)
         elif old is not None and new is not None and new != old:
-            revoked_at = revoke_started(scrapes.get(old, []), revokes.get((old, key)), start)
+            revoked_at = revoke_started(samples.get(old, []), revokes.get((old, key)), start)
             if revoked_at is not None:
                 revoke_s[label] = revokes[(old, key)] - revoked_at
             assigned_at = max(
@@ -584,7 +584,7 @@ def analyse_change(
     # where the unmoved sum also stops when new partitions' backlog fills its fetch queue.
     loop_gap: dict[str, float] = {}
     for name, keys in by_owner.items():
-        taken = samples.get(name, [])
+        taken = progress.get(name, [])
         loop_gap[name] = longest_gap(
             [(x.t, x.learnt) for x in taken if start <= x.t <= end], start, end
         )
