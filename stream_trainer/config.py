@@ -807,6 +807,17 @@ class KeySettings(StrictModel):
             "again when their key comes back"
         ),
     )
+    collect_interval_s: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "seconds between two collections of one partition's key objects: those no "
+            "retained checkpoint of the partition names and none can name again (states "
+            "of keys loaded back since, orphans of a crash) are deleted from "
+            "<checkpoint.dir>/key/; 0 never deletes any. Each collection lists key/ and "
+            "reads the partition's retained checkpoints"
+        ),
+    )
 
 
 class ModelSettings(StrictModel):

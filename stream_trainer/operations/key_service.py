@@ -15,6 +15,9 @@ record's effect on its key's model is exactly once. This module adds, per unit:
   learnt (its owner's restart reads it again from the checkpoint);
 - **evict**: while the member holds more than ``model.key.max_live_models`` key models,
   the least recently used ones are written create-only and dropped from memory;
+- **collect**: every ``model.key.collect_interval_s`` per held partition, the key objects
+  no checkpoint can name again are deleted on a thread of their own
+  (:mod:`stream_trainer.state.key_collector`);
 - **publish per key**: each key has its own publisher (registry folder ``key/<hash>/``,
   cadence counted per key, fenced by its partition slot's claim); a key due to publish
   has its partition checkpointed first, as partition scope does. A key due on its record
@@ -27,6 +30,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -49,6 +53,7 @@ from stream_trainer.publishing.publisher import ModelPublisher
 from stream_trainer.publishing.registry import RegistryFenced, RegistryUnavailable
 from stream_trainer.publishing.scoped_publish import ScopedPublishing
 from stream_trainer.state.checkpoint import CheckpointFenced
+from stream_trainer.state.key_collector import KeyObjectCollector
 from stream_trainer.state.keyed_state import KeyedState, KeyStateError, KeyStateObjects
 from stream_trainer.state.ledger import TopicPartitionKey
 from stream_trainer.state.manager import PartitionSlot, PartitionSlots
@@ -228,6 +233,12 @@ class KeyService(PartitionService):
         self._next_scan: dict[TopicPartitionKey, float] = {}
         # Live keys whose record count made a version due: published this step, not evicted.
         self._due: set[LiveKey] = set()
+        self._collector = KeyObjectCollector(objects.store)
+        self._collect_every = settings.model.key.collect_interval_s
+        self._next_collect: dict[TopicPartitionKey, float] = {}
+        self._collecting: Future[None] | None = None
+        # One collection at a time, off the learner: it lists key/ and reads checkpoints.
+        self._collect_pool = ThreadPoolExecutor(1, "key-collector")
         super().__init__(*args, **kwargs)
 
     # -- slots -----------------------------------------------------------------------------
@@ -236,6 +247,7 @@ class KeyService(PartitionService):
         """``slot`` is no longer held: its keys leave memory with it (revoke, lost, fence)."""
         self._tracked.discard(slot.key)
         self._next_scan.pop(slot.key, None)
+        self._next_collect.pop(slot.key, None)
         self._due = {live for live in self._due if live[0] != slot.key}
         for live in [live for live in self._lru if live[0] == slot.key]:
             del self._lru[live]
@@ -338,7 +350,53 @@ class KeyService(PartitionService):
         learnt = super().learn_step()
         with self._lock:
             self._evict_over_bound(report=True)
+        self._collect_due(self._clock())
         return learnt
+
+    # -- collecting superseded key objects ----------------------------------------------------
+
+    def _collect_due(self, now: float) -> None:
+        """Start collecting the key objects of one held slot that is due, first collected
+        one interval after it is first seen; nothing while a collection runs."""
+        if self._collect_every <= 0:
+            return
+        if self._collecting is not None and not self._collecting.done():
+            return
+        with self._lock:
+            chosen = None
+            for key, slot in self.slots.slots.items():
+                if now >= self._next_collect.setdefault(key, now + self._collect_every):
+                    chosen = slot
+                    break
+            if chosen is None:
+                return
+            self._next_collect[chosen.key] = now + self._collect_every
+            manifest = chosen.store.manifest
+            token = manifest.token if manifest is not None else None
+        self._collecting = self._collect_pool.submit(self._collect, chosen, token)
+
+    def _collect(self, slot: PartitionSlot, token: int | None) -> None:
+        """One collection, on the collector's thread; never raises (housekeeping)."""
+        try:
+            done = self._collector.collect(slot.store, slot.key[1], token)
+        except Exception:  # a bug here must not pass silently, nor stop training
+            log.exception("key object collection failed", extra={"partition": slot.scope_id})
+            return
+        self._metrics.key_objects_deleted.inc(done.deleted)
+        log.info(
+            "key objects collected",
+            extra={
+                "partition": slot.scope_id,
+                "listed": done.listed,
+                "named": done.named,
+                "deleted": done.deleted,
+                "skipped": done.skipped,
+            },
+        )
+
+    def _shutdown(self) -> None:
+        super()._shutdown()
+        self._collect_pool.shutdown(wait=True, cancel_futures=True)
 
     def _evict_over_bound(self, report: bool = False) -> None:
         """Write out and drop the least recently used key models beyond the bound. Keys

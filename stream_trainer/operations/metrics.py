@@ -146,6 +146,8 @@ class Metrics:
     key_models_loaded: Counter
     # stream_trainer_key_models_evicted_total (key scope: key states written out, dropped)
     key_models_evicted: Counter
+    # stream_trainer_key_objects_deleted_total (key scope: key objects no checkpoint names)
+    key_objects_deleted: Counter
     # stream_trainer_kafka_errors_total{code} (KafkaError.name(), e.g. _TRANSPORT)
     kafka_errors: Counter
     # stream_trainer_poll_heartbeat_timestamp_seconds (unix time of the last poll)
@@ -361,6 +363,12 @@ def build_metrics(
         key_models_evicted=Counter(
             f"{p}_key_models_evicted",
             "Key models written to the checkpoint store and dropped from memory (key scope).",
+            **r,
+        ),
+        key_objects_deleted=Counter(
+            f"{p}_key_objects_deleted",
+            "Evicted key states deleted from the checkpoint store: no retained checkpoint "
+            "names them and none can again (key scope).",
             **r,
         ),
         kafka_errors=Counter(

@@ -24,7 +24,9 @@ names: the restored checkpoint's view of each key (its ``live`` state, or the ob
 named) is what resumes, and every record after the checkpoint's offset is learnt again by
 that state — the same records on the same state, so each record's effect on its key's
 model is once. A zombie member's evictions carry its old token, so they never take a name
-the new owner uses. (Orphans and superseded objects are not garbage collected yet.)
+the new owner uses. Orphans and superseded objects are deleted by
+:mod:`stream_trainer.state.key_collector`, which says why it never deletes one a
+checkpoint can still name.
 """
 
 from __future__ import annotations
@@ -91,11 +93,32 @@ def object_name(key_hash: str, partition: int, token: int, sequence: int) -> str
     return f"{KEY_PREFIX}/{key_hash}/state-p{partition}-t{token}-{sequence:012d}.ckpt"
 
 
+@dataclass(frozen=True)
+class KeyObjectName:
+    """What an evicted key state's object name says: whose key, which partition's slot
+    wrote it, under which claim token, and the slot's eviction sequence at the time."""
+
+    key_hash: str
+    partition: int
+    token: int
+    sequence: int
+
+    @classmethod
+    def parse(cls, name: str) -> KeyObjectName | None:
+        """The parts of ``name`` (a key relative to the checkpoint root), or None when it
+        is not an evicted key state's object."""
+        match = _NAME.match(name)
+        if match is None:
+            return None
+        key_hash, partition, token, sequence = match.groups()
+        return cls(key_hash, int(partition), int(token), int(sequence))
+
+
 class KeyStateObjects(ObjectCodec):
     """Evicted key states in the checkpoint store: the checkpoint format (manifest signed
     with the checkpoint key, payload sha256), scope ``key``, scope id the key hash, the
     object name's partition, token and sequence in the manifest. Written create-only,
-    never overwritten, never deleted here."""
+    never overwritten, never deleted here (:mod:`key_collector` deletes)."""
 
     def __init__(
         self, store: ObjectStore, key: bytes | None, allow_unsigned: bool, config_hash: str
@@ -151,12 +174,12 @@ class KeyStateObjects(ObjectCodec):
         return state
 
     def _check_identity(self, manifest: CheckpointManifest, name: str) -> None:
-        match = _NAME.match(name)
-        if match is None or (
-            match.group(1),
-            int(match.group(3)),
-            int(match.group(4)),
-        ) != (manifest.scope_id, manifest.token, manifest.sequence):
+        parsed = KeyObjectName.parse(name)
+        if parsed is None or (parsed.key_hash, parsed.token, parsed.sequence) != (
+            manifest.scope_id,
+            manifest.token,
+            manifest.sequence,
+        ):
             raise _Rejected("sequence_mismatch", f"manifest does not match the name {name}")
         if manifest.scope != "key":
             raise _Rejected("scope_mismatch", f"written for scope {manifest.scope}")

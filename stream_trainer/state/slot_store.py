@@ -461,6 +461,22 @@ class SlotStore(ObjectCodec):
                 f"{self.store.url_of(self._at(manifest.head))}: {rejected}"
             ) from None
 
+    def read_named(self) -> tuple[SlotManifest, list[LoadedCheckpoint[str]]] | None:
+        """The MANIFEST (read afresh) and every checkpoint it names, head first, each
+        verified and unpickled; None when the slot has no MANIFEST. Read-only (no claim,
+        nothing quarantined). Raises CheckpointError when any of them cannot be read: a
+        caller deciding what no checkpoint names must know all of them."""
+        manifest = self.read().manifest
+        if manifest is None:
+            return None
+        loaded = []
+        for name in manifest.named:
+            try:
+                loaded.append(self._load(self._at(name), None))
+            except _Rejected as rejected:
+                raise CheckpointError(f"{self.store.url_of(self._at(name))}: {rejected}") from None
+        return manifest, loaded
+
     def restore(
         self, validate: Callable[[Any, CheckpointManifest], None] | None = None
     ) -> LoadedCheckpoint[str] | None:

@@ -26,6 +26,7 @@ ASSIGNED = "partitions assigned"
 REVOKED = "partitions revoked"
 LOST = "partitions lost"
 COMMITTED = "offsets committed"
+COLLECTED = "key objects collected"  # key scope: ``deleted`` key objects no checkpoint names
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Ownership:
     lost: int = 0
     violations: list[str] = field(default_factory=list)
     lines: int = 0
+    key_objects_deleted: int = 0
 
     def feed(self, line: dict[str, Any]) -> None:
         """Apply one parsed log line (lines of other events are counted and ignored)."""
@@ -59,6 +61,8 @@ class Ownership:
             else:
                 self.owned -= partitions
                 self.lost += len(partitions)
+        elif event == COLLECTED:
+            self.key_objects_deleted += int(line.get("deleted") or 0)
         elif event == COMMITTED:
             offsets: dict[str, int] = line.get("offsets") or {}
             synchronous = bool(line.get("synchronous"))

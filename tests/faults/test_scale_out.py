@@ -86,8 +86,11 @@ BASE: dict[str, Any] = {
     "kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500},
 }
 
-# Key scope: a model per key, room for 10 per member (50 keys: evictions and reloads).
-KEY_SCOPE: dict[str, Any] = {"model": {"scope": "key", "key": {"max_live_models": 10}}}
+# Key scope: a model per key, room for 10 per member (50 keys: evictions and reloads);
+# superseded key objects collected every second, through the kills and hand-overs.
+KEY_SCOPE: dict[str, Any] = {
+    "model": {"scope": "key", "key": {"max_live_models": 10, "collect_interval_s": 1}}
+}
 
 
 @dataclass
@@ -225,6 +228,12 @@ def slot_offsets(config: Mapping[str, Any]) -> dict[str, int]:
         if manifest is not None:
             offsets.update(manifest.offsets)
     return offsets
+
+
+def key_objects_left(config: Mapping[str, Any]) -> int:
+    """How many evicted key states the store holds (key scope's ``key/``)."""
+    store = open_store(str(config["checkpoint"]["dir"]), store_settings(config))
+    return len(store.list("key/"))
 
 
 def store_settings(config: Mapping[str, Any]) -> ObjectStoreSettings:
@@ -381,10 +390,13 @@ def judge(
             f"misplaced {slot.misplaced() if slot else 0}, claims {slot.token if slot else 0}, "
             f"slot offset {slot.offsets if slot else {}}, committed {committed[(topic, p)]}"
         )
+    collected = sum(o.key_objects_deleted for o in logs)
     if any(s.keys for s in slots.values()):
         print(
             f"[{label}] key models {sum(s.keys for s in slots.values())}, "
-            f"tuples in another key's model {sum(s.mixed_keys for s in slots.values())}"
+            f"tuples in another key's model {sum(s.mixed_keys for s in slots.values())}; "
+            f"key objects deleted by the collectors {collected}, left in the store "
+            f"{key_objects_left(config)}"
         )
     print(
         f"[{label}] {verdict.line()}; commits checked {commits} ({synchronous} synchronous), "
@@ -399,6 +411,9 @@ def judge(
     assert {f"{t}:{p}": o for (t, p), o in committed.items()} == dict(ends)
     assert violations == [], violations[:10]
     assert commits > 0 and synchronous > 0  # the check saw commits, hand-overs among them
+    # Key scope: the collector deleted objects all along, and every key read above (each
+    # named object of each head) was still there.
+    assert collected > 0 or not any(s.keys for s in slots.values())
     assert assigned > PARTITIONS and revoked > 0
 
 

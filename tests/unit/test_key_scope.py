@@ -283,6 +283,33 @@ def test_keys_evict_to_named_objects_load_back_and_survive_a_hand_over(tmp_path:
     assert any(registry.rglob("metadata.json"))
 
 
+def test_the_service_collects_key_objects_no_checkpoint_can_name_again(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, max_live=1, key={"max_live_models": 1, "collect_interval_s": 3})
+    service, source, metrics = build(tmp_path, cfg, "a")
+    key_ids = [0, 1] * 6  # room for one key: every record loads one key and evicts the other
+    for offset, key_id in enumerate(key_ids):
+        source.queued = [Message(offset, key_id)]
+        step(service)
+        service._checkpoint_now(service.slots.slots[TP], "test")
+        if service._collecting is not None:
+            service._collecting.result(timeout=30)
+    evictions = metrics.key_models_evicted._value.get()
+    deleted = metrics.key_objects_deleted._value.get()
+    left = list((tmp_path / "ckpt" / "key").rglob("*.ckpt"))
+    assert deleted > 0 and len(left) == evictions - deleted
+    # What was deleted was needed by nobody: the next owner restores every key whole.
+    service.on_revoked([TP])
+    other, _source, _metrics = build(tmp_path, cfg, "b")
+    objects = KeyStateObjects(LocalStore(tmp_path / "ckpt"), KEY, False, cfg.config_hash())
+    expected = {
+        scope_id_for_key(str(k).encode()): Counter(
+            (0, o, k) for o, kk in enumerate(key_ids) if kk == k
+        )
+        for k in range(2)
+    }
+    assert all_counts(keyed(other.slots.slots[TP]), objects) == expected
+
+
 def test_an_unreadable_evicted_key_halts_its_partition_with_nothing_learnt(
     tmp_path: Path,
 ) -> None:
