@@ -419,10 +419,14 @@ def _high_watermarks(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[
         consumer.close()
 
 
-def produced_samples(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Sample]:
+def produced_samples(
+    bootstrap: str, topic: str, timeout: float = 60.0, at_least: int = 0
+) -> list[Sample]:
     """(partition, offset, key id) of every record of ``topic``, offsets as the broker
-    gave them; the key id from the record. Raises CountingError if the topic cannot be
-    read to its high watermarks within ``timeout``."""
+    gave them; the key id from the record. Reads to the high watermarks, and on to
+    ``at_least`` records (what the producer had acked: Tansu's high watermark is the
+    base offset of a partition's last batch, short of its end). Raises CountingError if
+    they cannot be read within ``timeout``."""
     ends = _high_watermarks(bootstrap, topic)
     consumer = Consumer(
         {
@@ -434,8 +438,8 @@ def produced_samples(bootstrap: str, topic: str, timeout: float = 60.0) -> list[
     )
     out: list[Sample] = []
     try:
-        consumer.assign([TopicPartition(topic, p, 0) for p, end in ends.items() if end > 0])
-        want = sum(ends.values())
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        want = max(sum(ends.values()), at_least)
         deadline = time.monotonic() + timeout
         while len(out) < want:
             if time.monotonic() > deadline:
