@@ -66,6 +66,15 @@ class Owner:
         return done.deleted, done.skipped
 
 
+def supersede(owner: Owner) -> tuple[str, str]:
+    """K1 evicted and checkpointed, loaded back and evicted again (not checkpointed):
+    the first object and the one that superseded it."""
+    first = owner.evict(K1)
+    owner.checkpoint()
+    owner.load(K1)
+    return first, owner.evict(K1)
+
+
 def key_objects(store: LocalStore) -> set[str]:
     return {info.key for info in store.list("key/")}
 
@@ -73,10 +82,7 @@ def key_objects(store: LocalStore) -> set[str]:
 def test_superseded_objects_go_once_no_retained_checkpoint_names_them(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     owner = Owner(store, "a")
-    first = owner.evict(K1)
-    owner.checkpoint()  # names first
-    owner.load(K1)
-    second = owner.evict(K1)  # first superseded
+    first, second = supersede(owner)
     owner.checkpoint()
     assert owner.collect() == (0, None)  # the older checkpoint still names first
     owner.checkpoint()
@@ -111,10 +117,7 @@ def test_an_object_a_fenced_owner_superseded_stays_while_the_new_owner_names_it(
     key is a fenced owner's that nothing names; the older one is what the slot holds."""
     store = LocalStore(tmp_path)
     fenced = Owner(store, "a")
-    older = fenced.evict(K1)
-    fenced.checkpoint()
-    fenced.load(K1)
-    newer = fenced.evict(K1)  # the fenced owner's, never checkpointed
+    older, newer = supersede(fenced)  # newer: the fenced owner's, never checkpointed
     owner = Owner(store, "b")  # restores the checkpoint that names `older`
     for _ in range(4):
         owner.checkpoint()
@@ -127,10 +130,7 @@ def test_an_object_a_fenced_owner_superseded_stays_while_the_new_owner_names_it(
 def test_nothing_is_deleted_when_a_retained_checkpoint_cannot_be_read(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     owner = Owner(store, "a")
-    owner.evict(K1)
-    owner.checkpoint()
-    owner.load(K1)
-    owner.evict(K1)
+    supersede(owner)
     for _ in range(3):
         owner.checkpoint()
     manifest = owner.slot.manifest
@@ -149,10 +149,7 @@ def test_a_member_whose_claim_was_taken_and_other_partitions_are_left_alone(
 ) -> None:
     store = LocalStore(tmp_path)
     fenced = Owner(store, "a")
-    fenced.evict(K1)
-    fenced.checkpoint()
-    fenced.load(K1)
-    fenced.evict(K1)
+    supersede(fenced)
     other_partition = object_name(K2, PARTITION + 1, 1, 1)
     store.put_if_absent(other_partition, b"another partition's key state")
     owner = Owner(store, "b")
