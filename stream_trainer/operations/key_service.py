@@ -10,9 +10,10 @@ record's effect on its key's model is exactly once. This module adds, per unit:
   one is dead-lettered (``no_model_key``, the message saying why: null, missing, of
   another type, not valid Unicode); each key's rows learn in the key's own
   :class:`TrainingState` through the configured trainer (per_record / mini_batch);
-- **load before learn**: every key of the unit that was evicted is read back (verified)
-  before any key learns, so a store failure halts the partition with nothing of the unit
-  learnt (its owner's restart reads it again from the checkpoint);
+- **load before learn**: every key of the unit that was evicted is read back (fetched
+  side by side, verified and unpickled in turn) before any key learns, so a store
+  failure halts the partition with nothing of the unit learnt (its owner's restart reads
+  it again from the checkpoint);
 - **evict**: while the member holds more than ``model.key.max_live_models`` key models,
   the least recently used ones are written create-only and dropped from memory;
 - **collect**: every ``model.key.collect_interval_s`` per held partition, the key objects
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 
 NO_MODEL_KEY = "no_model_key"
 KEY_HALTED = "key_state_unreadable"
+# Evicted key states fetched at once when a unit brings many back (store round trips).
+LOAD_THREADS = 8
 # Least seconds between two scans of one slot's keys for a due publish.
 PUBLISH_SCAN_S = 0.25
 
@@ -239,6 +242,8 @@ class KeyService(PartitionService):
         self._collecting: Future[None] | None = None
         # One collection at a time, off the learner: it lists key/ and reads checkpoints.
         self._collect_pool = ThreadPoolExecutor(1, "key-collector")
+        # Evicted keys of a unit are fetched side by side (threads start when first used).
+        self._load_pool = ThreadPoolExecutor(LOAD_THREADS, "key-load")
         super().__init__(*args, **kwargs)
 
     # -- slots -----------------------------------------------------------------------------
@@ -328,16 +333,19 @@ class KeyService(PartitionService):
         return UnitResult(learnt, refused, 0.0, seconds, unscored)
 
     def _load_missing(self, slot: PartitionSlot, state: KeyedState, hashes: list[str]) -> None:
-        """Every key of ``hashes`` live: evicted ones read back, new ones fresh."""
-        for key_hash in hashes:
-            if key_hash in state.live:
-                continue
-            self._heartbeat.beat()  # a unit of many evicted keys is many reads: progress
-            name = state.evicted.get(key_hash)
-            if name is None:
+        """Every key of ``hashes`` live: evicted ones read back (fetched side by side), new
+        ones fresh. All or nothing: on KeyStateError no key changed."""
+        missing = [key_hash for key_hash in hashes if key_hash not in state.live]
+        named = {h: state.evicted[h] for h in missing if h in state.evicted}
+        self._heartbeat.beat()  # a unit of many evicted keys is many reads: progress
+        loaded = self._objects.read_many(named, self._load_pool)
+        self._heartbeat.beat()
+        for key_hash in missing:
+            found = loaded.get(key_hash)
+            if found is None:
                 state.live[key_hash] = self._new_key_state()
             else:
-                state.live[key_hash] = self._objects.read(key_hash, name)
+                state.live[key_hash] = found
                 # Live again: the next checkpoint holds it, so it no longer names the object.
                 del state.evicted[key_hash]
                 self._metrics.key_models_loaded.inc()
@@ -397,6 +405,7 @@ class KeyService(PartitionService):
     def _shutdown(self) -> None:
         super()._shutdown()
         self._collect_pool.shutdown(wait=True, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
     def _evict_over_bound(self, report: bool = False) -> None:
         """Write out and drop the least recently used key models beyond the bound. Keys

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,12 +162,43 @@ class KeyStateObjects(ObjectCodec):
     def read(self, key_hash: str, name: str) -> TrainingState:
         """The state object ``name`` of ``key_hash``, verified before it is unpickled.
         Raises KeyStateError (nothing is quarantined: a named object is the truth)."""
+        return self.decode(key_hash, name, self.fetch(name))
+
+    def read_many(
+        self, named: Mapping[str, str], pool: Executor | None
+    ) -> dict[str, TrainingState]:
+        """Each state ``named`` (key hash -> object name): the objects fetched side by side
+        on ``pool`` (store requests are I/O), then verified and unpickled on this thread
+        (pickle holds the GIL). All or nothing: raises KeyStateError for the first that
+        fails, in ``named``'s order."""
+        items = list(named.items())
+        if pool is None or len(items) < 2:
+            return {key_hash: self.read(key_hash, name) for key_hash, name in items}
+        fetched = [pool.submit(self.fetch, name) for _key_hash, name in items]
         try:
-            data = self.store.get(name).data
+            return {
+                key_hash: self.decode(key_hash, name, future.result())
+                for (key_hash, name), future in zip(items, fetched, strict=True)
+            }
+        finally:
+            for future in fetched:
+                future.cancel()  # after a failure: nothing more is fetched for nothing
+
+    def fetch(self, name: str) -> bytes:
+        """The bytes of object ``name``; KeyStateError when the store cannot give them."""
+        try:
+            return self.store.get(name).data
+        except ObjectStoreError as error:
+            raise KeyStateError(f"key state {name}: {error}") from None
+
+    def decode(self, key_hash: str, name: str, data: bytes) -> TrainingState:
+        """``data``, the object ``name`` of ``key_hash``, verified then unpickled; raises
+        KeyStateError when it fails verification or is not that key's state."""
+        try:
             manifest, state = self._load_stream(io.BytesIO(data), name, None)
         except (_Rejected, _PolicyRefusal) as refused:
             raise KeyStateError(f"key state {name}: {refused}") from None
-        except (CheckpointMissing, CheckpointError, ObjectStoreError) as error:
+        except (CheckpointMissing, CheckpointError) as error:
             raise KeyStateError(f"key state {name}: {error}") from None
         if manifest.scope_id != key_hash or not isinstance(state, TrainingState):
             raise KeyStateError(f"key state {name} is not {key_hash}'s TrainingState")

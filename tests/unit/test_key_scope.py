@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,7 +41,7 @@ from stream_trainer.publishing.scoped_publish import ScopedPublishing
 from stream_trainer.publishing.scoped_versions import KAFKA_KEY, Routing
 from stream_trainer.state.keyed_state import KeyedState, KeyStateError, KeyStateObjects
 from stream_trainer.state.ledger import TopicPartitionKey
-from stream_trainer.state.objectstore import LocalStore
+from stream_trainer.state.objectstore import LocalStore, StoredObject
 from stream_trainer.state.slot_store import SlotStore
 from stream_trainer.testing.counting import FEATURES, RIVER_PATH, Sample, counts_of
 from stream_trainer.training.learners import TESTING_ENV
@@ -329,6 +331,38 @@ def test_an_unreadable_evicted_key_halts_its_partition_with_nothing_learnt(
     # The learner asks; the poll thread, the one that drives the consumer, pauses it.
     service.poll_step(wait_for_room=False)
     assert TP in source.paused
+
+
+class MeetingStore(LocalStore):
+    """A folder store whose reads of key objects wait until ``parties`` of them are in
+    flight together (a reader that fetches one at a time breaks the barrier)."""
+
+    def __init__(self, root: Path, parties: int) -> None:
+        super().__init__(root)
+        self.meeting = threading.Barrier(parties, timeout=10)
+
+    def get(self, key: str) -> StoredObject:
+        if key.startswith("key/"):
+            self.meeting.wait()
+        return super().get(key)
+
+
+def test_evicted_keys_are_fetched_side_by_side_and_read_all_or_nothing(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, max_live=1)
+    writer = KeyStateObjects(LocalStore(tmp_path / "ckpt"), KEY, False, cfg.config_hash())
+    hashes = [scope_id_for_key(str(k).encode()) for k in range(3)]
+    named = {h: writer.write(h, 0, 1, i + 1, new_state(cfg)) for i, h in enumerate(hashes)}
+    meeting = MeetingStore(tmp_path / "ckpt", parties=3)
+    objects = KeyStateObjects(meeting, KEY, False, cfg.config_hash())
+    with ThreadPoolExecutor(8) as pool:
+        loaded = objects.read_many(named, pool)
+        assert sorted(loaded) == sorted(hashes)
+        assert all(state.records_learnt == 0 for state in loaded.values())
+        # One object that fails verification: the whole read fails, naming it.
+        tampered = tmp_path / "ckpt" / named[hashes[1]]
+        tampered.write_bytes(tampered.read_bytes()[:-1] + b"!")
+        with pytest.raises(KeyStateError, match=named[hashes[1]]):
+            objects.read_many(named, pool)
 
 
 def test_key_objects_are_create_only_and_verified(tmp_path: Path) -> None:
