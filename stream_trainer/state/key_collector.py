@@ -54,6 +54,11 @@ class Collection:
     deleted: int
     skipped: str | None = None  # why nothing was looked at (no checkpoint, not ours...)
 
+    @classmethod
+    def skip(cls, why: str, named: int = 0) -> Collection:
+        """A collection that deleted nothing, and why."""
+        return cls(0, named, 0, skipped=why)
+
 
 class KeyObjectCollector:
     """Deletes a partition's key objects by the rule of the module docstring.
@@ -72,24 +77,24 @@ class KeyObjectCollector:
             found = slot.read_named()
         except CheckpointMissing:
             # The owner wrote a newer checkpoint and retired this one meanwhile: next time.
-            return Collection(0, 0, 0, skipped="checkpoint retired meanwhile")
+            return Collection.skip("checkpoint retired meanwhile")
         except CheckpointError as error:
             log.warning(
                 "key objects not collected: a retained checkpoint could not be read",
                 extra={"partition": slot.scope_id, "reason": str(error)},
             )
-            return Collection(0, 0, 0, skipped="unreadable checkpoint")
+            return Collection.skip("unreadable checkpoint")
         if found is None or not found[1]:
-            return Collection(0, 0, 0, skipped="no checkpoint")
+            return Collection.skip("no checkpoint")
         manifest, retained = found
         if manifest.token != token:
-            return Collection(0, 0, 0, skipped="claimed by another member")
+            return Collection.skip("claimed by another member")
         named: set[str] = set()
         oldest: tuple[int, int] | None = None
         for loaded in retained:
             state, written_by = loaded.state, loaded.manifest.token
             if not isinstance(state, KeyedState) or written_by is None:
-                return Collection(0, 0, 0, skipped="not a key-scope slot checkpoint")
+                return Collection.skip("not a key-scope slot checkpoint")
             named.update(state.evicted.values())
             mark = (written_by, state.evictions)
             oldest = mark if oldest is None else min(oldest, mark)
@@ -101,7 +106,7 @@ class KeyObjectCollector:
                 "key objects not collected: the store could not be listed",
                 extra={"partition": slot.scope_id, "reason": str(error)},
             )
-            return Collection(0, len(named), 0, skipped="store unavailable")
+            return Collection.skip("store unavailable", len(named))
         mine = [
             (info.key, parsed)
             for info in listed

@@ -454,12 +454,7 @@ class SlotStore(ObjectCodec):
         manifest = self.read().manifest
         if manifest is None or manifest.head is None:
             return None
-        try:
-            return self._load(self._at(manifest.head), None)
-        except _Rejected as rejected:
-            raise CheckpointError(
-                f"{self.store.url_of(self._at(manifest.head))}: {rejected}"
-            ) from None
+        return self._read_verified(manifest.head)
 
     def read_named(self) -> tuple[SlotManifest, list[LoadedCheckpoint[str]]] | None:
         """The MANIFEST (read afresh) and every checkpoint it names, head first, each
@@ -469,13 +464,15 @@ class SlotStore(ObjectCodec):
         manifest = self.read().manifest
         if manifest is None:
             return None
-        loaded = []
-        for name in manifest.named:
-            try:
-                loaded.append(self._load(self._at(name), None))
-            except _Rejected as rejected:
-                raise CheckpointError(f"{self.store.url_of(self._at(name))}: {rejected}") from None
-        return manifest, loaded
+        return manifest, [self._read_verified(name) for name in manifest.named]
+
+    def _read_verified(self, name: str) -> LoadedCheckpoint[str]:
+        """Checkpoint ``name`` of this slot, verified and unpickled, never quarantined;
+        CheckpointError when it does not verify."""
+        try:
+            return self._load(self._at(name), None)
+        except _Rejected as rejected:
+            raise CheckpointError(f"{self.store.url_of(self._at(name))}: {rejected}") from None
 
     def restore(
         self, validate: Callable[[Any, CheckpointManifest], None] | None = None

@@ -312,6 +312,19 @@ def test_the_service_collects_key_objects_no_checkpoint_can_name_again(tmp_path:
     assert all_counts(keyed(other.slots.slots[TP]), objects) == expected
 
 
+def test_collect_interval_zero_never_deletes_a_key_object(tmp_path: Path) -> None:
+    cfg = settings(tmp_path, max_live=1, key={"max_live_models": 1, "collect_interval_s": 0})
+    service, source, metrics = build(tmp_path, cfg, "a")
+    for offset, key_id in enumerate([0, 1] * 6):
+        source.queued = [Message(offset, key_id)]
+        step(service)  # a second a step: twelve seconds, no collection
+        service._checkpoint_now(service.slots.slots[TP], "test")
+    left = list((tmp_path / "ckpt" / "key").rglob("*.ckpt"))
+    assert service._collecting is None
+    assert metrics.key_objects_deleted._value.get() == 0
+    assert len(left) == metrics.key_models_evicted._value.get() > 0
+
+
 def test_an_unreadable_evicted_key_halts_its_partition_with_nothing_learnt(
     tmp_path: Path,
 ) -> None:
